@@ -1,0 +1,324 @@
+"""Typed configuration for every carousel job.
+
+Role: load ``conf/carousel.yaml`` (the defaults), overlay any ``--config FILE`` given, then
+``CAROUSEL__SECTION__KEY`` environment variables, then ``--set section.key=value`` flags, and
+validate the result into one immutable :class:`CarouselConfig`. Bad values fail at start with
+the key path and the reason. Relative local paths are resolved against the project root.
+
+Secrets are never read from YAML: Kafka credentials come from ``CAROUSEL_KAFKA_SECURITY_PROTOCOL``,
+``CAROUSEL_KAFKA_SASL_MECHANISM``, ``CAROUSEL_KAFKA_SASL_USERNAME`` and
+``CAROUSEL_KAFKA_SASL_PASSWORD``; AWS credentials from boto3's standard chain.
+:func:`describe` renders the config for the log with secrets masked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "conf" / "carousel.yaml"
+ENV_PREFIX = "CAROUSEL__"
+KAFKA_SECRET_ENV = {
+    "security.protocol": "CAROUSEL_KAFKA_SECURITY_PROTOCOL",
+    "sasl.mechanism": "CAROUSEL_KAFKA_SASL_MECHANISM",
+    "sasl.username": "CAROUSEL_KAFKA_SASL_USERNAME",
+    "sasl.password": "CAROUSEL_KAFKA_SASL_PASSWORD",
+}
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_INTERVAL = re.compile(r"^\d+(\.\d+)?\s+(millisecond|second|minute|hour)s?$")
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key and the reason."""
+
+
+def resolve_path(value: str) -> str:
+    """Local relative paths become absolute under the project root; URIs are kept as they are."""
+    if _URI.match(value):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Section):
+    root: str = Field(min_length=1)
+
+    @field_validator("root")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    def table(self, name: str) -> str:
+        """Location of the Delta table called ``name``."""
+        return f"{self.root.rstrip('/')}/tables/{name}"
+
+    def checkpoint(self, query_name: str) -> str:
+        """Checkpoint location of the streaming query called ``query_name``."""
+        return f"{self.root.rstrip('/')}/checkpoints/{query_name}"
+
+    def path(self, *parts: str) -> str:
+        """Any other location under the storage root (reports, snapshots, simulator output)."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+
+class TopicConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
+    partitions: int = Field(ge=1, le=1024)
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = Field(min_length=1)
+    topics: dict[str, TopicConfig]
+
+    @field_validator("topics")
+    @classmethod
+    def _events_topic_declared(cls, topics: dict[str, TopicConfig]) -> dict[str, TopicConfig]:
+        if "events" not in topics:
+            raise ValueError("the 'events' topic must be declared")
+        return topics
+
+    def topic(self, role: str) -> TopicConfig:
+        try:
+            return self.topics[role]
+        except KeyError:
+            raise ConfigError(f"kafka.topics.{role} is not configured") from None
+
+    def security_settings(self) -> dict[str, str]:
+        """Security settings from the environment (librdkafka / Java client key names agree)."""
+        return {key: os.environ[env] for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
+
+    def client_settings(self) -> dict[str, str]:
+        """Settings for confluent-kafka producers, consumers and admin clients."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.security_settings()}
+
+    def spark_options(self) -> dict[str, str]:
+        """Options for Spark's Kafka source and sink (``kafka.``-prefixed client settings)."""
+        options = {"kafka.bootstrap.servers": self.bootstrap_servers}
+        security = self.security_settings()
+        if "security.protocol" in security:
+            options["kafka.security.protocol"] = security["security.protocol"]
+        if "sasl.mechanism" in security:
+            options["kafka.sasl.mechanism"] = security["sasl.mechanism"]
+        if "sasl.username" in security:
+            module = "org.apache.kafka.common.security.plain.PlainLoginModule"
+            if security.get("sasl.mechanism", "PLAIN").startswith("SCRAM"):
+                module = "org.apache.kafka.common.security.scram.ScramLoginModule"
+            user = security["sasl.username"]
+            password = security.get("sasl.password", "")
+            options["kafka.sasl.jaas.config"] = (
+                f'{module} required username="{user}" password="{password}";'
+            )
+        return options
+
+
+class BrokerConfig(_Section):
+    state_dir: str = Field(min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    controller_port: int = Field(ge=1, le=65535)
+    heap: str = Field(pattern=r"^\d+[mMgG]$")
+    start_timeout_seconds: float = Field(gt=0)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> BrokerConfig:
+        if self.port == self.controller_port:
+            raise ValueError("broker.port and broker.controller_port must differ")
+        return self
+
+
+class SparkConfig(_Section):
+    master: str = Field(min_length=1)
+    shuffle_partitions: int = Field(ge=1, le=10000)
+    jars_dir: str
+    driver_memory: str = Field(pattern=r"^\d+[mMgG]$")
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("jars_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+        return value
+
+
+class IngestConfig(_Section):
+    query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
+    trigger_interval: str
+    max_offsets_per_trigger: int = Field(ge=1)
+    starting_offsets: Literal["earliest", "latest"]
+    min_event_time: str
+    max_future_skew_seconds: int = Field(ge=0)
+    max_record_bytes: int = Field(ge=64)
+
+    @field_validator("trigger_interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if not _INTERVAL.match(value.strip()):
+            raise ValueError("must look like '5 seconds' or '500 milliseconds'")
+        return value.strip()
+
+    @field_validator("min_event_time")
+    @classmethod
+    def _iso_time(cls, value: str) -> str:
+        from datetime import datetime
+
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise ValueError(f"not an ISO-8601 time: {err}") from None
+        return value
+
+
+class ProfilesConfig(_Section):
+    recent_items: int = Field(ge=1, le=1000)
+    max_devices: int = Field(ge=1, le=1000)
+
+
+class SimulatorConfig(_Section):
+    users: int = Field(ge=1)
+    items: int = Field(ge=10)
+    categories: int = Field(ge=1)
+    cluster_size: int = Field(ge=2)
+    events: int = Field(ge=0)
+    days: float = Field(gt=0)
+    rate: float = Field(ge=0)
+    seed: int
+    bad_share: float = Field(ge=0, le=1)
+    duplicate_share: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _clusters_fit(self) -> SimulatorConfig:
+        if self.cluster_size > self.items:
+            raise ValueError("simulator.cluster_size must not exceed simulator.items")
+        return self
+
+
+class CarouselConfig(_Section):
+    storage: StorageConfig
+    kafka: KafkaConfig
+    broker: BrokerConfig
+    spark: SparkConfig
+    ingest: IngestConfig
+    profiles: ProfilesConfig
+    simulator: SimulatorConfig
+
+    def with_overrides(self, **sections: Mapping[str, Any]) -> CarouselConfig:
+        """A copy with some keys replaced, validated again (used by tests and benchmarks)."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            _deep_merge(data.setdefault(section, {}), dict(values))
+        return _validate(data)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad key {dotted!r}: expected section.key")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"bad key {dotted!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Values given on the command line or in the environment are read as YAML scalars."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return content
+
+
+def _validate(data: dict[str, Any]) -> CarouselConfig:
+    try:
+        return CarouselConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def load_config(
+    config_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> CarouselConfig:
+    """Load defaults, then each file, then ``CAROUSEL__A__B`` env vars, then ``a.b=value`` overrides."""
+    data = _read_yaml(DEFAULT_CONFIG_FILE)
+    for file in config_files:
+        _deep_merge(data, _read_yaml(Path(file)))
+    environ = os.environ if environ is None else environ
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_path(data, dotted, _parse_scalar(value))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        _set_path(data, key.strip(), _parse_scalar(value))
+    return _validate(data)
+
+
+def describe(cfg: CarouselConfig) -> str:
+    """One-line JSON of the effective configuration; credentials appear only as '***'."""
+    data = cfg.model_dump()
+    data["kafka"]["security"] = {k: "***" for k in cfg.kafka.security_settings()}
+    for key in list(data["spark"]["conf"]):
+        if re.search(r"secret|password|token|credential", key, re.I):
+            data["spark"]["conf"][key] = "***"
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def log_config(cfg: CarouselConfig, job: str) -> None:
+    """Log the effective configuration once, at job start."""
+    log.info("%s starting with configuration %s", job, describe(cfg))

@@ -1,0 +1,76 @@
+"""The one SparkSession factory.
+
+Role: every job calls :func:`build_session` once, in ``main``; everything else receives the session
+(inside ``foreachBatch``: ``df.sparkSession``). The session loads Delta and the Kafka connector from
+the jars that ``make setup`` resolved with Maven into ``spark.jars_dir`` — nothing is downloaded at
+start. Under ``./spark-submit.sh`` the master and deploy options come from spark-submit; run
+directly (tests, notebooks) the master comes from the argument or ``spark.master`` in the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from carousel.config import CarouselConfig
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(RuntimeError):
+    """The machine is not set up (missing jars, broker binaries, ...): run ``make setup``."""
+
+
+def spark_jars(cfg: CarouselConfig) -> list[str]:
+    """The connector and Delta jars resolved by Maven at set-up."""
+    jars = sorted(str(p) for p in Path(cfg.spark.jars_dir).glob("*.jar"))
+    if not any("delta-spark" in Path(j).name for j in jars) or not any(
+        "kafka-clients" in Path(j).name for j in jars
+    ):
+        raise SetupError(
+            f"Delta / Kafka connector jars not found in {cfg.spark.jars_dir}: run `make setup` first"
+        )
+    return jars
+
+
+def _under_spark_submit() -> bool:
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def build_session(
+    cfg: CarouselConfig,
+    app_name: str,
+    master: str | None = None,
+    extra_conf: Mapping[str, str] | None = None,
+) -> SparkSession:
+    """Build (or return the running) SparkSession configured for Delta, Kafka and UTC time."""
+    builder = SparkSession.builder.appName(app_name)
+    if not _under_spark_submit():
+        builder = builder.master(master or cfg.spark.master).config(
+            "spark.driver.memory", cfg.spark.driver_memory
+        )
+        builder = builder.config("spark.jars", ",".join(spark_jars(cfg)))
+    settings = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        # Streaming state and Delta commits are small; adaptive coalescing keeps micro-batches quick.
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.streaming.stateStore.providerClass": (
+            "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
+        ),
+        "spark.databricks.delta.optimizeWrite.enabled": "false",
+        **cfg.spark.conf,
+        **(extra_conf or {}),
+    }
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("CAROUSEL_SPARK_LOG_LEVEL", "WARN"))
+    log.info("spark session %s on %s", app_name, spark.sparkContext.master)
+    return spark
