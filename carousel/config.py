@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# spark-submit.sh exports CAROUSEL_HOME: under spark-submit this module is imported from the code zip.
+PROJECT_ROOT = Path(os.environ.get("CAROUSEL_HOME") or Path(__file__).resolve().parents[1])
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "conf" / "carousel.yaml"
 ENV_PREFIX = "CAROUSEL__"
 KAFKA_SECRET_ENV = {
@@ -120,9 +121,7 @@ class KafkaConfig(_Section):
                 module = "org.apache.kafka.common.security.scram.ScramLoginModule"
             user = security["sasl.username"]
             password = security.get("sasl.password", "")
-            options["kafka.sasl.jaas.config"] = (
-                f'{module} required username="{user}" password="{password}";'
-            )
+            options["kafka.sasl.jaas.config"] = f'{module} required username="{user}" password="{password}";'
         return options
 
 

@@ -124,33 +124,35 @@ EVENTS_SCHEMA = StructType(
 EVENTS_PARTITION_COLUMN = "event_date"
 
 RECENT_ITEM_SCHEMA = StructType(
-    [StructField("item_id", StringType(), False), StructField("event_time", TimestampType(), False)]
+    [StructField("item_id", StringType()), StructField("event_time", TimestampType())]
 )
 PROFILE_DEVICE_SCHEMA = StructType(
     [
-        StructField("device_id", StringType(), False),
-        StructField("last_seen", TimestampType(), False),
+        StructField("device_id", StringType()),
+        StructField("last_seen", TimestampType()),
         # Tie-breaker for two events at the same instant: the larger event id wins, everywhere.
-        StructField("last_event_id", StringType(), False),
+        StructField("last_event_id", StringType()),
         StructField("platform", StringType()),
         StructField("os_version", StringType()),
         StructField("app_version", StringType()),
         StructField("model", StringType()),
     ]
 )
+# Fields nested in arrays, maps and structs stay nullable: Delta enforces NOT NULL on top-level
+# columns only, and refuses unenforceable nested constraints.
 # "Latest value" structs start with the ordering key (event_time, event_id) so that Spark's
 # struct ordering (greatest / max) picks the latest one.
 LATEST_APP_VERSION_SCHEMA = StructType(
     [
-        StructField("event_time", TimestampType(), False),
-        StructField("event_id", StringType(), False),
-        StructField("app_version", StringType(), False),
+        StructField("event_time", TimestampType()),
+        StructField("event_id", StringType()),
+        StructField("app_version", StringType()),
     ]
 )
 LATEST_USER_ATTRIBUTES_SCHEMA = StructType(
     [
-        StructField("event_time", TimestampType(), False),
-        StructField("event_id", StringType(), False),
+        StructField("event_time", TimestampType()),
+        StructField("event_id", StringType()),
         *USER_ATTRIBUTES_SCHEMA.fields,
     ]
 )
@@ -160,11 +162,11 @@ PROFILE_SCHEMA = StructType(
         StructField("first_seen", TimestampType(), False),
         StructField("last_seen", TimestampType(), False),
         StructField("total_events", LongType(), False),
-        StructField("event_counts", MapType(StringType(), LongType(), False), False),
-        StructField("recent_views", ArrayType(RECENT_ITEM_SCHEMA, False), False),
-        StructField("recent_purchases", ArrayType(RECENT_ITEM_SCHEMA, False), False),
-        StructField("devices", ArrayType(PROFILE_DEVICE_SCHEMA, False), False),
-        StructField("platforms", ArrayType(StringType(), False), False),
+        StructField("event_counts", MapType(StringType(), LongType()), False),
+        StructField("recent_views", ArrayType(RECENT_ITEM_SCHEMA), False),
+        StructField("recent_purchases", ArrayType(RECENT_ITEM_SCHEMA), False),
+        StructField("devices", ArrayType(PROFILE_DEVICE_SCHEMA), False),
+        StructField("platforms", ArrayType(StringType()), False),
         StructField("last_app_version", LATEST_APP_VERSION_SCHEMA),
         StructField("user_attributes", LATEST_USER_ATTRIBUTES_SCHEMA),
         StructField("updated_at", TimestampType(), False),

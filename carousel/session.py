@@ -65,6 +65,8 @@ def build_session(
             "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
         ),
         "spark.databricks.delta.optimizeWrite.enabled": "false",
+        # Progress bars garble job logs; jobs log their own counts.
+        "spark.ui.showConsoleProgress": "false",
         **cfg.spark.conf,
         **(extra_conf or {}),
     }

@@ -1,0 +1,147 @@
+"""Command-line plumbing shared by every job, and the job registry behind ``./spark-submit.sh``.
+
+Role: ``./spark-submit.sh <job> [options]`` runs ``python -m carousel.cli <job> [options]`` (through
+spark-submit for Spark jobs), which imports the job's module and calls its ``main(argv)``.
+Every job accepts ``--config FILE`` (repeatable) and ``--set section.key=value`` (repeatable) on
+top of ``conf/carousel.yaml``; :func:`add_config_args` and :func:`config_from_args` implement them.
+
+    ./spark-submit.sh --help            # list the jobs
+    ./spark-submit.sh ingest --help     # one job's options
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from carousel.config import CarouselConfig, ConfigError, load_config, log_config
+
+
+@dataclass(frozen=True)
+class Job:
+    module: str
+    summary: str
+    spark: bool  # runs under spark-submit (True) or as a plain Python process (False)
+
+
+JOBS: dict[str, Job] = {
+    "broker": Job(
+        "carousel.broker", "Start, stop or inspect the embedded local Kafka broker; create topics", False
+    ),
+    "simulate": Job(
+        "jobs.simulate_events", "Produce realistic events (with planted item structure) to Kafka", False
+    ),
+    "ingest": Job(
+        "streaming.ingest", "Stream events from Kafka into Delta: events, user profiles, quarantine", True
+    ),
+    "rebuild-profiles": Job(
+        "jobs.rebuild_profiles", "Recompute every user profile from the events table", True
+    ),
+}
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain timestamped logs on stderr, configured once per process."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "botocore", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The configuration flags every job accepts."""
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML file overriding conf/carousel.yaml (repeatable; later files win)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one setting, e.g. --set ingest.trigger_interval='10 seconds' (repeatable)",
+    )
+    return parser
+
+
+def config_from_args(
+    args: argparse.Namespace, job: str, extra_overrides: Sequence[str] = ()
+) -> CarouselConfig:
+    """Load and log the configuration; a bad value exits with status 2 and the reason."""
+    try:
+        cfg = load_config(args.config, [*args.overrides, *extra_overrides])
+    except ConfigError as err:
+        logging.getLogger(job).error("%s", err)
+        raise SystemExit(2) from None
+    log_config(cfg, job)
+    return cfg
+
+
+def _usage() -> str:
+    width = max(len(name) for name in JOBS)
+    lines = ["usage: ./spark-submit.sh [spark-submit options] <job> [job options]", "", "jobs:"]
+    lines += [f"  {name.ljust(width)}  {job.summary}" for name, job in JOBS.items()]
+    lines += [
+        "",
+        "Spark jobs run in local mode (local[*]) unless --master is given; any spark-submit option",
+        "(--master, --deploy-mode, --conf, --executor-memory, ...) passes through.",
+        "Every job takes --config FILE and --set key=value; '<job> --help' lists its options.",
+    ]
+    return "\n".join(lines)
+
+
+def _launch_info(argv: Sequence[str]) -> str:
+    """Shell assignments for spark-submit.sh: which launcher, and the session settings from config."""
+    job = JOBS.get(argv[0]) if argv else None
+    if job is None:
+        return "CAROUSEL_JOB_KIND=unknown"
+    if not job.spark:
+        return "CAROUSEL_JOB_KIND=python"
+    parser = add_config_args(argparse.ArgumentParser(add_help=False))
+    known, _ = parser.parse_known_args(list(argv[1:]))
+    try:
+        cfg = load_config(known.config, known.overrides)
+    except ConfigError as err:
+        print(f"carousel: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from carousel.session import spark_jars  # imported late: pyspark is slow to import
+
+    return "\n".join(
+        [
+            "CAROUSEL_JOB_KIND=spark",
+            f"CAROUSEL_MASTER={shlex.quote(cfg.spark.master)}",
+            f"CAROUSEL_DRIVER_MEMORY={shlex.quote(cfg.spark.driver_memory)}",
+            f"CAROUSEL_JARS={shlex.quote(','.join(spark_jars(cfg)))}",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--launch-info":  # used by spark-submit.sh to pick the launcher and its settings
+        print(_launch_info(argv[1:]))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in JOBS:
+        print(f"unknown job {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    setup_logging()
+    module = importlib.import_module(JOBS[name].module)
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

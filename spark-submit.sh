@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The one entry point for every carousel job.
+#
+#   ./spark-submit.sh --help                          list the jobs
+#   ./spark-submit.sh <job> [job options]             run a job (Spark jobs: local[*] by default)
+#   ./spark-submit.sh --master spark://host:7077 <job> [job options]
+#                                                     any spark-submit option before the job name
+#                                                     passes through (cluster, YARN, Kubernetes...)
+#
+# Spark jobs run through pyspark's spark-submit with the project's code zipped and shipped to the
+# executors (--py-files) and the Delta/Kafka jars from .jars/spark (--jars); nothing is downloaded
+# at start. Plain Python jobs (broker, simulate) run in the project's virtualenv directly.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${CAROUSEL_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+if [[ ! -x "$PY" ]]; then
+  echo "carousel is not set up: run 'make setup' first (no virtualenv at $VENV)" >&2
+  exit 2
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export CAROUSEL_HOME="$ROOT"
+
+# spark-submit options that take a value; the first other word is the job name.
+spark_opts_with_value=" --master --deploy-mode --conf -c --name --jars --packages --exclude-packages \
+  --repositories --py-files --files --archives --properties-file --driver-memory --driver-java-options \
+  --driver-library-path --driver-class-path --driver-cores --executor-memory --executor-cores \
+  --total-executor-cores --num-executors --queue --principal --keytab --proxy-user --class "
+spark_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help|help) exec "$PY" -m carousel.cli --help ;;
+    --verbose|-v|--supervise) spark_args+=("$1"); shift ;;
+    -*)
+      if [[ "$spark_opts_with_value" == *" $1 "* && $# -ge 2 ]]; then
+        spark_args+=("$1" "$2"); shift 2
+      elif [[ "$1" == --*=* ]]; then
+        spark_args+=("$1"); shift
+      else
+        echo "unknown spark-submit option '$1' (see ./spark-submit.sh --help)" >&2; exit 2
+      fi ;;
+    *) break ;;
+  esac
+done
+if [[ $# -eq 0 ]]; then exec "$PY" -m carousel.cli --help; fi
+job="$1"
+
+info="$("$PY" -m carousel.cli --launch-info "$@")"
+eval "$info"
+case "$CAROUSEL_JOB_KIND" in
+  unknown) exec "$PY" -m carousel.cli "$@" ;;   # prints the usage and fails
+  python)  exec "$PY" -m carousel.cli "$@" ;;
+esac
+
+# Ship the code: one zip of the project's packages for the executors (and a cluster-mode driver).
+mkdir -p "$ROOT/dist"
+code_zip="$ROOT/dist/carousel-code.zip"
+"$PY" - "$ROOT" "$code_zip" <<'PYZIP'
+import pathlib, sys, zipfile
+root, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+tmp = target.with_suffix(".tmp")
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    for package in ("carousel", "jobs", "streaming", "models"):
+        for path in sorted((root / package).rglob("*.py")):
+            zf.write(path, path.relative_to(root).as_posix())
+tmp.replace(target)
+PYZIP
+
+has_master=0
+for arg in "${spark_args[@]+"${spark_args[@]}"}"; do [[ "$arg" == "--master" || "$arg" == --master=* ]] && has_master=1; done
+defaults=()
+[[ $has_master -eq 0 ]] && defaults+=(--master "$CAROUSEL_MASTER")
+# Executors on this machine (local, standalone) use the project's interpreter unless told otherwise.
+export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$PY}"
+export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$PY}"
+
+exec "$VENV/bin/spark-submit" \
+  "${defaults[@]+"${defaults[@]}"}" \
+  --driver-memory "$CAROUSEL_DRIVER_MEMORY" \
+  --jars "$CAROUSEL_JARS" \
+  --py-files "$code_zip" \
+  --conf "spark.ui.showConsoleProgress=false" \
+  --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties" \
+  "${spark_args[@]+"${spark_args[@]}"}" \
+  "$ROOT/carousel/cli.py" "$@"

@@ -1,0 +1,78 @@
+"""Shared fixtures: one local SparkSession, one real Kafka broker, isolated configs per test.
+
+Nothing is mocked: the broker is Apache Kafka (KRaft) from the Maven jars, the tables are Delta
+tables under pytest's temp folder, and the session is a real ``local[2]`` Spark.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from carousel import broker
+from carousel.config import CarouselConfig, load_config
+from carousel.session import build_session
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
+    root = tmp_path_factory.mktemp("spark")
+    cfg = load_config(overrides=[f"storage.root={root}/data"])
+    session = build_session(
+        cfg,
+        "carousel-tests",
+        master="local[2]",
+        extra_conf={
+            "spark.sql.shuffle.partitions": "2",
+            "spark.default.parallelism": "2",
+            "spark.ui.enabled": "false",
+            "spark.sql.warehouse.dir": str(root / "warehouse"),
+            "spark.driver.memory": "2g",
+            "spark.databricks.delta.snapshotPartitions": "2",
+        },
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real single-node KRaft broker on free loopback ports, for the whole test session."""
+    state = tmp_path_factory.mktemp("kafka")
+    port, controller = broker.free_port(), broker.free_port()
+    cfg = load_config(
+        overrides=[
+            f"broker.state_dir={state}",
+            f"broker.port={port}",
+            f"broker.controller_port={controller}",
+            "broker.heap=512m",
+        ]
+    )
+    bootstrap = broker.start(cfg.broker)
+    try:
+        yield bootstrap
+    finally:
+        broker.stop(cfg.broker)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, kafka_bootstrap: str) -> Callable[..., CarouselConfig]:
+    """A config whose tables live under this test's temp folder and whose topic is its own."""
+
+    def factory(*overrides: str, partitions: int = 2) -> CarouselConfig:
+        topic = f"events-{uuid.uuid4().hex[:10]}"
+        return load_config(
+            overrides=[
+                f"storage.root={tmp_path}/data",
+                f"kafka.bootstrap_servers={kafka_bootstrap}",
+                f"kafka.topics.events.name={topic}",
+                f"kafka.topics.events.partitions={partitions}",
+                *overrides,
+            ]
+        )
+
+    return factory

@@ -1,0 +1,57 @@
+"""Helpers for tests: producing to the real broker, waiting on conditions, reading tables."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import Producer
+from pyspark.sql import DataFrame, SparkSession
+
+from carousel.config import CarouselConfig
+
+
+def produce(
+    cfg: CarouselConfig, records: Iterable[tuple[bytes | None, bytes | None]], timeout: float = 60
+) -> int:
+    """Produce (key, value) records to the events topic and wait until every one is acknowledged."""
+    producer = Producer({**cfg.kafka.client_settings(), "linger.ms": 5, "enable.idempotence": True})
+    errors: list[str] = []
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    count = 0
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(
+                    cfg.kafka.topic("events").name, value=value, key=key, on_delivery=on_delivery
+                )
+                break
+            except BufferError:
+                producer.poll(0.1)
+        count += 1
+        producer.poll(0)
+    remaining = producer.flush(timeout)
+    assert remaining == 0 and not errors, f"{remaining} undelivered, errors: {errors[:3]}"
+    return count
+
+
+def event_json(**fields: object) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
+    """Wait until ``condition()`` holds, failing with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def read_table(spark: SparkSession, cfg: CarouselConfig, name: str) -> DataFrame:
+    return spark.read.format("delta").load(cfg.storage.table(name))
