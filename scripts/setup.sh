@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything carousel needs, idempotently, from the project's own files:
+#   - a Python 3.11 virtualenv (.venv) with the pinned packages of pyproject.toml (incl. dev tools);
+#   - the JVM jars, resolved by Maven from jvm/pom.xml (Maven Central only, jvm/settings.xml):
+#       .jars/spark  Delta Lake + the Spark Kafka connector (loaded by every SparkSession)
+#       .jars/kafka  the Apache Kafka broker (KRaft) used by the demo and the tests.
+# Re-running is cheap: each step is skipped while the file it depends on is unchanged.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+digest() { sha256sum "$@" | sha256sum | cut -c1-16; }
+
+PYTHON="${CAROUSEL_PYTHON:-$(command -v python3.11 || true)}"
+[[ -n "$PYTHON" ]] || die "Python 3.11 is required (set CAROUSEL_PYTHON to its path)"
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null \
+  || die "$PYTHON is not Python 3.11"
+command -v java >/dev/null || die "Java 17+ is required (Spark 4 and Kafka 4 need it)"
+java_major="$(java -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.specification.version/ {print $2}')"
+[[ "${java_major%%.*}" -ge 17 ]] || die "Java 17+ is required, found $java_major"
+command -v mvn >/dev/null || die "Apache Maven is required to resolve the JVM jars"
+
+# --- Python ----------------------------------------------------------------------------------
+py_stamp=".venv/.carousel-deps-$(digest pyproject.toml)"
+if [[ ! -f "$py_stamp" ]]; then
+  say "creating the virtualenv and installing the pinned Python packages"
+  [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  rm -f .venv/.carousel-deps-*
+  touch "$py_stamp"
+else
+  say "Python packages up to date"
+fi
+
+# --- JVM jars ---------------------------------------------------------------------------------
+jar_stamp=".jars/.carousel-jars-$(digest jvm/pom.xml jvm/settings.xml)"
+if [[ ! -f "$jar_stamp" ]]; then
+  say "resolving the JVM jars with Maven (Delta, Spark Kafka connector, Kafka broker)"
+  rm -rf .jars
+  for profile in spark-jars kafka-broker; do
+    mvn --batch-mode --quiet --settings jvm/settings.xml --file jvm/pom.xml -P "$profile" package \
+      || die "Maven could not resolve profile $profile (see the output above)"
+  done
+  touch "$jar_stamp"
+else
+  say "JVM jars up to date"
+fi
+ls .jars/spark/delta-spark_*.jar .jars/spark/spark-sql-kafka-*.jar .jars/kafka/kafka_2.13-*.jar >/dev/null \
+  || die "expected jars are missing from .jars/"
+say "ready: $(.venv/bin/python -c 'import pyspark; print("pyspark", pyspark.__version__)'), $(ls .jars/spark | wc -l) Spark jars, $(ls .jars/kafka | wc -l) broker jars"

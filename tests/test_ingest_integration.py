@@ -1,0 +1,186 @@
+"""Ingest end to end against the real broker and real Delta tables, in this test's SparkSession."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pyspark.sql import Row
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+from support import event_json, produce, read_table
+
+from carousel.broker import ensure_topics
+from carousel.schemas import (
+    EVENTS_TABLE,
+    INGEST_LOG_TABLE,
+    PROFILES_TABLE,
+    QUARANTINE_TABLE,
+)
+from jobs import rebuild_profiles
+from jobs import simulate_events as sim
+from jobs.rebuild_profiles import comparable, recompute_profiles
+from streaming import ingest
+
+pytestmark = pytest.mark.integration
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _run_ingest(spark, cfg) -> None:
+    query = ingest.run(spark, cfg, available_now=True)
+    try:
+        query.processAllAvailable()
+    finally:
+        query.stop()
+    assert query.exception() is None
+
+
+def test_known_mix_of_good_bad_and_duplicate_events(spark, make_config):
+    cfg = make_config("ingest.max_offsets_per_trigger=4")  # several micro-batches
+    ensure_topics(cfg.kafka)
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+
+    def event(event_id: str, minutes: int, user: str = "u1", **extra: object) -> bytes:
+        fields = {
+            "event_id": event_id,
+            "user_id": user,
+            "device_id": f"d-{user}",
+            "event_type": "Product Viewed",
+            "event_time": _iso(t0 + timedelta(minutes=minutes)),
+            "source": "mobile",
+            "device": {"platform": "android", "os_version": "14", "app_version": "5.0", "model": "Pixel"},
+        }
+        fields.update(extra)
+        return event_json(**fields)
+
+    good = [
+        (b"u1", event("e1", 1, item_id="i1")),
+        (b"u1", event("e2", 2, item_id="i2")),
+        (b"u1", event("e3", 3, item_id="i1")),
+        (b"u1", event("e4", 4, event_type="Product Purchased", item_id="i2")),
+        (
+            b"u2",
+            event(
+                "e5",
+                5,
+                user="u2",
+                event_type="App Launched",
+                user_attributes={"age": 40, "gender": "m", "city": "Oslo", "country": "NO", "language": "no"},
+            ),
+        ),
+        (b"u2", event("e6", 6, user="u2", item_id="i3")),
+    ]
+    duplicates = [good[0], good[4]]
+    bad = [
+        (b"u3", b"{broken"),
+        (b"u3", event("e7", 7, user="u3", event_type="Teleported")),
+        (b"u3", event("e8", 8, user="u3", item_id=None)),
+    ]
+    produce(cfg, good + duplicates + bad)
+
+    _run_ingest(spark, cfg)
+
+    events = read_table(spark, cfg, EVENTS_TABLE)
+    assertDataFrameEqual(
+        events.select("event_id", "user_id", "event_type", "item_id"),
+        [
+            Row(event_id="e1", user_id="u1", event_type="Product Viewed", item_id="i1"),
+            Row(event_id="e2", user_id="u1", event_type="Product Viewed", item_id="i2"),
+            Row(event_id="e3", user_id="u1", event_type="Product Viewed", item_id="i1"),
+            Row(event_id="e4", user_id="u1", event_type="Product Purchased", item_id="i2"),
+            Row(event_id="e5", user_id="u2", event_type="App Launched", item_id=None),
+            Row(event_id="e6", user_id="u2", event_type="Product Viewed", item_id="i3"),
+        ],
+    )
+    quarantine = read_table(spark, cfg, QUARANTINE_TABLE)
+    assertDataFrameEqual(
+        quarantine.select("raw_value", "reason"),
+        [
+            Row(raw_value="{broken", reason="malformed JSON"),
+            Row(raw_value=bad[1][1].decode(), reason="unknown event type 'Teleported'"),
+            Row(raw_value=bad[2][1].decode(), reason="missing item_id for item event 'Product Viewed'"),
+        ],
+    )
+    totals = (
+        read_table(spark, cfg, INGEST_LOG_TABLE)
+        .agg(
+            *[F.sum(c).alias(c) for c in ("records_read", "events_stored", "quarantined", "duplicates")],
+            F.count(F.lit(1)).alias("batches"),
+        )
+        .first()
+    )
+    assert (totals.records_read, totals.events_stored, totals.quarantined, totals.duplicates) == (11, 6, 3, 2)
+    assert totals.batches >= 3
+
+    profiles = read_table(spark, cfg, PROFILES_TABLE)
+    assertDataFrameEqual(comparable(profiles), comparable(recompute_profiles(events, cfg)))
+    u1 = profiles.where("user_id = 'u1'").first()
+    assert [(v.item_id, v.event_time) for v in u1.recent_views] == [
+        ("i1", (t0 + timedelta(minutes=3)).replace(tzinfo=None)),
+        ("i2", (t0 + timedelta(minutes=2)).replace(tzinfo=None)),
+    ]
+    assert [p.item_id for p in u1.recent_purchases] == ["i2"]
+    assert u1.event_counts == {"Product Viewed": 3, "Product Purchased": 1}
+    u2 = profiles.where("user_id = 'u2'").first()
+    assert (u2.user_attributes.city, u2.total_events) == ("Oslo", 2)
+    assert profiles.where("user_id = 'u3'").count() == 0
+
+
+def test_simulated_traffic_is_fully_accounted_for(spark, make_config, tmp_path):
+    cfg = make_config(
+        "ingest.max_offsets_per_trigger=2500",
+        "simulator.users=300",
+        "simulator.items=120",
+        "simulator.bad_share=0.03",
+        "simulator.duplicate_share=0.02",
+        partitions=4,
+    )
+    ensure_topics(cfg.kafka)
+    world = sim.build_world(cfg.simulator)
+    records = list(sim.stream_records(world, cfg.simulator, 8000, datetime.now(UTC), seed=11))
+    labels = {"valid": 0, "duplicate": 0, "bad": 0}
+    for record in records:
+        labels[record.label.split(":")[0]] += 1
+    produce(cfg, [(r.key, r.value) for r in records])
+
+    _run_ingest(spark, cfg)
+
+    assert read_table(spark, cfg, EVENTS_TABLE).count() == labels["valid"]
+    assert read_table(spark, cfg, QUARANTINE_TABLE).count() == labels["bad"]
+    log = read_table(spark, cfg, INGEST_LOG_TABLE).agg(F.sum("records_read"), F.sum("duplicates")).first()
+    assert tuple(log) == (len(records), labels["duplicate"])
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+
+
+def test_rebuild_check_notices_a_profile_that_drifted(spark, make_config):
+    cfg = make_config()
+    ensure_topics(cfg.kafka)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    produce(
+        cfg,
+        [
+            (
+                b"u1",
+                event_json(
+                    event_id=f"e{i}",
+                    user_id="u1",
+                    event_type="App Launched",
+                    event_time=_iso(t0 + timedelta(seconds=i)),
+                    source="web",
+                ),
+            )
+            for i in range(3)
+        ],
+    )
+    _run_ingest(spark, cfg)
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+
+    spark.sql(f"UPDATE delta.`{cfg.storage.table(PROFILES_TABLE)}` SET total_events = 99")
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 1
+
+    rebuild_profiles.run(spark, cfg)  # repair: replaces the table with the recomputation
+    assert read_table(spark, cfg, PROFILES_TABLE).first().total_events == 3
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
