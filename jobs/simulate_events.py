@@ -47,7 +47,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import accumulate
@@ -883,12 +883,6 @@ def _produce_when_room(
                 warned_at = now
 
 
-def _default_producer(settings: dict[str, Any]) -> Any:
-    from confluent_kafka import Producer
-
-    return Producer(settings)
-
-
 def produce(
     records: Iterable[Record],
     kafka_cfg: KafkaConfig,
@@ -896,16 +890,19 @@ def produce(
     rate: float = 0.0,
     progress_every: int = 10_000,
     flush_timeout: float = 60.0,
-    producer_factory: Callable[[dict[str, Any]], Any] = _default_producer,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Produce the records to ``topic``; returns how many were produced per label.
 
     ``rate`` > 0 limits the pace to that many records per second (a token bucket on an absolute
-    schedule: no drift, bursts of at most one second after a stall). Raises :class:`ProduceError`
-    when a record was not delivered or the final flush did not finish within ``flush_timeout``.
+    schedule: no drift, bursts of at most one second after a stall). ``settings`` are librdkafka
+    settings that override :data:`PRODUCER_SETTINGS` (e.g. ``message.timeout.ms``). Raises
+    :class:`ProduceError` when a record was not delivered or the final flush did not finish within
+    ``flush_timeout``.
     """
-    settings = {**kafka_cfg.client_settings(), **PRODUCER_SETTINGS}
-    producer = producer_factory(settings)
+    from confluent_kafka import Producer
+
+    producer = Producer({**kafka_cfg.client_settings(), **PRODUCER_SETTINGS, **(settings or {})})
     first_errors: list[str] = []
     delivered = [0]
     failed = [0]
@@ -974,6 +971,7 @@ def produce(
             f"{failed[0]} of {n} records were not delivered to {topic!r}; first errors: {first_errors}"
         )
     if remaining:
+        producer.purge()  # drop what is still queued: the producer is abandoned with this error
         raise ProduceError(f"{remaining} of {n} records still undelivered after a {flush_timeout:g} s flush")
     return dict(sorted(counts.items()))
 
@@ -1057,7 +1055,6 @@ def run(
     end_time: datetime | None = None,
     out_dir: str | Path | None = None,
     dry_run: bool = False,
-    producer_factory: Callable[[dict[str, Any]], Any] = _default_producer,
 ) -> dict[str, Any]:
     """Build the world, write its outputs, produce the labelled stream; returns the summary.
 
@@ -1098,7 +1095,7 @@ def run(
             counts[record.label] = counts.get(record.label, 0) + 1
         counts = dict(sorted(counts.items()))
     else:
-        counts = produce(records, cfg.kafka, topic, rate=rate, producer_factory=producer_factory)
+        counts = produce(records, cfg.kafka, topic, rate=rate)
     elapsed = time.monotonic() - started
     return {
         "topic": None if dry_run else topic,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import time
 from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
@@ -260,17 +261,21 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
     spark = batch.sparkSession
     tag = f"{app_id}:{batch_id}"
     now = datetime.now(UTC).replace(tzinfo=None)
+    timer = _StepTimer()
     classified = classify_records(batch, cfg.ingest).persist()
     try:
         totals = classified.agg(
             F.count(F.lit(1)).alias("read"), F.count(F.when(F.size("reasons") > 0, True)).alias("bad")
         ).first()
         records_read, quarantined = int(totals["read"]), int(totals["bad"])
+        timer.lap("classify")
         if records_read == 0:
             return
-        idempotent_append(
-            to_quarantine(classified, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
-        )
+        if quarantined:  # a replay of a batch with nothing to quarantine needs no marker either
+            idempotent_append(
+                to_quarantine(classified, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
+            )
+            timer.lap("quarantine")
         events = to_events(classified, tag).persist()
         events_location = cfg.storage.table(EVENTS_TABLE)
         dates = sorted(r[0] for r in events.select(EVENTS_PARTITION_COLUMN).distinct().collect())
@@ -278,6 +283,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
         if dates:
             with delta_transaction(spark, app_id, batch_id):
                 _insert_new_events(spark, events, dates, events_location)
+            timer.lap("events")
             # What this batch stored - also on a replay whose insert was already committed.
             stored = (
                 spark.read.format("delta")
@@ -286,13 +292,16 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
                 .persist()
             )
             stored_count = stored.count()
+            timer.lap("read_back")
             if stored_count:
                 deltas = profile_deltas(
                     stored, cfg.profiles.recent_items, cfg.profiles.max_devices, F.lit(now)
                 ).persist()
                 profiles_upserted = deltas.count()
+                timer.lap("profile_deltas")
                 with delta_transaction(spark, app_id, batch_id):
                     _upsert_profiles(spark, deltas, cfg)
+                timer.lap("profiles")
                 deltas.unpersist()
             stored.unpersist()
         events.unpersist()
@@ -315,17 +324,35 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             app_id,
             batch_id,
         )
+        timer.lap("log")
         log.info(
-            "batch %s: read=%d stored=%d quarantined=%d duplicates=%d profiles_upserted=%d",
+            "batch %s: read=%d stored=%d quarantined=%d duplicates=%d profiles_upserted=%d (%s)",
             tag,
             records_read,
             stored_count,
             quarantined,
             duplicates,
             profiles_upserted,
+            timer,
         )
     finally:
         classified.unpersist()
+
+
+class _StepTimer:
+    """Seconds spent per step of a micro-batch, for the batch's log line."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self._laps.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{step}={seconds:.1f}s" for step, seconds in self._laps)
 
 
 # ---------------------------------------------------------------------------------------------

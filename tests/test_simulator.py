@@ -1,4 +1,5 @@
-"""Pure tests of the event simulator (no broker): the world, the contract, the labelled stream."""
+"""Tests of the event simulator: the pure core (world, contract, labelled stream) and, marked
+``integration``, its edges against the real Kafka broker of the ``kafka_bootstrap`` fixture."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 import random
 import re
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
-from carousel.config import KafkaConfig, SimulatorConfig, load_config
+from carousel import broker
+from carousel.config import SimulatorConfig
 from carousel.schemas import (
     APP_LAUNCHED,
     DEVICE_SCHEMA,
@@ -323,72 +328,90 @@ def test_unknown_bad_kind_is_refused(events):
 
 
 # ---------------------------------------------------------------------------------------------
-# Edges with fakes: produce, outputs, command line
+# Edges against the real broker: produce, run, command line
 # ---------------------------------------------------------------------------------------------
-class FakeProducer:
-    def __init__(self, settings, full_every=0, fail=0, undelivered=0):
-        self.settings = settings
-        self.sent: list[tuple[str, bytes, bytes]] = []
-        self.pending: list = []
-        self.full_every = full_every
-        self.fail = fail
-        self.undelivered = undelivered
-        self.buffer_errors = 0
-        self.calls = 0
-
-    def produce(self, topic, value, key, on_delivery):
-        self.calls += 1
-        if self.full_every and self.calls % self.full_every == 0:
-            self.buffer_errors += 1
-            raise BufferError("queue full")
-        self.sent.append((topic, key, value))
-        self.pending.append(on_delivery)
-
-    def poll(self, timeout=0):
-        for i, callback in enumerate(self.pending):
-            callback("broker down" if i < self.fail else None, None)
-        self.fail = max(0, self.fail - len(self.pending))
-        self.pending = []
-        return 0
-
-    def flush(self, timeout=0):
-        self.poll()
-        return self.undelivered
-
-
-KAFKA = KafkaConfig(bootstrap_servers="broker:9092", topics={"events": {"name": "events", "partitions": 4}})
+def _consume(cfg, topic: str, expected: int, timeout: float = 60) -> list[tuple[bytes, bytes]]:
+    """Read ``topic`` from the start until ``expected`` records arrived, then check none is extra."""
+    consumer = Consumer(
+        {
+            **cfg.kafka.client_settings(),
+            "group.id": f"test-simulator-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    received: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        consumer.subscribe([topic])
+        while len(received) < expected:
+            assert time.monotonic() < deadline, f"{len(received)} of {expected} records within {timeout}s"
+            for msg in consumer.consume(num_messages=1000, timeout=0.5):
+                assert msg.error() is None, msg.error()
+                received.append((msg.key(), msg.value()))
+        metadata = consumer.list_topics(topic, timeout=10)
+        on_topic = 0
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            on_topic += high - low
+    finally:
+        consumer.close()
+    assert on_topic == len(received) == expected
+    return received
 
 
-def test_produce_counts_and_retries_on_full_queue(records):
-    made: list[FakeProducer] = []
+def _by_key(pairs) -> dict[bytes, list[bytes]]:
+    grouped: dict[bytes, list[bytes]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return grouped
 
-    def factory(settings):
-        made.append(FakeProducer(settings, full_every=97))
-        return made[-1]
 
-    counts = sim.produce(records[:2000], KAFKA, "events-test", producer_factory=factory, progress_every=500)
-    producer = made[0]
-    assert counts == dict(sorted(Counter(r.label for r in records[:2000]).items()))
-    assert [(k, v) for _, k, v in producer.sent] == [(r.key, r.value) for r in records[:2000]]
-    assert {t for t, _, _ in producer.sent} == {"events-test"}
-    assert producer.buffer_errors > 0
-    s = producer.settings
-    assert s["bootstrap.servers"] == "broker:9092"
+def test_producer_settings_are_durable():
+    s = sim.PRODUCER_SETTINGS
     assert s["acks"] == "all" and s["enable.idempotence"] is True and s["compression.type"] == "lz4"
 
 
-def test_produce_rate_limit(records):
+@pytest.mark.integration
+def test_produce_delivers_exactly_the_records(make_config, records):
+    cfg = make_config()
+    broker.ensure_topics(cfg.kafka)
+    topic = cfg.kafka.topic("events").name
+    sent = records[:2000]
+    # A tiny local queue: produce() must wait for room (BufferError) and still lose nothing.
+    counts = sim.produce(
+        sent, cfg.kafka, topic, progress_every=500, settings={"queue.buffering.max.messages": 100}
+    )
+    assert counts == dict(sorted(Counter(r.label for r in sent).items()))
+    received = _consume(cfg, topic, len(sent))
+    assert Counter(received) == Counter((r.key, r.value) for r in sent)
+    # One user's records land on one partition, in the order they were produced.
+    assert _by_key(received) == _by_key((r.key, r.value) for r in sent)
+
+
+@pytest.mark.integration
+def test_produce_rate_limit(make_config, records):
+    cfg = make_config()
+    broker.ensure_topics(cfg.kafka)
+    topic = cfg.kafka.topic("events").name
     started = time.monotonic()
-    sim.produce(records[:300], KAFKA, "t", rate=1500, producer_factory=FakeProducer)
+    counts = sim.produce(records[:300], cfg.kafka, topic, rate=1500)
     elapsed = time.monotonic() - started
-    assert 0.17 < elapsed < 0.6  # 300 records at 1500/s: 0.2 s, no drift
+    assert sum(counts.values()) == 300
+    assert 0.15 < elapsed < 10  # 300 records at 1500/s: 0.2 s at least, plus connecting and flushing
+    assert len(_consume(cfg, topic, 300)) == 300
 
 
-def test_produce_raises_on_delivery_errors(records):
-    with pytest.raises(sim.ProduceError, match="3 of 50 records were not delivered"):
-        sim.produce(records[:50], KAFKA, "t", producer_factory=lambda s: FakeProducer(s, fail=3))
-    with pytest.raises(sim.ProduceError, match="still undelivered"):
-        sim.produce(records[:50], KAFKA, "t", producer_factory=lambda s: FakeProducer(s, undelivered=4))
+@pytest.mark.integration
+def test_produce_raises_when_the_topic_does_not_exist(make_config, records):
+    cfg = make_config()  # its topic is never created, and the broker does not auto-create topics
+    topic = cfg.kafka.topic("events").name
+    started = time.monotonic()
+    with pytest.raises(sim.ProduceError, match="50 of 50 records were not delivered"):
+        sim.produce(records[:50], cfg.kafka, topic, flush_timeout=20, settings={"message.timeout.ms": 2000})
+    assert time.monotonic() - started < 20
+    with pytest.raises(sim.ProduceError, match="50 of 50 records still undelivered after a 0.5 s flush"):
+        sim.produce(records[:50], cfg.kafka, topic, flush_timeout=0.5)
 
 
 def test_write_outputs(world, tmp_path):
@@ -411,30 +434,72 @@ def test_write_outputs(world, tmp_path):
     assert json.loads((tmp_path / "out" / "planted.json").read_text()) == world.planted_neighbours()
 
 
-def test_run_with_fake_producer(tmp_path):
-    cfg = load_config(
-        overrides=[
-            "simulator.users=50",
-            "simulator.items=40",
-            "simulator.events=900",
-            "simulator.bad_share=0.1",
-            f"storage.root={tmp_path}",
+@pytest.mark.integration
+def test_run_produces_and_writes_outputs(make_config):
+    cfg = make_config(
+        "simulator.users=50", "simulator.items=40", "simulator.events=900", "simulator.bad_share=0.1"
+    )
+    broker.ensure_topics(cfg.kafka)
+    summary = sim.run(cfg, end_time=END, seed=4)
+    topic = cfg.kafka.topic("events").name
+    assert summary["topic"] == topic
+    received = _consume(cfg, topic, 900)
+    assert summary["records"] == 900 == len(received)
+    assert summary["totals"] == {"valid": 900 - 90 - 4, "duplicate": 4, "bad": 90}
+    reasons = Counter(_why_invalid(value) for _, value in received)
+    assert reasons[None] == summary["totals"]["valid"] + summary["totals"]["duplicate"]
+    assert sum(n for reason, n in reasons.items() if reason) == summary["totals"]["bad"]
+    ids = [json.loads(v)["event_id"] for _, v in received if _why_invalid(v) is None]
+    assert all(i.startswith("e-4-") for i in ids)
+    assert len(set(ids)) == summary["totals"]["valid"]
+    out = Path(cfg.storage.path("simulator"))
+    assert summary["outputs"] == {
+        "catalog.csv": str(out / "catalog.csv"),
+        "planted.json": str(out / "planted.json"),
+    }
+    world = sim.build_world(cfg.simulator)
+    assert len((out / "catalog.csv").read_text().splitlines()) == 41
+    assert json.loads((out / "planted.json").read_text()) == world.planted_neighbours()
+    assert summary["world_seed"] == cfg.simulator.seed
+
+
+@pytest.mark.integration
+def test_main_produces_to_the_broker(make_config, tmp_path, capsys):
+    cfg = make_config()
+    broker.ensure_topics(cfg.kafka)
+    topic = cfg.kafka.topic("events").name
+    root = tmp_path / "cli"
+    code = sim.main(
+        [
+            "--events",
+            "600",
+            "--users",
+            "40",
+            "--items",
+            "30",
+            "--seed",
+            "8",
+            "--bad-share",
+            "0.05",
+            "--duplicate-share",
+            "0.01",
+            "--end-time",
+            "2026-11-29T00:00:00Z",
+            "--set",
+            f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
+            "--set",
+            f"kafka.topics.events.name={topic}",
+            "--set",
+            f"storage.root={root}",
         ]
     )
-    made: list[FakeProducer] = []
-
-    def factory(settings):
-        made.append(FakeProducer(settings))
-        return made[-1]
-
-    summary = sim.run(cfg, end_time=END, seed=4, producer_factory=factory)
-    assert summary["records"] == 900 == len(made[0].sent)
-    assert summary["totals"] == {"valid": 900 - 90 - 4, "duplicate": 4, "bad": 90}
-    assert summary["topic"] == cfg.kafka.topic("events").name
-    assert (tmp_path / "simulator" / "catalog.csv").exists()
-    ids = [json.loads(v)["event_id"] for _, _, v in made[0].sent if _why_invalid(v) is None]
-    assert ids and all(i.startswith("e-4-") for i in ids)
-    assert summary["world_seed"] == cfg.simulator.seed
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["topic"] == topic and summary["records"] == 600
+    assert summary["totals"] == {"valid": 600 - 30 - 6, "duplicate": 6, "bad": 30}
+    received = _consume(cfg, topic, 600)
+    assert sum(_why_invalid(value) is not None for _, value in received) == 30
+    assert (root / "simulator" / "catalog.csv").exists() and (root / "simulator" / "planted.json").exists()
 
 
 def test_main_dry_run(tmp_path, capsys):

@@ -1,0 +1,1 @@
+"""Benchmarks: performance is measured and printed here, never asserted (see bench/README.md)."""

@@ -1,0 +1,1079 @@
+"""Ingest benchmark: throughput against a plain Kafka -> Delta ceiling, and freshness at a steady rate.
+
+    .venv/bin/python -m bench.ingest_bench                  # 1,000,000 events, 60 s steady phase
+    .venv/bin/python -m bench.ingest_bench --quick          # smoke run, a few minutes
+    .venv/bin/python -m bench.ingest_bench --events 200000 --rate 3000 --duration 30 \\
+        --set ingest.max_offsets_per_trigger=100000
+
+Everything runs on this machine: a private Kafka broker (temp state folder, free ports), one
+``local[2]`` Spark session, Delta tables under a temp folder (or ``--workdir``). Phases:
+
+1. produce ``--events`` simulator records (realistic user/item mix, labelled bad records and
+   duplicates) to a fresh topic at full speed;
+2. ceiling: the same session reads that topic with the ingest's own source
+   (``streaming.ingest.read_event_stream``: same ``maxOffsetsPerTrigger``, earliest offsets) and
+   blind-appends the raw rows to a Delta table, ``availableNow``; run once before and once after the
+   ingest (the faster run is the ceiling: the first also warms the JVM);
+3. ingest: ``streaming.ingest.run(spark, cfg, available_now=True)`` on the same topic, fresh storage;
+   events/s = records read / seconds; ``ingest_log`` shows every record accounted for; the steps of
+   each micro-batch are timed by wrapping the module's helpers (no change to ``streaming/ingest.py``);
+4. steady: a fresh topic and storage, the ingest running continuously (processing-time trigger,
+   ``--trigger-interval``), a producer thread at ``--rate`` for ``--duration`` seconds; then wait until
+   ``ingest_log`` has read everything. Freshness of an event = ``completed_at`` of its batch in
+   ``ingest_log`` minus its Kafka record timestamp (``events.received_at``).
+
+Figures are printed and written to ``--output`` as JSON; nothing is asserted. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from carousel import broker
+from carousel.cli import add_config_args, setup_logging
+from carousel.config import PROJECT_ROOT, CarouselConfig, ConfigError, load_config
+from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, PROFILES_TABLE, QUARANTINE_TABLE
+
+log = logging.getLogger("bench.ingest")
+
+FULL_DEFAULTS = {"events": 1_000_000, "duration": 60.0, "max_offsets_per_trigger": 250_000}
+QUICK_DEFAULTS = {"events": 50_000, "duration": 15.0, "max_offsets_per_trigger": 25_000}
+DEFAULT_OUTPUT = "bench/results/ingest.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and configuration
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ingest_bench",
+        description="Ingest throughput (vs a plain Kafka->Delta ceiling) and freshness at a steady rate.",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 50,000 events, 15 s steady phase")
+    parser.add_argument(
+        "--events", type=int, help="records for the throughput phases (1,000,000; quick 50,000)"
+    )
+    parser.add_argument("--rate", type=float, default=2000.0, help="steady phase: records/s (2000)")
+    parser.add_argument("--duration", type=float, help="steady phase: seconds of producing (60; quick 15)")
+    parser.add_argument(
+        "--max-offsets-per-trigger",
+        type=int,
+        help="ingest.max_offsets_per_trigger, also used by the ceiling (250,000; quick 25,000)",
+    )
+    parser.add_argument(
+        "--trigger-interval", default="1 second", help="steady phase: ingest.trigger_interval ('1 second')"
+    )
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of each topic (4)")
+    parser.add_argument("--users", type=int, default=100_000, help="simulated users (100,000)")
+    parser.add_argument("--items", type=int, default=10_000, help="simulated items (10,000)")
+    parser.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
+    parser.add_argument("--shuffle-partitions", type=int, default=4, help="spark.sql.shuffle.partitions (4)")
+    parser.add_argument("--driver-memory", default="4g", help="Spark driver memory (4g; keep <= 6g here)")
+    parser.add_argument("--broker-heap", default="1g", help="Kafka broker heap (1g)")
+    parser.add_argument(
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Spark setting for the session, e.g. spark.databricks.delta.snapshotPartitions=4",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="steady phase: seconds to wait, after the producer ends, for ingest to read everything",
+    )
+    parser.add_argument("--skip-steady", action="store_true", help="only the throughput phases")
+    parser.add_argument("--workdir", help="keep broker data and tables here (default: a temp folder)")
+    parser.add_argument("--keep-workdir", action="store_true", help="do not delete the temp folder")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})")
+    return add_config_args(parser)
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    base = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def bench_config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig:
+    """Bench defaults, then the user's --config/--set, then what a phase needs (root, topic, ports)."""
+    head = [
+        "spark.master=local[2]",
+        f"spark.shuffle_partitions={args.shuffle_partitions}",
+        f"spark.driver_memory={args.driver_memory}",
+        f"ingest.max_offsets_per_trigger={args.max_offsets_per_trigger}",
+        "ingest.starting_offsets=earliest",
+        f"ingest.trigger_interval={args.trigger_interval}",
+        f"simulator.users={args.users}",
+        f"simulator.items={args.items}",
+        f"simulator.seed={args.seed}",
+        f"broker.heap={args.broker_heap}",
+    ]
+    try:
+        return load_config(args.config, [*head, *args.overrides, *required])
+    except ConfigError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+
+
+def _spark_conf(items: Sequence[str]) -> dict[str, str]:
+    conf: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--spark-conf expects KEY=VALUE, got {item!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def _per_s(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def _load1() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _machine_info(spark: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "spark": spark.version,
+        "spark_master": spark.sparkContext.master,
+        "java": spark.sparkContext._jvm.java.lang.System.getProperty("java.version"),
+    }
+    for package in ("pyspark", "delta-spark", "confluent-kafka"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[package.replace("-", "_")] = metadata.version(package)
+    jars = sorted(broker.DEFAULT_JARS_DIR.glob("kafka_2.13-*.jar"))
+    if jars:
+        info["kafka_broker"] = jars[0].stem.removeprefix("kafka_2.13-")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    with contextlib.suppress(OSError):
+        info["loadavg_at_start"] = os.getloadavg()
+    return info
+
+
+def _label_totals(counts: dict[str, int]) -> dict[str, int]:
+    from jobs.simulate_events import BAD_PREFIX, DUPLICATE, VALID
+
+    return {
+        "valid": counts.get(VALID, 0),
+        "duplicate": counts.get(DUPLICATE, 0),
+        "bad": sum(v for k, v in counts.items() if k.startswith(BAD_PREFIX)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Step timings inside streaming.ingest.process_batch
+# ---------------------------------------------------------------------------------------------
+# The wall time between two wrapped helpers is Spark work done by process_batch itself; it is named
+# after what precedes the next helper in process_batch.
+_GAP_BEFORE = {
+    "quarantine append": "read Kafka + classify + count",
+    "events MERGE": "dedupe window + distinct dates",
+    "profiles MERGE": "read back stored + profile deltas",
+    "ingest_log append": "other",
+    "end": "other",
+}
+STEP_ORDER = (
+    "read Kafka + classify + count",
+    "quarantine append",
+    "dedupe window + distinct dates",
+    "events MERGE",
+    "read back stored + profile deltas",
+    "profiles MERGE",
+    "ingest_log append",
+    "other",
+)
+
+
+class BatchStepTimer:
+    """Times the steps of ``streaming.ingest.process_batch`` by wrapping the helpers it calls.
+
+    Only module attributes are replaced, while installed (``run`` binds ``process_batch`` when it is
+    called, so install before ``run``); nothing in ``streaming/ingest.py`` changes. Per batch: seconds
+    per step (see :data:`STEP_ORDER`) and the total.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.empty_batches = 0
+        self._current: dict[str, Any] | None = None
+        self._mark = 0.0
+
+    def _add(self, step: str, seconds: float) -> None:
+        if self._current is not None:
+            steps = self._current["steps"]
+            steps[step] = steps.get(step, 0.0) + seconds
+
+    def _timed_step(self, step_of: Callable[..., str], original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._current is None:
+                return original(*args, **kwargs)
+            step = step_of(*args, **kwargs)
+            start = time.perf_counter()
+            self._add(_GAP_BEFORE.get(step, "other"), start - self._mark)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._mark = time.perf_counter()
+                self._add(step, self._mark - start)
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[BatchStepTimer]:
+        from streaming import ingest
+
+        names = ("process_batch", "idempotent_append", "_insert_new_events", "_upsert_profiles")
+        originals = {name: getattr(ingest, name) for name in names if hasattr(ingest, name)}
+        missing = sorted(set(names) - set(originals))
+        if "process_batch" not in originals:
+            log.warning("streaming.ingest.process_batch not found: no per-step timings")
+            yield self
+            return
+        if missing:
+            log.warning("streaming.ingest has no %s: those steps are timed as their neighbours", missing)
+        original_batch = originals["process_batch"]
+
+        def timed_batch(batch: Any, batch_id: int, **kwargs: Any) -> None:
+            started = time.perf_counter()
+            self._current = {"batch_id": batch_id, "steps": {}}
+            self._mark = started
+            try:
+                original_batch(batch, batch_id, **kwargs)
+            finally:
+                ended = time.perf_counter()
+                current, self._current = self._current, None
+                steps = current["steps"]
+                if not steps:  # nothing was written: an empty batch (process_batch returned early)
+                    self.empty_batches += 1
+                else:
+                    steps["other"] = steps.get("other", 0.0) + (ended - self._mark)
+                    current["total"] = ended - started
+                    current["wall_end"] = time.time()
+                    self.batches.append(current)
+
+        def append_step(df: Any, location: str, *args: Any, **kwargs: Any) -> str:
+            name = str(location).rstrip("/").rsplit("/", 1)[-1]
+            return {QUARANTINE_TABLE: "quarantine append", INGEST_LOG_TABLE: "ingest_log append"}.get(
+                name, f"append {name}"
+            )
+
+        step_names: dict[str, Callable[..., str]] = {
+            "idempotent_append": append_step,
+            "_insert_new_events": lambda *a, **k: "events MERGE",
+            "_upsert_profiles": lambda *a, **k: "profiles MERGE",
+        }
+        ingest.process_batch = timed_batch
+        for name, step_of in step_names.items():
+            if name in originals:
+                setattr(ingest, name, self._timed_step(step_of, originals[name]))
+        try:
+            yield self
+        finally:
+            for name, original in originals.items():
+                setattr(ingest, name, original)
+
+    def reset(self) -> None:
+        self.batches = []
+        self.empty_batches = 0
+
+    def summary(self, batches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Seconds per step over ``batches`` (default all): total, mean per batch, share of batch time."""
+        batches = self.batches if batches is None else batches
+        total = sum(b["total"] for b in batches)
+        steps: dict[str, dict[str, float]] = {}
+        names = list(STEP_ORDER) + sorted({s for b in batches for s in b["steps"]} - set(STEP_ORDER))
+        for name in names:
+            seconds = sum(b["steps"].get(name, 0.0) for b in batches)
+            if seconds == 0 and name not in STEP_ORDER:
+                continue
+            steps[name] = {
+                "seconds": round(seconds, 3),
+                "mean_s": round(seconds / len(batches), 3) if batches else 0.0,
+                "share": round(seconds / total, 3) if total else 0.0,
+            }
+        return {
+            "batches": len(batches),
+            "empty_batches_skipped": self.empty_batches,
+            "batch_seconds": round(total, 3),
+            "steps": steps,
+        }
+
+
+def _log_step_summary(title: str, summary: dict[str, Any]) -> list[str]:
+    lines = [f"{title}: {summary['batches']} batches, {summary['batch_seconds']:.1f} s in process_batch"]
+    for name, figures in summary["steps"].items():
+        lines.append(
+            f"    {name:<36} {figures['seconds']:>9.2f} s  {figures['mean_s']:>7.2f} s/batch  "
+            f"{100 * figures['share']:5.1f}%"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+def produce_topic(
+    cfg: CarouselConfig, world: Any, n_records: int, rate: float, seed: int, progress_every: int
+) -> dict[str, Any]:
+    """Produce ``n_records`` simulator records to the config's events topic; returns the figures."""
+    from jobs.simulate_events import produce, stream_records
+
+    topic = cfg.kafka.topic("events").name
+    load_before = _load1()
+    started = time.perf_counter()
+    records = stream_records(world, cfg.simulator, n_records, datetime.now(UTC), seed)
+    counts = produce(records, cfg.kafka, topic, rate=rate, progress_every=progress_every, flush_timeout=300)
+    seconds = time.perf_counter() - started
+    produced = sum(counts.values())
+    return {
+        "topic": topic,
+        "records": produced,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(_per_s(produced, seconds), 1),
+        "labels": _label_totals(counts),
+        "load_1min": [load_before, _load1()],
+    }
+
+
+def _batches_of(query: Any) -> list[dict[str, Any]]:
+    """The data batches of a query's progress (needs spark.sql.streaming.numRecentProgressUpdates)."""
+    batches = []
+    for progress in query.recentProgress:
+        rows = int(progress["numInputRows"])
+        if rows:
+            durations = dict(progress["durationMs"])
+            batches.append({"batch_id": progress["batchId"], "rows": rows, "duration_ms": durations})
+    return batches
+
+
+def run_ceiling(spark: Any, cfg: CarouselConfig, label: str) -> dict[str, Any]:
+    """Plain Delta append of the raw Kafka rows, availableNow, with the ingest's own source."""
+    from pyspark.sql import functions as F
+
+    from streaming.ingest import read_event_stream
+
+    table = cfg.storage.table("raw_events")
+    checkpoint = cfg.storage.checkpoint(f"ceiling-{label}")
+    rows = read_event_stream(spark, cfg).select(
+        F.col("value").cast("string").alias("value"), "topic", "partition", "offset", "timestamp"
+    )
+    log.info("ceiling (%s): plain Delta append of the raw Kafka rows to %s", label, table)
+    load_before = _load1()
+    started = time.perf_counter()
+    query = (
+        rows.writeStream.format("delta")
+        .outputMode("append")
+        .queryName(f"bench-ceiling-{label}")
+        .option("checkpointLocation", checkpoint)
+        .trigger(availableNow=True)
+        .start(table)
+    )
+    query.awaitTermination()
+    seconds = time.perf_counter() - started
+    if query.exception() is not None:
+        raise RuntimeError(f"ceiling query failed: {query.exception()}")
+    batches = _batches_of(query)
+    read = sum(b["rows"] for b in batches)
+    stored = spark.read.format("delta").load(table).count()
+    result = {
+        "records_read": read,
+        "rows_stored": stored,
+        "batches": len(batches),
+        "seconds": round(seconds, 3),
+        "events_per_s": round(_per_s(read, seconds), 1),
+        "batch_durations_ms": [b["duration_ms"].get("triggerExecution") for b in batches],
+        "load_1min": [load_before, _load1()],
+    }
+    log.info(
+        "ceiling (%s): %d records in %d batches, %.1f s -> %.0f events/s",
+        label,
+        read,
+        len(batches),
+        seconds,
+        result["events_per_s"],
+    )
+    return result
+
+
+def _ingest_log_totals(spark: Any, cfg: CarouselConfig) -> dict[str, int]:
+    from pyspark.sql import functions as F
+
+    row = (
+        spark.read.format("delta")
+        .load(cfg.storage.table(INGEST_LOG_TABLE))
+        .agg(
+            F.count(F.lit(1)).alias("batches"),
+            F.coalesce(F.sum("records_read"), F.lit(0)).alias("records_read"),
+            F.coalesce(F.sum("events_stored"), F.lit(0)).alias("events_stored"),
+            F.coalesce(F.sum("quarantined"), F.lit(0)).alias("quarantined"),
+            F.coalesce(F.sum("duplicates"), F.lit(0)).alias("duplicates"),
+            F.coalesce(F.sum("profiles_upserted"), F.lit(0)).alias("profiles_upserted"),
+        )
+        .first()
+    )
+    return {key: int(value) for key, value in row.asDict().items()}
+
+
+def _accounting(spark: Any, cfg: CarouselConfig, produced: dict[str, Any]) -> dict[str, Any]:
+    """ingest_log sums, table counts, and whether they match what the simulator labelled."""
+    totals = _ingest_log_totals(spark, cfg)
+    tables = {
+        name: spark.read.format("delta").load(cfg.storage.table(name)).count()
+        for name in (EVENTS_TABLE, QUARANTINE_TABLE, PROFILES_TABLE)
+    }
+    labels = produced["labels"]
+    checks = {
+        "read_equals_produced": totals["records_read"] == produced["records"],
+        "read_equals_stored_plus_quarantined_plus_duplicates": totals["records_read"]
+        == totals["events_stored"] + totals["quarantined"] + totals["duplicates"],
+        "stored_equals_valid_labels": totals["events_stored"] == labels["valid"],
+        "quarantined_equals_bad_labels": totals["quarantined"] == labels["bad"],
+        "duplicates_equal_duplicate_labels": totals["duplicates"] == labels["duplicate"],
+        "events_table_equals_stored": tables[EVENTS_TABLE] == totals["events_stored"],
+        "quarantine_table_equals_quarantined": tables[QUARANTINE_TABLE] == totals["quarantined"],
+    }
+    return {"ingest_log": totals, "table_rows": tables, "simulator_labels": labels, "checks": checks}
+
+
+def run_ingest_throughput(
+    spark: Any, cfg: CarouselConfig, produced: dict[str, Any], timer: BatchStepTimer
+) -> dict[str, Any]:
+    from streaming import ingest
+
+    setup_started = time.perf_counter()
+    ingest.ensure_ingest_tables(spark, cfg)
+    setup_seconds = time.perf_counter() - setup_started
+    timer.reset()
+    log.info("ingest (availableNow) into %s", cfg.storage.root)
+    load_before = _load1()
+    started = time.perf_counter()
+    query = ingest.run(spark, cfg, available_now=True)
+    query.awaitTermination()
+    seconds = time.perf_counter() - started
+    if query.exception() is not None:
+        raise RuntimeError(f"ingest query failed: {query.exception()}")
+    batches = _batches_of(query)
+    accounting = _accounting(spark, cfg, produced)
+    read = accounting["ingest_log"]["records_read"]
+    result = {
+        "records_read": read,
+        "batches": accounting["ingest_log"]["batches"],
+        "seconds": round(seconds, 3),
+        "table_setup_seconds": round(setup_seconds, 3),
+        "events_per_s": round(_per_s(read, seconds), 1),
+        "accounting": accounting,
+        "batch_durations_ms": [b["duration_ms"].get("triggerExecution") for b in batches],
+        "step_timings": timer.summary(),
+        "batch_steps": [_rounded_batch(b) for b in timer.batches],
+        "load_1min": [load_before, _load1()],
+    }
+    log.info(
+        "ingest: %d records in %d batches, %.1f s -> %.0f events/s; ingest_log %s",
+        read,
+        result["batches"],
+        seconds,
+        result["events_per_s"],
+        accounting["ingest_log"],
+    )
+    for line in _log_step_summary("ingest steps", result["step_timings"]):
+        log.info("%s", line)
+    return result
+
+
+def _rounded_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_id": batch["batch_id"],
+        "total_s": round(batch["total"], 3),
+        "steps_s": {k: round(v, 3) for k, v in batch["steps"].items()},
+    }
+
+
+def _wait_started(query: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if query.exception() is not None:
+            raise RuntimeError(f"{query.name} failed: {query.exception()}")
+        if not str(query.status.get("message", "")).startswith("Initializing"):
+            return
+        time.sleep(0.2)
+    log.warning("%s still initialising after %.0f s; producing anyway", query.name, timeout)
+
+
+def _freshness(spark: Any, cfg: CarouselConfig) -> dict[str, Any]:
+    """completed_at of the event's batch minus its Kafka timestamp, over every stored event."""
+    from pyspark.sql import functions as F
+
+    events = (
+        spark.read.format("delta").load(cfg.storage.table(EVENTS_TABLE)).select("ingest_batch", "received_at")
+    )
+    batches = (
+        spark.read.format("delta")
+        .load(cfg.storage.table(INGEST_LOG_TABLE))
+        .select("ingest_batch", "completed_at")
+    )
+    fresh = events.join(batches, "ingest_batch").select(
+        "received_at",
+        ((F.unix_micros("completed_at") - F.unix_micros("received_at")) / 1e6).alias("s"),
+    )
+    row = fresh.agg(
+        F.count(F.lit(1)).alias("events"),
+        F.expr("percentile(s, array(0.5, 0.9, 0.99))").alias("p"),
+        F.min("s").alias("min"),
+        F.avg("s").alias("mean"),
+        F.max("s").alias("max"),
+        F.min("received_at").alias("first"),
+    ).first()
+    if not row["events"]:
+        return {"events": 0}
+    first = row["first"]
+    bucket_s = 10
+    buckets = (
+        fresh.groupBy(
+            F.floor((F.unix_micros("received_at") - F.unix_micros(F.lit(first))) / (bucket_s * 1e6)).alias(
+                "b"
+            )
+        )
+        .agg(
+            F.count(F.lit(1)).alias("events"),
+            F.percentile_approx("s", 0.5, 10000).alias("p50"),
+            F.max("s").alias("max"),
+        )
+        .orderBy("b")
+        .collect()
+    )
+    p50, p90, p99 = (float(x) for x in row["p"])
+    return {
+        "events": int(row["events"]),
+        "p50_s": round(p50, 3),
+        "p90_s": round(p90, 3),
+        "p99_s": round(p99, 3),
+        "min_s": round(float(row["min"]), 3),
+        "mean_s": round(float(row["mean"]), 3),
+        "max_s": round(float(row["max"]), 3),
+        "by_produce_time": [
+            {
+                "from_s": int(b["b"]) * bucket_s,
+                "events": int(b["events"]),
+                "p50_s": round(float(b["p50"]), 3),
+                "max_s": round(float(b["max"]), 3),
+            }
+            for b in buckets
+        ],
+    }
+
+
+def run_steady(
+    spark: Any,
+    cfg: CarouselConfig,
+    world: Any,
+    args: argparse.Namespace,
+    timer: BatchStepTimer,
+) -> dict[str, Any]:
+    from streaming import ingest
+
+    n_records = int(round(args.rate * args.duration))
+    ingest.ensure_ingest_tables(spark, cfg)
+    timer.reset()
+    load_before = _load1()
+    query = ingest.run(spark, cfg, available_now=False)
+    result: dict[str, Any] = {
+        "target_rate": args.rate,
+        "duration_s": args.duration,
+        "trigger_interval": cfg.ingest.trigger_interval,
+    }
+    producer_out: dict[str, Any] = {}
+
+    def producer() -> None:
+        try:
+            producer_out.update(
+                produce_topic(
+                    cfg,
+                    world,
+                    n_records,
+                    args.rate,
+                    args.seed + 1,
+                    progress_every=max(1000, int(args.rate * 10)),
+                )
+            )
+        except Exception as err:
+            log.exception("steady producer failed")
+            producer_out["error"] = err
+
+    try:
+        _wait_started(query)
+        log.info(
+            "steady: producing %d records at %.0f/s for %.0f s while ingest runs (trigger %s)",
+            n_records,
+            args.rate,
+            args.duration,
+            cfg.ingest.trigger_interval,
+        )
+        thread = threading.Thread(target=producer, name="bench-producer", daemon=True)
+        produce_started = time.monotonic()
+        thread.start()
+        produce_deadline = produce_started + 3 * args.duration + 120
+        produced_at: float | None = None
+        caught_up = False
+        last_report = produce_started
+        while True:
+            if query.exception() is not None or not query.isActive:
+                raise RuntimeError(f"steady ingest stopped: {query.exception()}")
+            now = time.monotonic()
+            read = sum(b["rows"] for b in _batches_of(query))
+            if thread.is_alive():
+                if now > produce_deadline:
+                    raise RuntimeError("steady producer did not finish in time")
+            else:
+                if "error" in producer_out:
+                    raise RuntimeError(f"steady producer failed: {producer_out['error']}")
+                if produced_at is None:
+                    produced_at = now
+                    log.info("steady: producer done (%s); waiting for ingest to catch up", producer_out)
+                if read >= producer_out["records"]:
+                    caught_up = True
+                    break
+                if now - produced_at > args.drain_timeout:
+                    log.warning(
+                        "steady: ingest read %d of %d records within %.0f s after the producer ended",
+                        read,
+                        producer_out["records"],
+                        args.drain_timeout,
+                    )
+                    break
+            if now - last_report >= 10:
+                log.info("steady: %.0f s in, ingest has read %d records", now - produce_started, read)
+                last_report = now
+            time.sleep(0.5)
+        result["drain_s"] = round(time.monotonic() - produced_at, 3) if produced_at else None
+        result["caught_up"] = caught_up
+    finally:
+        query.stop()
+    batches = _batches_of(query)
+    totals = _ingest_log_totals(spark, cfg)
+    durations = sorted(b["duration_ms"].get("triggerExecution", 0) / 1000 for b in batches)
+    steps = timer.batches
+    quarter = max(1, len(steps) // 4)
+    result.update(
+        {
+            "produce": producer_out,
+            "achieved_rate": producer_out.get("events_per_s"),
+            "ingest_log": totals,
+            "read_equals_produced": totals["records_read"] == producer_out.get("records"),
+            "batches": totals["batches"],
+            "mean_batch_records": round(totals["records_read"] / totals["batches"], 1)
+            if totals["batches"]
+            else 0,
+            "batch_seconds": {
+                "mean": round(sum(durations) / len(durations), 3) if durations else None,
+                "p50": round(durations[len(durations) // 2], 3) if durations else None,
+                "max": round(durations[-1], 3) if durations else None,
+            },
+            "step_timings": timer.summary(),
+            "step_timings_first_quarter": timer.summary(steps[:quarter]),
+            "step_timings_last_quarter": timer.summary(steps[-quarter:]),
+            "load_1min": [load_before, _load1()],
+            "freshness": _freshness(spark, cfg),
+            "batch_steps": [_rounded_batch(b) for b in steps],
+        }
+    )
+    fresh = result["freshness"]
+    log.info(
+        "steady: achieved %.0f/s, %d batches; freshness p50 %.2f s, p99 %.2f s, max %.2f s",
+        result["achieved_rate"] or 0,
+        result["batches"],
+        fresh.get("p50_s", float("nan")),
+        fresh.get("p99_s", float("nan")),
+        fresh.get("max_s", float("nan")),
+    )
+    for line in _log_step_summary("steady steps", result["step_timings"]):
+        log.info("%s", line)
+    for bucket in fresh.get("by_produce_time", []):
+        log.info(
+            "steady freshness, events produced %3d-%3d s: %6d events, p50 %.2f s, max %.2f s",
+            bucket["from_s"],
+            bucket["from_s"] + 10,
+            bucket["events"],
+            bucket["p50_s"],
+            bucket["max_s"],
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    produce = results.get("produce")
+    if produce:
+        rows.append(
+            (
+                "produce (incl. generating)",
+                f"{produce['records']:,} records in {produce['seconds']:.1f} s = "
+                f"{produce['events_per_s']:,.0f}/s  (valid {produce['labels']['valid']:,}, "
+                f"duplicate {produce['labels']['duplicate']:,}, bad {produce['labels']['bad']:,})",
+            )
+        )
+    ceiling = results.get("ceiling")
+    if ceiling:
+        for run in ceiling["runs"]:
+            rows.append(
+                (
+                    f"ceiling {run['label']}",
+                    f"{run['records_read']:,} records, {run['batches']} batches, {run['seconds']:.1f} s = "
+                    f"{run['events_per_s']:,.0f} events/s",
+                )
+            )
+        rows.append(("ceiling (best)", f"{ceiling['events_per_s']:,.0f} events/s"))
+    ingest = results.get("ingest")
+    if ingest:
+        rows.append(
+            (
+                "ingest",
+                f"{ingest['records_read']:,} records, {ingest['batches']} batches, "
+                f"{ingest['seconds']:.1f} s = {ingest['events_per_s']:,.0f} events/s",
+            )
+        )
+        if ingest.get("ratio_to_ceiling") is not None:
+            rows.append(
+                (
+                    "ingest / ceiling",
+                    f"{ingest['ratio_to_ceiling']:.3f}  (the plain append is "
+                    f"{1 / ingest['ratio_to_ceiling']:.1f}x faster)",
+                )
+            )
+        log_totals = ingest["accounting"]["ingest_log"]
+        rows.append(
+            (
+                "ingest_log",
+                f"read {log_totals['records_read']:,} = stored {log_totals['events_stored']:,} + quarantined "
+                f"{log_totals['quarantined']:,} + duplicates {log_totals['duplicates']:,}; "
+                f"profiles upserted {log_totals['profiles_upserted']:,}",
+            )
+        )
+        failed = [name for name, ok in ingest["accounting"]["checks"].items() if not ok]
+        rows.append(("accounted for", "all checks hold" if not failed else "MISMATCH: " + ", ".join(failed)))
+        steps = ingest["step_timings"]["steps"]
+        top = sorted(steps.items(), key=lambda kv: -kv[1]["seconds"])[:3]
+        rows.append(
+            (
+                "ingest: top steps",
+                ", ".join(f"{name} {100 * f['share']:.0f}% ({f['mean_s']:.1f} s/batch)" for name, f in top),
+            )
+        )
+    steady = results.get("steady")
+    if steady:
+        fresh = steady["freshness"]
+        rows.append(
+            (
+                "steady rate",
+                f"target {steady['target_rate']:,.0f}/s, achieved {steady['achieved_rate'] or 0:,.0f}/s for "
+                f"{steady['duration_s']:.0f} s ({steady['produce'].get('records', 0):,} records), "
+                f"trigger {steady['trigger_interval']}",
+            )
+        )
+        fraction = steady.get("fraction_of_ingest_max")
+        if fraction is not None:
+            note = (
+                "  (ABOVE the ingest's throughput: freshness measures a growing backlog; lower --rate)"
+                if fraction > 1
+                else ""
+            )
+            rows.append(("steady / ingest max", f"{fraction:.3f} of the ingest's throughput{note}"))
+        rows.append(
+            (
+                "steady batches",
+                f"{steady['batches']} batches, {steady['mean_batch_records']:,.0f} records/batch, batch time "
+                f"mean {steady['batch_seconds']['mean']} s, max {steady['batch_seconds']['max']} s; "
+                f"caught up {steady['drain_s']} s after the producer ended"
+                + ("" if steady["caught_up"] else " (NOT CAUGHT UP)"),
+            )
+        )
+        if fresh.get("events"):
+            rows.append(
+                (
+                    "freshness",
+                    f"p50 {fresh['p50_s']:.2f} s, p90 {fresh['p90_s']:.2f} s, p99 {fresh['p99_s']:.2f} s, "
+                    f"max {fresh['max_s']:.2f} s over {fresh['events']:,} stored events",
+                )
+            )
+        first, last = steady["step_timings_first_quarter"], steady["step_timings_last_quarter"]
+        merge_first = first["steps"].get("events MERGE", {}).get("mean_s")
+        merge_last = last["steps"].get("events MERGE", {}).get("mean_s")
+        rows.append(
+            (
+                "steady: batch growth",
+                f"process_batch mean {first['batch_seconds'] / max(1, first['batches']):.2f} s "
+                f"(first quarter) -> {last['batch_seconds'] / max(1, last['batches']):.2f} s (last quarter); "
+                f"events MERGE {merge_first} -> {merge_last} s",
+            )
+        )
+    loads = []
+    for name, phase in (
+        ("produce", results.get("produce")),
+        *((f"ceiling {r['label']}", r) for r in (ceiling or {}).get("runs", [])),
+        ("ingest", ingest),
+        ("steady", steady),
+    ):
+        if phase and phase.get("load_1min"):
+            before, after = phase["load_1min"]
+            loads.append(f"{name} {before}->{after}")
+    if loads:
+        nproc = results.get("machine", {}).get("nproc")
+        rows.append((f"load avg (1 min, {nproc} cpus)", ", ".join(loads)))
+    return rows
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    rows = summary_rows(results)
+    width = max(len(name) for name, _ in rows) if rows else 10
+    machine = results["machine"]
+    print()
+    print("=" * 100)
+    print(
+        f"carousel ingest benchmark  {results['started_at']}  {machine.get('nproc')} cpus, "
+        f"{machine.get('memory_gib')} GiB, Spark {machine.get('spark')} ({machine.get('spark_master')}), "
+        f"Python {machine.get('python')}"
+    )
+    print("-" * 100)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    print("=" * 100)
+    print(f"command: {results['command']}")
+    print(f"results: {results.get('output')}")
+
+
+def write_json(results: dict[str, Any], output: str) -> Path:
+    path = Path(output)
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def _force_utc() -> str | None:
+    """ingest writes naive UTC datetimes (completed_at), which PySpark reads in the local zone."""
+    if time.strftime("%z") == "+0000" and not time.daylight:
+        return None
+    previous = os.environ.get("TZ") or time.tzname[0]
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    log.warning(
+        "local time zone %s is not UTC: running with TZ=UTC, since ingest_log.completed_at is a naive UTC "
+        "datetime that PySpark would otherwise shift by the local offset",
+        previous,
+    )
+    return previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = _defaults(build_parser().parse_args(argv))
+    previous_tz = _force_utc()
+    extra_conf = _spark_conf(args.spark_conf)
+    command = " ".join(
+        [".venv/bin/python -m bench.ingest_bench", *(argv if argv is not None else sys.argv[1:])]
+    )
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    temp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-")) if temp else Path(args.workdir).resolve()
+    run_dir = workdir / f"run-{run_id}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "benchmark": "ingest",
+        "command": command,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "quick": args.quick,
+            "events": args.events,
+            "rate": args.rate,
+            "duration_s": args.duration,
+            "max_offsets_per_trigger": args.max_offsets_per_trigger,
+            "trigger_interval": args.trigger_interval,
+            "partitions": args.partitions,
+            "users": args.users,
+            "items": args.items,
+            "seed": args.seed,
+            "shuffle_partitions": args.shuffle_partitions,
+            "driver_memory": args.driver_memory,
+            "broker_heap": args.broker_heap,
+            "spark_conf": extra_conf,
+            "config_overrides": list(args.overrides),
+            "forced_tz_utc_from": previous_tz,
+            "workdir": str(run_dir),
+        },
+    }
+    log.info("ingest benchmark %s in %s: %s", run_id, run_dir, results["settings"])
+
+    broker_cfg = bench_config(
+        args,
+        [
+            f"broker.state_dir={run_dir / 'kafka'}",
+            f"broker.port={broker.free_port()}",
+            f"broker.controller_port={broker.free_port()}",
+        ],
+    )
+    spark = None
+    try:
+        bootstrap = broker.start(broker_cfg.broker)
+        broker_info = {"bootstrap": bootstrap, "heap": broker_cfg.broker.heap}
+
+        def phase_config(name: str, topic: str) -> CarouselConfig:
+            return bench_config(
+                args,
+                [
+                    f"broker.state_dir={run_dir / 'kafka'}",
+                    f"broker.port={broker_cfg.broker.port}",
+                    f"broker.controller_port={broker_cfg.broker.controller_port}",
+                    f"kafka.bootstrap_servers={bootstrap}",
+                    f"kafka.topics.events.name={topic}",
+                    f"kafka.topics.events.partitions={args.partitions}",
+                    f"storage.root={run_dir / name}",
+                ],
+            )
+
+        throughput_topic = f"bench-throughput-{run_id}"
+        produce_cfg = phase_config("produce", throughput_topic)
+        broker.ensure_topics(produce_cfg.kafka, ["events"])
+
+        from jobs.simulate_events import build_world
+
+        started = time.perf_counter()
+        world = build_world(produce_cfg.simulator)
+        log.info(
+            "world: %d users, %d items built in %.1f s",
+            len(world.users),
+            len(world.items),
+            time.perf_counter() - started,
+        )
+        log.info(
+            "producing %d records to %s (%d partitions) at full speed",
+            args.events,
+            throughput_topic,
+            args.partitions,
+        )
+        results["produce"] = produce_topic(
+            produce_cfg, world, args.events, 0.0, args.seed, progress_every=max(10_000, args.events // 10)
+        )
+        log.info("produce: %s", results["produce"])
+
+        from carousel.session import build_session
+
+        conf = {
+            "spark.sql.shuffle.partitions": str(args.shuffle_partitions),
+            "spark.ui.enabled": "false",
+            "spark.sql.warehouse.dir": str(run_dir / "warehouse"),
+            # Keep every progress update: batches and rows are read from query.recentProgress.
+            "spark.sql.streaming.numRecentProgressUpdates": "100000",
+            **extra_conf,
+        }
+        spark = build_session(produce_cfg, "carousel-bench-ingest", master="local[2]", extra_conf=conf)
+        results["machine"] = {**_machine_info(spark), "broker": broker_info}
+
+        timer = BatchStepTimer()
+        with timer.installed():
+            ceiling_runs = [run_ceiling(spark, phase_config("ceiling-1", throughput_topic), "1")]
+            ceiling_runs[0]["label"] = "before ingest"
+            results["ceiling"] = {"runs": ceiling_runs, "events_per_s": ceiling_runs[0]["events_per_s"]}
+
+            ingest_result = run_ingest_throughput(
+                spark, phase_config("ingest", throughput_topic), results["produce"], timer
+            )
+            results["ingest"] = ingest_result
+
+            second = run_ceiling(spark, phase_config("ceiling-2", throughput_topic), "2")
+            second["label"] = "after ingest"
+            ceiling_runs.append(second)
+            best = max(run["events_per_s"] for run in ceiling_runs)
+            results["ceiling"]["events_per_s"] = best
+            ingest_result["ratio_to_ceiling"] = (
+                round(ingest_result["events_per_s"] / best, 4) if best else None
+            )
+            log.info(
+                "throughput: ingest %.0f events/s, ceiling %.0f events/s, ratio %.3f",
+                ingest_result["events_per_s"],
+                best,
+                ingest_result["ratio_to_ceiling"] or float("nan"),
+            )
+
+            if not args.skip_steady:
+                steady_topic = f"bench-steady-{run_id}"
+                steady_cfg = phase_config("steady", steady_topic)
+                broker.ensure_topics(steady_cfg.kafka, ["events"])
+                steady = run_steady(spark, steady_cfg, world, args, timer)
+                achieved = steady.get("achieved_rate")
+                max_eps = ingest_result["events_per_s"]
+                steady["fraction_of_ingest_max"] = (
+                    round(achieved / max_eps, 4) if achieved and max_eps else None
+                )
+                results["steady"] = steady
+    except BaseException as err:
+        results["error"] = repr(err)
+        raise
+    finally:
+        if spark is not None:
+            for query in spark.streams.active:
+                with contextlib.suppress(Exception):
+                    query.stop()
+            spark.stop()
+        broker.stop(broker_cfg.broker)
+        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        if "machine" in results:
+            path = write_json(results, args.output)
+            results["output"] = str(path)
+        if temp and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log.info("broker data and tables kept in %s", run_dir)
+    print_summary(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Kill -9 the ingest job mid-stream, restart it, and find every event exactly once.
+
+The job runs as a real ``./spark-submit.sh ingest`` process while a producer keeps sending; the
+whole process group is SIGKILLed after some micro-batches have committed, then the job is
+restarted from its checkpoint and drains the topic.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+from pyspark.sql import functions as F
+from support import read_table, wait_for
+
+from carousel.broker import ensure_topics
+from carousel.config import PROJECT_ROOT
+from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, QUARANTINE_TABLE
+from carousel.storage import table_exists
+from jobs import rebuild_profiles
+from jobs import simulate_events as sim
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _ingest_command(overrides: list[str], *extra: str) -> list[str]:
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [str(PROJECT_ROOT / "spark-submit.sh"), "--driver-memory", "1g", "ingest", *sets, *extra]
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(spark, make_config, tmp_path):
+    overrides = [
+        "ingest.trigger_interval=1 second",
+        "ingest.max_offsets_per_trigger=1500",
+        "spark.shuffle_partitions=2",
+    ]
+    cfg = make_config(*overrides, "simulator.users=400", "simulator.items=150", partitions=3)
+    overrides += [
+        f"storage.root={cfg.storage.root}",
+        f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
+        f"kafka.topics.events.name={cfg.kafka.topic('events').name}",
+    ]
+    ensure_topics(cfg.kafka)
+    world = sim.build_world(cfg.simulator)
+    records = list(sim.stream_records(world, cfg.simulator, 36000, datetime.now(UTC), seed=5))
+    valid = sum(r.label == "valid" for r in records)
+    bad = sum(r.label.startswith("bad") for r in records)
+
+    head, tail = records[:5000], records[5000:]
+    sim.produce(head, cfg.kafka, cfg.kafka.topic("events").name)
+    producer = threading.Thread(
+        target=sim.produce,
+        args=(tail, cfg.kafka, cfg.kafka.topic("events").name),
+        kwargs={"rate": 1000.0, "progress_every": 10_000},
+        daemon=True,
+    )
+    ingest_log = cfg.storage.table(INGEST_LOG_TABLE)
+
+    def committed_batches() -> int:
+        return spark.read.format("delta").load(ingest_log).count() if table_exists(spark, ingest_log) else 0
+
+    log_first = open(tmp_path / "ingest-first.log", "w")  # noqa: SIM115 - closed below
+    first = subprocess.Popen(
+        _ingest_command(overrides), stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_for(
+            lambda: first.poll() is not None or committed_batches() >= 1,
+            timeout=300,
+            what="the first committed micro-batch",
+        )
+        assert first.poll() is None, "ingest exited on its own"
+        # Now keep events flowing (~31 s of traffic) and kill during the next micro-batch.
+        producer.start()
+        flowing_since = time.monotonic()
+        wait_for(
+            lambda: committed_batches() >= 2 or time.monotonic() - flowing_since > 8,
+            timeout=60,
+            what="a second micro-batch or 8 s of traffic",
+        )
+        assert first.poll() is None, "ingest exited on its own"
+        assert producer.is_alive(), "the producer finished before the kill: nothing was in flight"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+        log_first.close()
+    assert first.returncode == -signal.SIGKILL
+
+    producer.join(timeout=120)
+    assert not producer.is_alive()
+
+    second = subprocess.run(
+        # Bigger micro-batches to drain faster; the replayed batch keeps its recorded offsets.
+        _ingest_command([*overrides, "ingest.max_offsets_per_trigger=20000"], "--available-now"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    events = read_table(spark, cfg, EVENTS_TABLE)
+    assert events.count() == valid
+    assert events.select("event_id").distinct().count() == valid
+    quarantine = read_table(spark, cfg, QUARANTINE_TABLE)
+    assert quarantine.count() == bad
+    assert quarantine.select("kafka_partition", "kafka_offset").distinct().count() == bad
+    totals = read_table(spark, cfg, INGEST_LOG_TABLE).agg(F.sum("records_read")).first()[0]
+    assert totals == len(records)
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
