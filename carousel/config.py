@@ -247,6 +247,9 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigError(f"bad key {dotted!r}: expected section.key")
+    # spark.conf holds free-form Spark keys, which contain dots themselves.
+    if parts[:2] == ["spark", "conf"] and len(parts) > 2:
+        parts = [*parts[:2], ".".join(parts[2:])]
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})

@@ -1,0 +1,64 @@
+"""Configuration loading: defaults, layering, validation, secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from carousel.config import PROJECT_ROOT, ConfigError, describe, load_config
+
+
+def test_defaults_load_and_resolve_relative_paths():
+    cfg = load_config(environ={})
+    assert cfg.storage.root == str(PROJECT_ROOT / "data")
+    assert cfg.storage.table("events") == f"{PROJECT_ROOT}/data/tables/events"
+    assert cfg.storage.checkpoint("ingest-events") == f"{PROJECT_ROOT}/data/checkpoints/ingest-events"
+    assert cfg.kafka.topic("events").partitions >= 1
+
+
+def test_layers_file_then_environment_then_flags(tmp_path):
+    override = tmp_path / "site.yaml"
+    override.write_text(
+        "profiles:\n  recent_items: 7\n  max_devices: 3\nstorage:\n  root: s3a://lake/carousel\n"
+    )
+    env = {"CAROUSEL__PROFILES__RECENT_ITEMS": "8", "UNRELATED": "x"}
+    cfg = load_config([override], ["profiles.max_devices=4"], environ=env)
+    assert (cfg.profiles.recent_items, cfg.profiles.max_devices) == (8, 4)
+    assert cfg.storage.root == "s3a://lake/carousel"  # URIs are kept as they are
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("profiles.recent_items=0", "profiles.recent_items"),
+        ("ingest.trigger_interval=soon", "ingest.trigger_interval"),
+        ("ingest.starting_offsets=middle", "ingest.starting_offsets"),
+        ("kafka.topics.events.partitions=0", "kafka.topics.events.partitions"),
+        ("broker.controller_port=9092", "must differ"),
+        ("ingest.unknown_key=1", "ingest.unknown_key"),
+        ("spark.driver_memory=lots", "spark.driver_memory"),
+        ("ingest.min_event_time=last year", "ingest.min_event_time"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override], environ={})
+
+
+def test_malformed_override_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["profiles.recent_items"], environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "nope.yaml"], environ={})
+
+
+def test_secrets_come_from_the_environment_and_are_masked(monkeypatch):
+    monkeypatch.setenv("CAROUSEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("CAROUSEL_KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("CAROUSEL_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("CAROUSEL_KAFKA_SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("CAROUSEL__SPARK__CONF__SPARK.HADOOP.FS.S3A.SECRET.KEY", "abc123")
+    cfg = load_config()
+    assert cfg.kafka.client_settings()["sasl.password"] == "hunter2"
+    assert 'password="hunter2"' in cfg.kafka.spark_options()["kafka.sasl.jaas.config"]
+    text = describe(cfg)
+    assert "hunter2" not in text and "abc123" not in text
