@@ -217,6 +217,65 @@ class SimulatorConfig(_Section):
         return self
 
 
+class ModelConfig(_Section):
+    embedding_dim: int = Field(ge=2, le=1024)
+    window: int = Field(ge=1, le=50)
+    negatives: int = Field(ge=1, le=50)
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=10)
+    min_item_count: int = Field(ge=1)
+    subsample: float = Field(ge=0, le=1)
+    seed: int
+
+
+class AwsBatchConfig(_Section):
+    region: str = Field(min_length=1)
+    job_queue: str = Field(min_length=1)
+    job_definition: str = Field(min_length=1)
+    poll_seconds: float = Field(gt=0)
+    timeout_minutes: int = Field(ge=1)
+    endpoint_url: str = ""
+
+
+class TrainingConfig(_Section):
+    lookback_days: int = Field(ge=1)
+    widen_step_days: int = Field(ge=1)
+    max_lookback_days: int = Field(ge=1)
+    min_interactions: int = Field(ge=1)
+    event_types: tuple[str, ...] = Field(min_length=1)
+    workspace: str = Field(min_length=1)
+    top_k: int = Field(ge=1, le=1000)
+    model: ModelConfig
+    aws_batch: AwsBatchConfig
+
+    @field_validator("workspace")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    @field_validator("event_types")
+    @classmethod
+    def _known_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from carousel.schemas import EVENT_TYPES
+
+        unknown = [t for t in value if t not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _lookback_fits(self) -> TrainingConfig:
+        if self.lookback_days > self.max_lookback_days:
+            raise ValueError("training.lookback_days must not exceed training.max_lookback_days")
+        return self
+
+
+class EvaluationConfig(_Section):
+    test_days: float = Field(gt=0)
+    k: int = Field(ge=1, le=1000)
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -225,6 +284,8 @@ class CarouselConfig(_Section):
     ingest: IngestConfig
     profiles: ProfilesConfig
     simulator: SimulatorConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> CarouselConfig:
         """A copy with some keys replaced, validated again (used by tests and benchmarks)."""

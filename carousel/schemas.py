@@ -22,6 +22,7 @@ from __future__ import annotations
 from pyspark.sql.types import (
     ArrayType,
     DateType,
+    DoubleType,
     IntegerType,
     LongType,
     MapType,
@@ -203,3 +204,29 @@ INGEST_LOG_SCHEMA = StructType(
 
 # The columns Spark's Kafka source yields (used by validation on raw records).
 KAFKA_SOURCE_COLUMNS: tuple[str, ...] = ("key", "value", "topic", "partition", "offset", "timestamp")
+
+# ---------------------------------------------------------------------------------------------
+# Training and the product correlation matrix
+# ---------------------------------------------------------------------------------------------
+# Training snapshots and any user-supplied training CSV: this header, ISO-8601 event times.
+INTERACTION_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event_type", "event_time")
+INTERACTION_SCHEMA = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("item_id", StringType(), False),
+        StructField("event_type", StringType(), False),
+        StructField("event_time", TimestampType(), False),
+    ]
+)
+# The model output: the top-k other items per item, rank 1 = best.
+RECOMMENDATION_COLUMNS: tuple[str, ...] = ("item_id", "rank", "rec_item_id", "score")
+ITEM_RECOMMENDATIONS_TABLE = "item_recommendations"
+ITEM_RECOMMENDATIONS_SCHEMA = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("rank", IntegerType(), False),
+        StructField("rec_item_id", StringType(), False),
+        StructField("score", DoubleType(), False),
+        StructField("model_version", StringType(), False),
+    ]
+)
