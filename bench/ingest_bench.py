@@ -55,6 +55,13 @@ log = logging.getLogger("bench.ingest")
 FULL_DEFAULTS = {"events": 1_000_000, "duration": 60.0, "max_offsets_per_trigger": 250_000}
 QUICK_DEFAULTS = {"events": 50_000, "duration": 15.0, "max_offsets_per_trigger": 25_000}
 DEFAULT_OUTPUT = "bench/results/ingest.json"
+# Effective session settings recorded with the results (they change what a batch costs).
+SESSION_KEYS = (
+    "spark.driver.memory",
+    "spark.sql.shuffle.partitions",
+    "spark.sql.adaptive.enabled",
+    "spark.databricks.delta.snapshotPartitions",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +242,7 @@ class BatchStepTimer:
     def __init__(self) -> None:
         self.batches: list[dict[str, Any]] = []
         self.empty_batches = 0
+        self.batch_session_conf: dict[str, str] = {}
         self._current: dict[str, Any] | None = None
         self._mark = 0.0
 
@@ -274,6 +282,12 @@ class BatchStepTimer:
         original_batch = originals["process_batch"]
 
         def timed_batch(batch: Any, batch_id: int, **kwargs: Any) -> None:
+            if not self.batch_session_conf:
+                # The settings the micro-batch really runs with (streaming clones the session).
+                conf = batch.sparkSession.conf
+                for key in ("spark.sql.adaptive.enabled", "spark.sql.shuffle.partitions"):
+                    with contextlib.suppress(Exception):
+                        self.batch_session_conf[key] = conf.get(key)
             started = time.perf_counter()
             self._current = {"batch_id": batch_id, "steps": {}}
             self._mark = started
@@ -334,6 +348,7 @@ class BatchStepTimer:
         return {
             "batches": len(batches),
             "empty_batches_skipped": self.empty_batches,
+            "foreach_batch_session_conf": dict(self.batch_session_conf),
             "batch_seconds": round(total, 3),
             "steps": steps,
         }
@@ -875,6 +890,12 @@ def print_summary(results: dict[str, Any]) -> None:
         f"{machine.get('memory_gib')} GiB, Spark {machine.get('spark')} ({machine.get('spark_master')}), "
         f"Python {machine.get('python')}"
     )
+    session = results.get("session") or {}
+    if session:
+        print(
+            "session: "
+            + ", ".join(f"{key}={value}" for key, value in session.items() if key != "config_spark_conf")
+        )
     print("-" * 100)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -1015,6 +1036,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         spark = build_session(produce_cfg, "carousel-bench-ingest", master="local[2]", extra_conf=conf)
         results["machine"] = {**_machine_info(spark), "broker": broker_info}
+        results["session"] = {
+            "config_spark_conf": dict(produce_cfg.spark.conf),
+            **{key: spark.conf.get(key, None) for key in SESSION_KEYS},
+        }
+        log.info("session settings: %s", results["session"])
 
         timer = BatchStepTimer()
         with timer.installed():

@@ -27,6 +27,7 @@ class Job:
     module: str
     summary: str
     spark: bool  # runs under spark-submit (True) or as a plain Python process (False)
+    entry: str = "main"  # the module's function taking argv
 
 
 JOBS: dict[str, Job] = {
@@ -42,6 +43,20 @@ JOBS: dict[str, Job] = {
     "rebuild-profiles": Job(
         "jobs.rebuild_profiles", "Recompute every user profile from the events table", True
     ),
+    "export-training-data": Job(
+        "jobs.export_training_data", "Export a validated training snapshot (CSV + manifest) from events", True
+    ),
+    "publish-recommendations": Job(
+        "jobs.publish_recommendations",
+        "Validate a trained matrix and publish it as a new Delta version",
+        True,
+    ),
+    "rollback": Job(
+        "jobs.publish_recommendations",
+        "Restore the recommendations that were live before the latest publish",
+        True,
+        "rollback_main",
+    ),
 }
 
 
@@ -50,7 +65,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "botocore", "urllib3", "s3transfer"):
+    for noisy in ("py4j", "botocore", "urllib3", "s3transfer", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -139,8 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown job {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     setup_logging()
-    module = importlib.import_module(JOBS[name].module)
-    return int(module.main(rest) or 0)
+    job = JOBS[name]
+    module = importlib.import_module(job.module)
+    return int(getattr(module, job.entry)(rest) or 0)
 
 
 if __name__ == "__main__":

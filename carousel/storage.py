@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from delta.tables import DeltaTable
@@ -24,12 +24,18 @@ TXN_VERSION_CONF = "spark.databricks.delta.write.txnVersion"
 
 
 def ensure_table(
-    spark: SparkSession, location: str, schema: StructType, partition_by: Sequence[str] = ()
+    spark: SparkSession,
+    location: str,
+    schema: StructType,
+    partition_by: Sequence[str] = (),
+    properties: Mapping[str, str] | None = None,
 ) -> DeltaTable:
-    """Create the Delta table at ``location`` with ``schema`` unless it exists; return it."""
+    """Create the Delta table at ``location`` with ``schema`` (and table properties) unless it exists."""
     builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
+    for key, value in (properties or {}).items():
+        builder = builder.property(key, value)
     return builder.execute()
 
 

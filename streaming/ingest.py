@@ -67,7 +67,13 @@ log = logging.getLogger(__name__)
 # 'yesterday' and zone-less times; the contract does not.
 ISO_8601_WITH_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}(:?\d{2})?)$"
 # Every top-level field as text: tells "absent" (null) from "present but of the wrong type".
-_PRESENCE_SCHEMA = StructType([StructField(name, StringType()) for name in EVENT_FIELDS])
+_CORRUPT = "_corrupt_record"
+_PRESENCE_SCHEMA = StructType(
+    [StructField(name, StringType()) for name in EVENT_FIELDS] + [StructField(_CORRUPT, StringType())]
+)
+_NESTED_SCHEMAS = {
+    f.name: f.dataType for f in EVENT_JSON_SCHEMA.fields if not isinstance(f.dataType, StringType)
+}
 _NESTED_STRUCTS = {"device": DEVICE_SCHEMA, "user_attributes": USER_ATTRIBUTES_SCHEMA}
 APP_ID_MARKER = "carousel_app_id"
 
@@ -87,15 +93,39 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     reasons (array<string>, empty for a valid event).
     """
     value = F.col("value").cast("string")
-    staged = raw.select(
+    # One JSON parse per record: every top-level field as text (absent vs present), plus the
+    # corrupt-record column for text that is not JSON. The nested objects are parsed from their
+    # (small) texts; top-level text fields read the same either way.
+    parsed = raw.select(
         value.alias("raw_value"),
         F.col("topic").alias("kafka_topic"),
         F.col("partition").alias("kafka_partition"),
         F.col("offset").alias("kafka_offset"),
         F.col("timestamp").alias("kafka_timestamp"),
-        F.expr("try_parse_json(CAST(value AS STRING)) IS NOT NULL").alias("_json_ok"),
-        F.from_json(value, _PRESENCE_SCHEMA).alias("_present"),
-        F.from_json(value, EVENT_JSON_SCHEMA).alias("_typed"),
+        F.from_json(
+            value, _PRESENCE_SCHEMA, {"columnNameOfCorruptRecord": _CORRUPT, "allowSingleQuotes": "false"}
+        ).alias("_present"),
+    )
+    present_columns = F.col("_present")
+    staged = parsed.select(
+        "*",
+        F.when(present_columns[_CORRUPT].isNull() | F.expr("try_parse_json(raw_value) IS NOT NULL"), True)
+        .otherwise(False)
+        .alias("_json_ok"),
+        F.struct(
+            *[
+                (
+                    # A JSON string or number where an object belongs stays null: mistyped.
+                    F.when(
+                        F.ltrim(present_columns[name]).startswith("{"),
+                        F.from_json(present_columns[name], _NESTED_SCHEMAS[name]),
+                    )
+                    if name in _NESTED_SCHEMAS
+                    else present_columns[name]
+                ).alias(name)
+                for name in EVENT_FIELDS
+            ]
+        ).alias("_typed"),
     )
     present, typed = F.col("_present"), F.col("_typed")
     event_type = typed["event_type"]
@@ -227,7 +257,14 @@ def to_quarantine(classified: DataFrame, ingest_batch: str, quarantined_at: date
 def ensure_ingest_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
     """Create the four ingest tables if they do not exist."""
     ensure_table(spark, cfg.storage.table(EVENTS_TABLE), EVENTS_SCHEMA, [EVENTS_PARTITION_COLUMN])
-    ensure_table(spark, cfg.storage.table(PROFILES_TABLE), PROFILE_SCHEMA)
+    # Every micro-batch MERGE touches users spread over the whole table: deletion vectors let it
+    # mark changed rows instead of rewriting every file it touches.
+    ensure_table(
+        spark,
+        cfg.storage.table(PROFILES_TABLE),
+        PROFILE_SCHEMA,
+        properties={"delta.enableDeletionVectors": "true"},
+    )
     ensure_table(spark, cfg.storage.table(QUARANTINE_TABLE), QUARANTINE_SCHEMA)
     ensure_table(spark, cfg.storage.table(INGEST_LOG_TABLE), INGEST_LOG_SCHEMA)
 
@@ -260,7 +297,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
     """foreachBatch handler: classify, store, update profiles, log; idempotent by ``batch_id``."""
     spark = batch.sparkSession
     tag = f"{app_id}:{batch_id}"
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = datetime.now(UTC)
     timer = _StepTimer()
     classified = classify_records(batch, cfg.ingest).persist()
     try:
@@ -315,7 +352,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
                 quarantined,
                 duplicates,
                 profiles_upserted,
-                datetime.now(UTC).replace(tzinfo=None),
+                datetime.now(UTC),
             )
         ]
         idempotent_append(

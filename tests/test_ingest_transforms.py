@@ -59,6 +59,7 @@ def test_each_kind_of_bad_record_gets_its_reason(spark):
         _valid(user_attributes={"age": "old"}),
         _valid(event_type="App Launched", item_id=..., event_time="2026-11-29T03:59:00+01:00"),
         "x" * (INGEST.max_record_bytes + 1),
+        _valid().replace('"', "'"),  # single-quoted pseudo-JSON: Spark would accept it, JSON does not
     ]
     got = classify_records(_kafka_rows(spark, values), INGEST).select("kafka_offset", "reasons")
     expected = spark.createDataFrame(
@@ -79,6 +80,7 @@ def test_each_kind_of_bad_record_gets_its_reason(spark):
             (13, ["mistyped field 'user_attributes.age'"]),
             (14, []),
             (15, [f"record larger than {INGEST.max_record_bytes} bytes"]),
+            (16, ["malformed JSON"]),
         ],
         "kafka_offset long, reasons array<string>",
     )
