@@ -46,6 +46,13 @@ JOBS: dict[str, Job] = {
     "export-training-data": Job(
         "jobs.export_training_data", "Export a validated training snapshot (CSV + manifest) from events", True
     ),
+    "train": Job("jobs.train", "Train the item-to-item model and write the top-k correlation matrix", True),
+    "nightly": Job(
+        "jobs.nightly", "Scheduler entry: export -> validate -> train -> publish (exit 0 on success)", True
+    ),
+    "evaluate": Job(
+        "jobs.evaluate", "Compare the item-to-item models offline on a time split (Recall/MRR/NDCG@k)", False
+    ),
     "publish-recommendations": Job(
         "jobs.publish_recommendations",
         "Validate a trained matrix and publish it as a new Delta version",

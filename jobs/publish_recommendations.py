@@ -60,12 +60,12 @@ class ModelOutput:
     items: list[str]
 
 
-def read_model_output(spark: SparkSession, location: str) -> ModelOutput:
+def read_model_output(spark: SparkSession, location: str, client: object | None = None) -> ModelOutput:
     """Read a ``train`` output folder (local or S3; S3 is fetched to a temp folder first)."""
     local = location
     if objectstore.is_s3(location):
         local = tempfile.mkdtemp(prefix="carousel-publish-")
-        objectstore.download_dir(location, local)
+        objectstore.download_dir(location, local, client=client)
     metadata = json.loads(Path(local, "metadata.json").read_text())
     csv_files = sorted(str(p) for p in Path(local, "recommendations").glob("*.csv"))
     if not csv_files:
@@ -222,7 +222,8 @@ def rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None = 
 
 def run(spark: SparkSession, cfg: CarouselConfig, input_location: str) -> int:
     """Read, validate and publish the model output at ``input_location``."""
-    return publish(spark, cfg, read_model_output(spark, input_location))
+    client = objectstore.s3_client(cfg) if objectstore.is_s3(input_location) else None
+    return publish(spark, cfg, read_model_output(spark, input_location, client))
 
 
 def main(argv: list[str]) -> int:

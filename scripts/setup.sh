@@ -28,7 +28,7 @@ if [[ ! -f "$py_stamp" ]]; then
   say "creating the virtualenv and installing the pinned Python packages"
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,bench]"
   rm -f .venv/.carousel-deps-*
   touch "$py_stamp"
 else

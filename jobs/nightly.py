@@ -1,0 +1,86 @@
+"""The scheduler's entry point: export -> validate -> train -> publish, in one run.
+
+Role: what cron or Airflow launches every night. Exports a training snapshot from the Delta
+``events`` table (widening the range until ``training.min_interactions``), validates it with the
+Great Expectations suite, trains the configured model, and publishes the top-k matrix as a new
+version of ``item_recommendations``. Exit status 0 only when all four steps succeeded; otherwise
+1, with the failed step and its reason logged, and the live recommendations untouched (a bad
+model never replaces a good one).
+
+    ./spark-submit.sh nightly [--end ISO-8601] [--runner local|spark]
+    # cron, 03:00 every night (see conf/scheduling/crontab.example and airflow_dag_example.py):
+    # 0 3 * * * cd /opt/carousel && ./spark-submit.sh nightly >> logs/nightly.log 2>&1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from datetime import datetime
+
+from pyspark.sql import SparkSession
+
+from carousel.cli import add_config_args, config_from_args
+from carousel.config import CarouselConfig
+from carousel.quality import DataQualityError
+from carousel.session import build_session
+from jobs import export_training_data, publish_recommendations, train
+
+log = logging.getLogger(__name__)
+
+
+class StepFailedError(RuntimeError):
+    """One step of the nightly run failed; the message names the step."""
+
+
+def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, runner: str = "local") -> dict:
+    """Run the four steps; returns what each produced (and its seconds)."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        snapshot = export_training_data.run(spark, cfg, end=end)
+    except DataQualityError as err:
+        raise StepFailedError(f"export/validate: {err}") from err
+    timings["export_validate"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        model = train.run(cfg, snapshot["output"], runner=runner)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        raise StepFailedError(f"train: {err}") from err
+    timings["train"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        version = publish_recommendations.run(spark, cfg, model["output"])
+    except publish_recommendations.PublishRefusedError as err:
+        raise StepFailedError(f"publish: {err}") from err
+    timings["publish"] = time.perf_counter() - started
+    summary = {
+        "snapshot": snapshot["output"],
+        "interactions": snapshot.get("rows"),
+        "model_version": model["model_version"],
+        "model_output": model["output"],
+        "table_version": version,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    log.info("nightly run done: %s", json.dumps(summary, default=str))
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = add_config_args(argparse.ArgumentParser(prog="nightly", description=__doc__.splitlines()[0]))
+    parser.add_argument("--end", help="end of the export range (ISO-8601, default now)")
+    parser.add_argument("--runner", choices=train.RUNNERS, default="local")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, "nightly")
+    end = datetime.fromisoformat(args.end.replace("Z", "+00:00")) if args.end else None
+    spark = build_session(cfg, "carousel-nightly")
+    try:
+        run(spark, cfg, end=end, runner=args.runner)
+    except StepFailedError as err:
+        log.error("nightly run failed at %s", err)
+        return 1
+    return 0

@@ -1,0 +1,181 @@
+"""Train an item-to-item model and write the product correlation matrix (top-k per item).
+
+Role: the training step of the nightly pipeline, also usable on its own with any interaction CSV.
+Inputs (``--input``): a training snapshot from ``export-training-data`` (its ``interactions/*.csv``),
+a folder of CSV files, or one CSV file with the header ``user_id,item_id,event_type,event_time``
+(ISO-8601 times); local or ``s3://``. Outputs (``--output``, local or ``s3://``, default
+``<training.workspace>/models/<model version>``):
+
+* ``recommendations/part-00000.csv`` - header ``item_id,rank,rec_item_id,score``, rank 1 = best;
+* ``embeddings.npy`` + the ``items`` list in the metadata (models that learn embeddings);
+* ``metadata.json`` - model version, top_k, items (the vocabulary), hyperparameters, counts,
+  timings, input location.
+
+Runners: ``local`` (default, this process) and ``spark`` (the input is read by Spark, so any
+Hadoop-visible path works, e.g. ``s3a://`` or ``hdfs://`` on a cluster; the model trains on the
+driver). The model and its hyperparameters come from ``training.model`` in ``conf/``; training is
+seeded and reproducible.
+
+    ./spark-submit.sh train --input data/training/snapshots/<ts> [--output DIR] [--model item2vec]
+    ./spark-submit.sh train --runner spark --input s3a://bucket/snapshots/<ts>/interactions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from carousel import objectstore
+from carousel.cli import add_config_args, config_from_args
+from carousel.config import CarouselConfig
+from carousel.schemas import INTERACTION_SCHEMA, RECOMMENDATION_COLUMNS
+
+log = logging.getLogger(__name__)
+
+RUNNERS = ("local", "spark")
+
+
+def _csv_files(local: Path) -> list[Path]:
+    if local.is_file():
+        return [local]
+    for folder in (local / "interactions", local):
+        files = sorted(folder.glob("*.csv"))
+        if files:
+            return files
+    raise FileNotFoundError(f"no interaction CSV files in {local} (nor in {local / 'interactions'})")
+
+
+def read_training_input(location: str, cfg: CarouselConfig) -> pd.DataFrame:
+    """All interactions at ``location`` (file, folder or snapshot; local or S3) as one frame."""
+    from models.interactions import read_interactions
+
+    local = Path(location)
+    if objectstore.is_s3(location):
+        local = Path(tempfile.mkdtemp(prefix="carousel-train-input-"))
+        objectstore.download_dir(location, str(local), client=objectstore.s3_client(cfg))
+    frames = [read_interactions(path) for path in _csv_files(local)]
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    log.info("read %d interactions from %s (%d files)", len(frame), location, len(frames))
+    return frame
+
+
+def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.DataFrame:
+    """The same, read by Spark (any Hadoop file system) and collected to the driver via Arrow."""
+    from carousel.session import build_session
+
+    spark = build_session(
+        cfg, "carousel-train", extra_conf={"spark.sql.execution.arrow.pyspark.enabled": "true"}
+    )
+    path = location if location.endswith(".csv") else f"{location.rstrip('/')}"
+    df = spark.read.option("header", True).option("mode", "FAILFAST").schema(INTERACTION_SCHEMA).csv(path)
+    frame = df.toPandas()
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    log.info("read %d interactions from %s with Spark", len(frame), location)
+    return frame
+
+
+def train_model(
+    interactions: pd.DataFrame, cfg: CarouselConfig, model_name: str = "item2vec"
+) -> tuple[Any, pd.DataFrame]:
+    """Fit the configured model; returns it and its top-``training.top_k`` recommendations."""
+    from models import build_model
+
+    model = build_model(model_name, cfg.training.model)
+    started = time.perf_counter()
+    model.fit(interactions)
+    log.info(
+        "trained %s on %d interactions in %.1fs",
+        model.model_version,
+        len(interactions),
+        time.perf_counter() - started,
+    )
+    started = time.perf_counter()
+    recommendations = model.recommend(cfg.training.top_k)
+    log.info(
+        "top-%d for %d items in %.1fs", cfg.training.top_k, len(model.item_ids), time.perf_counter() - started
+    )
+    return model, recommendations
+
+
+def write_model_output(
+    model: Any, recommendations: pd.DataFrame, folder: Path, top_k: int, source: str
+) -> dict:
+    """Write the output layout described in the module docstring into a local ``folder``."""
+    (folder / "recommendations").mkdir(parents=True, exist_ok=False)
+    recommendations[list(RECOMMENDATION_COLUMNS)].to_csv(
+        folder / "recommendations" / "part-00000.csv", index=False, float_format="%.6g"
+    )
+    embeddings = getattr(model, "embeddings", None)
+    if embeddings is not None:
+        np.save(folder / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
+    metadata = {
+        **model.metadata(),
+        "top_k": top_k,
+        "input": source,
+        "rows": len(recommendations),
+        "items": [str(i) for i in model.item_ids],
+    }
+    # Written last: an output folder without metadata.json is incomplete.
+    (folder / "metadata.json").write_text(json.dumps(metadata, default=str))
+    return metadata
+
+
+def run(
+    cfg: CarouselConfig,
+    input_location: str,
+    output: str | None = None,
+    runner: str = "local",
+    model_name: str = "item2vec",
+) -> dict:
+    """Read, train, write; returns the metadata with ``output`` added."""
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; known: {RUNNERS}")
+    reader = read_training_input_with_spark if runner == "spark" else read_training_input
+    interactions = reader(input_location, cfg)
+    model, recommendations = train_model(interactions, cfg, model_name)
+    output = output or objectstore.join(cfg.training.workspace, "models", model.model_version)
+    if objectstore.is_s3(output):
+        with tempfile.TemporaryDirectory(prefix="carousel-train-output-") as tmp:
+            metadata = write_model_output(
+                model, recommendations, Path(tmp) / "out", cfg.training.top_k, input_location
+            )
+            client = objectstore.s3_client(cfg)
+            # metadata.json last, so readers never see a half-uploaded output as complete.
+            metadata_file = Path(tmp) / "out" / "metadata.json"
+            metadata_text = metadata_file.read_text()
+            metadata_file.unlink()
+            objectstore.upload_dir(str(Path(tmp) / "out"), output, client=client)
+            objectstore.write_text(objectstore.join(output, "metadata.json"), metadata_text, client=client)
+    else:
+        metadata = write_model_output(
+            model, recommendations, Path(output), cfg.training.top_k, input_location
+        )
+    log.info("wrote %d recommendations of %s to %s", len(recommendations), metadata["model_version"], output)
+    return {**metadata, "output": output}
+
+
+def main(argv: list[str]) -> int:
+    parser = add_config_args(argparse.ArgumentParser(prog="train", description=__doc__.splitlines()[0]))
+    parser.add_argument(
+        "--input", required=True, help="snapshot folder, CSV folder or CSV file (local or s3://)"
+    )
+    parser.add_argument("--output", help="output folder (local or s3://); default under training.workspace")
+    parser.add_argument("--runner", choices=RUNNERS, default="local")
+    parser.add_argument("--model", default="item2vec", help="item2vec (default) or a baseline name")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, "train")
+    try:
+        result = run(cfg, args.input, args.output, args.runner, args.model)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("training failed: %s", err)
+        return 1
+    print(json.dumps({k: result[k] for k in ("model_version", "output", "n_items", "rows", "train_seconds")}))
+    return 0

@@ -1,0 +1,269 @@
+"""Exact top-k nearest items, in memory-bounded blocks, and the recommendation frame.
+
+Role: turn item representations into each item's k best other items without ever holding an
+n x n matrix: a block of rows is scored against every item, its top k kept, the block dropped.
+
+Inputs:
+
+* :func:`top_k_similar` - dense embeddings (n, d); cosine similarity (rows normalised) or raw
+  dot products. Backend ``"tensorflow"`` (matmul + ``tf.math.top_k`` per block, the default when
+  TensorFlow is importable: about 3x faster than numpy on 2 cores at n = 100k) or ``"numpy"``
+  (matmul, a per-row lower bound on the k-th score from group maxima, ``np.argpartition``-free
+  exact selection of the few candidates above it);
+* :func:`top_k_sparse` - a sparse item x item score matrix (scipy CSR, e.g. co-occurrence
+  counts), processed in row blocks; only stored entries can be recommended.
+
+Outputs: ``(indices (n, k) int32, scores (n, k) float32)``, best first. An item never gets
+itself; ties are broken by the lower item index, so the result is deterministic.
+:func:`top_k_sparse` pads rows with fewer than k candidates with index -1 / score NaN.
+:func:`to_recommendations` makes the frame of :data:`carousel.schemas.RECOMMENDATION_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from carousel.schemas import RECOMMENDATION_COLUMNS
+
+__all__ = ["to_recommendations", "top_k_similar", "top_k_sparse"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 512 * 2**20  # the largest (block x n) float32 score matrix held at once
+
+
+def _block_rows(n: int, block_size: int, max_block_bytes: int) -> int:
+    return max(1, min(block_size, max_block_bytes // max(1, 4 * n)))
+
+
+def _normalised(embeddings: np.ndarray, normalise: bool) -> np.ndarray:
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (items x dims), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    if normalise:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norms > 0, norms, 1.0).astype(np.float32)
+    return x
+
+
+def _tensorflow_available() -> bool:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def top_k_similar(
+    embeddings: np.ndarray,
+    k: int,
+    block_size: int = 4096,
+    normalise: bool = True,
+    backend: str = "auto",
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` most similar other items: ``(indices (n, k) int32, scores (n, k) float32)``.
+
+    Cosine similarity when ``normalise`` (zero vectors score 0 against everything), else dot
+    products. ``k`` is capped at n - 1. Rows are processed ``block_size`` at a time (fewer when a
+    block's n scores would exceed ``max_block_bytes``). ``backend``: ``"auto"`` (TensorFlow when
+    importable), ``"tensorflow"`` or ``"numpy"``; both give the same answer, ties by lower index.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    x = _normalised(embeddings, normalise)
+    n = x.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
+    if backend == "auto":
+        backend = "tensorflow" if _tensorflow_available() else "numpy"
+    if backend not in ("tensorflow", "numpy"):
+        raise ValueError(f"unknown backend {backend!r}; expected auto, tensorflow or numpy")
+    rows = _block_rows(n, block_size, max_block_bytes)
+    started = time.perf_counter()
+    if backend == "tensorflow":
+        indices, scores = _top_k_tensorflow(x, k, rows)
+    else:
+        indices, scores = _top_k_numpy(x, k, rows)
+    log.info(
+        "top-%d of %d items (%d dims) by %s in blocks of %d rows: %.1f s",
+        k,
+        n,
+        x.shape[1],
+        backend,
+        rows,
+        time.perf_counter() - started,
+    )
+    return indices, scores
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorflow_block_top_k() -> Any:
+    """One compiled function for every call: (items, start, stop, k) -> (values, indices)."""
+    import tensorflow as tf
+
+    scalar = tf.TensorSpec([], tf.int32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32), scalar, scalar, scalar])
+    def block_top_k(items: tf.Tensor, start: tf.Tensor, stop: tf.Tensor, k: tf.Tensor) -> Any:
+        scores = tf.matmul(items[start:stop], items, transpose_b=True)
+        where = tf.stack([tf.range(stop - start), tf.range(start, stop)], axis=1)
+        scores = tf.tensor_scatter_nd_update(scores, where, tf.fill([stop - start], float("-inf")))
+        return tf.math.top_k(scores, k=k, sorted=True)  # ties: the lower index first
+
+    return block_top_k
+
+
+def _top_k_tensorflow(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow as tf
+
+    n = x.shape[0]
+    items = tf.constant(x)
+    block_top_k = _tensorflow_block_top_k()
+    indices = np.empty((n, k), np.int32)
+    scores = np.empty((n, k), np.float32)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        values, index = block_top_k(items, tf.constant(start), tf.constant(stop), tf.constant(k))
+        indices[start:stop] = index.numpy()
+        scores[start:stop] = values.numpy()
+    return indices, scores
+
+
+def _top_k_numpy(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    indices = np.empty((n, k), np.int32)
+    scores = np.empty((n, k), np.float32)
+    # Group maxima: the k-th largest of g >= k group maxima is a lower bound on the k-th largest
+    # score of the row, so the row's top k lie among the (few) scores at or above it.
+    groups = max(k, min(n, 256))
+    width = -(-n // groups)
+    padded = groups * width
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        b = stop - start
+        block = np.full((b, padded), -np.inf, dtype=np.float32)
+        np.matmul(x[start:stop], x.T, out=block[:, :n])
+        block[np.arange(b), np.arange(start, stop)] = -np.inf
+        maxima = block.reshape(b, groups, width).max(axis=2)
+        bound = np.partition(maxima, groups - k, axis=1)[:, groups - k]
+        r, c = np.nonzero(block >= bound[:, None])
+        if len(r) <= 64 * k * b:
+            vals = block[r, c]
+            order = np.lexsort((c, -vals, r))
+            r, c, vals = r[order], c[order], vals[order]
+            first = np.searchsorted(r, np.arange(b))
+            rank = np.arange(len(r)) - first[r]
+            keep = rank < k
+            indices[start:stop][r[keep], rank[keep]] = c[keep]
+            scores[start:stop][r[keep], rank[keep]] = vals[keep]
+        else:  # heavy ties: row by row
+            for i in range(b):
+                row = block[i, :n]
+                part = np.argpartition(-row, k - 1)[:k]
+                kth = row[part].min()
+                above = np.flatnonzero(row > kth)
+                ties = np.flatnonzero(row == kth)[: k - len(above)]
+                chosen = np.concatenate([above, ties])
+                order = np.lexsort((chosen, -row[chosen]))
+                indices[start + i] = chosen[order]
+                scores[start + i] = row[chosen[order]]
+    return indices, scores
+
+
+def top_k_sparse(
+    matrix: sparse.csr_matrix | sparse.csr_array,
+    k: int,
+    block_size: int = 4096,
+    min_score: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` stored entries of every row of a square sparse score matrix, self excluded.
+
+    Returns ``(indices (n, k) int32, scores (n, k) float32)``, best first, ties by lower index;
+    rows with fewer than k stored (and, with ``min_score``, larger than it) off-diagonal entries
+    are padded with -1 / NaN.
+    """
+    matrix = sparse.csr_matrix(matrix)
+    n = matrix.shape[0]
+    indices = np.full((n, k), -1, np.int32)
+    scores = np.full((n, k), np.nan, np.float32)
+    for start in range(0, n, block_size):
+        stop = min(n, start + block_size)
+        sparse_block_top_k(matrix[start:stop], start, k, indices[start:stop], scores[start:stop], min_score)
+    return indices, scores
+
+
+def sparse_block_top_k(
+    block: sparse.csr_matrix,
+    row_offset: int,
+    k: int,
+    out_indices: np.ndarray,
+    out_scores: np.ndarray,
+    min_score: float | None = None,
+) -> None:
+    """Write the top ``k`` of each row of ``block`` (rows ``row_offset...`` of a square matrix) into
+    ``out_indices`` / ``out_scores`` (pre-filled with -1 / NaN); the diagonal and non-finite
+    scores are skipped, and so are scores not above ``min_score`` when given."""
+    b = block.shape[0]
+    counts = np.diff(block.indptr)
+    r = np.repeat(np.arange(b, dtype=np.int64), counts)
+    c = block.indices.astype(np.int64, copy=False)
+    vals = block.data.astype(np.float32, copy=False)
+    keep = (c != r + row_offset) & np.isfinite(vals)
+    if min_score is not None:
+        keep &= vals > min_score
+    r, c, vals = r[keep], c[keep], vals[keep]
+    if len(r) == 0:
+        return
+    order = np.lexsort((c, -vals, r))
+    r, c, vals = r[order], c[order], vals[order]
+    first = np.searchsorted(r, np.arange(b))
+    rank = np.arange(len(r)) - first[r]
+    top = rank < k
+    out_indices[r[top], rank[top]] = c[top]
+    out_scores[r[top], rank[top]] = vals[top]
+
+
+def to_recommendations(
+    item_ids: Sequence[str] | np.ndarray, indices: np.ndarray, scores: np.ndarray
+) -> pd.DataFrame:
+    """The recommendation frame (``item_id, rank, rec_item_id, score``) of top-k arrays.
+
+    Entries with index -1 (padding) are left out, so ranks are 1..m per item with m <= k; rows
+    come ordered by item, then rank. ``rank`` is int32, ``score`` float64.
+    """
+    ids = np.asarray(item_ids, dtype=object)
+    indices = np.asarray(indices)
+    scores = np.asarray(scores)
+    if indices.shape != scores.shape or indices.ndim != 2 or indices.shape[0] != len(ids):
+        raise ValueError(
+            f"indices {indices.shape} and scores {scores.shape} must both be (n_items={len(ids)}, k)"
+        )
+    n, k = indices.shape
+    valid = indices >= 0
+    item = np.repeat(np.arange(n), k).reshape(n, k)[valid]
+    rank = np.tile(np.arange(1, k + 1, dtype=np.int32), n).reshape(n, k)[valid]
+    rec = indices[valid]
+    score = scores[valid].astype(np.float64)
+    if not np.isfinite(score).all():
+        raise ValueError("recommendation scores must be finite")
+    frame = pd.DataFrame(
+        {
+            "item_id": ids[item],
+            "rank": rank,
+            "rec_item_id": ids[rec],
+            "score": score,
+        }
+    )
+    return frame[list(RECOMMENDATION_COLUMNS)]

@@ -1,0 +1,369 @@
+"""Unit tests of the item-to-item models (``models/``): fast, in memory, no Spark, no Kafka.
+
+Small inline frames check the data handling and the arithmetic of each model; a small simulator
+world (200 items in planted clusters of 5) checks the shared interface of every model and that
+the models recover the planted neighbours.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from carousel.config import ModelConfig, SimulatorConfig, load_config
+from carousel.schemas import ITEM_EVENT_TYPES, PRODUCT_VIEWED, RECOMMENDATION_COLUMNS
+from jobs.simulate_events import build_world, generate_events
+from models import MODELS, build_model
+from models.base import NotFittedError
+from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules, log_likelihood_ratio
+from models.interactions import read_interactions, time_split, to_csv_text, user_item_matrix, user_sequences
+from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability
+from models.topk import to_recommendations, top_k_similar, top_k_sparse
+
+SMALL = ModelConfig(
+    embedding_dim=16,
+    window=3,
+    negatives=5,
+    epochs=4,
+    batch_size=256,
+    learning_rate=0.01,
+    min_item_count=1,
+    subsample=0.001,
+    seed=7,
+)
+END = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """Interactions from (user, item, ISO time) triples; all Product Viewed."""
+    return pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "event_type": PRODUCT_VIEWED,
+            "event_time": pd.to_datetime([r[2] for r in rows], utc=True, format="ISO8601"),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def world_data() -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """~25k item interactions of a 200-item world with planted clusters of 5, and the clusters."""
+    cfg = SimulatorConfig(
+        users=1000,
+        items=200,
+        categories=6,
+        cluster_size=5,
+        events=30000,
+        days=5,
+        rate=0,
+        seed=3,
+        bad_share=0,
+        duplicate_share=0,
+    )
+    world = build_world(cfg)
+    events = [e for e in generate_events(world, cfg, 30000, END, 3) if e["event_type"] in ITEM_EVENT_TYPES]
+    df = pd.DataFrame(
+        {
+            "user_id": [e["user_id"] for e in events],
+            "item_id": [e["item_id"] for e in events],
+            "event_type": [e["event_type"] for e in events],
+            "event_time": pd.to_datetime([e["event_time"] for e in events], utc=True, format="ISO8601"),
+        }
+    )
+    return df, world.planted_neighbours()
+
+
+def planted_recall(recs: pd.DataFrame, planted: dict[str, list[str]], k: int = 5) -> float:
+    """Share of the top-k recommendations that lie in the item's planted cluster."""
+    top = recs[recs["rank"] <= k]
+    hits = [rec in planted[item] for item, rec in zip(top["item_id"], top["rec_item_id"], strict=True)]
+    return float(np.mean(hits))
+
+
+def check_recommendations(recs: pd.DataFrame, k: int, item_ids: np.ndarray, exact_k: bool) -> None:
+    """The invariants every model's output must satisfy."""
+    assert list(recs.columns) == list(RECOMMENDATION_COLUMNS)
+    assert len(recs) > 0
+    assert (recs["item_id"] != recs["rec_item_id"]).all(), "an item recommends itself"
+    assert np.isfinite(recs["score"].to_numpy()).all()
+    assert set(recs["item_id"]) <= set(item_ids) and set(recs["rec_item_id"]) <= set(item_ids)
+    assert not recs.duplicated(["item_id", "rec_item_id"]).any()
+    for _, group in recs.groupby("item_id", sort=False):
+        ranks = group["rank"].to_numpy()
+        assert list(ranks) == list(range(1, len(ranks) + 1))
+        assert len(ranks) <= k
+        if exact_k:
+            assert len(ranks) == k
+        assert (np.diff(group["score"].to_numpy()) <= 0).all(), "scores must not increase with the rank"
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactions
+# ---------------------------------------------------------------------------------------------
+def test_read_interactions_round_trip() -> None:
+    text = (
+        "user_id,item_id,event_type,event_time\n"
+        "u-1,i-1,Product Viewed,2026-11-29T03:00:00.123Z\n"
+        "u-1,i-2,Added To Cart,2026-11-29T04:00:00+01:00\n"
+        "u-2,i-1,Product Purchased,2026-11-29T05:00:00\n"
+    )
+    df = read_interactions(io.StringIO(text))
+    assert list(df.columns) == ["user_id", "item_id", "event_type", "event_time"]
+    assert str(df["event_time"].dtype) == "datetime64[ns, UTC]"
+    assert isinstance(df["user_id"].dtype, pd.CategoricalDtype)
+    assert df["event_time"].iloc[1] == pd.Timestamp("2026-11-29T03:00:00Z")
+    assert df["event_time"].iloc[2] == pd.Timestamp("2026-11-29T05:00:00Z")
+    again = read_interactions(io.StringIO(to_csv_text(df)))
+    pd.testing.assert_series_equal(again["event_time"], df["event_time"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "user,item_id,event_type,event_time\nu,i,Product Viewed,2026-11-29T03:00:00Z\n",
+            "line 1: bad header",
+        ),
+        ("item_id,user_id,event_type,event_time\n", "line 1: bad header"),
+        ("", "line 1: empty file"),
+        (
+            "user_id,item_id,event_type,event_time\nu,i,Product Viewed,2026-11-29T03:00:00Z\n"
+            "u,i,Product Viewed,yesterday\n",
+            "line 3, column event_time: unparseable ISO-8601 time 'yesterday'",
+        ),
+        (
+            "user_id,item_id,event_type,event_time\nu,i,Product Viewed,2026-11-29T03:00:00Z\n"
+            "u,,Product Viewed,2026-11-29T03:00:00Z\n",
+            "line 3, column item_id: missing value",
+        ),
+    ],
+)
+def test_read_interactions_errors_name_line_and_column(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_interactions(io.StringIO(text))
+
+
+def test_user_sequences_orders_collapses_and_filters() -> None:
+    df = frame(
+        [
+            ("u2", "b", "2026-01-01T00:00:03Z"),
+            ("u1", "b", "2026-01-01T00:00:02Z"),
+            ("u1", "a", "2026-01-01T00:00:01Z"),
+            ("u1", "b", "2026-01-01T00:00:02.5Z"),  # a repeat of b: collapsed
+            ("u1", "c", "2026-01-01T00:00:04Z"),
+            ("u2", "a", "2026-01-01T00:00:01Z"),
+            ("u3", "z", "2026-01-01T00:00:01Z"),  # z has one interaction: dropped with min count 2
+        ]
+    )
+    seq = user_sequences(df, min_item_count=2)
+    assert list(seq.items) == ["a", "b"]  # c (1 interaction) and z dropped
+    assert list(seq.counts) == [2, 3]
+    assert list(seq.users) == ["u1", "u2"]  # u3 has nothing left
+    assert [list(seq.items[s]) for s in seq.split()] == [["a", "b"], ["a", "b"]]
+    everything = user_sequences(df)
+    assert [list(everything.items[s]) for s in everything.split()] == [["a", "b", "c"], ["a", "b"], ["z"]]
+    assert list(everything.offsets) == [0, 3, 5, 6]
+    recent = user_sequences(df, max_length=2)
+    assert [list(recent.items[s]) for s in recent.split()] == [["b", "c"], ["a", "b"], ["z"]]
+
+
+def test_user_item_matrix_caps_items_per_user() -> None:
+    df = frame([("u1", f"i{n}", f"2026-01-01T00:00:0{n}Z") for n in range(5)] + [("u2", "i0", "2026-01-01")])
+    seq = user_sequences(df)
+    full = user_item_matrix(seq).toarray()
+    assert full.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    capped = user_item_matrix(seq, max_items_per_user=2).toarray()
+    assert capped.tolist() == [[0, 0, 0, 1, 1], [1, 0, 0, 0, 0]]  # the 2 most recent of u1
+
+
+def test_time_split_by_global_cutoff() -> None:
+    df = frame([("u", "a", "2026-01-01"), ("u", "b", "2026-01-05"), ("v", "c", "2026-01-09T12:00:00Z")])
+    train, test = time_split(df, test_days=4.5)
+    assert list(train["item_id"]) == ["a"]
+    assert list(test["item_id"]) == ["b", "c"]
+    with pytest.raises(ValueError, match="positive"):
+        time_split(df, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k
+# ---------------------------------------------------------------------------------------------
+def brute_force_top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    y = x / np.where(norms > 0, norms, 1)
+    scores = (y @ y.T).astype(np.float64)
+    np.fill_diagonal(scores, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), scores.shape), -scores), axis=1)[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+def test_top_k_similar_equals_brute_force(backend: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    x[10] = x[3]  # exact ties: broken by the lower index
+    x[20] = 2 * x[3]
+    indices, scores = top_k_similar(x, 7, block_size=64, backend=backend)
+    expected_idx, expected_scores = brute_force_top_k(x.astype(np.float64), 7)
+    assert indices.shape == (300, 7) and indices.dtype == np.int32 and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    agree = (indices == expected_idx).mean()
+    assert agree > 0.99  # float32 vs float64 may swap near-equal neighbours
+    assert list(indices[3][:2]) == [10, 20] and list(indices[10][:2]) == [3, 20]
+    assert not (indices == np.arange(300)[:, None]).any()
+
+
+def test_top_k_similar_backends_agree_and_cap_k() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    x[5] = 0.0  # a zero vector scores 0 against everything
+    a = top_k_similar(x, 100, block_size=16, backend="numpy")
+    b = top_k_similar(x, 100, block_size=7, backend="tensorflow")
+    assert a[0].shape == (50, 49)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        top_k_similar(np.full((3, 2), np.nan, np.float32), 1)
+
+
+def test_top_k_sparse_and_recommendation_frame() -> None:
+    dense = np.array(
+        [[5, 1, 3, 0], [1, 5, 0, 0], [2, 2, 9, 0], [0, 0, 0, 4]],
+        dtype=np.float32,
+    )
+    indices, scores = top_k_sparse(sparse.csr_matrix(dense), 2, block_size=3)
+    assert indices.tolist() == [[2, 1], [0, -1], [0, 1], [-1, -1]]  # row 2: tie 2 = 2 -> index 0 first
+    recs = to_recommendations(np.array(["a", "b", "c", "d"], dtype=object), indices, scores)
+    assert recs.to_dict("list") == {
+        "item_id": ["a", "a", "b", "c", "c"],
+        "rank": [1, 2, 1, 1, 2],
+        "rec_item_id": ["c", "b", "a", "a", "b"],
+        "score": [3.0, 1.0, 1.0, 2.0, 2.0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The baselines' arithmetic
+# ---------------------------------------------------------------------------------------------
+def test_log_likelihood_ratio_matches_mahout() -> None:
+    assert log_likelihood_ratio(np.array([1.0]), np.array([0.0]), np.array([0.0]), np.array([1.0]))[
+        0
+    ] == pytest.approx(4 * math.log(2))
+    assert log_likelihood_ratio(*[np.array([v]) for v in (10.0, 0.0, 0.0, 10.0)])[0] == pytest.approx(
+        27.725887222397812
+    )
+    assert log_likelihood_ratio(*[np.array([v]) for v in (5.0, 5.0, 5.0, 5.0)])[0] == pytest.approx(0.0)
+
+
+def test_item_knn_llr_and_rules_on_inline_data() -> None:
+    # u1: a b c, u2: a b, u3: c d (time order as listed)
+    rows = [("u1", "a", "01"), ("u1", "b", "02"), ("u1", "c", "03"), ("u2", "a", "01"), ("u2", "b", "02")]
+    rows += [("u3", "c", "01"), ("u3", "d", "02")]
+    df = frame([(u, i, f"2026-01-01T00:00:{t}Z") for u, i, t in rows])
+    knn = ItemKNN(min_item_count=1).fit(df).recommend(3)
+    a = knn[knn["item_id"] == "a"]
+    assert list(a["rec_item_id"]) == ["b", "c"]
+    assert a["score"].tolist() == pytest.approx([1.0, 1 / 2])  # |a&b|=2/sqrt(2*2), |a&c|=1/sqrt(2*2)
+    llr = LLRCooccurrence(min_item_count=1).fit(df).recommend(3)
+    assert list(llr[llr["item_id"] == "a"]["rec_item_id"]) == ["b"]  # a & c: below independence
+    rules = SequentialRules(min_item_count=1, window=2).fit(df).recommend(3)
+    got = {(i, r): s for i, r, s in zip(rules["item_id"], rules["rec_item_id"], rules["score"], strict=True)}
+    assert got == {("a", "b"): 2.0, ("a", "c"): 0.5, ("b", "c"): 1.0, ("c", "d"): 1.0}
+
+
+def test_popularity_never_recommends_the_item_itself() -> None:
+    df = frame([(f"u{n}", item, "2026-01-01") for n, item in enumerate("aaaabbbccd")])
+    recs = Popularity(min_item_count=1).fit(df).recommend(2)
+    assert recs.groupby("item_id")["rec_item_id"].apply(list).to_dict() == {
+        "a": ["b", "c"],
+        "b": ["a", "c"],
+        "c": ["a", "b"],
+        "d": ["a", "b"],
+    }
+
+
+def test_skipgram_pairs_respect_users_and_window() -> None:
+    codes = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    user = np.array([0, 0, 0, 1, 1, 1], np.int32)
+    target, context = skipgram_pairs(codes, user, 1, np.random.default_rng(0), shuffle=False)
+    pairs = set(zip(target.tolist(), context.tolist(), strict=True))
+    assert pairs == {(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3), (4, 5), (5, 4)}
+    keep = subsample_keep_probability(np.array([1000, 1, 0]), 0.001)
+    assert keep[0] < 0.1 and keep[1] == 1.0 and keep[2] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every model: the interface, and the planted structure
+# ---------------------------------------------------------------------------------------------
+def test_registry_and_build_model() -> None:
+    assert set(MODELS) == {"item2vec", "popularity", "item_knn", "llr", "sequential_rules"}
+    model = build_model("sequential_rules", load_config().training.model)
+    assert isinstance(model, SequentialRules) and model.params["window"] == 5
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("nope", SMALL)
+    with pytest.raises(NotFittedError):
+        build_model("popularity", SMALL).recommend(5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_keeps_the_interface_and_finds_planted_neighbours(name: str, world_data: tuple) -> None:
+    df, planted = world_data
+    model = build_model(name, SMALL).fit(df)
+    k = 10
+    recs = model.recommend(k)
+    check_recommendations(recs, k, model.item_ids, exact_k=name in ("item2vec", "popularity"))
+    assert recs["rank"].dtype == np.int32 and recs["score"].dtype == np.float64
+    meta = model.metadata()
+    assert meta["name"] == name and meta["model_version"].startswith(name.replace("_", "-") + "-")
+    assert meta["n_items"] == len(model.item_ids) and meta["n_interactions"] == len(df)
+    assert meta["train_seconds"] >= 0
+    recall = planted_recall(recs, planted)
+    # Chance: 4 neighbours among 199 others, ~0.02; the best possible is 4 / 5 = 0.8.
+    if name == "popularity":
+        assert recall < 0.1
+    else:
+        assert recall > 0.5, f"{name} recovers only {recall:.2f} of the planted neighbours"
+
+
+def test_item2vec_is_reproducible_for_a_seed(world_data: tuple) -> None:
+    df, _ = world_data
+    cfg = SMALL.model_copy(update={"epochs": 2})
+    first = Item2Vec(cfg).fit(df)
+    second = Item2Vec(cfg).fit(df)
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+    pd.testing.assert_frame_equal(first.recommend(5), second.recommend(5))
+    assert first.metadata()["epoch_loss"] == second.metadata()["epoch_loss"]
+    other = Item2Vec(cfg.model_copy(update={"seed": 8})).fit(df)
+    assert not np.array_equal(first.embeddings, other.embeddings)
+    meta = first.metadata()
+    assert len(meta["epoch_loss"]) == 2 and meta["epoch_loss"][-1] < meta["epoch_loss"][0]
+    assert meta["params"]["embedding_dim"] == 16 and meta["embedding_shape"] == [meta["n_items"], 16]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"negative_sharing": 1}, {"optimizer": "sgd", "output": "average"}],
+    ids=["per-pair-negatives", "sgd-average"],
+)
+def test_item2vec_variants_find_planted_neighbours(options: dict, world_data: tuple) -> None:
+    df, planted = world_data
+    cfg = SMALL.model_copy(update={"learning_rate": 0.025} if options.get("optimizer") == "sgd" else {})
+    model = Item2Vec(cfg, **options).fit(df)
+    recs = model.recommend(5)
+    check_recommendations(recs, 5, model.item_ids, exact_k=True)
+    assert planted_recall(recs, planted) > 0.5
+    assert model.metadata()["params"] | options == model.metadata()["params"]
+
+
+def test_item2vec_rejects_unknown_options() -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        Item2Vec(SMALL, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="output"):
+        Item2Vec(SMALL, output="context")
