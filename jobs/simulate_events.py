@@ -713,6 +713,22 @@ def generate_events(
     return generator.events(n_events)
 
 
+def interaction_rows(
+    world: World, sim_cfg: SimulatorConfig, n_events: int, end_time: datetime, seed: int
+) -> dict[str, list[str]]:
+    """The item interactions (user_id, item_id, event_type, event_time text) among ``n_events`` events.
+
+    Columns of the training contract (``INTERACTION_COLUMNS``), for offline training and evaluation
+    without going through Kafka; ``pandas.DataFrame(...)`` of it is an interaction frame.
+    """
+    rows: dict[str, list[str]] = {"user_id": [], "item_id": [], "event_type": [], "event_time": []}
+    for event in generate_events(world, sim_cfg, n_events, end_time, seed):
+        if event["event_type"] in ITEM_EVENT_TYPES:
+            for column, values in rows.items():
+                values.append(event[column])
+    return rows
+
+
 def encode_event(event: dict[str, Any]) -> bytes:
     """The compact JSON text of an event."""
     return _ENCODER.encode(event).encode()

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from carousel.config import SimulatorConfig
-from carousel.schemas import ITEM_EVENT_TYPES, PRODUCT_VIEWED
+from carousel.schemas import PRODUCT_VIEWED
 from jobs import evaluate
 from jobs.evaluate import (
     catalog_coverage,
@@ -29,7 +29,7 @@ from jobs.evaluate import (
     ranking_metrics,
     write_report,
 )
-from jobs.simulate_events import build_world, generate_events
+from jobs.simulate_events import build_world, interaction_rows
 from models import MODELS
 from models.interactions import to_csv_text
 
@@ -259,15 +259,8 @@ def world_csv(tmp_path_factory) -> tuple[str, str, int]:
         duplicate_share=0,
     )
     world = build_world(cfg)
-    events = [e for e in generate_events(world, cfg, 24000, END, 3) if e["event_type"] in ITEM_EVENT_TYPES]
-    df = pd.DataFrame(
-        {
-            "user_id": [e["user_id"] for e in events],
-            "item_id": [e["item_id"] for e in events],
-            "event_type": [e["event_type"] for e in events],
-            "event_time": pd.to_datetime([e["event_time"] for e in events], utc=True, format="ISO8601"),
-        }
-    )
+    df = pd.DataFrame(interaction_rows(world, cfg, 24000, END, 3))
+    df["event_time"] = pd.to_datetime(df["event_time"], utc=True, format="ISO8601")
     root = tmp_path_factory.mktemp("world")
     data = root / "snapshot" / "interactions"
     data.mkdir(parents=True)

@@ -17,8 +17,8 @@ import pytest
 from scipy import sparse
 
 from carousel.config import ModelConfig, SimulatorConfig, load_config
-from carousel.schemas import ITEM_EVENT_TYPES, PRODUCT_VIEWED, RECOMMENDATION_COLUMNS
-from jobs.simulate_events import build_world, generate_events
+from carousel.schemas import PRODUCT_VIEWED, RECOMMENDATION_COLUMNS
+from jobs.simulate_events import build_world, interaction_rows
 from models import MODELS, build_model
 from models.base import NotFittedError
 from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules, log_likelihood_ratio
@@ -68,15 +68,8 @@ def world_data() -> tuple[pd.DataFrame, dict[str, list[str]]]:
         duplicate_share=0,
     )
     world = build_world(cfg)
-    events = [e for e in generate_events(world, cfg, 30000, END, 3) if e["event_type"] in ITEM_EVENT_TYPES]
-    df = pd.DataFrame(
-        {
-            "user_id": [e["user_id"] for e in events],
-            "item_id": [e["item_id"] for e in events],
-            "event_type": [e["event_type"] for e in events],
-            "event_time": pd.to_datetime([e["event_time"] for e in events], utc=True, format="ISO8601"),
-        }
-    )
+    df = pd.DataFrame(interaction_rows(world, cfg, 30000, END, 3))
+    df["event_time"] = pd.to_datetime(df["event_time"], utc=True, format="ISO8601")
     return df, world.planted_neighbours()
 
 

@@ -90,10 +90,11 @@ def test_nightly_publishes_a_model_and_a_failed_run_changes_nothing(spark, tmp_p
 def test_train_any_csv_to_s3_then_publish_from_s3(spark, tmp_path, s3_endpoint, s3_bucket):  # noqa: F811
     cfg = _config(tmp_path, f"training.aws_batch.endpoint_url={s3_endpoint}")
     world = sim.build_world(cfg.simulator)
-    lines = ["user_id,item_id,event_type,event_time"]
-    for event in sim.generate_events(world, cfg.simulator, 6000, END, seed=9):
-        if event.get("item_id"):
-            lines.append(f"{event['user_id']},{event['item_id']},{event['event_type']},{event['event_time']}")
+    rows = sim.interaction_rows(world, cfg.simulator, 6000, END, seed=9)
+    lines = [
+        "user_id,item_id,event_type,event_time",
+        *(",".join(values) for values in zip(*rows.values(), strict=True)),
+    ]
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text("\n".join(lines) + "\n")
 
