@@ -109,6 +109,13 @@ def list_files(uri: str, *, client: BaseClient | None = None) -> list[str]:
     return sorted(names)
 
 
+def _copy_files(source: Path, target: Path, names: list[str]) -> None:
+    """Copy the files ``names`` (relative paths) from folder ``source`` to folder ``target``."""
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
+
+
 def upload_dir(local_dir: str | Path, uri: str, *, client: BaseClient | None = None) -> list[str]:
     """Copy every file under ``local_dir`` to ``uri`` (S3 prefix or local folder); return the names.
 
@@ -118,10 +125,7 @@ def upload_dir(local_dir: str | Path, uri: str, *, client: BaseClient | None = N
     source = Path(local_dir)
     names = list_files(str(source))
     if not is_s3(uri):
-        target = local_path(uri)
-        for name in names:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, target / name)
+        _copy_files(source, local_path(uri), names)
         return names
     bucket, key = split_s3(uri)
     s3 = _client(client)
@@ -136,10 +140,7 @@ def download_dir(uri: str, local_dir: str | Path, *, client: BaseClient | None =
     target = Path(local_dir)
     names = list_files(uri, client=client)
     if not is_s3(uri):
-        source = local_path(uri)
-        for name in names:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, target / name)
+        _copy_files(local_path(uri), target, names)
         return names
     bucket, key = split_s3(uri)
     s3 = _client(client)

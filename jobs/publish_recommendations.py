@@ -90,7 +90,6 @@ def validation_failures(recommendations: DataFrame, items: DataFrame, top_k: int
     ``items``: one column ``item_id``, the model's vocabulary. Each item with recommendations must
     have exactly min(top_k, items - 1) of them, ranked 1..n without gaps.
     """
-    spark = recommendations.sparkSession
     n_items = items.count()
     expected_per_item = min(top_k, max(n_items - 1, 0))
     known = items.select(F.col("item_id").alias("known_id")).distinct()
@@ -153,7 +152,6 @@ def validation_failures(recommendations: DataFrame, items: DataFrame, top_k: int
         )
     if stats["items_with_recs"] < n_items and expected_per_item > 0:
         failures.append(f"only {stats['items_with_recs']} of {n_items} items have recommendations")
-    del spark
     return failures
 
 

@@ -49,11 +49,13 @@ def comparable(profiles: DataFrame) -> DataFrame:
 
 def profile_differences(expected: DataFrame, actual: DataFrame) -> DataFrame:
     """User ids whose profile differs between the two (either side may lack the user)."""
-    left, right = comparable(expected), comparable(actual)
-    # Maps are not comparable in set operations; compare their canonical JSON instead.
-    as_json = [F.to_json(F.struct(*left.columns)).alias("profile")]
-    lj = left.select("user_id", *as_json)
-    rj = right.select("user_id", F.to_json(F.struct(*right.columns)).alias("profile"))
+
+    # Maps are not comparable in set operations; compare each profile's canonical JSON instead.
+    def as_json(profiles: DataFrame) -> DataFrame:
+        canonical = comparable(profiles)
+        return canonical.select("user_id", F.to_json(F.struct(*canonical.columns)).alias("profile"))
+
+    lj, rj = as_json(expected), as_json(actual)
     return lj.exceptAll(rj).select("user_id").union(rj.exceptAll(lj).select("user_id")).distinct()
 
 

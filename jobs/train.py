@@ -74,8 +74,7 @@ def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.Dat
     spark = build_session(
         cfg, "carousel-train", extra_conf={"spark.sql.execution.arrow.pyspark.enabled": "true"}
     )
-    path = location if location.endswith(".csv") else f"{location.rstrip('/')}"
-    df = spark.read.option("header", True).option("mode", "FAILFAST").schema(INTERACTION_SCHEMA).csv(path)
+    df = spark.read.option("header", True).option("mode", "FAILFAST").schema(INTERACTION_SCHEMA).csv(location)
     frame = df.toPandas()
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
     log.info("read %d interactions from %s with Spark", len(frame), location)
