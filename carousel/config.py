@@ -276,6 +276,184 @@ class EvaluationConfig(_Section):
     k: int = Field(ge=1, le=1000)
 
 
+class TrendingConfig(_Section):
+    """Trending items: recent popularity with exponential time decay (new users, short lists)."""
+
+    lookback_days: float = Field(gt=0)
+    half_life_hours: float = Field(gt=0)
+    event_weights: dict[str, float] = Field(min_length=1)
+    top_n: int = Field(ge=1, le=100000)
+    per_category_top_n: int = Field(ge=0, le=100000)
+    # Recompute from the events table at most this often (serving keeps it between batches).
+    refresh_minutes: float = Field(gt=0)
+
+    @field_validator("event_weights")
+    @classmethod
+    def _known_types(cls, value: dict[str, float]) -> dict[str, float]:
+        from carousel.schemas import EVENT_TYPES
+
+        unknown = [t for t in value if t not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
+        if any(w < 0 for w in value.values()):
+            raise ValueError("weights must be >= 0")
+        return value
+
+
+class ServingConfig(_Section):
+    """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
+
+    query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
+    trigger_interval: str
+    max_offsets_per_trigger: int = Field(ge=1)
+    starting_offsets: Literal["earliest", "latest"]
+    # How many of the user's most recent viewed/purchased items seed the candidates, and how much
+    # each older one counts (weight = recency_decay ** position, newest = position 0).
+    recent_items_used: int = Field(ge=1, le=100)
+    recency_decay: float = Field(gt=0, le=1)
+    # Purchases count this much more than views when seeding candidates.
+    purchase_weight: float = Field(gt=0)
+    templates_dir: str = Field(min_length=1)
+    # JSON Schema per channel (<payload_schemas_dir>/<channel>.schema.json): the payload contract.
+    payload_schemas_dir: str = Field(min_length=1)
+    sms_max_chars: int = Field(ge=20, le=1600)
+    # Push carousels show at most this many items (a campaign may ask for more on other channels).
+    push_max_items: int = Field(ge=1, le=10)
+    trending: TrendingConfig
+
+    @field_validator("trigger_interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if not _INTERVAL.match(value.strip()):
+            raise ValueError("must look like '1 second' or '500 milliseconds'")
+        return value.strip()
+
+    @field_validator("templates_dir", "payload_schemas_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+
+class PropertyPredicate(_Section):
+    """A filter on a catalog column or property, e.g. ``{property: brand, op: not_in, value: [acme]}``."""
+
+    property: str = Field(min_length=1, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    op: Literal["eq", "ne", "in", "not_in", "gt", "ge", "lt", "le", "contains"]
+    value: str | float | int | bool | list[str | float | int]
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> PropertyPredicate:
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a list value")
+        if self.op not in ("in", "not_in") and isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a single value, not a list")
+        if self.op in ("gt", "ge", "lt", "le") and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float)
+        ):
+            raise ValueError(f"op {self.op!r} needs a number")
+        return self
+
+
+class CampaignFilters(_Section):
+    categories: tuple[str, ...] = ()
+    in_stock_only: bool = True
+    min_price: float | None = Field(default=None, ge=0)
+    max_price: float | None = Field(default=None, ge=0)
+    min_rating: float | None = Field(default=None, ge=0)
+    where: tuple[PropertyPredicate, ...] = ()
+
+    @model_validator(mode="after")
+    def _price_range(self) -> CampaignFilters:
+        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+            raise ValueError("min_price must not exceed max_price")
+        return self
+
+
+class CampaignExclusions(_Section):
+    # Items the user viewed / purchased within this many days (from the profile's recent items);
+    # 0 turns the exclusion off.
+    viewed_within_days: float = Field(default=0, ge=0)
+    purchased_within_days: float = Field(default=30, ge=0)
+    # Items already sent to the user (any campaign, any channel) within this many days.
+    sent_within_days: float = Field(default=7, ge=0)
+    item_ids: tuple[str, ...] = ()
+
+
+class CampaignVariant(_Section):
+    """An A/B arm: which strategy fills the slots and, optionally, a pinned model version."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9_-]+$")
+    share: float = Field(gt=0, le=1)
+    strategy: Literal["model", "trending"] = "model"
+    model_version: str | None = None
+
+
+class CampaignSegment(_Section):
+    """Who a batch campaign targets (``./spark-submit.sh campaign NAME``); every criterion is optional."""
+
+    last_seen_within_days: float | None = Field(default=None, gt=0)
+    platforms: tuple[str, ...] = ()
+    countries: tuple[str, ...] = ()
+    cities: tuple[str, ...] = ()
+    genders: tuple[str, ...] = ()
+    min_age: int | None = Field(default=None, ge=0)
+    max_age: int | None = Field(default=None, ge=0)
+    viewed_categories: tuple[str, ...] = ()
+    purchased_at_least: int | None = Field(default=None, ge=1)
+
+
+class CampaignConfig(_Section):
+    channel: Literal["push", "in_app", "web_popup", "app_inbox", "email", "sms", "webhook"]
+    # The template file under serving.templates_dir/<channel>/ (without extension).
+    template: str = Field(default="default", min_length=1, pattern=r"^[a-zA-Z0-9_-]+$")
+    # Event types that trigger a real-time payload; empty = batch only.
+    trigger_event_types: tuple[str, ...] = ()
+    items: int = Field(default=3, ge=1, le=50)
+    filters: CampaignFilters = CampaignFilters()
+    exclusions: CampaignExclusions = CampaignExclusions()
+    fallback: Literal["trending", "trending_category", "none"] = "trending"
+    variants: tuple[CampaignVariant, ...] = ()
+    control_share: float = Field(default=0, ge=0, lt=1)
+    segment: CampaignSegment = CampaignSegment()
+    enabled: bool = True
+
+    @field_validator("trigger_event_types")
+    @classmethod
+    def _known_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from carousel.schemas import EVENT_TYPES
+
+        unknown = [t for t in value if t not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _shares(self) -> CampaignConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if "control" in names:
+            raise ValueError("'control' is reserved for the control group (use control_share)")
+        if self.variants:
+            total = sum(v.share for v in self.variants) + self.control_share
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"variant shares plus control_share must sum to 1, got {total:g}")
+        return self
+
+
+class ReportingConfig(_Section):
+    """Attribution and the report (``./spark-submit.sh report``)."""
+
+    attribution_window_hours: float = Field(gt=0)
+    confidence_level: float = Field(gt=0.5, lt=1)
+    output_dir: str = Field(min_length=1)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -286,6 +464,30 @@ class CarouselConfig(_Section):
     simulator: SimulatorConfig
     training: TrainingConfig
     evaluation: EvaluationConfig
+    serving: ServingConfig
+    campaigns: dict[str, CampaignConfig]
+    reporting: ReportingConfig
+
+    @field_validator("campaigns")
+    @classmethod
+    def _campaign_names(cls, value: dict[str, CampaignConfig]) -> dict[str, CampaignConfig]:
+        bad = [name for name in value if not re.match(r"^[a-zA-Z0-9_-]+$", name)]
+        if bad:
+            raise ValueError(f"campaign names may hold letters, digits, '_' and '-' only: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _channel_topics(self) -> CarouselConfig:
+        missing = sorted({c.channel for c in self.campaigns.values()} - set(self.kafka.topics))
+        if missing:
+            raise ValueError(f"campaigns use channels with no kafka.topics entry: {missing}")
+        return self
+
+    def campaign(self, name: str) -> CampaignConfig:
+        try:
+            return self.campaigns[name]
+        except KeyError:
+            raise ConfigError(f"no campaign {name!r}; configured: {sorted(self.campaigns)}") from None
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> CarouselConfig:
         """A copy with some keys replaced, validated again (used by tests and benchmarks)."""

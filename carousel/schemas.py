@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pyspark.sql.types import (
     ArrayType,
+    BooleanType,
     DateType,
     DoubleType,
     IntegerType,
@@ -230,3 +231,106 @@ ITEM_RECOMMENDATIONS_SCHEMA = StructType(
         StructField("model_version", StringType(), False),
     ]
 )
+
+# ---------------------------------------------------------------------------------------------
+# Product catalog (uploaded by marketers; see jobs/upload_catalog.py)
+# ---------------------------------------------------------------------------------------------
+CATALOG_TABLE = "catalog"
+# First-class product properties: an upload may carry any other column, which lands in
+# ``properties`` (text values). ``item_id`` is the product id used by events and the matrix.
+CATALOG_SCHEMA = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("title", StringType()),
+        StructField("description", StringType()),
+        StructField("category", StringType()),
+        StructField("in_stock", BooleanType()),
+        StructField("price", DoubleType()),
+        StructField("currency", StringType()),
+        StructField("rating", DoubleType()),
+        StructField("image_url", StringType()),
+        StructField("deep_link", StringType()),
+        StructField("properties", MapType(StringType(), StringType())),
+        # False once a full re-upload no longer lists the product (rows are never deleted).
+        StructField("active", BooleanType(), False),
+        StructField("upload_id", StringType(), False),
+        StructField("updated_at", TimestampType(), False),
+    ]
+)
+CATALOG_PROPERTY_COLUMNS: tuple[str, ...] = (
+    "title",
+    "description",
+    "category",
+    "in_stock",
+    "price",
+    "currency",
+    "rating",
+    "image_url",
+    "deep_link",
+)
+RATING_RANGE: tuple[float, float] = (0.0, 5.0)
+
+# ---------------------------------------------------------------------------------------------
+# Serving: channels, trending items, what was sent
+# ---------------------------------------------------------------------------------------------
+PUSH, IN_APP, WEB_POPUP, APP_INBOX, EMAIL, SMS, WEBHOOK = (
+    "push",
+    "in_app",
+    "web_popup",
+    "app_inbox",
+    "email",
+    "sms",
+    "webhook",
+)
+CHANNELS: tuple[str, ...] = (PUSH, IN_APP, WEB_POPUP, APP_INBOX, EMAIL, SMS, WEBHOOK)
+
+# Which strategy put an item into a payload.
+STRATEGY_MODEL = "model"  # the correlation matrix, from the user's recent items
+STRATEGY_TRENDING = "trending"  # recent popularity with time decay (new users, short lists)
+STRATEGY_TRENDING_CATEGORY = "trending_category"  # trending within the categories the user viewed
+STRATEGIES: tuple[str, ...] = (STRATEGY_MODEL, STRATEGY_TRENDING, STRATEGY_TRENDING_CATEGORY)
+CONTROL_VARIANT = "control"
+
+TRENDING_TABLE = "trending_items"
+TRENDING_SCHEMA = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("category", StringType()),
+        StructField("score", DoubleType(), False),
+        StructField("computed_at", TimestampType(), False),
+    ]
+)
+
+# One ranked recommendation for one request (a trigger event or a campaign-run user): the output
+# of carousel.ranking.rank_recommendations, shared by serving and batch campaigns.
+RANKED_ITEM_SCHEMA = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("rank", IntegerType(), False),
+        StructField("score", DoubleType(), False),
+        StructField("strategy", StringType(), False),
+    ]
+)
+
+SENT_RECOMMENDATIONS_TABLE = "sent_recommendations"
+# One row per item sent (rank >= 1), and one row with item_id/rank/strategy NULL for each user
+# held out in a control group (variant = "control"), so reports can compare both groups.
+SENT_RECOMMENDATIONS_SCHEMA = StructType(
+    [
+        StructField("payload_id", StringType(), False),
+        StructField("user_id", StringType(), False),
+        StructField("campaign", StringType(), False),
+        StructField("channel", StringType(), False),
+        StructField("variant", StringType(), False),
+        StructField("item_id", StringType()),
+        StructField("rank", IntegerType()),
+        StructField("strategy", StringType()),
+        StructField("model_version", StringType()),
+        # The trigger event (serving) or the campaign run id (batch campaigns).
+        StructField("trigger_event_id", StringType()),
+        StructField("run_id", StringType()),
+        StructField("sent_at", TimestampType(), False),
+        StructField("sent_date", DateType(), False),
+    ]
+)
+SENT_PARTITION_COLUMN = "sent_date"
