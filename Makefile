@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest broker-start broker-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign broker-start broker-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -15,6 +15,15 @@ lint: setup
 
 bench-ingest: setup  ## ingest throughput and freshness against the plain Kafka->Delta ceiling
 	@.venv/bin/python -m bench.ingest_bench
+
+bench-training: setup  ## nightly export -> validate -> train -> publish at 5M interactions, vs gensim Word2Vec
+	@.venv/bin/python -m bench.training_bench
+
+bench-serving: setup  ## trigger -> payload latency at 200/1000/5000 per s vs a pass-through ceiling (1M users)
+	@.venv/bin/python -m bench.serving_bench
+
+bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads
+	@.venv/bin/python -m bench.campaign_bench
 
 broker-start: setup
 	@./spark-submit.sh broker start && ./spark-submit.sh broker topics

@@ -64,6 +64,25 @@ JOBS: dict[str, Job] = {
         True,
         "rollback_main",
     ),
+    "upload-catalog": Job(
+        "jobs.upload_catalog",
+        "Validate a product catalog file (CSV, JSON Lines, Parquet) and upsert it into Delta catalog",
+        True,
+    ),
+    "serve": Job(
+        "streaming.serve", "Answer trigger events with recommendations: channel payloads to Kafka", True
+    ),
+    "campaign": Job(
+        "jobs.campaign", "Batch campaign: a user segment's recommendations as channel payloads", True
+    ),
+    "report": Job(
+        "jobs.report", "Attribute responses to sent recommendations; campaign metrics and A/B lift", True
+    ),
+    "simulate-responses": Job(
+        "jobs.simulate_responses",
+        "Produce simulated user responses (clicks, views, purchases) to sent recommendations",
+        False,
+    ),
 }
 
 

@@ -218,6 +218,8 @@ class SimulatorConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # Which model of models.MODELS the nightly training fits (train --model overrides it).
+    name: str = Field(default="next_item2vec", min_length=1)
     embedding_dim: int = Field(ge=2, le=1024)
     window: int = Field(ge=1, le=50)
     negatives: int = Field(ge=1, le=50)
@@ -227,6 +229,15 @@ class ModelConfig(_Section):
     min_item_count: int = Field(ge=1)
     subsample: float = Field(ge=0, le=1)
     seed: int
+    # next_item2vec on large data: from this many sequence items (interactions after collapsing
+    # repeats; 0 = never) on, the large_* values replace epochs, batch_size, learning_rate and
+    # next_item2vec's sampled negatives per batch and share of backward pairs (nightly speed).
+    large_data_items: int = Field(default=1_000_000, ge=0)
+    large_epochs: int = Field(default=3, ge=1, le=1000)
+    large_batch_size: int = Field(default=8192, ge=1)
+    large_learning_rate: float = Field(default=0.01, gt=0, le=10)
+    large_sampled_negatives: int = Field(default=128, ge=1)
+    large_backward_weight: float = Field(default=0.0, ge=0, le=1)
 
 
 class AwsBatchConfig(_Section):
@@ -236,6 +247,15 @@ class AwsBatchConfig(_Section):
     poll_seconds: float = Field(gt=0)
     timeout_minutes: int = Field(ge=1)
     endpoint_url: str = ""
+    # S3 prefix for inputs and outputs of Batch runs while training.workspace is local.
+    staging: str = ""
+
+    @field_validator("staging")
+    @classmethod
+    def _staging_is_s3(cls, value: str) -> str:
+        if value and not value.startswith(("s3://", "s3a://")):
+            raise ValueError(f"must be an s3:// prefix or empty (got {value!r})")
+        return value
 
 
 class TrainingConfig(_Section):
@@ -454,6 +474,13 @@ class ReportingConfig(_Section):
         return resolve_path(value)
 
 
+class CatalogConfig(_Section):
+    """Product catalog uploads (``./spark-submit.sh upload-catalog FILE``)."""
+
+    # A refused upload's error lists this many offending rows; its report lists all of them.
+    max_rejected_rows_shown: int = Field(default=20, ge=1, le=10000)
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -467,6 +494,7 @@ class CarouselConfig(_Section):
     serving: ServingConfig
     campaigns: dict[str, CampaignConfig]
     reporting: ReportingConfig
+    catalog: CatalogConfig = CatalogConfig()
 
     @field_validator("campaigns")
     @classmethod

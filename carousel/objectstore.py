@@ -9,7 +9,8 @@ objects) go through boto3.
 
 Credentials come only from boto3's standard chain (environment, shared config, instance or task
 role); nothing here reads, logs or stores them. :func:`s3_client` takes the region and an optional
-S3-compatible endpoint (MinIO, a loopback test server) from ``training.aws_batch``.
+S3-compatible endpoint (MinIO, a loopback test server) from ``training.aws_batch``, and so do
+:func:`batch_client` and :func:`aws_client` (AWS Batch, CloudWatch Logs) for the ``aws-batch`` runner.
 
 Every S3 function takes an optional ``client``; without one a client is built from the standard
 chain and environment alone (``AWS_REGION``, ``AWS_ENDPOINT_URL``), so callers with a
@@ -81,6 +82,20 @@ def s3_client(cfg: CarouselConfig | None = None) -> BaseClient:
             kwargs["endpoint_url"] = aws.endpoint_url
             kwargs["config"] = Config(s3={"addressing_style": "path"}, retries={"mode": "standard"})
     return boto3.client("s3", **kwargs)
+
+
+def aws_client(cfg: CarouselConfig, service: str) -> BaseClient:
+    """A boto3 client of ``service`` with the same region, endpoint and credentials as :func:`s3_client`."""
+    aws = cfg.training.aws_batch
+    kwargs: dict[str, Any] = {"region_name": aws.region, "config": Config(retries={"mode": "standard"})}
+    if aws.endpoint_url:
+        kwargs["endpoint_url"] = aws.endpoint_url
+    return boto3.client(service, **kwargs)
+
+
+def batch_client(cfg: CarouselConfig) -> BaseClient:
+    """The AWS Batch client of ``training.aws_batch`` (the training runner ``aws-batch``)."""
+    return aws_client(cfg, "batch")
 
 
 def _client(client: BaseClient | None) -> BaseClient:

@@ -8,8 +8,8 @@ compact :class:`ValidationSummary` is returned. :meth:`ValidationSummary.raise_f
 failed run into a :class:`DataQualityError` whose message names every failed expectation with its
 observed values and where the report is.
 
-Suites are built by small functions (:func:`interactions_suite`); :func:`run_suite` runs any of
-them, so another dataset (e.g. a product catalog) only needs its own ``*_suite`` function.
+Suites are built by small functions (:func:`interactions_suite`, :func:`catalog_suite`);
+:func:`run_suite` runs any of them, so another dataset only needs its own ``*_suite`` function.
 """
 
 from __future__ import annotations
@@ -34,11 +34,20 @@ from pyspark.sql import DataFrame
 from pyspark.sql.types import StructType
 
 from carousel import objectstore
-from carousel.schemas import INTERACTION_SCHEMA
+from carousel.schemas import CATALOG_SCHEMA, INTERACTION_SCHEMA, RATING_RANGE
 
 log = logging.getLogger(__name__)
 
 INTERACTIONS_SUITE = "interactions"
+CATALOG_SUITE = "catalog"
+# Catalog URLs (Java regexes: GE's Spark backend and the upload job's per-row checks both use rlike).
+# image_url: an absolute http(s) URL with a host and no whitespace.
+HTTP_URL_PATTERN = r"(?i)^https?://[^\s/?#]+([/?#]\S*)?$"
+# deep_link: an absolute URI with a scheme: an app scheme (myapp://product/1) or, for http(s),
+# a URL as above.
+URI_PATTERN = r"(?i)^(https?://[^\s/?#]+([/?#]\S*)?|(?!https?:)[a-z][a-z0-9+.-]*:\S+)$"
+# The column of a catalog upload naming, per row, the columns whose text did not convert to their type.
+UNCONVERTED_COLUMN = "unconverted"
 # GE's "SUMMARY" format: counts plus up to 20 example offending values per expectation.
 RESULT_FORMAT = "SUMMARY"
 _EXAMPLES_IN_MESSAGE = 5
@@ -122,6 +131,43 @@ def interactions_suite(
     ]
     # Built unattached (no data context needed); run_suite adds it to its own ephemeral context.
     return gx.ExpectationSuite(name=INTERACTIONS_SUITE, expectations=expectations)
+
+
+def catalog_suite(
+    columns: Iterable[str], rating_range: tuple[float, float] = RATING_RANGE
+) -> gx.ExpectationSuite:
+    """The contract of a product catalog upload, on the columns the upload carries.
+
+    ``columns`` are the ``CATALOG_SCHEMA`` columns present (a partial price feed has only a few),
+    plus :data:`UNCONVERTED_COLUMN` if present. At least one row; ``item_id`` present, never null,
+    unique; each column of its declared type and every value converted to it (``unconverted`` null);
+    ``price >= 0``; ``rating`` within ``rating_range``; ``image_url`` an http(s) URL; ``deep_link``
+    a URI with a scheme. Null values pass the value checks (a product may lack a price).
+    """
+    present = set(columns)
+    expectations: list[gxe.Expectation] = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnToExist(column="item_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="item_id"),
+    ]
+    expectations += [
+        gxe.ExpectColumnValuesToBeOfType(column=f.name, type_=type(f.dataType).__name__)
+        for f in CATALOG_SCHEMA.fields
+        if f.name in present
+    ]
+    if UNCONVERTED_COLUMN in present:
+        expectations.append(gxe.ExpectColumnValuesToBeNull(column=UNCONVERTED_COLUMN))
+    if "price" in present:
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="price", min_value=0))
+    if "rating" in present:
+        low, high = rating_range
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=low, max_value=high))
+    if "image_url" in present:
+        expectations.append(gxe.ExpectColumnValuesToMatchRegex(column="image_url", regex=HTTP_URL_PATTERN))
+    if "deep_link" in present:
+        expectations.append(gxe.ExpectColumnValuesToMatchRegex(column="deep_link", regex=URI_PATTERN))
+    return gx.ExpectationSuite(name=CATALOG_SUITE, expectations=expectations)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -324,6 +324,7 @@ SENT_RECOMMENDATIONS_SCHEMA = StructType(
         StructField("variant", StringType(), False),
         StructField("item_id", StringType()),
         StructField("rank", IntegerType()),
+        StructField("score", DoubleType()),
         StructField("strategy", StringType()),
         StructField("model_version", StringType()),
         # The trigger event (serving) or the campaign run id (batch campaigns).
@@ -334,3 +335,18 @@ SENT_RECOMMENDATIONS_SCHEMA = StructType(
     ]
 )
 SENT_PARTITION_COLUMN = "sent_date"
+
+CAMPAIGN_RUNS_TABLE = "campaign_runs"
+# One row per completed batch-campaign run: re-running a completed run id sends nothing.
+CAMPAIGN_RUNS_SCHEMA = StructType(
+    [
+        StructField("campaign", StringType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("channel", StringType(), False),
+        StructField("users_selected", LongType(), False),
+        StructField("payloads", LongType(), False),
+        StructField("control_users", LongType(), False),
+        StructField("output", StringType(), False),
+        StructField("completed_at", TimestampType(), False),
+    ]
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def build_session(
     """Build (or return the running) SparkSession configured for Delta, Kafka and UTC time."""
     builder = SparkSession.builder.appName(app_name)
     if not _under_spark_submit():
+        # Python workers (payload rendering) must run this interpreter, the one with the project's
+        # packages; spark-submit.sh sets it for submitted jobs.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = builder.master(master or cfg.spark.master).config(
             "spark.driver.memory", cfg.spark.driver_memory
         )

@@ -7,7 +7,7 @@ version of ``item_recommendations``. Exit status 0 only when all four steps succ
 1, with the failed step and its reason logged, and the live recommendations untouched (a bad
 model never replaces a good one).
 
-    ./spark-submit.sh nightly [--end ISO-8601] [--runner local|spark]
+    ./spark-submit.sh nightly [--end ISO-8601] [--runner local|spark|aws-batch]
     # cron, 03:00 every night (see conf/scheduling/crontab.example and airflow_dag_example.py):
     # 0 3 * * * cd /opt/carousel && ./spark-submit.sh nightly >> logs/nightly.log 2>&1
 """
@@ -26,7 +26,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.quality import DataQualityError
 from carousel.session import build_session
-from jobs import export_training_data, publish_recommendations, train
+from jobs import aws_batch, export_training_data, publish_recommendations, train
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, r
     started = time.perf_counter()
     try:
         model = train.run(cfg, snapshot["output"], runner=runner)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, aws_batch.BatchJobError) as err:
         raise StepFailedError(f"train: {err}") from err
     timings["train"] = time.perf_counter() - started
 

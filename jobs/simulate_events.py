@@ -1007,6 +1007,8 @@ def write_outputs(world: World, out_dir: str | Path) -> dict[str, str]:
             "image_url",
             "deep_link",
             "in_stock",
+            "currency",
+            "brand",  # not a first-class column: lands in the catalog's properties
         ]
     )
     for item in world.items:
@@ -1021,6 +1023,8 @@ def write_outputs(world: World, out_dir: str | Path) -> dict[str, str]:
                 item.image_url,
                 item.deep_link,
                 "true" if item.in_stock else "false",
+                "EUR",  # the simulated shop prices everything in euros
+                item.title.split(" ", 1)[0],  # titles start with the (one-word) brand
             ]
         )
     files = {

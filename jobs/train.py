@@ -11,13 +11,15 @@ a folder of CSV files, or one CSV file with the header ``user_id,item_id,event_t
 * ``metadata.json`` - model version, top_k, items (the vocabulary), hyperparameters, counts,
   timings, input location.
 
-Runners: ``local`` (default, this process) and ``spark`` (the input is read by Spark, so any
+Runners: ``local`` (default, this process), ``spark`` (the input is read by Spark, so any
 Hadoop-visible path works, e.g. ``s3a://`` or ``hdfs://`` on a cluster; the model trains on the
-driver). The model and its hyperparameters come from ``training.model`` in ``conf/``; training is
-seeded and reproducible.
+driver) and ``aws-batch`` (a container on AWS Batch runs the local runner on S3 copies of the input
+and output; see ``jobs/aws_batch.py``). The model and its hyperparameters come from
+``training.model`` in ``conf/``; training is seeded and reproducible.
 
-    ./spark-submit.sh train --input data/training/snapshots/<ts> [--output DIR] [--model item2vec]
+    ./spark-submit.sh train --input data/training/snapshots/<ts> [--output DIR] [--model next_item2vec]
     ./spark-submit.sh train --runner spark --input s3a://bucket/snapshots/<ts>/interactions
+    ./spark-submit.sh train --runner aws-batch --input data/training/snapshots/<ts>
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.schemas import INTERACTION_SCHEMA, RECOMMENDATION_COLUMNS
+from jobs import aws_batch
 
 log = logging.getLogger(__name__)
 
-RUNNERS = ("local", "spark")
+RUNNERS = ("local", "spark", "aws-batch")
 
 
 def _csv_files(local: Path) -> list[Path]:
@@ -82,12 +85,12 @@ def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.Dat
 
 
 def train_model(
-    interactions: pd.DataFrame, cfg: CarouselConfig, model_name: str = "item2vec"
+    interactions: pd.DataFrame, cfg: CarouselConfig, model_name: str | None = None
 ) -> tuple[Any, pd.DataFrame]:
-    """Fit the configured model; returns it and its top-``training.top_k`` recommendations."""
+    """Fit the model (``model_name``, default ``training.model.name``); returns it and its top-k."""
     from models import build_model
 
-    model = build_model(model_name, cfg.training.model)
+    model = build_model(model_name or cfg.training.model.name, cfg.training.model)
     started = time.perf_counter()
     model.fit(interactions)
     log.info(
@@ -132,11 +135,14 @@ def run(
     input_location: str,
     output: str | None = None,
     runner: str = "local",
-    model_name: str = "item2vec",
+    model_name: str | None = None,
 ) -> dict:
     """Read, train, write; returns the metadata with ``output`` added."""
     if runner not in RUNNERS:
         raise ValueError(f"unknown runner {runner!r}; known: {RUNNERS}")
+    model_name = model_name or cfg.training.model.name
+    if runner == "aws-batch":
+        return aws_batch.run(cfg, input_location, output, model_name)
     reader = read_training_input_with_spark if runner == "spark" else read_training_input
     interactions = reader(input_location, cfg)
     model, recommendations = train_model(interactions, cfg, model_name)
@@ -168,12 +174,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--output", help="output folder (local or s3://); default under training.workspace")
     parser.add_argument("--runner", choices=RUNNERS, default="local")
-    parser.add_argument("--model", default="item2vec", help="item2vec (default) or a baseline name")
+    parser.add_argument("--model", help="a models.MODELS name (default: training.model.name, next_item2vec)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "train")
     try:
         result = run(cfg, args.input, args.output, args.runner, args.model)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, aws_batch.BatchJobError) as err:
         log.error("training failed: %s", err)
         return 1
     print(json.dumps({k: result[k] for k in ("model_version", "output", "n_items", "rows", "train_seconds")}))

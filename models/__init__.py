@@ -24,10 +24,12 @@ from carousel.config import ModelConfig
 from models.base import ItemToItemModel, NotFittedError
 from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules
 from models.item2vec import Item2Vec
+from models.next_item2vec import NextItem2Vec
 
 __all__ = ["MODELS", "ItemToItemModel", "NotFittedError", "build_model"]
 
 MODELS: dict[str, type[ItemToItemModel]] = {
+    NextItem2Vec.name: NextItem2Vec,
     Item2Vec.name: Item2Vec,
     Popularity.name: Popularity,
     ItemKNN.name: ItemKNN,

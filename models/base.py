@@ -63,6 +63,7 @@ class ItemToItemModel(abc.ABC):
         self.params: dict[str, Any] = {}
         if model_cfg is not None:
             values = model_cfg.model_dump()
+            values.pop("name", None)  # which model to build, not a hyperparameter
             keys = self.config_keys if self.config_keys is not None else tuple(values)
             self.params.update({key: values[key] for key in keys})
         self.params.update(params)

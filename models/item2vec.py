@@ -298,13 +298,24 @@ class _SkipGramTrainer:
         optimizer: str,
         seed: int,
         noise_table: np.ndarray,
+        output_bias: bool = False,
+        log_q: np.ndarray | None = None,
+        decay_rate: bool = False,
     ) -> None:
         self.tf = tf
         self.n = n_items
         self.batch = batch
         rows = n_items + 1
         init = np.random.default_rng([seed, 0x17E6]).random((rows, dim), dtype=np.float32)
-        self.target = tf.Variable((init - 0.5) / dim, name="item2vec_target")
+        init = (init - 0.5) / dim
+        if output_bias:
+            # A per-item bias of the context side: one more column, fixed to 1 in the target table
+            # (its gradient is masked out), free in the context table, so that w . c includes c's
+            # bias and the other columns need not encode how often an item is a context at all.
+            init = np.concatenate([init, np.ones((rows, 1), np.float32)], axis=1)
+            dim += 1
+        self.target = tf.Variable(init, name="item2vec_target")
+        target_mask = tf.constant([1.0] * (dim - 1) + [0.0]) if output_bias else None
         self.context = tf.Variable(tf.zeros((rows, dim)), name="item2vec_context")
         adam = optimizer == "adam"
         if adam:
@@ -316,6 +327,13 @@ class _SkipGramTrainer:
         seed_t = tf.constant(seed, tf.int64)
         groups = batch // sharing
         pad = n_items
+        softmax = log_q is not None
+        if softmax:
+            # Sampled softmax with the logQ correction: each logit minus the log-probability of
+            # drawing that item as a negative, so that the logits estimate log P(context | target).
+            log_q_table = tf.constant(
+                np.concatenate([np.asarray(log_q, np.float32), [0.0]]).astype(np.float32)
+            )
 
         spec = tf.TensorSpec([batch], tf.int32)
 
@@ -339,15 +357,30 @@ class _SkipGramTrainer:
             w_groups = tf.reshape(w, [groups, sharing, dim])
             positive = tf.reduce_sum(w * c, axis=1)  # (B,)
             negative = tf.einsum("gsd,gkd->gsk", w_groups, neg)  # (G, g, K)
-            per_pair = tf.nn.softplus(-positive) + tf.reshape(
-                tf.reduce_sum(tf.nn.softplus(negative), axis=2), [batch]
-            )
-            loss_sum = tf.reduce_sum(per_pair * valid)
             # d loss / d logit; Adam takes the mean over the batch, SGD the sum (word2vec's steps).
             scale = valid / n_valid if adam else valid
-            g_pos = (tf.sigmoid(positive) - 1.0) * scale  # (B,)
-            g_neg = tf.sigmoid(negative) * tf.reshape(scale, [groups, sharing, 1])  # (G, g, K)
+            if softmax:
+                pos_logit = tf.reshape(positive - tf.gather(log_q_table, context), [groups, sharing, 1])
+                neg_logit = negative - tf.gather(log_q_table, noise)[:, None, :]
+                # A negative that is the pair's own context is no negative ("accidental hit").
+                hit = tf.equal(noise[:, None, :], tf.reshape(context, [groups, sharing, 1]))
+                neg_logit = tf.where(hit, -1e9, neg_logit)
+                logits = tf.concat([pos_logit, neg_logit], axis=2)  # (G, g, 1 + K)
+                log_norm = tf.reduce_logsumexp(logits, axis=2, keepdims=True)
+                per_pair = tf.reshape(log_norm - pos_logit, [batch])
+                probability = tf.exp(logits - log_norm)
+                g_pos = (tf.reshape(probability[:, :, 0], [batch]) - 1.0) * scale
+                g_neg = probability[:, :, 1:] * tf.reshape(scale, [groups, sharing, 1])
+            else:
+                per_pair = tf.nn.softplus(-positive) + tf.reshape(
+                    tf.reduce_sum(tf.nn.softplus(negative), axis=2), [batch]
+                )
+                g_pos = (tf.sigmoid(positive) - 1.0) * scale  # (B,)
+                g_neg = tf.sigmoid(negative) * tf.reshape(scale, [groups, sharing, 1])  # (G, g, K)
+            loss_sum = tf.reduce_sum(per_pair * valid)
             grad_w = g_pos[:, None] * c + tf.reshape(tf.einsum("gsk,gkd->gsd", g_neg, neg), [batch, dim])
+            if target_mask is not None:
+                grad_w = grad_w * target_mask
             grad_c = g_pos[:, None] * w
             grad_neg = tf.einsum("gsk,gsd->gkd", g_neg, w_groups)  # (G, K, d)
             context_rows = tf.concat([context, tf.reshape(noise, [-1])], 0)
@@ -370,6 +403,9 @@ class _SkipGramTrainer:
                 m = _ADAM_BETA1 * tf.gather(m_var, unique) + (1 - _ADAM_BETA1) * summed
                 v = _ADAM_BETA2 * tf.gather(v_var, unique) + (1 - _ADAM_BETA2) * tf.square(summed)
                 lr = rate * tf.sqrt(1 - _ADAM_BETA2**t) / (1 - _ADAM_BETA1**t)
+                if decay_rate:  # linearly down to a small share of the rate: a fine last pass
+                    progress = tf.minimum(1.0, t / self.total_steps)
+                    lr = lr * tf.maximum(_SGD_MIN_RATE_SHARE, 1.0 - progress)
                 new_rows = tf.gather(variable, unique) - lr * m / (tf.sqrt(v) + _ADAM_EPSILON)
                 m_var.scatter_update(tf.IndexedSlices(m, unique))
                 v_var.scatter_update(tf.IndexedSlices(v, unique))
@@ -437,6 +473,10 @@ class _SkipGramTrainer:
             .with_options(options)
         )
         return float(self._run_epoch(dataset)) / pairs
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target table, context table) without the padding row: (n_items, dim) float32 each."""
+        return self.target.numpy()[: self.n], self.context.numpy()[: self.n]
 
     def embeddings(self, average: bool) -> np.ndarray:
         """The item embeddings (the padding row dropped): the target table, or both tables' mean."""

@@ -10,6 +10,9 @@ Inputs:
   TensorFlow is importable: about 3x faster than numpy on 2 cores at n = 100k) or ``"numpy"``
   (matmul, a per-row lower bound on the k-th score from group maxima, ``np.argpartition``-free
   exact selection of the few candidates above it);
+* :func:`top_k_scores` - asymmetric scores ``queries[i] . keys[j] + key_bias[j]`` of two dense
+  tables (a model's input and output embeddings plus a log-popularity prior), same blocks and
+  backends;
 * :func:`top_k_sparse` - a sparse item x item score matrix (scipy CSR, e.g. co-occurrence
   counts), processed in row blocks; only stored entries can be recommended.
 
@@ -33,7 +36,7 @@ from scipy import sparse
 
 from carousel.schemas import RECOMMENDATION_COLUMNS
 
-__all__ = ["to_recommendations", "top_k_similar", "top_k_sparse"]
+__all__ = ["to_recommendations", "top_k_scores", "top_k_similar", "top_k_sparse"]
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +111,71 @@ def top_k_similar(
     return indices, scores
 
 
+def top_k_scores(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    key_bias: np.ndarray | None = None,
+    block_size: int = 4096,
+    backend: str = "auto",
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` best other items by an asymmetric score ``queries[i] . keys[j] + key_bias[j]``.
+
+    ``queries`` and ``keys`` are (n, d) tables of the same n items (e.g. a model's input and output
+    embeddings: the score of j after i is then the model's own logit); ``key_bias`` (n,) is added
+    to every column (e.g. a log-popularity prior; None = 0). The item itself is excluded, ``k`` is
+    capped at n - 1, blocks as in :func:`top_k_similar`, same result for both backends, ties by the
+    lower index. Returns ``(indices (n, k) int32, scores (n, k) float32)``, best first.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    q = _normalised(queries, normalise=False)
+    keys_ = _normalised(keys, normalise=False)
+    if q.shape != keys_.shape:
+        raise ValueError(f"queries {q.shape} and keys {keys_.shape} must have the same shape (items x dims)")
+    n = q.shape[0]
+    bias = None
+    if key_bias is not None:
+        bias = np.ascontiguousarray(key_bias, dtype=np.float32)
+        if bias.shape != (n,) or not np.isfinite(bias).all():
+            raise ValueError(f"key_bias must be {n} finite values, got shape {bias.shape}")
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
+    if backend == "auto":
+        backend = "tensorflow" if _tensorflow_available() else "numpy"
+    if backend not in ("tensorflow", "numpy"):
+        raise ValueError(f"unknown backend {backend!r}; expected auto, tensorflow or numpy")
+    rows = _block_rows(n, block_size, max_block_bytes)
+    started = time.perf_counter()
+    top = _top_k_tensorflow if backend == "tensorflow" else _top_k_numpy
+    indices, scores = top(q, k, rows, keys=keys_, bias=bias)
+    log.info(
+        "top-%d of %d items (%d dims, asymmetric scores) by %s in blocks of %d rows: %.1f s",
+        k,
+        n,
+        q.shape[1],
+        backend,
+        rows,
+        time.perf_counter() - started,
+    )
+    return indices, scores
+
+
 @functools.lru_cache(maxsize=1)
 def _tensorflow_block_top_k() -> Any:
-    """One compiled function for every call: (items, start, stop, k) -> (values, indices)."""
+    """One compiled function for every call: (queries, keys, bias, start, stop, k) -> (values, indices)."""
     import tensorflow as tf
 
     scalar = tf.TensorSpec([], tf.int32)
+    matrix = tf.TensorSpec([None, None], tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32), scalar, scalar, scalar])
-    def block_top_k(items: tf.Tensor, start: tf.Tensor, stop: tf.Tensor, k: tf.Tensor) -> Any:
-        scores = tf.matmul(items[start:stop], items, transpose_b=True)
+    @tf.function(input_signature=[matrix, matrix, tf.TensorSpec([None], tf.float32), scalar, scalar, scalar])
+    def block_top_k(
+        queries: tf.Tensor, keys: tf.Tensor, bias: tf.Tensor, start: tf.Tensor, stop: tf.Tensor, k: tf.Tensor
+    ) -> Any:
+        scores = tf.matmul(queries[start:stop], keys, transpose_b=True) + bias[None, :]
         where = tf.stack([tf.range(stop - start), tf.range(start, stop)], axis=1)
         scores = tf.tensor_scatter_nd_update(scores, where, tf.fill([stop - start], float("-inf")))
         return tf.math.top_k(scores, k=k, sorted=True)  # ties: the lower index first
@@ -125,24 +183,33 @@ def _tensorflow_block_top_k() -> Any:
     return block_top_k
 
 
-def _top_k_tensorflow(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_tensorflow(
+    x: np.ndarray, k: int, rows: int, keys: np.ndarray | None = None, bias: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow as tf
 
     n = x.shape[0]
-    items = tf.constant(x)
+    queries = tf.constant(x)
+    key_table = queries if keys is None else tf.constant(keys)
+    bias_t = tf.constant(np.zeros(n, np.float32) if bias is None else bias)
     block_top_k = _tensorflow_block_top_k()
     indices = np.empty((n, k), np.int32)
     scores = np.empty((n, k), np.float32)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        values, index = block_top_k(items, tf.constant(start), tf.constant(stop), tf.constant(k))
+        values, index = block_top_k(
+            queries, key_table, bias_t, tf.constant(start), tf.constant(stop), tf.constant(k)
+        )
         indices[start:stop] = index.numpy()
         scores[start:stop] = values.numpy()
     return indices, scores
 
 
-def _top_k_numpy(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_numpy(
+    x: np.ndarray, k: int, rows: int, keys: np.ndarray | None = None, bias: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     n = x.shape[0]
+    keys = x if keys is None else keys
     indices = np.empty((n, k), np.int32)
     scores = np.empty((n, k), np.float32)
     # Group maxima: the k-th largest of g >= k group maxima is a lower bound on the k-th largest
@@ -154,7 +221,9 @@ def _top_k_numpy(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarr
         stop = min(n, start + rows)
         b = stop - start
         block = np.full((b, padded), -np.inf, dtype=np.float32)
-        np.matmul(x[start:stop], x.T, out=block[:, :n])
+        np.matmul(x[start:stop], keys.T, out=block[:, :n])
+        if bias is not None:
+            block[:, :n] += bias
         block[np.arange(b), np.arange(start, stop)] = -np.inf
         maxima = block.reshape(b, groups, width).max(axis=2)
         bound = np.partition(maxima, groups - k, axis=1)[:, groups - k]

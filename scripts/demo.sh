@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the embedded default: a local Kafka broker, local Spark, Delta tables
-# under ./data. Produces simulated traffic, ingests it into events + profiles (+ quarantine), and
-# checks the streamed profiles against a batch recomputation.
+# under ./data. Every stage of carousel runs once:
+#   simulate -> ingest (events, profiles, quarantine) -> profile check -> catalog upload ->
+#   nightly training (export, validate, train, publish) -> real-time serving of the triggers ->
+#   a batch campaign with an A/B test -> simulated responses -> ingest -> report.
 #   make demo                     (installs first)
 #   DEMO_EVENTS=200000 make demo  (more traffic)
 set -euo pipefail
@@ -23,5 +25,27 @@ step "ingesting everything in the topic into Delta (events, user_profiles, event
 step "checking the streamed profiles against a batch recomputation from the events table"
 ./spark-submit.sh rebuild-profiles --check
 
+step "uploading the product catalog (the simulator's catalog.csv, validated by its suite)"
+./spark-submit.sh upload-catalog data/simulator/catalog.csv
+
+step "nightly training: export -> validate -> train -> publish the correlation matrix"
+# The demo has far fewer than the production minimum of interactions: export what there is.
+./spark-submit.sh nightly --set training.min_interactions=10000 --set training.lookback_days=30
+
+step "serving: answering the trigger events already in the topic (push, in-app), then stopping"
+./spark-submit.sh serve --available-now --set serving.starting_offsets=earliest
+
+step "batch campaign 'weekly-email' (A/B: model vs trending, 10% control), as of 3 days ago"
+as_of="$(date -u -d '3 days ago' +%Y-%m-%dT%H:%M:%SZ)"
+./spark-submit.sh campaign weekly-email --as-of "$as_of" --run-id "demo-$(date -u +%Y%m%d%H%M%S)"
+
+step "simulating the users' responses to the campaign, and ingesting them"
+./spark-submit.sh simulate-responses --campaign weekly-email --seed 1
+./spark-submit.sh ingest --available-now
+
+step "report: attribution, CTR, conversion, lift over control, coverage, diversity"
+./spark-submit.sh report --campaign weekly-email
+
 step "done"
-echo "Tables are under ./data/tables; the broker keeps running (./spark-submit.sh broker stop)."
+echo "Tables are under ./data/tables, reports under ./data/reports; the broker keeps running"
+echo "(./spark-submit.sh broker stop). Payloads are on the recs.* topics."

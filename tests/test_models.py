@@ -24,7 +24,8 @@ from models.base import NotFittedError
 from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules, log_likelihood_ratio
 from models.interactions import read_interactions, time_split, to_csv_text, user_item_matrix, user_sequences
 from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability
-from models.topk import to_recommendations, top_k_similar, top_k_sparse
+from models.next_item2vec import NextItem2Vec, forward_pairs, popularity_prior
+from models.topk import to_recommendations, top_k_scores, top_k_similar, top_k_sparse
 
 SMALL = ModelConfig(
     embedding_dim=16,
@@ -296,7 +297,8 @@ def test_skipgram_pairs_respect_users_and_window() -> None:
 # Every model: the interface, and the planted structure
 # ---------------------------------------------------------------------------------------------
 def test_registry_and_build_model() -> None:
-    assert set(MODELS) == {"item2vec", "popularity", "item_knn", "llr", "sequential_rules"}
+    assert set(MODELS) == {"next_item2vec", "item2vec", "popularity", "item_knn", "llr", "sequential_rules"}
+    assert load_config().training.model.name == "next_item2vec"
     model = build_model("sequential_rules", load_config().training.model)
     assert isinstance(model, SequentialRules) and model.params["window"] == 5
     with pytest.raises(ValueError, match="unknown model"):
@@ -311,7 +313,9 @@ def test_every_model_keeps_the_interface_and_finds_planted_neighbours(name: str,
     model = build_model(name, SMALL).fit(df)
     k = 10
     recs = model.recommend(k)
-    check_recommendations(recs, k, model.item_ids, exact_k=name in ("item2vec", "popularity"))
+    check_recommendations(
+        recs, k, model.item_ids, exact_k=name in ("next_item2vec", "item2vec", "popularity")
+    )
     assert recs["rank"].dtype == np.int32 and recs["score"].dtype == np.float64
     meta = model.metadata()
     assert meta["name"] == name and meta["model_version"].startswith(name.replace("_", "-") + "-")
@@ -360,3 +364,72 @@ def test_item2vec_rejects_unknown_options() -> None:
         Item2Vec(SMALL, optimizer="rmsprop")
     with pytest.raises(ValueError, match="output"):
         Item2Vec(SMALL, output="context")
+
+
+# ---------------------------------------------------------------------------------------------
+# NextItem2Vec: directed pairs, asymmetric top-k, reproducibility
+# ---------------------------------------------------------------------------------------------
+def test_forward_pairs_are_directed_within_users_and_window() -> None:
+    codes = np.array([0, 1, 2, 3, 4, 4, 5], np.int32)
+    user = np.array([0, 0, 0, 1, 1, 1, 1], np.int32)
+    rng = np.random.default_rng(0)
+    a, b = forward_pairs(codes, user, 2, rng, distance_decay=0.0, shuffle=False)
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == {(0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 4)}
+    assert len(a) == 7  # (3, 4) and (4, 5) at distances 1 and 2 (two 4s); (4, 4) never
+    a, b = forward_pairs(codes, user, 1, rng, backward_weight=1.0, shuffle=False)
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == sorted(
+        [(0, 1), (1, 2), (3, 4), (4, 5), (1, 0), (2, 1), (4, 3), (5, 4)]
+    )
+    # Distance weighting: pairs at distance d are drawn with probability d ** -decay.
+    long_codes = np.arange(20_000, dtype=np.int32) % 1000
+    a, b = forward_pairs(long_codes, np.zeros(20_000, np.int32), 2, rng, distance_decay=1.0, shuffle=False)
+    far = int(((b - a) % 1000 == 2).sum())
+    assert 0.45 < far / 19_998 < 0.55
+
+
+def test_popularity_prior_is_the_log_noise_probability_over_keep() -> None:
+    counts = np.array([16.0, 1.0, 0.0])
+    prior = popularity_prior(counts, np.array([0.5, 1.0, 1.0]))
+    total = 16**0.75 + 1
+    np.testing.assert_allclose(prior[:2], [np.log(8 / total) - np.log(0.5), np.log(1 / total)], rtol=1e-6)
+    assert prior[2] == prior[:2].min()
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy"])
+def test_top_k_scores_equals_brute_force(backend: str) -> None:
+    rng = np.random.default_rng(5)
+    queries, keys = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(60, 8)).astype(np.float32)
+    bias = rng.normal(size=60).astype(np.float32)
+    indices, scores = top_k_scores(queries, keys, 7, key_bias=bias, block_size=16, backend=backend)
+    full = queries @ keys.T + bias[None, :]
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), rtol=1e-5, atol=1e-5)
+    # Asymmetric: i -> j and j -> i differ.
+    assert not np.allclose(full, full.T)
+    with pytest.raises(ValueError, match="key_bias"):
+        top_k_scores(queries, keys, 3, key_bias=bias[:5])
+
+
+def test_next_item2vec_is_reproducible_and_learns_direction(world_data: tuple) -> None:
+    df, planted = world_data
+    cfg = SMALL.model_copy(update={"epochs": 2})
+    first = NextItem2Vec(cfg, sampled_negatives=64).fit(df)
+    second = NextItem2Vec(cfg, sampled_negatives=64).fit(df)
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+    np.testing.assert_array_equal(first.output_embeddings, second.output_embeddings)
+    pd.testing.assert_frame_equal(first.recommend(5), second.recommend(5))
+    meta = first.metadata()
+    assert meta["params"]["loss"] == "softmax" and meta["epoch_loss"][-1] < meta["epoch_loss"][0]
+    assert "name" not in meta["params"]
+    # Directed data: every user walks a -> b -> c, never back; b must follow a, not precede it.
+    rows = [(f"u{u}", item, f"2026-01-01T00:00:0{t}Z") for u in range(60) for t, item in enumerate("abc")]
+    rows += [(f"v{u}", item, f"2026-01-01T00:00:0{t}Z") for u in range(60) for t, item in enumerate("xyz")]
+    directed = SMALL.model_copy(update={"epochs": 20, "window": 1, "learning_rate": 0.05, "subsample": 0.0})
+    model = NextItem2Vec(directed, sampled_negatives=4, backward_weight=0.0)
+    recs = model.fit(frame(rows)).recommend(1)
+    top = dict(zip(recs["item_id"], recs["rec_item_id"], strict=True))
+    assert top["a"] == "b" and top["b"] == "c" and top["x"] == "y" and top["y"] == "z"
+    with pytest.raises(ValueError, match="loss"):
+        NextItem2Vec(SMALL, loss="hinge")

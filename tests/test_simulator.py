@@ -428,6 +428,8 @@ def test_write_outputs(world, tmp_path):
         "image_url",
         "deep_link",
         "in_stock",
+        "currency",
+        "brand",
     ]
     assert [r[0] for r in rows[1:]] == [item.item_id for item in world.items]
     assert {r[8] for r in rows[1:]} <= {"true", "false"}

@@ -1,0 +1,828 @@
+"""Channel payloads: Jinja2 templates, rendering, the JSON Schema contract, and the Spark glue.
+
+Role: turn a *render request* (who gets it, which campaign / channel / template / A/B variant, and
+the ranked items enriched with their catalog rows) into the JSON payload that a channel's sender
+consumes, and check it against the channel's JSON Schema. Real-time serving (inside
+``foreachBatch``) and batch campaigns both call :func:`render_payloads`. Neither calls it per
+record; it runs per partition on the executors.
+
+Inputs:
+
+- request rows shaped like :data:`PAYLOAD_REQUEST_SCHEMA`;
+- templates ``<serving.templates_dir>/<channel>/<template>.<part>.j2``, with the parts of each
+  channel in :data:`TEMPLATE_PARTS`. Email HTML (``*.html.j2``) is autoescaped. Every template
+  renders with ``StrictUndefined`` in Jinja's sandbox;
+- JSON Schemas ``<serving.payload_schemas_dir>/<channel>.schema.json`` (draft 2020-12), which
+  share ``common.schema.json``.
+
+Outputs: rows of :data:`PAYLOAD_OUTPUT_SCHEMA` (``topic``, ``key`` = user id, ``value`` = the
+payload JSON, plus ``payload_id``, ``channel`` and ``campaign``) for Spark's Kafka sink.
+
+This module is not a job. ``./spark-submit.sh serve`` and ``./spark-submit.sh campaign NAME``
+call :func:`check_templates` at start, so a missing or broken template stops the job before any
+data is read. They then call :func:`render_payloads` on each batch.
+
+Catalog strings are untrusted. In the payload's ``items`` they are passed on as uploaded. In
+``content`` they are rendered safely: escaped in HTML, and every link and image URL goes
+through :func:`safe_url`. Images and web links must use http(s). App deep links may use a custom
+scheme, but never ``javascript:``, ``data:`` and the like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pyarrow as pa
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, StringType, StructField, StructType, TimestampType
+from referencing import Registry, Resource
+from referencing.exceptions import Unresolvable
+
+from carousel.config import CampaignConfig, CarouselConfig
+from carousel.schemas import (
+    APP_INBOX,
+    CATALOG_SCHEMA,
+    CHANNELS,
+    EMAIL,
+    IN_APP,
+    PUSH,
+    RANKED_ITEM_SCHEMA,
+    SMS,
+    STRATEGIES,
+    USER_ATTRIBUTES_SCHEMA,
+    WEB_POPUP,
+    WEBHOOK,
+)
+
+PAYLOAD_SCHEMA_VERSION = 1
+
+# The template files each channel needs: <channel>/<template>.<part>.j2.
+TEMPLATE_PARTS: dict[str, tuple[str, ...]] = {
+    PUSH: ("title", "body"),
+    IN_APP: ("title", "body"),
+    WEB_POPUP: ("title", "body"),
+    APP_INBOX: ("title", "body"),
+    EMAIL: ("subject", "html", "txt"),
+    SMS: ("txt",),
+    WEBHOOK: ("title",),
+}
+# Parts that may render empty; every other part must produce text.
+OPTIONAL_PARTS: frozenset[str] = frozenset({"body"})
+# The layout the client renders for each JSON channel.
+CLIENT_LAYOUTS: dict[str, str] = {IN_APP: "carousel", WEB_POPUP: "modal", APP_INBOX: "list"}
+# Links on these channels open inside the app, so custom app schemes (shop://...) are allowed.
+APP_LINK_CHANNELS: frozenset[str] = frozenset({PUSH, IN_APP, APP_INBOX})
+WEB_URL_SCHEMES: frozenset[str] = frozenset({"http", "https"})
+BLOCKED_URL_SCHEMES: frozenset[str] = frozenset({"javascript", "vbscript", "data", "file", "about", "blob"})
+# GSM 03.38 has no "…". A single one would switch the whole SMS to UCS-2, with 70 characters a
+# segment instead of 160.
+SMS_ELLIPSIS = "..."
+# Below this many characters of text, keeping the closing link whole is no longer worth it.
+_SMS_MIN_PROSE = 10
+COMMON_SCHEMA_FILE = "common.schema.json"
+
+# ---------------------------------------------------------------------------------------------
+# Request and output schemas
+# ---------------------------------------------------------------------------------------------
+CATALOG_ITEM_FIELDS: tuple[str, ...] = (
+    "title",
+    "description",
+    "category",
+    "price",
+    "currency",
+    "rating",
+    "image_url",
+    "deep_link",
+)
+# One item of a request: the ranking's fields, then the catalog's. The payload's items use the same
+# names in the same order.
+PAYLOAD_ITEM_SCHEMA = StructType(
+    [*RANKED_ITEM_SCHEMA.fields, *(CATALOG_SCHEMA[name] for name in CATALOG_ITEM_FIELDS)]
+)
+PAYLOAD_ITEM_FIELDS: tuple[str, ...] = tuple(PAYLOAD_ITEM_SCHEMA.fieldNames())
+# The user part of the template context: the latest user attributes and the latest platform.
+PAYLOAD_USER_SCHEMA = StructType([*USER_ATTRIBUTES_SCHEMA.fields, StructField("platform", StringType())])
+USER_FIELDS: tuple[str, ...] = tuple(PAYLOAD_USER_SCHEMA.fieldNames())
+PAYLOAD_REQUEST_SCHEMA = StructType(
+    [
+        StructField("payload_id", StringType(), False),
+        StructField("campaign", StringType(), False),
+        StructField("channel", StringType(), False),
+        StructField("template", StringType(), False),
+        StructField("variant", StringType(), False),
+        StructField("user_id", StringType(), False),
+        StructField("trigger_event_id", StringType()),  # null for batch campaigns
+        StructField("trigger_event_type", StringType()),
+        StructField("run_id", StringType()),  # null for real-time serving
+        StructField("model_version", StringType()),
+        StructField("created_at", TimestampType(), False),
+        StructField("user", PAYLOAD_USER_SCHEMA),
+        StructField("items", ArrayType(PAYLOAD_ITEM_SCHEMA), False),
+    ]
+)
+REQUEST_COLUMNS: tuple[str, ...] = tuple(PAYLOAD_REQUEST_SCHEMA.fieldNames())
+# What render_payloads yields: ready for Spark's Kafka sink (topic, key, value), plus bookkeeping.
+PAYLOAD_OUTPUT_SCHEMA = StructType(
+    [
+        StructField("topic", StringType(), False),
+        StructField("key", StringType(), False),
+        StructField("value", StringType(), False),
+        StructField("payload_id", StringType(), False),
+        StructField("channel", StringType(), False),
+        StructField("campaign", StringType(), False),
+    ]
+)
+_ARROW_OUTPUT_SCHEMA = pa.schema(
+    [pa.field(f.name, pa.string(), nullable=False) for f in PAYLOAD_OUTPUT_SCHEMA]
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class PayloadError(ValueError):
+    """A request cannot be rendered, or a payload breaks its schema. The message names the payload."""
+
+
+class TemplateCheckError(ValueError):
+    """Templates or schemas of enabled campaigns are missing or invalid (raised at job start)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs and text helpers (pure)
+# ---------------------------------------------------------------------------------------------
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+# Whitespace or control characters anywhere in a URL: browsers drop some of them ("java\tscript:"),
+# so such a URL is refused instead of repaired.
+_UNSAFE_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
+_WEB_URL = re.compile(r"[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]+")
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+
+
+@lru_cache(maxsize=65536)
+def safe_url(url: str | None, allow_app_schemes: bool = False) -> str | None:
+    """``url`` if it is safe to put in a link or image, else None.
+
+    It must be absolute, with no whitespace or control characters. The scheme must be http(s).
+    With ``allow_app_schemes``, any scheme outside :data:`BLOCKED_URL_SCHEMES` is also allowed.
+    Cached: a catalog's URLs recur in many payloads.
+    """
+    if not isinstance(url, str):
+        return None
+    url = url.strip()
+    if _WEB_URL.fullmatch(url):
+        return url
+    match = _SCHEME.match(url)
+    if not allow_app_schemes or not match or _UNSAFE_URL_CHARS.search(url):
+        return None
+    scheme = match.group(1).lower()
+    return url if scheme not in BLOCKED_URL_SCHEMES and scheme not in WEB_URL_SCHEMES else None
+
+
+def one_line(text: str) -> str:
+    """Collapse all whitespace, so that a catalog string cannot inject a line (subject, SMS, titles)."""
+    return " ".join(text.split())
+
+
+def fit_sms(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` with :data:`SMS_ELLIPSIS`, cutting between words, never inside a URL.
+
+    When the last URL and everything after it fit, they are kept whole. The words before them are
+    shortened instead. A URL longer than the whole limit is the only case that gets cut.
+    """
+    if len(text) <= max_chars:
+        return text
+    urls = [m.span() for m in _URL_IN_TEXT.finditer(text)]
+    if urls:
+        start = urls[-1][0]
+        tail = text[start:]
+        room = max_chars - len(tail) - len(SMS_ELLIPSIS) - 1
+        if room >= _SMS_MIN_PROSE:
+            prose = _cut_words(text[:start].rstrip(), room, urls[:-1])
+            if prose:
+                return f"{prose}{SMS_ELLIPSIS} {tail}"
+    return _cut_words(text, max_chars - len(SMS_ELLIPSIS), urls) + SMS_ELLIPSIS
+
+
+def _cut_words(text: str, limit: int, urls: Sequence[tuple[int, int]]) -> str:
+    if len(text) <= limit:
+        return text
+    cut = limit
+    for start, end in urls:
+        if start < cut < end:
+            cut = start
+    if 0 < cut < len(text) and not text[cut].isspace() and not text[cut - 1].isspace():
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        # Step back to the previous word, unless that throws away most of the text.
+        if space > cut // 2:
+            cut = space
+    if cut == 0:  # the text starts with a URL longer than the limit: nothing else to cut
+        cut = limit
+    return text[:cut].rstrip(" \t\n,;:-")
+
+
+def money(price: float | None, currency: str | None = None) -> str:
+    """``49.90 EUR`` (empty for an unknown price). Used by the templates."""
+    if price is None:
+        return ""
+    return f"{price:,.2f} {currency}" if currency else f"{price:,.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+# ---------------------------------------------------------------------------------------------
+def template_name(channel: str, template: str, part: str) -> str:
+    """The template's path relative to ``serving.templates_dir``: ``email/default.html.j2``."""
+    return f"{channel}/{template}.{part}.j2"
+
+
+def _autoescape(name: str | None) -> bool:
+    return name is not None and name.endswith(".html.j2")
+
+
+def _web_url_filter(url: str | None) -> str:
+    # In templates a refused URL is "" (falsy), so `{% if item.deep_link|safe_url %}` works.
+    return safe_url(url) or ""
+
+
+class _PayloadSandbox(ImmutableSandboxedEnvironment):
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is TemplateRecord and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
+def _build_environment(texts: Mapping[str, str]) -> jinja2.Environment:
+    def load(name: str) -> tuple[str, str, Callable[[], bool]] | None:
+        # Report the template's own name as its file name: errors and tracebacks then name it.
+        return (texts[name], name, lambda: True) if name in texts else None
+
+    # Sandboxed: templates are edited by campaign owners and must not reach Python internals.
+    env = _PayloadSandbox(
+        loader=jinja2.FunctionLoader(load),
+        undefined=jinja2.StrictUndefined,
+        autoescape=_autoescape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,
+    )
+    env.filters["safe_url"] = _web_url_filter
+    env.filters["money"] = money
+    return env
+
+
+# Python workers are reused across tasks: compiled templates are kept per set of template texts.
+_ENVIRONMENTS: dict[str, jinja2.Environment] = {}
+
+
+def _environment(texts: Mapping[str, str]) -> jinja2.Environment:
+    digest = hashlib.sha256()
+    for name in sorted(texts):
+        digest.update(f"{len(name)}:{name}{len(texts[name])}:{texts[name]}".encode())
+    key = digest.hexdigest()
+    env = _ENVIRONMENTS.get(key)
+    if env is None:
+        if len(_ENVIRONMENTS) >= 8:
+            _ENVIRONMENTS.clear()
+        env = _ENVIRONMENTS[key] = _build_environment(texts)
+    return env
+
+
+def _template_line(err: BaseException, name: str) -> int | None:
+    """The template line that raised, from the traceback Jinja rewrites to template lines."""
+    line = getattr(err, "lineno", None)
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == name:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+class TemplateRecord(dict):
+    """The payload's own data (items, user): plain values that templates read as ``item.title``.
+
+    The sandbox reads these keys directly. Its attribute checks would otherwise take most of the
+    rendering time, and plain strings and numbers have nothing to guard.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class PayloadRenderer:
+    """Renders payload templates from template *texts*, so executors need no access to the files.
+
+    Pickles as its texts and limits. The compiled Jinja environment is rebuilt, and cached, in
+    each Python worker.
+    """
+
+    def __init__(
+        self,
+        texts: Mapping[str, str],
+        *,
+        sms_max_chars: int,
+        push_max_items: int,
+        origin: str = "<memory>",
+    ) -> None:
+        self.texts: dict[str, str] = dict(texts)
+        self.sms_max_chars = sms_max_chars
+        self.push_max_items = push_max_items
+        self.origin = origin
+        self._env: jinja2.Environment | None = None
+
+    @classmethod
+    def from_directory(
+        cls, templates_dir: str | Path, *, sms_max_chars: int, push_max_items: int
+    ) -> PayloadRenderer:
+        """Read every ``*.j2`` under ``templates_dir``, keyed by relative path (so includes work)."""
+        root = Path(templates_dir)
+        if not root.is_dir():
+            raise TemplateCheckError(f"templates folder not found: {root}")
+        texts = {p.relative_to(root).as_posix(): p.read_text(encoding="utf-8") for p in root.rglob("*.j2")}
+        return cls(texts, sms_max_chars=sms_max_chars, push_max_items=push_max_items, origin=str(root))
+
+    @classmethod
+    def from_config(cls, cfg: CarouselConfig) -> PayloadRenderer:
+        serving = cfg.serving
+        return cls.from_directory(
+            serving.templates_dir, sms_max_chars=serving.sms_max_chars, push_max_items=serving.push_max_items
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_env": None}
+
+    @property
+    def environment(self) -> jinja2.Environment:
+        if self._env is None:
+            self._env = _environment(self.texts)
+        return self._env
+
+    def compile(self, name: str) -> None:
+        """Load and compile one template; raises :class:`TemplateCheckError` naming file and line."""
+        if name not in self.texts:
+            raise TemplateCheckError(f"missing template {self.origin}/{name}")
+        try:
+            self.environment.get_template(name)
+        except jinja2.TemplateSyntaxError as err:
+            raise TemplateCheckError(
+                f"template {self.origin}/{name} line {err.lineno}: {err.message}"
+            ) from None
+
+    def render(self, name: str, context: Mapping[str, Any]) -> str:
+        """Render one template; any failure names the template, the line and the reason."""
+        if name not in self.texts:
+            raise PayloadError(f"missing template {self.origin}/{name}")
+        try:
+            return self.environment.get_template(name).render(context)
+        except jinja2.TemplateSyntaxError as err:
+            raise PayloadError(f"template {name} line {err.lineno}: {err.message}") from None
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            ArithmeticError,
+            LookupError,
+            AttributeError,
+        ) as err:
+            line = _template_line(err, name)
+            where = f"template {name}" + (f" line {line}" if line else "")
+            raise PayloadError(f"{where}: {type(err).__name__}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering one payload (pure)
+# ---------------------------------------------------------------------------------------------
+def _describe(request: Mapping[str, Any]) -> str:
+    return (
+        f"payload {request.get('payload_id')!r} (campaign {request.get('campaign')!r}, "
+        f"user {request.get('user_id')!r})"
+    )
+
+
+def _iso_utc(value: Any, ref: str) -> str:
+    if not isinstance(value, datetime):
+        raise PayloadError(f"{ref}: created_at must be a timestamp, got {value!r}")
+    if value.tzinfo is None:  # Spark hands out naive datetimes in the session time zone (UTC)
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _optional_number(value: Any) -> float | None:
+    # A NaN or infinite catalog price/rating is unknown, and JSON cannot carry it anyway.
+    if value is None or isinstance(value, bool):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _payload_items(raw_items: Sequence[Mapping[str, Any]], ref: str) -> list[TemplateRecord]:
+    items = []
+    for position, raw in enumerate(raw_items):
+        where = f"{ref}: item {position}"
+        item_id, rank, strategy = raw.get("item_id"), raw.get("rank"), raw.get("strategy")
+        if not isinstance(item_id, str) or not item_id:
+            raise PayloadError(f"{where}: item_id is missing")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise PayloadError(f"{where} ({item_id}): rank must be an integer >= 1, got {rank!r}")
+        if strategy not in STRATEGIES:
+            raise PayloadError(
+                f"{where} ({item_id}): unknown strategy {strategy!r}; known: {list(STRATEGIES)}"
+            )
+        score = raw.get("score")
+        if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
+            raise PayloadError(f"{where} ({item_id}): score must be a finite number, got {score!r}")
+        items.append(
+            TemplateRecord(
+                item_id=item_id,
+                rank=rank,
+                score=None if score is None else float(score),
+                strategy=strategy,
+                title=_optional_text(raw.get("title")),
+                description=_optional_text(raw.get("description")),
+                category=_optional_text(raw.get("category")),
+                price=_optional_number(raw.get("price")),
+                currency=_optional_text(raw.get("currency")),
+                rating=_optional_number(raw.get("rating")),
+                image_url=_optional_text(raw.get("image_url")),
+                deep_link=_optional_text(raw.get("deep_link")),
+            )
+        )
+    items.sort(key=lambda item: item["rank"])
+    ranks = [item["rank"] for item in items]
+    if len(set(ranks)) != len(ranks):
+        raise PayloadError(f"{ref}: duplicate ranks {ranks}")
+    return items
+
+
+def _render_parts(
+    renderer: PayloadRenderer, channel: str, template: str, context: Mapping[str, Any], ref: str
+) -> dict[str, str]:
+    parts = {}
+    for part in TEMPLATE_PARTS[channel]:
+        name = template_name(channel, template, part)
+        try:
+            text = renderer.render(name, context).strip()
+        except PayloadError as err:
+            raise PayloadError(f"{ref}: {err}") from err.__cause__
+        if not text and part not in OPTIONAL_PARTS:
+            raise PayloadError(f"{ref}: template {name} rendered an empty {part}")
+        parts[part] = text
+    return parts
+
+
+def _card(item: Mapping[str, Any], app_links: bool) -> dict[str, Any]:
+    return {
+        "item_id": item["item_id"],
+        "title": item["title"] or "",
+        "description": item["description"],
+        "price_text": money(item["price"], item["currency"]) or None,
+        "rating": item["rating"],
+        "image_url": safe_url(item["image_url"]),
+        "deep_link": safe_url(item["deep_link"], allow_app_schemes=app_links),
+    }
+
+
+def _content(
+    renderer: PayloadRenderer, channel: str, parts: Mapping[str, str], items: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    app_links = channel in APP_LINK_CHANNELS
+    if channel == PUSH:
+        shown = items[: renderer.push_max_items]
+        return {
+            "title": one_line(parts["title"]),
+            "body": parts["body"],
+            "deep_link": safe_url(items[0]["deep_link"], allow_app_schemes=True),
+            "image_url": safe_url(items[0]["image_url"]),
+            "carousel": [
+                {
+                    "item_id": item["item_id"],
+                    "title": item["title"] or "",
+                    "image_url": safe_url(item["image_url"]),
+                    "deep_link": safe_url(item["deep_link"], allow_app_schemes=True),
+                }
+                for item in shown
+            ],
+        }
+    if channel in CLIENT_LAYOUTS:
+        return {
+            "layout": CLIENT_LAYOUTS[channel],
+            "title": one_line(parts["title"]),
+            "body": parts["body"],
+            "cards": [_card(item, app_links) for item in items],
+        }
+    if channel == EMAIL:
+        # One line: a catalog string with a line break must not add mail headers.
+        return {"subject": one_line(parts["subject"]), "html": parts["html"], "text": parts["txt"]}
+    if channel == SMS:
+        return {"text": fit_sms(one_line(parts["txt"]), renderer.sms_max_chars)}
+    return {"title": one_line(parts["title"])}  # webhook: the receiver works from `items`
+
+
+def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dict[str, Any]:
+    """The payload (a JSON-ready dict, contract ``schema_version`` 1) for one render request.
+
+    ``request`` has the fields of :data:`PAYLOAD_REQUEST_SCHEMA`. ``created_at`` is a datetime, and
+    a naive one is read as UTC. Raises :class:`PayloadError` naming the payload and the reason for
+    an unknown channel or strategy, missing fields, no items, or a template that fails or renders
+    an empty required part.
+    """
+    ref = _describe(request)
+    channel = request.get("channel")
+    if channel not in TEMPLATE_PARTS:
+        raise PayloadError(f"{ref}: unknown channel {channel!r}; known: {list(CHANNELS)}")
+    for required in ("payload_id", "campaign", "template", "variant", "user_id"):
+        if not request.get(required):
+            raise PayloadError(f"{ref}: {required} is missing")
+    items = _payload_items(request.get("items") or (), ref)
+    if not items:
+        raise PayloadError(f"{ref}: no items to send")
+    created_at = _iso_utc(request.get("created_at"), ref)
+    attributes = request.get("user") or {}
+    user = TemplateRecord(user_id=request["user_id"], **{name: attributes.get(name) for name in USER_FIELDS})
+    context = {
+        "user": user,
+        "items": items,
+        "campaign": request["campaign"],
+        "channel": channel,
+        "variant": request["variant"],
+        "trigger_event_type": request.get("trigger_event_type"),
+    }
+    parts = _render_parts(renderer, channel, request["template"], context, ref)
+    return {
+        "payload_id": request["payload_id"],
+        "schema_version": PAYLOAD_SCHEMA_VERSION,
+        "campaign": request["campaign"],
+        "channel": channel,
+        "variant": request["variant"],
+        "user_id": request["user_id"],
+        "trigger_event_id": request.get("trigger_event_id"),
+        "trigger_event_type": request.get("trigger_event_type"),
+        "run_id": request.get("run_id"),
+        "model_version": request.get("model_version"),
+        "created_at": created_at,
+        "items": items,
+        "content": _content(renderer, channel, parts, items),
+    }
+
+
+def payload_json(payload: Mapping[str, Any]) -> str:
+    """The payload as compact UTF-8 JSON (what goes on the topic)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schemas
+# ---------------------------------------------------------------------------------------------
+def schema_path(schemas_dir: str | Path, channel: str) -> Path:
+    return Path(schemas_dir) / f"{channel}.schema.json"
+
+
+@lru_cache(maxsize=64)
+def _validator(schemas_dir: str, channel: str) -> Draft202012Validator:
+    """The channel's validator. References between the folder's schemas resolve offline, by ``$id``."""
+    folder = Path(schemas_dir)
+    path = schema_path(folder, channel)
+    if not path.is_file():
+        raise TemplateCheckError(f"payload schema not found: {path}")
+    resources, documents = [], {}
+    for file in sorted(folder.glob("*.schema.json")):
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+            Draft202012Validator.check_schema(document)
+        except json.JSONDecodeError as err:
+            raise TemplateCheckError(f"payload schema {file} is not valid JSON: {err}") from None
+        except SchemaError as err:
+            raise TemplateCheckError(f"payload schema {file} is invalid: {err.message}") from None
+        if "$id" not in document:
+            raise TemplateCheckError(f"payload schema {file} has no $id")
+        resources.append((document["$id"], Resource.from_contents(document)))
+        documents[file.name] = document
+    registry = Registry().with_resources(resources)
+    schema = documents[path.name]
+    return Draft202012Validator(schema, registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def validate_payload(payload: Mapping[str, Any], channel: str, schemas_dir: str | Path) -> None:
+    """Check ``payload`` against ``<schemas_dir>/<channel>.schema.json``.
+
+    Raises :class:`PayloadError` that names the payload and lists every violation with its JSON
+    path. Raises :class:`TemplateCheckError` when the schema is missing or broken.
+    """
+    validator = _validator(str(schemas_dir), channel)
+    try:
+        errors = sorted(validator.iter_errors(payload), key=lambda e: e.json_path)
+    except Unresolvable as err:
+        raise TemplateCheckError(f"payload schema {schema_path(schemas_dir, channel)}: {err}") from None
+    if errors:
+        problems = "; ".join(f"{e.json_path}: {e.message}" for e in errors[:10])
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise PayloadError(
+            f"payload {payload.get('payload_id')!r} does not match {channel}.schema.json: {problems}{more}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up check
+# ---------------------------------------------------------------------------------------------
+def sample_request(
+    campaign_name: str, channel: str, template: str = "default", items: int = 3, sparse: bool = False
+) -> dict[str, Any]:
+    """A representative request for trial renders. With ``sparse``, every nullable field is null."""
+    sample_items = [
+        {
+            "item_id": f"sample-{n}",
+            "rank": n,
+            "score": None if sparse else 1.0 / n,
+            "strategy": STRATEGIES[(n - 1) % len(STRATEGIES)],
+            **(
+                dict.fromkeys(CATALOG_ITEM_FIELDS)
+                if sparse
+                else {
+                    "title": f"Sample product {n}",
+                    "description": "A sample description.",
+                    "category": "sample",
+                    "price": 19.99 * n,
+                    "currency": "EUR",
+                    "rating": 4.5,
+                    "image_url": f"https://img.example.com/sample-{n}.jpg",
+                    "deep_link": f"https://shop.example.com/p/sample-{n}",
+                }
+            ),
+        }
+        for n in range(1, items + 1)
+    ]
+    user = (
+        dict.fromkeys(USER_FIELDS)
+        if sparse
+        else {
+            "age": 31,
+            "gender": "f",
+            "city": "Lisbon",
+            "country": "PT",
+            "language": "pt",
+            "platform": "ios",
+        }
+    )
+    return {
+        "payload_id": f"sample-{campaign_name}",
+        "campaign": campaign_name,
+        "channel": channel,
+        "template": template,
+        "variant": "default",
+        "user_id": "sample-user",
+        "trigger_event_id": None,
+        "trigger_event_type": None,
+        "run_id": None if sparse else "sample-run",
+        "model_version": None,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "user": user,
+        "items": sample_items,
+    }
+
+
+def _campaign_problems(
+    renderer: PayloadRenderer, cfg: CarouselConfig, name: str, campaign: CampaignConfig
+) -> list[str]:
+    channel, template = campaign.channel, campaign.template
+    label = f"campaign {name} ({channel}/{template})"
+    problems = []
+    for part in TEMPLATE_PARTS[channel]:
+        try:
+            renderer.compile(template_name(channel, template, part))
+        except TemplateCheckError as err:
+            problems.append(f"{label}: {err}")
+    try:
+        _validator(cfg.serving.payload_schemas_dir, channel)
+    except TemplateCheckError as err:
+        problems.append(f"{label}: {err}")
+    if problems:
+        return problems
+    # Trial renders catch what compiling cannot: undefined variables, and templates that fail on
+    # null catalog fields or on a single item.
+    samples = {
+        f"{campaign.items} full items": sample_request(name, channel, template, campaign.items),
+        "1 item with null fields": sample_request(name, channel, template, 1, sparse=True),
+    }
+    for what, request in samples.items():
+        try:
+            validate_payload(render_payload(request, renderer), channel, cfg.serving.payload_schemas_dir)
+        except (PayloadError, TemplateCheckError) as err:
+            problems.append(f"{label}, sample with {what}: {err}")
+    return problems
+
+
+def check_templates(cfg: CarouselConfig) -> PayloadRenderer:
+    """Check every enabled campaign's templates and payload schema. Returns the loaded renderer.
+
+    Every part must exist and compile. Two trial renders must then pass the channel's JSON Schema:
+    one with the campaign's item count, and one with a single item whose fields are all null.
+    Raises :class:`TemplateCheckError` that lists every problem, each naming the file.
+    """
+    try:
+        renderer = PayloadRenderer.from_config(cfg)
+    except TemplateCheckError as err:
+        raise TemplateCheckError(f"payload templates are not usable: {err}") from None
+    problems = [
+        problem
+        for name, campaign in sorted(cfg.campaigns.items())
+        if campaign.enabled
+        for problem in _campaign_problems(renderer, cfg, name, campaign)
+    ]
+    if problems:
+        raise TemplateCheckError(
+            "payload templates of enabled campaigns are missing or invalid:\n  - " + "\n  - ".join(problems)
+        )
+    return renderer
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark glue
+# ---------------------------------------------------------------------------------------------
+def _missing_request_fields(schema: StructType) -> list[str]:
+    missing = [name for name in REQUEST_COLUMNS if name not in schema.fieldNames()]
+    for column, fields in (("user", USER_FIELDS), ("items", PAYLOAD_ITEM_FIELDS)):
+        if column not in schema.fieldNames():
+            continue
+        data_type = schema[column].dataType
+        element = data_type.elementType if isinstance(data_type, ArrayType) else data_type
+        present = element.fieldNames() if isinstance(element, StructType) else []
+        missing.extend(f"{column}.{name}" for name in fields if name not in present)
+    return missing
+
+
+def _render_rows(
+    rows: Sequence[dict[str, Any]], renderer: PayloadRenderer, topics: Mapping[str, str]
+) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {name: [] for name in _ARROW_OUTPUT_SCHEMA.names}
+    for row in rows:
+        micros = row["created_at"]
+        row["created_at"] = None if micros is None else _EPOCH + timedelta(microseconds=micros)
+        payload = render_payload(row, renderer)
+        channel = payload["channel"]
+        if channel not in topics:
+            raise PayloadError(f"{_describe(row)}: kafka.topics.{channel} is not configured")
+        try:
+            value = payload_json(payload)
+        except ValueError as err:
+            raise PayloadError(f"{_describe(row)}: not serialisable as JSON: {err}") from None
+        out["topic"].append(topics[channel])
+        out["key"].append(payload["user_id"])
+        out["value"].append(value)
+        out["payload_id"].append(payload["payload_id"])
+        out["channel"].append(channel)
+        out["campaign"].append(payload["campaign"])
+    return out
+
+
+def render_payloads(
+    requests: DataFrame, cfg: CarouselConfig, renderer: PayloadRenderer | None = None
+) -> DataFrame:
+    """Render each request row into a Kafka-ready row of :data:`PAYLOAD_OUTPUT_SCHEMA`.
+
+    ``requests`` carries the columns of :data:`PAYLOAD_REQUEST_SCHEMA`; extra columns are ignored.
+    ``renderer`` is the one :func:`check_templates` returned at start. Without it, the templates
+    are read from ``serving.templates_dir`` now. Rendering runs in Python on the executors
+    (``mapInArrow``), one Arrow batch at a time. A request that cannot be rendered fails the
+    task with a :class:`PayloadError` naming the payload.
+    """
+    missing = _missing_request_fields(requests.schema)
+    if missing:
+        raise ValueError(
+            f"render requests lack columns {missing}; expected {PAYLOAD_REQUEST_SCHEMA.simpleString()}"
+        )
+    renderer = renderer or PayloadRenderer.from_config(cfg)
+    topics = {channel: cfg.kafka.topics[channel].name for channel in CHANNELS if channel in cfg.kafka.topics}
+    user = F.struct(*[F.col("user")[name].alias(name) for name in USER_FIELDS])
+    items = F.transform("items", lambda i: F.struct(*[i[name].alias(name) for name in PAYLOAD_ITEM_FIELDS]))
+    # created_at travels as epoch microseconds: unambiguous in Arrow, whatever the session time zone.
+    # user and items are rebuilt by name, so the field order of the caller's structs does not matter.
+    special = {"created_at": F.unix_micros(F.col("created_at")), "user": user, "items": items}
+    columns = [special.get(name, F.col(name)).alias(name) for name in REQUEST_COLUMNS]
+
+    def render_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            rendered = _render_rows(batch.to_pylist(), renderer, topics)
+            yield pa.RecordBatch.from_pydict(rendered, schema=_ARROW_OUTPUT_SCHEMA)
+
+    return requests.select(*columns).mapInArrow(render_batches, PAYLOAD_OUTPUT_SCHEMA)

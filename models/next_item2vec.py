@@ -1,0 +1,299 @@
+"""NextItem2Vec: directed skip-gram with negative sampling for next-item recommendations (TensorFlow).
+
+Role: the default production item-to-item model. The recommendations answer "which item does a
+user go to after this one", so the model learns exactly that: each item a is trained to predict
+the items that come *after* it in a user's time-ordered sequence (forward context only), the
+nearer the more often, and an item's recommendations are ranked by the model's own score of
+"b follows a" instead of a symmetric similarity.
+
+Inputs: an interaction frame (see :mod:`models.interactions`); hyperparameters from
+:class:`carousel.config.ModelConfig`: ``embedding_dim``, ``window`` (the largest forward distance),
+``negatives``, ``epochs``, ``batch_size``, ``learning_rate`` (lazy Adam), ``min_item_count``,
+``subsample`` (word2vec's down-sampling threshold of frequent items; 0 = off) and ``seed``.
+Keyword options: ``distance_decay`` (a pair at distance d is drawn with probability d ** -decay
+each epoch; 1 = the 1 / d weighting of :class:`models.baselines.SequentialRules`),
+``popularity_weight`` (beta, below), ``negative_sharing`` and ``threads`` (as in
+:class:`models.item2vec.Item2Vec`).
+
+How: every epoch the forward pairs (a, b) with b within ``window`` items after a (same user,
+a != b) are drawn in numpy with the distance weights, after subsampling, shuffled (generator
+seeded by (seed, epoch)), and fed to :class:`models.item2vec._SkipGramTrainer`: the same XLA
+compiled step, in-graph stateless negatives from the unigram^0.75 table, lazy Adam. The input
+table W holds "where users come from", the output table C "where they go".
+
+Scoring: at the optimum of the SGNS loss, W[a] . C[b] = log P(a, b) / (P(a) Pn(b)) - log k, a
+pointwise mutual information (Levy & Goldberg, 2014), with Pn the noise distribution (unigram^0.75)
+and P(a, b) the distribution of the (subsampled) training pairs. A PMI ranks rare items high;
+the next-item probability is what the evaluation (and a user) rewards, and
+log P(b | a) = W[a] . C[b] + log Pn(b) - log keep(b) + const(a), keep(b) being b's subsampling
+keep probability (subsampling thins b as a context). So the score is
+``W[a] . C[b] + beta * (log Pn(b) - log keep(b))``: beta = 1 is the model's estimate of
+log P(b | a) (up to a per-item constant that does not change the ranking), beta = 0 the raw PMI.
+The top k comes from :func:`models.topk.top_k_scores` (exact, in row blocks, nothing n x n).
+
+Outputs: :attr:`NextItem2Vec.embeddings` (the input table, (n_items, dim) float32, what
+``train`` saves), :attr:`NextItem2Vec.output_embeddings` and :attr:`NextItem2Vec.popularity_prior`
+(what the scores are made of); :meth:`recommend`; :meth:`metadata` (version, hyperparameters,
+counts, loss, pairs and seconds per epoch).
+
+    model = build_model("next_item2vec", cfg.training.model).fit(interactions)
+    ./spark-submit.sh train --input data/training/snapshots/<ts>      # the default model
+    ./spark-submit.sh evaluate --input data/training/snapshots/<ts>   # compared with the others
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from carousel.config import ModelConfig
+from models.base import ItemToItemModel
+from models.interactions import Sequences
+from models.item2vec import (
+    DEFAULT_PARAMS,
+    _configure_threads,
+    _SkipGramTrainer,
+    subsample_keep_probability,
+    unigram_table,
+)
+from models.topk import top_k_scores
+
+__all__ = ["NextItem2Vec", "forward_pairs", "popularity_prior"]
+
+log = logging.getLogger(__name__)
+
+_NOISE_POWER = 0.75  # word2vec's smoothing of the noise (negative-sampling) distribution
+
+
+def forward_pairs(
+    codes: np.ndarray,
+    user: np.ndarray,
+    window: int,
+    rng: np.random.Generator,
+    keep_probability: np.ndarray | None = None,
+    distance_decay: float = 1.0,
+    backward_weight: float = 0.0,
+    shuffle: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's directed pairs (earlier item, later item), vectorised over every user's sequence.
+
+    ``codes``/``user``: the flat token array and each token's user (sorted by user, time order
+    inside). Tokens are first down-sampled (``keep_probability`` per item); then each pair of
+    positions at distance d in 1..``window`` of one user, with different items, is drawn with
+    probability d ** -``distance_decay`` (distance 1 always). Returns int32 arrays (a, b).
+    """
+    if keep_probability is not None:
+        kept = rng.random(len(codes)) < keep_probability[codes]
+        codes, user = codes[kept], user[kept]
+    sources: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for distance in range(1, min(window, len(codes) - 1) + 1):
+        take = (user[distance:] == user[:-distance]) & (codes[:-distance] != codes[distance:])
+        if distance > 1:
+            take &= rng.random(len(take)) < float(distance) ** -distance_decay
+        sources.append(codes[:-distance][take])
+        targets.append(codes[distance:][take])
+        if backward_weight > 0:
+            back = take & (rng.random(len(take)) < backward_weight)
+            sources.append(codes[distance:][back])
+            targets.append(codes[:-distance][back])
+    if not sources:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    source = np.concatenate(sources).astype(np.int32)
+    target = np.concatenate(targets).astype(np.int32)
+    if shuffle:
+        order = rng.permutation(len(source))
+        source, target = source[order], target[order]
+    return source, target
+
+
+def popularity_prior(counts: np.ndarray, keep_probability: np.ndarray) -> np.ndarray:
+    """log Pn(b) - log keep(b) per item: what turns the SGNS logit into log P(b | a) (float32).
+
+    Pn is the unigram^0.75 noise distribution of the token ``counts``; ``keep_probability`` is each
+    item's subsampling keep probability (all ones without subsampling). Items never seen get the
+    smallest prior of the seen ones.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = counts**_NOISE_POWER
+    total = weights.sum()
+    seen = counts > 0
+    prior = np.full(len(counts), 0.0)
+    if total > 0 and seen.any():
+        prior[seen] = np.log(weights[seen] / total) - np.log(np.asarray(keep_probability, np.float64)[seen])
+        prior[~seen] = prior[seen].min()
+    return prior.astype(np.float32)
+
+
+class NextItem2Vec(ItemToItemModel):
+    """Directed SGNS over users' item sequences; recommendations by the model's next-item score.
+
+    See the module docstring for the scoring. Keyword options on top of
+    :class:`~carousel.config.ModelConfig`: ``distance_decay`` (default 1.0), ``popularity_weight``
+    (beta, default 1.0), ``negative_sharing`` (default 8), ``threads`` (TensorFlow intra-op
+    threads, default all cores).
+    """
+
+    name: ClassVar[str] = "next_item2vec"
+    config_keys: ClassVar[tuple[str, ...]] = (
+        "embedding_dim",
+        "window",
+        "negatives",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "min_item_count",
+        "subsample",
+        "seed",
+    )
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig | None = None,
+        distance_decay: float = 1.0,
+        popularity_weight: float = 1.0,
+        negative_sharing: int = 8,
+        output_bias: bool = True,
+        backward_weight: float = 0.5,
+        loss: str = "softmax",
+        sampled_negatives: int = 512,
+        decay_rate: bool = True,
+        threads: int | None = None,
+        **params: Any,
+    ) -> None:
+        if distance_decay < 0:
+            raise ValueError(f"distance_decay must be >= 0, got {distance_decay}")
+        if popularity_weight < 0:
+            raise ValueError(f"popularity_weight must be >= 0, got {popularity_weight}")
+        if negative_sharing < 1:
+            raise ValueError(f"negative_sharing must be >= 1, got {negative_sharing}")
+        if loss not in ("softmax", "sgns"):
+            raise ValueError(f"loss must be 'softmax' or 'sgns', got {loss!r}")
+        if sampled_negatives < 1 or not 0 <= backward_weight <= 1:
+            raise ValueError(
+                f"need sampled_negatives >= 1 and 0 <= backward_weight <= 1, "
+                f"got {sampled_negatives} and {backward_weight}"
+            )
+        base = {} if model_cfg is not None else dict(DEFAULT_PARAMS)
+        options = {
+            "distance_decay": float(distance_decay),
+            "popularity_weight": float(popularity_weight),
+            "negative_sharing": int(negative_sharing),
+            "output_bias": bool(output_bias),
+            "backward_weight": float(backward_weight),
+            "loss": loss,
+            "sampled_negatives": int(sampled_negatives),
+            "decay_rate": bool(decay_rate),
+        }
+        super().__init__(model_cfg, **{**base, **params, **options})
+        self.threads = threads
+        self.embeddings: np.ndarray | None = None
+        self.output_embeddings: np.ndarray | None = None
+        self.popularity_prior: np.ndarray | None = None
+        self.epoch_losses: list[float] = []
+        self.epoch_pairs: list[int] = []
+        self.epoch_seconds: list[float] = []
+
+    def _fit(self, sequences: Sequences) -> None:
+        _configure_threads(self.threads)
+        import tensorflow as tf
+
+        p = self.params
+        n, dim = sequences.n_items, int(p["embedding_dim"])
+        window, epochs, seed = int(p["window"]), int(p["epochs"]), int(p["seed"])
+        sharing = int(p["negative_sharing"])
+        batch = -(-int(p["batch_size"]) // sharing) * sharing  # a whole number of groups
+        decay = float(p["distance_decay"])
+
+        token_counts = np.bincount(sequences.codes, minlength=n).astype(np.float64)
+        keep = subsample_keep_probability(token_counts, float(p["subsample"]))
+        softmax = p["loss"] == "softmax"
+        noise = unigram_table(token_counts, power=_NOISE_POWER)
+        log_q = None
+        if softmax:
+            # One set of sampled negatives for the whole batch (sampled softmax).
+            sharing = batch = int(p["batch_size"])
+            q = np.bincount(noise, minlength=n) / len(noise)
+            log_q = np.log(np.maximum(q, 1e-12))
+        trainer = _SkipGramTrainer(
+            tf,
+            n_items=n,
+            dim=dim,
+            negatives=int(p["sampled_negatives"]) if softmax else int(p["negatives"]),
+            sharing=sharing,
+            batch=batch,
+            rate=float(p["learning_rate"]),
+            optimizer="adam",
+            seed=seed,
+            noise_table=noise,
+            output_bias=bool(p["output_bias"]),
+            log_q=log_q,
+            decay_rate=bool(p["decay_rate"]),
+        )
+        user = sequences.user_of_token()
+        log.info(
+            "next_item2vec: %d items, %d users, %d sequence items; dim %d, forward window %d "
+            "(decay %g), negatives %d (shared by %d), %d epochs, batch %d, lr %g, subsample %g, seed %d",
+            n,
+            sequences.n_users,
+            len(sequences.codes),
+            dim,
+            window,
+            decay,
+            int(p["negatives"]),
+            sharing,
+            epochs,
+            batch,
+            float(p["learning_rate"]),
+            float(p["subsample"]),
+            seed,
+        )
+        self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
+        for epoch in range(epochs):
+            started = time.perf_counter()
+            rng = np.random.default_rng([seed, epoch + 1])
+            source, target = forward_pairs(
+                sequences.codes, user, window, rng, keep, decay, float(p["backward_weight"])
+            )
+            if epoch == 0:
+                trainer.set_total_steps(epochs * -(-len(source) // batch))
+            mean_loss = trainer.train_epoch(source, target)
+            seconds = time.perf_counter() - started
+            self.epoch_losses.append(mean_loss)
+            self.epoch_pairs.append(len(source))
+            self.epoch_seconds.append(seconds)
+            log.info(
+                "next_item2vec epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
+                epoch + 1,
+                epochs,
+                len(source),
+                mean_loss,
+                seconds,
+                len(source) / max(seconds, 1e-9),
+            )
+        self.embeddings, self.output_embeddings = trainer.tables()
+        self.popularity_prior = popularity_prior(token_counts, keep)
+        if not (np.isfinite(self.embeddings).all() and np.isfinite(self.output_embeddings).all()):
+            raise FloatingPointError(
+                "next_item2vec: training diverged (non-finite embeddings); lower learning_rate"
+            )
+
+    def _top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self._require_fitted()
+        assert self.embeddings is not None and self.output_embeddings is not None
+        assert self.popularity_prior is not None
+        weight = float(self.params["popularity_weight"])
+        bias = weight * self.popularity_prior if self.params["loss"] != "softmax" else None
+        return top_k_scores(self.embeddings, self.output_embeddings, k, key_bias=bias)
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {
+            "epoch_loss": [round(v, 6) for v in self.epoch_losses],
+            "epoch_pairs": list(self.epoch_pairs),
+            "epoch_seconds": [round(v, 3) for v in self.epoch_seconds],
+            "embedding_shape": list(self.embeddings.shape) if self.embeddings is not None else None,
+            "scoring": "input . output + popularity_weight * (log Pn - log keep)",
+        }

@@ -1,0 +1,343 @@
+"""The product catalog upload: real files (CSV, JSON Lines, Parquet), real Delta, real GE suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
+from pyspark.testing import assertDataFrameEqual
+
+from carousel.config import CarouselConfig, load_config
+from carousel.schemas import CATALOG_SCHEMA, CATALOG_TABLE
+from jobs import simulate_events as sim
+from jobs import upload_catalog as uc
+
+# Everything but the columns that name the upload that wrote a row.
+CONTENT_COLUMNS = [f.name for f in CATALOG_SCHEMA.fields if f.name not in ("upload_id", "updated_at")]
+CONTENT_SCHEMA = StructType([CATALOG_SCHEMA[c] for c in CONTENT_COLUMNS])
+
+CATALOG_V1 = """\
+Product ID,title,description,category,price,currency,rating,in_stock,image_url,deep_link,Brand,colour
+p1,Red Shoe,"Light, fast",shoes,19.90,eur,4.5,yes,https://img.example/p1.jpg,myapp://product/p1,Acme,red
+p2,Blue Hat,,hats,5,EUR,3,false,http://img.example/p2.png,https://shop.example/p/p2,Acme,
+p3,Green Bag,Roomy,bags,0,USD,,TRUE,,,Bagco,green
+"""
+
+
+def product(item_id: str, active: bool = True, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(CONTENT_COLUMNS)
+    row.update({"item_id": item_id, "active": active, "properties": {}, **values})
+    return row
+
+
+P1 = product(
+    "p1",
+    title="Red Shoe",
+    description="Light, fast",
+    category="shoes",
+    in_stock=True,
+    price=19.9,
+    currency="EUR",
+    rating=4.5,
+    image_url="https://img.example/p1.jpg",
+    deep_link="myapp://product/p1",
+    properties={"brand": "Acme", "colour": "red"},
+)
+P2 = product(
+    "p2",
+    title="Blue Hat",
+    category="hats",
+    in_stock=False,
+    price=5.0,
+    currency="EUR",
+    rating=3.0,
+    image_url="http://img.example/p2.png",
+    deep_link="https://shop.example/p/p2",
+    properties={"brand": "Acme"},
+)
+P3 = product(
+    "p3",
+    title="Green Bag",
+    description="Roomy",
+    category="bags",
+    in_stock=True,
+    price=0.0,
+    currency="USD",
+    properties={"brand": "Bagco", "colour": "green"},
+)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> CarouselConfig:
+    return load_config(overrides=[f"storage.root={tmp_path}/data"])
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def table(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+    return spark.read.format("delta").load(cfg.storage.table(CATALOG_TABLE))
+
+
+def content(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+    return table(spark, cfg).select(*CONTENT_COLUMNS)
+
+
+def expected(spark: SparkSession, *rows: dict[str, Any]) -> DataFrame:
+    return spark.createDataFrame([tuple(r[c] for c in CONTENT_COLUMNS) for r in rows], CONTENT_SCHEMA)
+
+
+def version(spark: SparkSession, cfg: CarouselConfig) -> int:
+    return DeltaTable.forPath(spark, cfg.storage.table(CATALOG_TABLE)).history(1).first()["version"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+def test_plan_columns_maps_aliases_and_properties():
+    plan = uc.plan_columns(["\ufeffProduct ID", "Name", "Availability", "Image Link", "Brand Name", "price"])
+    assert plan.problems == ()
+    assert dict(plan.columns) == {"item_id": 0, "title": 1, "in_stock": 2, "image_url": 3, "price": 5}
+    assert dict(plan.properties) == {"brand_name": 4}
+    assert plan.in_stock_header == "availability"
+
+    clash = uc.plan_columns(["id", "product_id", "Colour", "colour ", "price"])
+    assert clash.problems == (
+        "columns 'id' and 'product_id' both give item_id",
+        "columns 'Colour' and 'colour ' both give property 'colour'",
+    )
+    assert uc.plan_columns(["sku", "price"]).problems == ("no product id column (item_id, product_id or id)",)
+
+
+def test_detect_format():
+    assert uc.detect_format("s3a://b/catalog.CSV.gz") == "csv"
+    assert uc.detect_format("/x/feed.ndjson") == "jsonl"
+    assert uc.detect_format("/x/export.parquet") == "parquet"
+    assert uc.detect_format("/x/folder", "parquet") == "parquet"
+    with pytest.raises(ValueError, match="--format"):
+        uc.detect_format("/x/catalog.txt")
+
+
+def test_read_active_catalog_before_any_upload(spark, cfg):
+    active = uc.read_active_catalog(spark, cfg)
+    assert active.schema == CATALOG_SCHEMA and active.count() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Full uploads
+# ---------------------------------------------------------------------------------------------
+def test_csv_upload_reupload_is_idempotent_and_missing_products_are_deactivated(spark, cfg, tmp_path):
+    first = uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    assert (first.rows_read, first.inserted, first.updated, first.deactivated) == (3, 3, 0, 0)
+    assertDataFrameEqual(content(spark, cfg), expected(spark, P1, P2, P3))
+    # Every upload keeps its GE report next to the data.
+    report = json.loads(Path(first.report_location).read_text())
+    assert report["success"] is True
+
+    before = table(spark, cfg)
+    before_rows = before.collect()
+    again = uc.run(spark, cfg, write(tmp_path, "v1-again.csv", CATALOG_V1))
+    assert (again.inserted, again.updated, again.deactivated) == (0, 0, 0)
+    assertDataFrameEqual(table(spark, cfg), before_rows)  # upload_id and updated_at included
+
+    # p1 gets a new price, p3 is gone, p4 is new.
+    v2 = "\n".join(
+        [
+            "item_id,title,description,category,price,currency,rating,in_stock,image_url,deep_link,brand,colour",
+            'p1,Red Shoe,"Light, fast",shoes,17.50,EUR,4.5,yes,https://img.example/p1.jpg,myapp://product/p1,Acme,red',
+            "p2,Blue Hat,,hats,5,EUR,3,false,http://img.example/p2.png,https://shop.example/p/p2,Acme,",
+            "p4,Scarf,,hats,9.99,EUR,5,yes,,,,",
+        ]
+    )
+    second = uc.run(spark, cfg, write(tmp_path, "v2.csv", v2 + "\n"))
+    assert (second.inserted, second.updated, second.deactivated) == (1, 1, 1)
+    p4 = product("p4", title="Scarf", category="hats", price=9.99, currency="EUR", rating=5.0, in_stock=True)
+    assertDataFrameEqual(
+        content(spark, cfg), expected(spark, {**P1, "price": 17.5}, P2, {**P3, "active": False}, p4)
+    )
+    ids = {r.item_id: r.upload_id for r in table(spark, cfg).collect()}
+    assert ids == {
+        "p1": second.upload_id,
+        "p2": first.upload_id,
+        "p3": second.upload_id,
+        "p4": second.upload_id,
+    }
+    assert sorted(r.item_id for r in uc.read_active_catalog(spark, cfg).collect()) == ["p1", "p2", "p4"]
+
+
+def test_jsonl_and_parquet_uploads_with_header_aliases(spark, tmp_path):
+    jsonl = "\n".join(
+        json.dumps(record)
+        for record in [
+            {"id": "p1", "name": "Red Shoe", "price": 19.9, "availability": "In Stock", "tags": ["a", "b"]},
+            {"id": "p2", "name": "Blue Hat", "price": "5", "availability": "preorder", "rating": 3},
+        ]
+    )
+    # A blank line is skipped (and still counted in the line numbers).
+    jsonl_cfg = load_config(overrides=[f"storage.root={tmp_path}/jsonl"])
+    result = uc.run(spark, jsonl_cfg, write(tmp_path, "catalog.jsonl", jsonl + "\n\n"))
+    assert (result.rows_read, result.inserted) == (2, 2)
+    assertDataFrameEqual(
+        content(spark, jsonl_cfg),
+        expected(
+            spark,
+            product("p1", title="Red Shoe", price=19.9, in_stock=True, properties={"tags": '["a","b"]'}),
+            product("p2", title="Blue Hat", price=5.0, in_stock=False, rating=3.0),
+        ),
+    )
+
+    parquet_cfg = load_config(overrides=[f"storage.root={tmp_path}/parquet"])
+    source = spark.createDataFrame(
+        [("p1", 19.9, False, 4, "Acme"), ("p2", 5.0, True, None, None)],
+        "product_id string, price double, out_of_stock boolean, stars int, brand string",
+    )
+    source.coalesce(1).write.parquet(str(tmp_path / "catalog.parquet"))
+    result = uc.run(spark, parquet_cfg, str(tmp_path / "catalog.parquet"))
+    assert (result.rows_read, result.inserted) == (2, 2)
+    assertDataFrameEqual(
+        content(spark, parquet_cfg),
+        expected(
+            spark,
+            product("p1", price=19.9, in_stock=True, properties={"stars": "4", "brand": "Acme"}),
+            product("p2", price=5.0, in_stock=False),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial uploads
+# ---------------------------------------------------------------------------------------------
+def test_partial_price_feed_changes_only_price(spark, cfg, tmp_path):
+    first = uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    feed = uc.run(spark, cfg, write(tmp_path, "prices.csv", "item_id,price\np1,15\np3,0\n"), partial=True)
+    # p3's price is already 0: only p1 is rewritten.
+    assert (feed.inserted, feed.updated, feed.deactivated) == (0, 1, 0)
+    assertDataFrameEqual(content(spark, cfg), expected(spark, {**P1, "price": 15.0}, P2, P3))
+    ids = {r.item_id: r.upload_id for r in table(spark, cfg).collect()}
+    assert ids == {"p1": feed.upload_id, "p2": first.upload_id, "p3": first.upload_id}
+
+    # A property feed replaces only its keys; other properties stay.
+    uc.run(
+        spark, cfg, write(tmp_path, "colours.jsonl", '{"item_id": "p2", "colour": "navy"}\n'), partial=True
+    )
+    row = table(spark, cfg).where("item_id = 'p2'").first()
+    assert row.properties == {"brand": "Acme", "colour": "navy"} and row.title == "Blue Hat"
+
+    # An id not in the catalog rejects the whole feed.
+    before = table(spark, cfg).collect()
+    unknown = write(tmp_path, "unknown.csv", "item_id,price\np1,1\np9,2\n")
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, cfg, unknown, partial=True)
+    assert "row 3 (item_id 'p9'): unknown item_id 'p9' (a partial upload only updates products" in str(
+        caught.value
+    )
+    assertDataFrameEqual(table(spark, cfg), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejection
+# ---------------------------------------------------------------------------------------------
+def test_bad_file_is_rejected_whole_and_the_previous_catalog_stays_live(spark, cfg, tmp_path):
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    live_version = version(spark, cfg)
+    before = table(spark, cfg).collect()
+
+    bad = "\n".join(
+        [
+            "item_id,title,price,rating,image_url,deep_link",
+            "p1,Fine,1,4,https://img.example/1.jpg,myapp://product/1",  # row 2: fine
+            "p2,Dup A,1,4,,",  # row 3
+            "p2,Dup B,1,4,,",  # row 4
+            "p5,Negative,-3,4,,",  # row 5
+            "p6,Seven,1,7,,",  # row 6
+            "p7,Bad URL,1,4,ftp://img.example/7.jpg,not a link",  # row 7
+            "p8,Not a price,abc,4,,",  # row 8
+            "p9,Too,many,fields,,,",  # row 9
+            ",No id,1,4,,",  # row 10
+        ]
+    )
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, cfg, write(tmp_path, "bad.csv", bad + "\n"))
+    err = caught.value
+    message = str(err)
+    assert err.rejected_rows == 8
+    for line in [
+        "8 of 9 rows rejected",
+        "row 3 (item_id 'p2'): duplicate item_id 'p2' (rows 3, 4)",
+        "row 4 (item_id 'p2'): duplicate item_id 'p2' (rows 3, 4)",
+        "row 5 (item_id 'p5'): price '-3' is out of range (price must be >= 0)",
+        "row 6 (item_id 'p6'): rating '7' is out of range (rating must be between 0 and 5)",
+        "row 7 (item_id 'p7'): image_url 'ftp://img.example/7.jpg' is not an http(s) URL; "
+        "deep_link 'not a link' is not a URI with a scheme",
+        "row 8 (item_id 'p8'): price 'abc' is not a number",
+        "row 9 (item_id 'p9'): malformed CSV record (expected 6 fields)",
+        "row 10 (no item_id): missing item_id",
+        # GE's view of the same file.
+        "data quality check 'catalog' failed",
+        "expect_column_values_to_be_unique on column 'item_id'",
+        "expect_column_values_to_be_null on column 'unconverted'",
+    ]:
+        assert line in message, f"{line!r} not in:\n{message}"
+    assert "row 2 " not in message
+
+    # The full list is in the report, one JSON object per rejected row.
+    report = [json.loads(line) for p in sorted(Path(err.report_location).glob("part-*")) for line in p.open()]
+    assert [(r["row"], r["item_id"]) for r in report] == [
+        (3, "p2"),
+        (4, "p2"),
+        (5, "p5"),
+        (6, "p6"),
+        (7, "p7"),
+        (8, "p8"),
+        (9, "p9"),
+        (10, None),
+    ]
+    assert json.loads(report[5]["record"])["price"] == "abc"
+
+    assert version(spark, cfg) == live_version
+    assertDataFrameEqual(table(spark, cfg), before)
+
+
+def test_file_level_problems_reject_before_reading_rows(spark, cfg, tmp_path):
+    with pytest.raises(uc.CatalogRejectedError, match="no product id column"):
+        uc.run(spark, cfg, write(tmp_path, "noid.csv", "sku,price\na,1\n"))
+    with pytest.raises(uc.CatalogRejectedError, match="file not found"):
+        uc.run(spark, cfg, str(tmp_path / "missing.csv"))
+    with pytest.raises(uc.CatalogRejectedError, match="column 'active' is set by the upload job"):
+        uc.run(spark, cfg, write(tmp_path, "reserved.csv", "item_id,active\np1,false\n"))
+    with pytest.raises(uc.CatalogRejectedError, match="the file holds no products"):
+        uc.run(spark, cfg, write(tmp_path, "empty.csv", ""))
+    with pytest.raises(uc.CatalogRejectedError, match="needs at least one column besides the product id"):
+        uc.run(spark, cfg, write(tmp_path, "ids.csv", "item_id\np1\n"), partial=True)
+    assert not DeltaTable.isDeltaTable(spark, cfg.storage.table(CATALOG_TABLE))
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator's catalog
+# ---------------------------------------------------------------------------------------------
+def test_simulator_catalog_uploads_cleanly(spark, cfg, tmp_path):
+    world = sim.build_world(cfg.simulator.model_copy(update={"items": 30, "users": 5}))
+    written = sim.write_outputs(world, tmp_path / "sim")
+    result = uc.run(spark, cfg, written["catalog.csv"])
+    assert (result.rows_read, result.inserted) == (30, 30)
+    rows = {r.item_id: r for r in uc.read_active_catalog(spark, cfg).collect()}
+    assert sorted(rows) == [item.item_id for item in world.items]
+    for item in world.items:
+        row = rows[item.item_id]
+        assert (row.title, row.category, row.price, row.rating, row.in_stock, row.deep_link) == (
+            item.title,
+            item.category,
+            item.price,
+            item.rating,
+            item.in_stock,
+            item.deep_link,
+        )
+        assert row.currency == "EUR" and row.properties == {"brand": item.title.split()[0]}

@@ -1,0 +1,397 @@
+"""End to end: trigger events on the real broker -> serve -> payloads on the channel topics.
+
+A small shop is built inline (catalog, published correlation matrix, one user's profile, some
+events for trending) as real Delta tables; the serving query runs in this test's SparkSession and
+each step waits on ``processAllAvailable()``. Payloads are read back with a real Kafka consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import Consumer
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from support import event_json, produce, read_table, wait_for
+
+from carousel.broker import ensure_topics
+from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+from carousel.schemas import (
+    CATALOG_SCHEMA,
+    CATALOG_TABLE,
+    EVENTS_SCHEMA,
+    EVENTS_TABLE,
+    PROFILE_SCHEMA,
+    PROFILES_TABLE,
+    SENT_RECOMMENDATIONS_TABLE,
+)
+from jobs.publish_recommendations import ModelOutput, publish
+from streaming import serve
+
+pytestmark = [pytest.mark.integration]
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+MALICIOUS_TITLE = '<script>alert("x")</script>'
+MALICIOUS_LINK = 'javascript:alert(1)"><img src=x onerror=alert(2)>'
+
+# item -> (category, in_stock, price)
+PRODUCTS = {
+    "a": ("shoes", True, 10.0),
+    "b": ("shoes", True, 20.0),
+    "c": ("shoes", True, 30.0),
+    "d": ("bags", True, 40.0),
+    "e": ("bags", True, 50.0),
+    "x": ("bags", True, 60.0),
+    "t1": ("hats", True, 5.0),
+    "t2": ("hats", True, 6.0),
+}
+MODEL_1 = {
+    "a": [("b", 0.9), ("c", 0.8)],
+    "b": [("a", 0.9), ("c", 0.5)],
+    "c": [("a", 0.7), ("b", 0.6)],
+    "d": [("e", 0.9), ("x", 0.8)],
+    "e": [("d", 0.9), ("x", 0.4)],
+    "x": [("d", 0.9), ("e", 0.3)],
+    "t1": [("t2", 0.9), ("a", 0.1)],
+    "t2": [("t1", 0.9), ("a", 0.1)],
+}
+MODEL_2 = {**MODEL_1, "a": [("e", 0.9), ("d", 0.8)]}
+
+
+def write_catalog(spark: SparkSession, cfg: CarouselConfig, out_of_stock: tuple[str, ...] = ()) -> None:
+    rows = [
+        (
+            item,
+            MALICIOUS_TITLE if item == "x" else f"Product {item}",
+            f"About {item}",
+            category,
+            in_stock and item not in out_of_stock,
+            price,
+            "EUR",
+            4.0,
+            f"https://img.example.com/{item}.png",
+            MALICIOUS_LINK if item == "x" else f"shop://product/{item}",
+            {},
+            True,
+            "test",
+            NOW,
+        )
+        for item, (category, in_stock, price) in PRODUCTS.items()
+    ]
+    spark.createDataFrame(rows, CATALOG_SCHEMA).write.format("delta").mode("overwrite").save(
+        cfg.storage.table(CATALOG_TABLE)
+    )
+
+
+def publish_model(
+    spark: SparkSession, cfg: CarouselConfig, lists: dict[str, list[tuple[str, float]]], version: str
+) -> None:
+    rows = [
+        (item, rank, rec, score) for item, recs in lists.items() for rank, (rec, score) in enumerate(recs, 1)
+    ]
+    frame = spark.createDataFrame(rows, "item_id string, rank int, rec_item_id string, score double")
+    publish(spark, cfg, ModelOutput(frame, version, 2, sorted(lists)))
+
+
+def write_profile(spark: SparkSession, cfg: CarouselConfig, user: str, views: list[str]) -> None:
+    recent = [(item, NOW - timedelta(hours=n + 1)) for n, item in enumerate(views)]
+    row = (
+        user,
+        NOW - timedelta(days=3),
+        NOW - timedelta(hours=1),
+        len(views),
+        {"Product Viewed": len(views)},
+        recent,
+        [],
+        [],
+        ["android"],
+        None,
+        (NOW, "ev-0", 30, "f", "Lisbon", "PT", "pt"),
+        NOW,
+    )
+    spark.createDataFrame([row], PROFILE_SCHEMA).write.format("delta").mode("append").save(
+        cfg.storage.table(PROFILES_TABLE)
+    )
+
+
+def write_trending_events(
+    spark: SparkSession, cfg: CarouselConfig, counts: dict[str, int] | None = None
+) -> None:
+    """Recent views by other users: by default t1 is viewed most, then t2, then a."""
+    counts = counts or {"t1": 6, "t2": 4, "a": 2}
+    rows = [
+        (
+            f"trend-{item}-{n}",
+            f"u-other-{n}",
+            "Product Viewed",
+            NOW - timedelta(hours=1),
+            item,
+            None,
+            "mobile",
+            "test",
+            NOW,
+            None,
+            None,
+            None,
+            (NOW - timedelta(hours=1)).date(),
+        )
+        for item, count in counts.items()
+        for n in range(count)
+    ]
+    spark.createDataFrame(rows, EVENTS_SCHEMA).write.format("delta").mode("append").save(
+        cfg.storage.table(EVENTS_TABLE)
+    )
+
+
+def serving_config(make_config: Any, *overrides: str) -> CarouselConfig:
+    suffix = uuid.uuid4().hex[:8]
+    cfg = make_config(
+        f"kafka.topics.push.name=push-{suffix}",
+        f"kafka.topics.email.name=email-{suffix}",
+        "serving.starting_offsets=earliest",
+        "serving.trigger_interval=1 second",
+        *overrides,
+    )
+    data = cfg.model_dump()
+    data["campaigns"] = {
+        "launch": {
+            "channel": "push",
+            "trigger_event_types": ["App Launched"],
+            "items": 3,
+            "filters": {"in_stock_only": True},
+            "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
+            "fallback": "trending",
+        },
+        "wishlist": {
+            "channel": "email",
+            "trigger_event_types": ["Added To Wishlist"],
+            "items": 4,
+            "exclusions": {"sent_within_days": 0},
+            "fallback": "none",
+        },
+    }
+    return CarouselConfig.model_validate(data)
+
+
+def trigger(event_type: str, user: str, item: str | None = None) -> tuple[bytes, bytes]:
+    event = {
+        "event_id": f"trig-{uuid.uuid4().hex[:12]}",
+        "user_id": user,
+        "event_type": event_type,
+        "event_time": datetime.now(UTC).isoformat(),
+        "source": "mobile",
+        "device": {"platform": "android"},
+    }
+    if item:
+        event["item_id"] = item
+    return user.encode(), event_json(**event)
+
+
+class TopicReader:
+    """A real consumer on one output topic, reading from the beginning."""
+
+    def __init__(self, cfg: CarouselConfig, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                **cfg.kafka.client_settings(),
+                "group.id": f"test-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.subscribe([topic])
+        self.messages: list[dict[str, Any]] = []
+
+    def read(self, count: int, timeout: float = 120) -> list[dict[str, Any]]:
+        """Wait until ``count`` payloads were read in all; returns the new ones."""
+        start = len(self.messages)
+
+        def poll() -> bool:
+            message = self.consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                payload = json.loads(message.value())
+                assert dict(message.headers() or [])["payload_id"].decode() == payload["payload_id"]
+                assert message.key().decode() == payload["user_id"]
+                self.messages.append(payload)
+            return len(self.messages) >= count
+
+        wait_for(poll, timeout=timeout, what=f"{count} payloads", poll=0)
+        return self.messages[start:]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def items_of(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(i["item_id"], i["strategy"]) for i in sorted(payload["items"], key=lambda i: i["rank"])]
+
+
+@pytest.fixture
+def shop(spark: SparkSession, make_config: Any) -> Iterator[CarouselConfig]:
+    cfg = serving_config(make_config)
+    ensure_topics(cfg.kafka)
+    write_catalog(spark, cfg)
+    publish_model(spark, cfg, MODEL_1, "model-1")
+    write_profile(spark, cfg, "u-known", ["a"])
+    write_trending_events(spark, cfg)
+    yield cfg
+
+
+def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig) -> None:
+    cfg = shop
+    push = TopicReader(cfg, cfg.kafka.topic("push").name)
+    email = TopicReader(cfg, cfg.kafka.topic("email").name)
+    query = serve.run(spark, cfg)
+    try:
+        # 1. A known user's trigger: a's neighbours (model), then trending; a new user: trending.
+        produce(
+            cfg,
+            [
+                trigger("App Launched", "u-known"),
+                trigger("App Launched", "u-new"),
+                trigger("Added To Wishlist", "u-known", "d"),
+                trigger("Product Viewed", "u-known", "b"),  # not a trigger of any campaign
+            ],
+        )
+        query.processAllAvailable()
+        first = {p["user_id"]: p for p in push.read(2)}
+        assert items_of(first["u-known"]) == [("b", "model"), ("c", "model"), ("t1", "trending")]
+        assert items_of(first["u-new"]) == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
+        assert first["u-known"]["model_version"] == "model-1"
+        assert first["u-known"]["campaign"] == "launch" and first["u-known"]["channel"] == "push"
+
+        # The wishlist email: d's neighbours (incl. the malicious x) and a's; all strings escaped.
+        (mail,) = email.read(1)
+        assert [i for i, _ in items_of(mail)] == ["b", "e", "c", "x"]  # ties by item id
+        html = mail["content"]["html"]
+        assert "<script>" not in html and "&lt;script&gt;" in html
+        assert "javascript:" not in html and "onerror=alert(2)>" not in html
+
+        # 2. Stock update: b goes out of stock and is gone from the next payload.
+        write_catalog(spark, cfg, out_of_stock=("b",))
+        produce(cfg, [trigger("App Launched", "u-known")])
+        query.processAllAvailable()
+        (second,) = push.read(3)
+        assert items_of(second) == [("c", "model"), ("t1", "trending"), ("t2", "trending")]
+
+        # 3. A newly published model is used at the next micro-batch, without a restart.
+        publish_model(spark, cfg, MODEL_2, "model-2")
+        produce(cfg, [trigger("App Launched", "u-known")])
+        query.processAllAvailable()
+        (third,) = push.read(4)
+        assert items_of(third) == [("e", "model"), ("d", "model"), ("t1", "trending")]
+        assert third["model_version"] == "model-2"
+    finally:
+        query.stop()
+        push.close()
+        email.close()
+
+    sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
+    assert sent.select("payload_id").distinct().count() == 5
+    assert sent.count() == sent.select("payload_id", "item_id").distinct().count() == 3 + 3 + 4 + 3 + 3
+    recorded = sent.where(F.col("payload_id") == third["payload_id"]).orderBy("rank").collect()
+    assert [(r.item_id, r.strategy, r.model_version) for r in recorded] == [
+        ("e", "model", "model-2"),
+        ("d", "model", "model-2"),
+        ("t1", "trending", None),
+    ]
+
+
+@pytest.mark.slow
+def test_serve_killed_and_restarted_loses_no_trigger(
+    spark: SparkSession, shop: CarouselConfig, tmp_path: Path
+) -> None:
+    cfg = shop
+    overrides = [
+        f"storage.root={cfg.storage.root}",
+        f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
+        f"kafka.topics.events.name={cfg.kafka.topic('events').name}",
+        f"kafka.topics.push.name={cfg.kafka.topic('push').name}",
+        f"kafka.topics.email.name={cfg.kafka.topic('email').name}",
+        "serving.starting_offsets=earliest",
+        "serving.trigger_interval=1 second",
+        "serving.max_offsets_per_trigger=100",
+        "spark.shuffle_partitions=2",
+    ]
+    # The same two campaigns as the fixture's config, as a file for the subprocess.
+    campaigns_file = tmp_path / "campaigns.yaml"
+    campaigns = cfg.model_dump(mode="json")["campaigns"]
+    # Config files merge over conf/carousel.yaml: switch its example campaigns off.
+    defaults = {name: {"enabled": False} for name in load_config().campaigns if name not in campaigns}
+    campaigns_file.write_text(yaml.safe_dump({"campaigns": {**defaults, **campaigns}}))
+    triggers = [trigger("App Launched", f"u-{n % 50}") for n in range(600)]
+    produce(cfg, triggers)
+
+    def command(*extra: str) -> list[str]:
+        sets = [arg for item in overrides for arg in ("--set", item)]
+        return [
+            str(PROJECT_ROOT / "spark-submit.sh"),
+            "--driver-memory",
+            "1g",
+            "serve",
+            "--config",
+            str(campaigns_file),
+            *sets,
+            *extra,
+        ]
+
+    commits = Path(cfg.storage.checkpoint(cfg.serving.query_name)) / "commits"
+
+    def committed() -> int:
+        return sum(1 for f in commits.glob("*") if f.name.isdigit()) if commits.is_dir() else 0
+
+    with open(tmp_path / "serve-first.log", "w") as log_first:
+        first = subprocess.Popen(
+            command(), stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_for(
+                lambda: first.poll() is not None or committed() >= 2,
+                timeout=300,
+                what="two committed batches",
+            )
+            assert first.poll() is None, (
+                "serve exited on its own: " + (tmp_path / "serve-first.log").read_text()[-3000:]
+            )
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+    assert committed() < 6, "the first run answered everything before the kill"
+
+    second = subprocess.run(
+        command("--available-now"), capture_output=True, text=True, timeout=600, env={**os.environ}
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    reader = TopicReader(cfg, cfg.kafka.topic("push").name)
+    try:
+        payloads = reader.read(len(triggers), timeout=120)
+    finally:
+        reader.close()
+    # Every trigger answered; a replayed batch may re-send a payload, always under the same id.
+    by_id: dict[str, list[tuple[str, str]]] = {}
+    for payload in payloads:
+        by_id.setdefault(payload["payload_id"], items_of(payload))
+        assert items_of(payload) == by_id[payload["payload_id"]]
+    expected_ids = {serve_payload_id(json.loads(v)["event_id"]) for _, v in triggers}
+    assert set(by_id) == expected_ids
+    sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
+    assert sent.select("payload_id").distinct().count() == len(triggers)
+    assert sent.count() == sent.select("payload_id", "item_id").distinct().count()
+
+
+def serve_payload_id(event_id: str) -> str:
+    from carousel.experiments import trigger_payload_id
+
+    return trigger_payload_id(event_id, "launch", "push")
