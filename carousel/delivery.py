@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.experiments import variant_column
+from carousel.payloads import CATALOG_ITEM_FIELDS, PAYLOAD_ITEM_FIELDS
 from carousel.ranking import rank_recommendations, trending_items
 from carousel.schemas import (
     CATALOG_SCHEMA,
@@ -260,30 +261,9 @@ def payload_requests(
     user's ``user_attributes`` struct and ``platform``; ``templates``: campaign -> template name.
     """
     sent = stored.where(F.col("item_id").isNotNull())
-    enriched = sent.join(
-        catalog.select(
-            "item_id",
-            "title",
-            "description",
-            "category",
-            "price",
-            "currency",
-            "rating",
-            "image_url",
-            "deep_link",
-        ),
-        "item_id",
-        "left",
-    )
-    item = F.struct(
-        F.col("rank").alias("rank"),
-        F.col("item_id").alias("item_id"),
-        F.col("score").alias("score"),
-        F.col("strategy").alias("strategy"),
-        *[F.col(c).alias(c) for c in ("title", "description", "category", "price", "currency", "rating")],
-        F.col("image_url").alias("image_url"),
-        F.col("deep_link").alias("deep_link"),
-    )
+    enriched = sent.join(catalog.select("item_id", *CATALOG_ITEM_FIELDS), "item_id", "left")
+    # Rank first, so that array_sort orders a payload's items by it.
+    item = F.struct("rank", *[name for name in PAYLOAD_ITEM_FIELDS if name != "rank"])
     template = F.create_map(*[F.lit(x) for kv in templates.items() for x in kv])
     grouped = enriched.groupBy("payload_id", "campaign", "channel", "variant", "user_id").agg(
         F.first("trigger_event_id").alias("trigger_event_id"),
@@ -305,21 +285,7 @@ def payload_requests(
         "created_at",
         _user_context().alias("user"),
         F.transform(
-            "items",
-            lambda i: F.struct(
-                i["item_id"].alias("item_id"),
-                i["rank"].alias("rank"),
-                i["score"].alias("score"),
-                i["strategy"].alias("strategy"),
-                i["title"].alias("title"),
-                i["description"].alias("description"),
-                i["category"].alias("category"),
-                i["price"].alias("price"),
-                i["currency"].alias("currency"),
-                i["rating"].alias("rating"),
-                i["image_url"].alias("image_url"),
-                i["deep_link"].alias("deep_link"),
-            ),
+            "items", lambda i: F.struct(*[i[name].alias(name) for name in PAYLOAD_ITEM_FIELDS])
         ).alias("items"),
     )
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from carousel.config import PROJECT_ROOT, ConfigError, describe, load_config
+from carousel.config import PROJECT_ROOT, CarouselConfig, ConfigError, describe, load_config
 
 
 def test_defaults_load_and_resolve_relative_paths():
@@ -62,3 +63,43 @@ def test_secrets_come_from_the_environment_and_are_masked(monkeypatch):
     assert 'password="hunter2"' in cfg.kafka.spark_options()["kafka.sasl.jaas.config"]
     text = describe(cfg)
     assert "hunter2" not in text and "abc123" not in text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("campaigns.launch-push.channel=fax", "campaigns.launch-push.channel"),
+        ("campaigns.launch-push.trigger_event_types=[App Crashed]", "unknown event types"),
+        ("campaigns.launch-push.items=0", "campaigns.launch-push.items"),
+        ("campaigns.launch-push.filters.min_price=50", None),  # fine alone...
+        ("campaigns.weekly-email.control_share=0.3", "must sum to 1"),
+        ("campaigns.launch-push.filters.where=[{property: brand, op: between, value: 1}]", "op"),
+        ("campaigns.launch-push.filters.where=[{property: price, op: gt, value: cheap}]", "needs a number"),
+        ("campaigns.launch-push.filters.where=[{property: brand, op: in, value: acme}]", "needs a list"),
+        ("campaigns.launch-push.fallback=random", "campaigns.launch-push.fallback"),
+        ("campaigns.bad name.channel=push", "letters, digits"),
+        ("serving.recency_decay=0", "serving.recency_decay"),
+        ("serving.trending.event_weights={App Crashed: 1}", "unknown event types"),
+    ],
+)
+def test_bad_campaign_definitions_fail_at_start_with_the_key(override, message):
+    if message is None:
+        load_config(overrides=[override], environ={})
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override], environ={})
+
+
+def test_price_range_and_channel_topics_are_checked():
+    with pytest.raises(ConfigError, match="min_price must not exceed max_price"):
+        load_config(
+            overrides=[
+                "campaigns.launch-push.filters.min_price=50",
+                "campaigns.launch-push.filters.max_price=10",
+            ],
+            environ={},
+        )
+    data = load_config(environ={}).model_dump()
+    del data["kafka"]["topics"]["push"]
+    with pytest.raises(ValidationError, match="no kafka.topics entry"):
+        CarouselConfig.model_validate(data)
