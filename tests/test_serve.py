@@ -35,6 +35,7 @@ from carousel.schemas import (
     PROFILES_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
 )
+from jobs import upload_catalog
 from jobs.publish_recommendations import ModelOutput, publish
 from streaming import serve
 
@@ -68,14 +69,14 @@ MODEL_1 = {
 MODEL_2 = {**MODEL_1, "a": [("e", 0.9), ("d", 0.8)]}
 
 
-def write_catalog(spark: SparkSession, cfg: CarouselConfig, out_of_stock: tuple[str, ...] = ()) -> None:
+def write_catalog(spark: SparkSession, cfg: CarouselConfig) -> None:
     rows = [
         (
             item,
             MALICIOUS_TITLE if item == "x" else f"Product {item}",
             f"About {item}",
             category,
-            in_stock and item not in out_of_stock,
+            in_stock,
             price,
             "EUR",
             4.0,
@@ -247,7 +248,7 @@ def shop(spark: SparkSession, make_config: Any) -> Iterator[CarouselConfig]:
     yield cfg
 
 
-def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig) -> None:
+def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig, tmp_path: Path) -> None:
     cfg = shop
     push = TopicReader(cfg, cfg.kafka.topic("push").name)
     email = TopicReader(cfg, cfg.kafka.topic("email").name)
@@ -277,8 +278,11 @@ def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig) -> None:
         assert "<script>" not in html and "&lt;script&gt;" in html
         assert "javascript:" not in html and "onerror=alert(2)>" not in html
 
-        # 2. Stock update: b goes out of stock and is gone from the next payload.
-        write_catalog(spark, cfg, out_of_stock=("b",))
+        # 2. A marketer's stock feed (a partial catalog upload): b is out of stock and is gone
+        # from the next payload.
+        feed = tmp_path / "stock.csv"
+        feed.write_text("item_id,in_stock\nb,false\n")
+        upload_catalog.run(spark, cfg, str(feed), partial=True)
         produce(cfg, [trigger("App Launched", "u-known")])
         query.processAllAvailable()
         (second,) = push.read(3)
