@@ -375,6 +375,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "name": model.name,
             "version": model.model_version,
             "params": meta["params"],
+            "large_data": meta.get("large_data"),
+            "fit_params": meta.get("fit_params"),
             "epoch_seconds": meta.get("epoch_seconds"),
             "epoch_pairs": meta.get("epoch_pairs"),
             "epoch_loss": meta.get("epoch_loss"),
@@ -406,6 +408,9 @@ def print_summary(result: dict[str, Any]) -> None:
     for name, figures in result["stages"].items():
         print(f"{name:<18}{figures['seconds']:>10.1f}{figures['peak_rss_gib']:>15.2f}")
     print(f"nightly (export .. publish): {result['nightly_seconds']:.1f} s")
+    if model.get("fit_params"):
+        regime = "large-data" if model.get("large_data") else "default"
+        print(f"{model['name']} {regime} settings: {model['fit_params']}")
     print(
         f"{model['name']} fit {result['stages']['train_fit']['seconds']:.1f} s vs gensim "
         f"{ref['train_seconds']:.1f} s: ratio {result['fit_over_gensim']:.2f} (goal <= 2); "

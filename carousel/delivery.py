@@ -159,6 +159,7 @@ def sent_rows(
     *,
     run_id: str,
     sent_at: datetime,
+    small_batch: bool = False,
 ) -> DataFrame:
     """The ``sent_recommendations`` rows for ``requests`` of one campaign.
 
@@ -223,6 +224,7 @@ def sent_rows(
             sent=inputs.sent,
             campaign=campaign,
             serving=cfg.serving,
+            small_batch=small_batch,
         )
         parts.append(
             stamp(
@@ -253,15 +255,21 @@ def payload_requests(
     catalog: DataFrame,
     context: DataFrame,
     templates: dict[str, str],
+    small_batch: bool = False,
 ) -> DataFrame:
     """Render requests (the input of :func:`carousel.payloads.render_payloads`) for stored sends.
 
     ``stored``: ``sent_recommendations`` rows of one batch/run (control rows are skipped);
     ``context``: one row per payload id with ``payload_id, trigger_event_type, run_id`` and the
     user's ``user_attributes`` struct and ``platform``; ``templates``: campaign -> template name.
+    ``small_batch``: the stored rows are few and are broadcast against the catalog.
     """
     sent = stored.where(F.col("item_id").isNotNull())
-    enriched = sent.join(catalog.select("item_id", *CATALOG_ITEM_FIELDS), "item_id", "left")
+    products = catalog.select("item_id", *CATALOG_ITEM_FIELDS)
+    if small_batch:
+        # Broadcast the few sent item ids (inner join: an outer join can't broadcast its kept side).
+        products = products.join(F.broadcast(sent.select("item_id").distinct()), "item_id")
+    enriched = sent.join(products, "item_id", "left")
     # Rank first, so that array_sort orders a payload's items by it.
     item = F.struct("rank", *[name for name in PAYLOAD_ITEM_FIELDS if name != "rank"])
     template = F.create_map(*[F.lit(x) for kv in templates.items() for x in kv])

@@ -181,7 +181,9 @@ def seed_items(requests: DataFrame, serving: ServingConfig) -> DataFrame:
     return seeds.groupBy("request_id", "seed_item_id").agg(F.max("weight").alias("weight"))
 
 
-def excluded_items(requests: DataFrame, sent: DataFrame | None, campaign: CampaignConfig) -> DataFrame:
+def excluded_items(
+    requests: DataFrame, sent: DataFrame | None, campaign: CampaignConfig, small_batch: bool = False
+) -> DataFrame:
     """(request_id, item_id) pairs the request must not get."""
     rules = campaign.exclusions
     parts = [
@@ -204,7 +206,7 @@ def excluded_items(requests: DataFrame, sent: DataFrame | None, campaign: Campai
         parts.append(recent_within("recent_purchases", rules.purchased_within_days))
     if rules.sent_within_days > 0 and sent is not None:
         window = F.make_dt_interval(secs=F.lit(rules.sent_within_days * _SECONDS_PER_DAY))
-        r, s = requests.alias("r"), sent.alias("s")
+        r, s = (F.broadcast(requests) if small_batch else requests).alias("r"), sent.alias("s")
         parts.append(
             r.join(
                 s,
@@ -223,17 +225,28 @@ def excluded_items(requests: DataFrame, sent: DataFrame | None, campaign: Campai
     return excluded.distinct()
 
 
-def model_candidates(seeds: DataFrame, matrix: DataFrame) -> DataFrame:
-    """(request_id, item_id, score, model_version) from the seeds' lists in the correlation matrix."""
-    best = Window.partitionBy("item_id")
-    normalised = matrix.select(
-        "item_id",
-        "rec_item_id",
-        "model_version",
-        (F.col("score") / F.max("score").over(best)).alias("relative"),
-    ).where(F.col("relative") > 0)
+def model_candidates(seeds: DataFrame, matrix: DataFrame, small_batch: bool = False) -> DataFrame:
+    """(request_id, item_id, score, model_version) from the seeds' lists in the correlation matrix.
+
+    ``small_batch``: the seeds are few (a streaming micro-batch). They are then broadcast, so the
+    matrix is only scanned, never shuffled, and each list's best score is taken after the join
+    (every row of a seed's list survives the join, so it is the same maximum).
+    """
+    if small_batch:
+        joined = matrix.join(F.broadcast(seeds), matrix["item_id"] == seeds["seed_item_id"])
+        best = F.max("score").over(Window.partitionBy("request_id", "seed_item_id"))
+    else:
+        # Many requests: one maximum per item over the whole matrix, then the join.
+        with_best = matrix.withColumn("_best", F.max("score").over(Window.partitionBy("item_id")))
+        joined = with_best.join(seeds, with_best["item_id"] == seeds["seed_item_id"])
+        best = F.col("_best")
+    relative = (F.col("score") / best).alias("relative")
+    return _sum_candidates(joined.select("request_id", "rec_item_id", "model_version", "weight", relative))
+
+
+def _sum_candidates(scored: DataFrame) -> DataFrame:
     return (
-        seeds.join(normalised, seeds["seed_item_id"] == normalised["item_id"])
+        scored.where(F.col("relative") > 0)
         .groupBy("request_id", F.col("rec_item_id").alias("item_id"))
         .agg(
             F.sum(F.col("weight") * F.col("relative")).alias("score"),
@@ -254,6 +267,7 @@ def rank_recommendations(
     sent: DataFrame | None,
     campaign: CampaignConfig,
     serving: ServingConfig,
+    small_batch: bool = False,
 ) -> DataFrame:
     """The top ``campaign.items`` items per request (see the module docstring for the rules).
 
@@ -262,23 +276,30 @@ def rank_recommendations(
     ``catalog`` the catalog table (CATALOG_SCHEMA); ``trending`` the output of
     :func:`trending_items`; ``sent`` the ``sent_recommendations`` rows to honour
     ``exclusions.sent_within_days`` (or ``None``). Returns :data:`RANKED_COLUMNS`, rank 1 = best;
-    a request with no eligible item gets no rows.
+    a request with no eligible item gets no rows. ``small_batch`` (streaming micro-batches):
+    the per-request frames are broadcast, so the matrix, catalog and sends are scanned but never
+    shuffled - the same result, far fewer shuffle stages per batch.
     """
     slots = campaign.items
     eligible = eligible_items(catalog, campaign)
     requests = requests.select(*REQUEST_COLUMNS)
-    excluded = excluded_items(requests, sent, campaign)
+    excluded = excluded_items(requests, sent, campaign, small_batch)
+    small = F.broadcast if small_batch else (lambda frame: frame)
 
     def admissible(candidates: DataFrame) -> DataFrame:
-        return candidates.join(eligible.select("item_id"), "item_id").join(
-            excluded, ["request_id", "item_id"], "left_anti"
+        return (
+            small(candidates)
+            .join(eligible.select("item_id"), "item_id")
+            .join(excluded, ["request_id", "item_id"], "left_anti")
         )
 
     seeds = seed_items(requests, serving)
     frames: list[DataFrame] = []
     model_count = requests.select("request_id").withColumn("_found", F.lit(0))
     if matrix is not None:
-        model = admissible(model_candidates(seeds, matrix)).withColumn("strategy", F.lit(STRATEGY_MODEL))
+        model = admissible(model_candidates(seeds, matrix, small_batch)).withColumn(
+            "strategy", F.lit(STRATEGY_MODEL)
+        )
         model = model.withColumn(
             "_n", F.row_number().over(Window.partitionBy("request_id").orderBy(F.desc("score"), "item_id"))
         ).where(F.col("_n") <= slots)
@@ -307,7 +328,7 @@ def rank_recommendations(
             )
             by_category = by_category.where(F.col("_n") <= depth).select("item_id", "category", "score")
             seed_categories = (
-                seeds.join(short, "request_id")
+                small(seeds.join(short, "request_id"))
                 .join(catalog.select(F.col("item_id").alias("seed_item_id"), "category"), "seed_item_id")
                 .where(F.col("category").isNotNull())
                 .select("request_id", "category")

@@ -119,6 +119,9 @@ def with_profiles(triggers: DataFrame, profiles: DataFrame) -> DataFrame:
         "user_attributes",
         F.col("platforms")[0].alias("_platform"),
     )
+    # A micro-batch's triggers are few: their users are broadcast, so the profiles table is only
+    # scanned (an outer join can't broadcast its preserved side, hence the inner join first).
+    p = p.join(F.broadcast(triggers.select("user_id").distinct()), "user_id")
     return triggers.join(p, "user_id", "left").select(
         *TRIGGER_COLUMNS,
         F.coalesce("recent_views", empty).alias("recent_views"),
@@ -195,6 +198,7 @@ def process_batch(
                 cfg,
                 run_id=tag,
                 sent_at=now,
+                small_batch=True,
             )
             for name, campaign in campaigns.items()
         ]
@@ -214,6 +218,7 @@ def process_batch(
             inputs.catalog,
             context.drop("trigger_event_id"),
             {name: c.template for name, c in campaigns.items()},
+            small_batch=True,
         )
         rendered = render_payloads(render, cfg, renderer=renderer).persist()
         payloads = rendered.count()
