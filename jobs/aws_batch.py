@@ -302,12 +302,14 @@ def _check_local_target(output: str) -> None:
 
 
 def run(
-    cfg: CarouselConfig, input_location: str, output: str | None = None, model_name: str = "item2vec"
+    cfg: CarouselConfig, input_location: str, output: str | None = None, model_name: str | None = None
 ) -> dict[str, Any]:
     """Upload, submit, wait, verify, download; returns the output's metadata with ``output`` added.
 
-    Also in the result: ``batch_job_id``, ``batch_job_name`` and ``remote_output`` (the S3 output).
+    ``model_name`` defaults to the configured ``training.model.name``. Also in the result:
+    ``batch_job_id``, ``batch_job_name`` and ``remote_output`` (the S3 output).
     """
+    model_name = model_name or cfg.training.model.name
     workspace = cfg.training.workspace
     submitted_at = datetime.now(UTC)
     name = job_name(model_name, submitted_at)

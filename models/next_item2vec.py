@@ -9,7 +9,9 @@ nearer the more often, and an item's recommendations are ranked by the model's o
 Inputs: an interaction frame (see :mod:`models.interactions`); hyperparameters from
 :class:`carousel.config.ModelConfig`: ``embedding_dim``, ``window`` (the largest forward distance),
 ``negatives``, ``epochs``, ``batch_size``, ``learning_rate`` (lazy Adam), ``min_item_count``,
-``subsample`` (word2vec's down-sampling threshold of frequent items; 0 = off) and ``seed``.
+``subsample`` (word2vec's down-sampling threshold of frequent items; 0 = off) and ``seed``; and
+the large-data settings ``large_data_items``, ``large_epochs`` and ``large_sampled_negatives``
+(below).
 Keyword options: ``distance_decay`` (a pair at distance d is drawn with probability d ** -decay
 each epoch; 1 = the 1 / d weighting of :class:`models.baselines.SequentialRules`),
 ``popularity_weight`` (beta, below), ``negative_sharing`` and ``threads`` (as in
@@ -20,6 +22,15 @@ a != b) are drawn in numpy with the distance weights, after subsampling, shuffle
 seeded by (seed, epoch)), and fed to :class:`models.item2vec._SkipGramTrainer`: the same XLA
 compiled step, in-graph stateless negatives from the unigram^0.75 table, lazy Adam. The input
 table W holds "where users come from", the output table C "where they go".
+
+Large data: the cost of a step is dominated by the (batch x sampled negatives) logit matrix and
+its two gradient products, i.e. by the negatives per pair, times the pairs, which grow with the
+data. From ``large_data_items`` sequence items on (interactions after collapsing repeats; 0 =
+never), :func:`effective_params` trains ``large_epochs`` passes with ``large_sampled_negatives``
+negatives per batch instead (defaults 3 and 256 instead of 5 and 512): with ~50 interactions per
+item every item is seen often enough in 3 passes. Larger batches with fewer negatives, no
+backward pairs or a higher rate were faster still but lost planted recall (measured at 1M
+interactions / 20k items: bench/README.md).
 
 Scoring: at the optimum of the SGNS loss, W[a] . C[b] = log P(a, b) / (P(a) Pn(b)) - log k, a
 pointwise mutual information (Levy & Goldberg, 2014), with Pn the noise distribution (unigram^0.75)
@@ -61,11 +72,31 @@ from models.item2vec import (
 )
 from models.topk import top_k_scores
 
-__all__ = ["NextItem2Vec", "forward_pairs", "popularity_prior"]
+__all__ = ["LARGE_DATA_KEYS", "NextItem2Vec", "effective_params", "forward_pairs", "popularity_prior"]
 
 log = logging.getLogger(__name__)
 
 _NOISE_POWER = 0.75  # word2vec's smoothing of the noise (negative-sampling) distribution
+
+# On large data (see effective_params): parameter -> the ModelConfig key that replaces it.
+LARGE_DATA_KEYS: dict[str, str] = {"epochs": "large_epochs", "sampled_negatives": "large_sampled_negatives"}
+_LARGE_DATA_SETTINGS = ("large_data_items", *LARGE_DATA_KEYS.values())
+# Without a ModelConfig the large-data settings are ModelConfig's own defaults.
+_LARGE_DATA_DEFAULTS: dict[str, Any] = {
+    key: ModelConfig.model_fields[key].default for key in _LARGE_DATA_SETTINGS
+}
+
+
+def effective_params(params: dict[str, Any], n_sequence_items: int) -> tuple[dict[str, Any], bool]:
+    """The hyperparameters a fit on ``n_sequence_items`` tokens uses, and whether they are the large ones.
+
+    From ``params["large_data_items"]`` tokens on (0 = never) each key of :data:`LARGE_DATA_KEYS`
+    takes the value of its ``large_*`` key; below, ``params`` are used as they are.
+    """
+    threshold = int(params.get("large_data_items", 0) or 0)
+    if threshold <= 0 or n_sequence_items < threshold:
+        return dict(params), False
+    return {**params, **{key: params[large] for key, large in LARGE_DATA_KEYS.items()}}, True
 
 
 def forward_pairs(
@@ -148,6 +179,7 @@ class NextItem2Vec(ItemToItemModel):
         "min_item_count",
         "subsample",
         "seed",
+        *_LARGE_DATA_SETTINGS,
     )
 
     def __init__(
@@ -177,7 +209,7 @@ class NextItem2Vec(ItemToItemModel):
                 f"need sampled_negatives >= 1 and 0 <= backward_weight <= 1, "
                 f"got {sampled_negatives} and {backward_weight}"
             )
-        base = {} if model_cfg is not None else dict(DEFAULT_PARAMS)
+        base = {} if model_cfg is not None else {**DEFAULT_PARAMS, **_LARGE_DATA_DEFAULTS}
         options = {
             "distance_decay": float(distance_decay),
             "popularity_weight": float(popularity_weight),
@@ -196,12 +228,15 @@ class NextItem2Vec(ItemToItemModel):
         self.epoch_losses: list[float] = []
         self.epoch_pairs: list[int] = []
         self.epoch_seconds: list[float] = []
+        self.large_data = False
+        self.fit_params: dict[str, Any] = {}
 
     def _fit(self, sequences: Sequences) -> None:
         _configure_threads(self.threads)
         import tensorflow as tf
 
-        p = self.params
+        p, self.large_data = effective_params(self.params, len(sequences.codes))
+        self.fit_params = {key: p[key] for key in LARGE_DATA_KEYS}
         n, dim = sequences.n_items, int(p["embedding_dim"])
         window, epochs, seed = int(p["window"]), int(p["epochs"]), int(p["seed"])
         sharing = int(p["negative_sharing"])
@@ -236,20 +271,23 @@ class NextItem2Vec(ItemToItemModel):
         user = sequences.user_of_token()
         log.info(
             "next_item2vec: %d items, %d users, %d sequence items; dim %d, forward window %d "
-            "(decay %g), negatives %d (shared by %d), %d epochs, batch %d, lr %g, subsample %g, seed %d",
+            "(decay %g), negatives %d (shared by %d), %d epochs, batch %d, lr %g, subsample %g, "
+            "backward pairs %g, seed %d; %s-data settings",
             n,
             sequences.n_users,
             len(sequences.codes),
             dim,
             window,
             decay,
-            int(p["negatives"]),
+            int(p["sampled_negatives"]) if softmax else int(p["negatives"]),
             sharing,
             epochs,
             batch,
             float(p["learning_rate"]),
             float(p["subsample"]),
+            float(p["backward_weight"]),
             seed,
+            "large" if self.large_data else "default",
         )
         self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
         for epoch in range(epochs):
@@ -291,6 +329,8 @@ class NextItem2Vec(ItemToItemModel):
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {
+            "large_data": self.large_data,
+            "fit_params": dict(self.fit_params),
             "epoch_loss": [round(v, 6) for v in self.epoch_losses],
             "epoch_pairs": list(self.epoch_pairs),
             "epoch_seconds": [round(v, 3) for v in self.epoch_seconds],

@@ -237,7 +237,7 @@ def test_a_failed_job_raises_its_reason_and_log_stream_and_leaves_no_output(
         aws_batch.run(cfg, str(no_csv), str(output))
 
     message = str(caught.value)
-    assert re.search(r"AWS Batch job carousel-train-item2vec-\d{8}T\d{6}Z \(\S+\) FAILED", message)
+    assert re.search(r"AWS Batch job carousel-train-next_item2vec-\d{8}T\d{6}Z \(\S+\) FAILED", message)
     assert not output.exists()
     stream = re.search(r"CloudWatch /aws/batch/job stream (\S+)", message)
     assert stream, message

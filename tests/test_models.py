@@ -24,7 +24,13 @@ from models.base import NotFittedError
 from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules, log_likelihood_ratio
 from models.interactions import read_interactions, time_split, to_csv_text, user_item_matrix, user_sequences
 from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability
-from models.next_item2vec import NextItem2Vec, forward_pairs, popularity_prior
+from models.next_item2vec import (
+    LARGE_DATA_KEYS,
+    NextItem2Vec,
+    effective_params,
+    forward_pairs,
+    popularity_prior,
+)
 from models.topk import to_recommendations, top_k_scores, top_k_similar, top_k_sparse
 
 SMALL = ModelConfig(
@@ -433,3 +439,32 @@ def test_next_item2vec_is_reproducible_and_learns_direction(world_data: tuple) -
     assert top["a"] == "b" and top["b"] == "c" and top["x"] == "y" and top["y"] == "z"
     with pytest.raises(ValueError, match="loss"):
         NextItem2Vec(SMALL, loss="hinge")
+
+
+def test_effective_params_switch_to_the_large_settings_from_the_threshold() -> None:
+    params = SMALL.model_dump() | {"sampled_negatives": 512, "backward_weight": 0.5}
+    params |= {"large_data_items": 100, "large_epochs": 2, "large_sampled_negatives": 64}
+    below, large = effective_params(params, 99)
+    assert not large and below == params
+    at, large = effective_params(params, 100)
+    assert large and at == params | {"epochs": 2, "sampled_negatives": 64}
+    assert set(LARGE_DATA_KEYS) == {"epochs", "sampled_negatives"}
+    never, large = effective_params(params | {"large_data_items": 0}, 10**9)
+    assert not large and never == params | {"large_data_items": 0}
+
+
+def test_next_item2vec_uses_the_large_data_settings_on_large_data(world_data: tuple) -> None:
+    df, planted = world_data
+    cfg = SMALL.model_copy(
+        update={"large_data_items": 1000, "large_epochs": 3, "large_sampled_negatives": 64}
+    )
+    model = NextItem2Vec(cfg).fit(df)
+    meta = model.metadata()
+    assert meta["large_data"] and len(meta["epoch_loss"]) == 3
+    assert meta["fit_params"] == {"epochs": 3, "sampled_negatives": 64}
+    assert meta["params"]["epochs"] == SMALL.epochs  # the configured values stay in the version
+    recs = model.recommend(5)
+    check_recommendations(recs, 5, model.item_ids, exact_k=True)
+    assert planted_recall(recs, planted) > 0.5
+    small = NextItem2Vec(SMALL.model_copy(update={"epochs": 1})).fit(df).metadata()
+    assert not small["large_data"] and small["fit_params"] == {"epochs": 1, "sampled_negatives": 512}
