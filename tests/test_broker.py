@@ -150,8 +150,15 @@ def test_start_is_idempotent(cfg, running):
 @pytest.mark.integration
 def test_ensure_topics_creates_events_with_configured_partitions(cfg, running):
     events = cfg.kafka.topic("events")
-    assert broker.ensure_topics(cfg.kafka) == [events.name]
+    assert broker.ensure_topics(cfg.kafka, roles=["events"]) == [events.name]
     assert _partitions(running, events.name) == events.partitions
+    # All roles by default: the channel topics too; the events topic is already there.
+    channels = sorted(t.name for role, t in cfg.kafka.topics.items() if role != "events")
+    assert sorted(broker.ensure_topics(cfg.kafka)) == channels
+    assert all(
+        _partitions(running, cfg.kafka.topic(role).name) == t.partitions
+        for role, t in cfg.kafka.topics.items()
+    )
     assert broker.ensure_topics(cfg.kafka) == []  # already there: nothing to do
 
 
