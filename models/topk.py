@@ -85,30 +85,7 @@ def top_k_similar(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     x = _normalised(embeddings, normalise)
-    n = x.shape[0]
-    k = min(k, n - 1)
-    if k <= 0:
-        return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
-    if backend == "auto":
-        backend = "tensorflow" if _tensorflow_available() else "numpy"
-    if backend not in ("tensorflow", "numpy"):
-        raise ValueError(f"unknown backend {backend!r}; expected auto, tensorflow or numpy")
-    rows = _block_rows(n, block_size, max_block_bytes)
-    started = time.perf_counter()
-    if backend == "tensorflow":
-        indices, scores = _top_k_tensorflow(x, k, rows)
-    else:
-        indices, scores = _top_k_numpy(x, k, rows)
-    log.info(
-        "top-%d of %d items (%d dims) by %s in blocks of %d rows: %.1f s",
-        k,
-        n,
-        x.shape[1],
-        backend,
-        rows,
-        time.perf_counter() - started,
-    )
-    return indices, scores
+    return _blocked_top_k(x, None, None, k, block_size, backend, max_block_bytes, "")
 
 
 def top_k_scores(
@@ -140,6 +117,24 @@ def top_k_scores(
         bias = np.ascontiguousarray(key_bias, dtype=np.float32)
         if bias.shape != (n,) or not np.isfinite(bias).all():
             raise ValueError(f"key_bias must be {n} finite values, got shape {bias.shape}")
+    return _blocked_top_k(q, keys_, bias, k, block_size, backend, max_block_bytes, ", asymmetric scores")
+
+
+def _blocked_top_k(
+    queries: np.ndarray,
+    keys: np.ndarray | None,
+    bias: np.ndarray | None,
+    k: int,
+    block_size: int,
+    backend: str,
+    max_block_bytes: int,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shared part of both searches: cap k, pick the backend and block size, run, log.
+
+    ``keys`` None means the queries themselves (symmetric similarity).
+    """
+    n = queries.shape[0]
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
@@ -150,12 +145,13 @@ def top_k_scores(
     rows = _block_rows(n, block_size, max_block_bytes)
     started = time.perf_counter()
     top = _top_k_tensorflow if backend == "tensorflow" else _top_k_numpy
-    indices, scores = top(q, k, rows, keys=keys_, bias=bias)
+    indices, scores = top(queries, k, rows, keys=keys, bias=bias)
     log.info(
-        "top-%d of %d items (%d dims, asymmetric scores) by %s in blocks of %d rows: %.1f s",
+        "top-%d of %d items (%d dims%s) by %s in blocks of %d rows: %.1f s",
         k,
         n,
-        q.shape[1],
+        queries.shape[1],
+        what,
         backend,
         rows,
         time.perf_counter() - started,
