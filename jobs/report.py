@@ -362,6 +362,25 @@ def _ratio(numerator: str, denominator: str) -> Column:
     return F.when(F.col(denominator) > 0, F.col(numerator) / F.col(denominator))
 
 
+# The counts _response_counts yields (0 where nothing was attributed) and the rates derived from them.
+_RESPONSE_COUNT_COLUMNS: tuple[str, ...] = (
+    "clicks",
+    "clicked_sends",
+    "views",
+    "conversions",
+    "converted_sends",
+)
+_RATES: dict[str, tuple[str, str]] = {
+    "ctr": ("clicked_sends", "sends"),
+    "conversion_rate": ("converted_sends", "sends"),
+}
+
+
+def _with_rates(counts: DataFrame, keys: list[str], columns: tuple[str, ...]) -> DataFrame:
+    """``keys`` then ``columns``, each rate of :data:`_RATES` computed from its counts."""
+    return counts.select(*keys, *[_ratio(*_RATES[c]).alias(c) if c in _RATES else F.col(c) for c in columns])
+
+
 def _response_counts(attributed: DataFrame, keys: Sequence[str]) -> DataFrame:
     etype, on_sent_item = F.col("event_type"), F.col("rank").isNotNull()
     clicked = etype == F.lit(NOTIFICATION_CLICKED)
@@ -388,19 +407,10 @@ def campaign_metrics(sent: DataFrame, attributed: DataFrame) -> DataFrame:
         F.count_distinct(F.when(F.col("item_id").isNotNull(), F.col("payload_id"))).alias("sends"),
         F.count("item_id").alias("items_sent"),
     )
-    counts = ["clicks", "clicked_sends", "views", "conversions", "converted_sends"]
-    joined = sends.join(_response_counts(attributed, keys), keys, "left").fillna(0, subset=counts)
-    return joined.select(
-        *keys,
-        *[
-            _ratio("clicked_sends", "sends").alias(c)
-            if c == "ctr"
-            else _ratio("converted_sends", "sends").alias(c)
-            if c == "conversion_rate"
-            else F.col(c)
-            for c in CAMPAIGN_METRIC_COLUMNS
-        ],
+    joined = sends.join(_response_counts(attributed, keys), keys, "left").fillna(
+        0, subset=list(_RESPONSE_COUNT_COLUMNS)
     )
+    return _with_rates(joined, keys, CAMPAIGN_METRIC_COLUMNS)
 
 
 def product_metrics(sent: DataFrame, attributed: DataFrame) -> DataFrame:
@@ -409,19 +419,10 @@ def product_metrics(sent: DataFrame, attributed: DataFrame) -> DataFrame:
     keys = [*GROUP_COLUMNS, "item_id"]
     sends = sent.where(F.col("item_id").isNotNull()).groupBy(*keys).agg(F.count("*").alias("sends"))
     on_sent_item = attributed.where(F.col("rank").isNotNull())
-    counts = ["clicks", "clicked_sends", "views", "conversions", "converted_sends"]
-    joined = sends.join(_response_counts(on_sent_item, keys), keys, "left").fillna(0, subset=counts)
-    return joined.select(
-        *keys,
-        *[
-            _ratio("clicked_sends", "sends").alias(c)
-            if c == "ctr"
-            else _ratio("converted_sends", "sends").alias(c)
-            if c == "conversion_rate"
-            else F.col(c)
-            for c in PRODUCT_METRIC_COLUMNS
-        ],
+    joined = sends.join(_response_counts(on_sent_item, keys), keys, "left").fillna(
+        0, subset=list(_RESPONSE_COUNT_COLUMNS)
     )
+    return _with_rates(joined, keys, PRODUCT_METRIC_COLUMNS)
 
 
 def user_outcomes(sent: DataFrame, events: DataFrame, window_hours: float) -> DataFrame:
