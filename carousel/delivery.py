@@ -132,9 +132,10 @@ def load_serving_inputs(
     campaigns: dict[str, CampaignConfig],
     now: datetime,
     trending: DataFrame | None = None,
+    catalog: DataFrame | None = None,
 ) -> ServingInputs:
-    """Read the live inputs for ``campaigns`` (trending is computed unless given)."""
-    catalog = read_catalog(spark, cfg)
+    """Read the live inputs for ``campaigns`` (the catalog is read and trending computed unless given)."""
+    catalog = catalog if catalog is not None else read_catalog(spark, cfg)
     wanted: set[str | None] = {None}
     for campaign in campaigns.values():
         wanted |= {v.model_version for v in campaign.variants if v.strategy == "model"}

@@ -187,7 +187,7 @@ def process_batch(
             return
         catalog = read_catalog(spark, cfg)
         inputs = load_serving_inputs(
-            spark, cfg, campaigns, now, trending=trending.get(spark, cfg, catalog, now)
+            spark, cfg, campaigns, now, trending=trending.get(spark, cfg, catalog, now), catalog=catalog
         )
         parts = [
             sent_rows(
