@@ -62,8 +62,8 @@ SAMPLE_PAYLOADS = 200
 # Spark work runs in the action that follows them.
 _CALL_STEPS: dict[tuple[str, int], tuple[str, str]] = {
     ("load_serving_inputs", 1): ("load inputs (catalog, matrix, trending plan)", "templates + run check"),
-    ("sent_rows", 1): ("plan ranking", "select segment + count requests (persist)"),
-    ("idempotent_append", 1): ("rank + append sent_recommendations", "plan ranking"),
+    ("sent_rows", 1): ("plan ranking + broadcast item lists", "select segment + count requests (persist)"),
+    ("idempotent_append", 1): ("rank + append sent_recommendations", "plan ranking + broadcast item lists"),
     ("render_payloads", 1): ("plan rendering", "read back stored rows"),
     ("write_payloads", 1): ("write payloads to Kafka", "render payloads (count, mapInArrow)"),
     ("write_files", 1): ("write payload files", "render payloads (count, mapInArrow)"),

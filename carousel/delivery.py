@@ -23,7 +23,7 @@ Inputs: DataFrames and :class:`~carousel.config.CarouselConfig`. Outputs: DataFr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -44,7 +44,7 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
     TRENDING_SCHEMA,
 )
-from carousel.storage import table_exists
+from carousel.storage import read_snapshot, table_exists
 
 log = logging.getLogger(__name__)
 
@@ -65,39 +65,59 @@ class ServingInputs:
     trending: DataFrame
     sent: DataFrame | None
     matrices: dict[str | None, DataFrame | None]  # model version (None = latest) -> matrix
+    # The Delta versions read (None = unknown): the catalog's, and each matrix's by model version.
+    catalog_version: int | None = None
+    matrix_versions: dict[str | None, int | None] = field(default_factory=dict)
 
     def matrix(self, model_version: str | None) -> DataFrame | None:
         return self.matrices.get(model_version)
 
+    def ranking_cache_key(self, model_version: str | None) -> tuple[int, int | None] | None:
+        """What identifies the ranking lists of an arm: the catalog's and its matrix's versions."""
+        if self.catalog_version is None:
+            return None
+        return (self.catalog_version, self.matrix_versions.get(model_version))
 
-def read_catalog(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+
+def read_catalog_snapshot(spark: SparkSession, cfg: CarouselConfig) -> tuple[DataFrame, int]:
+    """The live catalog, pinned to its current Delta version, and that version."""
     location = cfg.storage.table(CATALOG_TABLE)
     if not table_exists(spark, location):
         raise ServingInputError(
             f"no product catalog at {location}: upload one first (./spark-submit.sh upload-catalog FILE)"
         )
-    return spark.read.format("delta").load(location).select(*CATALOG_SCHEMA.fieldNames())
+    catalog, version = read_snapshot(spark, location)
+    return catalog.select(*CATALOG_SCHEMA.fieldNames()), version
 
 
-def read_matrix(
+def read_catalog(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+    return read_catalog_snapshot(spark, cfg)[0]
+
+
+def read_matrix_snapshot(
     spark: SparkSession, cfg: CarouselConfig, model_version: str | None = None
-) -> DataFrame | None:
-    """The live correlation matrix, or the latest published version of ``model_version``.
-
-    ``None`` when nothing was published yet (requests then get trending items only).
-    """
+) -> tuple[DataFrame | None, int | None]:
+    """The live correlation matrix, or the latest published version of ``model_version``, and
+    its Delta version; ``(None, None)`` when nothing was published yet (trending items only)."""
     location = cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)
     if not table_exists(spark, location):
         log.warning("no published recommendations at %s yet: serving trending items only", location)
-        return None
+        return None, None
     if model_version is None:
-        return spark.read.format("delta").load(location)
+        return read_snapshot(spark, location)
     from jobs.publish_recommendations import publish_history  # a job module: imported when needed
 
     versions = [v for v, model, operation in publish_history(spark, location) if model == model_version]
     if not versions:
         raise ServingInputError(f"model version {model_version!r} was never published to {location}")
-    return spark.read.format("delta").option("versionAsOf", max(versions)).load(location)
+    return read_snapshot(spark, location, max(versions))
+
+
+def read_matrix(
+    spark: SparkSession, cfg: CarouselConfig, model_version: str | None = None
+) -> DataFrame | None:
+    """The live correlation matrix, or the latest published version of ``model_version``."""
+    return read_matrix_snapshot(spark, cfg, model_version)[0]
 
 
 def compute_trending(
@@ -132,19 +152,24 @@ def load_serving_inputs(
     campaigns: dict[str, CampaignConfig],
     now: datetime,
     trending: DataFrame | None = None,
-    catalog: DataFrame | None = None,
+    catalog: tuple[DataFrame, int] | None = None,
 ) -> ServingInputs:
-    """Read the live inputs for ``campaigns`` (the catalog is read and trending computed unless given)."""
-    catalog = catalog if catalog is not None else read_catalog(spark, cfg)
+    """Read the live inputs for ``campaigns``.
+
+    The catalog (a :func:`read_catalog_snapshot`) is read and trending computed unless given.
+    """
+    catalog_frame, catalog_version = catalog if catalog is not None else read_catalog_snapshot(spark, cfg)
     wanted: set[str | None] = {None}
     for campaign in campaigns.values():
         wanted |= {v.model_version for v in campaign.variants if v.strategy == "model"}
-    matrices = {version: read_matrix(spark, cfg, version) for version in wanted}
+    snapshots = {version: read_matrix_snapshot(spark, cfg, version) for version in wanted}
     return ServingInputs(
-        catalog=catalog,
-        trending=trending if trending is not None else compute_trending(spark, cfg, catalog, now),
+        catalog=catalog_frame,
+        trending=trending if trending is not None else compute_trending(spark, cfg, catalog_frame, now),
         sent=read_recent_sends(spark, cfg, now),
-        matrices=matrices,
+        matrices={model: frame for model, (frame, _) in snapshots.items()},
+        catalog_version=catalog_version,
+        matrix_versions={model: version for model, (_, version) in snapshots.items()},
     )
 
 
@@ -226,6 +251,7 @@ def sent_rows(
             campaign=campaign,
             serving=cfg.serving,
             small_batch=small_batch,
+            cache_key=inputs.ranking_cache_key(variant.model_version if variant is not None else None),
         )
         parts.append(
             stamp(

@@ -3,8 +3,15 @@
 Role: turn *requests* (one per trigger event or per campaign-run user) into the top N items each
 request gets, with the strategy that produced every item. ``streaming/serve.py`` calls it inside
 each micro-batch and ``jobs/campaign.py`` on a whole segment, so both paths rank identically.
-Everything here is a pure ``DataFrame -> DataFrame`` transform; readers and writers live in the
-jobs.
+Readers and writers live in the jobs; here are ``DataFrame -> DataFrame`` transforms and the
+plain per-request functions they run (:func:`rank_request`, unit-testable without Spark).
+
+How it runs: the correlation matrix, cut to the campaign's eligible products, and the catalog
+categories are collected once to the driver as compact arrays (:class:`ItemLists`, about 12
+bytes per list entry: 100k items x 20 is ~25 MB) and broadcast, reused while the matrix and
+catalog versions stay the same (``cache_key``). Each request is then ranked where it lies
+(``mapInArrow``), with no shuffle - the same code for a 20-trigger micro-batch and a 10M-user
+campaign. The matrix must fit in executor memory; at millions of items, raise executor memory.
 
 How a request is ranked (:func:`rank_recommendations`):
 
@@ -30,12 +37,29 @@ the last ``lookback_days`` adds ``event weight x 0.5 ** (age / half_life)``.
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from pyspark.sql import Column, DataFrame, Window
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.broadcast import Broadcast
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from carousel.config import CampaignConfig, PropertyPredicate, ServingConfig, TrendingConfig
+from carousel.config import (
+    CampaignConfig,
+    CampaignFilters,
+    PropertyPredicate,
+    ServingConfig,
+    TrendingConfig,
+)
 from carousel.schemas import (
     CATALOG_PROPERTY_COLUMNS,
     STRATEGY_MODEL,
@@ -62,7 +86,9 @@ RANKED_DDL = (
 FALLBACK_PADDING = 30
 
 _PRIORITY = {STRATEGY_MODEL: 0, STRATEGY_TRENDING_CATEGORY: 1, STRATEGY_TRENDING: 2}
-_SECONDS_PER_DAY = 86400.0
+_MICROS_PER_DAY = 86_400_000_000
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +159,8 @@ def _predicate(pred: PropertyPredicate) -> Column:
     return text.contains(value)  # contains
 
 
-def eligible_items(catalog: DataFrame, campaign: CampaignConfig) -> DataFrame:
-    """The active catalog products that pass the campaign's filters (``item_id``, ``category``)."""
-    filters = campaign.filters
+def eligibility(filters: CampaignFilters) -> Column:
+    """True for the active catalog products that pass ``filters`` (never NULL)."""
     condition = F.col("active")
     if filters.in_stock_only:
         # Unknown stock is not "out of stock": only an explicit false excludes the product.
@@ -150,114 +175,415 @@ def eligible_items(catalog: DataFrame, campaign: CampaignConfig) -> DataFrame:
         condition = condition & (F.col("rating") >= filters.min_rating)
     for pred in filters.where:
         condition = condition & F.coalesce(_predicate(pred), F.lit(False))
-    return catalog.where(condition).select("item_id", "category")
+    return F.coalesce(condition, F.lit(False))
+
+
+def eligible_items(catalog: DataFrame, campaign: CampaignConfig) -> DataFrame:
+    """The active catalog products that pass the campaign's filters (``item_id``, ``category``)."""
+    return catalog.where(eligibility(campaign.filters)).select("item_id", "category")
 
 
 # ---------------------------------------------------------------------------------------------
-# Seeds, exclusions, candidates
+# What every request is ranked against: item lists, eligibility, trending (built on the driver)
 # ---------------------------------------------------------------------------------------------
-def seed_items(requests: DataFrame, serving: ServingConfig) -> DataFrame:
-    """(request_id, seed_item_id, weight): the trigger item and the user's recent items."""
-    used = serving.recent_items_used
+@dataclass(frozen=True)
+class RankingRules:
+    """A campaign's ranking settings as plain values (what the executors need)."""
 
-    def recent(column: str, factor: float) -> DataFrame:
-        return (
-            requests.select("request_id", F.posexplode_outer(F.slice(F.col(column), 1, used)))
-            .where(F.col("col").isNotNull())
-            .select(
-                "request_id",
-                F.col("col.item_id").alias("seed_item_id"),
-                (F.lit(factor) * F.pow(F.lit(serving.recency_decay), F.col("pos"))).alias("weight"),
-            )
+    slots: int
+    fallback: str
+    recent_items_used: int
+    recency_decay: float
+    purchase_weight: float
+    viewed_within_us: int  # 0 = no such exclusion
+    purchased_within_us: int
+    sent_within_us: int
+    listed: frozenset[str]
+
+    @classmethod
+    def of(cls, campaign: CampaignConfig, serving: ServingConfig) -> RankingRules:
+        rules = campaign.exclusions
+
+        def micros(days: float) -> int:
+            return round(days * _MICROS_PER_DAY) if days > 0 else 0
+
+        return cls(
+            slots=campaign.items,
+            fallback=campaign.fallback,
+            recent_items_used=serving.recent_items_used,
+            recency_decay=serving.recency_decay,
+            purchase_weight=serving.purchase_weight,
+            viewed_within_us=micros(rules.viewed_within_days),
+            purchased_within_us=micros(rules.purchased_within_days),
+            sent_within_us=micros(rules.sent_within_days),
+            listed=frozenset(rules.item_ids),
         )
 
-    trigger = requests.where(F.col("trigger_item_id").isNotNull()).select(
-        "request_id", F.col("trigger_item_id").alias("seed_item_id"), F.lit(1.0).alias("weight")
-    )
-    seeds = trigger.unionByName(recent("recent_views", 1.0)).unionByName(
-        recent("recent_purchases", serving.purchase_weight)
-    )
-    # An item seen as a view and a purchase (or also the trigger) counts once, at its best weight.
-    return seeds.groupBy("request_id", "seed_item_id").agg(F.max("weight").alias("weight"))
 
+class ItemLists:
+    """The correlation matrix, cut to a campaign's eligible products, plus catalog categories.
 
-def excluded_items(
-    requests: DataFrame, sent: DataFrame | None, campaign: CampaignConfig, small_batch: bool = False
-) -> DataFrame:
-    """(request_id, item_id) pairs the request must not get."""
-    rules = campaign.exclusions
-    parts = [
-        requests.where(F.col("trigger_item_id").isNotNull()).select(
-            "request_id", F.col("trigger_item_id").alias("item_id")
-        )
-    ]
-
-    def recent_within(column: str, days: float) -> DataFrame:
-        since = F.col("requested_at") - F.make_dt_interval(secs=F.lit(days * _SECONDS_PER_DAY))
-        return (
-            requests.select("request_id", "requested_at", F.explode_outer(column).alias("r"))
-            .where(F.col("r.item_id").isNotNull() & (F.col("r.event_time") >= since))
-            .select("request_id", F.col("r.item_id").alias("item_id"))
-        )
-
-    if rules.viewed_within_days > 0:
-        parts.append(recent_within("recent_views", rules.viewed_within_days))
-    if rules.purchased_within_days > 0:
-        parts.append(recent_within("recent_purchases", rules.purchased_within_days))
-    if rules.sent_within_days > 0 and sent is not None:
-        window = F.make_dt_interval(secs=F.lit(rules.sent_within_days * _SECONDS_PER_DAY))
-        r, s = (F.broadcast(requests) if small_batch else requests).alias("r"), sent.alias("s")
-        parts.append(
-            r.join(
-                s,
-                (F.col("r.user_id") == F.col("s.user_id"))
-                & F.col("s.item_id").isNotNull()
-                & (F.col("s.payload_id") != F.col("r.request_id"))
-                & (F.col("s.sent_at") >= F.col("r.requested_at") - window),
-            ).select(F.col("r.request_id").alias("request_id"), F.col("s.item_id").alias("item_id"))
-        )
-    if rules.item_ids:
-        listed = requests.sparkSession.createDataFrame([(i,) for i in rules.item_ids], "item_id string")
-        parts.append(requests.select("request_id").crossJoin(F.broadcast(listed)))
-    excluded = parts[0]
-    for part in parts[1:]:
-        excluded = excluded.unionByName(part)
-    return excluded.distinct()
-
-
-def model_candidates(seeds: DataFrame, matrix: DataFrame, small_batch: bool = False) -> DataFrame:
-    """(request_id, item_id, score, model_version) from the seeds' lists in the correlation matrix.
-
-    ``small_batch``: the seeds are few (a streaming micro-batch). They are then broadcast, so the
-    matrix is only scanned, never shuffled, and each list's best score is taken after the join
-    (every row of a seed's list survives the join, so it is the same maximum).
+    Item ``i`` of ``ids`` has its model list in ``recs[offsets[i]:offsets[i + 1]]`` (codes into
+    ``ids``) with ``relative`` scores (score / best score of the item's whole list, > 0) and
+    ``version_codes`` (into ``versions``). Only eligible recommended items are kept, so a list
+    may be shorter than the published one. ``category_codes`` (into ``categories``, -1 = none)
+    is the catalog category of every catalog product, eligible or not (seeds' categories pick
+    the category-trending lists). Numpy arrays and one list of ids, so it pickles compactly
+    and is broadcast once per model and catalog version.
     """
-    if small_batch:
-        joined = matrix.join(F.broadcast(seeds), matrix["item_id"] == seeds["seed_item_id"])
-        best = F.max("score").over(Window.partitionBy("request_id", "seed_item_id"))
-    else:
-        # Many requests: one maximum per item over the whole matrix, then the join.
-        with_best = matrix.withColumn("_best", F.max("score").over(Window.partitionBy("item_id")))
-        joined = with_best.join(seeds, with_best["item_id"] == seeds["seed_item_id"])
-        best = F.col("_best")
-    relative = (F.col("score") / best).alias("relative")
-    return _sum_candidates(joined.select("request_id", "rec_item_id", "model_version", "weight", relative))
 
+    def __init__(
+        self,
+        ids: list[str],
+        offsets: np.ndarray,
+        recs: np.ndarray,
+        relative: np.ndarray,
+        version_codes: np.ndarray,
+        versions: list[str | None],
+        category_codes: np.ndarray,
+        categories: list[str],
+        eligible: np.ndarray,
+    ) -> None:
+        self.ids = ids
+        self.offsets = offsets
+        self.recs = recs
+        self.relative = relative
+        self.version_codes = version_codes
+        self.versions = versions
+        self.category_codes = category_codes
+        self.categories = categories
+        self.eligible = eligible
+        self._index: dict[str, int] | None = None
 
-def _sum_candidates(scored: DataFrame) -> DataFrame:
-    return (
-        scored.where(F.col("relative") > 0)
-        .groupBy("request_id", F.col("rec_item_id").alias("item_id"))
-        .agg(
-            F.sum(F.col("weight") * F.col("relative")).alias("score"),
-            F.max("model_version").alias("model_version"),
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}
+
+    @property
+    def index(self) -> dict[str, int]:
+        """item id -> code (built once per process that uses it)."""
+        if self._index is None:
+            self._index = {item: code for code, item in enumerate(self.ids)}
+        return self._index
+
+    def candidates(self, code: int) -> Iterator[tuple[str, float, str | None]]:
+        """(item id, relative score, model version) of one item's list."""
+        start, end = int(self.offsets[code]), int(self.offsets[code + 1])
+        ids, versions = self.ids, self.versions
+        for rec, rel, ver in zip(
+            self.recs[start:end].tolist(),
+            self.relative[start:end].tolist(),
+            self.version_codes[start:end].tolist(),
+            strict=True,
+        ):
+            yield ids[rec], rel, versions[ver]
+
+    def category(self, item_id: str) -> str | None:
+        code = self.index.get(item_id)
+        if code is None:
+            return None
+        category = int(self.category_codes[code])
+        return None if category < 0 else self.categories[category]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (
+            self.offsets,
+            self.recs,
+            self.relative,
+            self.version_codes,
+            self.category_codes,
+            self.eligible,
         )
+        return sum(a.nbytes for a in arrays) + sum(len(i) + 49 for i in self.ids)
+
+
+def _codes(values: pa.ChunkedArray | pa.Array, ids: pa.Array) -> np.ndarray:
+    """Positions of ``values`` in ``ids`` (-1 where absent)."""
+    return (
+        pc.fill_null(pc.index_in(values, value_set=ids), -1).to_numpy(zero_copy_only=False).astype(np.int64)
     )
+
+
+def item_lists(matrix: DataFrame | None, catalog: DataFrame, filters: CampaignFilters) -> ItemLists:
+    """Collect the catalog (and the matrix) to the driver as :class:`ItemLists` for ``filters``."""
+    products = catalog.select("item_id", "category", eligibility(filters).alias("eligible")).toArrow()
+    catalog_ids = products.column("item_id").combine_chunks()
+    category_dict = pc.dictionary_encode(products.column("category").combine_chunks())
+    categories = [c for c in category_dict.dictionary.to_pylist()]
+    category_codes = pc.fill_null(category_dict.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+    eligible = products.column("eligible").to_numpy().astype(bool)
+    ids = catalog_ids.to_pylist()
+    if matrix is None:
+        rows = pa.table(
+            {
+                "item_id": pa.array([], pa.string()),
+                "rec_item_id": pa.array([], pa.string()),
+                "score": pa.array([], pa.float64()),
+                "model_version": pa.array([], pa.string()),
+            }
+        )
+    else:
+        rows = matrix.select("item_id", "rec_item_id", "score", "model_version").toArrow()
+    seeds = pc.unique(rows.column("item_id").combine_chunks())
+    outside = pc.filter(seeds, pc.invert(pc.is_in(seeds, value_set=catalog_ids)))
+    ids.extend(outside.to_pylist())
+    all_ids = pa.array(ids, pa.string())
+    n = len(ids)
+    category_codes = np.concatenate([category_codes, np.full(n - len(category_codes), -1, np.int32)])
+    eligible = np.concatenate([eligible, np.zeros(n - len(eligible), bool)])
+
+    seed = _codes(rows.column("item_id"), all_ids)
+    rec = _codes(rows.column("rec_item_id"), all_ids)
+    score = pc.fill_null(rows.column("score"), np.nan).to_numpy().astype(np.float64)
+    version_dict = pc.dictionary_encode(rows.column("model_version").combine_chunks())
+    versions: list[str | None] = [*version_dict.dictionary.to_pylist(), None]
+    version = pc.fill_null(version_dict.indices, len(versions) - 1).to_numpy(zero_copy_only=False)
+    order = np.argsort(seed, kind="stable")
+    seed, rec, score, version = seed[order], rec[order], score[order], version[order].astype(np.int32)
+    # Every list's best score is taken over the whole published list, before any filter.
+    best = np.full(n, np.nan)
+    counts = np.bincount(seed, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]
+    if len(starts):
+        best[counts > 0] = np.maximum.reduceat(score, starts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = score / best[seed]
+    keep = (rec >= 0) & np.isfinite(relative) & (relative > 0)
+    keep[keep] = eligible[rec[keep]]
+    seed, rec, relative, version = seed[keep], rec[keep], relative[keep], version[keep]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(seed, minlength=n))]).astype(np.int64)
+    return ItemLists(
+        ids=ids,
+        offsets=offsets,
+        recs=rec.astype(np.int32),
+        relative=relative,
+        version_codes=version,
+        versions=versions,
+        category_codes=category_codes,
+        categories=categories,
+        eligible=eligible,
+    )
+
+
+@dataclass(frozen=True)
+class FallbackLists:
+    """Trending items a campaign may fall back to: overall and per category, best first."""
+
+    overall: tuple[tuple[str, float], ...] = ()
+    by_category: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+
+
+def fallback_lists(trending: DataFrame, lists: ItemLists, rules: RankingRules) -> FallbackLists:
+    """The eligible trending items, ``slots + FALLBACK_PADDING`` deep overall and per category."""
+    if rules.fallback == "none":
+        return FallbackLists()
+    index, eligible = lists.index, lists.eligible
+    pool = [
+        (row["item_id"], row["category"], float(row["score"]))
+        for row in trending.select("item_id", "category", "score").toArrow().to_pylist()
+        if row["item_id"] in index and eligible[index[row["item_id"]]]
+    ]
+    pool.sort(key=lambda t: (-t[2], t[0]))
+    depth = rules.slots + FALLBACK_PADDING
+    overall = tuple((item, score) for item, _, score in pool[:depth])
+    by_category: dict[str, list[tuple[str, float]]] = {}
+    if rules.fallback == "trending_category":
+        for item, category, score in pool:
+            if category is not None and len(by_category.setdefault(category, [])) < depth:
+                by_category[category].append((item, score))
+    return FallbackLists(overall, {c: tuple(items) for c, items in by_category.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking one request (pure Python, runs on the executors)
+# ---------------------------------------------------------------------------------------------
+def request_seeds(request: Mapping[str, Any], rules: RankingRules) -> dict[str, float]:
+    """item -> weight: the trigger (1), then recent views and purchases by recency."""
+    seeds: dict[str, float] = {}
+    trigger = request.get("trigger_item_id")
+    if trigger is not None:
+        seeds[trigger] = 1.0
+    used = rules.recent_items_used
+    for column, factor in (("recent_views", 1.0), ("recent_purchases", rules.purchase_weight)):
+        for position, recent in enumerate((request.get(column) or ())[:used]):
+            item = recent.get("item_id") if recent is not None else None
+            if item is None:
+                continue
+            weight = factor * rules.recency_decay**position
+            # Seen as a view and a purchase (or also the trigger): it counts once, at its best.
+            if weight > seeds.get(item, -math.inf):
+                seeds[item] = weight
+    return seeds
+
+
+def request_exclusions(request: Mapping[str, Any], rules: RankingRules) -> set[str]:
+    """The items this request must not get (times are epoch microseconds)."""
+    excluded = set(rules.listed)
+    trigger = request.get("trigger_item_id")
+    if trigger is not None:
+        excluded.add(trigger)
+    at = request.get("requested_at")
+    if at is None:
+        return excluded
+    for column, within in (
+        ("recent_views", rules.viewed_within_us),
+        ("recent_purchases", rules.purchased_within_us),
+    ):
+        if within > 0:
+            since = at - within
+            for recent in request.get(column) or ():
+                if recent is not None and recent.get("item_id") is not None:
+                    when = recent.get("event_time")
+                    if when is not None and when >= since:
+                        excluded.add(recent["item_id"])
+    if rules.sent_within_us > 0:
+        since, own = at - rules.sent_within_us, request.get("request_id")
+        for sent in request.get("sends") or ():
+            # A request's own earlier write (a replayed batch) excludes nothing.
+            payload, when = sent.get("payload_id"), sent.get("sent_at")
+            if sent.get("item_id") is not None and payload is not None and payload != own:
+                if when is not None and when >= since:
+                    excluded.add(sent["item_id"])
+    return excluded
+
+
+def rank_request(
+    request: Mapping[str, Any],
+    lists: ItemLists,
+    fallback: FallbackLists,
+    rules: RankingRules,
+    use_model: bool = True,
+) -> list[tuple[str, int, float, str, str | None]]:
+    """The ranked ``(item_id, rank, score, strategy, model_version)`` of one request."""
+    seeds = request_seeds(request, rules)
+    excluded = request_exclusions(request, rules)
+    slots = rules.slots
+    # item -> (priority, score, strategy, model version)
+    chosen: dict[str, tuple[int, float, str, str | None]] = {}
+    found = 0
+    if use_model:
+        index = lists.index
+        scores: dict[str, float] = {}
+        versions: dict[str, str | None] = {}
+        for seed, weight in seeds.items():
+            code = index.get(seed)
+            if code is None:
+                continue
+            for item, relative, version in lists.candidates(code):
+                if item in excluded:
+                    continue
+                scores[item] = scores.get(item, 0.0) + weight * relative
+                known = versions.get(item)
+                versions[item] = (
+                    version if known is None or (version is not None and version > known) else known
+                )
+        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:slots]
+        for item, score in best:
+            chosen[item] = (_PRIORITY[STRATEGY_MODEL], score, STRATEGY_MODEL, versions[item])
+        found = len(best)
+    if found < slots and rules.fallback != "none":
+        offers: list[tuple[tuple[tuple[str, float], ...], str]] = []
+        if rules.fallback == "trending_category":
+            seen_categories = {lists.category(seed) for seed in seeds}
+            offers += [
+                (fallback.by_category[c], STRATEGY_TRENDING_CATEGORY)
+                for c in sorted(c for c in seen_categories if c is not None and c in fallback.by_category)
+            ]
+        offers.append((fallback.overall, STRATEGY_TRENDING))
+        for items, strategy in offers:
+            priority = _PRIORITY[strategy]
+            for item, score in items:
+                if item in excluded:
+                    continue
+                held = chosen.get(item)
+                # An item offered by several strategies keeps its best one.
+                if held is None or (priority, -score) < (held[0], -held[1]):
+                    chosen[item] = (priority, score, strategy, None)
+    ordered = sorted(chosen.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0]))[:slots]
+    return [
+        (item, rank, score, strategy, version)
+        for rank, (item, (_, score, strategy, version)) in enumerate(ordered, start=1)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The ranking function
 # ---------------------------------------------------------------------------------------------
+_RANKED_ARROW = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("item_id", pa.string()),
+        ("rank", pa.int32()),
+        ("score", pa.float64()),
+        ("strategy", pa.string()),
+        ("model_version", pa.string()),
+    ]
+)
+# (spark app, cache key, filters) -> broadcast ItemLists; a few entries (arms x campaigns).
+_LISTS_CACHE: OrderedDict[tuple[Hashable, ...], Broadcast] = OrderedDict()
+_LISTS_CACHE_SIZE = 8
+
+
+def _broadcast_lists(
+    spark: SparkSession,
+    matrix: DataFrame | None,
+    catalog: DataFrame,
+    filters: CampaignFilters,
+    cache_key: Hashable | None,
+) -> Broadcast:
+    key = (spark.sparkContext.applicationId, cache_key, matrix is None, filters.model_dump_json())
+    if cache_key is not None and key in _LISTS_CACHE:
+        _LISTS_CACHE.move_to_end(key)
+        return _LISTS_CACHE[key]
+    started = time.monotonic()
+    lists = item_lists(matrix, catalog, filters)
+    shared = spark.sparkContext.broadcast(lists)
+    log.info(
+        "ranking lists: %d items, %d eligible, %d list entries, %.1f MB, built in %.1fs",
+        len(lists.ids),
+        int(lists.eligible.sum()),
+        len(lists.recs),
+        lists.nbytes / 1e6,
+        time.monotonic() - started,
+    )
+    if cache_key is not None:
+        _LISTS_CACHE[key] = shared
+        while len(_LISTS_CACHE) > _LISTS_CACHE_SIZE:
+            # Non-destructive: a frame that still needs it gets it re-sent.
+            _LISTS_CACHE.popitem(last=False)[1].unpersist()
+    return shared
+
+
+def _recent_micros(column: str) -> Column:
+    return F.transform(
+        column,
+        lambda r: F.struct(r["item_id"].alias("item_id"), F.unix_micros(r["event_time"]).alias("event_time")),
+    ).alias(column)
+
+
+def _request_frame(requests: DataFrame, sent: DataFrame | None, small_batch: bool) -> DataFrame:
+    """The requests as the executors read them (times as epoch microseconds), with each user's
+    recent sends when a sent-within exclusion needs them."""
+    frame = requests.select(
+        "request_id",
+        "user_id",
+        F.unix_micros("requested_at").alias("requested_at"),
+        "trigger_item_id",
+        _recent_micros("recent_views"),
+        _recent_micros("recent_purchases"),
+    )
+    if sent is None:
+        return frame
+    sends = sent.where(F.col("item_id").isNotNull()).select(
+        "user_id",
+        F.struct("item_id", F.unix_micros("sent_at").alias("sent_at"), F.col("payload_id")).alias("send"),
+    )
+    if small_batch:
+        sends = sends.join(F.broadcast(requests.select("user_id").distinct()), "user_id")
+    by_user = sends.groupBy("user_id").agg(F.collect_list("send").alias("sends"))
+    return frame.join(F.broadcast(by_user) if small_batch else by_user, "user_id", "left")
+
+
 def rank_recommendations(
     requests: DataFrame,
     *,
@@ -268,6 +594,7 @@ def rank_recommendations(
     campaign: CampaignConfig,
     serving: ServingConfig,
     small_batch: bool = False,
+    cache_key: Hashable | None = None,
 ) -> DataFrame:
     """The top ``campaign.items`` items per request (see the module docstring for the rules).
 
@@ -276,90 +603,37 @@ def rank_recommendations(
     ``catalog`` the catalog table (CATALOG_SCHEMA); ``trending`` the output of
     :func:`trending_items`; ``sent`` the ``sent_recommendations`` rows to honour
     ``exclusions.sent_within_days`` (or ``None``). Returns :data:`RANKED_COLUMNS`, rank 1 = best;
-    a request with no eligible item gets no rows. ``small_batch`` (streaming micro-batches):
-    the per-request frames are broadcast, so the matrix, catalog and sends are scanned but never
-    shuffled - the same result, far fewer shuffle stages per batch.
+    a request with no eligible item gets no rows.
+
+    The matrix and catalog are collected once to the driver (:func:`item_lists`) and broadcast;
+    each request is then ranked in one narrow pass (``mapInArrow``), with no shuffle.
+    ``cache_key`` (e.g. the Delta versions of matrix and catalog) lets later calls reuse the
+    broadcast; ``None`` builds it afresh. ``small_batch`` (streaming micro-batches): only the
+    batch's users' sends are read, and broadcast.
     """
-    slots = campaign.items
-    eligible = eligible_items(catalog, campaign)
-    requests = requests.select(*REQUEST_COLUMNS)
-    excluded = excluded_items(requests, sent, campaign, small_batch)
-    small = F.broadcast if small_batch else (lambda frame: frame)
-
-    def admissible(candidates: DataFrame) -> DataFrame:
-        return (
-            small(candidates)
-            .join(eligible.select("item_id"), "item_id")
-            .join(excluded, ["request_id", "item_id"], "left_anti")
-        )
-
-    seeds = seed_items(requests, serving)
-    frames: list[DataFrame] = []
-    model_count = requests.select("request_id").withColumn("_found", F.lit(0))
-    if matrix is not None:
-        model = admissible(model_candidates(seeds, matrix, small_batch)).withColumn(
-            "strategy", F.lit(STRATEGY_MODEL)
-        )
-        model = model.withColumn(
-            "_n", F.row_number().over(Window.partitionBy("request_id").orderBy(F.desc("score"), "item_id"))
-        ).where(F.col("_n") <= slots)
-        frames.append(model.drop("_n"))
-        model_count = model.groupBy("request_id").agg(F.count(F.lit(1)).alias("_found"))
-
-    if campaign.fallback != "none":
-        short = (
-            requests.select("request_id")
-            .join(model_count, "request_id", "left")
-            .where(F.coalesce(F.col("_found"), F.lit(0)) < slots)
-            .select("request_id")
-        )
-        pool = trending.join(eligible.select("item_id"), "item_id")
-        depth = slots + FALLBACK_PADDING
-        overall = pool.withColumn("_n", F.row_number().over(Window.orderBy(F.desc("score"), "item_id")))
-        overall = overall.where(F.col("_n") <= depth).select("item_id", "score")
-        frames.append(
-            admissible(short.crossJoin(F.broadcast(overall)))
-            .withColumn("model_version", F.lit(None).cast("string"))
-            .withColumn("strategy", F.lit(STRATEGY_TRENDING))
-        )
-        if campaign.fallback == "trending_category":
-            by_category = pool.where(F.col("category").isNotNull()).withColumn(
-                "_n", F.row_number().over(Window.partitionBy("category").orderBy(F.desc("score"), "item_id"))
-            )
-            by_category = by_category.where(F.col("_n") <= depth).select("item_id", "category", "score")
-            seed_categories = (
-                small(seeds.join(short, "request_id"))
-                .join(catalog.select(F.col("item_id").alias("seed_item_id"), "category"), "seed_item_id")
-                .where(F.col("category").isNotNull())
-                .select("request_id", "category")
-                .distinct()
-            )
-            frames.append(
-                admissible(seed_categories.join(F.broadcast(by_category), "category").drop("category"))
-                .withColumn("model_version", F.lit(None).cast("string"))
-                .withColumn("strategy", F.lit(STRATEGY_TRENDING_CATEGORY))
-            )
-
-    if not frames:
-        return requests.sparkSession.createDataFrame([], RANKED_DDL)
-    candidates = frames[0]
-    for frame in frames[1:]:
-        candidates = candidates.unionByName(frame)
-    priority = F.create_map(*[F.lit(x) for kv in _PRIORITY.items() for x in kv])
-    candidates = candidates.withColumn("_priority", priority[F.col("strategy")])
-    # An item offered by several strategies keeps its best one.
-    best_strategy = Window.partitionBy("request_id", "item_id").orderBy("_priority", F.desc("score"))
-    candidates = candidates.withColumn("_keep", F.row_number().over(best_strategy)).where(F.col("_keep") == 1)
-    order = Window.partitionBy("request_id").orderBy("_priority", F.desc("score"), "item_id")
-    return (
-        candidates.withColumn("rank", F.row_number().over(order))
-        .where(F.col("rank") <= slots)
-        .select(
-            "request_id",
-            "item_id",
-            F.col("rank").cast("int").alias("rank"),
-            F.col("score").cast("double").alias("score"),
-            "strategy",
-            "model_version",
-        )
+    spark = requests.sparkSession
+    rules = RankingRules.of(campaign, serving)
+    shared = _broadcast_lists(spark, matrix, catalog, campaign.filters, cache_key)
+    fallback = fallback_lists(trending, shared.value, rules)
+    use_model = matrix is not None
+    frame = _request_frame(
+        requests.select(*REQUEST_COLUMNS), sent if rules.sent_within_us > 0 else None, small_batch
     )
+
+    def rank_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        lists = shared.value
+        for batch in batches:
+            out: dict[str, list[Any]] = {name: [] for name in RANKED_COLUMNS}
+            for request in batch.to_pylist():
+                for item, rank, score, strategy, version in rank_request(
+                    request, lists, fallback, rules, use_model
+                ):
+                    out["request_id"].append(request["request_id"])
+                    out["item_id"].append(item)
+                    out["rank"].append(rank)
+                    out["score"].append(score)
+                    out["strategy"].append(strategy)
+                    out["model_version"].append(version)
+            yield pa.RecordBatch.from_pydict(out, schema=_RANKED_ARROW)
+
+    return frame.mapInArrow(rank_batches, RANKED_DDL)

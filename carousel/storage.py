@@ -43,6 +43,17 @@ def table_exists(spark: SparkSession, location: str) -> bool:
     return DeltaTable.isDeltaTable(spark, location)
 
 
+def read_snapshot(spark: SparkSession, location: str, version: int | None = None) -> tuple[DataFrame, int]:
+    """The table at ``version`` (default: the latest), and that version.
+
+    Pinning the version makes every later scan of the frame read the same snapshot, and the
+    version is a cache key for what is derived from it (serving's broadcast item lists).
+    """
+    if version is None:
+        version = int(DeltaTable.forPath(spark, location).history(1).select("version").head()[0])
+    return spark.read.format("delta").option("versionAsOf", version).load(location), version
+
+
 def idempotent_append(df: DataFrame, location: str, app_id: str, version: int) -> None:
     """Append ``df``; a second append with the same (app_id, version) is skipped by Delta."""
     (

@@ -42,6 +42,7 @@ from carousel.delivery import (
     load_serving_inputs,
     payload_requests,
     read_catalog,
+    read_catalog_snapshot,
     sent_rows,
     write_payloads,
 )
@@ -185,9 +186,9 @@ def process_batch(
         if trigger_count == 0:
             log.info("batch %s: read=%d triggers=0", tag, records)
             return
-        catalog = read_catalog(spark, cfg)
+        catalog = read_catalog_snapshot(spark, cfg)
         inputs = load_serving_inputs(
-            spark, cfg, campaigns, now, trending=trending.get(spark, cfg, catalog, now), catalog=catalog
+            spark, cfg, campaigns, now, trending=trending.get(spark, cfg, catalog[0], now), catalog=catalog
         )
         parts = [
             sent_rows(

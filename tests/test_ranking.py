@@ -9,7 +9,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.testing import assertDataFrameEqual
 
 from carousel.config import CampaignConfig, load_config
-from carousel.ranking import RANKED_COLUMNS, RANKED_DDL, rank_recommendations, trending_items
+from carousel.ranking import (
+    RANKED_COLUMNS,
+    RANKED_DDL,
+    RankingRules,
+    fallback_lists,
+    item_lists,
+    rank_recommendations,
+    rank_request,
+    trending_items,
+)
 from carousel.schemas import (
     CATALOG_SCHEMA,
     ITEM_RECOMMENDATIONS_SCHEMA,
@@ -248,3 +257,75 @@ def test_trending_items_decay_and_weights(spark: SparkSession, shop: dict[str, D
         "item_id string, category string, score double",
     )
     assertDataFrameEqual(result, expected, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-request core (plain Python, what every executor runs)
+# ---------------------------------------------------------------------------------------------
+def micros(at: datetime) -> int:
+    return int(at.timestamp() * 1_000_000)
+
+
+def test_item_lists_keep_eligible_items_with_scores_relative_to_the_whole_list(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    extra = matrix(spark, {"gone": [("a", 2.0), ("zz", 4.0)]}, version="m2")  # a seed not in the catalog
+    any_stock = campaign(filters={"in_stock_only": False}).filters
+    lists = item_lists(shop["matrix"].unionByName(extra), shop["catalog"], any_stock)
+    index = lists.index
+    # c is out of stock (kept: no in_stock_only); f is inactive (dropped); zz is not in the catalog
+    # (dropped, but it still is the best of "gone"'s list, so a scores 2/4 there).
+    assert list(lists.candidates(index["a"])) == [
+        ("b", 1.0, "m1"),
+        ("c", 0.8 / 0.9, "m1"),
+        ("d", 0.6 / 0.9, "m1"),
+    ]
+    assert list(lists.candidates(index["d"])) == [("e", 1.0, "m1"), ("b", 0.5, "m1")]
+    assert list(lists.candidates(index["gone"])) == [("a", 0.5, "m2")]
+    assert list(lists.candidates(index["b"])) == []
+    assert (lists.category("e"), lists.category("f"), lists.category("gone")) == ("bags", "hats", None)
+    in_stock = item_lists(shop["matrix"], shop["catalog"], campaign().filters)  # in stock only
+    assert [item for item, _, _ in in_stock.candidates(in_stock.index["a"])] == ["b", "d"]
+
+
+def test_rank_request_seeds_exclusions_and_fallback_by_hand(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    camp = campaign(
+        items=4,
+        fallback="trending_category",
+        exclusions={"viewed_within_days": 1, "sent_within_days": 2, "item_ids": ["t2"]},
+    )
+    rules = RankingRules.of(camp, SERVING)
+    lists = item_lists(shop["matrix"], shop["catalog"], camp.filters)
+    fallback = fallback_lists(shop["trending"], lists, rules)
+    at = micros(NOW)
+    hour = 3_600_000_000
+    request = {
+        "request_id": "p1",
+        "requested_at": at,
+        "trigger_item_id": None,
+        # d viewed 2 days ago (a seed, not excluded: outside viewed_within_days); a null entry.
+        "recent_views": [None, {"item_id": "d", "event_time": at - 48 * hour}],
+        "recent_purchases": None,
+        "sends": [
+            {"item_id": "e", "sent_at": at - 60 * hour, "payload_id": "old"},  # outside 2 days
+            {"item_id": "b", "sent_at": at - 1 * hour, "payload_id": "p0"},  # excluded
+            {"item_id": "t3", "sent_at": at, "payload_id": "p1"},  # its own replay: not excluded
+        ],
+    }
+    # d's list (view position 1, weight 0.7): e 0.7, b (sent). Then bags trending t3; then overall
+    # t1 (t2 is listed, a is trending 6.0 after t1's 9.0).
+    assert rank_request(request, lists, fallback, rules) == [
+        ("e", 1, 0.7, "model", "m1"),
+        ("t3", 2, 7.0, "trending_category", None),
+        ("t1", 3, 9.0, "trending", None),
+        ("a", 4, 6.0, "trending", None),
+    ]
+    assert rank_request(request, lists, fallback, rules, use_model=False)[0] == (
+        "t3",
+        1,
+        7.0,
+        "trending_category",
+        None,
+    )
