@@ -25,7 +25,9 @@ sampled from /proc every 0.2 s):
 
 Figures: seconds and peak RSS per stage; the ratio *our fit / gensim's training* (the goal:
 <= 2); planted recall@5 of both (share of each item's top 5 in its planted cluster; best possible
-4 / 5 = 0.8); load averages.
+4 / 5 = 0.8); load averages. After the timed stages, ``--compare-blends`` re-ranks the same
+next_item2vec fit with other ``cosine_blend`` values (0 = the next-item score alone) and reports
+their planted recall@5 too (untimed; one exact top-k each).
 
     .venv/bin/python -m bench.training_bench                          # 5,000,000 interactions / 100,000 items
     .venv/bin/python -m bench.training_bench --interactions 500000 --items 10000 --users 20000
@@ -263,6 +265,34 @@ def gensim_reference(
     }
 
 
+def compare_blends(model: Any, planted: dict[str, list[str]], alphas: Sequence[float]) -> dict[str, float]:
+    """Planted recall@5 of one fitted next_item2vec re-ranked with each ``cosine_blend`` in ``alphas``.
+
+    Models without :meth:`models.next_item2vec.NextItem2Vec.top_k` (a blend) give an empty dict.
+    """
+    if not alphas or not hasattr(model, "top_k"):
+        return {}
+    results: dict[str, float] = {}
+    for alpha in alphas:
+        started = time.perf_counter()
+        indices, _ = model.top_k(5, cosine_blend=alpha)
+        results[f"{alpha:g}"] = round(planted_recall_at(indices, model.item_ids, planted, 5), 4)
+        log.info(
+            "cosine_blend %g: planted recall@5 %.4f (top-k %.1f s)",
+            alpha,
+            results[f"{alpha:g}"],
+            time.perf_counter() - started,
+        )
+    return results
+
+
+def _alphas(text: str) -> list[float]:
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if any(not 0 <= value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"cosine blends must lie in 0..1, got {text!r}")
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +384,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         with sampler.stage("gensim", stages):
             reference = gensim_reference(interactions, cfg, planted, cfg.training.top_k)
         loads["end"] = os.getloadavg()
+        by_blend = compare_blends(model, planted, args.compare_blends)
     finally:
         sampler.close()
         if not args.workdir:
@@ -381,6 +412,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "epoch_pairs": meta.get("epoch_pairs"),
             "epoch_loss": meta.get("epoch_loss"),
             "planted_recall@5": round(model_recall, 4),
+            "planted_recall@5_by_cosine_blend": by_blend,
             "recommendation_rows": len(recs),
             "published_table_version": table_version,
         },
@@ -420,6 +452,8 @@ def print_summary(result: dict[str, Any]) -> None:
         f"planted recall@5: {model['name']} {model['planted_recall@5']:.3f}, "
         f"gensim {ref['planted_recall@5']:.3f} (best possible 0.8)"
     )
+    for alpha, recall in model.get("planted_recall@5_by_cosine_blend", {}).items():
+        print(f"  same fit, cosine_blend {alpha}: planted recall@5 {recall:.3f}")
     print(f"load avg: {result['loadavg']}")
 
 
@@ -433,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--driver-memory", default="4g")
     parser.add_argument("--workdir", help="keep tables and outputs here (default: a temp folder, deleted)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results JSON")
+    parser.add_argument(
+        "--compare-blends",
+        type=_alphas,
+        default=[0.0],
+        metavar="A1,A2",
+        help="also rank the same next_item2vec fit with these cosine_blend values (untimed; '' = none)",
+    )
     return parser
 
 

@@ -237,12 +237,17 @@ class ModelConfig(_Section):
     min_item_count: int = Field(ge=1)
     subsample: float = Field(ge=0, le=1)
     seed: int
+    # next_item2vec's ranking: alpha * z(cosine of the input vectors) + (1 - alpha) * z(next-item
+    # score), both standardised per item; 0 = the next-item score alone (models/next_item2vec.py).
+    cosine_blend: float = Field(default=0.0, ge=0, le=1)
     # next_item2vec on large data: from this many sequence items (interactions after collapsing
     # repeats; 0 = never) on, it trains large_epochs passes with large_sampled_negatives shared
-    # negatives per batch instead of epochs and 512 (the nightly time budget; bench/README.md).
+    # negatives per batch instead of epochs and 512 (the nightly time budget; bench/README.md),
+    # and ranks with large_cosine_blend instead of cosine_blend (a long tail of rare items).
     large_data_items: int = Field(default=1_000_000, ge=0)
-    large_epochs: int = Field(default=3, ge=1, le=1000)
+    large_epochs: int = Field(default=4, ge=1, le=1000)
     large_sampled_negatives: int = Field(default=256, ge=1)
+    large_cosine_blend: float = Field(default=0.25, ge=0, le=1)
 
 
 class AwsBatchConfig(_Section):

@@ -13,6 +13,9 @@ Inputs:
 * :func:`top_k_scores` - asymmetric scores ``queries[i] . keys[j] + key_bias[j]`` of two dense
   tables (a model's input and output embeddings plus a log-popularity prior), same blocks and
   backends;
+* :func:`top_k_blended` - a blend ``alpha * z(cos(sim[i], sim[j])) + (1 - alpha) * z(score(i, j))``
+  of a cosine similarity and an asymmetric score, each standardised per row over all items. It is
+  one dot product of two wider tables (:func:`blend_tables`), so the same exact blocked search;
 * :func:`top_k_sparse` - a sparse item x item score matrix (scipy CSR, e.g. co-occurrence
   counts), processed in row blocks; only stored entries can be recommended.
 
@@ -36,7 +39,14 @@ from scipy import sparse
 
 from carousel.schemas import RECOMMENDATION_COLUMNS
 
-__all__ = ["to_recommendations", "top_k_scores", "top_k_similar", "top_k_sparse"]
+__all__ = [
+    "blend_tables",
+    "to_recommendations",
+    "top_k_blended",
+    "top_k_scores",
+    "top_k_similar",
+    "top_k_sparse",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +128,91 @@ def top_k_scores(
         if bias.shape != (n,) or not np.isfinite(bias).all():
             raise ValueError(f"key_bias must be {n} finite values, got shape {bias.shape}")
     return _blocked_top_k(q, keys_, bias, k, block_size, backend, max_block_bytes, ", asymmetric scores")
+
+
+def _row_std(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Per row i, the standard deviation over j of ``queries[i] . keys[j]`` (float64, exact).
+
+    Var_j(q . k_j) = q^T Cov(k) q, so the d x d covariance of the keys gives every row's spread
+    without scoring all n x n pairs.
+    """
+    cov = np.atleast_2d(np.cov(keys.astype(np.float64), rowvar=False, bias=True))
+    q = queries.astype(np.float64)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", q, cov, q), 0.0))
+
+
+def blend_tables(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    similarity: np.ndarray,
+    alpha: float,
+    key_bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tables whose dot products are the standardised blend of a cosine and an asymmetric score.
+
+    With ``s(i, j) = queries[i] . keys[j] + key_bias[j]`` and ``c(i, j)`` the cosine of rows i and j
+    of ``similarity`` (n, e), returns ``(blend_queries, blend_keys, row_offset)`` such that
+    ``blend_queries[i] . blend_keys[j] - row_offset[i]`` equals
+    ``alpha * z_i(c(i, j)) + (1 - alpha) * z_i(s(i, j))``, where ``z_i`` standardises over all j
+    (mean 0, standard deviation 1 per row; a row whose scores are all equal keeps scale 1).
+    Standardising per row puts the two scales on one footing for every item, and a per-row
+    affine map is still a dot product, so the top k stays exact (:func:`top_k_blended`).
+    ``alpha`` 0 ranks like the score alone, 1 like the cosine alone. All float32.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    q = _normalised(queries, normalise=False)
+    k = _normalised(keys, normalise=False)
+    sim = _normalised(similarity, normalise=True)
+    n = q.shape[0]
+    if k.shape != q.shape or sim.shape[0] != n:
+        raise ValueError(
+            f"queries {q.shape}, keys {k.shape} and similarity {sim.shape} must describe the same items"
+        )
+    if key_bias is not None:
+        bias = np.ascontiguousarray(key_bias, dtype=np.float32)
+        if bias.shape != (n,) or not np.isfinite(bias).all():
+            raise ValueError(f"key_bias must be {n} finite values, got shape {bias.shape}")
+        # The bias as one more column: a query's 1 times the key's bias.
+        q = np.hstack([q, np.ones((n, 1), np.float32)])
+        k = np.hstack([k, bias[:, None]])
+    score_sd = _row_std(q, k)
+    cos_sd = _row_std(sim, sim)
+    score_weight = (1 - alpha) / np.where(score_sd > 0, score_sd, 1.0)
+    cos_weight = alpha / np.where(cos_sd > 0, cos_sd, 1.0)
+    blend_queries = np.hstack([cos_weight[:, None] * sim, score_weight[:, None] * q]).astype(np.float32)
+    blend_keys = np.hstack([sim, k])
+    mean_key = blend_keys.astype(np.float64).mean(axis=0)
+    row_offset = (blend_queries.astype(np.float64) @ mean_key).astype(np.float32)
+    return blend_queries, blend_keys, row_offset
+
+
+def top_k_blended(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    similarity: np.ndarray,
+    k: int,
+    alpha: float,
+    key_bias: np.ndarray | None = None,
+    block_size: int = 4096,
+    backend: str = "auto",
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` best other items by ``alpha * z(cosine) + (1 - alpha) * z(score)``.
+
+    The score is ``queries[i] . keys[j] + key_bias[j]`` (as in :func:`top_k_scores`), the cosine
+    that of rows i and j of ``similarity``, each standardised per row i over all items
+    (:func:`blend_tables`). Exact, in blocks, nothing n x n; the item itself excluded, ``k`` capped
+    at n - 1, ties by the lower index. Returns ``(indices (n, k) int32, scores (n, k) float32)``,
+    best first; a score is the blend itself (standard deviations above the row's mean).
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    blend_queries, blend_keys, row_offset = blend_tables(queries, keys, similarity, alpha, key_bias)
+    indices, scores = _blocked_top_k(
+        blend_queries, blend_keys, None, k, block_size, backend, max_block_bytes, f", blend alpha {alpha:g}"
+    )
+    return indices, scores - row_offset[:, None]
 
 
 def _blocked_top_k(

@@ -31,7 +31,7 @@ from models.next_item2vec import (
     forward_pairs,
     popularity_prior,
 )
-from models.topk import to_recommendations, top_k_scores, top_k_similar, top_k_sparse
+from models.topk import to_recommendations, top_k_blended, top_k_scores, top_k_similar, top_k_sparse
 
 SMALL = ModelConfig(
     embedding_dim=16,
@@ -418,6 +418,42 @@ def test_top_k_scores_equals_brute_force(backend: str) -> None:
         top_k_scores(queries, keys, 3, key_bias=bias[:5])
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy"])
+def test_top_k_blended_equals_the_brute_force_standardised_blend(backend: str) -> None:
+    rng = np.random.default_rng(11)
+    n = 80
+    queries, keys = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+    similarity, bias = rng.normal(size=(n, 4)), rng.normal(size=n)
+    unit = similarity / np.linalg.norm(similarity, axis=1, keepdims=True)
+    score, cosine = queries @ keys.T + bias[None, :], unit @ unit.T
+
+    def z(m: np.ndarray) -> np.ndarray:  # standardised per row, over all items
+        return (m - m.mean(axis=1, keepdims=True)) / m.std(axis=1, keepdims=True)
+
+    for alpha in (0.0, 0.25, 0.7, 1.0):
+        indices, scores = top_k_blended(
+            queries, keys, similarity, 7, alpha, key_bias=bias, block_size=16, backend=backend
+        )
+        full = alpha * z(cosine) + (1 - alpha) * z(score)
+        np.fill_diagonal(full, -np.inf)
+        expected = np.argsort(-full, axis=1, kind="stable")[:, :7]
+        np.testing.assert_array_equal(indices, expected, err_msg=f"alpha {alpha}")
+        np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), atol=1e-4)
+    # The ends are the two rankings it blends.
+    np.testing.assert_array_equal(
+        top_k_blended(queries, keys, similarity, 5, 0.0, key_bias=bias, backend=backend)[0],
+        top_k_scores(queries, keys, 5, key_bias=bias, backend=backend)[0],
+    )
+    np.testing.assert_array_equal(
+        top_k_blended(queries, keys, similarity, 5, 1.0, backend=backend)[0],
+        top_k_similar(similarity, 5, backend=backend)[0],
+    )
+    with pytest.raises(ValueError, match="alpha"):
+        top_k_blended(queries, keys, similarity, 5, 1.5)
+    with pytest.raises(ValueError, match="same items"):
+        top_k_blended(queries, keys, similarity[:10], 5, 0.5)
+
+
 def test_next_item2vec_is_reproducible_and_learns_direction(world_data: tuple) -> None:
     df, planted = world_data
     cfg = SMALL.model_copy(update={"epochs": 2})
@@ -444,11 +480,12 @@ def test_next_item2vec_is_reproducible_and_learns_direction(world_data: tuple) -
 def test_effective_params_switch_to_the_large_settings_from_the_threshold() -> None:
     params = SMALL.model_dump() | {"sampled_negatives": 512, "backward_weight": 0.5}
     params |= {"large_data_items": 100, "large_epochs": 2, "large_sampled_negatives": 64}
+    params |= {"cosine_blend": 0.0, "large_cosine_blend": 0.4}
     below, large = effective_params(params, 99)
     assert not large and below == params
     at, large = effective_params(params, 100)
-    assert large and at == params | {"epochs": 2, "sampled_negatives": 64}
-    assert set(LARGE_DATA_KEYS) == {"epochs", "sampled_negatives"}
+    assert large and at == params | {"epochs": 2, "sampled_negatives": 64, "cosine_blend": 0.4}
+    assert set(LARGE_DATA_KEYS) == {"epochs", "sampled_negatives", "cosine_blend"}
     never, large = effective_params(params | {"large_data_items": 0}, 10**9)
     assert not large and never == params | {"large_data_items": 0}
 
@@ -456,15 +493,31 @@ def test_effective_params_switch_to_the_large_settings_from_the_threshold() -> N
 def test_next_item2vec_uses_the_large_data_settings_on_large_data(world_data: tuple) -> None:
     df, planted = world_data
     cfg = SMALL.model_copy(
-        update={"large_data_items": 1000, "large_epochs": 3, "large_sampled_negatives": 64}
+        update={
+            "large_data_items": 1000,
+            "large_epochs": 3,
+            "large_sampled_negatives": 64,
+            "large_cosine_blend": 0.25,
+        }
     )
     model = NextItem2Vec(cfg).fit(df)
     meta = model.metadata()
     assert meta["large_data"] and len(meta["epoch_loss"]) == 3
-    assert meta["fit_params"] == {"epochs": 3, "sampled_negatives": 64}
+    assert meta["fit_params"] == {"epochs": 3, "sampled_negatives": 64, "cosine_blend": 0.25}
     assert meta["params"]["epochs"] == SMALL.epochs  # the configured values stay in the version
+    assert meta["scoring"].startswith("cosine_blend * z(cos(input, input))")
     recs = model.recommend(5)
     check_recommendations(recs, 5, model.item_ids, exact_k=True)
     assert planted_recall(recs, planted) > 0.5
-    small = NextItem2Vec(SMALL.model_copy(update={"epochs": 1})).fit(df).metadata()
-    assert not small["large_data"] and small["fit_params"] == {"epochs": 1, "sampled_negatives": 512}
+    # The blend ranks by the input cosine (bias column left out) and the next-item score.
+    inputs, outputs = model.embeddings, model.output_embeddings
+    blended = top_k_blended(inputs, outputs, inputs[:, :-1], 5, 0.25)
+    np.testing.assert_array_equal(model.top_k(5)[0], blended[0])
+    np.testing.assert_array_equal(model.top_k(5, cosine_blend=0.0)[0], top_k_scores(inputs, outputs, 5)[0])
+    small_model = NextItem2Vec(SMALL.model_copy(update={"epochs": 1})).fit(df)
+    small = small_model.metadata()
+    assert not small["large_data"]
+    assert small["fit_params"] == {"epochs": 1, "sampled_negatives": 512, "cosine_blend": 0.0}
+    assert small["scoring"].startswith("input . output")
+    with pytest.raises(ValueError, match="large_cosine_blend"):
+        NextItem2Vec(SMALL, large_cosine_blend=1.5)
