@@ -60,14 +60,15 @@ SAMPLE_PAYLOADS = 200
 # jobs.campaign.run, as a sequence of helper calls: (helper, call number) -> (step inside the call,
 # step of the wall time just before it). Lazy helpers (sent_rows, render_payloads) only plan; the
 # Spark work runs in the action that follows them.
+_RENDER_WRITE = "render + write payloads to Kafka (mapInArrow, Kafka sink)"
 _CALL_STEPS: dict[tuple[str, int], tuple[str, str]] = {
     ("load_serving_inputs", 1): ("load inputs (catalog, matrix, trending plan)", "templates + run check"),
     ("sent_rows", 1): ("plan ranking + broadcast item lists", "select segment + count requests (persist)"),
     ("idempotent_append", 1): ("rank + append sent_recommendations", "plan ranking + broadcast item lists"),
-    ("render_payloads", 1): ("plan rendering", "read back stored rows"),
-    ("write_payloads", 1): ("write payloads to Kafka", "render payloads (count, mapInArrow)"),
-    ("write_files", 1): ("write payload files", "render payloads (count, mapInArrow)"),
-    ("idempotent_append", 2): ("append campaign_runs", "count control users"),
+    ("render_payloads", 1): ("plan rendering", "read back stored rows + count payloads and control"),
+    ("write_payloads", 1): (_RENDER_WRITE, "plan rendering"),
+    ("write_files", 1): ("render + write payload files", "plan rendering"),
+    ("idempotent_append", 2): ("append campaign_runs", _RENDER_WRITE),
 }
 END_STEP = "log + unpersist"
 

@@ -177,18 +177,20 @@ def run(
         "user_attributes",
         "platform",
     )
+    # One payload per stored payload id with items (rendering fails the run rather than skip one).
+    payloads = stored.where(F.col("item_id").isNotNull()).select("payload_id").distinct().count()
+    control = stored.where(F.col("variant") == CONTROL_VARIANT).count()
     rendered = render_payloads(
         payload_requests(stored, inputs.catalog, context, {campaign_name: campaign.template}),
         cfg,
         renderer=renderer,
-    ).persist()
-    payloads = rendered.count()
+    )
+    # Rendered straight into the sink: persisting ~8 kB per payload would cost more than it saves.
     destination = output or cfg.kafka.topic(campaign.channel).name
     if output:
         write_files(rendered, output)
     else:
         write_payloads(rendered, cfg)
-    control = stored.where(F.col("variant") == CONTROL_VARIANT).count()
     record = [
         (campaign_name, run_id, campaign.channel, selected, payloads, control, destination, datetime.now(UTC))
     ]
@@ -205,7 +207,6 @@ def run(
         destination,
         time.monotonic() - started,
     )
-    rendered.unpersist()
     stored.unpersist()
     requests.unpersist()
     return {
