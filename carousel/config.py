@@ -477,6 +477,9 @@ class CatalogConfig(_Section):
 
     # A refused upload's error lists this many offending rows; its report lists all of them.
     max_rejected_rows_shown: int = Field(default=20, ge=1, le=10000)
+    # A full upload that would deactivate more than this share of the active products is refused
+    # (a truncated export looks like a mass delisting); --allow-mass-deactivation overrides, 1 = off.
+    max_deactivated_share: float = Field(default=0.5, ge=0, le=1)
 
 
 class CarouselConfig(_Section):

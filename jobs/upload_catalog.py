@@ -62,6 +62,9 @@ one stays.
   feed ``item_id,price``); an empty value clears the field. Property columns replace those keys
   and leave the product's other properties alone. An id not in the catalog rejects the file (a
   partial row has too little to create a product); ``active`` is not touched.
+* A full upload that would deactivate more than ``catalog.max_deactivated_share`` of the active
+  products is refused (a truncated export looks like a mass delisting) unless run with
+  ``--allow-mass-deactivation``.
 
 A row is rewritten only when something in it changes, so re-uploading the same file changes
 nothing (``upload_id`` and ``updated_at`` keep naming the upload that last changed the row). The
@@ -629,6 +632,7 @@ def run(
     partial: bool = False,
     fmt: str | None = None,
     upload_id: str | None = None,
+    allow_mass_deactivation: bool = False,
 ) -> UploadResult:
     """Validate ``path`` and merge it into the catalog table as one commit; see the module docstring.
 
@@ -674,7 +678,7 @@ def run(
             rows = with_unknown_id_reasons(rows, known)
         rows = rows.persist()
         try:
-            return _validate_and_merge(spark, cfg, upload, rows, plan, rows_read)
+            return _validate_and_merge(spark, cfg, upload, rows, plan, rows_read, allow_mass_deactivation)
         finally:
             rows.unpersist()
     finally:
@@ -688,6 +692,7 @@ def _validate_and_merge(
     rows: DataFrame,
     plan: ColumnPlan,
     rows_read: int,
+    allow_mass_deactivation: bool = False,
 ) -> UploadResult:
     upload_id, partial, report_dir = upload.upload_id, upload.partial, upload.report_dir
     client = objectstore.s3_client(cfg) if objectstore.is_s3(report_dir) else None
@@ -722,6 +727,18 @@ def _validate_and_merge(
         bad.unpersist()
 
     location = cfg.storage.table(CATALOG_TABLE)
+    if not partial and not allow_mass_deactivation and table_exists(spark, location):
+        active, leaving = deactivation_counts(spark.read.format("delta").load(location), rows)
+        limit = cfg.catalog.max_deactivated_share
+        if active and leaving / active > limit:
+            log.error("upload %s: would deactivate %d of %d active products", upload_id, leaving, active)
+            raise upload.reject(
+                [
+                    f"it would deactivate {leaving} of {active} active products ({leaving / active:.0%}, "
+                    f"more than catalog.max_deactivated_share {limit:.0%}): is the file truncated? "
+                    "If the delisting is intended, upload it again with --allow-mass-deactivation"
+                ]
+            )
     table = ensure_table(spark, location, CATALOG_SCHEMA)
     now = datetime.now(UTC)
     version, counts = merge_catalog(table, rows, plan, upload_id, now, partial=partial)
@@ -748,6 +765,17 @@ def _validate_and_merge(
         version,
     )
     return result
+
+
+def deactivation_counts(catalog: DataFrame, rows: DataFrame) -> tuple[int, int]:
+    """(active products, active products a full upload of ``rows`` would deactivate)."""
+    active = catalog.where(F.col("active")).select("item_id")
+    counts = (
+        active.join(rows.select("item_id").distinct().withColumn("_listed", F.lit(True)), "item_id", "left")
+        .agg(F.count(F.lit(1)).alias("active"), F.count_if(F.col("_listed").isNull()).alias("leaving"))
+        .first()
+    )
+    return int(counts["active"]), int(counts["leaving"])
 
 
 def _sorted_entries(expr: str) -> str:
@@ -854,11 +882,23 @@ def main(argv: list[str]) -> int:
         "--partial", action="store_true", help="update only the columns in the file, for the ids in it"
     )
     parser.add_argument("--format", choices=FORMATS, help="the file format (default: from the extension)")
+    parser.add_argument(
+        "--allow-mass-deactivation",
+        action="store_true",
+        help="accept a full upload that deactivates more than catalog.max_deactivated_share of the products",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args, JOB)
     spark = build_session(cfg, "carousel-upload-catalog")
     try:
-        result = run(spark, cfg, args.file, partial=args.partial, fmt=args.format)
+        result = run(
+            spark,
+            cfg,
+            args.file,
+            partial=args.partial,
+            fmt=args.format,
+            allow_mass_deactivation=args.allow_mass_deactivation,
+        )
     except CatalogRejectedError as err:
         log.error("%s", err)
         return 1

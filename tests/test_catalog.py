@@ -172,6 +172,16 @@ def test_csv_upload_reupload_is_idempotent_and_missing_products_are_deactivated(
     }
     assert sorted(r.item_id for r in uc.read_active_catalog(spark, cfg).collect()) == ["p1", "p2", "p4"]
 
+    # A truncated export (only p1) would deactivate 2 of the 3 active products: refused, unchanged.
+    truncated = write(tmp_path, "v3.csv", "\n".join(v2.splitlines()[:2]) + "\n")
+    before_rows = table(spark, cfg).collect()
+    with pytest.raises(uc.CatalogRejectedError, match=r"deactivate 2 of 3 active products \(67%"):
+        uc.run(spark, cfg, truncated)
+    assertDataFrameEqual(table(spark, cfg), before_rows)
+    delisting = uc.run(spark, cfg, truncated, allow_mass_deactivation=True)
+    assert (delisting.updated, delisting.deactivated) == (0, 2)
+    assert [r.item_id for r in uc.read_active_catalog(spark, cfg).collect()] == ["p1"]
+
 
 def test_jsonl_and_parquet_uploads_with_header_aliases(spark, tmp_path):
     jsonl = "\n".join(
