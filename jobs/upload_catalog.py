@@ -77,6 +77,8 @@ columns.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import logging
 import os
 import re
@@ -511,16 +513,28 @@ def _numbered(df: DataFrame, first: int) -> DataFrame:
     ).drop(_MONO)
 
 
+def _csv_header_line(spark: SparkSession, path: str, fields: int) -> list[str] | None:
+    """The names in the file's first line, as written; None unless it parses into ``fields`` names."""
+    first = spark.read.text(path).limit(1).collect()
+    if not first or first[0][0] is None:
+        return None
+    names = next(csv.reader(io.StringIO(first[0][0].lstrip("\ufeff"))), [])
+    return names if len(names) == fields else None
+
+
 def _read_csv(spark: SparkSession, path: str) -> tuple[DataFrame, DataFrame, list[str]]:
     options = {"header": "true", "multiLine": "true", "escape": '"', "encoding": "UTF-8"}
     # The header alone (no inference: without a schema and inferSchema, every column is text).
-    headers = spark.read.options(**options).csv(path).columns
-    if not headers:  # an empty file
+    spark_headers = spark.read.options(**options).csv(path).columns
+    if not spark_headers:  # an empty file
         empty = spark.createDataFrame([], f"{ROW} long, {RAW} string, {MALFORMED} string")
         return empty, empty, []
-    # Named as in the header (Spark checks the header against the schema), then by position.
+    # Spark renames headers that differ only in case ("Price", "price" -> "Price1", "price2"); the
+    # file's own header line keeps them, so that the column plan refuses the pair.
+    headers = _csv_header_line(spark, path, len(spark_headers)) or spark_headers
+    # Named as Spark read the header, then by position.
     schema = StructType(
-        [StructField(h, StringType()) for h in headers] + [StructField(_CORRUPT, StringType())]
+        [StructField(h, StringType()) for h in spark_headers] + [StructField(_CORRUPT, StringType())]
     )
     df = (
         spark.read.options(**options)

@@ -319,6 +319,8 @@ def test_bad_file_is_rejected_whole_and_the_previous_catalog_stays_live(spark, c
 def test_file_level_problems_reject_before_reading_rows(spark, cfg, tmp_path):
     with pytest.raises(uc.CatalogRejectedError, match="no product id column"):
         uc.run(spark, cfg, write(tmp_path, "noid.csv", "sku,price\na,1\n"))
+    with pytest.raises(uc.CatalogRejectedError, match="columns 'Price' and 'price' both give price"):
+        uc.run(spark, cfg, write(tmp_path, "case.csv", "item_id,Price,price\np1,1,2\n"))
     with pytest.raises(uc.CatalogRejectedError, match="file not found"):
         uc.run(spark, cfg, str(tmp_path / "missing.csv"))
     with pytest.raises(uc.CatalogRejectedError, match="column 'active' is set by the upload job"):
