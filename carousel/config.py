@@ -259,6 +259,8 @@ class AwsBatchConfig(_Section):
     endpoint_url: str = ""
     # S3 prefix for inputs and outputs of Batch runs while training.workspace is local.
     staging: str = ""
+    # Keep the uploaded input and the downloaded output under the S3 base after a run (debugging).
+    keep_staged: bool = False
 
     @field_validator("staging")
     @classmethod

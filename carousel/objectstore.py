@@ -124,6 +124,21 @@ def list_files(uri: str, *, client: BaseClient | None = None) -> list[str]:
     return sorted(names)
 
 
+def delete_prefix(uri: str, *, client: BaseClient | None = None) -> int:
+    """Delete every file under ``uri`` (a folder or prefix); returns how many were deleted."""
+    names = list_files(uri, client=client)
+    if not is_s3(uri):
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+        return len(names)
+    bucket, key = split_s3(uri)
+    prefix = f"{key}/" if key else ""
+    s3 = _client(client)
+    for start in range(0, len(names), 1000):  # delete_objects takes at most 1,000 keys
+        chunk = [{"Key": prefix + name} for name in names[start : start + 1000]]
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+    return len(names)
+
+
 def _copy_files(source: Path, target: Path, names: list[str]) -> None:
     """Copy the files ``names`` (relative paths) from folder ``source`` to folder ``target``."""
     for name in names:

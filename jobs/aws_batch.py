@@ -20,7 +20,9 @@ Steps: upload, ``submit_job`` to ``training.aws_batch.job_queue`` (with a Batch 
 terminate the job when it has not finished after ``timeout_minutes``, then check that the output's
 ``metadata.json`` (which ``train`` writes last) exists, and download. A FAILED job raises
 :class:`BatchJobError` with Batch's status reason, the container's reason and exit code and the
-CloudWatch log stream; nothing is downloaded then.
+CloudWatch log stream; nothing is downloaded then. The staged copies - an uploaded local input,
+and a remote output once downloaded - are deleted afterwards, unless
+``training.aws_batch.keep_staged``.
 
     ./spark-submit.sh train --runner aws-batch --input data/training/snapshots/<ts> [--output DIR]
     ./spark-submit.sh nightly --runner aws-batch
@@ -319,8 +321,28 @@ def run(
         _check_local_target(output)  # before paying for a Batch run
 
     input_uri = input_location
+    aws = cfg.training.aws_batch
     if not objectstore.is_s3(input_location):
         input_uri = stage_input(input_location, objectstore.join(s3_base(cfg), "inputs", name), s3)
+    try:
+        return _submit_and_fetch(cfg, s3, name, model_name, input_uri, output, local_output, submitted_at)
+    finally:
+        if input_uri != input_location and not aws.keep_staged:
+            removed = objectstore.delete_prefix(input_uri, client=s3)
+            log.info("deleted the %d staged input files under %s", removed, input_uri)
+
+
+def _submit_and_fetch(
+    cfg: CarouselConfig,
+    s3: BaseClient,
+    name: str,
+    model_name: str,
+    input_uri: str,
+    output: str | None,
+    local_output: bool,
+    submitted_at: datetime,
+) -> dict[str, Any]:
+    workspace = cfg.training.workspace
     if output and not local_output:
         remote_output = output
     else:
@@ -341,6 +363,8 @@ def run(
             _check_local_target(target)
         fetch_output(remote_output, objectstore.local_path(target), s3)
         result_output = target
+        if not aws.keep_staged:  # the S3 copy was only the way home
+            objectstore.delete_prefix(remote_output, client=s3)
     log.info(
         "AWS Batch job %s trained %s: %s rows at %s",
         name,

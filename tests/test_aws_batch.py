@@ -213,7 +213,9 @@ def test_train_on_aws_batch_runs_the_job_command_and_fetches_the_output(
     assert command[4:8] == ["--input", staged_input, "--output", f"s3://{s3_bucket}/staging/models/{name}"]
     assert metadata["input"] == staged_input
     s3 = objectstore.s3_client(load_config(overrides=_settings(tmp_path, batch_env, s3_bucket)))
-    assert objectstore.list_files(staged_input, client=s3) == ["clicks.csv"]
+    # The staged copies are gone once the model is home (training.aws_batch.keep_staged: false).
+    assert objectstore.list_files(staged_input, client=s3) == []
+    assert objectstore.list_files(f"s3://{s3_bucket}/staging/models/{name}", client=s3) == []
     # Progress: every status change was logged, in Batch's order, ending RUNNING -> SUCCEEDED.
     seen = [r.args[1] for r in caplog.records if r.msg.startswith("AWS Batch job %s: %s%s")]
     assert seen[-2:] == ["RUNNING", "SUCCEEDED"]
