@@ -32,26 +32,22 @@ import argparse
 import contextlib
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.ingest_bench import _load1, _machine_info, write_json
-from bench.shop_data import add_shop_args, ensure_shop, link_shop, session_conf, sizes_from_args
+from bench import common
+from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
 from carousel import broker
-from carousel.cli import add_config_args, setup_logging
-from carousel.config import CarouselConfig, ConfigError, load_config
+from carousel.cli import setup_logging
+from carousel.config import CarouselConfig
 
 log = logging.getLogger("bench.campaign")
 
 DEFAULT_OUTPUT = "bench/results/campaign.json"
-DEFAULT_SHOP_ROOT = "/tmp/carousel-bench-shop"
 QUICK = {"users": 20_000, "items": 5_000, "events": 50_000}
 GOAL_USERS = 10_000_000
 GOAL_SECONDS = 600.0
@@ -77,18 +73,16 @@ END_STEP = "log + unpersist"
 # Arguments and configuration
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.campaign_bench",
-        description="Payloads/s of a batch email campaign into Kafka, vs writing pre-rendered payloads.",
+    parser = common.bench_parser(
+        "campaign", "Payloads/s of a batch email campaign into Kafka, vs writing pre-rendered payloads."
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: a 20,000-user shop")
     parser.add_argument("--campaign", default="weekly-email", help="the campaign to run (weekly-email)")
     parser.add_argument("--driver-memory", default="6g", help="Spark driver memory (6g)")
     parser.add_argument("--skip-ceiling", action="store_true", help="no pre-rendered write ceiling")
-    parser.add_argument("--workdir", help="keep broker data, tables and event log here (default: temp)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})")
-    add_shop_args(parser, root_default=DEFAULT_SHOP_ROOT)
-    return add_config_args(parser)
+    return common.add_run_args(
+        parser, DEFAULT_OUTPUT, "keep broker data, tables and event log here (default: temp)"
+    )
 
 
 def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig:
@@ -97,11 +91,7 @@ def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig
         "spark.shuffle_partitions=4",
         f"spark.driver_memory={args.driver_memory}",
     ]
-    try:
-        return load_config(args.config, [*head, *args.overrides, *required])
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+    return common.bench_config(args, head, required, log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +277,7 @@ def run_campaign(
     broker.ensure_topics(cfg.kafka, [channel])
     topic = cfg.kafka.topic(channel).name
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
-    load_before = _load1()
+    load_before = common.load1()
     log.info("campaign %s (run %s) onto %s", name, run_id, topic)
     wall_start = time.time()
     timer.start()
@@ -324,7 +314,7 @@ def run_campaign(
         "stage_seconds_by_step": by_step,
         "top_stages": sorted(stages, key=lambda s: -s["seconds"])[:15],
         "stages": len(stages),
-        "load_1min": [load_before, _load1()],
+        "load_1min": [load_before, common.load1()],
     }
     result["_sample"] = samples[0] if samples else b""
     log.info(
@@ -360,7 +350,7 @@ def run_ceiling(
         ),
         F.format_string("p-%012d", F.col("id")).alias("payload_id"),
     )
-    load_before = _load1()
+    load_before = common.load1()
     log.info("ceiling: %d pre-rendered records of ~%d bytes onto %s", records, len(body) + 21, topic)
     started = time.perf_counter()
     write_payloads(frame, cfg)
@@ -373,7 +363,7 @@ def run_ceiling(
         "record_bytes": len(body) + 21,
         "seconds": round(seconds, 3),
         "payloads_per_s": round(records / seconds, 1) if seconds > 0 else None,
-        "load_1min": [load_before, _load1()],
+        "load_1min": [load_before, common.load1()],
     }
     log.info("ceiling: %d records in %.1f s = %s/s", records, seconds, result["payloads_per_s"])
     return result
@@ -400,16 +390,7 @@ def extrapolation(campaign: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def print_summary(results: dict[str, Any]) -> None:
     machine = results.get("machine", {})
-    print()
-    print("=" * 100)
-    print(
-        f"carousel campaign benchmark  {results['started_at']}  {machine.get('nproc')} cpus, "
-        f"Spark {machine.get('spark')} ({machine.get('spark_master')})"
-    )
-    shop = results.get("shop", {})
-    if shop:
-        print(f"shop: {shop.get('rows')} ({'reused' if shop.get('reused') else 'built'})")
-    print("-" * 100)
+    common.print_header(results, "campaign")
     campaign = results.get("campaign")
     if campaign:
         counts = campaign["counts"]
@@ -448,8 +429,7 @@ def print_summary(results: dict[str, Any]) -> None:
         f"load avg (1 min)          start {machine.get('loadavg_at_start')}, "
         f"end {results.get('loadavg_at_end')}"
     )
-    print("=" * 100)
-    print(f"results: {results.get('output')}")
+    common.print_footer(results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,68 +437,42 @@ def print_summary(results: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-        if args.shop_root == DEFAULT_SHOP_ROOT:
-            args.shop_root = "/tmp/carousel-bench-shop-quick"
-    temp = args.workdir is None
-    workdir = (
-        Path(tempfile.mkdtemp(prefix="carousel-campaign-bench-")) if temp else Path(args.workdir).resolve()
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
+    args = apply_quick(build_parser().parse_args(argv), QUICK)
+    workdir, temp = common.make_workdir(args.workdir, "carousel-campaign-bench-")
     event_log = workdir / "spark-events"
     event_log.mkdir(exist_ok=True)
     shop_root = Path(args.shop_root).resolve()
     sizes = sizes_from_args(args)
-    results: dict[str, Any] = {
-        "benchmark": "campaign",
-        "command": " ".join(
-            [".venv/bin/python -m bench.campaign_bench", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "campaign": args.campaign,
-            "shop_root": str(shop_root),
-            "shop_sizes": sizes.__dict__,
-            "driver_memory": args.driver_memory,
-            "config_overrides": list(args.overrides),
-            "workdir": str(workdir),
-        },
+    settings = {
+        "campaign": args.campaign,
+        "shop_root": str(shop_root),
+        "shop_sizes": sizes.__dict__,
+        "driver_memory": args.driver_memory,
+        "config_overrides": list(args.overrides),
+        "workdir": str(workdir),
     }
+    results = common.start_results("campaign", argv, settings)
     suffix = uuid.uuid4().hex[:6]
-    ports = [
-        f"broker.state_dir={workdir / 'kafka'}",
-        f"broker.port={broker.free_port()}",
-        f"broker.controller_port={broker.free_port()}",
-    ]
+    ports = common.broker_overrides(workdir / "kafka")
     broker_cfg = _config(args, [*ports, "broker.heap=1g"])
-    spark = None
-    try:
-        bootstrap = broker.start(broker_cfg.broker)
+    with common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state:
+        bootstrap = state.bootstrap
 
         def phase_config(name: str) -> CarouselConfig:
-            topics = [
-                f"kafka.topics.{role}.name=bench-{name}-{role}-{suffix}" for role in broker_cfg.kafka.topics
-            ]
+            topics = common.phase_topics(broker_cfg.kafka.topics, name, suffix)
             return _config(
                 args,
                 [*ports, f"kafka.bootstrap_servers={bootstrap}", *topics, f"storage.root={workdir / name}"],
             )
 
-        from carousel.session import build_session
-
         shop_cfg = _config(args, [f"storage.root={shop_root}"])
-        conf = {
-            **session_conf(workdir / "warehouse"),
-            # Stage times are read back from the event log (plain JSON lines).
+        # Stage times are read back from the event log (plain JSON lines).
+        event_log_conf = {
             "spark.eventLog.enabled": "true",
             "spark.eventLog.dir": event_log.as_uri(),
             "spark.eventLog.compress": "false",
         }
-        spark = build_session(shop_cfg, "carousel-bench-campaign", master="local[2]", extra_conf=conf)
-        results["machine"] = {**_machine_info(spark), "broker": {"bootstrap": bootstrap, "heap": "1g"}}
+        spark = state.shop_session(shop_cfg, "carousel-bench-campaign", workdir / "warehouse", event_log_conf)
         results["session"] = {
             key: spark.conf.get(key, None)
             for key in ("spark.driver.memory", "spark.sql.shuffle.partitions", "spark.sql.adaptive.enabled")
@@ -541,19 +495,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["ceiling"] = ceiling
             if ceiling["payloads_per_s"] and campaign["payloads_per_s"]:
                 results["ratio_to_ceiling"] = round(campaign["payloads_per_s"] / ceiling["payloads_per_s"], 4)
-    except BaseException as err:
-        results["error"] = repr(err)
-        raise
-    finally:
-        if spark is not None:
-            spark.stop()
-        broker.stop(broker_cfg.broker)
-        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        results["loadavg_at_end"] = _load1()
-        if "machine" in results:
-            results["output"] = str(write_json(results, args.output))
-        if temp:
-            shutil.rmtree(workdir, ignore_errors=True)
     print_summary(results)
     return 0
 

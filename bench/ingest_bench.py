@@ -29,25 +29,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
+from bench import common
 from carousel import broker
 from carousel.cli import add_config_args, setup_logging
-from carousel.config import PROJECT_ROOT, CarouselConfig, ConfigError, load_config
+from carousel.config import CarouselConfig
 from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, PROFILES_TABLE, QUARANTINE_TABLE
 
 log = logging.getLogger("bench.ingest")
@@ -68,9 +64,8 @@ SESSION_KEYS = (
 # Arguments and configuration
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingest_bench",
-        description="Ingest throughput (vs a plain Kafka->Delta ceiling) and freshness at a steady rate.",
+    parser = common.bench_parser(
+        "ingest", "Ingest throughput (vs a plain Kafka->Delta ceiling) and freshness at a steady rate."
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 50,000 events, 15 s steady phase")
     parser.add_argument(
@@ -135,11 +130,7 @@ def bench_config(args: argparse.Namespace, required: Sequence[str]) -> CarouselC
         f"simulator.seed={args.seed}",
         f"broker.heap={args.broker_heap}",
     ]
-    try:
-        return load_config(args.config, [*head, *args.overrides, *required])
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+    return common.bench_config(args, head, required, log)
 
 
 def _spark_conf(items: Sequence[str]) -> dict[str, str]:
@@ -157,44 +148,6 @@ def _spark_conf(items: Sequence[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 def _per_s(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
-
-
-def _load1() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _machine_info(spark: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "spark": spark.version,
-        "spark_master": spark.sparkContext.master,
-        "java": spark.sparkContext._jvm.java.lang.System.getProperty("java.version"),
-    }
-    for package in ("pyspark", "delta-spark", "confluent-kafka"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            info[package.replace("-", "_")] = metadata.version(package)
-    jars = sorted(broker.DEFAULT_JARS_DIR.glob("kafka_2.13-*.jar"))
-    if jars:
-        info["kafka_broker"] = jars[0].stem.removeprefix("kafka_2.13-")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = os.getloadavg()
-    return info
 
 
 def _label_totals(counts: dict[str, int]) -> dict[str, int]:
@@ -231,7 +184,7 @@ STEP_ORDER = (
 )
 
 
-class BatchStepTimer:
+class BatchStepTimer(common.BatchTimer):
     """Times the steps of ``streaming.ingest.process_batch`` by wrapping the helpers it calls.
 
     Only module attributes are replaced, while installed (``run`` binds ``process_batch`` when it is
@@ -240,31 +193,15 @@ class BatchStepTimer:
     """
 
     def __init__(self) -> None:
-        self.batches: list[dict[str, Any]] = []
-        self.empty_batches = 0
+        super().__init__()
         self.batch_session_conf: dict[str, str] = {}
-        self._current: dict[str, Any] | None = None
-        self._mark = 0.0
-
-    def _add(self, step: str, seconds: float) -> None:
-        if self._current is not None:
-            steps = self._current["steps"]
-            steps[step] = steps.get(step, 0.0) + seconds
 
     def _timed_step(self, step_of: Callable[..., str], original: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self._current is None:
-                return original(*args, **kwargs)
+        def steps(*args: Any, **kwargs: Any) -> tuple[str, str]:
             step = step_of(*args, **kwargs)
-            start = time.perf_counter()
-            self._add(_GAP_BEFORE.get(step, "other"), start - self._mark)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._mark = time.perf_counter()
-                self._add(step, self._mark - start)
+            return step, _GAP_BEFORE.get(step, "other")
 
-        return wrapper
+        return self.timed(original, steps)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[BatchStepTimer]:
@@ -374,7 +311,7 @@ def produce_topic(
     from jobs.simulate_events import produce, stream_records
 
     topic = cfg.kafka.topic("events").name
-    load_before = _load1()
+    load_before = common.load1()
     started = time.perf_counter()
     records = stream_records(world, cfg.simulator, n_records, datetime.now(UTC), seed)
     counts = produce(records, cfg.kafka, topic, rate=rate, progress_every=progress_every, flush_timeout=300)
@@ -386,7 +323,7 @@ def produce_topic(
         "seconds": round(seconds, 3),
         "events_per_s": round(_per_s(produced, seconds), 1),
         "labels": _label_totals(counts),
-        "load_1min": [load_before, _load1()],
+        "load_1min": [load_before, common.load1()],
     }
 
 
@@ -413,7 +350,7 @@ def run_ceiling(spark: Any, cfg: CarouselConfig, label: str) -> dict[str, Any]:
         F.col("value").cast("string").alias("value"), "topic", "partition", "offset", "timestamp"
     )
     log.info("ceiling (%s): plain Delta append of the raw Kafka rows to %s", label, table)
-    load_before = _load1()
+    load_before = common.load1()
     started = time.perf_counter()
     query = (
         rows.writeStream.format("delta")
@@ -437,7 +374,7 @@ def run_ceiling(spark: Any, cfg: CarouselConfig, label: str) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "events_per_s": round(_per_s(read, seconds), 1),
         "batch_durations_ms": [b["duration_ms"].get("triggerExecution") for b in batches],
-        "load_1min": [load_before, _load1()],
+        "load_1min": [load_before, common.load1()],
     }
     log.info(
         "ceiling (%s): %d records in %d batches, %.1f s -> %.0f events/s",
@@ -500,7 +437,7 @@ def run_ingest_throughput(
     setup_seconds = time.perf_counter() - setup_started
     timer.reset()
     log.info("ingest (availableNow) into %s", cfg.storage.root)
-    load_before = _load1()
+    load_before = common.load1()
     started = time.perf_counter()
     query = ingest.run(spark, cfg, available_now=True)
     query.awaitTermination()
@@ -520,7 +457,7 @@ def run_ingest_throughput(
         "batch_durations_ms": [b["duration_ms"].get("triggerExecution") for b in batches],
         "step_timings": timer.summary(),
         "batch_steps": [_rounded_batch(b) for b in timer.batches],
-        "load_1min": [load_before, _load1()],
+        "load_1min": [load_before, common.load1()],
     }
     log.info(
         "ingest: %d records in %d batches, %.1f s -> %.0f events/s; ingest_log %s",
@@ -541,17 +478,6 @@ def _rounded_batch(batch: dict[str, Any]) -> dict[str, Any]:
         "total_s": round(batch["total"], 3),
         "steps_s": {k: round(v, 3) for k, v in batch["steps"].items()},
     }
-
-
-def _wait_started(query: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if query.exception() is not None:
-            raise RuntimeError(f"{query.name} failed: {query.exception()}")
-        if not str(query.status.get("message", "")).startswith("Initializing"):
-            return
-        time.sleep(0.2)
-    log.warning("%s still initialising after %.0f s; producing anyway", query.name, timeout)
 
 
 def _freshness(spark: Any, cfg: CarouselConfig) -> dict[str, Any]:
@@ -629,7 +555,7 @@ def run_steady(
     n_records = int(round(args.rate * args.duration))
     ingest.ensure_ingest_tables(spark, cfg)
     timer.reset()
-    load_before = _load1()
+    load_before = common.load1()
     query = ingest.run(spark, cfg, available_now=False)
     result: dict[str, Any] = {
         "target_rate": args.rate,
@@ -655,7 +581,7 @@ def run_steady(
             producer_out["error"] = err
 
     try:
-        _wait_started(query)
+        common.wait_started(query, 120.0, log, "; producing anyway")
         log.info(
             "steady: producing %d records at %.0f/s for %.0f s while ingest runs (trigger %s)",
             n_records,
@@ -726,7 +652,7 @@ def run_steady(
             "step_timings": timer.summary(),
             "step_timings_first_quarter": timer.summary(steps[:quarter]),
             "step_timings_last_quarter": timer.summary(steps[-quarter:]),
-            "load_1min": [load_before, _load1()],
+            "load_1min": [load_before, common.load1()],
             "freshness": _freshness(spark, cfg),
             "batch_steps": [_rounded_batch(b) for b in steps],
         }
@@ -904,17 +830,6 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"results: {results.get('output')}")
 
 
-def write_json(results: dict[str, Any], output: str) -> Path:
-    path = Path(output)
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -938,19 +853,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _defaults(build_parser().parse_args(argv))
     previous_tz = _force_utc()
     extra_conf = _spark_conf(args.spark_conf)
-    command = " ".join(
-        [".venv/bin/python -m bench.ingest_bench", *(argv if argv is not None else sys.argv[1:])]
-    )
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    temp = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-")) if temp else Path(args.workdir).resolve()
+    workdir, temp = common.make_workdir(args.workdir, "carousel-bench-")
     run_dir = workdir / f"run-{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "benchmark": "ingest",
-        "command": command,
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
+    results = common.start_results(
+        "ingest",
+        argv,
+        {
             "quick": args.quick,
             "events": args.events,
             "rate": args.rate,
@@ -969,17 +879,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "forced_tz_utc_from": previous_tz,
             "workdir": str(run_dir),
         },
-    }
+    )
     log.info("ingest benchmark %s in %s: %s", run_id, run_dir, results["settings"])
 
-    broker_cfg = bench_config(
-        args,
-        [
-            f"broker.state_dir={run_dir / 'kafka'}",
-            f"broker.port={broker.free_port()}",
-            f"broker.controller_port={broker.free_port()}",
-        ],
-    )
+    ports = common.broker_overrides(run_dir / "kafka")
+    broker_cfg = bench_config(args, ports)
     spark = None
     try:
         bootstrap = broker.start(broker_cfg.broker)
@@ -989,9 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_config(
                 args,
                 [
-                    f"broker.state_dir={run_dir / 'kafka'}",
-                    f"broker.port={broker_cfg.broker.port}",
-                    f"broker.controller_port={broker_cfg.broker.controller_port}",
+                    *ports,
                     f"kafka.bootstrap_servers={bootstrap}",
                     f"kafka.topics.events.name={topic}",
                     f"kafka.topics.events.partitions={args.partitions}",
@@ -1035,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **extra_conf,
         }
         spark = build_session(produce_cfg, "carousel-bench-ingest", master="local[2]", extra_conf=conf)
-        results["machine"] = {**_machine_info(spark), "broker": broker_info}
+        results["machine"] = {**common.machine_info(spark), "broker": broker_info}
         results["session"] = {
             "config_spark_conf": dict(produce_cfg.spark.conf),
             **{key: spark.conf.get(key, None) for key in SESSION_KEYS},
@@ -1083,16 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["error"] = repr(err)
         raise
     finally:
-        if spark is not None:
-            for query in spark.streams.active:
-                with contextlib.suppress(Exception):
-                    query.stop()
-            spark.stop()
-        broker.stop(broker_cfg.broker)
-        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        if "machine" in results:
-            path = write_json(results, args.output)
-            results["output"] = str(path)
+        # ingest has no loadavg_at_end: its phases record their own load averages.
+        common.finish_run(results, spark, broker_cfg.broker, args.output, record_load=False)
         if temp and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

@@ -37,13 +37,12 @@ import json
 import logging
 import random
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,17 +50,16 @@ from typing import Any
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 
-from bench.ingest_bench import _load1, _machine_info, write_json
-from bench.shop_data import add_shop_args, ensure_shop, link_shop, session_conf, sizes_from_args
+from bench import common
+from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
 from carousel import broker
-from carousel.cli import add_config_args, setup_logging
-from carousel.config import CarouselConfig, ConfigError, load_config
+from carousel.cli import setup_logging
+from carousel.config import CarouselConfig
 from carousel.schemas import APP_LAUNCHED, PUSH
 
 log = logging.getLogger("bench.serving")
 
 DEFAULT_OUTPUT = "bench/results/serving.json"
-DEFAULT_SHOP_ROOT = "/tmp/carousel-bench-shop"
 QUICK = {"users": 20_000, "items": 5_000, "events": 50_000, "rates": "200", "duration": 15.0, "warmup": 10.0}
 LATENCY_GOAL_S = 1.0
 REALTIME_CHECKPOINT_INTERVAL = "30 seconds"
@@ -73,9 +71,8 @@ _TRIGGER_ID = re.compile(rb'"event_id":"([^"]+)"')
 # Arguments and configuration
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serving_bench",
-        description="Trigger -> payload latency of serve at steady rates, vs a pass-through ceiling.",
+    parser = common.bench_parser(
+        "serving", "Trigger -> payload latency of serve at steady rates, vs a pass-through ceiling."
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small shop, 200/s for 15 s")
     parser.add_argument("--rates", default="200,1000,5000", help="steady rates, triggers/s (200,1000,5000)")
@@ -91,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-ceiling", action="store_true", help="no pass-through ceiling")
     parser.add_argument("--skip-realtime", action="store_true", help="no real-time-mode pass-through")
     parser.add_argument("--driver-memory", default="4g", help="Spark driver memory (4g)")
-    parser.add_argument("--workdir", help="keep broker data, tables and checkpoints here (default: temp)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})")
-    add_shop_args(parser, root_default=DEFAULT_SHOP_ROOT)
-    return add_config_args(parser)
+    return common.add_run_args(
+        parser, DEFAULT_OUTPUT, "keep broker data, tables and checkpoints here (default: temp)"
+    )
 
 
 def _rates(text: str) -> list[float]:
@@ -115,11 +111,7 @@ def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig
     ]
     if args.trigger_interval:
         head.append(f"serving.trigger_interval={args.trigger_interval}")
-    try:
-        return load_config(args.config, [*head, *args.overrides, *required])
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+    return common.bench_config(args, head, required, log)
 
 
 def create_topic(bootstrap: str, name: str, partitions: int, log_append_time: bool = False) -> None:
@@ -266,23 +258,12 @@ _SERVE_HELPERS = {
 }
 
 
-class ServeStepTimer:
+class ServeStepTimer(common.BatchTimer):
     """Times the steps of ``streaming.serve.process_batch`` by wrapping the helpers it calls.
 
     Only module attributes of ``streaming.serve`` are replaced while installed (install before
     ``serve.run``, which binds ``process_batch``). A batch that reads no trigger counts as empty.
     """
-
-    def __init__(self) -> None:
-        self.batches: list[dict[str, Any]] = []
-        self.empty_batches = 0
-        self._current: dict[str, Any] | None = None
-        self._mark = 0.0
-
-    def _add(self, step: str, seconds: float) -> None:
-        if self._current is not None:
-            steps = self._current["steps"]
-            steps[step] = steps.get(step, 0.0) + seconds
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[ServeStepTimer]:
@@ -315,20 +296,8 @@ class ServeStepTimer:
                     self.batches.append(current)
 
         def timed(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-            step, gap = _SERVE_HELPERS[name]
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if self._current is None:
-                    return original(*args, **kwargs)
-                start = time.perf_counter()
-                self._add(gap, start - self._mark)
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self._mark = time.perf_counter()
-                    self._add(step, self._mark - start)
-
-            return wrapper
+            step_and_gap = _SERVE_HELPERS[name]
+            return self.timed(original, lambda *_args, **_kwargs: step_and_gap)
 
         serve.process_batch = timed_batch
         for name in _SERVE_HELPERS:
@@ -392,17 +361,6 @@ def latency_figures(sent: dict[str, float], received: dict[str, float], prefix: 
     }
 
 
-def _wait_started(query: Any, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if query.exception() is not None:
-            raise RuntimeError(f"{query.name} failed: {query.exception()}")
-        if not str(query.status.get("message", "")).startswith("Initializing"):
-            return
-        time.sleep(0.2)
-    log.warning("%s still initialising after %.0f s", query.name, timeout)
-
-
 def _drain(
     query: Any, producer: TriggerProducer, consumer: PayloadConsumer, prefix: str, timeout: float
 ) -> float:
@@ -428,7 +386,7 @@ def measure(
     timer: ServeStepTimer | None = None,
 ) -> dict[str, Any]:
     """Warm-up, then each rate in turn: produce, drain, figures."""
-    _wait_started(query)
+    common.wait_started(query, 300.0, log)
     result: dict[str, Any] = {"rates": []}
     if args.warmup > 0:
         log.info("%s: warm-up at %.0f/s for %.0f s", name, rates[0], args.warmup)
@@ -438,7 +396,7 @@ def measure(
         result["warmup"]["latency"] = latency_figures(producer.sent, consumer.received, "warm-")
     for rate in rates:
         prefix = f"r{int(rate)}-"
-        load_before = _load1()
+        load_before = common.load1()
         since = time.time()
         log.info("%s: %.0f triggers/s for %.0f s", name, rate, args.duration)
         produced = producer.run(prefix.rstrip("-"), rate, args.duration)
@@ -450,7 +408,7 @@ def measure(
             "drained_after_s": drained if drained >= 0 else None,
             "latency": figures,
             "sustained": drained >= 0 and figures["p99_s"] is not None and figures["p99_s"] < LATENCY_GOAL_S,
-            "load_1min": [load_before, _load1()],
+            "load_1min": [load_before, common.load1()],
         }
         if timer is not None:
             entry["serve_steps"] = timer.summary(since, time.time())
@@ -492,15 +450,20 @@ def _progress_batches(query: Any) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # The three queries
 # ---------------------------------------------------------------------------------------------
-def run_serve(
-    spark: Any,
-    cfg: CarouselConfig,
-    args: argparse.Namespace,
-    rates: list[float],
-    bootstrap: str,
-    shop_users: int,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RateRun:
+    """What every measured query gets: the flags, the steady rates, the broker and the shop's users."""
+
+    args: argparse.Namespace
+    rates: list[float]
+    bootstrap: str
+    shop_users: int
+
+
+def run_serve(spark: Any, cfg: CarouselConfig, run: RateRun) -> dict[str, Any]:
     from streaming import serve
+
+    args, rates, bootstrap, shop_users = run.args, run.rates, run.bootstrap, run.shop_users
 
     push_topic = cfg.kafka.topic(PUSH).name
     create_topic(bootstrap, cfg.kafka.topic("events").name, args.partitions)
@@ -535,16 +498,10 @@ def run_serve(
 
 
 def run_pass_through(
-    spark: Any,
-    cfg: CarouselConfig,
-    args: argparse.Namespace,
-    rates: list[float],
-    bootstrap: str,
-    shop_users: int,
-    label: str,
-    real_time: bool,
+    spark: Any, cfg: CarouselConfig, run: RateRun, label: str, real_time: bool
 ) -> dict[str, Any]:
     """Triggers -> the same records on an output topic, with serve's source options and trigger."""
+    args, rates, bootstrap, shop_users = run.args, run.rates, run.bootstrap, run.shop_users
     suffix = uuid.uuid4().hex[:6]
     source_topic, output_topic = f"bench-{label}-in-{suffix}", f"bench-{label}-out-{suffix}"
     create_topic(bootstrap, source_topic, args.partitions)
@@ -630,17 +587,7 @@ def _fmt(value: Any, unit: str = " s") -> str:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    machine = results.get("machine", {})
-    print()
-    print("=" * 100)
-    print(
-        f"carousel serving benchmark  {results['started_at']}  {machine.get('nproc')} cpus, "
-        f"Spark {machine.get('spark')} ({machine.get('spark_master')})"
-    )
-    shop = results.get("shop", {})
-    if shop:
-        print(f"shop: {shop.get('rows')} ({'reused' if shop.get('reused') else 'built'})")
-    print("-" * 100)
+    common.print_header(results, "serving")
     for label in ("serve", "ceiling", "realtime_ceiling"):
         phase = results.get(label)
         if not phase:
@@ -672,8 +619,7 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"serve batches at {r['target_rate']:.0f}/s: {steps['batches']} batches, "
                 f"mean {steps['mean_batch_s']} s: " + ", ".join(f"{n} {v['mean_s']} s" for n, v in top)
             )
-    print("=" * 100)
-    print(f"results: {results.get('output')}")
+    common.print_footer(results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,53 +627,30 @@ def print_summary(results: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-        if args.shop_root == DEFAULT_SHOP_ROOT:
-            args.shop_root = "/tmp/carousel-bench-shop-quick"
+    args = apply_quick(build_parser().parse_args(argv), QUICK)
     rates = _rates(args.rates)
-    temp = args.workdir is None
-    workdir = (
-        Path(tempfile.mkdtemp(prefix="carousel-serving-bench-")) if temp else Path(args.workdir).resolve()
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, temp = common.make_workdir(args.workdir, "carousel-serving-bench-")
     shop_root = Path(args.shop_root).resolve()
     sizes = sizes_from_args(args)
-    results: dict[str, Any] = {
-        "benchmark": "serving",
-        "command": " ".join(
-            [".venv/bin/python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "rates": rates,
-            "duration_s": args.duration,
-            "warmup_s": args.warmup,
-            "drain_timeout_s": args.drain_timeout,
-            "partitions": args.partitions,
-            "shop_root": str(shop_root),
-            "shop_sizes": sizes.__dict__,
-            "config_overrides": list(args.overrides),
-            "workdir": str(workdir),
-        },
+    settings = {
+        "rates": rates,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "drain_timeout_s": args.drain_timeout,
+        "partitions": args.partitions,
+        "shop_root": str(shop_root),
+        "shop_sizes": sizes.__dict__,
+        "config_overrides": list(args.overrides),
+        "workdir": str(workdir),
     }
-    ports = [
-        f"broker.state_dir={workdir / 'kafka'}",
-        f"broker.port={broker.free_port()}",
-        f"broker.controller_port={broker.free_port()}",
-    ]
+    results = common.start_results("serving", argv, settings)
+    ports = common.broker_overrides(workdir / "kafka")
     broker_cfg = _config(args, [*ports, "broker.heap=1g"])
-    spark = None
-    try:
-        bootstrap = broker.start(broker_cfg.broker)
+    with common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state:
+        bootstrap = state.bootstrap
 
         def phase_config(name: str) -> CarouselConfig:
-            suffix = uuid.uuid4().hex[:6]
-            topics = [
-                f"kafka.topics.{role}.name=bench-{name}-{role}-{suffix}" for role in broker_cfg.kafka.topics
-            ]
+            topics = common.phase_topics(broker_cfg.kafka.topics, name, uuid.uuid4().hex[:6])
             return _config(
                 args,
                 [
@@ -740,64 +663,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ],
             )
 
-        from carousel.session import build_session
-
         shop_cfg = _config(args, [f"storage.root={shop_root}"])
-        conf = {
-            **session_conf(workdir / "warehouse"),
-            "spark.sql.streaming.numRecentProgressUpdates": "100000",
-        }
-        spark = build_session(shop_cfg, "carousel-bench-serving", master="local[2]", extra_conf=conf)
-        results["machine"] = {**_machine_info(spark), "broker": {"bootstrap": bootstrap, "heap": "1g"}}
+        progress_conf = {"spark.sql.streaming.numRecentProgressUpdates": "100000"}
+        spark = state.shop_session(shop_cfg, "carousel-bench-serving", workdir / "warehouse", progress_conf)
         results["shop"] = ensure_shop(spark, shop_cfg, sizes, force=args.rebuild_shop)
 
         serve_cfg = phase_config("serve")
         link_shop(shop_root, serve_cfg.storage.root)
-        results["serve"] = run_serve(spark, serve_cfg, args, rates, bootstrap, sizes.users)
+        run = RateRun(args, rates, bootstrap, sizes.users)
+        results["serve"] = run_serve(spark, serve_cfg, run)
         if not args.skip_ceiling:
             results["ceiling"] = run_pass_through(
-                spark,
-                phase_config("ceiling"),
-                args,
-                rates,
-                bootstrap,
-                sizes.users,
-                "ceiling",
-                real_time=False,
+                spark, phase_config("ceiling"), run, "ceiling", real_time=False
             )
         if not args.skip_realtime:
             try:
                 results["realtime_ceiling"] = run_pass_through(
-                    spark,
-                    phase_config("realtime"),
-                    args,
-                    rates,
-                    bootstrap,
-                    sizes.users,
-                    "realtime",
-                    real_time=True,
+                    spark, phase_config("realtime"), run, "realtime", real_time=True
                 )
             except (PySparkException, Py4JJavaError, RuntimeError) as err:
                 # A refused real-time query is a finding, not a failed benchmark.
                 log.warning("real-time mode pass-through failed: %s", err)
                 results["realtime_ceiling"] = {"error": str(err).splitlines()[0][:2000]}
         results["comparison"] = comparisons(results)
-    except BaseException as err:
-        results["error"] = repr(err)
-        raise
-    finally:
-        if spark is not None:
-            for query in spark.streams.active:
-                with contextlib.suppress(Exception):
-                    query.stop()
-            spark.stop()
-        broker.stop(broker_cfg.broker)
-        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        results["loadavg_at_end"] = _load1()
-        if "machine" in results:
-            results["output"] = str(write_json(results, args.output))
-        if temp:
-            shutil.rmtree(workdir, ignore_errors=True)
     print_summary(results)
     print(json.dumps(results.get("comparison", []), indent=2))
     return 0

@@ -66,6 +66,9 @@ from carousel.schemas import (
 log = logging.getLogger("bench.shop_data")
 
 MANIFEST = "shop.json"
+# Where the benchmarks keep their shop between runs (a --quick run keeps its small one apart).
+DEFAULT_SHOP_ROOT = "/tmp/carousel-bench-shop"
+QUICK_SHOP_ROOT = "/tmp/carousel-bench-shop-quick"
 # The tables a serving or campaign run only reads; link_shop shares exactly these.
 SHOP_TABLES: tuple[str, ...] = (CATALOG_TABLE, PROFILES_TABLE, ITEM_RECOMMENDATIONS_TABLE, EVENTS_TABLE)
 MODEL_VERSION = "bench-shop"
@@ -487,6 +490,16 @@ def add_shop_args(
     return parser
 
 
+def apply_quick(args: argparse.Namespace, quick: dict[str, Any]) -> argparse.Namespace:
+    """With ``--quick``: the ``quick`` flag values, and the quick shop unless --shop-root was given."""
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+        if args.shop_root == DEFAULT_SHOP_ROOT:
+            args.shop_root = QUICK_SHOP_ROOT
+    return args
+
+
 def session_conf(warehouse: str | Path) -> dict[str, str]:
     """Spark settings of the benchmark sessions (local[2], small shuffles, no UI)."""
     return {
@@ -501,7 +514,7 @@ def session_conf(warehouse: str | Path) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(prog="python -m bench.shop_data", description=__doc__.splitlines()[0])
-    add_shop_args(parser, root_default="/tmp/carousel-bench-shop")
+    add_shop_args(parser, root_default=DEFAULT_SHOP_ROOT)
     add_config_args(parser)
     args = parser.parse_args(argv)
     root = Path(args.shop_root).resolve()

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import common
 from carousel.cli import setup_logging
 from carousel.config import CarouselConfig, SimulatorConfig, load_config
 from carousel.schemas import EVENTS_PARTITION_COLUMN, EVENTS_SCHEMA, EVENTS_TABLE, ITEM_EVENT_TYPES
@@ -306,16 +307,7 @@ def _machine_info(spark: Any) -> dict[str, Any]:
     for package in ("pyspark", "delta-spark", "tensorflow-cpu", "gensim", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[package.replace("-", "_")] = metadata.version(package)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
-                break
+    info.update(common.host_info())
     return info
 
 
