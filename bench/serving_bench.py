@@ -251,7 +251,7 @@ SERVE_STEPS = (
 )
 # Helper of streaming.serve -> (step it is, step of the wall time just before it).
 _SERVE_HELPERS = {
-    "read_catalog": (SERVE_STEPS[1], SERVE_STEPS[0]),
+    "read_catalog_snapshot": (SERVE_STEPS[1], SERVE_STEPS[0]),
     "load_serving_inputs": (SERVE_STEPS[1], SERVE_STEPS[1]),
     "idempotent_append": (SERVE_STEPS[2], SERVE_STEPS[1]),
     "write_payloads": (SERVE_STEPS[4], SERVE_STEPS[3]),
