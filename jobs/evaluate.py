@@ -59,7 +59,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CarouselConfig, ModelConfig
 from carousel.schemas import EVENTS_TABLE, INTERACTION_COLUMNS, ITEM_EVENT_TYPES
 from models import MODELS, build_model
+from models.base import ItemToItemModel
 from models.interactions import read_interactions, time_split, user_sequences
 
 __all__ = [
@@ -252,8 +253,12 @@ def evaluate_models(
     model_cfg: ModelConfig | None,
     k: int,
     planted: Mapping[str, Sequence[str]] | None = None,
+    build: Callable[[str, ModelConfig | None], ItemToItemModel] = build_model,
 ) -> pd.DataFrame:
     """Fit every model on ``train_df`` and score its top-k lists on ``test_df``; one row per model.
+
+    ``build`` makes a model from its name (default :func:`models.build_model`; a caller may wrap
+    it, e.g. to add options).
 
     Columns: :data:`TABLE_COLUMNS` (``recall@k``, ``mrr@k``, ``ndcg@k``, ``coverage``,
     ``popularity_bias``, ``planted_recall`` (NaN without ``planted``), ``fit_seconds`` (``fit``
@@ -291,7 +296,7 @@ def evaluate_models(
         log.info("[%d/%d] %s: fitting", position, len(model_names), name)
         try:
             started = time.perf_counter()
-            model = build_model(name, model_cfg).fit(train_df)
+            model = build(name, model_cfg).fit(train_df)
             recs = model.recommend(k)
             row["fit_seconds"] = time.perf_counter() - started
             row["n_items"] = model.metadata()["n_items"]

@@ -191,18 +191,15 @@ TINY = frame(
 )
 
 
-def test_a_failing_model_is_reported_and_the_others_still_run(monkeypatch, tmp_path):
-    real = evaluate.build_model
-
+def test_a_failing_model_is_reported_and_the_others_still_run(tmp_path):
     def build(name, model_cfg=None):
         if name == "llr":
             raise RuntimeError("boom")
-        return real(name, model_cfg)
+        return evaluate.build_model(name, model_cfg)
 
-    monkeypatch.setattr(evaluate, "build_model", build)
     cutoff = pd.Timestamp("2026-01-03", tz="UTC")
     train, test = TINY[TINY["event_time"] < cutoff], TINY[TINY["event_time"] >= cutoff]
-    table = evaluate_models(train, test, ["popularity", "llr"], None, k=2, planted={"A": ["B"]})
+    table = evaluate_models(train, test, ["popularity", "llr"], None, k=2, planted={"A": ["B"]}, build=build)
     assert list(table["model"]) == ["popularity", "llr"]
     assert table.loc[0, "error"] == "" and table.loc[1, "error"] == "RuntimeError: boom"
     assert table.loc[0, "n_pairs"] == 6 and table.loc[0, "n_items"] == 3
