@@ -113,13 +113,6 @@ def read_matrix_snapshot(
     return read_snapshot(spark, location, max(versions))
 
 
-def read_matrix(
-    spark: SparkSession, cfg: CarouselConfig, model_version: str | None = None
-) -> DataFrame | None:
-    """The live correlation matrix, or the latest published version of ``model_version``."""
-    return read_matrix_snapshot(spark, cfg, model_version)[0]
-
-
 def compute_trending(
     spark: SparkSession, cfg: CarouselConfig, catalog: DataFrame, now: datetime
 ) -> DataFrame:

@@ -178,11 +178,6 @@ def eligibility(filters: CampaignFilters) -> Column:
     return F.coalesce(condition, F.lit(False))
 
 
-def eligible_items(catalog: DataFrame, campaign: CampaignConfig) -> DataFrame:
-    """The active catalog products that pass the campaign's filters (``item_id``, ``category``)."""
-    return catalog.where(eligibility(campaign.filters)).select("item_id", "category")
-
-
 # ---------------------------------------------------------------------------------------------
 # What every request is ranked against: item lists, eligibility, trending (built on the driver)
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +304,7 @@ def item_lists(matrix: DataFrame | None, catalog: DataFrame, filters: CampaignFi
     products = catalog.select("item_id", "category", eligibility(filters).alias("eligible")).toArrow()
     catalog_ids = products.column("item_id").combine_chunks()
     category_dict = pc.dictionary_encode(products.column("category").combine_chunks())
-    categories = [c for c in category_dict.dictionary.to_pylist()]
+    categories = category_dict.dictionary.to_pylist()
     category_codes = pc.fill_null(category_dict.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32)
     eligible = products.column("eligible").to_numpy().astype(bool)
     ids = catalog_ids.to_pylist()

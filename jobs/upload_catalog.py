@@ -742,7 +742,7 @@ def _validate_and_merge(
 
     location = cfg.storage.table(CATALOG_TABLE)
     if not partial and not allow_mass_deactivation and table_exists(spark, location):
-        active, leaving = deactivation_counts(spark.read.format("delta").load(location), rows)
+        active, leaving = deactivation_counts(read_active_catalog(spark, cfg), rows)
         limit = cfg.catalog.max_deactivated_share
         if active and leaving / active > limit:
             log.error("upload %s: would deactivate %d of %d active products", upload_id, leaving, active)
@@ -781,11 +781,11 @@ def _validate_and_merge(
     return result
 
 
-def deactivation_counts(catalog: DataFrame, rows: DataFrame) -> tuple[int, int]:
+def deactivation_counts(active_products: DataFrame, rows: DataFrame) -> tuple[int, int]:
     """(active products, active products a full upload of ``rows`` would deactivate)."""
-    active = catalog.where(F.col("active")).select("item_id")
     counts = (
-        active.join(rows.select("item_id").distinct().withColumn("_listed", F.lit(True)), "item_id", "left")
+        active_products.select("item_id")
+        .join(rows.select("item_id").distinct().withColumn("_listed", F.lit(True)), "item_id", "left")
         .agg(F.count(F.lit(1)).alias("active"), F.count_if(F.col("_listed").isNull()).alias("leaving"))
         .first()
     )
