@@ -27,7 +27,8 @@ Figures: seconds and peak RSS per stage; the ratio *our fit / gensim's training*
 <= 2); planted recall@5 of both (share of each item's top 5 in its planted cluster; best possible
 4 / 5 = 0.8); load averages. After the timed stages, ``--compare-blends`` re-ranks the same
 next_item2vec fit with other ``cosine_blend`` values (0 = the next-item score alone) and reports
-their planted recall@5 too (untimed; one exact top-k each).
+their planted recall@5 too (untimed; one exact top-k each), and ``--gensim-epochs`` trains
+gensim again with other epoch counts (timed each) to find its time at our quality.
 
     .venv/bin/python -m bench.training_bench                          # 5,000,000 interactions / 100,000 items
     .venv/bin/python -m bench.training_bench --interactions 500000 --items 10000 --users 20000
@@ -212,7 +213,11 @@ def recs_planted_recall(recs: pd.DataFrame, planted: dict[str, list[str]], k: in
 
 
 def gensim_reference(
-    interactions: pd.DataFrame, cfg: CarouselConfig, planted: dict[str, list[str]], k: int
+    interactions: pd.DataFrame,
+    cfg: CarouselConfig,
+    planted: dict[str, list[str]],
+    k: int,
+    epochs: int = GENSIM_EPOCHS,
 ) -> dict[str, Any]:
     """gensim Word2Vec (skip-gram, negative sampling) on the same user sequences; seconds and recall."""
     from gensim.models import Word2Vec
@@ -233,7 +238,7 @@ def gensim_reference(
         window=GENSIM_WINDOW,
         negative=GENSIM_NEGATIVES,
         sg=1,
-        epochs=GENSIM_EPOCHS,
+        epochs=epochs,
         min_count=1,
         sample=GENSIM_SAMPLE,
         workers=workers,
@@ -257,7 +262,7 @@ def gensim_reference(
             "vector_size": model_cfg.embedding_dim,
             "window": GENSIM_WINDOW,
             "negative": GENSIM_NEGATIVES,
-            "epochs": GENSIM_EPOCHS,
+            "epochs": epochs,
             "sample": GENSIM_SAMPLE,
             "sg": 1,
         },
@@ -377,6 +382,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             reference = gensim_reference(interactions, cfg, planted, cfg.training.top_k)
         loads["end"] = os.getloadavg()
         by_blend = compare_blends(model, planted, args.compare_blends)
+        # Untimed as stages: gensim at other epoch counts, for its time at comparable quality.
+        by_epochs = {}
+        for epochs in args.gensim_epochs:
+            extra = gensim_reference(interactions, cfg, planted, cfg.training.top_k, epochs)
+            by_epochs[str(epochs)] = {k: extra[k] for k in ("train_seconds", "planted_recall@5")}
     finally:
         sampler.close()
         if not args.workdir:
@@ -409,6 +419,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "published_table_version": table_version,
         },
         "gensim": reference,
+        "gensim_by_epochs": by_epochs,
         "stages": stages,
         "nightly_seconds": round(sum(stages[s]["seconds"] for s in pipeline), 1),
         "fit_over_gensim": round(ratio, 2),
@@ -446,6 +457,11 @@ def print_summary(result: dict[str, Any]) -> None:
     )
     for alpha, recall in model.get("planted_recall@5_by_cosine_blend", {}).items():
         print(f"  same fit, cosine_blend {alpha}: planted recall@5 {recall:.3f}")
+    for epochs, figures in result.get("gensim_by_epochs", {}).items():
+        print(
+            f"  gensim {epochs} epochs: {figures['train_seconds']:.1f} s, "
+            f"planted recall@5 {figures['planted_recall@5']:.3f}"
+        )
     print(f"load avg: {result['loadavg']}")
 
 
@@ -465,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.0],
         metavar="A1,A2",
         help="also rank the same next_item2vec fit with these cosine_blend values (untimed; '' = none)",
+    )
+    parser.add_argument(
+        "--gensim-epochs",
+        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        default=[],
+        metavar="E1,E2",
+        help="also train gensim with these epoch counts: its time at comparable quality (e.g. 10,15)",
     )
     return parser
 
