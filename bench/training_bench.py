@@ -410,6 +410,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "params": meta["params"],
             "large_data": meta.get("large_data"),
             "fit_params": meta.get("fit_params"),
+            "training_layout": meta.get("training_layout"),
             "epoch_seconds": meta.get("epoch_seconds"),
             "epoch_pairs": meta.get("epoch_pairs"),
             "epoch_loss": meta.get("epoch_loss"),

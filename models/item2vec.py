@@ -299,7 +299,6 @@ class _SkipGramTrainer:
         seed: int,
         noise_table: np.ndarray,
         output_bias: bool = False,
-        log_q: np.ndarray | None = None,
         decay_rate: bool = False,
     ) -> None:
         self.tf = tf
@@ -327,13 +326,6 @@ class _SkipGramTrainer:
         seed_t = tf.constant(seed, tf.int64)
         groups = batch // sharing
         pad = n_items
-        softmax = log_q is not None
-        if softmax:
-            # Sampled softmax with the logQ correction: each logit minus the log-probability of
-            # drawing that item as a negative, so that the logits estimate log P(context | target).
-            log_q_table = tf.constant(
-                np.concatenate([np.asarray(log_q, np.float32), [0.0]]).astype(np.float32)
-            )
 
         spec = tf.TensorSpec([batch], tf.int32)
 
@@ -359,24 +351,11 @@ class _SkipGramTrainer:
             negative = tf.einsum("gsd,gkd->gsk", w_groups, neg)  # (G, g, K)
             # d loss / d logit; Adam takes the mean over the batch, SGD the sum (word2vec's steps).
             scale = valid / n_valid if adam else valid
-            if softmax:
-                pos_logit = tf.reshape(positive - tf.gather(log_q_table, context), [groups, sharing, 1])
-                neg_logit = negative - tf.gather(log_q_table, noise)[:, None, :]
-                # A negative that is the pair's own context is no negative ("accidental hit").
-                hit = tf.equal(noise[:, None, :], tf.reshape(context, [groups, sharing, 1]))
-                neg_logit = tf.where(hit, -1e9, neg_logit)
-                logits = tf.concat([pos_logit, neg_logit], axis=2)  # (G, g, 1 + K)
-                log_norm = tf.reduce_logsumexp(logits, axis=2, keepdims=True)
-                per_pair = tf.reshape(log_norm - pos_logit, [batch])
-                probability = tf.exp(logits - log_norm)
-                g_pos = (tf.reshape(probability[:, :, 0], [batch]) - 1.0) * scale
-                g_neg = probability[:, :, 1:] * tf.reshape(scale, [groups, sharing, 1])
-            else:
-                per_pair = tf.nn.softplus(-positive) + tf.reshape(
-                    tf.reduce_sum(tf.nn.softplus(negative), axis=2), [batch]
-                )
-                g_pos = (tf.sigmoid(positive) - 1.0) * scale  # (B,)
-                g_neg = tf.sigmoid(negative) * tf.reshape(scale, [groups, sharing, 1])  # (G, g, K)
+            per_pair = tf.nn.softplus(-positive) + tf.reshape(
+                tf.reduce_sum(tf.nn.softplus(negative), axis=2), [batch]
+            )
+            g_pos = (tf.sigmoid(positive) - 1.0) * scale  # (B,)
+            g_neg = tf.sigmoid(negative) * tf.reshape(scale, [groups, sharing, 1])  # (G, g, K)
             loss_sum = tf.reduce_sum(per_pair * valid)
             grad_w = g_pos[:, None] * c + tf.reshape(tf.einsum("gsk,gkd->gsd", g_neg, neg), [batch, dim])
             if target_mask is not None:

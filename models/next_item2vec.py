@@ -15,13 +15,17 @@ Inputs: an interaction frame (see :mod:`models.interactions`); hyperparameters f
 Keyword options: ``distance_decay`` (a pair at distance d is drawn with probability d ** -decay
 each epoch; 1 = the 1 / d weighting of :class:`models.baselines.SequentialRules`),
 ``popularity_weight`` (beta, below), ``negative_sharing`` and ``threads`` (as in
-:class:`models.item2vec.Item2Vec`).
+:class:`models.item2vec.Item2Vec`), ``replicas`` and ``chunk_steps`` (the parallel training, below).
 
 How: every epoch the forward pairs (a, b) with b within ``window`` items after a (same user,
 a != b) are drawn in numpy with the distance weights, after subsampling, shuffled (generator
-seeded by (seed, epoch)), and fed to :class:`models.item2vec._SkipGramTrainer`: the same XLA
-compiled step, in-graph stateless negatives from the unigram^0.75 table, lazy Adam. The input
-table W holds "where users come from", the output table C "where they go".
+seeded by (seed, epoch)), and fed to :class:`models.sampled_softmax.SampledSoftmaxTrainer`
+(the default ``loss="softmax"``): sampled softmax with the logQ correction over
+``sampled_negatives`` in-graph negatives from the unigram^0.75 table shared by each batch, lazy
+Adam, whole chunks of steps in one XLA computation, and on large data ``replicas`` copies of the
+tables (default: one per core, at most 4) training at once on disjoint batches, merged every
+``chunk_steps`` steps; ``loss="sgns"`` uses :class:`models.item2vec._SkipGramTrainer` instead.
+The input table W holds "where users come from", the output table C "where they go".
 
 Large data: the cost of a step is dominated by the (batch x sampled negatives) logit matrix and
 its two gradient products, i.e. by the negatives per pair, times the pairs, which grow with the
@@ -68,6 +72,7 @@ per epoch, the effective ``fit_params`` and the ``scoring``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, ClassVar
 
@@ -83,6 +88,7 @@ from models.item2vec import (
     subsample_keep_probability,
     unigram_table,
 )
+from models.sampled_softmax import SampledSoftmaxTrainer
 from models.topk import top_k_blended, top_k_scores
 
 __all__ = ["LARGE_DATA_KEYS", "NextItem2Vec", "effective_params", "forward_pairs", "popularity_prior"]
@@ -90,6 +96,9 @@ __all__ = ["LARGE_DATA_KEYS", "NextItem2Vec", "effective_params", "forward_pairs
 log = logging.getLogger(__name__)
 
 _NOISE_POWER = 0.75  # word2vec's smoothing of the noise (negative-sampling) distribution
+# Default replicas on large data: one per core, at most this many (quality measured with 2;
+# merging many replicas' changes drifts further from sequential training). Small data: 1.
+_MAX_DEFAULT_REPLICAS = 4
 
 # On large data (see effective_params): parameter -> the ModelConfig key that replaces it.
 LARGE_DATA_KEYS: dict[str, str] = {
@@ -183,7 +192,9 @@ class NextItem2Vec(ItemToItemModel):
     See the module docstring for the scoring. Keyword options on top of
     :class:`~carousel.config.ModelConfig`: ``distance_decay`` (default 1.0), ``popularity_weight``
     (beta, default 1.0), ``negative_sharing`` (default 8), ``threads`` (TensorFlow intra-op
-    threads, default all cores).
+    threads, default all cores), ``replicas`` (tables training at once; default on large data one
+    per core up to 4, else 1) and ``chunk_steps`` (steps per compiled chunk and between merges,
+    default 128).
     """
 
     name: ClassVar[str] = "next_item2vec"
@@ -213,6 +224,8 @@ class NextItem2Vec(ItemToItemModel):
         sampled_negatives: int = 512,
         decay_rate: bool = True,
         threads: int | None = None,
+        replicas: int | None = None,
+        chunk_steps: int = 128,
         **params: Any,
     ) -> None:
         if distance_decay < 0:
@@ -223,6 +236,8 @@ class NextItem2Vec(ItemToItemModel):
             raise ValueError(f"negative_sharing must be >= 1, got {negative_sharing}")
         if loss not in ("softmax", "sgns"):
             raise ValueError(f"loss must be 'softmax' or 'sgns', got {loss!r}")
+        if (replicas is not None and replicas < 1) or chunk_steps < 1:
+            raise ValueError(f"need replicas >= 1 or None, chunk_steps >= 1; got {replicas}, {chunk_steps}")
         if sampled_negatives < 1 or not 0 <= backward_weight <= 1:
             raise ValueError(
                 f"need sampled_negatives >= 1 and 0 <= backward_weight <= 1, "
@@ -244,6 +259,8 @@ class NextItem2Vec(ItemToItemModel):
             if not 0 <= float(self.params[key]) <= 1:
                 raise ValueError(f"{key} must be between 0 and 1, got {self.params[key]}")
         self.threads = threads
+        self.replicas = replicas
+        self.chunk_steps = chunk_steps
         self.embeddings: np.ndarray | None = None
         self.output_embeddings: np.ndarray | None = None
         self.popularity_prior: np.ndarray | None = None
@@ -252,6 +269,7 @@ class NextItem2Vec(ItemToItemModel):
         self.epoch_seconds: list[float] = []
         self.large_data = False
         self.fit_params: dict[str, Any] = {}
+        self.training_layout: dict[str, int] = {}
 
     def _fit(self, sequences: Sequences) -> None:
         _configure_threads(self.threads)
@@ -275,21 +293,22 @@ class NextItem2Vec(ItemToItemModel):
             sharing = batch = int(p["batch_size"])
             q = np.bincount(noise, minlength=n) / len(noise)
             log_q = np.log(np.maximum(q, 1e-12))
-        trainer = _SkipGramTrainer(
-            tf,
-            n_items=n,
-            dim=dim,
-            negatives=int(p["sampled_negatives"]) if softmax else int(p["negatives"]),
-            sharing=sharing,
-            batch=batch,
-            rate=float(p["learning_rate"]),
-            optimizer="adam",
-            seed=seed,
-            noise_table=noise,
-            output_bias=bool(p["output_bias"]),
-            log_q=log_q,
-            decay_rate=bool(p["decay_rate"]),
-        )
+        trainer: Any = None
+        if not softmax:
+            trainer = _SkipGramTrainer(
+                tf,
+                n_items=n,
+                dim=dim,
+                negatives=int(p["negatives"]),
+                sharing=sharing,
+                batch=batch,
+                rate=float(p["learning_rate"]),
+                optimizer="adam",
+                seed=seed,
+                noise_table=noise,
+                output_bias=bool(p["output_bias"]),
+                decay_rate=bool(p["decay_rate"]),
+            )
         user = sequences.user_of_token()
         log.info(
             "next_item2vec: %d items, %d users, %d sequence items; dim %d, forward window %d "
@@ -312,6 +331,9 @@ class NextItem2Vec(ItemToItemModel):
             float(p["cosine_blend"]),
             "large" if self.large_data else "default",
         )
+        # Replicas are a large-data throughput setting: small data trains one table set, exactly
+        # sequential (its fit takes seconds; merging replicas costs a little quality there).
+        default_replicas = min(_MAX_DEFAULT_REPLICAS, os.cpu_count() or 1) if self.large_data else 1
         self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
         for epoch in range(epochs):
             started = time.perf_counter()
@@ -319,7 +341,26 @@ class NextItem2Vec(ItemToItemModel):
             source, target = forward_pairs(
                 sequences.codes, user, window, rng, keep, decay, float(p["backward_weight"])
             )
-            if epoch == 0:
+            if trainer is None:  # sampled softmax: sized to the data, so built on the first epoch
+                trainer = SampledSoftmaxTrainer(
+                    tf,
+                    n_items=n,
+                    dim=dim,
+                    negatives=int(p["sampled_negatives"]),
+                    batch=batch,
+                    rate=float(p["learning_rate"]),
+                    seed=seed,
+                    noise_table=noise,
+                    log_q=log_q,
+                    output_bias=bool(p["output_bias"]),
+                    decay_rate=bool(p["decay_rate"]),
+                    pairs_per_epoch=len(source),
+                    epochs=epochs,
+                    replicas=self.replicas or default_replicas,
+                    chunk_steps=self.chunk_steps,
+                )
+                self.training_layout = {"replicas": trainer.replicas, "chunk_steps": trainer.chunk_steps}
+            elif epoch == 0:
                 trainer.set_total_steps(epochs * -(-len(source) // batch))
             mean_loss = trainer.train_epoch(source, target)
             seconds = time.perf_counter() - started
@@ -336,6 +377,8 @@ class NextItem2Vec(ItemToItemModel):
                 len(source) / max(seconds, 1e-9),
             )
         self.embeddings, self.output_embeddings = trainer.tables()
+        if softmax:
+            trainer.close()
         self.popularity_prior = popularity_prior(token_counts, keep)
         if not (np.isfinite(self.embeddings).all() and np.isfinite(self.output_embeddings).all()):
             raise FloatingPointError(
@@ -369,6 +412,7 @@ class NextItem2Vec(ItemToItemModel):
         return {
             "large_data": self.large_data,
             "fit_params": dict(self.fit_params),
+            "training_layout": dict(self.training_layout),
             "epoch_loss": [round(v, 6) for v in self.epoch_losses],
             "epoch_pairs": list(self.epoch_pairs),
             "epoch_seconds": [round(v, 3) for v in self.epoch_seconds],

@@ -23,7 +23,7 @@ from models import MODELS, build_model
 from models.base import NotFittedError
 from models.baselines import ItemKNN, LLRCooccurrence, Popularity, SequentialRules, log_likelihood_ratio
 from models.interactions import read_interactions, time_split, to_csv_text, user_item_matrix, user_sequences
-from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability
+from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability, unigram_table
 from models.next_item2vec import (
     LARGE_DATA_KEYS,
     NextItem2Vec,
@@ -31,6 +31,7 @@ from models.next_item2vec import (
     forward_pairs,
     popularity_prior,
 )
+from models.sampled_softmax import SampledSoftmaxTrainer, unique_rows
 from models.topk import to_recommendations, top_k_blended, top_k_scores, top_k_similar, top_k_sparse
 
 SMALL = ModelConfig(
@@ -454,15 +455,66 @@ def test_top_k_blended_equals_the_brute_force_standardised_blend(backend: str) -
         top_k_blended(queries, keys, similarity[:10], 5, 0.5)
 
 
-def test_next_item2vec_is_reproducible_and_learns_direction(world_data: tuple) -> None:
+def test_unique_rows_is_a_fixed_shape_unique() -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    compiled = tf.function(lambda index: unique_rows(tf, index, 40), jit_compile=True)
+    for index in (rng.integers(0, 40, 300), np.array([7] * 5), np.arange(9)[::-1], np.array([40, 3, 40])):
+        index = index.astype(np.int32)
+        unique, position = (t.numpy() for t in compiled(index))
+        distinct = np.unique(index)
+        assert unique.shape == position.shape == index.shape
+        np.testing.assert_array_equal(unique[: len(distinct)], distinct)
+        assert (unique[len(distinct) :] == 40).all()  # the padding row fills the rest
+        np.testing.assert_array_equal(unique[position], index)
+
+
+def test_sampled_softmax_replicas_share_the_batches_and_merge() -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    n, pairs = 50, 2600
+    source = rng.integers(0, n, pairs).astype(np.int32)
+    target = ((source + 1) % n).astype(np.int32)  # item i is followed by item i + 1: learnable
+    counts = np.bincount(np.concatenate([source, target]), minlength=n)
+    noise = unigram_table(counts)
+    log_q = np.log(np.bincount(noise, minlength=n) / len(noise))
+    options = {"n_items": n, "dim": 8, "negatives": 16, "batch": 256, "rate": 0.01, "seed": 1}
+    options |= {"noise_table": noise, "log_q": log_q}
+    trainer = SampledSoftmaxTrainer(tf, **options, pairs_per_epoch=pairs, epochs=2, replicas=2)
+    try:
+        # 11 batches an epoch: 6 and 5 per replica, in chunks of 6 steps (sized to the data).
+        assert (trainer.replicas, trainer.chunk_steps) == (2, 6)
+        first = trainer.train_epoch(source, target)
+        assert [int(s.numpy()) for s in trainer.steps] == [6, 5]  # the all-padding step does not count
+        assert np.isfinite(first) and trainer.train_epoch(source, target) < first
+        # After each round the replicas hold the same merged state.
+        for side in (0, 1):
+            np.testing.assert_array_equal(trainer.states[0][side].numpy(), trainer.states[1][side].numpy())
+        w, c = trainer.tables()
+        assert w.shape == (n, 9) and c.shape == (n, 9) and (w[:, -1] == 1).all()
+    finally:
+        trainer.close()
+    one = SampledSoftmaxTrainer(tf, **options, pairs_per_epoch=100, epochs=1, replicas=4)
+    assert (one.replicas, one.chunk_steps) == (1, 1)  # one batch an epoch: one replica
+    one.close()
+    with pytest.raises(ValueError, match="replicas"):
+        SampledSoftmaxTrainer(tf, **options, pairs_per_epoch=100, epochs=1, replicas=0)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_next_item2vec_is_reproducible_and_learns_direction(replicas: int, world_data: tuple) -> None:
     df, planted = world_data
     cfg = SMALL.model_copy(update={"epochs": 2})
-    first = NextItem2Vec(cfg, sampled_negatives=64).fit(df)
-    second = NextItem2Vec(cfg, sampled_negatives=64).fit(df)
+    first = NextItem2Vec(cfg, sampled_negatives=64, replicas=replicas).fit(df)
+    second = NextItem2Vec(cfg, sampled_negatives=64, replicas=replicas).fit(df)
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
     np.testing.assert_array_equal(first.output_embeddings, second.output_embeddings)
     pd.testing.assert_frame_equal(first.recommend(5), second.recommend(5))
     meta = first.metadata()
+    assert meta["training_layout"]["replicas"] == replicas
+    assert planted_recall(first.recommend(5), planted) > 0.5
     assert meta["params"]["loss"] == "softmax" and meta["epoch_loss"][-1] < meta["epoch_loss"][0]
     assert "name" not in meta["params"]
     # Directed data: every user walks a -> b -> c, never back; b must follow a, not precede it.
