@@ -44,6 +44,7 @@ from bench import common
 from carousel import broker
 from carousel.cli import add_config_args, setup_logging
 from carousel.config import CarouselConfig
+from carousel.query_lifecycle import stop_between_batches
 from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, PROFILES_TABLE, QUARANTINE_TABLE
 
 log = logging.getLogger("bench.ingest")
@@ -628,7 +629,7 @@ def run_steady(
         result["drain_s"] = round(time.monotonic() - produced_at, 3) if produced_at else None
         result["caught_up"] = caught_up
     finally:
-        query.stop()
+        stop_between_batches(query, cfg.ingest.stop_timeout_seconds)
     batches = _batches_of(query)
     totals = _ingest_log_totals(spark, cfg)
     durations = sorted(b["duration_ms"].get("triggerExecution", 0) / 1000 for b in batches)

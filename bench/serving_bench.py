@@ -55,6 +55,7 @@ from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
 from carousel import broker
 from carousel.cli import setup_logging
 from carousel.config import CarouselConfig
+from carousel.query_lifecycle import stop_between_batches
 from carousel.schemas import APP_LAUNCHED, PUSH
 
 log = logging.getLogger("bench.serving")
@@ -479,7 +480,7 @@ def run_serve(spark: Any, cfg: CarouselConfig, run: RateRun) -> dict[str, Any]:
         try:
             result = measure("serve", query, producer, consumer, args, rates, timer)
         finally:
-            query.stop()
+            stop_between_batches(query, cfg.serving.stop_timeout_seconds)
             consumer.close()
     result["startup_s"] = round(startup, 3)
     result["trigger_interval"] = cfg.serving.trigger_interval

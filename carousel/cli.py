@@ -75,6 +75,12 @@ JOBS: dict[str, Job] = {
     "serve": Job(
         "streaming.serve", "Answer trigger events with recommendations: channel payloads to Kafka", True
     ),
+    "stop": Job(
+        "carousel.query_lifecycle",
+        "Ask a running ingest or serve query to stop between micro-batches (from any machine)",
+        True,
+        "stop_main",
+    ),
     "campaign": Job(
         "jobs.campaign", "Batch campaign: a user segment's recommendations as channel payloads", True
     ),

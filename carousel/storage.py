@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -77,21 +78,45 @@ def delta_transaction(spark: SparkSession, app_id: str, version: int) -> Iterato
         spark.conf.unset(TXN_VERSION_CONF)
 
 
+def _hadoop_file(spark: SparkSession, path: str) -> tuple[Any, Any]:
+    """(file system, path) of ``path`` through Hadoop: local, s3a://, hdfs://, abfss://, ..."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path
+
+
+def file_exists(spark: SparkSession, path: str) -> bool:
+    """Whether a file exists at ``path`` (any Hadoop file system)."""
+    fs, hadoop_path = _hadoop_file(spark, path)
+    return bool(fs.exists(hadoop_path))
+
+
+def write_small_file(spark: SparkSession, path: str, text: str, overwrite: bool = True) -> None:
+    """Write ``text`` (UTF-8) as the file at ``path`` (any Hadoop file system)."""
+    fs, hadoop_path = _hadoop_file(spark, path)
+    out = fs.create(hadoop_path, overwrite)
+    try:
+        out.write(text.encode())
+    finally:
+        out.close()
+
+
+def delete_file(spark: SparkSession, path: str) -> bool:
+    """Delete the file at ``path`` if it exists; whether it did."""
+    fs, hadoop_path = _hadoop_file(spark, path)
+    return bool(fs.delete(hadoop_path, False))
+
+
 def read_or_create_marker(spark: SparkSession, path: str, prefix: str) -> str:
     """Read the id stored at ``path`` (any Hadoop file system), creating ``prefix-<random>`` first.
 
     Streaming queries keep this next to their checkpoint: deleting the checkpoint starts batch ids
     from 0 again, and the fresh id then keeps Delta from skipping those batches as already written.
     """
+    if not file_exists(spark, path):
+        write_small_file(spark, path, f"{prefix}-{uuid.uuid4().hex[:12]}", overwrite=False)
     jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(hadoop_path):
-        out = fs.create(hadoop_path, False)
-        try:
-            out.write(f"{prefix}-{uuid.uuid4().hex[:12]}".encode())
-        finally:
-            out.close()
+    fs, hadoop_path = _hadoop_file(spark, path)
     stream = fs.open(hadoop_path)
     try:
         reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))

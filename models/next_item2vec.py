@@ -335,50 +335,52 @@ class NextItem2Vec(ItemToItemModel):
         # sequential (its fit takes seconds; merging replicas costs a little quality there).
         default_replicas = min(_MAX_DEFAULT_REPLICAS, os.cpu_count() or 1) if self.large_data else 1
         self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
-        for epoch in range(epochs):
-            started = time.perf_counter()
-            rng = np.random.default_rng([seed, epoch + 1])
-            source, target = forward_pairs(
-                sequences.codes, user, window, rng, keep, decay, float(p["backward_weight"])
-            )
-            if trainer is None:  # sampled softmax: sized to the data, so built on the first epoch
-                trainer = SampledSoftmaxTrainer(
-                    tf,
-                    n_items=n,
-                    dim=dim,
-                    negatives=int(p["sampled_negatives"]),
-                    batch=batch,
-                    rate=float(p["learning_rate"]),
-                    seed=seed,
-                    noise_table=noise,
-                    log_q=log_q,
-                    output_bias=bool(p["output_bias"]),
-                    decay_rate=bool(p["decay_rate"]),
-                    pairs_per_epoch=len(source),
-                    epochs=epochs,
-                    replicas=self.replicas or default_replicas,
-                    chunk_steps=self.chunk_steps,
+        try:
+            for epoch in range(epochs):
+                started = time.perf_counter()
+                rng = np.random.default_rng([seed, epoch + 1])
+                source, target = forward_pairs(
+                    sequences.codes, user, window, rng, keep, decay, float(p["backward_weight"])
                 )
-                self.training_layout = {"replicas": trainer.replicas, "chunk_steps": trainer.chunk_steps}
-            elif epoch == 0:
-                trainer.set_total_steps(epochs * -(-len(source) // batch))
-            mean_loss = trainer.train_epoch(source, target)
-            seconds = time.perf_counter() - started
-            self.epoch_losses.append(mean_loss)
-            self.epoch_pairs.append(len(source))
-            self.epoch_seconds.append(seconds)
-            log.info(
-                "next_item2vec epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
-                epoch + 1,
-                epochs,
-                len(source),
-                mean_loss,
-                seconds,
-                len(source) / max(seconds, 1e-9),
-            )
-        self.embeddings, self.output_embeddings = trainer.tables()
-        if softmax:
-            trainer.close()
+                if trainer is None:  # sampled softmax: sized to the data, so built on the first epoch
+                    trainer = SampledSoftmaxTrainer(
+                        tf,
+                        n_items=n,
+                        dim=dim,
+                        negatives=int(p["sampled_negatives"]),
+                        batch=batch,
+                        rate=float(p["learning_rate"]),
+                        seed=seed,
+                        noise_table=noise,
+                        log_q=log_q,
+                        output_bias=bool(p["output_bias"]),
+                        decay_rate=bool(p["decay_rate"]),
+                        pairs_per_epoch=len(source),
+                        epochs=epochs,
+                        replicas=self.replicas or default_replicas,
+                        chunk_steps=self.chunk_steps,
+                    )
+                    self.training_layout = {"replicas": trainer.replicas, "chunk_steps": trainer.chunk_steps}
+                elif epoch == 0:
+                    trainer.set_total_steps(epochs * -(-len(source) // batch))
+                mean_loss = trainer.train_epoch(source, target)
+                seconds = time.perf_counter() - started
+                self.epoch_losses.append(mean_loss)
+                self.epoch_pairs.append(len(source))
+                self.epoch_seconds.append(seconds)
+                log.info(
+                    "next_item2vec epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
+                    epoch + 1,
+                    epochs,
+                    len(source),
+                    mean_loss,
+                    seconds,
+                    len(source) / max(seconds, 1e-9),
+                )
+            self.embeddings, self.output_embeddings = trainer.tables()
+        finally:
+            if isinstance(trainer, SampledSoftmaxTrainer):
+                trainer.close()  # its replica threads
         self.popularity_prior = popularity_prior(token_counts, keep)
         if not (np.isfinite(self.embeddings).all() and np.isfinite(self.output_embeddings).all()):
             raise FloatingPointError(

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import time
 from datetime import UTC, datetime
 from functools import partial
-from types import FrameType
 
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -38,6 +36,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, IngestConfig
+from carousel.query_lifecycle import await_query, gate_for, stop_marker
 from carousel.schemas import (
     DEVICE_SCHEMA,
     EVENT_FIELDS,
@@ -418,7 +417,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
         read_event_stream(spark, cfg)
         .writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(partial(process_batch, cfg=cfg, app_id=app_id))
+        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, app_id=app_id)))
     )
     writer = (
         writer.trigger(availableNow=True)
@@ -429,24 +428,6 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     return writer.start()
 
 
-def await_query(query: StreamingQuery, poll_seconds: float = 2.0) -> None:
-    """Wait for ``query`` to end; SIGTERM/SIGINT stop it cleanly between micro-batches."""
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping %s", signum, query.name)
-        query.stop()
-
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while query.isActive:
-            query.awaitTermination(poll_seconds)
-        if query.exception() is not None:
-            raise RuntimeError(f"{query.name} failed: {query.exception()}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv: list[str]) -> int:
     parser = add_config_args(argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0]))
     parser.add_argument(
@@ -455,5 +436,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "ingest")
     spark = build_session(cfg, "carousel-ingest")
-    await_query(run(spark, cfg, available_now=args.available_now))
+    name = cfg.ingest.query_name
+    await_query(
+        spark,
+        run(spark, cfg, available_now=args.available_now),
+        cfg.ingest.stop_timeout_seconds,
+        stop_marker(cfg, name),
+    )
     return 0

@@ -48,6 +48,7 @@ from carousel.delivery import (
 )
 from carousel.experiments import trigger_payload_id_column
 from carousel.payloads import PayloadRenderer, check_templates, render_payloads
+from carousel.query_lifecycle import await_query, gate_for, stop_marker
 from carousel.schemas import (
     EVENT_JSON_SCHEMA,
     PROFILE_SCHEMA,
@@ -58,7 +59,6 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import ensure_table, idempotent_append, read_or_create_marker, table_exists
-from streaming.ingest import await_query
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,11 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     writer = (
         stream.writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(partial(process_batch, cfg=cfg, app_id=app_id, trending=trending, renderer=renderer))
+        .foreachBatch(
+            gate_for(name).wrap(
+                partial(process_batch, cfg=cfg, app_id=app_id, trending=trending, renderer=renderer)
+            )
+        )
     )
     writer = (
         writer.trigger(availableNow=True)
@@ -299,5 +303,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "serve")
     spark = build_session(cfg, "carousel-serve")
-    await_query(run(spark, cfg, available_now=args.available_now))
+    name = cfg.serving.query_name
+    await_query(
+        spark,
+        run(spark, cfg, available_now=args.available_now),
+        cfg.serving.stop_timeout_seconds,
+        stop_marker(cfg, name),
+    )
     return 0

@@ -1,8 +1,9 @@
 """Kill -9 the ingest job mid-stream, restart it, and find every event exactly once.
 
 The job runs as a real ``./spark-submit.sh ingest`` process while a producer keeps sending; the
-whole process group is SIGKILLed after some micro-batches have committed, then the job is
-restarted from its checkpoint and drains the topic.
+whole process group is SIGKILLed after some micro-batches have committed. The job is restarted
+from its checkpoint, asked to stop by ``./spark-submit.sh stop ingest`` (it must finish its
+micro-batch and exit 0), and restarted once more to drain the topic.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def _ingest_command(overrides: list[str], *extra: str) -> list[str]:
     sets = [arg for item in overrides for arg in ("--set", item)]
     return [str(PROJECT_ROOT / "spark-submit.sh"), "--driver-memory", "1g", "ingest", *sets, *extra]
+
+
+def _stop_command(overrides: list[str]) -> list[str]:
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [str(PROJECT_ROOT / "spark-submit.sh"), "--driver-memory", "1g", "stop", "ingest", *sets]
 
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(spark, make_config, tmp_path):
@@ -95,6 +101,30 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(spark, make_config, tmp
 
     producer.join(timeout=120)
     assert not producer.is_alive()
+
+    # A clean stop: a continuous run asked to stop from another process (./spark-submit.sh stop
+    # ingest) finishes its running micro-batch and exits 0.
+    log_stopped = open(tmp_path / "ingest-stopped.log", "w")  # noqa: SIM115 - closed below
+    stopped = subprocess.Popen(
+        _ingest_command(overrides), stdout=log_stopped, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        before = committed_batches()
+        wait_for(
+            lambda: stopped.poll() is not None or committed_batches() > before,
+            timeout=300,
+            what="a micro-batch of the restarted ingest",
+        )
+        assert stopped.poll() is None, "ingest exited on its own"
+        request = subprocess.run(_stop_command(overrides), capture_output=True, text=True, timeout=300)
+        assert request.returncode == 0, request.stdout[-3000:] + request.stderr[-3000:]
+        assert stopped.wait(timeout=300) == 0
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
+            stopped.wait(timeout=60)
+        log_stopped.close()
+    assert "stop requested" in (tmp_path / "ingest-stopped.log").read_text()
 
     second = subprocess.run(
         # Bigger micro-batches to drain faster; the replayed batch keeps its recorded offsets.

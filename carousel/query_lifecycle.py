@@ -1,0 +1,230 @@
+"""Running and stopping the streaming queries: a stop never cuts a micro-batch in the middle.
+
+Role: shared by ``streaming.ingest`` and ``streaming.serve``. Inputs: a started
+:class:`~pyspark.sql.streaming.StreamingQuery` whose ``foreachBatch`` handler was wrapped by its
+:class:`BatchGate`. Outputs: :func:`await_query` blocks until the query ends, and stops it
+between micro-batches when asked: by a *stop request* (a marker file beside the query's
+checkpoint, written by ``./spark-submit.sh stop ingest|serve`` from any machine that reaches the
+storage: the way to stop a driver on a cluster), or by SIGTERM / SIGINT reaching the driver's
+Python process.
+
+Why: Spark has no "stop after this batch". ``query.stop()`` interrupts the running batch
+wherever it is; the batch is replayed idempotently on the next start, so nothing is lost, but
+interrupting the Python handler in a Spark action floods the driver log (the interrupted
+callback's traceback; Spark's stream thread can even die of a ``StackOverflowError`` matching it
+against a pattern). The handler is our own code, so its start and end are known exactly: the gate
+lets a stop wait for the running handler and keeps the next one from starting.
+
+Under ``spark-submit`` the driver's Python process is a child of the ``SparkSubmit`` JVM, and a
+SIGTERM or SIGINT to that JVM shuts Spark down at once (its shutdown hooks): the running batch is
+cut and replayed on the next start. Use the stop request for a clean stop.
+
+    query = run(spark, cfg)                              # wraps its handler in gate_for(name)
+    await_query(spark, query, cfg.serving.stop_timeout_seconds, stop_marker(cfg, name))
+    ./spark-submit.sh stop serve                         # from anywhere: stop it between batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from carousel.config import CarouselConfig
+from carousel.storage import delete_file, file_exists, write_small_file
+
+__all__ = [
+    "BatchGate",
+    "StopRequestedError",
+    "await_query",
+    "gate_for",
+    "request_stop",
+    "stop_between_batches",
+    "stop_main",
+    "stop_marker",
+]
+
+STOP_MARKER_NAME = "_stop_requested"
+
+log = logging.getLogger(__name__)
+
+_GATES: dict[str, BatchGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+class StopRequestedError(RuntimeError):
+    """A micro-batch refused to start because its query is stopping (Spark replays it next start)."""
+
+
+class BatchGate:
+    """Serialises a query's foreachBatch handler with the query's stop.
+
+    The handler runs inside :meth:`wrap`'s function, under a lock. :meth:`close` takes the lock
+    (so it waits, up to a timeout, for a running handler to return) and marks the gate closed: a
+    handler that starts afterwards raises :class:`StopRequestedError` before touching anything,
+    so Spark does not commit that batch and replays it on the next start.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wrap(self, handler: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+        """``handler`` (a foreachBatch function) behind this gate."""
+
+        def gated(batch: Any, batch_id: int) -> None:
+            with self._lock:
+                if self._closed:
+                    raise StopRequestedError(f"micro-batch {batch_id} not started: the query is stopping")
+                handler(batch, batch_id)
+
+        return gated
+
+    def open(self) -> None:
+        """Let handlers run (again): a query started after an earlier stop in the same process."""
+        self._closed = False
+
+    def close(self, timeout_seconds: float) -> bool:
+        """Refuse new handlers; True once no handler runs, False if one still ran at the deadline."""
+        finished = self._lock.acquire(timeout=timeout_seconds)
+        self._closed = True
+        if finished:
+            self._lock.release()
+        return finished
+
+
+def _registered(query_name: str) -> BatchGate:
+    with _GATES_LOCK:
+        return _GATES.setdefault(query_name, BatchGate())
+
+
+def gate_for(query_name: str) -> BatchGate:
+    """The gate of the query named ``query_name`` in this process, opened (one per name)."""
+    gate = _registered(query_name)
+    gate.open()
+    return gate
+
+
+def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_seconds: float = 0.05) -> bool:
+    """Stop ``query`` between micro-batches: after the running one has been handled and committed.
+
+    Closes the query's gate (waiting for a running handler to return), then waits for Spark to
+    finish that trigger (its commit), all within ``timeout_seconds``, then stops the query. If the
+    next trigger starts meanwhile, its handler is refused (:class:`StopRequestedError`) and the
+    query ends with that error, having committed nothing of it. Returns True when it stopped
+    between micro-batches, False when the deadline passed and a batch was interrupted (it is
+    replayed on the next start).
+    """
+    deadline = time.monotonic() + timeout_seconds
+    between = _registered(str(query.name)).close(timeout_seconds)
+    while between and query.isActive and query.status["isTriggerActive"]:
+        if time.monotonic() >= deadline:
+            between = False
+            break
+        try:
+            query.awaitTermination(poll_seconds)  # returns at once when the query ends
+        except StreamingQueryException:
+            break  # it ended on an error, e.g. the next batch refused by the closed gate
+    if not between:
+        log.warning("%s: a micro-batch still ran after %.0f s: interrupting it", query.name, timeout_seconds)
+    query.stop()
+    return between
+
+
+def stop_marker(cfg: CarouselConfig, query_name: str) -> str:
+    """Where a stop request for the query ``query_name`` is written: beside its checkpoint."""
+    return f"{cfg.storage.checkpoint(query_name)}/{STOP_MARKER_NAME}"
+
+
+def request_stop(spark: SparkSession, marker: str, reason: str) -> None:
+    """Ask the query watching ``marker`` to stop between micro-batches (any Hadoop file system)."""
+    write_small_file(spark, marker, f"{datetime.now(UTC).isoformat()} {reason}\n")
+
+
+def await_query(
+    spark: SparkSession,
+    query: StreamingQuery,
+    stop_timeout_seconds: float,
+    marker: str | None = None,
+    poll_seconds: float = 2.0,
+) -> None:
+    """Wait for ``query`` to end; a stop request at ``marker`` or SIGTERM/SIGINT stop it between batches.
+
+    A stop request left from before this start is removed first (it was meant for an earlier
+    run). Signal handlers only record the request (they must not block); this loop then stops the
+    query with :func:`stop_between_batches` and removes the marker. A query that fails on its
+    own raises RuntimeError.
+    """
+    if marker is not None and delete_file(spark, marker):
+        log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
+    requested: list[str] = []
+
+    def _request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping %s after its running micro-batch", signum, query.name)
+        requested.append(f"signal {signum}")
+
+    # Python delivers signals to the main thread only (a caller in another thread gets none).
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+    previous = {sig: signal.signal(sig, _request_stop) for sig in signals}
+    try:
+        while query.isActive:
+            if not requested and marker is not None and file_exists(spark, marker):
+                log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
+                requested.append(marker)
+            if requested:
+                stop_between_batches(query, stop_timeout_seconds)
+                break
+            try:
+                query.awaitTermination(poll_seconds)
+            except StreamingQueryException:
+                break  # reported below
+        if marker is not None and requested:
+            delete_file(spark, marker)
+        error = query.exception()
+        if error is not None and not requested:
+            raise RuntimeError(f"{query.name} failed: {error}")
+        if error is not None:
+            log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, error)
+        log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOPPABLE = ("ingest", "serve")
+
+
+def stop_main(argv: list[str]) -> int:
+    """``./spark-submit.sh stop ingest|serve``: ask the running query to stop between micro-batches."""
+    from carousel.cli import add_config_args, config_from_args
+    from carousel.session import build_session
+
+    parser = add_config_args(argparse.ArgumentParser(prog="stop", description=stop_main.__doc__))
+    parser.add_argument("query", choices=_STOPPABLE, help="the streaming job to stop")
+    parser.add_argument("--reason", default="requested by ./spark-submit.sh stop", help="kept in the marker")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, "stop")
+    name = cfg.ingest.query_name if args.query == "ingest" else cfg.serving.query_name
+    marker = stop_marker(cfg, name)
+    spark = build_session(cfg, "carousel-stop")
+    try:
+        request_stop(spark, marker, args.reason)
+    finally:
+        spark.stop()
+    log.info("stop requested for %s: %s (it stops after its running micro-batch)", name, marker)
+    return 0

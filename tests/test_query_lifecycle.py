@@ -1,0 +1,125 @@
+"""Stopping streaming queries between micro-batches (``carousel.query_lifecycle``).
+
+A real streaming query (Spark's ``rate`` source, a foreachBatch handler behind a
+:class:`~carousel.query_lifecycle.BatchGate`) is stopped while its handler is inside a batch: the
+stop must wait for the handler to return and Spark must record that batch as completed.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from support import wait_for
+
+from carousel.query_lifecycle import (
+    STOP_MARKER_NAME,
+    BatchGate,
+    StopRequestedError,
+    await_query,
+    gate_for,
+    request_stop,
+    stop_between_batches,
+)
+from carousel.storage import file_exists
+
+
+def test_a_closed_gate_refuses_new_batches_and_reopens() -> None:
+    gate = BatchGate()
+    seen: list[int] = []
+    handler = gate.wrap(lambda _batch, batch_id: seen.append(batch_id))
+    handler(None, 0)
+    assert gate.close(timeout_seconds=1.0) and gate.closed
+    with pytest.raises(StopRequestedError, match="micro-batch 1 not started"):
+        handler(None, 1)
+    gate.open()
+    handler(None, 2)
+    assert seen == [0, 2]
+    # A batch that still runs at the deadline: close says so (the caller then interrupts it).
+    inside, release = threading.Event(), threading.Event()
+    slow = BatchGate()
+    busy = slow.wrap(lambda _batch, _batch_id: (inside.set(), release.wait(30)))
+    runner = threading.Thread(target=busy, args=(None, 0))
+    runner.start()
+    try:
+        assert inside.wait(30)
+        assert not slow.close(timeout_seconds=0.1)
+    finally:
+        release.set()
+        runner.join(30)
+
+
+def test_stop_waits_for_the_running_micro_batch(spark, tmp_path) -> None:
+    name = f"lifecycle-{uuid.uuid4().hex[:8]}"
+    inside, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def handler(batch, batch_id: int) -> None:
+        inside.set()
+        assert release.wait(60), "the test never released the batch"
+        finished.append(batch_id)
+
+    query = (
+        spark.readStream.format("rate")
+        .option("rowsPerSecond", 5)
+        .load()
+        .writeStream.queryName(name)
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .foreachBatch(gate_for(name).wrap(handler))
+        .trigger(processingTime="100 milliseconds")
+        .start()
+    )
+    stopped_between: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped_between.append(stop_between_batches(query, 60)))
+    try:
+        assert inside.wait(60), "no micro-batch started"
+        stopper.start()
+        stopper.join(1.0)
+        # The handler is still inside its batch: the stop must be waiting, the query running.
+        assert stopper.is_alive() and query.isActive
+        release.set()
+        stopper.join(60)
+        assert not stopper.is_alive()
+    finally:
+        release.set()
+        query.stop()
+    assert stopped_between == [True] and not query.isActive
+    # The batch the stop waited for ran to its end and Spark committed it; the next one, if its
+    # trigger had already started, was refused before it did anything.
+    assert finished == [0]
+    assert 0 in {progress["batchId"] for progress in query.recentProgress}
+    error = query.exception()
+    assert error is None or "micro-batch 1 not started: the query is stopping" in str(error)
+
+
+def test_a_stop_request_beside_the_checkpoint_stops_the_query(spark, tmp_path) -> None:
+    name = f"lifecycle-{uuid.uuid4().hex[:8]}"
+    marker = str(tmp_path / "checkpoint" / STOP_MARKER_NAME)
+    request_stop(spark, marker, "left over from an earlier run")  # must not stop the new one
+    handled: list[int] = []
+    query = (
+        spark.readStream.format("rate")
+        .option("rowsPerSecond", 5)
+        .load()
+        .writeStream.queryName(name)
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .foreachBatch(gate_for(name).wrap(lambda _batch, batch_id: handled.append(batch_id)))
+        .trigger(processingTime="200 milliseconds")
+        .start()
+    )
+    waiter = threading.Thread(target=await_query, args=(spark, query, 60, marker, 0.2))
+    try:
+        waiter.start()
+        running = lambda: len(handled) >= 2 and not file_exists(spark, marker)  # noqa: E731
+        wait_for(running, 60, "two batches, and the stale stop request removed")
+        assert waiter.is_alive() and query.isActive
+        request_stop(spark, marker, "test")
+        waiter.join(60)
+        assert not waiter.is_alive(), "await_query did not return after the stop request"
+    finally:
+        query.stop()
+    assert not query.isActive and not file_exists(spark, marker)
+    committed = {progress["batchId"] for progress in query.recentProgress}
+    assert set(handled) - committed <= {max(handled)}  # at most a refused last one is not committed
+    assert handled == sorted(set(handled))  # each batch handled once
