@@ -178,7 +178,8 @@ class IngestConfig(_Section):
     trigger_interval: str
     max_offsets_per_trigger: int = Field(ge=1)
     starting_offsets: Literal["earliest", "latest"]
-    # On SIGTERM/SIGINT the running micro-batch may finish for this long before it is interrupted.
+    # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
+    # micro-batch may finish for this long before it is interrupted.
     stop_timeout_seconds: float = Field(gt=0)
     min_event_time: str
     max_future_skew_seconds: int = Field(ge=0)
@@ -333,7 +334,8 @@ class ServingConfig(_Section):
     trigger_interval: str
     max_offsets_per_trigger: int = Field(ge=1)
     starting_offsets: Literal["earliest", "latest"]
-    # On SIGTERM/SIGINT the running micro-batch may finish for this long before it is interrupted.
+    # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
+    # micro-batch may finish for this long before it is interrupted.
     stop_timeout_seconds: float = Field(gt=0)
     # How many of the user's most recent viewed/purchased items seed the candidates, and how much
     # each older one counts (weight = recency_decay ** position, newest = position 0).

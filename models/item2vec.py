@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,7 +48,15 @@ from models.base import ItemToItemModel
 from models.interactions import Sequences
 from models.topk import top_k_similar
 
-__all__ = ["DEFAULT_PARAMS", "Item2Vec", "skipgram_pairs", "subsample_keep_probability", "unigram_table"]
+__all__ = [
+    "DEFAULT_PARAMS",
+    "EpochLog",
+    "Item2Vec",
+    "initial_vectors",
+    "skipgram_pairs",
+    "subsample_keep_probability",
+    "unigram_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +139,45 @@ def _configure_threads(threads: int | None) -> None:
         pass
 
 
+@dataclass
+class EpochLog:
+    """Each training epoch's mean loss, pairs and seconds: logged as it ends, kept for the metadata."""
+
+    label: str
+    logger: logging.Logger
+    losses: list[float] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def record(self, epochs: int, pairs: int, mean_loss: float, seconds: float) -> None:
+        self.losses.append(mean_loss)
+        self.pairs.append(pairs)
+        self.seconds.append(seconds)
+        self.logger.info(
+            "%s epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
+            self.label,
+            len(self.losses),
+            epochs,
+            pairs,
+            mean_loss,
+            seconds,
+            pairs / max(seconds, 1e-9),
+        )
+
+    def metadata(self) -> dict[str, list[Any]]:
+        return {
+            "epoch_loss": [round(v, 6) for v in self.losses],
+            "epoch_pairs": list(self.pairs),
+            "epoch_seconds": [round(v, 3) for v in self.seconds],
+        }
+
+
+def initial_vectors(seed: int, rows: int, dim: int) -> np.ndarray:
+    """The starting input vectors of a fit: uniform in +-0.5 / dim (word2vec's), seeded (float32)."""
+    init = np.random.default_rng([seed, 0x17E6]).random((rows, dim), dtype=np.float32)
+    return (init - 0.5) / dim
+
+
 class Item2Vec(ItemToItemModel):
     """Skip-gram with negative sampling over users' time-ordered item sequences (TensorFlow).
 
@@ -163,9 +211,7 @@ class Item2Vec(ItemToItemModel):
         self.threads = threads
         self.deterministic = deterministic
         self.embeddings: np.ndarray | None = None
-        self.epoch_losses: list[float] = []
-        self.epoch_pairs: list[int] = []
-        self.epoch_seconds: list[float] = []
+        self.epoch_log = EpochLog(self.name, log)
 
     # -- training -----------------------------------------------------------------------------
     def _fit(self, sequences: Sequences) -> None:
@@ -212,7 +258,7 @@ class Item2Vec(ItemToItemModel):
             float(p["subsample"]),
             seed,
         )
-        self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
+        self.epoch_log = EpochLog(self.name, log)
         for epoch in range(epochs):
             started = time.perf_counter()
             rng = np.random.default_rng([seed, epoch + 1])
@@ -220,19 +266,7 @@ class Item2Vec(ItemToItemModel):
             if epoch == 0:
                 trainer.set_total_steps(epochs * -(-len(target) // batch))
             mean_loss = trainer.train_epoch(target, context)
-            seconds = time.perf_counter() - started
-            self.epoch_losses.append(mean_loss)
-            self.epoch_pairs.append(len(target))
-            self.epoch_seconds.append(seconds)
-            log.info(
-                "item2vec epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
-                epoch + 1,
-                epochs,
-                len(target),
-                mean_loss,
-                seconds,
-                len(target) / max(seconds, 1e-9),
-            )
+            self.epoch_log.record(epochs, len(target), mean_loss, time.perf_counter() - started)
         self.embeddings = trainer.embeddings(average=p["output"] == "average")
         if not np.isfinite(self.embeddings).all():
             raise FloatingPointError(
@@ -247,9 +281,7 @@ class Item2Vec(ItemToItemModel):
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {
-            "epoch_loss": [round(v, 6) for v in self.epoch_losses],
-            "epoch_pairs": list(self.epoch_pairs),
-            "epoch_seconds": [round(v, 3) for v in self.epoch_seconds],
+            **self.epoch_log.metadata(),
             "embedding_shape": list(self.embeddings.shape) if self.embeddings is not None else None,
         }
 
@@ -305,8 +337,7 @@ class _SkipGramTrainer:
         self.n = n_items
         self.batch = batch
         rows = n_items + 1
-        init = np.random.default_rng([seed, 0x17E6]).random((rows, dim), dtype=np.float32)
-        init = (init - 0.5) / dim
+        init = initial_vectors(seed, rows, dim)
         if output_bias:
             # A per-item bias of the context side: one more column, fixed to 1 in the target table
             # (its gradient is masked out), free in the context table, so that w . c includes c's

@@ -83,6 +83,7 @@ from models.base import ItemToItemModel
 from models.interactions import Sequences
 from models.item2vec import (
     DEFAULT_PARAMS,
+    EpochLog,
     _configure_threads,
     _SkipGramTrainer,
     subsample_keep_probability,
@@ -264,9 +265,7 @@ class NextItem2Vec(ItemToItemModel):
         self.embeddings: np.ndarray | None = None
         self.output_embeddings: np.ndarray | None = None
         self.popularity_prior: np.ndarray | None = None
-        self.epoch_losses: list[float] = []
-        self.epoch_pairs: list[int] = []
-        self.epoch_seconds: list[float] = []
+        self.epoch_log = EpochLog(self.name, log)
         self.large_data = False
         self.fit_params: dict[str, Any] = {}
         self.training_layout: dict[str, int] = {}
@@ -334,7 +333,7 @@ class NextItem2Vec(ItemToItemModel):
         # Replicas are a large-data throughput setting: small data trains one table set, exactly
         # sequential (its fit takes seconds; merging replicas costs a little quality there).
         default_replicas = min(_MAX_DEFAULT_REPLICAS, os.cpu_count() or 1) if self.large_data else 1
-        self.epoch_losses, self.epoch_pairs, self.epoch_seconds = [], [], []
+        self.epoch_log = EpochLog(self.name, log)
         try:
             for epoch in range(epochs):
                 started = time.perf_counter()
@@ -364,19 +363,7 @@ class NextItem2Vec(ItemToItemModel):
                 elif epoch == 0:
                     trainer.set_total_steps(epochs * -(-len(source) // batch))
                 mean_loss = trainer.train_epoch(source, target)
-                seconds = time.perf_counter() - started
-                self.epoch_losses.append(mean_loss)
-                self.epoch_pairs.append(len(source))
-                self.epoch_seconds.append(seconds)
-                log.info(
-                    "next_item2vec epoch %d/%d: %d pairs, loss %.4f, %.1f s (%.0f pairs/s)",
-                    epoch + 1,
-                    epochs,
-                    len(source),
-                    mean_loss,
-                    seconds,
-                    len(source) / max(seconds, 1e-9),
-                )
+                self.epoch_log.record(epochs, len(source), mean_loss, time.perf_counter() - started)
             self.embeddings, self.output_embeddings = trainer.tables()
         finally:
             if isinstance(trainer, SampledSoftmaxTrainer):
@@ -415,9 +402,7 @@ class NextItem2Vec(ItemToItemModel):
             "large_data": self.large_data,
             "fit_params": dict(self.fit_params),
             "training_layout": dict(self.training_layout),
-            "epoch_loss": [round(v, 6) for v in self.epoch_losses],
-            "epoch_pairs": list(self.epoch_pairs),
-            "epoch_seconds": [round(v, 3) for v in self.epoch_seconds],
+            **self.epoch_log.metadata(),
             "embedding_shape": list(self.embeddings.shape) if self.embeddings is not None else None,
             "scoring": (
                 "input . output + popularity_weight * (log Pn - log keep)"

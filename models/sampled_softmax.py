@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from models.item2vec import initial_vectors
+
 __all__ = ["SampledSoftmaxTrainer", "unique_rows"]
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,7 @@ class SampledSoftmaxTrainer:
         rows = n_items + 1
         pad = n_items
         width_w, width_c = dim, dim + 1  # the output side carries its bias column
-        init = np.random.default_rng([seed, 0x17E6]).random((rows, dim), dtype=np.float32)
-        init = (init - 0.5) / dim
+        init = initial_vectors(seed, rows, dim)  # as models.item2vec's trainer: the same start
         target_init = np.concatenate([init, np.zeros((rows, 2 * width_w), np.float32)], axis=1)
         context_init = np.zeros((rows, 3 * width_c), np.float32)
         # The state every replica starts each chunk from (only kept when there is more than one).
@@ -209,7 +210,10 @@ class SampledSoftmaxTrainer:
 
         self._chunks = [make_chunk(r) for r in range(replicas)]
         self._merge = self._make_merge(width_w, width_c) if replicas > 1 else None
-        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="sampled-softmax")
+        # One thread per replica; a single replica runs on the caller's thread.
+        self._pool: ThreadPoolExecutor | None = None
+        if replicas > 1:
+            self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="sampled-softmax")
 
     def _make_merge(self, width_w: int, width_c: int) -> Any:
         tf = self.tf
@@ -247,7 +251,7 @@ class SampledSoftmaxTrainer:
         targets = np.concatenate([target, np.full(padded - pairs, self.n, np.int32)]).reshape(shape)
         total = 0.0
         for i in range(rounds):
-            if self.replicas == 1:
+            if self._pool is None:
                 total += float(self._chunks[0](sources[i, 0], targets[i, 0]))
                 continue
             # Empty chunks of the last round are skipped (all padding).
@@ -273,5 +277,6 @@ class SampledSoftmaxTrainer:
         return np.concatenate([w, np.ones((self.n, 1), np.float32)], axis=1), c
 
     def close(self) -> None:
-        """Stop the replica threads."""
-        self._pool.shutdown(wait=True)
+        """Stop the replica threads (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

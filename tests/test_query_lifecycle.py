@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
 from support import wait_for
 
 from carousel.query_lifecycle import (
@@ -23,6 +27,22 @@ from carousel.query_lifecycle import (
     stop_between_batches,
 )
 from carousel.storage import file_exists
+
+
+def start_gated_rate_query(
+    spark: SparkSession, name: str, checkpoint: str, handler: Callable[[Any, int], None], interval: str
+) -> StreamingQuery:
+    """A streaming query on Spark's ``rate`` source whose foreachBatch ``handler`` is behind the gate."""
+    return (
+        spark.readStream.format("rate")
+        .option("rowsPerSecond", 5)
+        .load()
+        .writeStream.queryName(name)
+        .option("checkpointLocation", checkpoint)
+        .foreachBatch(gate_for(name).wrap(handler))
+        .trigger(processingTime=interval)
+        .start()
+    )
 
 
 def test_a_closed_gate_refuses_new_batches_and_reopens() -> None:
@@ -60,16 +80,7 @@ def test_stop_waits_for_the_running_micro_batch(spark, tmp_path) -> None:
         assert release.wait(60), "the test never released the batch"
         finished.append(batch_id)
 
-    query = (
-        spark.readStream.format("rate")
-        .option("rowsPerSecond", 5)
-        .load()
-        .writeStream.queryName(name)
-        .option("checkpointLocation", str(tmp_path / "checkpoint"))
-        .foreachBatch(gate_for(name).wrap(handler))
-        .trigger(processingTime="100 milliseconds")
-        .start()
-    )
+    query = start_gated_rate_query(spark, name, str(tmp_path / "checkpoint"), handler, "100 milliseconds")
     stopped_between: list[bool] = []
     stopper = threading.Thread(target=lambda: stopped_between.append(stop_between_batches(query, 60)))
     try:
@@ -98,15 +109,9 @@ def test_a_stop_request_beside_the_checkpoint_stops_the_query(spark, tmp_path) -
     marker = str(tmp_path / "checkpoint" / STOP_MARKER_NAME)
     request_stop(spark, marker, "left over from an earlier run")  # must not stop the new one
     handled: list[int] = []
-    query = (
-        spark.readStream.format("rate")
-        .option("rowsPerSecond", 5)
-        .load()
-        .writeStream.queryName(name)
-        .option("checkpointLocation", str(tmp_path / "checkpoint"))
-        .foreachBatch(gate_for(name).wrap(lambda _batch, batch_id: handled.append(batch_id)))
-        .trigger(processingTime="200 milliseconds")
-        .start()
+    checkpoint = str(tmp_path / "checkpoint")
+    query = start_gated_rate_query(
+        spark, name, checkpoint, lambda _b, batch_id: handled.append(batch_id), "200 milliseconds"
     )
     waiter = threading.Thread(target=await_query, args=(spark, query, 60, marker, 0.2))
     try:
