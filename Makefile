@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign eval-public broker-start broker-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -36,6 +36,13 @@ broker-start: setup
 broker-stop:
 	@./spark-submit.sh broker stop
 
-clean:          ## remove runtime state (tables, checkpoints, broker data); keeps the install
+online-store-start: setup
+	@./spark-submit.sh online-store start
+
+online-store-stop:
+	@./spark-submit.sh online-store stop
+
+clean:          ## remove runtime state (tables, checkpoints, broker and online store data); keeps the install
 	@./spark-submit.sh broker stop || true
+	@./spark-submit.sh online-store stop || true
 	rm -rf data .state dist

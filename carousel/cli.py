@@ -34,6 +34,9 @@ JOBS: dict[str, Job] = {
     "broker": Job(
         "carousel.broker", "Start, stop or inspect the embedded local Kafka broker; create topics", False
     ),
+    "online-store": Job(
+        "carousel.online_store_server", "Start, stop or inspect the embedded local Redis online store", False
+    ),
     "simulate": Job(
         "jobs.simulate_events", "Produce realistic events (with planted item structure) to Kafka", False
     ),
@@ -80,6 +83,14 @@ JOBS: dict[str, Job] = {
         "Ask a running ingest or serve query to stop between micro-batches (from any machine)",
         True,
         "stop_main",
+    ),
+    "record-sends": Job(
+        "streaming.record_sends", "Write the serving outbox (recs.sent) into Delta sent_recommendations", True
+    ),
+    "rebuild-online-store": Job(
+        "jobs.rebuild_online_store",
+        "Rebuild the online store from Delta profiles, the events after them and recent sends",
+        True,
     ),
     "campaign": Job(
         "jobs.campaign", "Batch campaign: a user segment's recommendations as channel payloads", True

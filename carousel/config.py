@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROJECT_ROOT = Path(os.environ.get("CAROUSEL_HOME") or Path(__file__).resolve().parents[1])
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "conf" / "carousel.yaml"
 ENV_PREFIX = "CAROUSEL__"
+# The online store's password (Redis AUTH); a username, for Redis ACLs, is optional.
+REDIS_PASSWORD_ENV = "CAROUSEL_REDIS_PASSWORD"
+REDIS_USERNAME_ENV = "CAROUSEL_REDIS_USERNAME"
 KAFKA_SECRET_ENV = {
     "security.protocol": "CAROUSEL_KAFKA_SECURITY_PROTOCOL",
     "sasl.mechanism": "CAROUSEL_KAFKA_SASL_MECHANISM",
@@ -151,6 +154,46 @@ class BrokerConfig(_Section):
         if self.port == self.controller_port:
             raise ValueError("broker.port and broker.controller_port must differ")
         return self
+
+
+class OnlineStoreConfig(_Section):
+    """The online store (Redis or Valkey) that the real-time path reads and writes.
+
+    ``url`` names the server: ``redis://host:port/db``, or ``rediss://`` for TLS. The password
+    comes from ``CAROUSEL_REDIS_PASSWORD`` (and an ACL user from ``CAROUSEL_REDIS_USERNAME``),
+    never from YAML. With ``cluster`` the url is one seed node of a Redis Cluster; every key of
+    one user carries the hash tag ``{<user id>}``, so a user's keys live in one slot.
+    The other keys describe the embedded local server (``./spark-submit.sh online-store start``).
+    """
+
+    url: str = Field(pattern=r"^rediss?://[^\s]+$")
+    cluster: bool = False
+    # Keys are "<key_prefix>:<kind>:{<user id>}": several deployments may share one server.
+    key_prefix: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
+    # For rediss:// with a private CA (PEM file); empty = the system's trust store.
+    tls_ca_file: str = ""
+    socket_timeout_seconds: float = Field(gt=0)
+    # A user's online keys expire this long after their last event (0 = never).
+    profile_ttl_days: float = Field(ge=0)
+    # The embedded local server.
+    state_dir: str = Field(min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    max_memory: str = Field(pattern=r"^\d+[kmgKMG][bB]?$")
+    start_timeout_seconds: float = Field(gt=0)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    def credentials(self) -> dict[str, str]:
+        """Username / password from the environment (empty when none is set)."""
+        found = {
+            "username": os.environ.get(REDIS_USERNAME_ENV),
+            "password": os.environ.get(REDIS_PASSWORD_ENV),
+        }
+        return {key: value for key, value in found.items() if value}
 
 
 class SparkConfig(_Section):
@@ -327,6 +370,30 @@ class TrendingConfig(_Section):
         return value
 
 
+class FrequencyCapConfig(_Section):
+    max_payloads: int = Field(ge=0)
+    window_hours: float = Field(gt=0)
+
+
+class SentLogConfig(_Section):
+    """The outbox query (``./spark-submit.sh record-sends``): ``recs.sent`` -> Delta sent_recommendations."""
+
+    query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
+    trigger_interval: str
+    max_offsets_per_trigger: int = Field(ge=1)
+    starting_offsets: Literal["earliest", "latest"]
+    stop_timeout_seconds: float = Field(gt=0)
+    # A replayed serve batch re-emits its outbox records; they are dropped within this horizon.
+    dedupe_hours: float = Field(gt=0)
+
+    @field_validator("trigger_interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if not _INTERVAL.match(value.strip()):
+            raise ValueError("must look like '5 seconds' or '500 milliseconds'")
+        return value.strip()
+
+
 class ServingConfig(_Section):
     """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
 
@@ -350,6 +417,18 @@ class ServingConfig(_Section):
     # Push carousels show at most this many items (a campaign may ask for more on other channels).
     push_max_items: int = Field(ge=1, le=10)
     trending: TrendingConfig
+    # The in-memory lookups (matrix, catalog, trending) check their Delta versions this often.
+    refresh_seconds: float = Field(gt=0)
+    # Triggers older than this (event time against the serving clock) are skipped, and counted.
+    max_trigger_age_seconds: float = Field(gt=0)
+    # How long an answered trigger id is kept: the same trigger again within it is not answered twice.
+    answered_ttl_hours: float = Field(gt=0)
+    # At most max_payloads real-time payloads per user within window_hours (0 = no cap).
+    frequency_cap: FrequencyCapConfig
+    # Kafka source setting on the hot path (the client default, 500 ms, adds to every batch).
+    kafka_fetch_max_wait_ms: int = Field(ge=0, le=60000)
+    # A payload larger than this goes to the dead-letter topic (the producer's max.request.size).
+    max_payload_bytes: int = Field(ge=1024)
 
     @field_validator("trigger_interval")
     @classmethod
@@ -488,6 +567,37 @@ class CatalogConfig(_Section):
     # A full upload that would deactivate more than this share of the active products is refused
     # (a truncated export looks like a mass delisting); --allow-mass-deactivation overrides, 1 = off.
     max_deactivated_share: float = Field(default=0.5, ge=0, le=1)
+    # The longest value, in characters, of each text column: a longer value rejects its row, like any
+    # other invalid value. currency has no entry (it must be a 3-letter code). A column left out keeps
+    # its default limit.
+    max_text_chars: dict[
+        Literal["item_id", "title", "description", "category", "image_url", "deep_link"], int
+    ] = Field(
+        default_factory=lambda: {
+            "item_id": 256,
+            "title": 200,
+            "description": 2000,
+            "category": 100,
+            "image_url": 2048,
+            "deep_link": 2048,
+        }
+    )
+    # The longest value of one free-form property, and the most properties one product may have.
+    max_property_chars: int = Field(default=1000, ge=1)
+    max_properties: int = Field(default=50, ge=1)
+
+    @field_validator("max_text_chars")
+    @classmethod
+    def _positive_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [
+            f"{column} must be a positive number of characters, got {n}"
+            for column, n in value.items()
+            if n < 1
+        ]
+        if bad:
+            raise ValueError("; ".join(bad))
+        defaults = cls.model_fields["max_text_chars"].get_default(call_default_factory=True)
+        return {**defaults, **value}
 
 
 class CarouselConfig(_Section):
@@ -501,6 +611,8 @@ class CarouselConfig(_Section):
     training: TrainingConfig
     evaluation: EvaluationConfig
     serving: ServingConfig
+    sent_log: SentLogConfig
+    online_store: OnlineStoreConfig
     campaigns: dict[str, CampaignConfig]
     reporting: ReportingConfig
     catalog: CatalogConfig = CatalogConfig()

@@ -39,7 +39,6 @@ from carousel.schemas import (
     CONTROL_VARIANT,
     EVENTS_TABLE,
     ITEM_RECOMMENDATIONS_TABLE,
-    PUSH,
     SENT_RECOMMENDATIONS_SCHEMA,
     SENT_RECOMMENDATIONS_TABLE,
     TRENDING_SCHEMA,
@@ -186,9 +185,6 @@ def sent_rows(
     id) plus ``trigger_event_id``. Control-group requests get one row with NULL item; a request
     whose arm finds no eligible item gets no row (and so no payload).
     """
-    if campaign.channel == PUSH and campaign.items > cfg.serving.push_max_items:
-        # A push carousel shows at most push_max_items: record only what the user can see.
-        campaign = campaign.model_copy(update={"items": cfg.serving.push_max_items})
     with_arm = requests.withColumn("variant", variant_column(campaign_name, campaign, F.col("user_id")))
     arms = [(CONTROL_VARIANT, None)] if campaign.control_share > 0 else []
     if campaign.variants:

@@ -206,7 +206,7 @@ def await_query(
             signal.signal(sig, handler)
 
 
-_STOPPABLE = ("ingest", "serve")
+_STOPPABLE = ("ingest", "serve", "record-sends")
 
 
 def stop_main(argv: list[str]) -> int:
@@ -219,7 +219,11 @@ def stop_main(argv: list[str]) -> int:
     parser.add_argument("--reason", default="requested by ./spark-submit.sh stop", help="kept in the marker")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "stop")
-    name = cfg.ingest.query_name if args.query == "ingest" else cfg.serving.query_name
+    name = {
+        "ingest": cfg.ingest.query_name,
+        "serve": cfg.serving.query_name,
+        "record-sends": cfg.sent_log.query_name,
+    }[args.query]
     marker = stop_marker(cfg, name)
     spark = build_session(cfg, "carousel-stop")
     try:

@@ -62,6 +62,7 @@ from carousel.config import (
 )
 from carousel.schemas import (
     CATALOG_PROPERTY_COLUMNS,
+    PUSH,
     STRATEGY_MODEL,
     STRATEGY_TRENDING,
     STRATEGY_TRENDING_CATEGORY,
@@ -131,51 +132,93 @@ def trending_items(
 
 
 # ---------------------------------------------------------------------------------------------
-# Filters
+# Filters (on Arrow columns: the driver's collected catalog and the serving workers' Delta reads)
 # ---------------------------------------------------------------------------------------------
-def _property(name: str) -> Column:
-    """A first-class catalog column, or a free-form property (text) by name."""
-    return F.col(name) if name in CATALOG_PROPERTY_COLUMNS else F.col("properties")[name]
+# The catalog columns the filters read.
+FILTER_COLUMNS: tuple[str, ...] = (*CATALOG_PROPERTY_COLUMNS, "properties", "active")
 
 
-def _predicate(pred: PropertyPredicate) -> Column:
-    column = _property(pred.property)
+def _spark_text(value: Any) -> str | None:
+    """A value as Spark's ``cast(... as string)`` writes it (booleans lower-case, doubles with .0)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    """Spark's ``cast(... as double)``: NULL for what is not a number."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _property_values(products: pa.Table, name: str) -> list[Any]:
+    """A first-class catalog column, or a free-form property (text) by name, as Python values."""
+    if name in CATALOG_PROPERTY_COLUMNS:
+        return products.column(name).to_pylist()
+    return [
+        None if entries is None else dict(entries).get(name)
+        for entries in products.column("properties").to_pylist()
+    ]
+
+
+def _predicate_mask(products: pa.Table, pred: PropertyPredicate) -> np.ndarray:
+    values = _property_values(products, pred.property)
     if pred.op in ("gt", "ge", "lt", "le"):
-        number = column.cast("double")
-        value = F.lit(float(pred.value))  # type: ignore[arg-type]  # validated as a number
-        return {"gt": number > value, "ge": number >= value, "lt": number < value, "le": number <= value}[
-            pred.op
-        ]
-    text = column.cast("string")
+        bound = float(pred.value)  # type: ignore[arg-type]  # validated as a number
+        compare = {
+            "gt": lambda x: x > bound,
+            "ge": lambda x: x >= bound,
+            "lt": lambda x: x < bound,
+            "le": lambda x: x <= bound,
+        }[pred.op]
+        return np.array([(n := _number(v)) is not None and compare(n) for v in values], bool)
+    texts = [_spark_text(v) for v in values]
     if pred.op in ("in", "not_in"):
-        values = [str(v).lower() if isinstance(v, bool) else str(v) for v in pred.value]  # type: ignore[union-attr]
-        inside = text.isin(values)
-        return inside if pred.op == "in" else (text.isNull() | ~inside)
+        wanted = {str(v).lower() if isinstance(v, bool) else str(v) for v in pred.value}  # type: ignore[union-attr]
+        if pred.op == "in":
+            return np.array([t is not None and t in wanted for t in texts], bool)
+        return np.array([t is None or t not in wanted for t in texts], bool)
     value = str(pred.value).lower() if isinstance(pred.value, bool) else str(pred.value)
     if pred.op == "eq":
-        return text == F.lit(value)
+        return np.array([t == value for t in texts], bool)
     if pred.op == "ne":
-        return text.isNull() | (text != F.lit(value))
-    return text.contains(value)  # contains
+        return np.array([t is None or t != value for t in texts], bool)
+    return np.array([t is not None and value in t for t in texts], bool)  # contains
 
 
-def eligibility(filters: CampaignFilters) -> Column:
-    """True for the active catalog products that pass ``filters`` (never NULL)."""
-    condition = F.col("active")
+def eligible_mask(products: pa.Table, filters: CampaignFilters) -> np.ndarray:
+    """True for the active catalog products (rows of ``products``) that pass ``filters``.
+
+    The one definition of a campaign's filters, used by campaigns (on the collected catalog) and
+    by the serving workers (on the catalog read from Delta). NULL compares as not passing, except
+    stock: unknown stock is not "out of stock", only an explicit false excludes the product.
+    """
+    mask = pc.fill_null(products.column("active"), False).to_numpy(zero_copy_only=False).astype(bool)
     if filters.in_stock_only:
-        # Unknown stock is not "out of stock": only an explicit false excludes the product.
-        condition = condition & F.coalesce(F.col("in_stock"), F.lit(True))
+        mask &= pc.fill_null(products.column("in_stock"), True).to_numpy(zero_copy_only=False).astype(bool)
     if filters.categories:
-        condition = condition & F.col("category").isin(list(filters.categories))
-    if filters.min_price is not None:
-        condition = condition & (F.col("price") >= filters.min_price)
-    if filters.max_price is not None:
-        condition = condition & (F.col("price") <= filters.max_price)
-    if filters.min_rating is not None:
-        condition = condition & (F.col("rating") >= filters.min_rating)
+        inside = pc.is_in(
+            products.column("category"), value_set=pa.array(list(filters.categories), pa.string())
+        )
+        mask &= pc.fill_null(inside, False).to_numpy(zero_copy_only=False).astype(bool)
+    for column, bound, above in (
+        ("price", filters.min_price, True),
+        ("price", filters.max_price, False),
+        ("rating", filters.min_rating, True),
+    ):
+        if bound is not None:
+            values = products.column(column)
+            passes = pc.greater_equal(values, bound) if above else pc.less_equal(values, bound)
+            mask &= pc.fill_null(passes, False).to_numpy(zero_copy_only=False).astype(bool)
     for pred in filters.where:
-        condition = condition & F.coalesce(_predicate(pred), F.lit(False))
-    return F.coalesce(condition, F.lit(False))
+        mask &= _predicate_mask(products, pred)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +245,12 @@ class RankingRules:
         def micros(days: float) -> int:
             return round(days * _MICROS_PER_DAY) if days > 0 else 0
 
+        slots = campaign.items
+        if campaign.channel == PUSH:
+            # A push carousel shows at most push_max_items: rank (and record) only what is seen.
+            slots = min(slots, serving.push_max_items)
         return cls(
-            slots=campaign.items,
+            slots=slots,
             fallback=campaign.fallback,
             recent_items_used=serving.recent_items_used,
             recency_decay=serving.recency_decay,
@@ -299,14 +346,27 @@ def _codes(values: pa.ChunkedArray | pa.Array, ids: pa.Array) -> np.ndarray:
     )
 
 
+MATRIX_COLUMNS: tuple[str, ...] = ("item_id", "rec_item_id", "score", "model_version")
+
+
 def item_lists(matrix: DataFrame | None, catalog: DataFrame, filters: CampaignFilters) -> ItemLists:
     """Collect the catalog (and the matrix) to the driver as :class:`ItemLists` for ``filters``."""
-    products = catalog.select("item_id", "category", eligibility(filters).alias("eligible")).toArrow()
+    return item_lists_from_arrow(
+        None if matrix is None else matrix.select(*MATRIX_COLUMNS).toArrow(),
+        catalog.select("item_id", *FILTER_COLUMNS).toArrow(),
+        filters,
+    )
+
+
+def item_lists_from_arrow(matrix: pa.Table | None, catalog: pa.Table, filters: CampaignFilters) -> ItemLists:
+    """:class:`ItemLists` from the matrix rows (:data:`MATRIX_COLUMNS`, or None) and the catalog
+    (``item_id`` and :data:`FILTER_COLUMNS`) as Arrow tables."""
+    products = catalog
     catalog_ids = products.column("item_id").combine_chunks()
     category_dict = pc.dictionary_encode(products.column("category").combine_chunks())
     categories = category_dict.dictionary.to_pylist()
     category_codes = pc.fill_null(category_dict.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32)
-    eligible = products.column("eligible").to_numpy().astype(bool)
+    eligible = eligible_mask(products, filters)
     ids = catalog_ids.to_pylist()
     if matrix is None:
         rows = pa.table(
@@ -318,7 +378,7 @@ def item_lists(matrix: DataFrame | None, catalog: DataFrame, filters: CampaignFi
             }
         )
     else:
-        rows = matrix.select("item_id", "rec_item_id", "score", "model_version").toArrow()
+        rows = matrix
     seeds = pc.unique(rows.column("item_id").combine_chunks())
     outside = pc.filter(seeds, pc.invert(pc.is_in(seeds, value_set=catalog_ids)))
     ids.extend(outside.to_pylist())
@@ -368,14 +428,18 @@ class FallbackLists:
     by_category: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
 
-def fallback_lists(trending: DataFrame, lists: ItemLists, rules: RankingRules) -> FallbackLists:
-    """The eligible trending items, ``slots + FALLBACK_PADDING`` deep overall and per category."""
+def fallback_lists(trending: DataFrame | pa.Table, lists: ItemLists, rules: RankingRules) -> FallbackLists:
+    """The eligible trending items, ``slots + FALLBACK_PADDING`` deep overall and per category.
+
+    ``trending``: the output of :func:`trending_items`, as a DataFrame or an Arrow table."""
     if rules.fallback == "none":
         return FallbackLists()
+    if isinstance(trending, DataFrame):
+        trending = trending.select("item_id", "category", "score").toArrow()
     index, eligible = lists.index, lists.eligible
     pool = [
         (row["item_id"], row["category"], float(row["score"]))
-        for row in trending.select("item_id", "category", "score").toArrow().to_pylist()
+        for row in trending.select(["item_id", "category", "score"]).to_pylist()
         if row["item_id"] in index and eligible[index[row["item_id"]]]
     ]
     pool.sort(key=lambda t: (-t[2], t[0]))

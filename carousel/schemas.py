@@ -350,3 +350,31 @@ CAMPAIGN_RUNS_SCHEMA = StructType(
         StructField("completed_at", TimestampType(), False),
     ]
 )
+
+# The serving outbox (kafka.topics.sent): one JSON record per payload, or per control-group
+# hold-out (variant "control", no items), written by serve and recorded into
+# sent_recommendations by record-sends. ``sent_at`` is ISO-8601 UTC with microseconds.
+OUTBOX_ITEM_SCHEMA = StructType(
+    [
+        StructField("item_id", StringType()),
+        StructField("rank", IntegerType()),
+        StructField("score", DoubleType()),
+        StructField("strategy", StringType()),
+        StructField("model_version", StringType()),
+    ]
+)
+OUTBOX_SCHEMA = StructType(
+    [
+        StructField("payload_id", StringType()),
+        StructField("user_id", StringType()),
+        StructField("campaign", StringType()),
+        StructField("channel", StringType()),
+        StructField("variant", StringType()),
+        StructField("trigger_event_id", StringType()),
+        StructField("trigger_event_type", StringType()),
+        StructField("run_id", StringType()),
+        StructField("sent_at", TimestampType()),
+        StructField("model_version", StringType()),
+        StructField("items", ArrayType(OUTBOX_ITEM_SCHEMA)),
+    ]
+)

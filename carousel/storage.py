@@ -107,6 +107,28 @@ def delete_file(spark: SparkSession, path: str) -> bool:
     return bool(fs.delete(hadoop_path, False))
 
 
+def read_text_file(spark: SparkSession, path: str, list_names: bool = False) -> Any:
+    """The UTF-8 text of the file at ``path`` (any Hadoop file system), or None when absent.
+
+    With ``list_names``: the names of the entries of the folder at ``path`` (None when absent).
+    """
+    fs, hadoop_path = _hadoop_file(spark, path)
+    if not fs.exists(hadoop_path):
+        return None
+    if list_names:
+        return [status.getPath().getName() for status in fs.listStatus(hadoop_path)]
+    jvm = spark.sparkContext._jvm
+    stream = fs.open(hadoop_path)
+    try:
+        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
+        lines = []
+        while (line := reader.readLine()) is not None:
+            lines.append(line)
+        return "\n".join(lines)
+    finally:
+        stream.close()
+
+
 def read_or_create_marker(spark: SparkSession, path: str, prefix: str) -> str:
     """Read the id stored at ``path`` (any Hadoop file system), creating ``prefix-<random>`` first.
 

@@ -40,10 +40,14 @@ never by the file.
 Validation. The Great Expectations suite :func:`carousel.quality.catalog_suite` runs on the
 converted rows; in addition every offending row is found with Spark and given its reasons:
 malformed record, missing or duplicate id, a value that does not convert (naming the column and the
-value), negative price, rating out of range, malformed URL, bad currency code and, for
-``--partial``, an id not in the catalog. Rows are numbered as a spreadsheet shows them: for CSV the
-header is row 1 (exact unless blank lines or quoted line breaks precede the row), for JSON Lines
-the line number, for Parquet the record's position (1-based). If any row has a problem, or the
+value), negative price, rating out of range, malformed URL, bad currency code, a value longer than
+its limit (``catalog.max_text_chars`` per text column, ``catalog.max_property_chars`` per property
+value; characters, not bytes; ``title is 5000 characters, the limit is 200
+(catalog.max_text_chars.title)``), more than ``catalog.max_properties`` properties (for
+``--partial``, counting those the product keeps) and, for ``--partial``, an id not in the catalog.
+Only the columns the file carries are checked. Rows are numbered as a spreadsheet shows them: for
+CSV the header is row 1 (exact unless blank lines or quoted line breaks precede the row), for JSON
+Lines the line number, for Parquet the record's position (1-based). If any row has a problem, or the
 file has a file-level problem (no id column, two headers meaning the same column, a column the
 job sets, no rows, a partial file with nothing but ids), the whole file is rejected: nothing is
 written to the table, the error lists the first ``catalog.max_rejected_rows_shown`` offending rows
@@ -101,7 +105,7 @@ from pyspark.sql.types import (
 
 from carousel import objectstore, quality
 from carousel.cli import add_config_args, config_from_args
-from carousel.config import CarouselConfig
+from carousel.config import CarouselConfig, CatalogConfig
 from carousel.schemas import CATALOG_PROPERTY_COLUMNS, CATALOG_SCHEMA, CATALOG_TABLE, RATING_RANGE
 from carousel.session import build_session
 from carousel.storage import ensure_table, table_exists
@@ -329,16 +333,31 @@ def _in_stock(header: str, text: Column) -> tuple[Column, list[Column]]:
     return value, [reason]
 
 
+def _too_long(name: Column | str, text: Column, limit: int, key: str) -> Column:
+    """'title is 5000 characters, the limit is 200 (catalog.max_text_chars.title)' when too long."""
+    length = F.length(text)  # characters, not bytes
+    return _reason(
+        length > limit, name, " is ", length.cast("string"), f" characters, the limit is {limit} ({key})"
+    )
+
+
 def to_catalog_rows(
-    raw: DataFrame, plan: ColumnPlan, rating_range: tuple[float, float] = RATING_RANGE
+    raw: DataFrame,
+    plan: ColumnPlan,
+    rating_range: tuple[float, float] = RATING_RANGE,
+    limits: CatalogConfig | None = None,
 ) -> DataFrame:
     """Convert the text rows to catalog columns, with every per-row problem in ``_reasons``.
 
     Output: ``_row``, ``_raw``, ``item_id``, the catalog columns the plan names (typed as in
     ``CATALOG_SCHEMA``), ``properties`` (map of the non-empty property values; only when the file
     has property columns), ``unconverted`` (the columns whose text did not convert, or null) and
-    ``_reasons`` (array of text, empty when the row is fine). Duplicate ids are reasons too.
+    ``_reasons`` (array of text, empty when the row is fine). Duplicate ids are reasons too, and so
+    are values longer than ``limits`` allows (``catalog.max_text_chars``, ``max_property_chars``,
+    ``max_properties``; the defaults of :class:`CatalogConfig` when not given), checked only for
+    the columns the file carries.
     """
+    limits = limits or CatalogConfig()
     source = {name: _text(F.col(f"_c{index}")) for name, index in plan.columns.items()}
     values: dict[str, Column] = {}
     reasons: list[Column] = []
@@ -346,6 +365,10 @@ def to_catalog_rows(
     item_id = source["item_id"]
     values["item_id"] = item_id
     reasons.append(_reason(item_id.isNull(), "missing item_id"))
+    for name in CATALOG_SCHEMA.fieldNames():
+        if name in source and name in limits.max_text_chars:
+            key = f"catalog.max_text_chars.{name}"
+            reasons.append(_too_long(name, source[name], limits.max_text_chars[name], key))
     for name in _TEXT_COLUMNS:
         if name in source:
             values[name] = source[name]
@@ -376,14 +399,30 @@ def to_catalog_rows(
             values[name] = source[name]
             bad = source[name].isNotNull() & ~source[name].rlike(pattern)
             reasons.append(_reason(bad, f"{name} ", _quoted(source[name]), f" is not {expected}"))
+    property_reasons = F.array().cast("array<string>")
     if plan.properties:
-        entries = F.array(
-            *[
-                F.struct(F.lit(key).alias("key"), _text(F.col(f"_c{i}")).alias("value"))
-                for key, i in plan.properties.items()
-            ]
+        entries = F.filter(
+            F.array(
+                *[
+                    F.struct(F.lit(key).alias("key"), _text(F.col(f"_c{i}")).alias("value"))
+                    for key, i in plan.properties.items()
+                ]
+            ),
+            lambda e: e["value"].isNotNull(),
         )
-        values["properties"] = F.map_from_entries(F.filter(entries, lambda e: e["value"].isNotNull()))
+        values["properties"] = F.map_from_entries(entries)
+        count, most = F.size(entries), limits.max_properties
+        limit = f" properties, the limit is {most} (catalog.max_properties)"
+        reasons.append(_reason(count > most, count.cast("string"), limit))
+        property_reasons = F.transform(
+            F.filter(entries, lambda e: F.length(e["value"]) > limits.max_property_chars),
+            lambda e: _too_long(
+                F.concat(F.lit("property '"), e["key"], F.lit("'")),
+                e["value"],
+                limits.max_property_chars,
+                "catalog.max_property_chars",
+            ),
+        )
 
     ordered = [c for c in (f.name for f in CATALOG_SCHEMA.fields) if c in values]
     converted = raw.select(
@@ -395,7 +434,7 @@ def to_catalog_rows(
         ),
         # A malformed record's fields are unreliable: it gets only that reason.
         F.when(F.col(MALFORMED).isNotNull(), F.array(F.col(MALFORMED)))
-        .otherwise(F.array_compact(F.array(*reasons)))
+        .otherwise(F.concat(F.array_compact(F.array(*reasons)), property_reasons))
         .alias(REASONS),
     )
     converted = converted.withColumn(
@@ -439,6 +478,36 @@ def with_unknown_id_reasons(rows: DataFrame, known_ids: DataFrame) -> DataFrame:
         "unknown item_id ",
         _quoted(F.col("item_id")),
         " (a partial upload only updates products already in the catalog)",
+    )
+    return joined.withColumn(REASONS, F.array_compact(F.concat(F.col(REASONS), F.array(reason)))).select(
+        *rows.columns
+    )
+
+
+def with_property_count_reasons(
+    rows: DataFrame, current: DataFrame, plan: ColumnPlan, max_properties: int
+) -> DataFrame:
+    """Partial uploads: a reason on each row whose product would end up with more than
+    ``max_properties`` properties: those ``current`` (``item_id``, ``properties``: the table) keeps,
+    i.e. whose keys the file does not name, plus the row's. Rows over the limit on their own already
+    have a reason from :func:`to_catalog_rows`.
+    """
+    keys = list(plan.properties)
+    empty = F.expr(_EMPTY_PROPERTIES)
+    stored = current.select(F.col("item_id").alias("_stored_id"), F.col("properties").alias("_stored"))
+    joined = rows.join(stored, F.col("item_id") == F.col("_stored_id"), "left")
+    kept = F.size(F.map_filter(F.coalesce(F.col("_stored"), empty), lambda k, _: ~k.isin(*keys)))
+    brought = F.size(F.coalesce(F.col("properties"), empty))
+    total = kept + brought
+    reason = _reason(
+        (brought <= max_properties) & (total > max_properties),
+        "the product would have ",
+        total.cast("string"),
+        " properties (",
+        kept.cast("string"),
+        " kept, ",
+        brought.cast("string"),
+        f" from the file), the limit is {max_properties} (catalog.max_properties)",
     )
     return joined.withColumn(REASONS, F.array_compact(F.concat(F.col(REASONS), F.array(reason)))).select(
         *rows.columns
@@ -682,14 +751,16 @@ def run(
             )
             raise refuse(problems)
 
-        rows = to_catalog_rows(raw.frame, plan)
+        rows = to_catalog_rows(raw.frame, plan, limits=cfg.catalog)
         if partial:
-            known = (
-                spark.read.format("delta").load(location).select("item_id")
+            current = (
+                spark.read.format("delta").load(location).select("item_id", "properties")
                 if table_exists(spark, location)
-                else spark.createDataFrame([], "item_id string")
+                else spark.createDataFrame([], "item_id string, properties map<string, string>")
             )
-            rows = with_unknown_id_reasons(rows, known)
+            rows = with_unknown_id_reasons(rows, current)
+            if plan.properties:
+                rows = with_property_count_reasons(rows, current, plan, cfg.catalog.max_properties)
         rows = rows.persist()
         try:
             return _validate_and_merge(spark, cfg, upload, rows, plan, rows_read, allow_mass_deactivation)

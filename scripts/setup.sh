@@ -3,7 +3,8 @@
 #   - a Python 3.11 virtualenv (.venv) with the pinned packages of pyproject.toml (incl. dev tools);
 #   - the JVM jars, resolved by Maven from jvm/pom.xml (Maven Central only, jvm/settings.xml):
 #       .jars/spark  Delta Lake + the Spark Kafka connector (loaded by every SparkSession)
-#       .jars/kafka  the Apache Kafka broker (KRaft) used by the demo and the tests.
+#       .jars/kafka  the Apache Kafka broker (KRaft) used by the demo and the tests;
+#   - redis-server for the embedded online store (apt-get when run as root, else the command to run).
 # Re-running is cheap: each step is skipped while the file it depends on is unchanged.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,4 +51,38 @@ else
 fi
 ls .jars/spark/delta-spark_*.jar .jars/spark/spark-sql-kafka-*.jar .jars/kafka/kafka_2.13-*.jar >/dev/null \
   || die "expected jars are missing from .jars/"
+
+# --- Online store server -----------------------------------------------------------------------
+# The embedded online store (./spark-submit.sh online-store start, 127.0.0.1:6390) runs the
+# distribution's redis-server (or valkey-server): it is neither a pip nor a Maven artifact.
+find_redis_server() {
+  local name dir
+  for name in redis-server valkey-server; do
+    command -v "$name" 2>/dev/null && return 0
+  done
+  for name in redis-server valkey-server; do
+    for dir in /usr/bin /usr/sbin; do
+      [[ -x "$dir/$name" ]] && { echo "$dir/$name"; return 0; }
+    done
+  done
+  return 1
+}
+if redis_server="$(find_redis_server)"; then
+  say "online store server present: $redis_server"
+elif [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+  say "installing redis-server (Debian package) for the embedded online store"
+  apt_log="$(mktemp)"
+  # A fresh image may have no package lists yet: update once and retry. The package may start a
+  # system-wide server on 6379 (or fail to, without an init system); neither matters to us (we run
+  # our own on online_store.port), so only a missing binary afterwards is an error.
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+  } >"$apt_log" 2>&1 || say "apt-get reported an error (log: $apt_log); checking for the binary"
+  redis_server="$(find_redis_server)" \
+    || die "redis-server is still missing after apt-get (log: $apt_log); run: apt-get install -y redis-server"
+  say "online store server installed: $redis_server"
+else
+  die "the online store needs redis-server; install it with: sudo apt-get install -y redis-server"
+fi
+
 say "ready: $(.venv/bin/python -c 'import pyspark; print("pyspark", pyspark.__version__)'), $(ls .jars/spark | wc -l) Spark jars, $(ls .jars/kafka | wc -l) broker jars"

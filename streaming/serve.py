@@ -1,23 +1,30 @@
-"""Real-time serving: trigger events -> recommendations -> channel payloads on Kafka.
+"""Real-time serving: events topic -> online profiles -> ranked payloads on the channel topics.
 
-Role: the always-on query that answers trigger events (App Launched, Added To Wishlist, ...) with
-personalised recommendations. Inputs: the ``events`` topic (JSON event contract; records that are
-not valid events or not triggers are skipped here - ingest quarantines the invalid ones), and the
-Delta tables ``user_profiles``, ``catalog``, ``item_recommendations``, ``events`` (for trending)
-and ``sent_recommendations``, all read afresh each micro-batch so that a catalog re-upload or a
-newly published model is used at the next batch without a restart. Outputs:
+Role: the always-on query that answers trigger events (App Launched, Added To Wishlist, ...)
+with personalised recommendations within about a second. Its way through the code reads
+straight, topic -> online profile -> lookups -> ranking -> payload -> sink:
 
-* one payload per (trigger, campaign) on the campaign channel's topic (``kafka.topics.<channel>``),
-  key = user id, payload id = hash(trigger event id, campaign, channel) - also in the record's
-  ``payload_id`` header - so senders can drop duplicates;
-* every sent item (and every control-group hold-out) in the Delta ``sent_recommendations``.
+* source: the ``events`` topic - every event, not only triggers, so profiles stay seconds fresh;
+* validation: ingest's own classifier (:func:`streaming.ingest.classify_records`), one rule;
+* per Arrow batch, in the Python workers (:func:`carousel.realtime.answer_batches`): the online
+  store (Redis) for profiles, recent sends and answered triggers; in-memory lookups
+  (:mod:`carousel.lookups`: matrix, catalog, trending, reloaded when their Delta version
+  changes); the one ranking function; the payload templates;
+* sink: one Kafka sink with a per-row ``topic``: payloads on ``kafka.topics.<channel>`` (key = user
+  id, ``payload_id`` header = hash(trigger event id, campaign, channel)), outbox records on
+  ``kafka.topics.sent``, dead letters on ``kafka.topics.dead_letter``.
 
-Each micro-batch: parse the triggers, join the user's profile, rank every campaign the trigger
-type belongs to (:mod:`carousel.delivery`, :mod:`carousel.ranking`), append the sent rows
-idempotently (Delta ``txnAppId`` = the query's app id, ``txnVersion`` = batch id), read back
-what this batch stored and render + write exactly those payloads. A batch replayed after a kill
-therefore re-sends the same payloads (same ids, same items) and records nothing twice.
+Nothing on this path reads or commits a Delta table. ``./spark-submit.sh record-sends`` writes the
+outbox into Delta ``sent_recommendations``; the driver refreshes the Delta ``trending_items``
+(every ``serving.trending.refresh_minutes``) off the hot path. Counts by outcome (payloads,
+replays, dead letters, skipped stale / invalid / duplicate / capped triggers) are the query's
+observed metrics, logged per batch.
 
+The Kafka sink is at-least-once: a batch replayed after a kill re-sends the same payload ids
+with the same items (the answers are kept in the online store before any row is written).
+
+    ./spark-submit.sh online-store start       # the local Redis (tests and demo)
+    ./spark-submit.sh rebuild-online-store     # first deployment / lost store: from Delta
     ./spark-submit.sh serve                    # run continuously (serving.trigger_interval)
     ./spark-submit.sh serve --available-now    # answer what is in the topic, then stop
 """
@@ -26,51 +33,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+import threading
+from datetime import UTC, datetime
 from functools import partial
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
-from carousel.delivery import (
-    compute_trending,
-    load_serving_inputs,
-    payload_requests,
-    read_catalog,
-    read_catalog_snapshot,
-    sent_rows,
-    write_payloads,
-)
-from carousel.experiments import trigger_payload_id_column
-from carousel.payloads import PayloadRenderer, check_templates, render_payloads
-from carousel.query_lifecycle import await_query, gate_for, stop_marker
-from carousel.schemas import (
-    EVENT_JSON_SCHEMA,
-    PROFILE_SCHEMA,
-    PROFILES_TABLE,
-    SENT_PARTITION_COLUMN,
-    SENT_RECOMMENDATIONS_SCHEMA,
-    SENT_RECOMMENDATIONS_TABLE,
-)
+from carousel.delivery import compute_trending, read_catalog
+from carousel.online_store import check_reachable
+from carousel.payloads import check_templates
+from carousel.query_lifecycle import await_query, stop_marker
+from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
+from carousel.schemas import TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
-from carousel.storage import ensure_table, idempotent_append, read_or_create_marker, table_exists
+from carousel.storage import table_exists
+from streaming.ingest import classify_records
 
 log = logging.getLogger(__name__)
 
-APP_ID_MARKER = "_carousel_app_id"
-TRIGGER_COLUMNS: tuple[str, ...] = (
-    "trigger_event_id",
-    "trigger_event_type",
-    "user_id",
-    "trigger_item_id",
-    "requested_at",
-    "trigger_platform",
-)
+METRICS_NAME = "serve"
+PAYLOAD_ID_HEADER = "payload_id"
 
 
 def trigger_campaigns(cfg: CarouselConfig) -> dict[str, CampaignConfig]:
@@ -81,219 +67,170 @@ def trigger_campaigns(cfg: CarouselConfig) -> dict[str, CampaignConfig]:
 # ---------------------------------------------------------------------------------------------
 # Pure transforms
 # ---------------------------------------------------------------------------------------------
-def parse_triggers(raw: DataFrame, trigger_types: list[str]) -> DataFrame:
-    """Kafka records -> trigger events (:data:`TRIGGER_COLUMNS`); anything else is dropped.
+def hot_path_records(raw: DataFrame, cfg: CarouselConfig) -> DataFrame:
+    """Kafka source rows -> what the hot path reads: coordinates, validity and the event's fields.
 
-    A record counts as a trigger when it is a JSON event with an id, a user, a parseable time and
-    one of ``trigger_types``. ``requested_at`` is the event time, so exclusion windows are
-    measured from when the user acted.
+    ``invalid_reason`` is NULL for a valid event, else ingest's reasons (ingest quarantines it;
+    serve skips and counts it). Times are epoch microseconds. No shuffle: each Kafka partition's
+    records stay in one task, in offset order.
     """
-    event = F.from_json(F.col("value").cast("string"), EVENT_JSON_SCHEMA, {"mode": "PERMISSIVE"})
-    parsed = raw.select(event.alias("e")).select("e.*")
-    requested_at = F.try_to_timestamp(F.col("event_time"))
-    return (
-        parsed.where(
-            F.col("event_id").isNotNull()
-            & F.col("user_id").isNotNull()
-            & F.col("event_type").isin(trigger_types)
-            & requested_at.isNotNull()
-        )
-        .select(
-            F.col("event_id").alias("trigger_event_id"),
-            F.col("event_type").alias("trigger_event_type"),
-            "user_id",
-            F.col("item_id").alias("trigger_item_id"),
-            requested_at.alias("requested_at"),
-            F.col("device.platform").alias("trigger_platform"),
-        )
-        .dropDuplicates(["trigger_event_id"])
+    classified = classify_records(raw, cfg.ingest)
+    event = F.col("event")
+    return classified.select(
+        F.col("kafka_partition").alias("partition"),
+        F.col("kafka_offset").alias("offset"),
+        F.when(F.size("reasons") > 0, F.array_join("reasons", "; ")).alias("invalid_reason"),
+        event["event_id"].alias("event_id"),
+        event["user_id"].alias("user_id"),
+        event["event_type"].alias("event_type"),
+        event["item_id"].alias("item_id"),
+        F.unix_micros(event["event_time"]).alias("event_time"),
+        event["device"]["platform"].alias("platform"),
+        event["user_attributes"].alias("user_attributes"),
     )
 
 
-def with_profiles(triggers: DataFrame, profiles: DataFrame) -> DataFrame:
-    """Triggers joined with the user's profile (empty recent items for users without one)."""
-    empty = F.array().cast(PROFILE_SCHEMA["recent_views"].dataType)
-    p = profiles.select(
-        "user_id",
-        "recent_views",
-        "recent_purchases",
-        "user_attributes",
-        F.col("platforms")[0].alias("_platform"),
-    )
-    # A micro-batch's triggers are few: their users are broadcast, so the profiles table is only
-    # scanned (an outer join can't broadcast its preserved side, hence the inner join first).
-    p = p.join(F.broadcast(triggers.select("user_id").distinct()), "user_id")
-    return triggers.join(p, "user_id", "left").select(
-        *TRIGGER_COLUMNS,
-        F.coalesce("recent_views", empty).alias("recent_views"),
-        F.coalesce("recent_purchases", empty).alias("recent_purchases"),
-        "user_attributes",
-        F.coalesce("trigger_platform", "_platform").alias("platform"),
-    )
+def answered(records: DataFrame, spec: ServeSpec) -> DataFrame:
+    """The hot path's output rows (``carousel.realtime.OUTPUT_SCHEMA``), per Arrow batch."""
+    return records.mapInArrow(partial(answer_batches, spec=spec), OUTPUT_DDL)
 
 
-def campaign_requests(triggers: DataFrame, campaign_name: str, campaign: CampaignConfig) -> DataFrame:
-    """One ranking request per trigger of this campaign, keyed by its deterministic payload id."""
-    return triggers.where(F.col("trigger_event_type").isin(list(campaign.trigger_event_types))).withColumn(
-        "request_id", trigger_payload_id_column(F.col("trigger_event_id"), campaign_name, campaign.channel)
+def with_metrics(output: DataFrame) -> DataFrame:
+    """Observe the counts (``COUNTERS``) as the query's metrics, then keep only the Kafka rows."""
+    metrics = [
+        F.coalesce(F.sum(F.when(F.col("reason") == name, F.col("n"))), F.lit(0)).alias(name)
+        for name in COUNTERS
+    ]
+    return output.observe(METRICS_NAME, *metrics).where(F.col("kind") == "record")
+
+
+def kafka_rows(output: DataFrame) -> DataFrame:
+    """The sink's columns: ``topic, key, value`` and the ``payload_id`` header."""
+    return output.select(
+        "topic",
+        "key",
+        "value",
+        F.array(
+            F.struct(F.lit(PAYLOAD_ID_HEADER).alias("key"), F.col("payload_id").cast("binary").alias("value"))
+        ).alias("headers"),
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# The micro-batch
+# Off the hot path: trending, per-batch log
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class TrendingCache:
-    """Trending items kept between micro-batches, recomputed every ``refresh_minutes``."""
-
-    refresh: timedelta
-    frame: DataFrame | None = None
-    computed_at: datetime | None = None
-
-    def get(self, spark: SparkSession, cfg: CarouselConfig, catalog: DataFrame, now: datetime) -> DataFrame:
-        if self.frame is None or self.computed_at is None or now - self.computed_at >= self.refresh:
-            fresh = compute_trending(spark, cfg, catalog, now).persist()
-            count = fresh.count()
-            if self.frame is not None:
-                self.frame.unpersist()
-            self.frame, self.computed_at = fresh, now
-            log.info("trending items recomputed: %d items", count)
-        return self.frame
-
-
-def process_batch(
-    batch: DataFrame,
-    batch_id: int,
-    *,
-    cfg: CarouselConfig,
-    app_id: str,
-    trending: TrendingCache,
-    renderer: PayloadRenderer,
-) -> None:
-    """foreachBatch handler: rank, record, render and send; idempotent by ``batch_id``."""
-    spark = batch.sparkSession
-    started = time.monotonic()
-    tag = f"{app_id}:{batch_id}"
-    now = datetime.now(UTC)
-    campaigns = trigger_campaigns(cfg)
-    trigger_types = sorted({t for c in campaigns.values() for t in c.trigger_event_types})
-    records = batch.count()
-    triggers = parse_triggers(batch, trigger_types)
-    profiles = spark.read.format("delta").load(cfg.storage.table(PROFILES_TABLE))
-    requests = with_profiles(triggers, profiles).persist()
+def refresh_trending(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> int:
+    """Recompute trending items from Delta ``events`` into the Delta ``trending_items``; how many."""
+    catalog = read_catalog(spark, cfg)
+    trending = compute_trending(spark, cfg, catalog, now).withColumn("computed_at", F.lit(now))
+    trending = trending.select(*[F.col(f.name).cast(f.dataType) for f in TRENDING_SCHEMA.fields]).persist()
     try:
-        trigger_count = requests.count()
-        if trigger_count == 0:
-            log.info("batch %s: read=%d triggers=0", tag, records)
-            return
-        catalog = read_catalog_snapshot(spark, cfg)
-        inputs = load_serving_inputs(
-            spark, cfg, campaigns, now, trending=trending.get(spark, cfg, catalog[0], now), catalog=catalog
-        )
-        parts = [
-            sent_rows(
-                campaign_requests(requests, name, campaign),
-                name,
-                campaign,
-                inputs,
-                cfg,
-                run_id=tag,
-                sent_at=now,
-                small_batch=True,
-            )
-            for name, campaign in campaigns.items()
-        ]
-        rows = parts[0]
-        for part in parts[1:]:
-            rows = rows.unionByName(part)
-        location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-        idempotent_append(rows, location, app_id, batch_id)
-        # Render what was stored for this batch - on a replay, what the first attempt stored.
-        stored = spark.read.format("delta").load(location).where(F.col("run_id") == tag).persist()
-        context = requests.select(
-            "trigger_event_id", "trigger_event_type", "user_attributes", "platform"
-        ).withColumn("run_id", F.lit(None).cast("string"))
-        context = stored.select("payload_id", "trigger_event_id").distinct().join(context, "trigger_event_id")
-        render = payload_requests(
-            stored,
-            inputs.catalog,
-            context.drop("trigger_event_id"),
-            {name: c.template for name, c in campaigns.items()},
-            small_batch=True,
-        )
-        rendered = render_payloads(render, cfg, renderer=renderer).persist()
-        payloads = rendered.count()
-        write_payloads(rendered, cfg)
-        counts = {
-            r["variant"]: r["n"]
-            for r in stored.groupBy("variant").agg(F.countDistinct("payload_id").alias("n")).collect()
-        }
-        rendered.unpersist()
-        stored.unpersist()
-        log.info(
-            "batch %s: read=%d triggers=%d payloads=%d per-arm=%s (%.1fs)",
-            tag,
-            records,
-            trigger_count,
-            payloads,
-            counts,
-            time.monotonic() - started,
-        )
+        count = trending.count()
+        trending.write.format("delta").mode("overwrite").save(cfg.storage.table(TRENDING_TABLE))
     finally:
-        requests.unpersist()
+        trending.unpersist()
+    return count
+
+
+class TrendingRefresher:
+    """A driver thread that refreshes ``trending_items`` every ``serving.trending.refresh_minutes``."""
+
+    def __init__(self, spark: SparkSession, cfg: CarouselConfig) -> None:
+        self.spark, self.cfg = spark, cfg
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="trending-refresh", daemon=True)
+
+    def refresh(self) -> None:
+        try:
+            count = refresh_trending(self.spark, self.cfg, datetime.now(UTC))
+            log.info("trending items refreshed: %d items", count)
+        except Exception as err:  # noqa: BLE001 - a failed refresh keeps the last trending list
+            log.warning("trending refresh failed, serving the last list: %s", err)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.cfg.serving.trending.refresh_minutes * 60):
+            self.refresh()
+
+    def start(self) -> TrendingRefresher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class ServeProgressLog(StreamingQueryListener):
+    """Logs each serving batch: its counts (observed metrics) and how long it took."""
+
+    def __init__(self, query_name: str) -> None:
+        self.query_name = query_name
+
+    def onQueryStarted(self, event: object) -> None:  # noqa: N802 - Spark's listener API
+        pass
+
+    def onQueryProgress(self, event: object) -> None:  # noqa: N802
+        progress = event.progress  # type: ignore[attr-defined]
+        if progress.name != self.query_name:
+            return
+        row = progress.observedMetrics.get(METRICS_NAME)
+        if row is None or not row["records"]:
+            return
+        counts = {name: row[name] for name in COUNTERS if row[name]}
+        log.info(
+            "batch %d: %s (%d ms)", progress.batchId, counts, progress.durationMs.get("triggerExecution", 0)
+        )
+
+    def onQueryIdle(self, event: object) -> None:  # noqa: N802
+        pass
+
+    def onQueryTerminated(self, event: object) -> None:  # noqa: N802
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------------------------
-def ensure_serving_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
-    ensure_table(
-        spark,
-        cfg.storage.table(SENT_RECOMMENDATIONS_TABLE),
-        SENT_RECOMMENDATIONS_SCHEMA,
-        partition_by=[SENT_PARTITION_COLUMN],
-    )
-    if not table_exists(spark, cfg.storage.table(PROFILES_TABLE)):
-        ensure_table(spark, cfg.storage.table(PROFILES_TABLE), PROFILE_SCHEMA)
-
-
-def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -> StreamingQuery:
-    """Check the campaigns, templates and catalog, then start the serving query and return it."""
-    campaigns = trigger_campaigns(cfg)
-    if not campaigns:
-        raise SystemExit("no enabled campaign has trigger_event_types: nothing to serve")
-    renderer = check_templates(cfg)
-    read_catalog(spark, cfg)  # fails now, with how to fix it, rather than at the first trigger
-    ensure_serving_tables(spark, cfg)
-    name = cfg.serving.query_name
-    checkpoint = cfg.storage.checkpoint(name)
-    app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
-    trending = TrendingCache(refresh=timedelta(minutes=cfg.serving.trending.refresh_minutes))
-    stream = (
+def source(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+    """The events topic with serve's latency settings (see README "Serving latency settings")."""
+    return (
         spark.readStream.format("kafka")
         .options(**cfg.kafka.spark_options())
         .option("subscribe", cfg.kafka.topic("events").name)
         .option("startingOffsets", cfg.serving.starting_offsets)
         .option("maxOffsetsPerTrigger", cfg.serving.max_offsets_per_trigger)
+        .option("kafka.fetch.max.wait.ms", cfg.serving.kafka_fetch_max_wait_ms)
         .option("failOnDataLoss", "true")
         .load()
-        .select("value")
     )
+
+
+def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -> StreamingQuery:
+    """Check the store, campaigns, templates and catalog, then start the serving query."""
+    campaigns = trigger_campaigns(cfg)
+    if not campaigns:
+        raise SystemExit("no enabled campaign has trigger_event_types: nothing to serve")
+    renderer = check_templates(cfg)
+    check_reachable(cfg.online_store)
+    read_catalog(spark, cfg)  # fails now, with how to fix it, rather than at the first trigger
+    if not table_exists(spark, cfg.storage.table(TRENDING_TABLE)):
+        TrendingRefresher(spark, cfg).refresh()  # new users get trending from the first trigger
+    spec = ServeSpec.of(cfg, renderer)
+    name = cfg.serving.query_name
+    output = with_metrics(answered(hot_path_records(source(spark, cfg), cfg), spec))
     writer = (
-        stream.writeStream.queryName(name)
-        .option("checkpointLocation", checkpoint)
-        .foreachBatch(
-            gate_for(name).wrap(
-                partial(process_batch, cfg=cfg, app_id=app_id, trending=trending, renderer=renderer)
-            )
-        )
+        kafka_rows(output)
+        .writeStream.format("kafka")
+        .queryName(name)
+        .options(**cfg.kafka.spark_options())
+        .option("kafka.max.request.size", cfg.serving.max_payload_bytes + 65536)
+        .option("checkpointLocation", cfg.storage.checkpoint(name))
     )
     writer = (
         writer.trigger(availableNow=True)
         if available_now
         else writer.trigger(processingTime=cfg.serving.trigger_interval)
     )
-    log.info("starting %s for campaigns %s (app id %s)", name, sorted(campaigns), app_id)
+    log.info("starting %s for campaigns %s", name, sorted(campaigns))
     return writer.start()
 
 
@@ -304,10 +241,11 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "serve")
     spark = build_session(cfg, "carousel-serve")
     name = cfg.serving.query_name
-    await_query(
-        spark,
-        run(spark, cfg, available_now=args.available_now),
-        cfg.serving.stop_timeout_seconds,
-        stop_marker(cfg, name),
-    )
+    spark.streams.addListener(ServeProgressLog(name))
+    query = run(spark, cfg, available_now=args.available_now)
+    trending = TrendingRefresher(spark, cfg).start()
+    try:
+        await_query(spark, query, cfg.serving.stop_timeout_seconds, stop_marker(cfg, name))
+    finally:
+        trending.stop()
     return 0

@@ -1,7 +1,9 @@
-"""Shared fixtures: one local SparkSession, one real Kafka broker, isolated configs per test.
+"""Shared fixtures: one local SparkSession, one real Kafka broker, one real Redis online store,
+isolated configs per test.
 
-Nothing is mocked: the broker is Apache Kafka (KRaft) from the Maven jars, the tables are Delta
-tables under pytest's temp folder, and the session is a real ``local[2]`` Spark.
+Nothing is mocked: the broker is Apache Kafka (KRaft) from the Maven jars, the online store is a
+real ``redis-server`` on a free loopback port, the tables are Delta tables under pytest's temp
+folder, and the session is a real ``local[2]`` Spark.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from pyspark.sql import SparkSession
 
-from carousel import broker
+from carousel import broker, online_store_server
 from carousel.config import CarouselConfig, load_config
 from carousel.session import build_session
 
@@ -59,9 +62,27 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop(cfg.broker)
 
 
+@pytest.fixture(scope="session")
+def online_store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole test session; yields its url."""
+    state = tmp_path_factory.mktemp("redis")
+    cfg = load_config(
+        overrides=[
+            f"online_store.state_dir={state}",
+            f"online_store.port={broker.free_port()}",
+            "online_store.max_memory=1gb",
+        ]
+    )
+    url = online_store_server.start(cfg.online_store)
+    try:
+        yield url
+    finally:
+        online_store_server.stop(cfg.online_store)
+
+
 @pytest.fixture
-def make_config(tmp_path: Path, kafka_bootstrap: str) -> Callable[..., CarouselConfig]:
-    """A config whose tables live under this test's temp folder and whose topic is its own."""
+def make_config(tmp_path: Path, kafka_bootstrap: str, online_store_url: str) -> Callable[..., CarouselConfig]:
+    """A config whose tables live under this test's temp folder and whose topic and keys are its own."""
 
     def factory(*overrides: str, partitions: int = 2) -> CarouselConfig:
         topic = f"events-{uuid.uuid4().hex[:10]}"
@@ -71,6 +92,9 @@ def make_config(tmp_path: Path, kafka_bootstrap: str) -> Callable[..., CarouselC
                 f"kafka.bootstrap_servers={kafka_bootstrap}",
                 f"kafka.topics.events.name={topic}",
                 f"kafka.topics.events.partitions={partitions}",
+                f"online_store.url={online_store_url}",
+                f"online_store.port={urlsplit(online_store_url).port}",
+                f"online_store.key_prefix=t{uuid.uuid4().hex[:8]}",
                 *overrides,
             ]
         )

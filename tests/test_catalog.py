@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 from pyspark.testing import assertDataFrameEqual
 
-from carousel.config import CarouselConfig, load_config
+from carousel.config import CarouselConfig, ConfigError, load_config
 from carousel.schemas import CATALOG_SCHEMA, CATALOG_TABLE
 from jobs import simulate_events as sim
 from jobs import upload_catalog as uc
@@ -330,6 +330,127 @@ def test_file_level_problems_reject_before_reading_rows(spark, cfg, tmp_path):
     with pytest.raises(uc.CatalogRejectedError, match="needs at least one column besides the product id"):
         uc.run(spark, cfg, write(tmp_path, "ids.csv", "item_id\np1\n"), partial=True)
     assert not DeltaTable.isDeltaTable(spark, cfg.storage.table(CATALOG_TABLE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Length limits
+# ---------------------------------------------------------------------------------------------
+def jsonl(*records: dict[str, Any]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def test_over_long_values_reject_the_file_with_field_length_and_limit(spark, tmp_path):
+    cfg = load_config(
+        overrides=[
+            f"storage.root={tmp_path}/data",
+            "catalog.max_text_chars.title=20",
+            "catalog.max_property_chars=12",
+            "catalog.max_properties=3",
+        ]
+    )
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    live_version = version(spark, cfg)
+    before = table(spark, cfg).collect()
+
+    at_limit = "\u00e9" * 20  # 20 characters (40 bytes in UTF-8): lengths count characters
+    bad = jsonl(
+        {"item_id": "p1", "title": f"  {at_limit} ", "brand": "b" * 12, "colour": "red"},  # line 1: fine
+        {"item_id": "p2", "title": "T" * 5000, "brand": "Acme"},
+        {"item_id": "p3", "title": "Green Bag", "colour": "g" * 13},
+        {"item_id": "p4", "title": "Four", "brand": "b", "colour": "c", "size": "s", "fit": "f"},
+    )
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, cfg, write(tmp_path, "long.jsonl", bad))
+    err = caught.value
+    message = str(err)
+    assert err.rejected_rows == 3
+    for line in [
+        "3 of 4 rows rejected",
+        "row 2 (item_id 'p2'): title is 5000 characters, the limit is 20 (catalog.max_text_chars.title)",
+        "row 3 (item_id 'p3'): property 'colour' is 13 characters, the limit is 12 "
+        "(catalog.max_property_chars)",
+        "row 4 (item_id 'p4'): 4 properties, the limit is 3 (catalog.max_properties)",
+    ]:
+        assert line in message, f"{line!r} not in:\n{message}"
+    assert "row 1 " not in message
+    report = [json.loads(line) for p in sorted(Path(err.report_location).glob("part-*")) for line in p.open()]
+    assert [(r["row"], r["reasons"]) for r in report] == [
+        (2, ["title is 5000 characters, the limit is 20 (catalog.max_text_chars.title)"]),
+        (3, ["property 'colour' is 13 characters, the limit is 12 (catalog.max_property_chars)"]),
+        (4, ["4 properties, the limit is 3 (catalog.max_properties)"]),
+    ]
+    # Nothing already stored is lost or half-written.
+    assert version(spark, cfg) == live_version
+    assertDataFrameEqual(table(spark, cfg), before)
+
+    # Values exactly at the limits pass (after trimming).
+    good = jsonl(
+        {"item_id": "p1", "title": f"  {at_limit} ", "brand": "b" * 12, "colour": "red"},
+        {"item_id": "p2", "title": "Blue Hat", "brand": "Acme"},
+        {"item_id": "p3", "title": "Green Bag", "colour": "g" * 12, "size": "m", "fit": "slim"},
+    )
+    result = uc.run(spark, cfg, write(tmp_path, "good.jsonl", good))
+    assert (result.inserted, result.updated, result.deactivated) == (0, 3, 0)
+    assertDataFrameEqual(
+        content(spark, cfg),
+        expected(
+            spark,
+            product("p1", title=at_limit, properties={"brand": "b" * 12, "colour": "red"}),
+            product("p2", title="Blue Hat", properties={"brand": "Acme"}),
+            product("p3", title="Green Bag", properties={"colour": "g" * 12, "size": "m", "fit": "slim"}),
+        ),
+    )
+
+
+def test_partial_uploads_check_only_their_columns_and_count_kept_properties(spark, cfg, tmp_path):
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    # Limits lowered after the upload: "Red Shoe" (8 characters) is now too long, p1 has 2 properties.
+    strict = cfg.with_overrides(catalog={"max_text_chars": {"title": 5}, "max_properties": 2})
+
+    # A price feed carries no title: the stored titles are not checked.
+    uc.run(spark, strict, write(tmp_path, "prices.csv", "item_id,price\np1,15\n"), partial=True)
+    before = table(spark, cfg).collect()
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, strict, write(tmp_path, "titles.csv", "item_id,title\np2,Blue Hat\n"), partial=True)
+    assert (
+        "row 2 (item_id 'p2'): title is 8 characters, the limit is 5 (catalog.max_text_chars.title)"
+        in str(caught.value)
+    )
+    # One new key on top of the 2 that p1 keeps is one too many.
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, strict, write(tmp_path, "sizes.csv", "item_id,size\np1,42\n"), partial=True)
+    assert (
+        "row 2 (item_id 'p1'): the product would have 3 properties (2 kept, 1 from the file), "
+        "the limit is 2 (catalog.max_properties)"
+    ) in str(caught.value)
+    assertDataFrameEqual(table(spark, cfg), before)
+
+    # Clearing colour while adding size keeps p1 at 2 properties.
+    uc.run(spark, strict, write(tmp_path, "swap.csv", "item_id,colour,size\np1,,42\n"), partial=True)
+    p1 = {**P1, "price": 15.0, "properties": {"brand": "Acme", "size": "42"}}
+    assertDataFrameEqual(content(spark, cfg), expected(spark, p1, P2, P3))
+
+
+def test_length_limits_config_is_validated_at_load():
+    limits = load_config(overrides=["catalog.max_text_chars.title=500"]).catalog
+    assert limits.max_text_chars == {
+        "item_id": 256,
+        "title": 500,
+        "description": 2000,
+        "category": 100,
+        "image_url": 2048,
+        "deep_link": 2048,
+    }
+    assert (limits.max_property_chars, limits.max_properties) == (1000, 50)
+    for override, key in [
+        ("catalog.max_text_chars.title=0", "catalog.max_text_chars: .*title must be a positive number"),
+        ("catalog.max_text_chars.colour=10", r"catalog\.max_text_chars\.colour"),
+        ("catalog.max_text_chars.currency=3", r"catalog\.max_text_chars\.currency"),
+        ("catalog.max_property_chars=0", r"catalog\.max_property_chars: "),
+        ("catalog.max_properties=-1", r"catalog\.max_properties: "),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(overrides=[override])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import uuid
@@ -22,10 +23,12 @@ import yaml
 from confluent_kafka import Consumer
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
 from support import event_json, produce, read_table, wait_for
 
 from carousel.broker import ensure_topics
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+from carousel.realtime import COUNTERS, FAULT_KILL_ENV
 from carousel.schemas import (
     CATALOG_SCHEMA,
     CATALOG_TABLE,
@@ -35,8 +38,9 @@ from carousel.schemas import (
     PROFILES_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
 )
-from jobs import upload_catalog
+from jobs import rebuild_online_store, upload_catalog
 from jobs.publish_recommendations import ModelOutput, publish
+from streaming import record_sends as record_sends_query
 from streaming import serve
 
 pytestmark = [pytest.mark.integration]
@@ -154,13 +158,14 @@ def write_trending_events(
     )
 
 
-def serving_config(make_config: Any, *overrides: str) -> CarouselConfig:
+def serving_config(make_config: Any, *overrides: str, launch: dict[str, Any] | None = None) -> CarouselConfig:
     suffix = uuid.uuid4().hex[:8]
     cfg = make_config(
-        f"kafka.topics.push.name=push-{suffix}",
-        f"kafka.topics.email.name=email-{suffix}",
+        *[f"kafka.topics.{role}.name={role}-{suffix}" for role in ("push", "email", "sent", "dead_letter")],
         "serving.starting_offsets=earliest",
-        "serving.trigger_interval=1 second",
+        "serving.trigger_interval=0 seconds",
+        # Every micro-batch checks the lookups' Delta versions: changes apply at the next batch.
+        "serving.refresh_seconds=0.001",
         *overrides,
     )
     data = cfg.model_dump()
@@ -172,6 +177,7 @@ def serving_config(make_config: Any, *overrides: str) -> CarouselConfig:
             "filters": {"in_stock_only": True},
             "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
             "fallback": "trending",
+            **(launch or {}),
         },
         "wishlist": {
             "channel": "email",
@@ -184,12 +190,18 @@ def serving_config(make_config: Any, *overrides: str) -> CarouselConfig:
     return CarouselConfig.model_validate(data)
 
 
-def trigger(event_type: str, user: str, item: str | None = None) -> tuple[bytes, bytes]:
+def trigger(
+    event_type: str,
+    user: str,
+    item: str | None = None,
+    at: datetime | None = None,
+    event_id: str | None = None,
+) -> tuple[bytes, bytes]:
     event = {
-        "event_id": f"trig-{uuid.uuid4().hex[:12]}",
+        "event_id": event_id or f"trig-{uuid.uuid4().hex[:12]}",
         "user_id": user,
         "event_type": event_type,
-        "event_time": datetime.now(UTC).isoformat(),
+        "event_time": (at or datetime.now(UTC)).isoformat(),
         "source": "mobile",
         "device": {"platform": "android"},
     }
@@ -237,15 +249,53 @@ def items_of(payload: dict[str, Any]) -> list[tuple[str, str]]:
     return [(i["item_id"], i["strategy"]) for i in sorted(payload["items"], key=lambda i: i["rank"])]
 
 
-@pytest.fixture
-def shop(spark: SparkSession, make_config: Any) -> Iterator[CarouselConfig]:
-    cfg = serving_config(make_config)
+def build_shop(spark: SparkSession, cfg: CarouselConfig) -> CarouselConfig:
+    """Catalog, model, trending events and u-known's Delta profile, loaded into the online store
+    by the rebuild job (as on a first deployment)."""
     ensure_topics(cfg.kafka)
     write_catalog(spark, cfg)
     publish_model(spark, cfg, MODEL_1, "model-1")
     write_profile(spark, cfg, "u-known", ["a"])
     write_trending_events(spark, cfg)
-    yield cfg
+    counts = rebuild_online_store.run(spark, cfg)
+    assert counts["profiles"] == 1
+    return cfg
+
+
+@pytest.fixture
+def shop(spark: SparkSession, make_config: Any) -> Iterator[CarouselConfig]:
+    yield build_shop(spark, serving_config(make_config))
+
+
+def view(user: str, item: str) -> tuple[bytes, bytes]:
+    return user.encode(), event_json(
+        event_id=f"view-{uuid.uuid4().hex[:12]}",
+        user_id=user,
+        event_type="Product Viewed",
+        item_id=item,
+        event_time=datetime.now(UTC).isoformat(),
+        source="mobile",
+    )
+
+
+def record_sends(spark: SparkSession, cfg: CarouselConfig) -> None:
+    query = record_sends_query.run(spark, cfg, available_now=True)
+    try:
+        query.awaitTermination(300)
+    finally:
+        query.stop()
+    assert query.exception() is None, query.exception()
+
+
+def counts_of(query: Any) -> dict[str, int]:
+    """The serve counters summed over the query's recent progress reports."""
+    totals: dict[str, int] = {}
+    for progress in query.recentProgress:
+        row = progress.observedMetrics.get(serve.METRICS_NAME)
+        if row is not None:
+            for name in COUNTERS:
+                totals[name] = totals.get(name, 0) + int(row[name] or 0)
+    return totals
 
 
 def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig, tmp_path: Path) -> None:
@@ -255,19 +305,22 @@ def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig, tmp_path:
     query = serve.run(spark, cfg)
     try:
         # 1. A known user's trigger: a's neighbours (model), then trending; a new user: trending.
+        # u-viewer views d just before launching the app, in the same batch: d's neighbours.
         produce(
             cfg,
             [
                 trigger("App Launched", "u-known"),
                 trigger("App Launched", "u-new"),
                 trigger("Added To Wishlist", "u-known", "d"),
-                trigger("Product Viewed", "u-known", "b"),  # not a trigger of any campaign
+                view("u-viewer", "d"),
+                trigger("App Launched", "u-viewer"),
             ],
         )
         query.processAllAvailable()
-        first = {p["user_id"]: p for p in push.read(2)}
+        first = {p["user_id"]: p for p in push.read(3)}
         assert items_of(first["u-known"]) == [("b", "model"), ("c", "model"), ("t1", "trending")]
         assert items_of(first["u-new"]) == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
+        assert items_of(first["u-viewer"]) == [("e", "model"), ("x", "model"), ("t1", "trending")]
         assert first["u-known"]["model_version"] == "model-1"
         assert first["u-known"]["campaign"] == "launch" and first["u-known"]["channel"] == "push"
 
@@ -279,36 +332,146 @@ def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig, tmp_path:
         assert "javascript:" not in html and "onerror=alert(2)>" not in html
 
         # 2. A marketer's stock feed (a partial catalog upload): b is out of stock and is gone
-        # from the next payload.
+        # from the next payload, without a restart.
         feed = tmp_path / "stock.csv"
         feed.write_text("item_id,in_stock\nb,false\n")
         upload_catalog.run(spark, cfg, str(feed), partial=True)
         produce(cfg, [trigger("App Launched", "u-known")])
         query.processAllAvailable()
-        (second,) = push.read(3)
+        (second,) = push.read(4)
         assert items_of(second) == [("c", "model"), ("t1", "trending"), ("t2", "trending")]
 
         # 3. A newly published model is used at the next micro-batch, without a restart.
         publish_model(spark, cfg, MODEL_2, "model-2")
         produce(cfg, [trigger("App Launched", "u-known")])
         query.processAllAvailable()
-        (third,) = push.read(4)
+        (third,) = push.read(5)
         assert items_of(third) == [("e", "model"), ("d", "model"), ("t1", "trending")]
         assert third["model_version"] == "model-2"
+        assert counts_of(query)["payloads"] == 6
     finally:
         query.stop()
         push.close()
         email.close()
 
+    # The outbox query records every sent item once, as serve chose them.
+    record_sends(spark, cfg)
+    record_sends(spark, cfg)  # nothing new: nothing recorded twice
     sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
-    assert sent.select("payload_id").distinct().count() == 5
-    assert sent.count() == sent.select("payload_id", "item_id").distinct().count() == 3 + 3 + 4 + 3 + 3
-    recorded = sent.where(F.col("payload_id") == third["payload_id"]).orderBy("rank").collect()
-    assert [(r.item_id, r.strategy, r.model_version) for r in recorded] == [
-        ("e", "model", "model-2"),
-        ("d", "model", "model-2"),
-        ("t1", "trending", None),
-    ]
+    assert sent.select("payload_id").distinct().count() == 6
+    assert sent.count() == sent.select("payload_id", "item_id").distinct().count() == 3 * 5 + 4
+    recorded = sent.where(F.col("payload_id") == third["payload_id"]).select(
+        "item_id", "rank", "strategy", "model_version", "campaign", "channel", "variant", "user_id"
+    )
+    expected = spark.createDataFrame(
+        [
+            ("e", 1, "model", "model-2", "launch", "push", "default", "u-known"),
+            ("d", 2, "model", "model-2", "launch", "push", "default", "u-known"),
+            ("t1", 3, "trending", None, "launch", "push", "default", "u-known"),
+        ],
+        recorded.schema,
+    )
+    assertDataFrameEqual(recorded, expected)
+
+
+def test_recent_sends_are_excluded_and_a_resent_trigger_is_answered_once(
+    spark: SparkSession, make_config: Any
+) -> None:
+    cfg = build_shop(spark, serving_config(make_config, launch={"exclusions": {"sent_within_days": 1}}))
+    push = TopicReader(cfg, cfg.kafka.topic("push").name)
+    query = serve.run(spark, cfg)
+    try:
+        retried = trigger("App Launched", "u-known")
+        produce(cfg, [retried])
+        query.processAllAvailable()
+        (first,) = push.read(1)
+        assert items_of(first) == [("b", "model"), ("c", "model"), ("t1", "trending")]
+        # The producer sends the same trigger again (a retry), then the user opens the app again:
+        # the retry is not answered, the new trigger excludes what was just sent.
+        produce(cfg, [retried, trigger("App Launched", "u-known")])
+        query.processAllAvailable()
+        (second,) = push.read(2)
+        assert second["payload_id"] != first["payload_id"]
+        assert items_of(second) == [("t2", "trending"), ("a", "trending")]
+        counts = counts_of(query)
+        assert counts["skipped_duplicate"] == 1 and counts["payloads"] == 2
+    finally:
+        query.stop()
+        push.close()
+
+
+def test_stale_and_invalid_triggers_are_skipped_and_counted(spark: SparkSession, make_config: Any) -> None:
+    cfg = build_shop(spark, serving_config(make_config, "serving.max_trigger_age_seconds=600"))
+    push = TopicReader(cfg, cfg.kafka.topic("push").name)
+    query = serve.run(spark, cfg)
+    try:
+        stale = trigger("App Launched", "u-old", at=datetime.now(UTC) - timedelta(hours=2))
+        bad_time = (
+            b"u-bad",
+            event_json(
+                event_id="bad-1",
+                user_id="u-bad",
+                event_type="App Launched",
+                event_time="yesterday",
+                source="mobile",
+            ),
+        )
+        produce(cfg, [stale, bad_time, (b"u-bad", b"{not json"), trigger("App Launched", "u-fresh")])
+        query.processAllAvailable()
+        (only,) = push.read(1)
+        assert only["user_id"] == "u-fresh"
+        counts = counts_of(query)
+        assert counts["skipped_stale"] == 1 and counts["skipped_invalid"] == 2
+        assert counts["triggers"] == 2 and counts["payloads"] == 1
+    finally:
+        query.stop()
+        push.close()
+
+
+def test_poison_payloads_go_to_the_dead_letter_topic(
+    spark: SparkSession, make_config: Any, tmp_path: Path
+) -> None:
+    # A template that fails on one product's data (a zero price), and payloads too large for the
+    # producer on the email channel (a 4-item email is about 4 kB, a push about 1.7 kB): both are
+    # dead-lettered with the reason, and the stream goes on.
+    templates = tmp_path / "templates"
+    shutil.copytree(PROJECT_ROOT / "conf" / "templates", templates)
+    body = templates / "push" / "default.body.j2"
+    body.write_text(
+        "{% for item in items %}{{ item.title }} "
+        "{% if item.price is not none %}{{ (100 / item.price) | round }}{% endif %} {% endfor %}"
+    )
+    cfg = build_shop(
+        spark,
+        serving_config(make_config, f"serving.templates_dir={templates}", "serving.max_payload_bytes=3000"),
+    )
+    free = tmp_path / "free.csv"
+    free.write_text("item_id,price\nc,0\n")
+    upload_catalog.run(spark, cfg, str(free), partial=True)
+    dead = TopicReader(cfg, cfg.kafka.topic("dead_letter").name)
+    push = TopicReader(cfg, cfg.kafka.topic("push").name)
+    query = serve.run(spark, cfg)
+    try:
+        produce(
+            cfg,
+            [
+                trigger("App Launched", "u-known"),  # gets c (price 0): the template fails
+                trigger("Added To Wishlist", "u-known", "d"),  # a ~7 kB email: too large
+                trigger("App Launched", "u-new"),  # trending: rendered and sent
+            ],
+        )
+        query.processAllAvailable()
+        letters = {d["campaign"]: d for d in dead.read(2)}
+        assert "ZeroDivisionError" in letters["launch"]["reason"]
+        assert "default.body.j2" in letters["launch"]["reason"]
+        assert "more than serving.max_payload_bytes (3000)" in letters["wishlist"]["reason"]
+        (sent,) = push.read(1)
+        assert sent["user_id"] == "u-new"
+        assert counts_of(query)["dead_letter"] == 2
+    finally:
+        query.stop()
+        push.close()
+        dead.close()
 
 
 @pytest.mark.slow
@@ -319,9 +482,14 @@ def test_serve_killed_and_restarted_loses_no_trigger(
     overrides = [
         f"storage.root={cfg.storage.root}",
         f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
-        f"kafka.topics.events.name={cfg.kafka.topic('events').name}",
-        f"kafka.topics.push.name={cfg.kafka.topic('push').name}",
-        f"kafka.topics.email.name={cfg.kafka.topic('email').name}",
+        *[
+            f"kafka.topics.{role}.name={cfg.kafka.topic(role).name}"
+            for role in ("events", "push", "email", "sent")
+        ],
+        f"kafka.topics.dead_letter.name={cfg.kafka.topic('dead_letter').name}",
+        f"online_store.url={cfg.online_store.url}",
+        f"online_store.port={cfg.online_store.port}",
+        f"online_store.key_prefix={cfg.online_store.key_prefix}",
         "serving.starting_offsets=earliest",
         "serving.trigger_interval=1 second",
         "serving.max_offsets_per_trigger=100",
@@ -336,13 +504,13 @@ def test_serve_killed_and_restarted_loses_no_trigger(
     triggers = [trigger("App Launched", f"u-{n % 50}") for n in range(600)]
     produce(cfg, triggers)
 
-    def command(*extra: str) -> list[str]:
+    def command(job: str, *extra: str) -> list[str]:
         sets = [arg for item in overrides for arg in ("--set", item)]
         return [
             str(PROJECT_ROOT / "spark-submit.sh"),
             "--driver-memory",
             "1g",
-            "serve",
+            job,
             "--config",
             str(campaigns_file),
             *sets,
@@ -354,36 +522,39 @@ def test_serve_killed_and_restarted_loses_no_trigger(
     def committed() -> int:
         return sum(1 for f in commits.glob("*") if f.name.isdigit()) if commits.is_dir() else 0
 
+    # The worst point: the online store already holds the answers of the third batch with
+    # triggers, and not one of its rows has reached Kafka. The job kills itself there.
+    env = {**os.environ, FAULT_KILL_ENV: "3"}
     with open(tmp_path / "serve-first.log", "w") as log_first:
         first = subprocess.Popen(
-            command(), stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True
+            command("serve"), stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         try:
-            wait_for(
-                lambda: first.poll() is not None or committed() >= 2,
-                timeout=300,
-                what="two committed batches",
-            )
-            assert first.poll() is None, (
-                "serve exited on its own: " + (tmp_path / "serve-first.log").read_text()[-3000:]
-            )
+            first.wait(timeout=300)
         finally:
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
-            first.wait(timeout=60)
-    assert committed() < 6, "the first run answered everything before the kill"
-
-    second = subprocess.run(
-        command("--available-now"), capture_output=True, text=True, timeout=600, env={**os.environ}
+                first.wait(timeout=60)
+    assert first.returncode != 0, (
+        "serve was not killed: " + (tmp_path / "serve-first.log").read_text()[-3000:]
     )
+    assert 1 <= committed() < 6, "the kill did not come mid-stream"
+
+    # The producer retries a few triggers that were already answered: each is answered once.
+    produce(cfg, triggers[:5])
+    second = subprocess.run(command("serve", "--available-now"), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    recorder = subprocess.run(
+        command("record-sends", "--available-now"), capture_output=True, text=True, timeout=600
+    )
+    assert recorder.returncode == 0, recorder.stdout[-3000:] + recorder.stderr[-3000:]
 
     reader = TopicReader(cfg, cfg.kafka.topic("push").name)
     try:
         payloads = reader.read(len(triggers), timeout=120)
     finally:
         reader.close()
-    # Every trigger answered; a replayed batch may re-send a payload, always under the same id.
+    # Every trigger answered; the replayed batch re-sends its payloads, under the same ids and items.
     by_id: dict[str, list[tuple[str, str]]] = {}
     for payload in payloads:
         by_id.setdefault(payload["payload_id"], items_of(payload))

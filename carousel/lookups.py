@@ -1,0 +1,276 @@
+"""In-memory serving lookups: the published matrix, the catalog and trending, refreshed by Delta version.
+
+Role: what every trigger is ranked and rendered against, held as compact arrays in each Spark
+Python worker that runs ``serve`` (and reused across micro-batches, since Spark reuses its Python
+workers). Inputs: the Delta tables ``catalog``, ``item_recommendations`` and ``trending_items``,
+read with delta-rs (``deltalake``) - no Spark job, no JVM round trip on the hot path. Outputs:
+:class:`ServingLookups`, from which :func:`current_lookups` hands out, per campaign arm, the
+:class:`~carousel.ranking.ItemLists`, :class:`~carousel.ranking.FallbackLists` and
+:class:`~carousel.ranking.RankingRules` of the one ranking function, and the catalog fields a
+payload's items carry.
+
+Freshness: at most every ``serving.refresh_seconds`` a worker asks each table for its latest
+version (an incremental read of the Delta log); when one changed, the lookups are rebuilt from
+the new versions. So a newly published model, a catalog upload or a stock feed apply within the
+refresh interval, without a restart. A model version pinned by an A/B arm is read at the
+table version it was published at (the commit's ``userMetadata``, as ``publish`` writes it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from carousel.config import CampaignConfig, ServingConfig
+from carousel.payloads import CATALOG_ITEM_FIELDS
+from carousel.ranking import (
+    FILTER_COLUMNS,
+    MATRIX_COLUMNS,
+    FallbackLists,
+    ItemLists,
+    RankingRules,
+    fallback_lists,
+    item_lists_from_arrow,
+)
+from carousel.schemas import CONTROL_VARIANT
+
+log = logging.getLogger(__name__)
+
+CATALOG_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(("item_id", *FILTER_COLUMNS, *CATALOG_ITEM_FIELDS)))
+TRENDING_COLUMNS: tuple[str, ...] = ("item_id", "category", "score")
+
+
+class ServingLookupError(RuntimeError):
+    """A serving table cannot be read; the message names it."""
+
+
+@dataclass(frozen=True, eq=False)
+class LookupSources:
+    """Where the lookups come from (plain values: pickled into the serving closure)."""
+
+    catalog: str
+    matrix: str
+    trending: str
+    refresh_seconds: float
+    serving: ServingConfig
+    campaigns: tuple[tuple[str, CampaignConfig], ...]
+
+    def campaign(self, name: str) -> CampaignConfig:
+        return dict(self.campaigns)[name]
+
+    @property
+    def key(self) -> str:
+        """Identifies these sources and settings (the per-process cache key)."""
+        campaigns = (f"{name}={c.model_dump_json()}" for name, c in self.campaigns)
+        settings = [self.serving.model_dump_json(), *campaigns]
+        return "|".join([self.catalog, self.matrix, self.trending, str(self.refresh_seconds), *settings])
+
+
+@dataclass(frozen=True)
+class ArmInputs:
+    """What one campaign arm ranks with."""
+
+    lists: ItemLists
+    fallback: FallbackLists
+    rules: RankingRules
+    use_model: bool
+
+
+def _uri(location: str) -> str:
+    # delta-rs names S3 s3://, Spark's Hadoop connector s3a:// - the same objects.
+    return "s3://" + location[len("s3a://") :] if location.startswith("s3a://") else location
+
+
+def _open(location: str, version: int | None = None) -> DeltaTable | None:
+    try:
+        return DeltaTable(_uri(location), version=version)
+    except TableNotFoundError:
+        return None
+
+
+def _read(table: DeltaTable | None, columns: tuple[str, ...]) -> pa.Table | None:
+    if table is None:
+        return None
+    return table.to_pyarrow_table(columns=list(columns))
+
+
+def published_version(table: DeltaTable, model_version: str) -> int | None:
+    """The latest table version at which ``model_version`` was published (None: never)."""
+    for commit in table.history():
+        metadata = commit.get("userMetadata")
+        if not metadata:
+            continue
+        try:
+            model = json.loads(metadata).get("model_version")
+        except (ValueError, AttributeError):
+            continue
+        if model == model_version:
+            return int(commit["version"])
+    return None
+
+
+@dataclass
+class ServingLookups:
+    """The lookups at one set of table versions; per-arm inputs are built on first use."""
+
+    sources: LookupSources
+    versions: dict[str, int | None]
+    catalog: pa.Table
+    matrices: dict[str | None, pa.Table | None]  # model version (None = live) -> matrix rows
+    trending: pa.Table
+    _arms: dict[tuple[str, str], ArmInputs] = field(default_factory=dict)
+    _lists: dict[tuple[str, str | None], ItemLists] = field(default_factory=dict)
+    _items: dict[str, int] | None = None
+    _fields: dict[str, list[Any]] | None = None
+
+    def arm(self, campaign_name: str, arm: str) -> ArmInputs:
+        """The ranking inputs of one (campaign, arm); arm = a variant name or ``default``."""
+        key = (campaign_name, arm)
+        inputs = self._arms.get(key)
+        if inputs is None:
+            campaign = self.sources.campaign(campaign_name)
+            variant = next((v for v in campaign.variants if v.name == arm), None)
+            use_model = variant is None or variant.strategy == "model"
+            model_version = variant.model_version if variant is not None else None
+            matrix = self.matrices.get(model_version) if use_model else None
+            lists_key = (campaign.filters.model_dump_json(), model_version if use_model else "-")
+            lists = self._lists.get(lists_key)
+            if lists is None:
+                started = time.monotonic()
+                lists = self._lists[lists_key] = item_lists_from_arrow(matrix, self.catalog, campaign.filters)
+                log.info(
+                    "serving lists for %s/%s: %d items, %d entries, %.1f MB, %.2fs",
+                    campaign_name,
+                    arm,
+                    len(lists.ids),
+                    len(lists.recs),
+                    lists.nbytes / 1e6,
+                    time.monotonic() - started,
+                )
+            rules = RankingRules.of(campaign, self.sources.serving)
+            inputs = self._arms[key] = ArmInputs(
+                lists, fallback_lists(self.trending, lists, rules), rules, use_model and matrix is not None
+            )
+        return inputs
+
+    def item_fields(self, item_id: str) -> dict[str, Any]:
+        """The catalog fields a payload item carries (all None for an unknown item)."""
+        if self._items is None:
+            self._items = {item: row for row, item in enumerate(self.catalog.column("item_id").to_pylist())}
+            self._fields = {name: self.catalog.column(name).to_pylist() for name in CATALOG_ITEM_FIELDS}
+        row = self._items.get(item_id)
+        assert self._fields is not None
+        return {name: (None if row is None else values[row]) for name, values in self._fields.items()}
+
+
+class _Cache:
+    """The lookups of one worker process, and when their versions were last checked."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current: dict[str, tuple[ServingLookups, float]] = {}
+        self.tables: dict[str, DeltaTable | None] = {}
+
+    def latest_version(self, location: str) -> int | None:
+        table = self.tables.get(location)
+        if table is None:
+            table = self.tables[location] = _open(location)
+            return None if table is None else table.version()
+        table.update_incremental()
+        return table.version()
+
+
+_CACHE = _Cache()
+
+
+def _pinned_models(sources: LookupSources) -> set[str]:
+    return {
+        v.model_version
+        for _, campaign in sources.campaigns
+        for v in campaign.variants
+        if v.strategy == "model" and v.model_version
+    }
+
+
+def load_lookups(sources: LookupSources, versions: dict[str, int | None]) -> ServingLookups:
+    """Read the three tables at ``versions`` (None = table absent) into :class:`ServingLookups`."""
+    started = time.monotonic()
+    catalog = _read(
+        _open(sources.catalog, versions["catalog"]) if versions["catalog"] is not None else None,
+        CATALOG_COLUMNS,
+    )
+    if catalog is None:
+        raise ServingLookupError(
+            f"no product catalog at {sources.catalog}: "
+            "upload one first (./spark-submit.sh upload-catalog FILE)"
+        )
+    matrices: dict[str | None, pa.Table | None] = {None: None}
+    if versions["matrix"] is not None:
+        live = _open(sources.matrix, versions["matrix"])
+        matrices[None] = _read(live, MATRIX_COLUMNS)
+        for model in _pinned_models(sources):
+            at = published_version(live, model) if live is not None else None
+            if at is None:
+                log.warning(
+                    "model version %r was never published to %s: its arm falls back", model, sources.matrix
+                )
+                matrices[model] = None
+            else:
+                matrices[model] = _read(_open(sources.matrix, at), MATRIX_COLUMNS)
+    trending = (
+        _read(_open(sources.trending, versions["trending"]), TRENDING_COLUMNS)
+        if versions["trending"] is not None
+        else None
+    )
+    if trending is None:
+        trending = pa.table(
+            {
+                "item_id": pa.array([], pa.string()),
+                "category": pa.array([], pa.string()),
+                "score": pa.array([], pa.float64()),
+            }
+        )
+    lookups = ServingLookups(sources, dict(versions), catalog, matrices, trending)
+    log.info(
+        "serving lookups loaded at versions %s: %d products, %d matrix rows, %d trending items (%.2fs)",
+        versions,
+        catalog.num_rows,
+        0 if matrices[None] is None else matrices[None].num_rows,
+        trending.num_rows,
+        time.monotonic() - started,
+    )
+    return lookups
+
+
+def current_lookups(sources: LookupSources, now: float | None = None) -> ServingLookups:
+    """This process's lookups for ``sources``, reloaded when a table's version changed (checked at
+    most every ``refresh_seconds``)."""
+    now = time.monotonic() if now is None else now
+    with _CACHE.lock:
+        held = _CACHE.current.get(sources.key)
+        if held is not None and now - held[1] < sources.refresh_seconds:
+            return held[0]
+        versions = {
+            "catalog": _CACHE.latest_version(sources.catalog),
+            "matrix": _CACHE.latest_version(sources.matrix),
+            "trending": _CACHE.latest_version(sources.trending),
+        }
+        lookups = (
+            held[0] if held is not None and held[0].versions == versions else load_lookups(sources, versions)
+        )
+        _CACHE.current[sources.key] = (lookups, now)
+        return lookups
+
+
+def arm_names(campaign: CampaignConfig) -> list[str]:
+    """Every arm a user of ``campaign`` can land in."""
+    names = [CONTROL_VARIANT] if campaign.control_share > 0 else []
+    return names + ([v.name for v in campaign.variants] or ["default"])

@@ -1,0 +1,184 @@
+"""Per-user state in the online store: profile, recent sends and answered triggers.
+
+Role: the few Redis verbs the real-time path needs (Feast's ``online_read`` /
+``online_write_batch`` shape), used by ``streaming/serve.py`` inside each micro-batch and by
+``jobs/rebuild_online_store.py``. Inputs: a client from :func:`carousel.online_store.connect`.
+
+Layout (``<prefix>`` = ``online_store.key_prefix``; ``{user}`` is a Redis Cluster hash tag, so
+every key of one user lives in one slot):
+
+* ``<prefix>:user:{<user id>}`` - one hash per user: ``p`` the :class:`OnlineProfile` (JSON),
+  ``s`` the recent sends (JSON ``[[payload id, campaign, item id, sent micros], ...]``, within
+  the longest ``sent_within_days`` / frequency-cap window), ``v`` a version counter. Expires
+  ``online_store.profile_ttl_days`` after the last write.
+* ``<prefix>:answered:{<user id>}:<trigger event id>`` - the answer given to a trigger (its Kafka
+  coordinates and outbox records), kept ``serving.answered_ttl_hours``: a replayed batch re-sends
+  the same answer, a trigger delivered again under a new offset is answered once.
+
+Reads are one pipelined round trip per micro-batch. Writes are one pipelined round trip too;
+each user's hash is written by a compare-and-set on ``v`` (a three-line Lua script, no business
+logic in Redis), so a concurrent writer - ``rebuild-online-store`` merging Delta profiles while
+``serve`` runs - is never overwritten: the loser re-reads and re-applies its (idempotent) changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from carousel.online_profile import OnlineProfile
+
+# KEYS[1] = the user's hash; ARGV = expected version ('' = absent), new version, profile, sends, ttl ms.
+_CAS_SCRIPT = """
+if (redis.call('HGET', KEYS[1], 'v') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'p', ARGV[3], 's', ARGV[4])
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) else redis.call('PERSIST', KEYS[1]) end
+return 1
+"""
+
+
+@dataclass
+class UserState:
+    """One user's hash as read, and what this batch changed."""
+
+    user_id: str
+    version: str = ""  # '' = no hash yet
+    profile: OnlineProfile = field(default_factory=OnlineProfile)
+    sends: list[list[Any]] = field(default_factory=list)  # [[payload_id, campaign, item_id, micros]]
+    changed: bool = False
+
+    def sent_since(self, since_micros: int) -> list[dict[str, Any]]:
+        """The recent sends as the ranking's exclusions read them."""
+        return [
+            {"payload_id": payload, "item_id": item, "sent_at": micros}
+            for payload, _, item, micros in self.sends
+            if micros >= since_micros
+        ]
+
+    def payloads_since(self, since_micros: int) -> int:
+        """How many payloads (not items) the user got since then: the frequency cap's count."""
+        return len({payload for payload, _, _, micros in self.sends if micros >= since_micros})
+
+    def record_send(self, payload_id: str, campaign: str, items: Sequence[str], micros: int) -> None:
+        known = {(entry[0], entry[2]) for entry in self.sends}
+        for item in items:
+            if (payload_id, item) not in known:
+                self.sends.append([payload_id, campaign, item, micros])
+        self.changed = True
+
+    def prune_sends(self, keep_since_micros: int) -> None:
+        kept = [entry for entry in self.sends if entry[3] >= keep_since_micros]
+        if len(kept) != len(self.sends):
+            self.sends = kept
+            self.changed = True
+
+    def merge_sends(self, other: Iterable[Sequence[Any]]) -> None:
+        """Union with ``other`` sends (by payload id and item): idempotent."""
+        known = {(entry[0], entry[2]) for entry in self.sends}
+        for entry in other:
+            if (entry[0], entry[2]) not in known:
+                self.sends.append(list(entry))
+                known.add((entry[0], entry[2]))
+                self.changed = True
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a trigger was answered with: its Kafka coordinates and its outbox records."""
+
+    partition: int
+    offset: int
+    outbox: tuple[Mapping[str, Any], ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"at": [self.partition, self.offset], "o": list(self.outbox)}, separators=(",", ":")
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Answer:
+        data = json.loads(text)
+        return cls(int(data["at"][0]), int(data["at"][1]), tuple(data["o"]))
+
+
+class OnlineState:
+    """Pipelined reads and compare-and-set writes of users' state (see the module docstring)."""
+
+    def __init__(self, client: Any, key_prefix: str, profile_ttl_ms: int, answered_ttl_ms: int) -> None:
+        self.client = client
+        self.prefix = key_prefix
+        self.profile_ttl_ms = profile_ttl_ms
+        self.answered_ttl_ms = answered_ttl_ms
+        self._cas = client.register_script(_CAS_SCRIPT)
+
+    def user_key(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{{{user_id}}}"
+
+    def answered_key(self, user_id: str, event_id: str) -> str:
+        return f"{self.prefix}:answered:{{{user_id}}}:{event_id}"
+
+    # -- reads -----------------------------------------------------------------------------------
+    def read(
+        self, users: Sequence[str], triggers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[dict[str, UserState], dict[tuple[str, str], Answer]]:
+        """The users' states and the answers already given to ``triggers`` ((user, event id)),
+        in one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for user in users:
+            pipe.hmget(self.user_key(user), "v", "p", "s")
+        for user, event_id in triggers:
+            pipe.get(self.answered_key(user, event_id))
+        replies = pipe.execute() if (users or triggers) else []
+        states = {user: _state(user, reply) for user, reply in zip(users, replies[: len(users)], strict=True)}
+        answers = {
+            trigger: Answer.from_json(reply)
+            for trigger, reply in zip(triggers, replies[len(users) :], strict=True)
+            if reply is not None
+        }
+        return states, answers
+
+    # -- writes ----------------------------------------------------------------------------------
+    def write(
+        self, states: Iterable[UserState], answers: Mapping[tuple[str, str], Answer] | None = None
+    ) -> list[str]:
+        """Write the changed states (compare-and-set) and the new answers; one round trip.
+
+        Returns the users whose hash another writer changed since :meth:`read`: nothing of theirs
+        was written, and the caller re-reads and re-applies.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        written: list[str] = []
+        for state in states:
+            if not state.changed:
+                continue
+            new_version = str(int(state.version or 0) + 1)
+            self._cas(
+                keys=[self.user_key(state.user_id)],
+                args=[
+                    state.version,
+                    new_version,
+                    state.profile.to_json(),
+                    json.dumps(state.sends, separators=(",", ":")),
+                    self.profile_ttl_ms,
+                ],
+                client=pipe,
+            )
+            written.append(state.user_id)
+        for (user, event_id), answer in (answers or {}).items():
+            pipe.set(self.answered_key(user, event_id), answer.to_json(), px=self.answered_ttl_ms)
+        if not written and not answers:
+            return []
+        replies = pipe.execute()
+        return [user for user, ok in zip(written, replies[: len(written)], strict=True) if not int(ok)]
+
+
+def _state(user: str, reply: Sequence[bytes | None]) -> UserState:
+    version, profile, sends = reply
+    return UserState(
+        user_id=user,
+        version=version.decode() if version else "",
+        profile=OnlineProfile.from_json(profile),
+        sends=json.loads(sends) if sends else [],
+    )

@@ -1,0 +1,424 @@
+"""The real-time hot path: a micro-batch of events -> online profiles -> ranked, rendered payloads.
+
+Role: everything ``serve`` does per record, as plain Python that a Spark Python worker runs on one
+Arrow batch at a time (``mapInArrow`` in ``streaming/serve.py``). One Kafka partition's records
+arrive in offset order, and a user's events share a partition (key = user id), so a user's
+events and triggers are handled in the order they were produced:
+
+1. **Profile**: each valid event is applied to the user's online profile
+   (:class:`~carousel.online_profile.OnlineProfile`), so a Product Viewed just before an App
+   Launched in the same batch already counts.
+2. **Trigger**: an event of a campaign's ``trigger_event_types`` is answered unless it was
+   answered already (same Kafka offset: a replayed batch, so the stored answer is sent again with
+   the same payload ids and items; another offset: a producer retry, skipped), is older than
+   ``serving.max_trigger_age_seconds`` (skipped) or the user hit the frequency cap (skipped).
+3. **Rank**: per campaign, the user's arm (:func:`carousel.experiments.assign_variant`), then the
+   one ranking function (:func:`carousel.ranking.rank_request`) against the in-memory lookups
+   (:mod:`carousel.lookups`) with the online profile's recent items and recent sends.
+4. **Render**: the channel payload (:func:`carousel.payloads.render_payload`); one that fails to
+   render or is larger than ``serving.max_payload_bytes`` goes to the dead-letter topic with the
+   reason, and the stream goes on.
+5. **Emit**: rows for one Kafka sink with a per-row ``topic``: the payload on ``recs.<channel>``
+   and one outbox record per payload (and per control-group hold-out) on ``recs.sent``, which
+   ``record-sends`` writes into the Delta ``sent_recommendations``.
+
+The online store is read once and written once per Arrow batch (pipelined), before any row is
+emitted: a kill at any point replays the batch into the same answers. Counts by outcome are
+emitted as ``count`` rows, which the query turns into observed metrics and drops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
+from carousel.experiments import assign_variant, trigger_payload_id
+from carousel.lookups import LookupSources, ServingLookups, current_lookups
+from carousel.online_state import Answer, OnlineState, UserState
+from carousel.online_store import connect
+from carousel.payloads import PayloadError, PayloadRenderer, payload_json, render_payload
+from carousel.ranking import rank_request
+from carousel.schemas import CATALOG_TABLE, CONTROL_VARIANT, ITEM_RECOMMENDATIONS_TABLE, TRENDING_TABLE
+
+log = logging.getLogger(__name__)
+
+# What the hot path counts per batch (observed metrics of the serving query, logged per batch).
+COUNTERS: tuple[str, ...] = (
+    "records",
+    "events_applied",
+    "triggers",
+    "payloads",
+    "control",
+    "replayed",
+    "dead_letter",
+    "no_items",
+    "skipped_invalid",
+    "skipped_stale",
+    "skipped_duplicate",
+    "skipped_frequency_cap",
+    "store_conflicts",
+)
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # record (goes to Kafka) | count (metrics only)
+        ("topic", pa.string()),
+        ("key", pa.string()),
+        ("value", pa.string()),
+        ("payload_id", pa.string()),
+        ("reason", pa.string()),  # the counter's name, for count rows
+        ("n", pa.int64()),
+    ]
+)
+OUTPUT_DDL = "kind string, topic string, key string, value string, payload_id string, reason string, n bigint"
+_MICROS = 1_000_000
+# Fault injection for the kill tests: SIGKILL the job's process group right after the Nth batch
+# whose answers were written to the online store, before any of its rows reaches Kafka.
+FAULT_KILL_ENV = "CAROUSEL_FAULT_KILL_AFTER_STORE_WRITE"
+_fault_countdown = [int(os.environ.get(FAULT_KILL_ENV) or 0)]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros_to_iso(micros: int) -> str:
+    """Epoch microseconds as ISO-8601 UTC with microseconds (``2026-12-02T15:00:00.123456Z``)."""
+    return (_EPOCH + timedelta(microseconds=micros)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """Everything the hot path needs, as plain values (pickled into the serving closure)."""
+
+    store: OnlineStoreConfig
+    sources: LookupSources
+    renderer: PayloadRenderer
+    campaigns: tuple[tuple[str, CampaignConfig], ...]  # the trigger campaigns
+    channel_topics: tuple[tuple[str, str], ...]
+    sent_topic: str
+    dead_letter_topic: str
+    recent_items: int
+    max_trigger_age_us: int
+    answered_ttl_ms: int
+    profile_ttl_ms: int
+    sends_keep_us: int
+    cap_max_payloads: int
+    cap_window_us: int
+    max_payload_bytes: int
+
+    @classmethod
+    def of(cls, cfg: CarouselConfig, renderer: PayloadRenderer) -> ServeSpec:
+        serving = cfg.serving
+        campaigns = tuple(
+            (name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled and c.trigger_event_types
+        )
+        longest_exclusion = max((c.exclusions.sent_within_days for c in cfg.campaigns.values()), default=0)
+        cap_window_us = round(serving.frequency_cap.window_hours * 3600 * _MICROS)
+        return cls(
+            store=cfg.online_store,
+            sources=LookupSources(
+                catalog=cfg.storage.table(CATALOG_TABLE),
+                matrix=cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE),
+                trending=cfg.storage.table(TRENDING_TABLE),
+                refresh_seconds=serving.refresh_seconds,
+                serving=serving,
+                campaigns=campaigns,
+            ),
+            renderer=renderer,
+            campaigns=campaigns,
+            channel_topics=tuple((name, t.name) for name, t in cfg.kafka.topics.items()),
+            sent_topic=cfg.kafka.topic("sent").name,
+            dead_letter_topic=cfg.kafka.topic("dead_letter").name,
+            recent_items=cfg.profiles.recent_items,
+            max_trigger_age_us=round(serving.max_trigger_age_seconds * _MICROS),
+            answered_ttl_ms=round(serving.answered_ttl_hours * 3600 * 1000),
+            profile_ttl_ms=round(cfg.online_store.profile_ttl_days * 86400 * 1000),
+            sends_keep_us=max(round(longest_exclusion * 86400 * _MICROS), cap_window_us),
+            cap_max_payloads=serving.frequency_cap.max_payloads,
+            cap_window_us=cap_window_us,
+            max_payload_bytes=serving.max_payload_bytes,
+        )
+
+    @property
+    def trigger_types(self) -> frozenset[str]:
+        return frozenset(t for _, c in self.campaigns for t in c.trigger_event_types)
+
+    def campaigns_for(self, event_type: str) -> list[tuple[str, CampaignConfig]]:
+        return [(name, c) for name, c in self.campaigns if event_type in c.trigger_event_types]
+
+    def topic(self, channel: str) -> str:
+        return dict(self.channel_topics)[channel]
+
+
+class _Batch:
+    """The output and counts of one Arrow batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []  # (topic, key, value, payload id)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, topic: str, key: str, value: str, payload_id: str) -> None:
+        self.rows.append((topic, key, value, payload_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# One trigger
+# ---------------------------------------------------------------------------------------------
+def rank_campaign(
+    trigger: Mapping[str, Any],
+    state: UserState,
+    campaign_name: str,
+    campaign: CampaignConfig,
+    lookups: ServingLookups,
+    now_us: int,
+) -> dict[str, Any] | None:
+    """The outbox record answering ``trigger`` for one campaign (None: no eligible item)."""
+    user = trigger["user_id"]
+    variant = assign_variant(campaign_name, campaign, user)
+    record: dict[str, Any] = {
+        "payload_id": trigger_payload_id(trigger["event_id"], campaign_name, campaign.channel),
+        "user_id": user,
+        "campaign": campaign_name,
+        "channel": campaign.channel,
+        "variant": variant,
+        "trigger_event_id": trigger["event_id"],
+        "trigger_event_type": trigger["event_type"],
+        "run_id": None,
+        "sent_at": micros_to_iso(now_us),
+        "model_version": None,
+        "items": [],
+    }
+    if variant == CONTROL_VARIANT:
+        return record
+    arm = lookups.arm(campaign_name, variant)
+    request = {
+        "request_id": record["payload_id"],
+        "user_id": user,
+        "requested_at": trigger["event_time"],
+        "trigger_item_id": trigger.get("item_id"),
+        "recent_views": state.profile.recent("views"),
+        "recent_purchases": state.profile.recent("purchases"),
+        "sends": state.sent_since(trigger["event_time"] - arm.rules.sent_within_us)
+        if arm.rules.sent_within_us
+        else (),
+    }
+    ranked = rank_request(request, arm.lists, arm.fallback, arm.rules, arm.use_model)
+    if not ranked:
+        return None
+    record["items"] = [
+        {"item_id": item, "rank": rank, "score": score, "strategy": strategy, "model_version": version}
+        for item, rank, score, strategy, version in ranked
+    ]
+    versions = [i["model_version"] for i in record["items"] if i["model_version"] is not None]
+    record["model_version"] = max(versions) if versions else None
+    return record
+
+
+def render_request(
+    record: Mapping[str, Any], template: str, lookups: ServingLookups, user: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The render request (``PAYLOAD_REQUEST_SCHEMA`` shape) of one outbox record."""
+    sent_at = datetime.fromisoformat(record["sent_at"].replace("Z", "+00:00"))
+    return {
+        **{k: record[k] for k in ("payload_id", "campaign", "channel", "variant", "user_id", "run_id")},
+        "template": template,
+        "trigger_event_id": record["trigger_event_id"],
+        "trigger_event_type": record["trigger_event_type"],
+        "model_version": record["model_version"],
+        "created_at": sent_at,
+        "user": user,
+        "items": [{**item, **lookups.item_fields(item["item_id"])} for item in record["items"]],
+    }
+
+
+def deliver(
+    record: Mapping[str, Any],
+    trigger: Mapping[str, Any],
+    state: UserState,
+    lookups: ServingLookups,
+    spec: ServeSpec,
+    out: _Batch,
+) -> None:
+    """Emit one answer: the payload and its outbox record, or the dead letter; control: outbox only."""
+    user, payload_id = record["user_id"], record["payload_id"]
+    outbox = json.dumps(record, separators=(",", ":"))
+    if record["variant"] == CONTROL_VARIANT:
+        out.emit(spec.sent_topic, user, outbox, payload_id)
+        out.counts["control"] += 1
+        return
+    campaign = spec.sources.campaign(record["campaign"])
+    try:
+        request = render_request(
+            record, campaign.template, lookups, state.profile.user_context(trigger.get("platform"))
+        )
+        value = payload_json(render_payload(request, spec.renderer))
+        size = len(value.encode()) + len(user.encode())
+        if size > spec.max_payload_bytes:
+            raise PayloadError(
+                f"payload {payload_id!r} is {size} bytes, more than serving.max_payload_bytes "
+                f"({spec.max_payload_bytes})"
+            )
+    except (PayloadError, ValueError) as err:
+        letter = {
+            "payload_id": payload_id,
+            "campaign": record["campaign"],
+            "channel": record["channel"],
+            "user_id": user,
+            "trigger_event_id": record["trigger_event_id"],
+            "items": [i["item_id"] for i in record["items"]],
+            "reason": str(err),
+            "failed_at": micros_to_iso(time.time_ns() // 1000),
+        }
+        out.emit(spec.dead_letter_topic, user, json.dumps(letter, separators=(",", ":")), payload_id)
+        out.counts["dead_letter"] += 1
+        return
+    out.emit(spec.topic(record["channel"]), user, value, payload_id)
+    out.emit(spec.sent_topic, user, outbox, payload_id)
+    out.counts["payloads"] += 1
+    sent_us = round(datetime.fromisoformat(record["sent_at"].replace("Z", "+00:00")).timestamp() * _MICROS)
+    state.record_send(payload_id, record["campaign"], [i["item_id"] for i in record["items"]], sent_us)
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch
+# ---------------------------------------------------------------------------------------------
+def answer_records(
+    records: Sequence[Mapping[str, Any]],
+    store: OnlineState,
+    lookups: ServingLookups,
+    spec: ServeSpec,
+    now_us: int,
+) -> _Batch:
+    """Apply the batch's events and answer its triggers (see the module docstring).
+
+    ``records`` (in offset order per partition): ``partition, offset, invalid_reason`` (None when
+    valid) and the event's ``event_id, user_id, event_type, item_id, event_time`` (micros),
+    ``platform`` and ``user_attributes``.
+    """
+    out = _Batch()
+    out.counts["records"] = len(records)
+    valid = [r for r in records if r["invalid_reason"] is None]
+    out.counts["skipped_invalid"] = len(records) - len(valid)
+    trigger_types = spec.trigger_types
+    users = list(dict.fromkeys(r["user_id"] for r in valid))
+    triggers = list(
+        dict.fromkeys((r["user_id"], r["event_id"]) for r in valid if r["event_type"] in trigger_types)
+    )
+    states, answered = store.read(users, triggers)
+    applied: dict[str, list[Mapping[str, Any]]] = {}
+    new_answers: dict[tuple[str, str], Answer] = {}
+    cap_since = now_us - spec.cap_window_us
+    for record in valid:
+        user = record["user_id"]
+        state = states[user]
+        if state.profile.apply(record, spec.recent_items):
+            state.changed = True
+            out.counts["events_applied"] += 1
+        applied.setdefault(user, []).append(record)
+        if record["event_type"] not in trigger_types:
+            continue
+        out.counts["triggers"] += 1
+        key = (user, record["event_id"])
+        prior = answered.get(key) or new_answers.get(key)
+        if prior is not None:
+            if (prior.partition, prior.offset) == (
+                record["partition"],
+                record["offset"],
+            ) and key not in new_answers:
+                for outbox in prior.outbox:  # a replayed batch: the same answer again
+                    deliver(outbox, record, state, lookups, spec, out)
+                out.counts["replayed"] += 1
+            else:
+                out.counts["skipped_duplicate"] += 1
+            continue
+        if now_us - record["event_time"] > spec.max_trigger_age_us:
+            out.counts["skipped_stale"] += 1
+            continue
+        if spec.cap_max_payloads and state.payloads_since(cap_since) >= spec.cap_max_payloads:
+            out.counts["skipped_frequency_cap"] += 1
+            continue
+        answers = []
+        for name, campaign in spec.campaigns_for(record["event_type"]):
+            outbox = rank_campaign(record, state, name, campaign, lookups, now_us)
+            if outbox is None:
+                out.counts["no_items"] += 1
+                continue
+            answers.append(outbox)
+            deliver(outbox, record, state, lookups, spec, out)
+        new_answers[key] = Answer(record["partition"], record["offset"], tuple(answers))
+    for state in states.values():
+        state.prune_sends(now_us - spec.sends_keep_us)
+    _write(store, states, applied, new_answers, spec, now_us, out)
+    if new_answers and _fault_countdown[0] > 0:
+        _fault_countdown[0] -= 1
+        if _fault_countdown[0] == 0:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+    return out
+
+
+def _write(
+    store: OnlineState,
+    states: dict[str, UserState],
+    applied: Mapping[str, Sequence[Mapping[str, Any]]],
+    answers: Mapping[tuple[str, str], Answer],
+    spec: ServeSpec,
+    now_us: int,
+    out: _Batch,
+) -> None:
+    """Write back; users changed meanwhile by another writer are re-read and re-applied."""
+    conflicts = store.write(states.values(), answers)
+    for _attempt in range(10):
+        if not conflicts:
+            return
+        out.counts["store_conflicts"] += len(conflicts)
+        fresh, _ = store.read(conflicts)
+        for user, state in fresh.items():
+            for event in applied.get(user, ()):
+                state.profile.apply(event, spec.recent_items)
+            state.merge_sends(states[user].sends)
+            state.prune_sends(now_us - spec.sends_keep_us)
+            state.changed = True
+        conflicts = store.write(fresh.values())
+    raise RuntimeError(
+        f"online store: users {conflicts[:5]} kept changing under serve; batch retried by Spark"
+    )
+
+
+def output_batch(out: _Batch) -> pa.RecordBatch:
+    rows, counts = out.rows, {name: n for name, n in out.counts.items() if n}
+    size = len(rows) + len(counts)
+    return (
+        pa.RecordBatch.from_pydict(
+            {
+                "kind": ["record"] * len(rows) + ["count"] * len(counts),
+                "topic": [r[0] for r in rows] + [None] * len(counts),
+                "key": [r[1] for r in rows] + [None] * len(counts),
+                "value": [r[2] for r in rows] + [None] * len(counts),
+                "payload_id": [r[3] for r in rows] + [None] * len(counts),
+                "reason": [None] * len(rows) + list(counts),
+                "n": [None] * len(rows) + list(counts.values()),
+            },
+            schema=OUTPUT_SCHEMA,
+        )
+        if size
+        else pa.RecordBatch.from_pylist([], schema=OUTPUT_SCHEMA)
+    )
+
+
+def answer_batches(batches: Iterator[pa.RecordBatch], spec: ServeSpec) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: one online-store round trip each way per Arrow batch."""
+    store = OnlineState(connect(spec.store), spec.store.key_prefix, spec.profile_ttl_ms, spec.answered_ttl_ms)
+    for batch in batches:
+        records = batch.to_pylist()
+        if not records:
+            continue
+        lookups = current_lookups(spec.sources)
+        yield output_batch(answer_records(records, store, lookups, spec, time.time_ns() // 1000))
