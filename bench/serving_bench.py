@@ -1,71 +1,106 @@
-"""Serving benchmark: trigger -> payload latency at steady rates, against a pass-through ceiling.
+"""Serving benchmark: trigger -> payload latency of the online-store hot path, against ceilings.
 
     .venv/bin/python -m bench.serving_bench                      # 1M users, 100k items; 200/1000/5000 per s
     .venv/bin/python -m bench.serving_bench --quick              # smoke: small shop, one short rate
-    .venv/bin/python -m bench.serving_bench --rates 100,500 --duration 30 --shop-root /tmp/shop
+    .venv/bin/python -m bench.serving_bench --sweep              # also: serve at other latency settings
+    .venv/bin/python -m bench.serving_bench --trigger-interval "1 second" --fetch-wait-ms 500 \\
+        --events-partitions 4 --skip-recovery                    # the whole run at other settings
 
-Everything runs on this machine: a private Kafka broker (temp state folder, free ports), one
-``local[2]`` Spark session, and the scaled shop of :mod:`bench.shop_data` (built, or reused from
-``--shop-root``), linked read-only into each run's own storage root. Phases, each on fresh topics:
+Everything runs on this machine: a private Kafka broker and a private ``redis-server`` (temp
+state folders, free ports), one ``local[2]`` Spark session, and the scaled shop of
+:mod:`bench.shop_data` (built, or reused from ``--shop-root``), linked read-only into the run's
+own storage root. Phases, each on fresh topics (output topics with ``LogAppendTime``):
 
-1. **serve**: ``streaming.serve.run(spark, cfg)`` in this process (processing-time trigger
-   ``serving.trigger_interval``), with the configured campaigns (``launch-push`` answers
-   ``App Launched``). A producer thread sends App Launched triggers for uniformly random shop
-   users at each steady ``--rates`` value for ``--duration`` seconds, after a ``--warmup`` at the
-   lowest rate; the send time of each event id is recorded. A consumer thread reads the push
-   topic. Its topics use ``message.timestamp.type=LogAppendTime``, so a payload's record timestamp
-   is the moment the broker appended it: latency = that time - the trigger's send time (same
-   clock). Between rates the bench waits until every payload of the rate has arrived (at most
-   ``--drain-timeout``); a rate that does not drain ends the phase (higher rates are skipped).
-2. **ceiling**: a pass-through query (read the triggers, write them unchanged to an output topic)
-   with the same Kafka source options and the same trigger, measured the same way: the floor of
-   latency and the most throughput a Kafka -> Kafka micro-batch query reaches here.
-3. **real-time ceiling**: the same pass-through with Spark 4.1's real-time mode
+1. **online store**: ``jobs.rebuild_online_store.run`` loads the shop's Delta profiles into the
+   empty store, timed; then the store's ``used_memory``; then the per-batch store round trips
+   (pipelined vs per user, cached vs new connection) and the hot path's Python cost per trigger
+   in this process (:mod:`bench.serving_store`).
+2. **serve**: ``streaming.serve.run(spark, cfg)`` in this process. A producer sends ``App
+   Launched`` triggers for random shop users, each after 4 item events of the same user
+   (:class:`bench.serving_traffic.MixedProducer`: 5 records per trigger), first ``--warmup`` s at
+   the lowest rate, then each ``--rates`` value for ``--duration`` s. A consumer reads the push
+   topic: latency = the payload's broker append time - the trigger's send time. After each rate
+   the bench waits for that rate's last payload (at most ``--drain-timeout``); a rate that does
+   not drain ends the phase. Per rate, from the query's progress: micro-batches, their
+   ``durationMs`` and the observed metrics ``serve`` (payloads, skipped triggers, ...).
+3. **outbox**: with serve still running, ``streaming.record_sends.run`` (continuous,
+   ``sent_log.trigger_interval``) in the same session, from the outbox's end; ``--outbox-rate``
+   for ``--outbox-duration`` s; lag = when each payload's rows became visible in Delta (its
+   commit file) - its ``sent_at`` (:mod:`bench.serving_outbox`). Serve's latency meanwhile is
+   reported too (both queries share the 2 cores).
+4. **sweep** (``--sweep``): serve again at ``--sweep-rate`` for ``--sweep-duration`` s per
+   setting: the run's settings, trigger interval 100 ms and 1 s, ``kafka.fetch.max.wait.ms`` 500
+   (Kafka's default), and the other partition count (2 <-> 4).
+5. **recovery**: ``./spark-submit.sh serve`` as a subprocess under steady traffic, SIGKILLed and
+   restarted: time to the first payload and until p99 is back under 1 s
+   (:mod:`bench.serving_recovery`).
+6. **ceiling**: a micro-batch pass-through (read the mixed topic, write every record unchanged)
+   with serve's Kafka source options (``maxOffsetsPerTrigger``, ``kafka.fetch.max.wait.ms``) and
+   trigger, measured the same way: the floor of a micro-batch Kafka -> Kafka query here.
+7. **real-time ceiling**: the same pass-through in Spark 4.1's real-time mode
    (``Trigger.RealTime``; PySpark 4.1.3 has no ``realTime=`` keyword yet, so the JVM trigger is
-   set through py4j). The serving query itself cannot use real-time mode; see bench/README.md.
+   set through py4j).
 
-Per serve micro-batch the steps of ``streaming.serve.process_batch`` are timed by wrapping the
-helpers it calls (no change to the module). Figures are printed and written to ``--output``
-(default ``bench/results/serving.json``); nothing is asserted.
+Figures are printed and written to ``--output`` (default ``bench/results/serving.json``); nothing
+is asserted. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import random
-import re
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 
-from bench import common
+from bench import common, serving_store
+from bench.serving_outbox import lag_figures
+from bench.serving_recovery import RecoveryRun, run_recovery
+from bench.serving_traffic import (
+    PASS_THROUGH_TRIGGER_ID,
+    PAYLOAD_TRIGGER_ID,
+    MixedProducer,
+    PayloadConsumer,
+    create_topic,
+    latency_figures,
+    percentile,
+)
 from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
-from carousel import broker
+from carousel import broker, online_store_server
 from carousel.cli import setup_logging
 from carousel.config import CarouselConfig
 from carousel.query_lifecycle import stop_between_batches
-from carousel.schemas import APP_LAUNCHED, PUSH
+from carousel.schemas import PUSH, SENT_RECOMMENDATIONS_TABLE
+from streaming.serve import TrendingRefresher
 
 log = logging.getLogger("bench.serving")
 
 DEFAULT_OUTPUT = "bench/results/serving.json"
-QUICK = {"users": 20_000, "items": 5_000, "events": 50_000, "rates": "200", "duration": 15.0, "warmup": 10.0}
+QUICK = {
+    "users": 20_000,
+    "items": 5_000,
+    "events": 50_000,
+    "rates": "200",
+    "duration": 15.0,
+    "warmup": 10.0,
+    "outbox_duration": 10.0,
+    "recovery_steady": 8.0,
+    "sweep_duration": 10.0,
+}
 LATENCY_GOAL_S = 1.0
+SECOND_GOAL_S = 2.0
+CEILING_FACTOR_GOAL = 1.5
+GOAL_RATE = 1000.0
 REALTIME_CHECKPOINT_INTERVAL = "30 seconds"
-_SERVE_ID = re.compile(rb'"trigger_event_id":"([^"]+)"')
-_TRIGGER_ID = re.compile(rb'"event_id":"([^"]+)"')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +108,7 @@ _TRIGGER_ID = re.compile(rb'"event_id":"([^"]+)"')
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = common.bench_parser(
-        "serving", "Trigger -> payload latency of serve at steady rates, vs a pass-through ceiling."
+        "serving", "Trigger -> payload latency of serve at steady rates, vs pass-through ceilings."
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small shop, 200/s for 15 s")
     parser.add_argument("--rates", default="200,1000,5000", help="steady rates, triggers/s (200,1000,5000)")
@@ -82,13 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drain-timeout", type=float, default=90.0, help="seconds to wait for a rate's last payloads (90)"
     )
-    parser.add_argument(
-        "--trigger-interval", help="serving.trigger_interval for serve and ceiling (default: the config's)"
+    settings = parser.add_argument_group("latency settings (serve and the micro-batch ceiling)")
+    settings.add_argument("--trigger-interval", help="serving.trigger_interval (default: the config's)")
+    settings.add_argument(
+        "--fetch-wait-ms", type=int, help="serving.kafka_fetch_max_wait_ms (default: the config's)"
     )
-    parser.add_argument("--partitions", type=int, default=2, help="partitions of the trigger topics (2)")
-    parser.add_argument("--skip-ceiling", action="store_true", help="no pass-through ceiling")
-    parser.add_argument("--skip-realtime", action="store_true", help="no real-time-mode pass-through")
+    settings.add_argument(
+        "--events-partitions",
+        "--partitions",
+        dest="partitions",
+        type=int,
+        default=2,
+        help="partitions of the events topics (2 = the session's cores)",
+    )
+    settings.add_argument("--sweep", action="store_true", help="also serve at the other latency settings")
+    settings.add_argument("--sweep-rate", type=float, default=1000.0, help="triggers/s of the sweep (1000)")
+    settings.add_argument("--sweep-duration", type=float, default=30.0, help="seconds per setting (30)")
+    phases = parser.add_argument_group("phases")
+    phases.add_argument("--outbox-rate", type=float, default=1000.0, help="triggers/s of the outbox phase")
+    phases.add_argument("--outbox-duration", type=float, default=30.0, help="seconds of the outbox phase")
+    phases.add_argument("--recovery-rate", type=float, default=1000.0, help="triggers/s while killing serve")
+    phases.add_argument(
+        "--recovery-steady", type=float, default=15.0, help="steady seconds before the kill and after (15)"
+    )
+    phases.add_argument(
+        "--recovery-timeout", type=float, default=300.0, help="most seconds to wait for a (re)start (300)"
+    )
+    for name in ("store-micro", "outbox", "recovery", "ceiling", "realtime"):
+        phases.add_argument(f"--skip-{name}", action="store_true", help=f"leave out the {name} phase")
     parser.add_argument("--driver-memory", default="4g", help="Spark driver memory (4g)")
+    parser.add_argument("--store-max-memory", default="4gb", help="the bench Redis's maxmemory (4gb)")
     return common.add_run_args(
         parser, DEFAULT_OUTPUT, "keep broker data, tables and checkpoints here (default: temp)"
     )
@@ -104,7 +162,8 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig:
+def _head(args: argparse.Namespace) -> list[str]:
+    """The bench's own defaults, before the user's --config / --set."""
     head = [
         "spark.master=local[2]",
         "spark.shuffle_partitions=4",
@@ -112,320 +171,151 @@ def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig
     ]
     if args.trigger_interval:
         head.append(f"serving.trigger_interval={args.trigger_interval}")
-    return common.bench_config(args, head, required, log)
+    if args.fetch_wait_ms is not None:
+        head.append(f"serving.kafka_fetch_max_wait_ms={args.fetch_wait_ms}")
+    return head
 
 
-def create_topic(bootstrap: str, name: str, partitions: int, log_append_time: bool = False) -> None:
-    """Create ``name``; with ``log_append_time`` records carry the broker's append time."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    config = {"message.timestamp.type": "LogAppendTime"} if log_append_time else {}
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config)]
-    )
-    for future in futures.values():
-        future.result(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        topic = admin.list_topics(name, timeout=10).topics.get(name)
-        if topic is not None and topic.error is None and len(topic.partitions) == partitions:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"topic {name} not visible after 30 s")
-
-
-# ---------------------------------------------------------------------------------------------
-# Producer and consumer threads
-# ---------------------------------------------------------------------------------------------
-class TriggerProducer:
-    """Sends App Launched triggers for random users at a steady rate; remembers each send time."""
-
-    def __init__(self, bootstrap: str, topic: str, users: int, seed: int) -> None:
-        from confluent_kafka import Producer
-
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "enable.idempotence": True})
-        self.topic = topic
-        self.users = users
-        self.random = random.Random(seed)
-        self.sent: dict[str, float] = {}
-        self.errors: list[str] = []
-
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self.errors.append(str(err))
-
-    def run(self, phase: str, rate: float, duration: float) -> dict[str, Any]:
-        """Send ``rate`` triggers/s for ``duration`` s (ids ``<phase>-<n>``); returns the figures."""
-        total = int(round(rate * duration))
-        started = time.perf_counter()
-        sent = 0
-        platforms = ("android", "ios", "web")
-        while sent < total:
-            due = min(total, int((time.perf_counter() - started) * rate) + 1)
-            while sent < due:
-                event_id = f"{phase}-{sent}"
-                user = f"u-{self.random.randrange(self.users):07d}"
-                now = datetime.now(UTC)
-                value = (
-                    f'{{"event_id":"{event_id}","user_id":"{user}","event_type":"{APP_LAUNCHED}",'
-                    f'"event_time":"{now.isoformat(timespec="milliseconds")}","source":"mobile",'
-                    f'"device":{{"platform":"{platforms[sent % 3]}"}}}}'
-                )
-                while True:
-                    try:
-                        self.producer.produce(
-                            self.topic, value=value.encode(), key=user.encode(), on_delivery=self._on_delivery
-                        )
-                        break
-                    except BufferError:
-                        self.producer.poll(0.01)
-                self.sent[event_id] = time.time()
-                sent += 1
-            self.producer.poll(0)
-            # Sleep to the next send (at most 5 ms), so that sends are spread over each second.
-            next_due = started + (sent / rate)
-            pause = next_due - time.perf_counter()
-            if pause > 0:
-                time.sleep(min(pause, 0.005))
-        self.producer.flush(60)
-        seconds = time.perf_counter() - started
-        return {"records": sent, "seconds": round(seconds, 3), "rate": round(sent / seconds, 1)}
-
-
-class PayloadConsumer:
-    """Reads an output topic in a thread; keeps (id -> broker append time) for every record."""
-
-    def __init__(self, bootstrap: str, topic: str, id_pattern: re.Pattern[bytes]) -> None:
-        from confluent_kafka import Consumer
-
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.pattern = id_pattern
-        self.received: dict[str, float] = {}
-        self.unmatched = 0
-        self.duplicates = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"bench-consumer-{topic}", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for message in self.consumer.consume(num_messages=1000, timeout=0.1):
-                if message.error() is not None:
-                    continue
-                match = self.pattern.search(message.value() or b"")
-                if match is None:
-                    self.unmatched += 1
-                    continue
-                key = match.group(1).decode()
-                if key in self.received:
-                    self.duplicates += 1
-                    continue
-                _kind, stamp_ms = message.timestamp()
-                self.received[key] = stamp_ms / 1000.0
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.consumer.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-batch step timings of serve
-# ---------------------------------------------------------------------------------------------
-SERVE_STEPS = (
-    "read triggers + profile join + count",
-    "load inputs (catalog, matrix, trending, sends)",
-    "rank + append sent_recommendations",
-    "read back + render payloads",
-    "write payloads to Kafka",
-    "per-arm counts + other",
-)
-# Helper of streaming.serve -> (step it is, step of the wall time just before it).
-_SERVE_HELPERS = {
-    "read_catalog_snapshot": (SERVE_STEPS[1], SERVE_STEPS[0]),
-    "load_serving_inputs": (SERVE_STEPS[1], SERVE_STEPS[1]),
-    "idempotent_append": (SERVE_STEPS[2], SERVE_STEPS[1]),
-    "write_payloads": (SERVE_STEPS[4], SERVE_STEPS[3]),
-}
-
-
-class ServeStepTimer(common.BatchTimer):
-    """Times the steps of ``streaming.serve.process_batch`` by wrapping the helpers it calls.
-
-    Only module attributes of ``streaming.serve`` are replaced while installed (install before
-    ``serve.run``, which binds ``process_batch``). A batch that reads no trigger counts as empty.
-    """
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[ServeStepTimer]:
-        from streaming import serve
-
-        names = ("process_batch", *_SERVE_HELPERS)
-        originals = {name: getattr(serve, name) for name in names if hasattr(serve, name)}
-        if "process_batch" not in originals:
-            log.warning("streaming.serve.process_batch not found: no per-step timings")
-            yield self
-            return
-        original_batch = originals["process_batch"]
-
-        def timed_batch(batch: Any, batch_id: int, **kwargs: Any) -> None:
-            started = time.perf_counter()
-            self._current, self._mark = {"batch_id": batch_id, "steps": {}}, started
-            try:
-                original_batch(batch, batch_id, **kwargs)
-            finally:
-                ended = time.perf_counter()
-                current, self._current = self._current, None
-                if not current["steps"]:
-                    self.empty_batches += 1
-                else:
-                    self._current = current
-                    self._add(SERVE_STEPS[5], ended - self._mark)
-                    self._current = None
-                    current["total"] = ended - started
-                    current["wall_end"] = time.time()
-                    self.batches.append(current)
-
-        def timed(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-            step_and_gap = _SERVE_HELPERS[name]
-            return self.timed(original, lambda *_args, **_kwargs: step_and_gap)
-
-        serve.process_batch = timed_batch
-        for name in _SERVE_HELPERS:
-            if name in originals:
-                setattr(serve, name, timed(name, originals[name]))
-        try:
-            yield self
-        finally:
-            for name, original in originals.items():
-                setattr(serve, name, original)
-
-    def summary(self, since: float, until: float) -> dict[str, Any]:
-        """Mean seconds per step over the batches that ended between ``since`` and ``until``."""
-        batches = [b for b in self.batches if since <= b["wall_end"] <= until]
-        total = sum(b["total"] for b in batches)
-        steps = {}
-        for name in SERVE_STEPS:
-            seconds = sum(b["steps"].get(name, 0.0) for b in batches)
-            steps[name] = {
-                "mean_s": round(seconds / len(batches), 3) if batches else 0.0,
-                "share": round(seconds / total, 3) if total else 0.0,
-            }
-        return {
-            "batches": len(batches),
-            "mean_batch_s": round(total / len(batches), 3) if batches else None,
-            "steps": steps,
-        }
+def _config(args: argparse.Namespace, required: Sequence[str]) -> CarouselConfig:
+    return common.bench_config(args, _head(args), required, log)
 
 
 # ---------------------------------------------------------------------------------------------
 # Measuring one query at steady rates
 # ---------------------------------------------------------------------------------------------
-def latency_figures(sent: dict[str, float], received: dict[str, float], prefix: str) -> dict[str, Any]:
-    """Latency percentiles of the ids starting with ``prefix``; a missing payload counts as infinite."""
-    ids = [key for key in sent if key.startswith(prefix)]
-    latencies = sorted(received[key] - sent[key] for key in ids if key in received)
-    missing = len(ids) - len(latencies)
-    # Missing payloads sort last: a percentile that falls among them is infinite.
-    padded = latencies + [float("inf")] * missing
-
-    def pct(q: float) -> float | None:
-        if not padded:
-            return None
-        value = padded[min(len(padded) - 1, int(q * len(padded)))]
-        return round(value, 3) if value != float("inf") else None
-
-    arrivals = [received[key] for key in ids if key in received]
-    first_sent = min((sent[key] for key in ids), default=None)
-    span = (max(arrivals) - first_sent) if arrivals and first_sent is not None else 0.0
-    return {
-        "triggers": len(ids),
-        "delivered": len(latencies),
-        "missing": missing,
-        "p50_s": pct(0.50),
-        "p95_s": pct(0.95),
-        "p99_s": pct(0.99),
-        "min_s": round(latencies[0], 3) if latencies else None,
-        "max_s": round(latencies[-1], 3) if latencies and not missing else None,
-        "mean_s": round(sum(latencies) / len(latencies), 3) if latencies else None,
-        "delivered_per_s": round(len(latencies) / span, 1) if span > 0 else None,
-    }
-
-
 def _drain(
-    query: Any, producer: TriggerProducer, consumer: PayloadConsumer, prefix: str, timeout: float
+    query: Any, producer: MixedProducer, consumer: PayloadConsumer, prefix: str, timeout: float
 ) -> float:
     """Wait until every trigger of ``prefix`` has its output; returns the seconds waited (or -1)."""
-    wanted = [key for key in producer.sent if key.startswith(prefix)]
+    wanted = [key for key in dict(producer.sent) if key.startswith(prefix)]
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if query.exception() is not None or not query.isActive:
             raise RuntimeError(f"{query.name} stopped: {query.exception()}")
-        if all(key in consumer.received for key in wanted):
+        received = consumer.received
+        wanted = [key for key in wanted if key not in received]
+        if not wanted:
             return round(time.monotonic() - started, 3)
         time.sleep(0.2)
     return -1.0
 
 
+def _epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
+
+
+def progress_batches(query: Any, since: float = 0.0, until: float = float("inf")) -> list[dict[str, Any]]:
+    """The query's micro-batches with input that started between ``since`` and ``until`` (epoch s)."""
+    batches = []
+    for p in query.recentProgress:
+        rows = int(p.numInputRows or 0)
+        started = _epoch(p.timestamp)
+        if not rows or not since <= started < until:
+            continue
+        metrics = (p.observedMetrics or {}).get("serve")
+        batches.append(
+            {
+                "batch_id": p.batchId,
+                "started": started,
+                "rows": rows,
+                "duration_ms": dict(p.durationMs),
+                "metrics": metrics.asDict() if metrics is not None else None,
+            }
+        )
+    return batches
+
+
+def batch_summary(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-batch time (``durationMs``) percentiles, mean of each part, rows and summed metrics."""
+    if not batches:
+        return {"batches": 0}
+    total = sorted(b["duration_ms"].get("triggerExecution", 0) / 1000 for b in batches)
+    parts: dict[str, float] = {}
+    for b in batches:
+        for name, ms in b["duration_ms"].items():
+            parts[name] = parts.get(name, 0.0) + ms
+    counts: dict[str, int] = {}
+    for b in batches:
+        for name, n in (b["metrics"] or {}).items():
+            counts[name] = counts.get(name, 0) + int(n or 0)
+    return {
+        "batches": len(batches),
+        "rows_per_batch_mean": round(sum(b["rows"] for b in batches) / len(batches), 1),
+        "batch_s_p50": percentile(total, 0.5),
+        "batch_s_p95": percentile(total, 0.95),
+        "batch_s_max": round(total[-1], 3),
+        "mean_ms": {name: round(ms / len(batches), 1) for name, ms in sorted(parts.items())},
+        "metrics": {name: n for name, n in counts.items() if n},
+    }
+
+
+def measure_rate(
+    name: str,
+    query: Any,
+    producer: MixedProducer,
+    consumer: PayloadConsumer,
+    prefix: str,
+    rate: float,
+    duration: float,
+    drain_timeout: float,
+) -> dict[str, Any]:
+    """Produce ``rate`` for ``duration`` s, drain, and the figures of that rate."""
+    load_before = common.load1()
+    since = time.time()
+    log.info("%s: %.0f triggers/s for %.0f s", name, rate, duration)
+    produced = producer.run(prefix, rate, duration)
+    drained = _drain(query, producer, consumer, f"{prefix}-", drain_timeout)
+    figures = latency_figures(producer.sent, consumer.received, f"{prefix}-")
+    entry: dict[str, Any] = {
+        "target_rate": rate,
+        "produce": produced,
+        "drained_after_s": drained if drained >= 0 else None,
+        "latency": figures,
+        "p99_under_1s": drained >= 0 and figures["p99_s"] is not None and figures["p99_s"] < LATENCY_GOAL_S,
+        "p99_under_2s": drained >= 0 and figures["p99_s"] is not None and figures["p99_s"] < SECOND_GOAL_S,
+        "load_1min": [load_before, common.load1()],
+        "micro_batches": batch_summary(progress_batches(query, since, time.time())),
+    }
+    log.info(
+        "%s at %.0f/s: p50 %s s, p95 %s s, p99 %s s, delivered %d/%d, drained after %s s, batches %s",
+        name,
+        rate,
+        figures["p50_s"],
+        figures["p95_s"],
+        figures["p99_s"],
+        figures["delivered"],
+        figures["triggers"],
+        entry["drained_after_s"],
+        {k: v for k, v in entry["micro_batches"].items() if k in ("batches", "batch_s_p50", "batch_s_p95")},
+    )
+    return entry
+
+
 def measure(
     name: str,
     query: Any,
-    producer: TriggerProducer,
+    producer: MixedProducer,
     consumer: PayloadConsumer,
     args: argparse.Namespace,
     rates: list[float],
-    timer: ServeStepTimer | None = None,
+    warmup: float,
+    duration: float,
 ) -> dict[str, Any]:
     """Warm-up, then each rate in turn: produce, drain, figures."""
     common.wait_started(query, 300.0, log)
     result: dict[str, Any] = {"rates": []}
-    if args.warmup > 0:
-        log.info("%s: warm-up at %.0f/s for %.0f s", name, rates[0], args.warmup)
-        producer.run("warm", rates[0], args.warmup)
+    if warmup > 0:
+        log.info("%s: warm-up at %.0f/s for %.0f s", name, rates[0], warmup)
+        producer.run("warm", rates[0], warmup)
         drained = _drain(query, producer, consumer, "warm-", args.drain_timeout * 2)
-        result["warmup"] = {"rate": rates[0], "seconds": args.warmup, "drained_after_s": drained}
+        result["warmup"] = {"rate": rates[0], "seconds": warmup, "drained_after_s": drained}
         result["warmup"]["latency"] = latency_figures(producer.sent, consumer.received, "warm-")
     for rate in rates:
-        prefix = f"r{int(rate)}-"
-        load_before = common.load1()
-        since = time.time()
-        log.info("%s: %.0f triggers/s for %.0f s", name, rate, args.duration)
-        produced = producer.run(prefix.rstrip("-"), rate, args.duration)
-        drained = _drain(query, producer, consumer, prefix, args.drain_timeout)
-        figures = latency_figures(producer.sent, consumer.received, prefix)
-        entry: dict[str, Any] = {
-            "target_rate": rate,
-            "produce": produced,
-            "drained_after_s": drained if drained >= 0 else None,
-            "latency": figures,
-            "sustained": drained >= 0 and figures["p99_s"] is not None and figures["p99_s"] < LATENCY_GOAL_S,
-            "load_1min": [load_before, common.load1()],
-        }
-        if timer is not None:
-            entry["serve_steps"] = timer.summary(since, time.time())
-        result["rates"].append(entry)
-        log.info(
-            "%s at %.0f/s: p50 %s s, p95 %s s, p99 %s s, delivered %d/%d, drained after %s s",
-            name,
-            rate,
-            figures["p50_s"],
-            figures["p95_s"],
-            figures["p99_s"],
-            figures["delivered"],
-            figures["triggers"],
-            entry["drained_after_s"],
+        entry = measure_rate(
+            name, query, producer, consumer, f"r{int(rate)}", rate, duration, args.drain_timeout
         )
-        if drained < 0:
+        result["rates"].append(entry)
+        if entry["drained_after_s"] is None:
             log.warning(
                 "%s: the %.0f/s backlog did not drain in %.0f s: higher rates skipped",
                 name,
@@ -434,75 +324,201 @@ def measure(
             )
             result["stopped_at_rate"] = rate
             break
-    sustained = [r["target_rate"] for r in result["rates"] if r["sustained"]]
-    result["highest_rate_p99_under_1s"] = max(sustained) if sustained else None
-    result["batches"] = _progress_batches(query)
+    for goal, key in ((LATENCY_GOAL_S, "p99_under_1s"), (SECOND_GOAL_S, "p99_under_2s")):
+        met = [r["target_rate"] for r in result["rates"] if r[key]]
+        result[f"highest_rate_p99_under_{goal:.0f}s"] = max(met) if met else None
+    result["producer_errors"] = len(producer.errors)
     return result
 
 
-def _progress_batches(query: Any) -> list[dict[str, Any]]:
-    return [
-        {"batch_id": p["batchId"], "rows": int(p["numInputRows"]), "duration_ms": dict(p["durationMs"])}
-        for p in query.recentProgress
-        if int(p["numInputRows"])
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
-# The three queries
+# Phases
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RateRun:
-    """What every measured query gets: the flags, the steady rates, the broker and the shop's users."""
+    """What every measured query gets: the flags, the steady rates, the broker and the shop's sizes."""
 
     args: argparse.Namespace
     rates: list[float]
     bootstrap: str
     shop_users: int
+    shop_items: int
 
 
-def run_serve(spark: Any, cfg: CarouselConfig, run: RateRun) -> dict[str, Any]:
+def _serve_topics(cfg: CarouselConfig, run: RateRun) -> tuple[PayloadConsumer, MixedProducer]:
+    """Fresh events and push topics (and the others serve writes); the push consumer, the producer."""
+    push_topic = cfg.kafka.topic(PUSH).name
+    events = cfg.kafka.topic("events")
+    create_topic(run.bootstrap, events.name, events.partitions)
+    create_topic(run.bootstrap, push_topic, cfg.kafka.topic(PUSH).partitions, log_append_time=True)
+    broker.ensure_topics(cfg.kafka)
+    consumer = PayloadConsumer(run.bootstrap, push_topic, PAYLOAD_TRIGGER_ID)
+    producer = MixedProducer(run.bootstrap, events.name, run.shop_users, run.shop_items, run.args.seed)
+    return consumer, producer
+
+
+def run_serve(spark: Any, cfg: CarouselConfig, outbox_cfg: CarouselConfig, run: RateRun) -> dict[str, Any]:
+    """The serve phase (the rates), then the outbox phase with serve still running."""
     from streaming import serve
 
-    args, rates, bootstrap, shop_users = run.args, run.rates, run.bootstrap, run.shop_users
-
-    push_topic = cfg.kafka.topic(PUSH).name
-    create_topic(bootstrap, cfg.kafka.topic("events").name, args.partitions)
-    create_topic(bootstrap, push_topic, cfg.kafka.topic(PUSH).partitions, log_append_time=True)
-    broker.ensure_topics(cfg.kafka)
-    consumer = PayloadConsumer(bootstrap, push_topic, _SERVE_ID)
-    producer = TriggerProducer(bootstrap, cfg.kafka.topic("events").name, shop_users, args.seed)
-    timer = ServeStepTimer()
-    with timer.installed():
-        started = time.perf_counter()
-        query = serve.run(spark, cfg)
-        startup = time.perf_counter() - started
-        try:
-            result = measure("serve", query, producer, consumer, args, rates, timer)
-        finally:
-            stop_between_batches(query, cfg.serving.stop_timeout_seconds)
-            consumer.close()
+    args = run.args
+    consumer, producer = _serve_topics(cfg, run)
+    store_before = serving_store.server_figures(cfg)
+    started = time.perf_counter()
+    query = serve.run(spark, cfg)
+    startup = time.perf_counter() - started
+    try:
+        result = measure("serve", query, producer, consumer, args, run.rates, args.warmup, args.duration)
+        store_after = serving_store.server_figures(cfg)
+        result["store_during_serve"] = {
+            "connections_opened": store_after["total_connections_received"]
+            - store_before["total_connections_received"],
+            "commands": store_after["total_commands_processed"] - store_before["total_commands_processed"],
+            "triggers": len(producer.sent),
+            "used_memory_after": store_after["used_memory"],
+            "keys_after": store_after["keys"],
+        }
+        if not args.skip_outbox:
+            result["outbox"] = run_outbox(spark, outbox_cfg, query, producer, consumer, run)
+    finally:
+        query.stop()
+        consumer.close()
     result["startup_s"] = round(startup, 3)
-    result["trigger_interval"] = cfg.serving.trigger_interval
+    result["settings"] = _settings(cfg)
     result["campaigns"] = sorted(serve.trigger_campaigns(cfg))
     result["duplicate_payloads"] = consumer.duplicates
-    result["step_batches"] = [
-        {
-            "batch_id": b["batch_id"],
-            "total_s": round(b["total"], 3),
-            "steps_s": {k: round(v, 3) for k, v in b["steps"].items()},
-        }
-        for b in timer.batches
+    result["batches"] = [
+        {k: b[k] for k in ("batch_id", "rows", "duration_ms", "metrics")} for b in progress_batches(query)
     ]
-    result["empty_batches"] = timer.empty_batches
     return result
+
+
+def _settings(cfg: CarouselConfig) -> dict[str, Any]:
+    return {
+        "trigger_interval": cfg.serving.trigger_interval,
+        "kafka_fetch_max_wait_ms": cfg.serving.kafka_fetch_max_wait_ms,
+        "events_partitions": cfg.kafka.topic("events").partitions,
+        "max_offsets_per_trigger": cfg.serving.max_offsets_per_trigger,
+    }
+
+
+def run_outbox(
+    spark: Any,
+    cfg: CarouselConfig,
+    serve_query: Any,
+    producer: MixedProducer,
+    consumer: PayloadConsumer,
+    run: RateRun,
+) -> dict[str, Any]:
+    """record-sends running continuously beside serve: outbox -> Delta lag of the ``ob`` triggers."""
+    from streaming import record_sends
+
+    args = run.args
+    query = record_sends.run(spark, cfg)
+    try:
+        common.wait_started(query, 120.0, log)
+        deadline = time.monotonic() + 120
+        while query.lastProgress is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # its first batch fixes the starting offsets (latest)
+        entry = measure_rate(
+            "serve + record-sends",
+            serve_query,
+            producer,
+            consumer,
+            "ob",
+            args.outbox_rate,
+            args.outbox_duration,
+            args.drain_timeout,
+        )
+        expected = entry["latency"]["delivered"]
+        table = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            figures = lag_figures(table, "ob-", producer.sent, expected)
+            if figures["payloads_recorded"] >= expected:
+                break
+            if query.exception() is not None:
+                raise RuntimeError(f"record-sends failed: {query.exception()}")
+            time.sleep(2)
+        recorded = [
+            {"batch_id": p.batchId, "rows": int(p.numInputRows or 0), "duration_ms": dict(p.durationMs)}
+            for p in query.recentProgress
+            if int(p.numInputRows or 0)
+        ]
+    finally:
+        stop_between_batches(query, cfg.sent_log.stop_timeout_seconds)
+    log.info("outbox -> Delta lag: %s", figures)
+    return {
+        "how": "record-sends continuous beside serve (same session), from the outbox's end",
+        "trigger_interval": cfg.sent_log.trigger_interval,
+        "serve_during": entry,
+        "lag": figures,
+        "record_sends_batches": recorded,
+    }
+
+
+SWEEP = (
+    ("trigger interval 100 ms", ["serving.trigger_interval=100 milliseconds"]),
+    ("trigger interval 1 s", ["serving.trigger_interval=1 second"]),
+    ("kafka.fetch.max.wait.ms 500 (Kafka default)", ["serving.kafka_fetch_max_wait_ms=500"]),
+)
+
+
+def sweep_configs(args: argparse.Namespace, required: Any) -> list[tuple[str, CarouselConfig]]:
+    """The sweep's settings: the run's own, each of :data:`SWEEP`, and the other partition count.
+
+    Each has its own topics and query (checkpoint) under the serve phase's storage root;
+    ``required(name, root, partitions, extra)`` gives a phase's overrides.
+    """
+    other = 4 if args.partitions != 4 else 2
+    variants = [
+        ("the run's settings", args.partitions, []),
+        *[(label, args.partitions, extra) for label, extra in SWEEP],
+        (f"{other} events partitions", other, []),
+    ]
+    return [
+        (
+            label,
+            _config(
+                args, required(f"sweep{n}", "serve", partitions, [*extra, f"serving.query_name=sweep{n}"])
+            ),
+        )
+        for n, (label, partitions, extra) in enumerate(variants)
+    ]
+
+
+def run_sweep(spark: Any, configs: list[tuple[str, CarouselConfig]], run: RateRun) -> list[dict[str, Any]]:
+    """serve at each (label, config) for ``--sweep-duration`` s at ``--sweep-rate``."""
+    from streaming import serve
+
+    args = run.args
+    results = []
+    for label, cfg in configs:
+        consumer, producer = _serve_topics(cfg, run)
+        query = serve.run(spark, cfg)
+        try:
+            measured = measure(
+                f"sweep: {label}",
+                query,
+                producer,
+                consumer,
+                args,
+                [args.sweep_rate],
+                min(args.warmup, 10.0),
+                args.sweep_duration,
+            )
+        finally:
+            query.stop()
+            consumer.close()
+        results.append({"label": label, "settings": _settings(cfg), **measured})
+    return results
 
 
 def run_pass_through(
     spark: Any, cfg: CarouselConfig, run: RateRun, label: str, real_time: bool
 ) -> dict[str, Any]:
-    """Triggers -> the same records on an output topic, with serve's source options and trigger."""
-    args, rates, bootstrap, shop_users = run.args, run.rates, run.bootstrap, run.shop_users
+    """The mixed topic -> the same records on an output topic, with serve's source options and trigger."""
+    args, rates, bootstrap = run.args, run.rates, run.bootstrap
     suffix = uuid.uuid4().hex[:6]
     source_topic, output_topic = f"bench-{label}-in-{suffix}", f"bench-{label}-out-{suffix}"
     create_topic(bootstrap, source_topic, args.partitions)
@@ -513,6 +529,7 @@ def run_pass_through(
         .options(**kafka)
         .option("subscribe", source_topic)
         .option("startingOffsets", "earliest")
+        .option("kafka.fetch.max.wait.ms", cfg.serving.kafka_fetch_max_wait_ms)
         .option("failOnDataLoss", "true")
     )
     if not real_time:
@@ -535,12 +552,12 @@ def run_pass_through(
         )
     else:
         writer = writer.trigger(processingTime=cfg.serving.trigger_interval)
-    consumer = PayloadConsumer(bootstrap, output_topic, _TRIGGER_ID)
-    producer = TriggerProducer(bootstrap, source_topic, shop_users, args.seed + 1)
+    consumer = PayloadConsumer(bootstrap, output_topic, PASS_THROUGH_TRIGGER_ID)
+    producer = MixedProducer(bootstrap, source_topic, run.shop_users, run.shop_items, args.seed + 1)
     try:
         query = writer.start()
         try:
-            result = measure(label, query, producer, consumer, args, rates)
+            result = measure(label, query, producer, consumer, args, rates, args.warmup, args.duration)
         finally:
             query.stop()
     finally:
@@ -550,6 +567,7 @@ def run_pass_through(
         if real_time
         else f"processingTime {cfg.serving.trigger_interval}"
     )
+    result["settings"] = _settings(cfg)
     result["duplicate_outputs"] = consumer.duplicates
     return result
 
@@ -558,29 +576,53 @@ def run_pass_through(
 # Report
 # ---------------------------------------------------------------------------------------------
 def _by_rate(phase: dict[str, Any] | None) -> dict[float, dict[str, Any]]:
-    return {r["target_rate"]: r for r in (phase or {}).get("rates", [])}
+    if not phase or "error" in phase:
+        return {}
+    return {r["target_rate"]: r for r in phase.get("rates", [])}
 
 
 def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per rate: serve vs ceiling latency (ratio of p50 and p99) and delivered throughput."""
-    serve, ceiling = _by_rate(results.get("serve")), _by_rate(results.get("ceiling"))
+    """Per rate: serve vs the micro-batch ceiling (p50, p99, delivered rate) and the real-time one."""
+    serve = _by_rate(results.get("serve"))
+    ceiling, realtime = _by_rate(results.get("ceiling")), _by_rate(results.get("realtime_ceiling"))
     rows = []
     for rate, s in serve.items():
-        c = ceiling.get(rate)
+        lat = s["latency"]
         row: dict[str, Any] = {
             "rate": rate,
-            "serve_p50_s": s["latency"]["p50_s"],
-            "serve_p99_s": s["latency"]["p99_s"],
+            "serve_p50_s": lat["p50_s"],
+            "serve_p95_s": lat["p95_s"],
+            "serve_p99_s": lat["p99_s"],
+            "serve_delivered_per_s": lat["delivered_per_s"],
         }
-        if c is not None:
-            row["ceiling_p50_s"], row["ceiling_p99_s"] = c["latency"]["p50_s"], c["latency"]["p99_s"]
-            for q in ("p50", "p99"):
-                a, b = s["latency"][f"{q}_s"], c["latency"][f"{q}_s"]
-                row[f"{q}_serve_over_ceiling"] = round(a / b, 2) if a and b else None
-            a, b = s["latency"]["delivered_per_s"], c["latency"]["delivered_per_s"]
-            row["throughput_serve_over_ceiling"] = round(a / b, 3) if a and b else None
+        for name, phase in (("ceiling", ceiling), ("realtime", realtime)):
+            c = phase.get(rate)
+            if c is None:
+                continue
+            row[f"{name}_p50_s"], row[f"{name}_p99_s"] = c["latency"]["p50_s"], c["latency"]["p99_s"]
+            row[f"{name}_delivered_per_s"] = c["latency"]["delivered_per_s"]
+        for q in ("p50", "p99"):
+            a, b = row.get(f"serve_{q}_s"), row.get(f"ceiling_{q}_s")
+            row[f"{q}_serve_over_ceiling"] = round(a / b, 2) if a and b else None
         rows.append(row)
     return rows
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's three latency goals, each met or not (None: not measured)."""
+    rows = {r["rate"]: r for r in results.get("comparison", [])}
+    at_goal = rows.get(GOAL_RATE)
+    ratios = [r.get("p99_serve_over_ceiling") for r in rows.values()]
+    serve = results.get("serve") or {}
+    return {
+        "p99_under_1s_at_1000_per_s": None
+        if at_goal is None or at_goal["serve_p99_s"] is None
+        else at_goal["serve_p99_s"] < LATENCY_GOAL_S,
+        "p99_within_1.5x_ceiling_every_rate": None
+        if not ratios or any(r is None for r in ratios)
+        else all(r <= CEILING_FACTOR_GOAL for r in ratios),
+        "highest_rate_p99_under_2s": serve.get("highest_rate_p99_under_2s"),
+    }
 
 
 def _fmt(value: Any, unit: str = " s") -> str:
@@ -589,6 +631,27 @@ def _fmt(value: Any, unit: str = " s") -> str:
 
 def print_summary(results: dict[str, Any]) -> None:
     common.print_header(results, "serving")
+    store = results.get("store") or {}
+    if "rebuild" in store:
+        r = store["rebuild"]
+        print(
+            f"online store: rebuild of {r['counts']['profiles']:,} users from Delta {r['seconds']} s "
+            f"({_fmt(r['users_per_s'], ' users/s')}); used_memory {r['memory_after']['used_memory_human']} "
+            f"({r['bytes_per_user']} bytes/user, {r['memory_for_1m_users_gib']} GiB per 1M users)"
+        )
+    for entry in (store.get("round_trips") or {}).get("batches", []):
+        print(
+            f"store per batch of {entry['users']} users: read {entry['read_pipelined_ms']} ms pipelined vs "
+            f"{entry['read_per_user_ms']} ms per user; read+write {entry['read_write_pipelined_ms']} vs "
+            f"{entry['read_write_per_user_ms']} ms; new connection + read "
+            f"{entry['read_new_connection_ms']} ms"
+        )
+    for entry in (store.get("hot_path") or {}).get("batches", []):
+        print(
+            f"hot path in process: {entry['triggers']} triggers (+4 events each) in {entry['seconds']} s = "
+            f"{entry['ms_per_trigger_with_its_4_events']} ms/trigger ({entry['triggers_per_s_one_core']}/s "
+            f"on one core)"
+        )
     for label in ("serve", "ceiling", "realtime_ceiling"):
         phase = results.get(label)
         if not phase:
@@ -598,28 +661,49 @@ def print_summary(results: dict[str, Any]) -> None:
             continue
         for r in phase["rates"]:
             lat = r["latency"]
+            mb = r.get("micro_batches") or {}
             print(
                 f"{label:<17} {r['target_rate']:>6.0f}/s (sent {r['produce']['rate']:>7.1f}/s)  "
                 f"p50 {_fmt(lat['p50_s'])}  p95 {_fmt(lat['p95_s'])}  p99 {_fmt(lat['p99_s'])}  "
                 f"delivered {lat['delivered']}/{lat['triggers']} ({_fmt(lat['delivered_per_s'], '/s')})  "
-                f"load {r['load_1min']}"
+                f"batches {mb.get('batches')} p50 {_fmt(mb.get('batch_s_p50'))}  load {r['load_1min']}"
             )
-        print(f"{label:<17} highest rate with p99 < 1 s: {phase.get('highest_rate_p99_under_1s') or 'none'}")
+        print(
+            f"{label:<17} highest rate with p99 < 1 s: {phase.get('highest_rate_p99_under_1s') or 'none'}, "
+            f"< 2 s: {phase.get('highest_rate_p99_under_2s') or 'none'}"
+        )
     for row in results.get("comparison", []):
         print(
             f"serve/ceiling at {row['rate']:.0f}/s: p50 x{_fmt(row.get('p50_serve_over_ceiling'), '')}, "
-            f"p99 x{_fmt(row.get('p99_serve_over_ceiling'), '')}, "
-            f"throughput {_fmt(row.get('throughput_serve_over_ceiling'), '')}"
+            f"p99 x{_fmt(row.get('p99_serve_over_ceiling'), '')}"
         )
-    serve = results.get("serve") or {}
-    for r in serve.get("rates", []):
-        steps = r.get("serve_steps") or {}
-        if steps.get("batches"):
-            top = sorted(steps["steps"].items(), key=lambda kv: -kv[1]["mean_s"])[:4]
+    outbox = (results.get("serve") or {}).get("outbox")
+    if outbox:
+        lag, lat = outbox["lag"], outbox["serve_during"]["latency"]
+        print(
+            f"outbox -> Delta lag ({lag['payloads_recorded']}/{lag['payloads_expected']} payloads): "
+            f"p50 {_fmt(lag['lag_p50_s'])} p99 {_fmt(lag['lag_p99_s'])} max {_fmt(lag['lag_max_s'])}; serve "
+            f"meanwhile p50 {_fmt(lat['p50_s'])} p99 {_fmt(lat['p99_s'])}"
+        )
+    for entry in results.get("sweep") or []:
+        for r in entry.get("rates", []):
             print(
-                f"serve batches at {r['target_rate']:.0f}/s: {steps['batches']} batches, "
-                f"mean {steps['mean_batch_s']} s: " + ", ".join(f"{n} {v['mean_s']} s" for n, v in top)
+                f"sweep {entry['label']:<44} {r['target_rate']:.0f}/s: p50 {_fmt(r['latency']['p50_s'])} "
+                f"p99 {_fmt(r['latency']['p99_s'])} batches p50 {_fmt(r['micro_batches'].get('batch_s_p50'))}"
             )
+    recovery = results.get("recovery")
+    if recovery and "error" not in recovery:
+        cold, restart = recovery["cold_start"], recovery["restart"]
+        print(
+            f"recovery at {recovery['rate']:.0f}/s: cold start -> first payload "
+            f"{_fmt(cold['first_payload_s'])}; "
+            f"after SIGKILL, restart -> query started {_fmt(restart['query_started_s'])}, first payload "
+            f"{_fmt(restart['first_payload_s'])}, p99 < 1 s again after {_fmt(restart['caught_up_s'])}; "
+            f"lost {recovery['lost_triggers']}, payloads twice {recovery['duplicate_payloads']}"
+        )
+    elif recovery:
+        print(f"recovery FAILED: {recovery['error'][:300]}")
+    print(f"goals: {results.get('goals')}")
     common.print_footer(results)
 
 
@@ -638,7 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "drain_timeout_s": args.drain_timeout,
-        "partitions": args.partitions,
+        "events_partitions": args.partitions,
+        "profile_events_per_trigger": 4,
         "shop_root": str(shop_root),
         "shop_sizes": sizes.__dict__,
         "config_overrides": list(args.overrides),
@@ -646,33 +731,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results = common.start_results("serving", argv, settings)
     ports = common.broker_overrides(workdir / "kafka")
+    store = serving_store.store_overrides(workdir / "redis", args.store_max_memory)
     broker_cfg = _config(args, [*ports, "broker.heap=1g"])
     with common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state:
         bootstrap = state.bootstrap
 
-        def phase_config(name: str) -> CarouselConfig:
+        def phase_required(name: str, root: str, partitions: int, extra: Sequence[str] = ()) -> list[str]:
             topics = common.phase_topics(broker_cfg.kafka.topics, name, uuid.uuid4().hex[:6])
-            return _config(
-                args,
-                [
-                    *ports,
-                    f"kafka.bootstrap_servers={bootstrap}",
-                    *topics,
-                    f"kafka.topics.events.partitions={args.partitions}",
-                    f"storage.root={workdir / name}",
-                    "serving.starting_offsets=earliest",
-                ],
-            )
+            return [
+                *ports,
+                f"kafka.bootstrap_servers={bootstrap}",
+                *topics,
+                f"kafka.topics.events.partitions={partitions}",
+                f"storage.root={workdir / root}",
+                "serving.starting_offsets=earliest",
+                *store,
+                *extra,
+            ]
 
-        shop_cfg = _config(args, [f"storage.root={shop_root}"])
+        def phase_config(name: str, root: str | None = None, extra: Sequence[str] = ()) -> CarouselConfig:
+            return _config(args, phase_required(name, root or name, args.partitions, extra))
+
+        shop_cfg = _config(args, [f"storage.root={shop_root}", *store])
         progress_conf = {"spark.sql.streaming.numRecentProgressUpdates": "100000"}
         spark = state.shop_session(shop_cfg, "carousel-bench-serving", workdir / "warehouse", progress_conf)
         results["shop"] = ensure_shop(spark, shop_cfg, sizes, force=args.rebuild_shop)
 
-        serve_cfg = phase_config("serve")
+        serve_required = phase_required("serve", "serve", args.partitions)
+        serve_cfg = _config(args, serve_required)
+        # record-sends beside serve: the same topics and root, from the outbox's end.
+        outbox_cfg = _config(args, [*serve_required, "sent_log.starting_offsets=latest"])
         link_shop(shop_root, serve_cfg.storage.root)
-        run = RateRun(args, rates, bootstrap, sizes.users)
-        results["serve"] = run_serve(spark, serve_cfg, run)
+        run = RateRun(args, rates, bootstrap, sizes.users, sizes.items)
+        online_store_server.start(serve_cfg.online_store)
+        try:
+            # The rebuild reads the events topic after ingest's offsets: it must exist.
+            create_topic(bootstrap, serve_cfg.kafka.topic("events").name, args.partitions)
+            results["store"] = {"rebuild": serving_store.rebuild(spark, serve_cfg, sizes.users)}
+            # What serve.run does at its first start; done here so the in-process hot path has it too.
+            TrendingRefresher(spark, serve_cfg).refresh()
+            if not args.skip_store_micro:
+                results["store"]["round_trips"] = serving_store.round_trips(serve_cfg, sizes.users, args.seed)
+                results["store"]["hot_path"] = serving_store.hot_path_cost(
+                    serve_cfg, sizes.users, sizes.items, args.seed
+                )
+            results["serve"] = run_serve(spark, serve_cfg, outbox_cfg, run)
+            if args.sweep:
+                results["sweep"] = run_sweep(spark, sweep_configs(args, phase_required), run)
+            if not args.skip_recovery:
+                query = ["serving.query_name=bench-recovery"]
+                required = phase_required("recovery", "serve", args.partitions, query)
+                try:
+                    results["recovery"] = run_recovery(
+                        RecoveryRun(
+                            cfg=_config(args, required),
+                            config_files=list(args.config),
+                            overrides=[*_head(args), *args.overrides, *required],
+                            bootstrap=bootstrap,
+                            partitions=args.partitions,
+                            users=sizes.users,
+                            items=sizes.items,
+                            seed=args.seed,
+                            rate=args.recovery_rate,
+                            steady_s=args.recovery_steady,
+                            timeout_s=args.recovery_timeout,
+                            logs=workdir / "recovery-logs",
+                        )
+                    )
+                except (RuntimeError, OSError) as err:
+                    log.warning("recovery phase failed: %s", err)
+                    results["recovery"] = {"error": str(err)[:2000]}
+            results["store"]["at_end"] = serving_store.server_figures(serve_cfg)
+        finally:
+            online_store_server.stop(serve_cfg.online_store)
         if not args.skip_ceiling:
             results["ceiling"] = run_pass_through(
                 spark, phase_config("ceiling"), run, "ceiling", real_time=False
@@ -687,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.warning("real-time mode pass-through failed: %s", err)
                 results["realtime_ceiling"] = {"error": str(err).splitlines()[0][:2000]}
         results["comparison"] = comparisons(results)
+        results["goals"] = goals(results)
     print_summary(results)
     print(json.dumps(results.get("comparison", []), indent=2))
     return 0

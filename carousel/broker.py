@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -38,13 +36,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
+from carousel import local_process
 from carousel.config import PROJECT_ROOT, BrokerConfig, ConfigError, KafkaConfig, load_config
 from carousel.session import SetupError
 
@@ -62,7 +61,7 @@ _STATE_ENTRIES = frozenset(
 
 # Brokers started by this Python process: their Popen objects let us reap them, so a broker that
 # died is not mistaken for a running one (a zombie still answers os.kill(pid, 0)).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_CHILDREN: local_process.Children = {}
 
 
 class BrokerError(RuntimeError):
@@ -79,6 +78,10 @@ def _state(broker_cfg: BrokerConfig) -> Path:
 
 def _pid_file(broker_cfg: BrokerConfig) -> Path:
     return _state(broker_cfg) / "broker.pid"
+
+
+def _lock_file(broker_cfg: BrokerConfig) -> Path:
+    return _state(broker_cfg) / "broker.lock"
 
 
 def _properties_file(broker_cfg: BrokerConfig) -> Path:
@@ -190,32 +193,9 @@ def _write_properties(path: Path, values: Mapping[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        content = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return "\n".join(content[-lines:]) or f"({path} is empty)"
-
-
 def _log_tails(broker_cfg: BrokerConfig) -> str:
     logs = _logs_dir(broker_cfg)
-    return "\n".join(
-        f"--- last {LOG_TAIL_LINES} lines of {path} ---\n{_tail(path)}"
-        for path in (logs / "server.log", logs / "broker.out")
-    )
-
-
-@contextlib.contextmanager
-def _locked(broker_cfg: BrokerConfig) -> Iterator[None]:
-    """Serialise start / stop / reset on one state folder across processes."""
-    _state(broker_cfg).mkdir(parents=True, exist_ok=True)
-    with open(_state(broker_cfg) / "broker.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return local_process.log_tails([logs / "server.log", logs / "broker.out"], LOG_TAIL_LINES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,86 +236,32 @@ def _jvm_command(broker_cfg: BrokerConfig, jars_dir: Path, main_class: str) -> l
     ]
 
 
-def _cmdline(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return ""  # process gone
-    except OSError:
-        return None  # no /proc (macOS): cannot tell
-
-
 def _is_our_broker(pid: int, broker_cfg: BrokerConfig) -> bool:
     """True while ``pid`` is alive and is the broker of this state folder (not a reused pid)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # someone else's process: a reused pid
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            return False
-    except OSError:
-        pass  # no /proc: trust os.kill
-    cmdline = _cmdline(pid)
-    if cmdline is None:
-        return True
-    return "kafka.Kafka" in cmdline and str(_properties_file(broker_cfg)) in cmdline
-
-
-def _read_pid(broker_cfg: BrokerConfig) -> int | None:
-    try:
-        return int(_pid_file(broker_cfg).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
+    return local_process.is_ours(
+        pid,
+        _CHILDREN,
+        lambda cmdline: "kafka.Kafka" in cmdline and str(_properties_file(broker_cfg)) in cmdline,
+    )
 
 
 def _running_pid(broker_cfg: BrokerConfig) -> int | None:
-    pid = _read_pid(broker_cfg)
-    return pid if pid is not None and _is_our_broker(pid, broker_cfg) else None
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        # The broker leads its own session (start_new_session), so its group is its pid.
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_gone(pid: int, broker_cfg: BrokerConfig, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _is_our_broker(pid, broker_cfg):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
-    _CHILDREN.pop(pid, None)
-    return True
+    return local_process.running_pid(_pid_file(broker_cfg), lambda pid: _is_our_broker(pid, broker_cfg))
 
 
 def _terminate(pid: int, broker_cfg: BrokerConfig, timeout: float) -> None:
-    _signal_group(pid, signal.SIGTERM)
-    if not _wait_gone(pid, broker_cfg, timeout):
-        log.warning("broker pid %d did not stop within %.0fs; killing it", pid, timeout)
-        _signal_group(pid, signal.SIGKILL)
-        if not _wait_gone(pid, broker_cfg, 10):
-            raise BrokerError(f"broker pid {pid} survived SIGKILL")
+    """SIGTERM the broker's process group (it leads its own session); SIGKILL after ``timeout`` s."""
+    local_process.send_signal(pid, signal.SIGTERM, group=True)
+    local_process.kill_unless_gone(
+        pid,
+        is_ours=lambda p: _is_our_broker(p, broker_cfg),
+        children=_CHILDREN,
+        timeout=timeout,
+        poll_seconds=POLL_SECONDS,
+        label="broker",
+        error=BrokerError,
+        logger=log,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +298,7 @@ def _wait_ready(
         if remaining <= 0:
             raise TimeoutError(f"Kafka at {bootstrap} did not answer within {timeout:.0f}s: {last_error}")
         # A plain TCP check first: cheap, and spares us librdkafka's connection-refused log spam.
-        if admin is None and not _port_open(host, int(port)):
+        if admin is None and not local_process.port_open(host, int(port)):
             last_error = f"nothing listens on {first}"
             time.sleep(POLL_SECONDS)
             continue
@@ -452,7 +378,7 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
     bootstrap = bootstrap_of(broker_cfg)
     started = time.monotonic()
     deadline = started + broker_cfg.start_timeout_seconds
-    with _locked(broker_cfg):
+    with local_process.locked(_lock_file(broker_cfg)):
         pid = _running_pid(broker_cfg)
         if pid is not None:
             log.info("broker already running (pid %d); waiting until %s answers", pid, bootstrap)
@@ -468,12 +394,13 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
                 ) from None
             return bootstrap
         _pid_file(broker_cfg).unlink(missing_ok=True)  # stale: its process is gone
-        for port in (broker_cfg.port, broker_cfg.controller_port):
-            if _port_open(broker_cfg.host, port):
-                raise BrokerError(
-                    f"{broker_cfg.host}:{port} is already in use by a process not started from "
-                    f"{broker_cfg.state_dir}; stop it or choose other broker.port / broker.controller_port"
-                )
+        local_process.refuse_taken_ports(
+            broker_cfg.host,
+            (broker_cfg.port, broker_cfg.controller_port),
+            broker_cfg.state_dir,
+            "choose other broker.port / broker.controller_port",
+            BrokerError,
+        )
 
         command = _jvm_command(broker_cfg, jars, "kafka.Kafka")  # checks the jars first
         _logs_dir(broker_cfg).mkdir(parents=True, exist_ok=True)
@@ -483,19 +410,14 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
         _format_storage(broker_cfg, jars, deadline)
 
         command.append(str(_properties_file(broker_cfg)))
-        with open(_logs_dir(broker_cfg) / "broker.out", "ab") as out:
-            # A new session detaches the broker from our terminal and signals, so it outlives the
-            # `broker start` command, and stop() can signal its whole process group.
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=_state(broker_cfg),
-                start_new_session=True,
-            )
-        _CHILDREN[proc.pid] = proc
-        _pid_file(broker_cfg).write_text(f"{proc.pid}\n")
+        # In a new session: it outlives the `broker start` command, and stop() signals its group.
+        proc = local_process.spawn(
+            command,
+            _logs_dir(broker_cfg) / "broker.out",
+            _state(broker_cfg),
+            _pid_file(broker_cfg),
+            _CHILDREN,
+        )
         log.info("broker pid %d starting on %s (logs in %s)", proc.pid, bootstrap, _logs_dir(broker_cfg))
 
         try:
@@ -505,11 +427,9 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
                 alive=lambda: proc.poll() is None,
             )
         except (TimeoutError, BrokerError) as err:
-            exit_code = proc.poll()
-            if exit_code is None:
-                _terminate(proc.pid, broker_cfg, timeout=10)
-            _pid_file(broker_cfg).unlink(missing_ok=True)
-            state = "did not answer" if exit_code is None else f"exited with status {exit_code}"
+            state = local_process.abandon_start(
+                proc, _pid_file(broker_cfg), lambda pid: _terminate(pid, broker_cfg, timeout=10)
+            )
             raise BrokerError(
                 f"Kafka broker on {bootstrap} {state} ({err})\n{_log_tails(broker_cfg)}"
             ) from None
@@ -519,16 +439,14 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
 
 def stop(broker_cfg: BrokerConfig, timeout: float = 30) -> bool:
     """Stop the broker: SIGTERM, then SIGKILL after ``timeout`` seconds. True when one was running."""
-    with _locked(broker_cfg):
-        pid = _running_pid(broker_cfg)
-        if pid is None:
-            _pid_file(broker_cfg).unlink(missing_ok=True)
-            return False
-        log.info("stopping broker pid %d", pid)
-        _terminate(pid, broker_cfg, timeout)
-        _pid_file(broker_cfg).unlink(missing_ok=True)
-        log.info("broker stopped")
-        return True
+    return local_process.stop_running(
+        _lock_file(broker_cfg),
+        _pid_file(broker_cfg),
+        lambda pid: _is_our_broker(pid, broker_cfg),
+        lambda pid: _terminate(pid, broker_cfg, timeout),
+        "broker",
+        log,
+    )
 
 
 def status(broker_cfg: BrokerConfig) -> dict[str, Any]:

@@ -216,7 +216,9 @@ class SparkConfig(_Section):
         return value
 
 
-class IngestConfig(_Section):
+class _StreamingQuerySection(_Section):
+    """What every streaming query is configured with."""
+
     query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
     trigger_interval: str
     max_offsets_per_trigger: int = Field(ge=1)
@@ -224,16 +226,19 @@ class IngestConfig(_Section):
     # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
     # micro-batch may finish for this long before it is interrupted.
     stop_timeout_seconds: float = Field(gt=0)
-    min_event_time: str
-    max_future_skew_seconds: int = Field(ge=0)
-    max_record_bytes: int = Field(ge=64)
 
     @field_validator("trigger_interval")
     @classmethod
     def _interval(cls, value: str) -> str:
         if not _INTERVAL.match(value.strip()):
-            raise ValueError("must look like '5 seconds' or '500 milliseconds'")
+            raise ValueError("must look like '5 seconds', '500 milliseconds' or '0 seconds'")
         return value.strip()
+
+
+class IngestConfig(_StreamingQuerySection):
+    min_event_time: str
+    max_future_skew_seconds: int = Field(ge=0)
+    max_record_bytes: int = Field(ge=64)
 
     @field_validator("min_event_time")
     @classmethod
@@ -375,35 +380,16 @@ class FrequencyCapConfig(_Section):
     window_hours: float = Field(gt=0)
 
 
-class SentLogConfig(_Section):
+class SentLogConfig(_StreamingQuerySection):
     """The outbox query (``./spark-submit.sh record-sends``): ``recs.sent`` -> Delta sent_recommendations."""
 
-    query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
-    trigger_interval: str
-    max_offsets_per_trigger: int = Field(ge=1)
-    starting_offsets: Literal["earliest", "latest"]
-    stop_timeout_seconds: float = Field(gt=0)
     # A replayed serve batch re-emits its outbox records; they are dropped within this horizon.
     dedupe_hours: float = Field(gt=0)
 
-    @field_validator("trigger_interval")
-    @classmethod
-    def _interval(cls, value: str) -> str:
-        if not _INTERVAL.match(value.strip()):
-            raise ValueError("must look like '5 seconds' or '500 milliseconds'")
-        return value.strip()
 
-
-class ServingConfig(_Section):
+class ServingConfig(_StreamingQuerySection):
     """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
 
-    query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
-    trigger_interval: str
-    max_offsets_per_trigger: int = Field(ge=1)
-    starting_offsets: Literal["earliest", "latest"]
-    # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
-    # micro-batch may finish for this long before it is interrupted.
-    stop_timeout_seconds: float = Field(gt=0)
     # How many of the user's most recent viewed/purchased items seed the candidates, and how much
     # each older one counts (weight = recency_decay ** position, newest = position 0).
     recent_items_used: int = Field(ge=1, le=100)
@@ -429,13 +415,6 @@ class ServingConfig(_Section):
     kafka_fetch_max_wait_ms: int = Field(ge=0, le=60000)
     # A payload larger than this goes to the dead-letter topic (the producer's max.request.size).
     max_payload_bytes: int = Field(ge=1024)
-
-    @field_validator("trigger_interval")
-    @classmethod
-    def _interval(cls, value: str) -> str:
-        if not _INTERVAL.match(value.strip()):
-            raise ValueError("must look like '1 second' or '500 milliseconds'")
-        return value.strip()
 
     @field_validator("templates_dir", "payload_schemas_dir")
     @classmethod

@@ -1,17 +1,16 @@
-"""From requests to delivered payloads: the steps serving and batch campaigns share.
+"""From requests to delivered payloads: the batch steps of campaigns.
 
-Role: the glue around :func:`carousel.ranking.rank_recommendations` used by ``streaming/serve.py``
-(one request per trigger event) and ``jobs/campaign.py`` (one request per segment user):
+Role: the glue around :func:`carousel.ranking.rank_recommendations` used by ``jobs/campaign.py``
+(one request per segment user). Real-time serving ranks with the same per-request function,
+:func:`carousel.ranking.rank_request`, on the online store's profiles (:mod:`carousel.realtime`).
 
 1. :func:`load_serving_inputs` reads the live inputs: the catalog, the published correlation
-   matrix (latest, or a version pinned by an A/B arm), trending items and recent sends. They are
-   read afresh each time it is called, so a catalog re-upload or a newly published model takes
-   effect at the next micro-batch.
+   matrix (latest, or a version pinned by an A/B arm), trending items and recent sends.
 2. :func:`sent_rows` assigns each request its campaign arm (:mod:`carousel.experiments`), ranks
    every non-control arm, and returns the ``sent_recommendations`` rows: one per item sent and one
    per control-group request.
 3. The caller appends those rows to Delta idempotently, then reads back what was stored for its
-   batch or run (so a replay after a crash renders exactly what was recorded), and
+   run (so a replay after a crash renders exactly what was recorded), and
    :func:`payload_requests` turns the stored rows into render requests enriched with the catalog.
 4. :func:`carousel.payloads.render_payloads` renders them; :func:`write_payloads` writes them to
    the channels' Kafka topics keyed by user id, with the payload id in a record header.

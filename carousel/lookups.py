@@ -40,7 +40,6 @@ from carousel.ranking import (
     fallback_lists,
     item_lists_from_arrow,
 )
-from carousel.schemas import CONTROL_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +199,33 @@ def _pinned_models(sources: LookupSources) -> set[str]:
     }
 
 
-def load_lookups(sources: LookupSources, versions: dict[str, int | None]) -> ServingLookups:
-    """Read the three tables at ``versions`` (None = table absent) into :class:`ServingLookups`."""
+def _trending(sources: LookupSources, versions: dict[str, int | None]) -> pa.Table:
+    table = (
+        _read(_open(sources.trending, versions["trending"]), TRENDING_COLUMNS)
+        if versions["trending"] is not None
+        else None
+    )
+    if table is None:
+        empty = {"item_id": pa.string(), "category": pa.string(), "score": pa.float64()}
+        table = pa.table({name: pa.array([], kind) for name, kind in empty.items()})
+    return table
+
+
+def load_lookups(
+    sources: LookupSources, versions: dict[str, int | None], previous: ServingLookups | None = None
+) -> ServingLookups:
+    """Read the three tables at ``versions`` (None = table absent) into :class:`ServingLookups`.
+
+    What ``previous`` holds at the same versions is reused: a trending refresh reloads neither the
+    catalog nor the matrix, and keeps the item lists."""
     started = time.monotonic()
+    if previous is not None and all(previous.versions[t] == versions[t] for t in ("catalog", "matrix")):
+        lookups = ServingLookups(
+            sources, dict(versions), previous.catalog, previous.matrices, _trending(sources, versions)
+        )
+        lookups._lists = previous._lists
+        log.info("serving lookups: trending reloaded at version %s", versions["trending"])
+        return lookups
     catalog = _read(
         _open(sources.catalog, versions["catalog"]) if versions["catalog"] is not None else None,
         CATALOG_COLUMNS,
@@ -225,19 +248,7 @@ def load_lookups(sources: LookupSources, versions: dict[str, int | None]) -> Ser
                 matrices[model] = None
             else:
                 matrices[model] = _read(_open(sources.matrix, at), MATRIX_COLUMNS)
-    trending = (
-        _read(_open(sources.trending, versions["trending"]), TRENDING_COLUMNS)
-        if versions["trending"] is not None
-        else None
-    )
-    if trending is None:
-        trending = pa.table(
-            {
-                "item_id": pa.array([], pa.string()),
-                "category": pa.array([], pa.string()),
-                "score": pa.array([], pa.float64()),
-            }
-        )
+    trending = _trending(sources, versions)
     lookups = ServingLookups(sources, dict(versions), catalog, matrices, trending)
     log.info(
         "serving lookups loaded at versions %s: %d products, %d matrix rows, %d trending items (%.2fs)",
@@ -263,14 +274,9 @@ def current_lookups(sources: LookupSources, now: float | None = None) -> Serving
             "matrix": _CACHE.latest_version(sources.matrix),
             "trending": _CACHE.latest_version(sources.trending),
         }
-        lookups = (
-            held[0] if held is not None and held[0].versions == versions else load_lookups(sources, versions)
-        )
+        if held is not None and held[0].versions == versions:
+            lookups = held[0]
+        else:
+            lookups = load_lookups(sources, versions, held[0] if held is not None else None)
         _CACHE.current[sources.key] = (lookups, now)
         return lookups
-
-
-def arm_names(campaign: CampaignConfig) -> list[str]:
-    """Every arm a user of ``campaign`` can land in."""
-    names = [CONTROL_VARIANT] if campaign.control_share > 0 else []
-    return names + ([v.name for v in campaign.variants] or ["default"])

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from carousel.online_profile import OnlineProfile
 
 # KEYS[1] = the user's hash; ARGV = expected version ('' = absent), new version, profile, sends, ttl ms.
@@ -111,7 +113,9 @@ class OnlineState:
         self.prefix = key_prefix
         self.profile_ttl_ms = profile_ttl_ms
         self.answered_ttl_ms = answered_ttl_ms
-        self._cas = client.register_script(_CAS_SCRIPT)
+        # Loaded once (on every primary of a cluster) and called by hash: pipelines of EVALSHA
+        # work the same on a single Redis and on Redis Cluster.
+        self._cas_sha = client.script_load(_CAS_SCRIPT)
 
     def user_key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}"
@@ -148,30 +152,34 @@ class OnlineState:
         Returns the users whose hash another writer changed since :meth:`read`: nothing of theirs
         was written, and the caller re-reads and re-applies.
         """
-        pipe = self.client.pipeline(transaction=False)
-        written: list[str] = []
-        for state in states:
-            if not state.changed:
-                continue
-            new_version = str(int(state.version or 0) + 1)
-            self._cas(
-                keys=[self.user_key(state.user_id)],
-                args=[
-                    state.version,
-                    new_version,
-                    state.profile.to_json(),
-                    json.dumps(state.sends, separators=(",", ":")),
-                    self.profile_ttl_ms,
-                ],
-                client=pipe,
-            )
-            written.append(state.user_id)
-        for (user, event_id), answer in (answers or {}).items():
-            pipe.set(self.answered_key(user, event_id), answer.to_json(), px=self.answered_ttl_ms)
-        if not written and not answers:
+        changed = [state for state in states if state.changed]
+        if not changed and not answers:
             return []
-        replies = pipe.execute()
-        return [user for user, ok in zip(written, replies[: len(written)], strict=True) if not int(ok)]
+        try:
+            replies = self._write_pipeline(changed, answers or {}).execute()
+        except NoScriptError:
+            # The server lost its script cache (a restart, SCRIPT FLUSH): load it again. A CAS that
+            # went through before the error now fails its version check and is re-applied.
+            self._cas_sha = self.client.script_load(_CAS_SCRIPT)
+            replies = self._write_pipeline(changed, answers or {}).execute()
+        return [s.user_id for s, ok in zip(changed, replies[: len(changed)], strict=True) if not int(ok)]
+
+    def _write_pipeline(self, changed: Sequence[UserState], answers: Mapping[tuple[str, str], Answer]) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for state in changed:
+            pipe.evalsha(
+                self._cas_sha,
+                1,
+                self.user_key(state.user_id),
+                state.version,
+                str(int(state.version or 0) + 1),
+                state.profile.to_json(),
+                json.dumps(state.sends, separators=(",", ":")),
+                self.profile_ttl_ms,
+            )
+        for (user, event_id), answer in answers.items():
+            pipe.set(self.answered_key(user, event_id), answer.to_json(), px=self.answered_ttl_ms)
+        return pipe
 
 
 def _state(user: str, reply: Sequence[bytes | None]) -> UserState:

@@ -26,19 +26,15 @@ Run it with::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +43,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from carousel import local_process
 from carousel.config import ConfigError, OnlineStoreConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -60,7 +57,7 @@ LOG_TAIL_LINES = 40
 
 # Servers started by this Python process: their Popen objects let us reap them, so a server that
 # died is not mistaken for a running one (a zombie still answers os.kill(pid, 0)).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_CHILDREN: local_process.Children = {}
 
 
 class OnlineStoreServerError(RuntimeError):
@@ -77,6 +74,10 @@ def _state(store_cfg: OnlineStoreConfig) -> Path:
 
 def _pid_file(store_cfg: OnlineStoreConfig) -> Path:
     return _state(store_cfg) / "redis.pid"
+
+
+def _lock_file(store_cfg: OnlineStoreConfig) -> Path:
+    return _state(store_cfg) / "redis.lock"
 
 
 def _conf_file(store_cfg: OnlineStoreConfig) -> Path:
@@ -194,32 +195,9 @@ def _write_conf(store_cfg: OnlineStoreConfig) -> None:
     os.chmod(path, 0o600)
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        content = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return "\n".join(content[-lines:]) or f"({path} is empty)"
-
-
 def _log_tails(store_cfg: OnlineStoreConfig) -> str:
     logs = _logs_dir(store_cfg)
-    return "\n".join(
-        f"--- last {LOG_TAIL_LINES} lines of {path} ---\n{_tail(path)}"
-        for path in (logs / "redis.log", logs / "redis.out")
-    )
-
-
-@contextlib.contextmanager
-def _locked(store_cfg: OnlineStoreConfig) -> Iterator[None]:
-    """Serialise start / stop on one state folder across processes."""
-    _state(store_cfg).mkdir(parents=True, exist_ok=True)
-    with open(_state(store_cfg) / "redis.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return local_process.log_tails([logs / "redis.log", logs / "redis.out"], LOG_TAIL_LINES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,67 +206,51 @@ def _locked(store_cfg: OnlineStoreConfig) -> Iterator[None]:
 
 def _is_ours(pid: int, store_cfg: OnlineStoreConfig) -> bool:
     """True while ``pid`` is alive and is the server of this state folder (not a reused pid)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False  # gone, or someone else's process behind a reused pid
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
-            return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # no /proc (macOS): trust os.kill
-    listen = f"{_bind_host(store_cfg)}:{store_cfg.port}"
-    return any(name in cmdline for name in SERVER_NAMES) and (
-        str(_conf_file(store_cfg)) in cmdline or listen in cmdline
-    )
+
+    def matches(cmdline: str) -> bool:
+        listen = f"{_bind_host(store_cfg)}:{store_cfg.port}"
+        return any(name in cmdline for name in SERVER_NAMES) and (
+            str(_conf_file(store_cfg)) in cmdline or listen in cmdline
+        )
+
+    return local_process.is_ours(pid, _CHILDREN, matches)
 
 
-def _read_pid(store_cfg: OnlineStoreConfig) -> int | None:
-    try:
-        return int(_pid_file(store_cfg).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
+def _ours(store_cfg: OnlineStoreConfig) -> Callable[[int], bool]:
+    return lambda pid: _is_ours(pid, store_cfg)
 
 
 def _running_pid(store_cfg: OnlineStoreConfig) -> int | None:
-    pid = _read_pid(store_cfg)
-    return pid if pid is not None and _is_ours(pid, store_cfg) else None
+    return local_process.running_pid(_pid_file(store_cfg), _ours(store_cfg))
 
 
-def _port_open(host: str, port: int) -> bool:
+def _kill(pid: int, store_cfg: OnlineStoreConfig) -> None:
+    """SIGKILL the server's process group (it leads its own session; the group also holds an
+    append-only-file rewrite child, if one runs) and wait until it is gone."""
+    local_process.kill(pid, _ours(store_cfg), _CHILDREN, POLL_SECONDS)
+
+
+def _shutdown(pid: int, store_cfg: OnlineStoreConfig, timeout: float) -> None:
+    """SHUTDOWN (or SIGTERM when that fails); SIGKILL after ``timeout`` seconds."""
+    client = _client(store_cfg, timeout=min(timeout, 10.0))
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _wait_gone(pid: int, store_cfg: OnlineStoreConfig, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _is_ours(pid, store_cfg):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
-    _CHILDREN.pop(pid, None)
-    return True
-
-
-def _kill(pid: int, sig: signal.Signals, group: bool = False) -> None:
-    try:
-        # The server leads its own session (start_new_session), so its group is its pid; the group
-        # also holds an append-only-file rewrite child, if one runs.
-        if group and os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        # SHUTDOWN fsyncs the append-only file before the server exits.
+        client.shutdown()
+    except redis.RedisError as err:
+        log.info("SHUTDOWN failed (%s); sending SIGTERM", type(err).__name__)
+        local_process.send_signal(pid, signal.SIGTERM)
+    finally:
+        client.close()
+    local_process.kill_unless_gone(
+        pid,
+        is_ours=_ours(store_cfg),
+        children=_CHILDREN,
+        timeout=timeout,
+        poll_seconds=POLL_SECONDS,
+        label="online store",
+        error=OnlineStoreServerError,
+        logger=log,
+    )
 
 
 def _client(store_cfg: OnlineStoreConfig, timeout: float = 2.0) -> redis.Redis:
@@ -342,7 +304,7 @@ def start(store_cfg: OnlineStoreConfig) -> str:
     """
     url = local_url(store_cfg)  # refuses a non-loopback host first
     started = time.monotonic()
-    with _locked(store_cfg):
+    with local_process.locked(_lock_file(store_cfg)):
         pid = _running_pid(store_cfg)
         if pid is not None:
             log.info("online store already running (pid %d); waiting until %s answers", pid, url)
@@ -354,40 +316,31 @@ def start(store_cfg: OnlineStoreConfig) -> str:
                 ) from None
             return url
         _pid_file(store_cfg).unlink(missing_ok=True)  # stale: its process is gone
-        host = _bind_host(store_cfg)
-        if _port_open(host, store_cfg.port):
-            raise OnlineStoreServerError(
-                f"{host}:{store_cfg.port} is already in use by a process not started from "
-                f"{store_cfg.state_dir}; stop it or choose another online_store.port"
-            )
+        local_process.refuse_taken_ports(
+            _bind_host(store_cfg),
+            (store_cfg.port,),
+            store_cfg.state_dir,
+            "choose another online_store.port",
+            OnlineStoreServerError,
+        )
         binary = find_redis_server()
         _logs_dir(store_cfg).mkdir(parents=True, exist_ok=True)
         _data_dir(store_cfg).mkdir(parents=True, exist_ok=True)
         _write_conf(store_cfg)
-        with open(_logs_dir(store_cfg) / "redis.out", "ab") as out:
-            # A new session detaches the server from our terminal and signals, so it outlives the
-            # `online-store start` command.
-            proc = subprocess.Popen(
-                [binary, str(_conf_file(store_cfg))],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=_state(store_cfg),
-                start_new_session=True,
-            )
-        _CHILDREN[proc.pid] = proc
-        # The server writes the same pid file itself; writing it now closes the gap until it does.
-        _pid_file(store_cfg).write_text(f"{proc.pid}\n")
+        # In a new session, so it outlives the `online-store start` command. The server writes the
+        # same pid file itself; writing it now closes the gap until it does.
+        proc = local_process.spawn(
+            [binary, str(_conf_file(store_cfg))],
+            _logs_dir(store_cfg) / "redis.out",
+            _state(store_cfg),
+            _pid_file(store_cfg),
+            _CHILDREN,
+        )
         log.info("online store pid %d starting on %s (logs in %s)", proc.pid, url, _logs_dir(store_cfg))
         try:
             _wait_ping(store_cfg, store_cfg.start_timeout_seconds, proc.pid)
         except OnlineStoreServerError as err:
-            exit_code = proc.poll()
-            if exit_code is None:
-                _kill(proc.pid, signal.SIGKILL, group=True)
-                _wait_gone(proc.pid, store_cfg, 10)
-            _pid_file(store_cfg).unlink(missing_ok=True)
-            state = "did not answer" if exit_code is None else f"exited with status {exit_code}"
+            state = local_process.abandon_start(proc, _pid_file(store_cfg), lambda pid: _kill(pid, store_cfg))
             raise OnlineStoreServerError(
                 f"{Path(binary).name} on {url} {state} ({err})\n{_log_tails(store_cfg)}"
             ) from None
@@ -399,29 +352,14 @@ def start(store_cfg: OnlineStoreConfig) -> str:
 
 def stop(store_cfg: OnlineStoreConfig, timeout: float = 30) -> bool:
     """Stop the local server: SHUTDOWN (or SIGTERM), SIGKILL after ``timeout`` s. True when one ran."""
-    with _locked(store_cfg):
-        pid = _running_pid(store_cfg)
-        if pid is None:
-            _pid_file(store_cfg).unlink(missing_ok=True)
-            return False
-        log.info("stopping online store pid %d", pid)
-        client = _client(store_cfg, timeout=min(timeout, 10.0))
-        try:
-            # SHUTDOWN fsyncs the append-only file before the server exits.
-            client.shutdown()
-        except redis.RedisError as err:
-            log.info("SHUTDOWN failed (%s); sending SIGTERM", type(err).__name__)
-            _kill(pid, signal.SIGTERM)
-        finally:
-            client.close()
-        if not _wait_gone(pid, store_cfg, timeout):
-            log.warning("online store pid %d did not stop within %.0fs; killing it", pid, timeout)
-            _kill(pid, signal.SIGKILL, group=True)
-            if not _wait_gone(pid, store_cfg, 10):
-                raise OnlineStoreServerError(f"online store pid {pid} survived SIGKILL")
-        _pid_file(store_cfg).unlink(missing_ok=True)
-        log.info("online store stopped")
-        return True
+    return local_process.stop_running(
+        _lock_file(store_cfg),
+        _pid_file(store_cfg),
+        _ours(store_cfg),
+        lambda pid: _shutdown(pid, store_cfg, timeout),
+        "online store",
+        log,
+    )
 
 
 def status(store_cfg: OnlineStoreConfig) -> dict[str, Any]:

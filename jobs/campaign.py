@@ -30,6 +30,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CampaignSegment, CarouselConfig, ConfigError
 from carousel.delivery import load_serving_inputs, payload_requests, sent_rows, write_payloads
 from carousel.experiments import run_payload_id_column
+from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import check_templates, render_payloads
 from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
@@ -43,6 +44,7 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import ensure_table, idempotent_append, table_exists
+from jobs.rebuild_online_store import merge_frame
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,30 @@ def write_files(rendered: DataFrame, output: str) -> None:
     rendered.select("channel", "value").write.mode("overwrite").partitionBy("channel").text(output)
 
 
+def remember_sends(stored: DataFrame, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
+    """Merge the run's sends into the online store, so real-time triggers exclude them too
+    (``sent_within_days``). Without a reachable store they reach it at the next
+    ``rebuild-online-store``, and the run says so."""
+    try:
+        check_reachable(cfg.online_store)
+    except OnlineStoreError as err:
+        log.warning(
+            "campaign %s run %s: real-time serving will not exclude this run's items until "
+            "./spark-submit.sh rebuild-online-store: %s",
+            campaign_name,
+            run_id,
+            err,
+        )
+        return
+    sends = stored.where(F.col("item_id").isNotNull()).select(
+        "user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us")
+    )
+    users = merge_frame(sends, cfg, "sends")
+    log.info(
+        "campaign %s run %s: sends of %d users merged into the online store", campaign_name, run_id, users
+    )
+
+
 def run(
     spark: SparkSession,
     cfg: CarouselConfig,
@@ -191,6 +217,7 @@ def run(
         write_files(rendered, output)
     else:
         write_payloads(rendered, cfg)
+    remember_sends(stored, cfg, campaign_name, run_id)
     record = [
         (campaign_name, run_id, campaign.channel, selected, payloads, control, destination, datetime.now(UTC))
     ]

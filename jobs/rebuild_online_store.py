@@ -148,7 +148,13 @@ def merge_batches(
         yield pa.RecordBatch.from_pydict({"users": [len(updates)]})
 
 
-def _merged(frame: DataFrame, cfg: CarouselConfig, kind: str) -> int:
+def merge_frame(frame: DataFrame, cfg: CarouselConfig, kind: str) -> int:
+    """Merge ``frame`` into the online store; how many users it touched.
+
+    ``kind``: ``profiles`` (:func:`profile_updates` rows), ``events`` (``hot_path_records`` rows)
+    or ``sends`` (``user_id, payload_id, campaign, item_id, sent_us``: a campaign run's or the
+    recent ``sent_recommendations``).
+    """
     ttl_ms = round(cfg.online_store.profile_ttl_days * 86400 * 1000)
     body = partial(
         merge_batches, store_cfg=cfg.online_store, limit=cfg.profiles.recent_items, kind=kind, ttl_ms=ttl_ms
@@ -183,7 +189,7 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
     location = cfg.storage.table(PROFILES_TABLE)
     if table_exists(spark, location):
         profiles = spark.read.format("delta").load(location)
-        counts["profiles"] = _merged(profile_updates(profiles), cfg, "profiles")
+        counts["profiles"] = merge_frame(profile_updates(profiles), cfg, "profiles")
     log.info("online store: %d profiles merged from %s", counts["profiles"], location)
 
     starting = ingest_offsets(spark, cfg) or "earliest"
@@ -196,7 +202,7 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
         .option("failOnDataLoss", "false")
         .load()
     )
-    counts["events"] = _merged(hot_path_records(raw, cfg), cfg, "events")
+    counts["events"] = merge_frame(hot_path_records(raw, cfg), cfg, "events")
     log.info(
         "online store: events after ingest's offsets (%s) merged for %d users", starting, counts["events"]
     )
@@ -215,7 +221,7 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
             .where(F.col("item_id").isNotNull())
             .select("user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us"))
         )
-        counts["sends"] = _merged(sends, cfg, "sends")
+        counts["sends"] = merge_frame(sends, cfg, "sends")
     log.info(
         "online store rebuilt in %.1fs: users merged from profiles %d, events %d, sends %d",
         time.monotonic() - started,

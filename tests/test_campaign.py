@@ -25,6 +25,8 @@ from test_serve import (
 from carousel.broker import ensure_topics
 from carousel.config import CampaignSegment, CarouselConfig
 from carousel.experiments import assign_variant
+from carousel.online_state import OnlineState
+from carousel.online_store import connect
 from carousel.schemas import (
     CAMPAIGN_RUNS_TABLE,
     CONTROL_VARIANT,
@@ -183,6 +185,16 @@ def test_campaign_run_is_idempotent_and_control_users_get_nothing(
     assert read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).count() == count_before
     runs = read_table(spark, cfg, CAMPAIGN_RUNS_TABLE).collect()
     assert [(r.run_id, r.payloads) for r in runs] == [("run-1", len(selected) - len(control))]
+
+    # The run's sends are in the online store too, so real-time triggers exclude them.
+    store = OnlineState(connect(cfg.online_store), cfg.online_store.key_prefix, 0, 0)
+    states, _ = store.read(selected)
+    for user in selected:
+        stored_items = {
+            r.item_id
+            for r in sent_before.where((F.col("user_id") == user) & F.col("item_id").isNotNull()).collect()
+        }
+        assert {item for _, _, item, _ in states[user].sends} == stored_items, user
 
     # Control users are recorded, once each, without items.
     recorded_control = sent_before.where(F.col("variant") == CONTROL_VARIANT)

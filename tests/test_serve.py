@@ -400,8 +400,18 @@ def test_recent_sends_are_excluded_and_a_resent_trigger_is_answered_once(
         push.close()
 
 
-def test_stale_and_invalid_triggers_are_skipped_and_counted(spark: SparkSession, make_config: Any) -> None:
-    cfg = build_shop(spark, serving_config(make_config, "serving.max_trigger_age_seconds=600"))
+def test_stale_invalid_and_capped_triggers_are_skipped_and_counted(
+    spark: SparkSession, make_config: Any
+) -> None:
+    cfg = build_shop(
+        spark,
+        serving_config(
+            make_config,
+            "serving.max_trigger_age_seconds=600",
+            "serving.frequency_cap.max_payloads=1",
+            "serving.frequency_cap.window_hours=1",
+        ),
+    )
     push = TopicReader(cfg, cfg.kafka.topic("push").name)
     query = serve.run(spark, cfg)
     try:
@@ -416,13 +426,16 @@ def test_stale_and_invalid_triggers_are_skipped_and_counted(spark: SparkSession,
                 source="mobile",
             ),
         )
-        produce(cfg, [stale, bad_time, (b"u-bad", b"{not json"), trigger("App Launched", "u-fresh")])
+        fresh = [trigger("App Launched", "u-fresh"), trigger("App Launched", "u-fresh")]  # capped at 1
+        produce(cfg, [stale, bad_time, (b"u-bad", b"{not json"), *fresh])
         query.processAllAvailable()
         (only,) = push.read(1)
         assert only["user_id"] == "u-fresh"
+        assert only["trigger_event_id"] == json.loads(fresh[0][1])["event_id"]
         counts = counts_of(query)
         assert counts["skipped_stale"] == 1 and counts["skipped_invalid"] == 2
-        assert counts["triggers"] == 2 and counts["payloads"] == 1
+        assert counts["skipped_frequency_cap"] == 1
+        assert counts["triggers"] == 3 and counts["payloads"] == 1
     finally:
         query.stop()
         push.close()

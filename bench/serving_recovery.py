@@ -1,0 +1,254 @@
+"""Recovery after a kill: ``./spark-submit.sh serve`` SIGKILLed under steady traffic, then restarted.
+
+Role: the recovery figure of ``bench/serving_bench.py`` (not a benchmark itself). Inputs: the
+run's config as files and ``--set`` overrides (so the subprocess loads exactly the bench's
+config, as ``tests/test_serve.py`` passes its config to a subprocess), the private broker, the
+running online store and the shop's sizes. What happens, on fresh topics and a fresh checkpoint:
+
+1. a :class:`~bench.serving_traffic.MixedProducer` thread sends ``--recovery-rate`` triggers/s
+   (each with its 4 item events) for the whole phase;
+2. ``serve`` starts as a subprocess in its own process group (a cold start: JVM, session, checks,
+   then the Python workers load the lookups); the bench waits until it is *caught up*: the
+   triggers sent during the last 5 s (up to 1 s ago) have p99 latency < 1 s, then keeps it steady
+   for ``--recovery-steady`` s;
+3. the whole process group gets SIGKILL (driver JVM, Python driver, Python workers: nothing runs
+   its shutdown), and ``serve`` is started again at once with the same checkpoint;
+4. the bench waits until it is caught up again, keeps the traffic on for ``--recovery-steady`` s,
+   stops the producer, waits for the last payloads and stops serve with a stop request (the
+   marker beside its checkpoint), SIGKILL after 60 s.
+
+Figures, all from the restart (``t_restart`` = the second ``Popen``): ``query_started_s`` (the
+subprocess logs "starting <query name>": JVM + session + checks), ``first_payload_s`` (the first
+payload appended after ``t_restart``) and ``caught_up_s``: by the triggers' send time, per second
+from the restart, the last second whose triggers' p99 latency is >= 1 s (or whose payloads are
+missing) ends at ``caught_up_s``; from there on every second's p99 is under 1 s. Also: triggers
+without a payload (``missing``: lost), payloads delivered twice (the killed batch replayed: same
+payload ids), and the same start figures for the first (cold) start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.serving_traffic import (
+    PAYLOAD_TRIGGER_ID,
+    MixedProducer,
+    PayloadConsumer,
+    create_topic,
+    latency_figures,
+    percentile,
+)
+from carousel import broker
+from carousel.config import PROJECT_ROOT, CarouselConfig
+from carousel.query_lifecycle import STOP_MARKER_NAME
+from carousel.schemas import PUSH
+
+log = logging.getLogger("bench.serving.recovery")
+
+PREFIX = "rec"
+LATENCY_GOAL_S = 1.0
+WINDOW_S = 5.0
+
+
+@dataclass(frozen=True)
+class RecoveryRun:
+    """What the recovery phase needs: the config (files + overrides, and loaded), traffic, limits."""
+
+    cfg: CarouselConfig
+    config_files: Sequence[str]
+    overrides: Sequence[str]
+    bootstrap: str
+    partitions: int
+    users: int
+    items: int
+    seed: int
+    rate: float
+    steady_s: float
+    timeout_s: float
+    logs: Path
+
+
+def serve_command(run: RecoveryRun) -> list[str]:
+    """``./spark-submit.sh serve`` with the bench's config: its files, then every override."""
+    files = [arg for name in run.config_files for arg in ("--config", name)]
+    sets = [arg for item in run.overrides for arg in ("--set", item)]
+    return [str(PROJECT_ROOT / "spark-submit.sh"), "serve", *files, *sets]
+
+
+def _start(run: RecoveryRun, label: str) -> tuple[subprocess.Popen[bytes], Path, float]:
+    log_path = run.logs / f"serve-{label}.log"
+    with open(log_path, "wb") as out:
+        started = time.time()
+        proc = subprocess.Popen(
+            serve_command(run),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=PROJECT_ROOT,
+        )
+    log.info("recovery: serve (%s) started as pid %d, log %s", label, proc.pid, log_path)
+    return proc, log_path, started
+
+
+def _window_p99(
+    producer: MixedProducer, consumer: PayloadConsumer, since: float, until: float
+) -> float | None:
+    """p99 latency of the triggers sent in [since, until) (inf when one is missing); None: none sent."""
+    sent = {k: t for k, t in dict(producer.sent).items() if since <= t < until}
+    if not sent:
+        return None
+    received = dict(consumer.received)
+    ordered = sorted(received[k] - t if k in received else float("inf") for k, t in sent.items())
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def _wait_caught_up(
+    proc: subprocess.Popen[bytes],
+    producer: MixedProducer,
+    consumer: PayloadConsumer,
+    log_path: Path,
+    started: float,
+    timeout: float,
+    query_name: str,
+) -> dict[str, Any]:
+    """Wait until the last window's p99 < 1 s; returns when the query started and the first payload came."""
+    marker = f"starting {query_name} ".encode()
+    query_started = first_payload = None
+    deadline = started + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited with {proc.returncode}: see {log_path}")
+        now = time.time()
+        if query_started is None and marker in log_path.read_bytes():
+            query_started = now
+        if first_payload is None:
+            after = [t for t in dict(consumer.received).values() if t >= started]
+            if after:
+                first_payload = min(after)
+        if first_payload is not None and now - first_payload > WINDOW_S:
+            p99 = _window_p99(producer, consumer, now - WINDOW_S - 1.0, now - 1.0)
+            if p99 is not None and p99 < LATENCY_GOAL_S:
+                break
+        time.sleep(0.5)
+    else:
+        log.warning("recovery: serve not caught up %.0f s after its start", timeout)
+    return {
+        "query_started_s": None if query_started is None else round(query_started - started, 2),
+        "first_payload_s": None if first_payload is None else round(first_payload - started, 2),
+        "caught_up_seen_s": round(time.time() - started, 2),
+    }
+
+
+def caught_up_after(
+    sent: dict[str, float], received: dict[str, float], since: float, until: float
+) -> dict[str, Any]:
+    """Per second of send time from ``since``: where the last second with p99 >= 1 s ends."""
+    buckets: dict[int, list[float]] = {}
+    for key, at in sent.items():
+        if since <= at < until:
+            latency = received[key] - at if key in received else float("inf")
+            buckets.setdefault(int(at - since), []).append(latency)
+    worst = {second: percentile(sorted(v), 0.99) for second, v in sorted(buckets.items())}
+    bad = [second for second, p99 in worst.items() if p99 is None or p99 >= LATENCY_GOAL_S]
+    return {
+        "caught_up_s": (max(bad) + 1) if bad else 0,
+        "p99_per_second": [worst[s] for s in sorted(worst)],
+    }
+
+
+def _stop(proc: subprocess.Popen[bytes], cfg: CarouselConfig) -> str:
+    marker = Path(cfg.storage.checkpoint(cfg.serving.query_name), STOP_MARKER_NAME)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("stop requested by bench.serving_bench\n")
+    try:
+        proc.wait(timeout=60)
+        return "stop request"
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return "SIGKILL after 60 s"
+
+
+def run_recovery(run: RecoveryRun) -> dict[str, Any]:
+    """The kill-and-restart phase (see the module docstring)."""
+    cfg = run.cfg
+    run.logs.mkdir(parents=True, exist_ok=True)
+    push_topic = cfg.kafka.topic(PUSH).name
+    create_topic(run.bootstrap, cfg.kafka.topic("events").name, run.partitions)
+    create_topic(run.bootstrap, push_topic, cfg.kafka.topic(PUSH).partitions, log_append_time=True)
+    broker.ensure_topics(cfg.kafka)
+    consumer = PayloadConsumer(run.bootstrap, push_topic, PAYLOAD_TRIGGER_ID)
+    producer = MixedProducer(
+        run.bootstrap, cfg.kafka.topic("events").name, run.users, run.items, run.seed + 7
+    )
+    result: dict[str, Any] = {"rate": run.rate, "command": " ".join(serve_command(run)[:2]) + " ..."}
+    thread, stop_traffic = producer.start(PREFIX, run.rate, 24 * 3600.0)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        first, first_log, first_started = _start(run, "first")
+        try:
+            result["cold_start"] = _wait_caught_up(
+                first, producer, consumer, first_log, first_started, run.timeout_s, cfg.serving.query_name
+            )
+            time.sleep(run.steady_s)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+            raise
+        killed = time.time()
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+        log.info("recovery: serve SIGKILLed (process group %d) under %.0f triggers/s", first.pid, run.rate)
+        second, second_log, restarted = _start(run, "restart")
+        result["restart"] = _wait_caught_up(
+            second, producer, consumer, second_log, restarted, run.timeout_s, cfg.serving.query_name
+        )
+        time.sleep(run.steady_s)
+        stop_traffic.set()
+        thread.join(timeout=120)
+        ended = time.time()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(consumer.received) < len(producer.sent):
+            time.sleep(0.5)
+        result["stopped_by"] = _stop(second, cfg)
+        second = None
+        sent, received = dict(producer.sent), dict(consumer.received)
+        result["restart"].update(caught_up_after(sent, received, restarted, ended))
+        result["killed_at_s"] = round(killed - first_started, 2)
+        result["down_s"] = round(restarted - killed, 2)
+        down = [
+            k
+            for k, t in sent.items()
+            if killed <= t < restarted + (result["restart"]["first_payload_s"] or 0)
+        ]
+        result["triggers_sent_while_down"] = len(down)
+        result["latency_all"] = latency_figures(sent, received, f"{PREFIX}-")
+        result["lost_triggers"] = result["latency_all"]["missing"]
+        result["duplicate_payloads"] = consumer.duplicates
+        result["producer_errors"] = len(producer.errors)
+    finally:
+        stop_traffic.set()
+        if second is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(second.pid, signal.SIGKILL)
+        consumer.close()
+    log.info(
+        "recovery: restart -> query started %s s, first payload %s s, caught up %s s; lost %s, duplicates %s",
+        result["restart"].get("query_started_s"),
+        result["restart"].get("first_payload_s"),
+        result["restart"].get("caught_up_s"),
+        result["lost_triggers"],
+        result["duplicate_payloads"],
+    )
+    return result

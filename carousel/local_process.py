@@ -1,0 +1,243 @@
+"""Shared process handling for the embedded local servers (the Kafka broker, the Redis online store).
+
+Role: the parts of :mod:`carousel.broker` and :mod:`carousel.online_store_server` that do not depend
+on which server runs: a lock on the state folder, the pid file, liveness, stopping, log tails. The
+callers pass their own paths, names, labels, error types and the predicate that recognises their
+process by its command line; nothing here reads the configuration.
+
+Processes started by the calling Python process are kept in a caller-owned ``children`` mapping
+(pid -> :class:`subprocess.Popen`): polling them reaps a child that died, so it is not mistaken for
+a running one (a zombie still answers ``os.kill(pid, 0)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+LOG_TAIL_LINES = 40
+KILL_WAIT_SECONDS = 10.0
+
+Children = dict[int, subprocess.Popen[bytes]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Log tails and the state folder
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``path``, or a note that it does not exist or is empty."""
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(content[-lines:]) or f"({path} is empty)"
+
+
+def log_tails(paths: Iterable[Path], lines: int = LOG_TAIL_LINES) -> str:
+    """The tail of each log file under a ``--- last N lines of PATH ---`` header, for error messages."""
+    return "\n".join(f"--- last {lines} lines of {path} ---\n{tail(path, lines)}" for path in paths)
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (its folder is created): serialises start / stop
+    on one state folder across processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid recorded in ``pid_file``; None when there is none or it does not hold a number."""
+    try:
+        return int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def running_pid(pid_file: Path, is_ours: Callable[[int], bool]) -> int | None:
+    """The pid in ``pid_file`` while ``is_ours`` says that process still runs; else None (stale)."""
+    pid = read_pid(pid_file)
+    return pid if pid is not None and is_ours(pid) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports and liveness
+
+
+def port_open(host: str, port: int) -> bool:
+    """True when something accepts a TCP connection on ``host:port`` (within half a second)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def refuse_taken_ports(
+    host: str, ports: Iterable[int], state_dir: str, advice: str, error: type[Exception]
+) -> None:
+    """Raise ``error`` for the first of ``ports`` on ``host`` that something already listens on
+    (a process not started from ``state_dir``); ``advice`` ends the message ("stop it or ...")."""
+    for port in ports:
+        if port_open(host, port):
+            raise error(
+                f"{host}:{port} is already in use by a process not started from {state_dir}; "
+                f"stop it or {advice}"
+            )
+
+
+def is_ours(pid: int, children: Children, matches: Callable[[str], bool]) -> bool:
+    """True while ``pid`` is alive and its command line ``matches`` (so a reused pid is not ours).
+
+    A pid in ``children`` is asked directly (which reaps it once it exited). Any other pid that is
+    gone, a zombie, or someone else's process (no permission to signal it) is not ours; where the
+    process exists but its /proc entry cannot be read there is no telling, and it counts as ours.
+    """
+    child = children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False  # gone, or someone else's process behind a reused pid
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+    except FileNotFoundError:
+        return False  # gone meanwhile
+    except OSError:
+        pass  # its state is unreadable: the command line below still decides
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: trust os.kill
+    return bool(cmdline) and matches(cmdline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping
+
+
+def spawn(
+    command: Sequence[str], out_file: Path, cwd: Path, pid_file: Path, children: Children
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in ``cwd`` with stdout and stderr appended to ``out_file``; record the process
+    in ``children`` and its pid in ``pid_file``.
+
+    A new session detaches the server from our terminal and signals, so it outlives the command that
+    started it, and it leads its own process group, which :func:`send_signal` can signal as a whole.
+    """
+    with open(out_file, "ab") as out:
+        proc = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    children[proc.pid] = proc
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def send_signal(pid: int, sig: signal.Signals, group: bool = False) -> None:
+    """Send ``sig`` to ``pid``; with ``group``, to its whole process group when it leads one (as a
+    process from :func:`spawn` does). A process already gone is not an error."""
+    try:
+        if group and os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_gone(
+    pid: int, is_ours: Callable[[int], bool], children: Children, timeout: float, poll_seconds: float
+) -> bool:
+    """Poll every ``poll_seconds`` until ``is_ours(pid)`` is false (then forget the child): True, or
+    False when it still runs after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while is_ours(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_seconds)
+    children.pop(pid, None)
+    return True
+
+
+def kill(pid: int, is_ours: Callable[[int], bool], children: Children, poll_seconds: float) -> bool:
+    """SIGKILL ``pid``'s process group and wait (at most ``KILL_WAIT_SECONDS``): True once it is gone."""
+    send_signal(pid, signal.SIGKILL, group=True)
+    return wait_gone(pid, is_ours, children, KILL_WAIT_SECONDS, poll_seconds)
+
+
+def kill_unless_gone(
+    pid: int,
+    *,
+    is_ours: Callable[[int], bool],
+    children: Children,
+    timeout: float,
+    poll_seconds: float,
+    label: str,
+    error: type[Exception],
+    logger: logging.Logger,
+) -> None:
+    """Wait ``timeout`` seconds for ``pid`` (already asked to stop) to exit, else :func:`kill` it.
+
+    Logs a warning naming ``label`` before the kill; raises ``error`` when it survives SIGKILL.
+    """
+    if wait_gone(pid, is_ours, children, timeout, poll_seconds):
+        return
+    logger.warning("%s pid %d did not stop within %.0fs; killing it", label, pid, timeout)
+    if not kill(pid, is_ours, children, poll_seconds):
+        raise error(f"{label} pid {pid} survived SIGKILL")
+
+
+def abandon_start(proc: subprocess.Popen[bytes], pid_file: Path, stop_pid: Callable[[int], None]) -> str:
+    """After a start that failed: stop ``proc`` with ``stop_pid`` if it still runs and drop the pid
+    file; returns how it ended, for the error message ("did not answer", "exited with status N")."""
+    exit_code = proc.poll()
+    if exit_code is None:
+        stop_pid(proc.pid)
+    pid_file.unlink(missing_ok=True)
+    return "did not answer" if exit_code is None else f"exited with status {exit_code}"
+
+
+def stop_running(
+    lock_file: Path,
+    pid_file: Path,
+    is_ours: Callable[[int], bool],
+    stop_pid: Callable[[int], None],
+    label: str,
+    logger: logging.Logger,
+) -> bool:
+    """Under the lock, stop the process of ``pid_file`` with ``stop_pid`` when ``is_ours`` says it runs,
+    and remove the pid file (a stale one too). True when one was running."""
+    with locked(lock_file):
+        pid = running_pid(pid_file, is_ours)
+        if pid is None:
+            pid_file.unlink(missing_ok=True)
+            return False
+        logger.info("stopping %s pid %d", label, pid)
+        stop_pid(pid)
+        pid_file.unlink(missing_ok=True)
+        logger.info("%s stopped", label)
+        return True
