@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from carousel.online_profile import OnlineProfile
@@ -156,30 +157,61 @@ class OnlineState:
         if not changed and not answers:
             return []
         try:
-            replies = self._write_pipeline(changed, answers or {}).execute()
+            oks = self._execute_writes(changed, answers or {})
         except NoScriptError:
             # The server lost its script cache (a restart, SCRIPT FLUSH): load it again. A CAS that
             # went through before the error now fails its version check and is re-applied.
             self._cas_sha = self.client.script_load(_CAS_SCRIPT)
-            replies = self._write_pipeline(changed, answers or {}).execute()
-        return [s.user_id for s, ok in zip(changed, replies[: len(changed)], strict=True) if not int(ok)]
+            oks = self._execute_writes(changed, answers or {})
+        return [s.user_id for s, ok in zip(changed, oks, strict=True) if not ok]
 
-    def _write_pipeline(self, changed: Sequence[UserState], answers: Mapping[tuple[str, str], Answer]) -> Any:
-        pipe = self.client.pipeline(transaction=False)
-        for state in changed:
-            pipe.evalsha(
-                self._cas_sha,
-                1,
+    def _execute_writes(
+        self, changed: Sequence[UserState], answers: Mapping[tuple[str, str], Answer]
+    ) -> list[bool]:
+        """Run the CAS scripts and the answer SETs pipelined; whether each CAS went through.
+
+        Redis Cluster's pipelines refuse scripts, so there the commands are grouped by the node
+        that owns each key's slot and each node gets one plain pipeline (still one round trip
+        per node)."""
+        # (key, command, arguments after the key, keyword arguments)
+        commands: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]] = [
+            (
                 self.user_key(state.user_id),
-                state.version,
-                str(int(state.version or 0) + 1),
-                state.profile.to_json(),
-                json.dumps(state.sends, separators=(",", ":")),
-                self.profile_ttl_ms,
+                "evalsha",
+                (
+                    state.version,
+                    str(int(state.version or 0) + 1),
+                    state.profile.to_json(),
+                    json.dumps(state.sends, separators=(",", ":")),
+                    self.profile_ttl_ms,
+                ),
+                {},
             )
-        for (user, event_id), answer in answers.items():
-            pipe.set(self.answered_key(user, event_id), answer.to_json(), px=self.answered_ttl_ms)
-        return pipe
+            for state in changed
+        ]
+        commands += [
+            (self.answered_key(user, event_id), "set", (answer.to_json(),), {"px": self.answered_ttl_ms})
+            for (user, event_id), answer in answers.items()
+        ]
+        if isinstance(self.client, RedisCluster):
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for position, (key, _, _, _) in enumerate(commands):
+                node = self.client.get_node_from_key(key)
+                groups.setdefault(node.name, (node.redis_connection, []))[1].append(position)
+        else:
+            groups = {"": (self.client, list(range(len(commands))))}
+        replies: list[Any] = [None] * len(commands)
+        for connection, positions in groups.values():
+            pipe = connection.pipeline(transaction=False)
+            for position in positions:
+                key, name, args, kwargs = commands[position]
+                if name == "evalsha":
+                    pipe.evalsha(self._cas_sha, 1, key, *args)
+                else:
+                    pipe.set(key, *args, **kwargs)
+            for position, reply in zip(positions, pipe.execute(), strict=True):
+                replies[position] = reply
+        return [bool(int(reply)) for reply in replies[: len(changed)]]
 
 
 def _state(user: str, reply: Sequence[bytes | None]) -> UserState:
