@@ -78,7 +78,6 @@ from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
 from carousel import broker, online_store_server
 from carousel.cli import setup_logging
 from carousel.config import CarouselConfig
-from carousel.query_lifecycle import stop_between_batches
 from carousel.schemas import PUSH, SENT_RECOMMENDATIONS_TABLE
 from streaming.serve import TrendingRefresher
 
@@ -95,6 +94,8 @@ QUICK = {
     "outbox_duration": 10.0,
     "recovery_steady": 8.0,
     "sweep_duration": 10.0,
+    "recovery_rate": 200.0,
+    "recovery_timeout": 180.0,
 }
 LATENCY_GOAL_S = 1.0
 SECOND_GOAL_S = 2.0
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--sweep-rate", type=float, default=1000.0, help="triggers/s of the sweep (1000)")
     settings.add_argument("--sweep-duration", type=float, default=30.0, help="seconds per setting (30)")
     phases = parser.add_argument_group("phases")
-    phases.add_argument("--outbox-rate", type=float, default=1000.0, help="triggers/s of the outbox phase")
+    phases.add_argument(
+        "--outbox-rate", type=float, default=200.0, help="triggers/s of the outbox phase (200)"
+    )
     phases.add_argument("--outbox-duration", type=float, default=30.0, help="seconds of the outbox phase")
     phases.add_argument("--recovery-rate", type=float, default=1000.0, help="triggers/s while killing serve")
     phases.add_argument(
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     phases.add_argument(
         "--recovery-timeout", type=float, default=300.0, help="most seconds to wait for a (re)start (300)"
     )
-    for name in ("store-micro", "outbox", "recovery", "ceiling", "realtime"):
+    for name in ("store-micro", "outbox", "recovery", "ceiling", "ceiling-steps", "realtime"):
         phases.add_argument(f"--skip-{name}", action="store_true", help=f"leave out the {name} phase")
     parser.add_argument("--driver-memory", default="4g", help="Spark driver memory (4g)")
     parser.add_argument("--store-max-memory", default="4gb", help="the bench Redis's maxmemory (4gb)")
@@ -254,18 +257,18 @@ def measure_rate(
     query: Any,
     producer: MixedProducer,
     consumer: PayloadConsumer,
-    prefix: str,
+    phase: str,
     rate: float,
     duration: float,
     drain_timeout: float,
 ) -> dict[str, Any]:
-    """Produce ``rate`` for ``duration`` s, drain, and the figures of that rate."""
+    """Produce ``rate`` for ``duration`` s (trigger ids of ``phase``), drain, and the figures of that rate."""
     load_before = common.load1()
     since = time.time()
     log.info("%s: %.0f triggers/s for %.0f s", name, rate, duration)
-    produced = producer.run(prefix, rate, duration)
-    drained = _drain(query, producer, consumer, f"{prefix}-", drain_timeout)
-    figures = latency_figures(producer.sent, consumer.received, f"{prefix}-")
+    produced = producer.run(phase, rate, duration)
+    drained = _drain(query, producer, consumer, producer.prefix(phase), drain_timeout)
+    figures = latency_figures(producer.sent, consumer.received, producer.prefix(phase))
     entry: dict[str, Any] = {
         "target_rate": rate,
         "produce": produced,
@@ -307,9 +310,11 @@ def measure(
     if warmup > 0:
         log.info("%s: warm-up at %.0f/s for %.0f s", name, rates[0], warmup)
         producer.run("warm", rates[0], warmup)
-        drained = _drain(query, producer, consumer, "warm-", args.drain_timeout * 2)
+        drained = _drain(query, producer, consumer, producer.prefix("warm"), args.drain_timeout * 2)
         result["warmup"] = {"rate": rates[0], "seconds": warmup, "drained_after_s": drained}
-        result["warmup"]["latency"] = latency_figures(producer.sent, consumer.received, "warm-")
+        result["warmup"]["latency"] = latency_figures(
+            producer.sent, consumer.received, producer.prefix("warm")
+        )
     for rate in rates:
         entry = measure_rate(
             name, query, producer, consumer, f"r{int(rate)}", rate, duration, args.drain_timeout
@@ -434,7 +439,7 @@ def run_outbox(
         table = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            figures = lag_figures(table, "ob-", producer.sent, expected)
+            figures = lag_figures(table, producer.prefix("ob"), producer.sent, expected)
             if figures["payloads_recorded"] >= expected:
                 break
             if query.exception() is not None:
@@ -446,7 +451,7 @@ def run_outbox(
             if int(p.numInputRows or 0)
         ]
     finally:
-        stop_between_batches(query, cfg.sent_log.stop_timeout_seconds)
+        query.stop()  # every measured row is in Delta by now: nothing to wait for
     log.info("outbox -> Delta lag: %s", figures)
     return {
         "how": "record-sends continuous beside serve (same session), from the outbox's end",
@@ -514,11 +519,53 @@ def run_sweep(spark: Any, configs: list[tuple[str, CarouselConfig]], run: RateRu
     return results
 
 
+def _python_identity() -> Any:
+    """A ``mapInArrow`` body that returns each record's key and value: the Python round trip alone.
+
+    Defined inside a function so that cloudpickle ships it by value (the workers need not import
+    the bench).
+    """
+
+    def identity(batches: Any) -> Any:
+        for batch in batches:
+            yield batch.select(["key", "value"])
+
+    return identity
+
+
+def _with_steps(raw: Any, cfg: CarouselConfig, steps: str) -> Any:
+    """The pass-through's records: ``raw`` (key, value), ``validated`` (serve's ``hot_path_records``,
+    re-encoded as JSON) or ``python`` (that, through a ``mapInArrow`` that changes nothing)."""
+    from pyspark.sql import functions as F
+
+    from streaming.serve import hot_path_records
+
+    if steps == "raw":
+        return raw.selectExpr("key", "value")
+    records = hot_path_records(raw, cfg)
+    encoded = records.select(
+        F.col("user_id").alias("key"), F.to_json(F.struct(*[c for c in records.columns])).alias("value")
+    )
+    if steps == "validated":
+        return encoded
+    return encoded.mapInArrow(_python_identity(), "key string, value string")
+
+
 def run_pass_through(
-    spark: Any, cfg: CarouselConfig, run: RateRun, label: str, real_time: bool
+    spark: Any,
+    cfg: CarouselConfig,
+    run: RateRun,
+    label: str,
+    real_time: bool,
+    steps: str = "raw",
+    rates: list[float] | None = None,
 ) -> dict[str, Any]:
-    """The mixed topic -> the same records on an output topic, with serve's source options and trigger."""
-    args, rates, bootstrap = run.args, run.rates, run.bootstrap
+    """The mixed topic -> the same records on an output topic, with serve's source options and trigger.
+
+    ``steps`` adds serve's parts without its logic (:func:`_with_steps`).
+    """
+    args, bootstrap = run.args, run.bootstrap
+    rates = rates or run.rates
     suffix = uuid.uuid4().hex[:6]
     source_topic, output_topic = f"bench-{label}-in-{suffix}", f"bench-{label}-out-{suffix}"
     create_topic(bootstrap, source_topic, args.partitions)
@@ -535,7 +582,7 @@ def run_pass_through(
     if not real_time:
         # Real-time mode refuses maxOffsetsPerTrigger ("not compatible with real time mode").
         reader = reader.option("maxOffsetsPerTrigger", cfg.serving.max_offsets_per_trigger)
-    stream = reader.load().selectExpr("key", "value")
+    stream = _with_steps(reader.load(), cfg, steps)
     writer = (
         stream.writeStream.format("kafka")
         .options(**kafka)
@@ -568,6 +615,7 @@ def run_pass_through(
         else f"processingTime {cfg.serving.trigger_interval}"
     )
     result["settings"] = _settings(cfg)
+    result["steps"] = steps
     result["duplicate_outputs"] = consumer.duplicates
     return result
 
@@ -652,8 +700,9 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{entry['ms_per_trigger_with_its_4_events']} ms/trigger ({entry['triggers_per_s_one_core']}/s "
             f"on one core)"
         )
-    for label in ("serve", "ceiling", "realtime_ceiling"):
-        phase = results.get(label)
+    steps = {f"ceiling+{p['steps']}": p for p in results.get("ceiling_steps") or []}
+    for label in ("serve", "ceiling", *steps, "realtime_ceiling"):
+        phase = results.get(label) or steps.get(label)
         if not phase:
             continue
         if "error" in phase:
@@ -808,6 +857,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["ceiling"] = run_pass_through(
                 spark, phase_config("ceiling"), run, "ceiling", real_time=False
             )
+        if not args.skip_ceiling_steps:
+            # Serve's parts without its logic, at the lowest rate: where the gap to the ceiling comes from.
+            results["ceiling_steps"] = [
+                run_pass_through(
+                    spark, phase_config(f"ceiling-{steps}"), run, f"ceiling-{steps}", False, steps, rates[:1]
+                )
+                for steps in ("validated", "python")
+            ]
         if not args.skip_realtime:
             try:
                 results["realtime_ceiling"] = run_pass_through(

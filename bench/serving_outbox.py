@@ -43,8 +43,9 @@ def committed_rows(table: str | Path, prefix: str) -> dict[str, tuple[float, flo
             action = json.loads(line).get("add") if line.strip() else None
             if not action:
                 continue
-            rows = pq.read_table(
-                Path(table, unquote(action["path"])), columns=["payload_id", "trigger_event_id", "sent_at"]
+            # ParquetFile: the file alone (read_table would add the sent_date=... folder as a column).
+            rows = pq.ParquetFile(Path(table, unquote(action["path"]))).read(
+                columns=["payload_id", "trigger_event_id", "sent_at"]
             )
             rows = rows.filter(pc.starts_with(rows["trigger_event_id"], prefix))
             payloads = rows["payload_id"].to_pylist()

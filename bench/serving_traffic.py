@@ -39,7 +39,7 @@ PURCHASE_EVERY = 20
 # The shop's item skew (bench.shop_data.SKEW): index = items * u ** SKEW.
 ITEM_SKEW = 3.0
 PLATFORMS = ("android", "ios", "web")
-# Trigger ids are "<phase>-<n>"; profile events "<phase>-<n>.<k>", so these patterns match triggers only.
+# Trigger ids are "<tag>_<phase>-<n>"; item events "<tag>_<phase>-<n>.<k>": these match triggers only.
 PAYLOAD_TRIGGER_ID = re.compile(rb'"trigger_event_id":"([^"]+)"')
 PASS_THROUGH_TRIGGER_ID = re.compile(rb'"event_id":"([^".]+)"')
 
@@ -86,6 +86,9 @@ class MixedProducer:
             }
         )
         self.topic = topic
+        # Every event id starts with this run-unique tag: the online store remembers answered
+        # (user, event id) pairs for an hour, so ids must not repeat across phases or runs.
+        self.tag = uuid.uuid4().hex[:6]
         self.users = users
         self.items = items
         self.profile_events = profile_events
@@ -107,31 +110,36 @@ class MixedProducer:
             except BufferError:
                 self.producer.poll(0.01)
 
+    def prefix(self, phase: str) -> str:
+        """The start of every trigger id of ``phase`` (what :func:`latency_figures` selects by)."""
+        return f"{self.tag}_{phase}-"
+
     def _send_one(self, phase: str, n: int) -> None:
         user = f"u-{self.random.randrange(self.users):07d}"
         key = user.encode()
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         platform = PLATFORMS[n % 3]
         tail = f'"event_time":"{now}","source":"mobile","device":{{"platform":"{platform}"}}}}'
+        trigger = f"{self.tag}_{phase}-{n}"
         for k in range(self.profile_events):
             kind = PROFILE_EVENTS[k % len(PROFILE_EVENTS)]
             if kind == ADDED_TO_CART and n % PURCHASE_EVERY == 0:
                 kind = PRODUCT_PURCHASED
             item = min(int(self.items * self.random.random() ** ITEM_SKEW), self.items - 1)
             self._produce(
-                f'{{"event_id":"{phase}-{n}.{k}","user_id":"{user}","event_type":"{kind}",'
+                f'{{"event_id":"{trigger}.{k}","user_id":"{user}","event_type":"{kind}",'
                 f'"item_id":"i-{item:06d}",{tail}',
                 key,
             )
         self._produce(
-            f'{{"event_id":"{phase}-{n}","user_id":"{user}","event_type":"{APP_LAUNCHED}",{tail}', key
+            f'{{"event_id":"{trigger}","user_id":"{user}","event_type":"{APP_LAUNCHED}",{tail}', key
         )
-        self.sent[f"{phase}-{n}"] = time.time()
+        self.sent[trigger] = time.time()
 
     def run(
         self, phase: str, rate: float, duration: float, stop: threading.Event | None = None
     ) -> dict[str, Any]:
-        """Send ``rate`` triggers/s (ids ``<phase>-<n>``) for ``duration`` s or until ``stop`` is set."""
+        """Send ``rate`` triggers/s (ids ``<tag>_<phase>-<n>``) for ``duration`` s, or until ``stop``."""
         total = int(round(rate * duration))
         started = time.perf_counter()
         records_before = self.records

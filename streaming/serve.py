@@ -159,6 +159,17 @@ class TrendingRefresher:
         self.stopped.set()
 
 
+def run_totals(query: StreamingQuery) -> dict[str, int]:
+    """The serving counters summed over the query's recent progress reports."""
+    totals = dict.fromkeys(COUNTERS, 0)
+    for progress in query.recentProgress:
+        row = progress.observedMetrics.get(METRICS_NAME)
+        if row is not None:
+            for name in COUNTERS:
+                totals[name] += int(row[name] or 0)
+    return {name: n for name, n in totals.items() if n}
+
+
 class ServeProgressLog(StreamingQueryListener):
     """Logs each serving batch: its counts (observed metrics) and how long it took."""
 
@@ -241,11 +252,15 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "serve")
     spark = build_session(cfg, "carousel-serve")
     name = cfg.serving.query_name
-    spark.streams.addListener(ServeProgressLog(name))
+    listener = ServeProgressLog(name)
+    spark.streams.addListener(listener)
     query = run(spark, cfg, available_now=args.available_now)
     trending = TrendingRefresher(spark, cfg).start()
     try:
         await_query(spark, query, cfg.serving.stop_timeout_seconds, stop_marker(cfg, name))
     finally:
         trending.stop()
+        # Progress events reach the listener asynchronously: none may arrive once Python exits.
+        spark.streams.removeListener(listener)
+    log.info("%s: totals of its last %d batches: %s", name, len(query.recentProgress), run_totals(query))
     return 0

@@ -288,14 +288,7 @@ def record_sends(spark: SparkSession, cfg: CarouselConfig) -> None:
 
 
 def counts_of(query: Any) -> dict[str, int]:
-    """The serve counters summed over the query's recent progress reports."""
-    totals: dict[str, int] = {}
-    for progress in query.recentProgress:
-        row = progress.observedMetrics.get(serve.METRICS_NAME)
-        if row is not None:
-            for name in COUNTERS:
-                totals[name] = totals.get(name, 0) + int(row[name] or 0)
-    return totals
+    return {name: 0 for name in COUNTERS} | serve.run_totals(query)
 
 
 def test_serving_end_to_end(spark: SparkSession, shop: CarouselConfig, tmp_path: Path) -> None:
