@@ -519,36 +519,56 @@ def run_sweep(spark: Any, configs: list[tuple[str, CarouselConfig]], run: RateRu
     return results
 
 
-def _python_identity() -> Any:
-    """A ``mapInArrow`` body that returns each record's key and value: the Python round trip alone.
+def _trivial_answers(topic: str) -> Any:
+    """A ``mapInArrow`` body in serve's output shape that answers each App Launched with its own id.
 
+    What serve's plan costs without serve's work (no store, lookups, ranking or rendering).
     Defined inside a function so that cloudpickle ships it by value (the workers need not import
     the bench).
     """
 
-    def identity(batches: Any) -> Any:
+    def answer(batches: Any) -> Any:
+        import json
+
+        import pyarrow as pa
+
+        from carousel.realtime import OUTPUT_SCHEMA
+
         for batch in batches:
-            yield batch.select(["key", "value"])
+            rows = [r for r in batch.to_pylist() if r["event_type"] == "App Launched"]
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "kind": ["record"] * len(rows),
+                    "topic": [topic] * len(rows),
+                    "key": [r["user_id"] for r in rows],
+                    "value": [json.dumps({"event_id": r["event_id"]}, separators=(",", ":")) for r in rows],
+                    "payload_id": [r["event_id"] for r in rows],
+                    "reason": [None] * len(rows),
+                    "n": [None] * len(rows),
+                },
+                schema=OUTPUT_SCHEMA,
+            )
 
-    return identity
+    return answer
 
 
-def _with_steps(raw: Any, cfg: CarouselConfig, steps: str) -> Any:
-    """The pass-through's records: ``raw`` (key, value), ``validated`` (serve's ``hot_path_records``,
-    re-encoded as JSON) or ``python`` (that, through a ``mapInArrow`` that changes nothing)."""
+def _with_steps(raw: Any, cfg: CarouselConfig, steps: str, topic: str) -> Any:
+    """The pass-through's records: ``raw`` (key, value); ``validated`` (serve's ``hot_path_records``,
+    re-encoded as JSON); ``serve-plan`` (serve's own plan - validation, ``mapInArrow``, observed
+    metrics, per-row topic and header - with :func:`_trivial_answers` instead of serve's answers)."""
     from pyspark.sql import functions as F
 
-    from streaming.serve import hot_path_records
+    from carousel.realtime import OUTPUT_DDL
+    from streaming.serve import hot_path_records, kafka_rows, with_metrics
 
     if steps == "raw":
         return raw.selectExpr("key", "value")
     records = hot_path_records(raw, cfg)
-    encoded = records.select(
-        F.col("user_id").alias("key"), F.to_json(F.struct(*[c for c in records.columns])).alias("value")
-    )
     if steps == "validated":
-        return encoded
-    return encoded.mapInArrow(_python_identity(), "key string, value string")
+        return records.select(
+            F.col("user_id").alias("key"), F.to_json(F.struct(*records.columns)).alias("value")
+        )
+    return kafka_rows(with_metrics(records.mapInArrow(_trivial_answers(topic), OUTPUT_DDL)))
 
 
 def run_pass_through(
@@ -582,11 +602,11 @@ def run_pass_through(
     if not real_time:
         # Real-time mode refuses maxOffsetsPerTrigger ("not compatible with real time mode").
         reader = reader.option("maxOffsetsPerTrigger", cfg.serving.max_offsets_per_trigger)
-    stream = _with_steps(reader.load(), cfg, steps)
+    stream = _with_steps(reader.load(), cfg, steps, output_topic)
     writer = (
         stream.writeStream.format("kafka")
         .options(**kafka)
-        .option("topic", output_topic)
+        .option("topic", output_topic)  # serve-plan rows name it themselves
         .option("checkpointLocation", cfg.storage.checkpoint(f"bench-{label}"))
         .queryName(f"bench-{label}")
     )
@@ -863,7 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_pass_through(
                     spark, phase_config(f"ceiling-{steps}"), run, f"ceiling-{steps}", False, steps, rates[:1]
                 )
-                for steps in ("validated", "python")
+                for steps in ("validated", "serve-plan")
             ]
         if not args.skip_realtime:
             try:
