@@ -35,7 +35,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, OnlineStoreConfig
 from carousel.online_profile import USER_ATTRIBUTE_FIELDS, OnlineProfile
 from carousel.online_state import OnlineState
-from carousel.online_store import check_reachable, connect
+from carousel.online_store import OnlineStoreError, check_reachable, connect
 from carousel.schemas import PROFILES_TABLE, SENT_RECOMMENDATIONS_TABLE
 from carousel.session import build_session
 from carousel.storage import read_text_file, table_exists
@@ -241,6 +241,9 @@ def main(argv: list[str]) -> int:
     spark = build_session(cfg, "carousel-rebuild-online-store")
     try:
         run(spark, cfg)
+    except OnlineStoreError as err:
+        log.error("rebuild-online-store cannot run: %s", err)
+        return 1
     finally:
         spark.stop()
     return 0

@@ -43,9 +43,9 @@ from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
-from carousel.delivery import compute_trending, read_catalog
-from carousel.online_store import check_reachable
-from carousel.payloads import check_templates
+from carousel.delivery import ServingInputError, compute_trending, read_catalog
+from carousel.online_store import OnlineStoreError, check_reachable
+from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import await_query, stop_marker
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import TRENDING_SCHEMA, TRENDING_TABLE
@@ -254,7 +254,12 @@ def main(argv: list[str]) -> int:
     name = cfg.serving.query_name
     listener = ServeProgressLog(name)
     spark.streams.addListener(listener)
-    query = run(spark, cfg, available_now=args.available_now)
+    try:
+        query = run(spark, cfg, available_now=args.available_now)
+    except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
+        spark.streams.removeListener(listener)
+        log.error("serve cannot start: %s", err)
+        return 1
     trending = TrendingRefresher(spark, cfg).start()
     try:
         await_query(spark, query, cfg.serving.stop_timeout_seconds, stop_marker(cfg, name))
