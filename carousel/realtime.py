@@ -82,6 +82,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 OUTPUT_DDL = "kind string, topic string, key string, value string, payload_id string, reason string, n bigint"
 _MICROS = 1_000_000
+ANSWER_TTL_MARGIN_S = 600
 # Fault injection for the kill tests: SIGKILL the job's process group right after the Nth batch
 # whose answers were written to the online store, before any of its rows reaches Kafka.
 FAULT_KILL_ENV = "CAROUSEL_FAULT_KILL_AFTER_STORE_WRITE"
@@ -139,7 +140,13 @@ class ServeSpec:
             dead_letter_topic=cfg.kafka.topic("dead_letter").name,
             recent_items=cfg.profiles.recent_items,
             max_trigger_age_us=round(serving.max_trigger_age_seconds * _MICROS),
-            answered_ttl_ms=round(serving.answered_ttl_hours * 3600 * 1000),
+            # A trigger older than max_trigger_age is skipped as stale anyway (a retry or a replay
+            # carries the same event time), so its answer need not outlive that, plus a margin for
+            # clock skew: bounds the answers' memory to a few minutes of traffic.
+            answered_ttl_ms=round(
+                min(serving.answered_ttl_hours * 3600, serving.max_trigger_age_seconds + ANSWER_TTL_MARGIN_S)
+                * 1000
+            ),
             profile_ttl_ms=round(cfg.online_store.profile_ttl_days * 86400 * 1000),
             sends_keep_us=max(round(longest_exclusion * 86400 * _MICROS), cap_window_us),
             cap_max_payloads=serving.frequency_cap.max_payloads,
