@@ -23,6 +23,7 @@ logic in Redis), so a concurrent writer - ``rebuild-online-store`` merging Delta
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2], 'p', ARGV[3], 's', ARGV[4])
 if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) else redis.call('PERSIST', KEYS[1]) end
 return 1
 """
+_CAS_SHA = hashlib.sha1(_CAS_SCRIPT.encode()).hexdigest()
 
 
 @dataclass
@@ -114,9 +116,10 @@ class OnlineState:
         self.prefix = key_prefix
         self.profile_ttl_ms = profile_ttl_ms
         self.answered_ttl_ms = answered_ttl_ms
-        # Loaded once (on every primary of a cluster) and called by hash: pipelines of EVALSHA
-        # work the same on a single Redis and on Redis Cluster.
-        self._cas_sha = client.script_load(_CAS_SCRIPT)
+        # Called by hash (Redis names a script by its SHA-1): no round trip to load it per task;
+        # a server without it answers NOSCRIPT and :meth:`write` loads it (on every primary of a
+        # cluster) once.
+        self._cas_sha = _CAS_SHA
 
     def user_key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}"
