@@ -83,7 +83,7 @@ from carousel import broker, online_store_server
 from carousel.cli import setup_logging
 from carousel.config import CarouselConfig
 from carousel.schemas import PUSH, SENT_RECOMMENDATIONS_TABLE
-from streaming.serve import TrendingRefresher
+from streaming.serve import TrendingRefresher, with_progress_tracking
 
 log = logging.getLogger("bench.serving")
 
@@ -408,6 +408,7 @@ def _settings(cfg: CarouselConfig) -> dict[str, Any]:
         "kafka_fetch_max_wait_ms": cfg.serving.kafka_fetch_max_wait_ms,
         "events_partitions": cfg.kafka.topic("events").partitions,
         "max_offsets_per_trigger": cfg.serving.max_offsets_per_trigger,
+        "async_progress_interval_ms": cfg.serving.async_progress_interval_ms,
     }
 
 
@@ -470,6 +471,7 @@ SWEEP = (
     ("trigger interval 100 ms", ["serving.trigger_interval=100 milliseconds"]),
     ("trigger interval 1 s", ["serving.trigger_interval=1 second"]),
     ("kafka.fetch.max.wait.ms 500 (Kafka default)", ["serving.kafka_fetch_max_wait_ms=500"]),
+    ("synchronous progress (Spark's default)", ["serving.async_progress_interval_ms=null"]),
 )
 
 
@@ -622,7 +624,7 @@ def run_pass_through(
             jvm.org.apache.spark.sql.streaming.Trigger.RealTime(REALTIME_CHECKPOINT_INTERVAL)
         )
     else:
-        writer = writer.trigger(processingTime=cfg.serving.trigger_interval)
+        writer = with_progress_tracking(writer.trigger(processingTime=cfg.serving.trigger_interval), cfg)
     consumer = PayloadConsumer(bootstrap, output_topic, PASS_THROUGH_TRIGGER_ID)
     producer = MixedProducer(bootstrap, source_topic, run.shop_users, run.shop_items, args.seed + 1)
     try:

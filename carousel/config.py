@@ -415,6 +415,9 @@ class ServingConfig(_StreamingQuerySection):
     kafka_fetch_max_wait_ms: int = Field(ge=0, le=60000)
     # A payload larger than this goes to the dead-letter topic (the producer's max.request.size).
     max_payload_bytes: int = Field(ge=1024)
+    # Offsets and commits written to the checkpoint beside the batches, at most this often (Spark's
+    # asynchronous progress tracking, continuous trigger only); None: before and after each batch.
+    async_progress_interval_ms: int | None = Field(default=None, ge=0)
 
     @field_validator("templates_dir", "payload_schemas_dir")
     @classmethod

@@ -96,18 +96,27 @@ class OnlineProfile:
             changed = True
         return changed
 
-    def merge(self, other: OnlineProfile, limit: int) -> None:
-        """Join ``other`` into this profile (a rebuild merging the Delta profile into the store)."""
+    def merge(self, other: OnlineProfile, limit: int) -> bool:
+        """Join ``other`` into this profile (a rebuild merging the Delta profile into the store).
+
+        Returns whether anything changed: a rebuild over a store that already holds it writes nothing.
+        """
+        changed = False
         for item, micros in other.views:
-            remember_item(self.views, item, micros, limit)
+            changed |= remember_item(self.views, item, micros, limit)
         for item, micros in other.purchases:
-            remember_item(self.purchases, item, micros, limit)
+            changed |= remember_item(self.purchases, item, micros, limit)
         if other.platform is not None and _later((other.platform[1], other.platform[2]), self.platform):
             self.platform = list(other.platform)
+            changed = True
         for name, held in other.attributes.items():
             if _later((held[1], held[2]), self.attributes.get(name)):
                 self.attributes[name] = list(held)
-        self.last_seen = max(self.last_seen, other.last_seen)
+                changed = True
+        if other.last_seen > self.last_seen:
+            self.last_seen = other.last_seen
+            changed = True
+        return changed
 
     # -- what ranking and templates read ----------------------------------------------------------
     def recent(self, kind: str) -> list[dict[str, Any]]:

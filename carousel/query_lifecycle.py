@@ -1,8 +1,9 @@
 """Running and stopping the streaming queries: a stop never cuts a micro-batch in the middle.
 
-Role: shared by ``streaming.ingest`` and ``streaming.serve``. Inputs: a started
-:class:`~pyspark.sql.streaming.StreamingQuery` whose ``foreachBatch`` handler was wrapped by its
-:class:`BatchGate`. Outputs: :func:`await_query` blocks until the query ends, and stops it
+Role: shared by the streaming queries. Inputs: a started
+:class:`~pyspark.sql.streaming.StreamingQuery`, either with a ``foreachBatch`` handler wrapped by
+its :class:`BatchGate` (ingest, record-sends) or with a sink of its own (serve's Kafka sink, see
+:func:`stop_between_batches`). Outputs: :func:`await_query` blocks until the query ends, and stops it
 between micro-batches when asked: by a *stop request* (a marker file beside the query's
 checkpoint, written by ``./spark-submit.sh stop ingest|serve`` from any machine that reaches the
 storage: the way to stop a driver on a cluster), or by SIGTERM / SIGINT reaching the driver's
@@ -122,16 +123,31 @@ def gate_for(query_name: str) -> BatchGate:
 def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_seconds: float = 0.05) -> bool:
     """Stop ``query`` between micro-batches: after the running one has been handled and committed.
 
-    Closes the query's gate (waiting for a running handler to return), then waits for Spark to
-    finish that trigger (its commit), all within ``timeout_seconds``, then stops the query. If the
-    next trigger starts meanwhile, its handler is refused (:class:`StopRequestedError`) and the
-    query ends with that error, having committed nothing of it. Returns True when it stopped
-    between micro-batches, False when the deadline passed and a batch was interrupted (it is
-    replayed on the next start).
+    A gated query (a ``foreachBatch`` handler behind :func:`gate_for`): closes the gate (waiting for
+    a running handler to return), then waits for Spark to finish that trigger (its commit), all
+    within ``timeout_seconds``, then stops the query. If the next trigger starts meanwhile, its
+    handler is refused (:class:`StopRequestedError`) and the query ends with that error, having
+    committed nothing of it.
+
+    A query with a sink of its own (``serve``'s Kafka sink) has no handler to gate: it is stopped
+    as soon as the micro-batch running at the request has finished. A back-to-back trigger may
+    have started by then; it is cut at its start and replayed on the next start, with the same
+    answers (waiting for an idle moment instead could take as long as the traffic lasts).
+
+    Returns True when it stopped between micro-batches, False when the deadline passed and a batch
+    was interrupted (it is replayed on the next start).
     """
     deadline = time.monotonic() + timeout_seconds
-    between = _registered(str(query.name)).close(timeout_seconds)
-    while between and query.isActive and query.status["isTriggerActive"]:
+    gate = _GATES.get(str(query.name))
+    between = gate.close(timeout_seconds) if gate is not None else True
+    running = _batch_id(query)
+
+    def done() -> bool:
+        if not query.status["isTriggerActive"]:
+            return True
+        return gate is None and _batch_id(query) != running  # the gate refuses the next one itself
+
+    while between and query.isActive and not done():
         if time.monotonic() >= deadline:
             between = False
             break
@@ -143,6 +159,12 @@ def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_sec
         log.warning("%s: a micro-batch still ran after %.0f s: interrupting it", query.name, timeout_seconds)
     query.stop()
     return between
+
+
+def _batch_id(query: StreamingQuery) -> int:
+    """The id of the query's last finished micro-batch (-1 before the first)."""
+    progress = query.lastProgress
+    return -1 if progress is None else int(progress["batchId"])
 
 
 def stop_marker(cfg: CarouselConfig, query_name: str) -> str:

@@ -307,17 +307,19 @@ class ItemLists:
             self._index = {item: code for code, item in enumerate(self.ids)}
         return self._index
 
-    def candidates(self, code: int) -> Iterator[tuple[str, float, str | None]]:
+    def candidates(self, code: int) -> list[tuple[str, float, str | None]]:
         """(item id, relative score, model version) of one item's list."""
         start, end = int(self.offsets[code]), int(self.offsets[code + 1])
         ids, versions = self.ids, self.versions
-        for rec, rel, ver in zip(
-            self.recs[start:end].tolist(),
-            self.relative[start:end].tolist(),
-            self.version_codes[start:end].tolist(),
-            strict=True,
-        ):
-            yield ids[rec], rel, versions[ver]
+        return [
+            (ids[rec], rel, versions[ver])
+            for rec, rel, ver in zip(
+                self.recs[start:end].tolist(),
+                self.relative[start:end].tolist(),
+                self.version_codes[start:end].tolist(),
+                strict=True,
+            )
+        ]
 
     def category(self, item_id: str) -> str | None:
         code = self.index.get(item_id)

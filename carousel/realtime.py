@@ -229,6 +229,12 @@ def rank_campaign(
     return record
 
 
+def iso_to_micros(text: str) -> int:
+    """:func:`micros_to_iso` back: epoch microseconds of an ISO-8601 UTC time."""
+    delta = datetime.fromisoformat(text.replace("Z", "+00:00")) - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * _MICROS + delta.microseconds
+
+
 def render_request(
     record: Mapping[str, Any], template: str, lookups: ServingLookups, user: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -290,7 +296,7 @@ def deliver(
     out.emit(spec.topic(record["channel"]), user, value, payload_id)
     out.emit(spec.sent_topic, user, outbox, payload_id)
     out.counts["payloads"] += 1
-    sent_us = round(datetime.fromisoformat(record["sent_at"].replace("Z", "+00:00")).timestamp() * _MICROS)
+    sent_us = iso_to_micros(record["sent_at"])
     state.record_send(payload_id, record["campaign"], [i["item_id"] for i in record["items"]], sent_us)
 
 

@@ -113,10 +113,9 @@ def _merge(
         states, _ = store.read(users)
         for user, state in states.items():
             profile, sends = updates[user]
-            if profile is not None:
-                state.profile.merge(profile, limit)
-            state.merge_sends(sends)
-            state.changed = True
+            if profile is not None and state.profile.merge(profile, limit):
+                state.changed = True
+            state.merge_sends(sends)  # sets state.changed when it adds one
         users = store.write(states.values())
         if not users:
             return

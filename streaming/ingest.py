@@ -32,7 +32,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, MapType, StringType, StructField, StructType
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, IngestConfig
@@ -74,6 +74,7 @@ _NESTED_SCHEMAS = {
     f.name: f.dataType for f in EVENT_JSON_SCHEMA.fields if not isinstance(f.dataType, StringType)
 }
 _NESTED_STRUCTS = {"device": DEVICE_SCHEMA, "user_attributes": USER_ATTRIBUTES_SCHEMA}
+_MEMBER_TEXTS = MapType(StringType(), StringType())
 APP_ID_MARKER = "carousel_app_id"
 
 
@@ -134,46 +135,41 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     min_time = F.lit(ingest.min_event_time).cast("timestamp")
     latest_allowed = F.col("kafka_timestamp") + F.make_dt_interval(secs=F.lit(ingest.max_future_skew_seconds))
 
-    checks: list[Column] = []
+    # (condition, reason) pairs. The reasons array is a concat of per-check arrays, not a
+    # filter() over nulls: a higher-order function is not code-generated, and interpreting
+    # every check cost more than the rest of the query (bench/README.md "Serving").
+    checks: list[tuple[Column, Column]] = []
     for name in REQUIRED_EVENT_FIELDS:
-        checks.append(
-            F.when(
-                present[name].isNull() | (F.trim(present[name]) == ""),
-                F.lit(f"missing required field '{name}'"),
-            )
-        )
+        blank = present[name].isNull() | (F.trim(present[name]) == "")
+        checks.append((blank, F.lit(f"missing required field '{name}'")))
     for name in EVENT_FIELDS:
-        checks.append(
-            F.when(present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'"))
-        )
+        checks.append((present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'")))
     for parent, schema in _NESTED_STRUCTS.items():
+        # The nested object's members as raw JSON texts (null: absent or JSON null), parsed once.
+        members = F.from_json(present[parent], _MEMBER_TEXTS)
         for field in schema.fields:
+            unread = typed[parent].isNotNull() & typed[parent][field.name].isNull()
             checks.append(
-                F.when(
-                    typed[parent].isNotNull()
-                    & typed[parent][field.name].isNull()
-                    & F.get_json_object(present[parent], f"$.{field.name}").isNotNull(),
-                    F.lit(f"mistyped field '{parent}.{field.name}'"),
-                )
+                (unread & members[field.name].isNotNull(), F.lit(f"mistyped field '{parent}.{field.name}'"))
             )
     checks += [
-        F.when(
+        (
             event_type.isNotNull() & ~event_type.isin(*EVENT_TYPES),
             F.concat(F.lit("unknown event type "), _quoted(event_type)),
         ),
-        F.when(
+        (
             typed["source"].isNotNull() & (source != "") & ~source.isin(*SOURCES),
             F.concat(F.lit("unknown source "), _quoted(typed["source"])),
         ),
-        F.when(
+        (
             (time_text != "") & event_time.isNull(),
             F.concat(F.lit("unparseable event_time "), _quoted(time_text), F.lit(" (ISO-8601 with offset)")),
         ),
-        F.when(
+        (
             event_time < min_time,
             F.concat(F.lit("event_time "), _quoted(time_text), F.lit(f" is before {ingest.min_event_time}")),
         ),
-        F.when(
+        (
             event_time > latest_allowed,
             F.concat(
                 F.lit("event_time "),
@@ -181,13 +177,16 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
                 F.lit(f" is more than {ingest.max_future_skew_seconds}s after the record was received"),
             ),
         ),
-        F.when(
+        (
             event_type.isin(*ITEM_EVENT_TYPES)
             & (typed["item_id"].isNull() | (F.trim(typed["item_id"]) == "")),
             F.concat(F.lit("missing item_id for item event "), _quoted(event_type)),
         ),
     ]
-    content_reasons = F.filter(F.array(*checks), lambda reason: reason.isNotNull())
+    no_reason = F.array().cast(ArrayType(StringType()))
+    content_reasons = F.concat(
+        *[F.when(check, F.array(reason)).otherwise(no_reason) for check, reason in checks]
+    )
     reasons = (
         F.when(F.col("raw_value").isNull(), F.array(F.lit("empty Kafka value")))
         .when(

@@ -39,7 +39,7 @@ from functools import partial
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery, StreamingQueryListener
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
@@ -201,6 +201,16 @@ class ServeProgressLog(StreamingQueryListener):
 # ---------------------------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------------------------
+def with_progress_tracking(writer: DataStreamWriter, cfg: CarouselConfig) -> DataStreamWriter:
+    """Asynchronous offsets and commits (``serving.async_progress_interval_ms``), when configured."""
+    interval = cfg.serving.async_progress_interval_ms
+    if interval is None:
+        return writer
+    return writer.option("asyncProgressTrackingEnabled", "true").option(
+        "asyncProgressTrackingCheckpointIntervalMs", str(interval)
+    )
+
+
 def source(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
     """The events topic with serve's latency settings (see README "Serving latency settings")."""
     return (
@@ -236,11 +246,10 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
         .option("kafka.max.request.size", cfg.serving.max_payload_bytes + 65536)
         .option("checkpointLocation", cfg.storage.checkpoint(name))
     )
-    writer = (
-        writer.trigger(availableNow=True)
-        if available_now
-        else writer.trigger(processingTime=cfg.serving.trigger_interval)
-    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)  # Spark refuses async progress with it
+    else:
+        writer = with_progress_tracking(writer.trigger(processingTime=cfg.serving.trigger_interval), cfg)
     log.info("starting %s for campaigns %s", name, sorted(campaigns))
     return writer.start()
 

@@ -128,3 +128,30 @@ def test_a_stop_request_beside_the_checkpoint_stops_the_query(spark, tmp_path) -
     committed = {progress["batchId"] for progress in query.recentProgress}
     assert set(handled) - committed <= {max(handled)}  # at most a refused last one is not committed
     assert handled == sorted(set(handled))  # each batch handled once
+
+
+def test_a_query_without_a_gate_stops_right_after_its_running_batch(spark, tmp_path) -> None:
+    """serve's shape: a sink of its own, back-to-back triggers under steady input.
+
+    The stop must not wait for an idle moment (there may be none): it waits for the running batch
+    only, and that batch is not interrupted.
+    """
+    name = f"lifecycle-{uuid.uuid4().hex[:8]}"
+    query = (
+        spark.readStream.format("rate")
+        .option("rowsPerSecond", 500)
+        .load()
+        .writeStream.queryName(name)
+        .format("noop")
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .trigger(processingTime="0 seconds")
+        .start()
+    )
+    try:
+        wait_for(lambda: len(query.recentProgress) >= 3, 60, "three micro-batches")
+        assert stop_between_batches(query, 45), "the stop hit its deadline and interrupted a batch"
+    finally:
+        query.stop()
+    assert not query.isActive and query.exception() is None
+    finished = [p["batchId"] for p in query.recentProgress]
+    assert finished == list(range(finished[0], finished[0] + len(finished)))  # none cut or skipped
