@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -705,9 +706,20 @@ def load_config(
     return _validate(data)
 
 
+def masked_url(url: str) -> str:
+    """``url`` with any password in it replaced by ``***`` (safe for logs and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def describe(cfg: CarouselConfig) -> str:
     """One-line JSON of the effective configuration; credentials appear only as '***'."""
     data = cfg.model_dump()
+    data["online_store"]["url"] = masked_url(cfg.online_store.url)
     data["kafka"]["security"] = {k: "***" for k in cfg.kafka.security_settings()}
     for key in list(data["spark"]["conf"]):
         if re.search(r"secret|password|token|credential", key, re.I):
@@ -716,5 +728,13 @@ def describe(cfg: CarouselConfig) -> str:
 
 
 def log_config(cfg: CarouselConfig, job: str) -> None:
-    """Log the effective configuration once, at job start."""
-    log.info("%s starting with configuration %s", job, describe(cfg))
+    """Log where the job runs at INFO, and the whole effective configuration at DEBUG only."""
+    log.info(
+        "%s starting: master %s, storage %s, kafka %s, online store %s",
+        job,
+        cfg.spark.master,
+        cfg.storage.root,
+        cfg.kafka.bootstrap_servers,
+        masked_url(cfg.online_store.url),
+    )
+    log.debug("%s configuration %s", job, describe(cfg))

@@ -10,10 +10,13 @@ read with delta-rs (``deltalake``) - no Spark job, no JVM round trip on the hot 
 payload's items carry.
 
 Freshness: at most every ``serving.refresh_seconds`` a worker asks each table for its latest
-version (an incremental read of the Delta log); when one changed, the lookups are rebuilt from
-the new versions. So a newly published model, a catalog upload or a stock feed apply within the
-refresh interval, without a restart. A model version pinned by an A/B arm is read at the
-table version it was published at (the commit's ``userMetadata``, as ``publish`` writes it).
+version (an incremental read of the Delta log); when one changed, a background thread of the
+worker rebuilds the lookups (and the campaigns' item lists) from the new versions while the
+batches go on with the ones held, and swaps them in when ready. So a newly published model, a
+catalog upload or a stock feed apply within the refresh interval plus the reload (seconds for a
+large matrix), without a restart, and no micro-batch waits for a reload. A model version pinned
+by an A/B arm is read at the table version it was published at (the commit's ``userMetadata``, as
+``publish`` writes it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from carousel.config import CampaignConfig, ServingConfig
+from carousel.experiments import arms
 from carousel.payloads import CATALOG_ITEM_FIELDS
 from carousel.ranking import (
     FILTER_COLUMNS,
@@ -40,6 +44,7 @@ from carousel.ranking import (
     fallback_lists,
     item_lists_from_arrow,
 )
+from carousel.schemas import CONTROL_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,7 @@ class _Cache:
         self.lock = threading.Lock()
         self.current: dict[str, tuple[ServingLookups, float]] = {}
         self.tables: dict[str, DeltaTable | None] = {}
+        self.loading: dict[str, threading.Thread] = {}  # sources key -> its background reload
 
     def latest_version(self, location: str) -> int | None:
         table = self.tables.get(location)
@@ -261,9 +267,23 @@ def load_lookups(
     return lookups
 
 
+def warm(lookups: ServingLookups) -> ServingLookups:
+    """Build every trigger campaign's arm inputs (item lists) now, not at the first trigger."""
+    for name, campaign in lookups.sources.campaigns:
+        for arm, _upper in arms(campaign):
+            if arm != CONTROL_VARIANT:
+                lookups.arm(name, arm)
+    return lookups
+
+
 def current_lookups(sources: LookupSources, now: float | None = None) -> ServingLookups:
-    """This process's lookups for ``sources``, reloaded when a table's version changed (checked at
-    most every ``refresh_seconds``)."""
+    """This process's lookups for ``sources``; their table versions are checked at most every
+    ``refresh_seconds``.
+
+    The first call loads them (nothing to serve with before). A later version is loaded and
+    warmed by a background thread while batches go on with the lookups held; the next call after
+    it finished gets the new ones. A batch never waits for a reload (a new matrix takes seconds).
+    """
     now = time.monotonic() if now is None else now
     with _CACHE.lock:
         held = _CACHE.current.get(sources.key)
@@ -274,9 +294,36 @@ def current_lookups(sources: LookupSources, now: float | None = None) -> Serving
             "matrix": _CACHE.latest_version(sources.matrix),
             "trending": _CACHE.latest_version(sources.trending),
         }
-        if held is not None and held[0].versions == versions:
+        if held is None:
+            lookups = warm(load_lookups(sources, versions))
+        elif held[0].versions == versions:
             lookups = held[0]
         else:
-            lookups = load_lookups(sources, versions, held[0] if held is not None else None)
+            _reload_in_background(sources, versions, held[0])
+            lookups = held[0]
         _CACHE.current[sources.key] = (lookups, now)
         return lookups
+
+
+def _reload_in_background(
+    sources: LookupSources, versions: dict[str, int | None], held: ServingLookups
+) -> None:
+    """Start loading ``versions`` beside the batches (one reload at a time per sources)."""
+    running = _CACHE.loading.get(sources.key)
+    if running is not None and running.is_alive():
+        return  # the next check after it finished sees any later version
+
+    def reload() -> None:
+        try:
+            lookups = warm(load_lookups(sources, versions, held))
+        except Exception as err:  # noqa: BLE001 - a failed reload keeps serving what is held
+            log.warning(
+                "serving lookups: reload at versions %s failed, keeping %s: %s", versions, held.versions, err
+            )
+            return
+        with _CACHE.lock:
+            _CACHE.current[sources.key] = (lookups, time.monotonic())
+
+    thread = threading.Thread(target=reload, name="serving-lookups-reload", daemon=True)
+    _CACHE.loading[sources.key] = thread
+    thread.start()

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.cluster
 from redis.exceptions import RedisClusterException
 
-from carousel.config import OnlineStoreConfig
+from carousel.config import OnlineStoreConfig, masked_url
 
 START_COMMAND = "./spark-submit.sh online-store start"
 
@@ -44,16 +44,6 @@ class OnlineStoreError(RuntimeError):
 # process from sharing its parent's sockets; redis-py pools reconnect on their own after errors.
 _CLIENTS: dict[tuple[int, str, bool, str, float, str], Client] = {}
 _CLIENTS_LOCK = threading.Lock()
-
-
-def masked_url(url: str) -> str:
-    """``url`` with any password in it replaced by ``***`` (safe for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _credentials_digest(credentials: dict[str, str]) -> str:

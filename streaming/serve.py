@@ -21,7 +21,10 @@ replays, dead letters, skipped stale / invalid / duplicate / capped triggers) ar
 observed metrics, logged per batch.
 
 The Kafka sink is at-least-once: a batch replayed after a kill re-sends the same payload ids
-with the same items (the answers are kept in the online store before any row is written).
+with the same items (the answers are kept in the online store before any row is written). So the
+query's offsets and commits are written beside the batches, at most every
+``serving.async_progress_interval_ms`` (Spark's asynchronous progress tracking), not before and
+after each one: a restart may replay up to that much more, with the same answers.
 
     ./spark-submit.sh online-store start       # the local Redis (tests and demo)
     ./spark-submit.sh rebuild-online-store     # first deployment / lost store: from Delta

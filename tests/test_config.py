@@ -58,11 +58,12 @@ def test_secrets_come_from_the_environment_and_are_masked(monkeypatch):
     monkeypatch.setenv("CAROUSEL_KAFKA_SASL_USERNAME", "svc")
     monkeypatch.setenv("CAROUSEL_KAFKA_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("CAROUSEL__SPARK__CONF__SPARK.HADOOP.FS.S3A.SECRET.KEY", "abc123")
-    cfg = load_config()
+    cfg = load_config(overrides=["online_store.url=rediss://svc:s3cret-in-url@redis.example:6380/0"])
     assert cfg.kafka.client_settings()["sasl.password"] == "hunter2"
     assert 'password="hunter2"' in cfg.kafka.spark_options()["kafka.sasl.jaas.config"]
     text = describe(cfg)
-    assert "hunter2" not in text and "abc123" not in text
+    assert "hunter2" not in text and "abc123" not in text and "s3cret-in-url" not in text
+    assert "rediss://svc:***@redis.example:6380/0" in text
 
 
 @pytest.mark.parametrize(
