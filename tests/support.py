@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 from confluent_kafka import Producer
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import CarouselConfig
 
@@ -51,6 +52,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(poll)
+
+
+def finish(query: StreamingQuery, timeout: float = 300) -> None:
+    """Wait for an ``--available-now`` query to end (stopping it in any case); it must not have failed."""
+    try:
+        query.awaitTermination(timeout)
+    finally:
+        query.stop()
+    assert query.exception() is None, query.exception()
 
 
 def read_table(spark: SparkSession, cfg: CarouselConfig, name: str) -> DataFrame:

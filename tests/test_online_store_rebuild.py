@@ -16,7 +16,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import event_json, produce, read_table
+from support import event_json, finish, produce, read_table
 from test_serve import TopicReader, build_shop, items_of, serving_config, trigger
 
 from carousel import online_store_server
@@ -57,12 +57,7 @@ def events(rng: random.Random, count: int, start: datetime) -> list[tuple[bytes,
 
 
 def drain_ingest(spark: SparkSession, cfg: CarouselConfig) -> None:
-    query = ingest.run(spark, cfg, available_now=True)
-    try:
-        query.awaitTermination(300)
-    finally:
-        query.stop()
-    assert query.exception() is None, query.exception()
+    finish(ingest.run(spark, cfg, available_now=True))
 
 
 def assert_online_equals_recomputation(spark: SparkSession, cfg: CarouselConfig) -> None:

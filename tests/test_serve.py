@@ -25,7 +25,7 @@ from confluent_kafka import Consumer
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import event_json, produce, read_table, wait_for
+from support import event_json, finish, produce, read_table, wait_for
 
 from carousel.broker import ensure_topics
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
@@ -280,12 +280,7 @@ def view(user: str, item: str) -> tuple[bytes, bytes]:
 
 
 def record_sends(spark: SparkSession, cfg: CarouselConfig) -> None:
-    query = record_sends_query.run(spark, cfg, available_now=True)
-    try:
-        query.awaitTermination(300)
-    finally:
-        query.stop()
-    assert query.exception() is None, query.exception()
+    finish(record_sends_query.run(spark, cfg, available_now=True))
 
 
 def answer_until(
