@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -67,10 +68,15 @@ class LookupSources:
     serving: ServingConfig
     campaigns: tuple[tuple[str, CampaignConfig], ...]
 
-    def campaign(self, name: str) -> CampaignConfig:
-        return dict(self.campaigns)[name]
+    # Derived once per worker (cached on first use), not per payload or batch.
+    @cached_property
+    def _campaigns(self) -> dict[str, CampaignConfig]:
+        return dict(self.campaigns)
 
-    @property
+    def campaign(self, name: str) -> CampaignConfig:
+        return self._campaigns[name]
+
+    @cached_property
     def key(self) -> str:
         """Identifies these sources and settings (the per-process cache key)."""
         campaigns = (f"{name}={c.model_dump_json()}" for name, c in self.campaigns)

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -154,15 +155,20 @@ class ServeSpec:
             max_payload_bytes=serving.max_payload_bytes,
         )
 
-    @property
+    # Derived once per worker (cached on first use), not per trigger or payload.
+    @cached_property
     def trigger_types(self) -> frozenset[str]:
         return frozenset(t for _, c in self.campaigns for t in c.trigger_event_types)
 
     def campaigns_for(self, event_type: str) -> list[tuple[str, CampaignConfig]]:
         return [(name, c) for name, c in self.campaigns if event_type in c.trigger_event_types]
 
+    @cached_property
+    def _topics(self) -> dict[str, str]:
+        return dict(self.channel_topics)
+
     def topic(self, channel: str) -> str:
-        return dict(self.channel_topics)[channel]
+        return self._topics[channel]
 
 
 class _Batch:
