@@ -116,10 +116,9 @@ class OnlineState:
         self.prefix = key_prefix
         self.profile_ttl_ms = profile_ttl_ms
         self.answered_ttl_ms = answered_ttl_ms
-        # Called by hash (Redis names a script by its SHA-1): no round trip to load it per task;
-        # a server without it answers NOSCRIPT and :meth:`write` loads it (on every primary of a
-        # cluster) once.
-        self._cas_sha = _CAS_SHA
+        # The CAS script is called by hash (Redis names a script by its SHA-1): no round trip to
+        # load it per task; a server without it answers NOSCRIPT and :meth:`write` loads it (on
+        # every primary of a cluster) once.
 
     def user_key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}"
@@ -164,7 +163,7 @@ class OnlineState:
         except NoScriptError:
             # The server lost its script cache (a restart, SCRIPT FLUSH): load it again. A CAS that
             # went through before the error now fails its version check and is re-applied.
-            self._cas_sha = self.client.script_load(_CAS_SCRIPT)
+            self.client.script_load(_CAS_SCRIPT)
             oks = self._execute_writes(changed, answers or {})
         return [s.user_id for s, ok in zip(changed, oks, strict=True) if not ok]
 
@@ -209,7 +208,7 @@ class OnlineState:
             for position in positions:
                 key, name, args, kwargs = commands[position]
                 if name == "evalsha":
-                    pipe.evalsha(self._cas_sha, 1, key, *args)
+                    pipe.evalsha(_CAS_SHA, 1, key, *args)
                 else:
                     pipe.set(key, *args, **kwargs)
             for position, reply in zip(positions, pipe.execute(), strict=True):
