@@ -436,8 +436,8 @@ def answer_batches(batches: Iterator[pa.RecordBatch], spec: ServeSpec) -> Iterat
     """``mapInArrow`` body: one online-store round trip each way per Arrow batch."""
     store = OnlineState(connect(spec.store), spec.store.key_prefix, spec.profile_ttl_ms, spec.answered_ttl_ms)
     for batch in batches:
-        records = batch.to_pylist()
-        if not records:
+        if not batch.num_rows:
             continue
-        lookups = current_lookups(spec.sources)
+        lookups = current_lookups(spec.sources)  # before the batch's rows exist (keep_out_of_gc)
+        records = batch.to_pylist()
         yield output_batch(answer_records(records, store, lookups, spec, time.time_ns() // 1000))
