@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PYTHON_DAEMON_MODULE = "spark.python.daemon.module"
 LOCAL_PYTHON_DAEMON = "carousel.spark_daemon"
+PYTHON_UNIX_SOCKETS = "spark.python.unix.domain.socket.enabled"
 
 
 class SetupError(RuntimeError):
@@ -87,6 +88,11 @@ def build_session(
         # Local executors run this interpreter: its daemon saves ~150 ms per Python task
         # (carousel/spark_daemon.py says why); on a cluster it is opt-in through spark.conf.
         **({PYTHON_DAEMON_MODULE: LOCAL_PYTHON_DAEMON} if _master(cfg, master).startswith("local") else {}),
+        # Executors talk to their Python workers over Unix domain sockets, not TCP on loopback:
+        # the TCP exchange of a Python task stalled on Nagle and delayed ACKs, about 40 ms of
+        # every Python task here (an empty mapInArrow job: 82 ms over TCP, 40 ms over Unix
+        # sockets; bench/README.md "Serving"). Executor and workers always share a host.
+        PYTHON_UNIX_SOCKETS: "true",
         **cfg.spark.conf,
         **(extra_conf or {}),
     }

@@ -1,7 +1,7 @@
 """The local Python worker daemon (``carousel.spark_daemon``): archives re-read only when changed.
 
 Unit tests on real zip archives imported through ``zipimport``, and one check that a local
-session runs its Python tasks through the daemon.
+session runs its Python tasks through the daemon (imports frozen, Unix sockets).
 """
 
 from __future__ import annotations
@@ -66,10 +66,17 @@ def test_an_archive_replaced_in_place_is_read_again(patched_zipimport, tmp_path,
 def test_a_local_session_runs_python_tasks_through_the_daemon(spark) -> None:
     assert spark.sparkContext.getConf().get("spark.python.daemon.module") == "carousel.spark_daemon"
 
-    def patched(_rows):
+    def worker_facts(_rows):
+        import gc
+        import os
         import zipimport
 
-        yield zipimport.zipimporter.invalidate_caches.__name__
+        # The zip patch, the imports frozen before the fork, and Unix sockets to the executor.
+        yield (
+            zipimport.zipimporter.invalidate_caches.__name__,
+            gc.get_freeze_count() > 0,
+            os.environ.get("PYTHON_UNIX_DOMAIN_ENABLED", "").lower(),
+        )
 
-    names = spark.sparkContext.parallelize(range(4), 2).mapPartitions(patched).collect()
-    assert names == ["invalidate_unless_unchanged"] * 2
+    facts = spark.sparkContext.parallelize(range(4), 2).mapPartitions(worker_facts).collect()
+    assert facts == [("invalidate_unless_unchanged", True, "true")] * 2
