@@ -19,7 +19,7 @@ bench-ingest: setup  ## ingest throughput and freshness against the plain Kafka-
 bench-training: setup  ## nightly export -> validate -> train -> publish at 5M interactions, vs gensim Word2Vec
 	@.venv/bin/python -m bench.training_bench
 
-bench-serving: setup  ## trigger -> payload latency at 200/1000/5000 per s vs a pass-through ceiling (1M users)
+bench-serving: setup  ## trigger -> payload latency at 200/1000/2000/5000 per s vs a pass-through ceiling (1M users)
 	@.venv/bin/python -m bench.serving_bench
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads

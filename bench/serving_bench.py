@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serving", "Trigger -> payload latency of serve at steady rates, vs pass-through ceilings."
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small shop, 200/s for 15 s")
-    parser.add_argument("--rates", default="200,1000,5000", help="steady rates, triggers/s (200,1000,5000)")
+    parser.add_argument(
+        "--rates", default="200,1000,2000,5000", help="steady rates, triggers/s (200,1000,2000,5000)"
+    )
     parser.add_argument("--duration", type=float, default=45.0, help="seconds of producing per rate (45)")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds at the lowest rate first (20)")
     parser.add_argument(

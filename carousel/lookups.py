@@ -291,11 +291,12 @@ def keep_out_of_gc(lookups: ServingLookups) -> ServingLookups:
 
     PySpark's worker daemon runs a full ``gc.collect()`` after every task. A full collection
     visits every tracked container, and the lookups are hundreds of thousands of them (ids, index
-    dicts, catalog columns): about 27 ms a task, a quarter of serve's Python time at 1,000
-    triggers/s (bench/README.md "Serving"). :func:`gc.freeze` puts what is alive now in the
-    permanent generation, which collections skip; reference counting still frees it once
-    unreferenced, so a replaced set of lookups is released as before. Called by the task's own
-    thread between batches (not by the reload thread), so no batch's objects are frozen with them.
+    dicts, catalog columns): 29 ms a collection with the bench's 100k items, a quarter of the
+    serve workers' profile samples at 1,000 triggers/s (bench/README.md "Serving"), 0 ms once
+    frozen. :func:`gc.freeze` puts what is alive now in the permanent generation, which
+    collections skip; reference counting still frees it once unreferenced, so a replaced set of
+    lookups is released as before (they hold no reference cycles). Called by the task's own thread
+    between batches (not by the reload thread), so no batch's objects are frozen with them.
     """
     if not lookups._frozen:
         gc.collect()

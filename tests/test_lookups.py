@@ -25,19 +25,26 @@ def _tracked(obj: object) -> bool:
     return any(o is obj for o in gc.get_objects())
 
 
-def test_lookups_leave_the_collectors_reach_once_and_stay_freeable() -> None:
+def test_lookups_leave_the_collectors_reach_once_and_stay_freeable(monkeypatch) -> None:
+    freezes: list[int] = []
+    freeze = gc.freeze
+
+    def counted_freeze() -> None:
+        freezes.append(1)
+        freeze()
+
+    monkeypatch.setattr(gc, "freeze", counted_freeze)
     lookups = _lookups()
     try:
         assert _tracked(lookups)
         assert keep_out_of_gc(lookups) is lookups
-        assert lookups._frozen
+        assert lookups._frozen and len(freezes) == 1
         assert not _tracked(lookups), "the lookups are still visited by every collection"
-        frozen = gc.get_freeze_count()
         later = _lookups()
         assert keep_out_of_gc(lookups) is lookups
-        assert gc.get_freeze_count() == frozen, "frozen again although nothing changed"
+        assert len(freezes) == 1, "frozen again although nothing changed"
         assert _tracked(later)
-        assert keep_out_of_gc(later)._frozen and not _tracked(later)
+        assert keep_out_of_gc(later)._frozen and not _tracked(later) and len(freezes) == 2
         # Replaced lookups are still released (reference counting), frozen or not.
         released = weakref.ref(later)
         del later
