@@ -50,8 +50,12 @@ def _under_spark_submit() -> bool:
 def _master(cfg: CarouselConfig, master: str | None) -> str:
     """The master this session will run on (spark-submit's ``--master`` under spark-submit)."""
     if _under_spark_submit():
-        from pyspark import SparkConf
+        from pyspark import SparkConf, SparkContext
 
+        # spark-submit's --master is a system property of the driver JVM it started. SparkConf
+        # reads those only once this process is connected to that JVM; before, it saw no master
+        # at all, and submitted local jobs ran their Python workers without the local daemon.
+        SparkContext._ensure_initialized()
         return SparkConf().get("spark.master", "")
     return master or cfg.spark.master
 
@@ -100,5 +104,10 @@ def build_session(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CAROUSEL_SPARK_LOG_LEVEL", "WARN"))
-    log.info("spark session %s on %s", app_name, spark.sparkContext.master)
+    log.info(
+        "spark session %s on %s (Python workers: %s)",
+        app_name,
+        spark.sparkContext.master,
+        spark.sparkContext.getConf().get(PYTHON_DAEMON_MODULE, "pyspark.daemon"),
+    )
     return spark

@@ -564,6 +564,8 @@ def test_serve_killed_and_restarted_loses_no_trigger(
     produce(cfg, triggers[:5])
     second = subprocess.run(command("serve", "--available-now"), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # A submitted local job runs its Python workers from the project's daemon, as a notebook does.
+    assert "(Python workers: carousel.spark_daemon)" in second.stdout + second.stderr
     recorder = subprocess.run(
         command("record-sends", "--available-now"), capture_output=True, text=True, timeout=600
     )
