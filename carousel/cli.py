@@ -92,6 +92,9 @@ JOBS: dict[str, Job] = {
         "Rebuild the online store from Delta profiles, the events after them and recent sends",
         True,
     ),
+    "api": Job(
+        "carousel.api", "HTTP recommendations API for in-app and web widgets (reads the online store)", False
+    ),
     "campaign": Job(
         "jobs.campaign", "Batch campaign: a user segment's recommendations as channel payloads", True
     ),

@@ -583,6 +583,52 @@ class CatalogConfig(_Section):
         return {**defaults, **value}
 
 
+class ApiKeyConfig(_Section):
+    """One API key: where its secret is (an environment variable) and its rate limit."""
+
+    env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")
+    requests_per_second: float = Field(gt=0)
+
+
+class ApiConfig(_Section):
+    """The recommendations API (``./spark-submit.sh api``)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    workers: int = Field(ge=1, le=64)
+    keys: dict[str, ApiKeyConfig] = Field(min_length=1)
+    default_similar: int = Field(ge=1, le=1000)
+    max_similar: int = Field(ge=1, le=1000)
+    record_timeout_ms: int = Field(ge=100, le=120_000)
+    outbox_linger_ms: int = Field(ge=0, le=1000)
+    metrics_dir: str = Field(min_length=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _key_names(cls, value: dict[str, ApiKeyConfig]) -> dict[str, ApiKeyConfig]:
+        bad = [name for name in value if not re.match(r"^[a-zA-Z0-9_-]+$", name)]
+        if bad:
+            raise ValueError(f"API key names may hold letters, digits, '_' and '-' only: {bad}")
+        return value
+
+    @field_validator("metrics_dir")
+    @classmethod
+    def _resolve(cls, value: str) -> str:
+        return resolve_path(value)
+
+    @model_validator(mode="after")
+    def _similar_bounds(self) -> ApiConfig:
+        if self.default_similar > self.max_similar:
+            raise ValueError(
+                f"default_similar ({self.default_similar}) exceeds max_similar ({self.max_similar})"
+            )
+        return self
+
+    def secrets(self) -> dict[str, str]:
+        """key name -> secret, for the keys whose environment variable is set (never logged)."""
+        return {name: os.environ[key.env] for name, key in self.keys.items() if os.environ.get(key.env)}
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -598,6 +644,7 @@ class CarouselConfig(_Section):
     online_store: OnlineStoreConfig
     campaigns: dict[str, CampaignConfig]
     reporting: ReportingConfig
+    api: ApiConfig
     catalog: CatalogConfig = CatalogConfig()
 
     @field_validator("campaigns")

@@ -38,6 +38,7 @@ from carousel.schemas import (
     CONTROL_VARIANT,
     EVENTS_TABLE,
     ITEM_RECOMMENDATIONS_TABLE,
+    PAYLOAD_ID_HEADER,
     SENT_RECOMMENDATIONS_SCHEMA,
     SENT_RECOMMENDATIONS_TABLE,
     TRENDING_SCHEMA,
@@ -46,7 +47,6 @@ from carousel.storage import read_snapshot, table_exists
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_ID_HEADER = "payload_id"
 # The user attributes a template can use (from the profile; platform from the trigger or profile).
 USER_CONTEXT_FIELDS: tuple[str, ...] = ("age", "gender", "city", "country", "language")
 

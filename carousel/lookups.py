@@ -34,7 +34,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from carousel.config import CampaignConfig, ServingConfig
+from carousel.config import CampaignConfig, CampaignFilters, ServingConfig
 from carousel.experiments import arms
 from carousel.payloads import CATALOG_ITEM_FIELDS
 from carousel.ranking import (
@@ -153,25 +153,37 @@ class ServingLookups:
             use_model = variant is None or variant.strategy == "model"
             model_version = variant.model_version if variant is not None else None
             matrix = self.matrices.get(model_version) if use_model else None
-            lists_key = (campaign.filters.model_dump_json(), model_version if use_model else "-")
-            lists = self._lists.get(lists_key)
-            if lists is None:
-                started = time.monotonic()
-                lists = self._lists[lists_key] = item_lists_from_arrow(matrix, self.catalog, campaign.filters)
-                log.info(
-                    "serving lists for %s/%s: %d items, %d entries, %.1f MB, %.2fs",
-                    campaign_name,
-                    arm,
-                    len(lists.ids),
-                    len(lists.recs),
-                    lists.nbytes / 1e6,
-                    time.monotonic() - started,
-                )
+            lists = self.lists(campaign.filters, model_version, use_model, f"{campaign_name}/{arm}")
             rules = RankingRules.of(campaign, self.sources.serving)
             inputs = self._arms[key] = ArmInputs(
                 lists, fallback_lists(self.trending, lists, rules), rules, use_model and matrix is not None
             )
         return inputs
+
+    def lists(
+        self,
+        filters: CampaignFilters,
+        model_version: str | None = None,
+        use_model: bool = True,
+        purpose: str = "similar items",
+    ) -> ItemLists:
+        """The item lists of one matrix (None = live) cut to the products ``filters`` admit;
+        built once per lookups and shared by every arm with the same filters and model."""
+        key = (filters.model_dump_json(), model_version if use_model else "-")
+        lists = self._lists.get(key)
+        if lists is None:
+            started = time.monotonic()
+            matrix = self.matrices.get(model_version) if use_model else None
+            lists = self._lists[key] = item_lists_from_arrow(matrix, self.catalog, filters)
+            log.info(
+                "serving lists for %s: %d items, %d entries, %.1f MB, %.2fs",
+                purpose,
+                len(lists.ids),
+                len(lists.recs),
+                lists.nbytes / 1e6,
+                time.monotonic() - started,
+            )
+        return lists
 
     def item_fields(self, item_id: str) -> dict[str, Any]:
         """The catalog fields a payload item carries (all None for an unknown item)."""

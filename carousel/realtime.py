@@ -44,7 +44,7 @@ from typing import Any
 import pyarrow as pa
 
 from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
-from carousel.experiments import assign_variant, trigger_payload_id
+from carousel.experiments import DEFAULT_VARIANT, assign_variant, trigger_payload_id
 from carousel.lookups import LookupSources, ServingLookups, current_lookups
 from carousel.online_state import Answer, OnlineState, UserState
 from carousel.online_store import connect
@@ -96,6 +96,14 @@ def micros_to_iso(micros: int) -> str:
     return (_EPOCH + timedelta(microseconds=micros)).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def sends_keep_micros(cfg: CarouselConfig) -> int:
+    """How long a user's recent sends are kept in the online store: the longest
+    ``sent_within_days`` exclusion of any campaign, or the frequency cap's window if longer."""
+    longest_exclusion = max((c.exclusions.sent_within_days for c in cfg.campaigns.values()), default=0)
+    cap_window_us = round(cfg.serving.frequency_cap.window_hours * 3600 * _MICROS)
+    return max(round(longest_exclusion * 86400 * _MICROS), cap_window_us)
+
+
 @dataclass(frozen=True)
 class ServeSpec:
     """Everything the hot path needs, as plain values (pickled into the serving closure)."""
@@ -122,7 +130,6 @@ class ServeSpec:
         campaigns = tuple(
             (name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled and c.trigger_event_types
         )
-        longest_exclusion = max((c.exclusions.sent_within_days for c in cfg.campaigns.values()), default=0)
         cap_window_us = round(serving.frequency_cap.window_hours * 3600 * _MICROS)
         return cls(
             store=cfg.online_store,
@@ -149,7 +156,7 @@ class ServeSpec:
                 * 1000
             ),
             profile_ttl_ms=round(cfg.online_store.profile_ttl_days * 86400 * 1000),
-            sends_keep_us=max(round(longest_exclusion * 86400 * _MICROS), cap_window_us),
+            sends_keep_us=sends_keep_micros(cfg),
             cap_max_payloads=serving.frequency_cap.max_payloads,
             cap_window_us=cap_window_us,
             max_payload_bytes=serving.max_payload_bytes,
@@ -192,8 +199,14 @@ def rank_campaign(
     campaign: CampaignConfig,
     lookups: ServingLookups,
     now_us: int,
+    control_fallback: bool = False,
+    limit: int | None = None,
 ) -> dict[str, Any] | None:
-    """The outbox record answering ``trigger`` for one campaign (None: no eligible item)."""
+    """The outbox record answering ``trigger`` for one campaign (None: no eligible item).
+
+    A control-group user gets an outbox record without items (a hold-out), or, with
+    ``control_fallback`` (the API: a widget shows something), the campaign's fallback items.
+    ``limit`` keeps the first that many ranked items."""
     user = trigger["user_id"]
     variant = assign_variant(campaign_name, campaign, user)
     record: dict[str, Any] = {
@@ -209,9 +222,10 @@ def rank_campaign(
         "model_version": None,
         "items": [],
     }
-    if variant == CONTROL_VARIANT:
+    control = variant == CONTROL_VARIANT
+    if control and not control_fallback:
         return record
-    arm = lookups.arm(campaign_name, variant)
+    arm = lookups.arm(campaign_name, DEFAULT_VARIANT if control else variant)
     request = {
         "request_id": record["payload_id"],
         "user_id": user,
@@ -223,7 +237,9 @@ def rank_campaign(
         if arm.rules.sent_within_us
         else (),
     }
-    ranked = rank_request(request, arm.lists, arm.fallback, arm.rules, arm.use_model)
+    ranked = rank_request(request, arm.lists, arm.fallback, arm.rules, arm.use_model and not control)
+    if limit is not None:
+        ranked = ranked[:limit]
     if not ranked:
         return None
     record["items"] = [
@@ -375,7 +391,9 @@ def answer_records(
         new_answers[key] = Answer(record["partition"], record["offset"], tuple(answers))
     for state in states.values():
         state.prune_sends(now_us - spec.sends_keep_us)
-    _write(store, states, applied, new_answers, spec, now_us, out)
+    out.counts["store_conflicts"] += write_back(
+        store, states, applied, new_answers, spec.recent_items, now_us - spec.sends_keep_us
+    )
     if new_answers and _fault_countdown[0] > 0:
         _fault_countdown[0] -= 1
         if _fault_countdown[0] == 0:
@@ -383,32 +401,33 @@ def answer_records(
     return out
 
 
-def _write(
+def write_back(
     store: OnlineState,
-    states: dict[str, UserState],
+    states: Mapping[str, UserState],
     applied: Mapping[str, Sequence[Mapping[str, Any]]],
     answers: Mapping[tuple[str, str], Answer],
-    spec: ServeSpec,
-    now_us: int,
-    out: _Batch,
-) -> None:
-    """Write back; users changed meanwhile by another writer are re-read and re-applied."""
+    recent_items: int,
+    keep_sends_since_us: int,
+) -> int:
+    """Write the states and answers back; users changed meanwhile by another writer are re-read,
+    their ``applied`` events and sends re-applied (both idempotent), and written again.
+
+    Returns how many compare-and-set conflicts were retried (serve and the API count them)."""
     conflicts = store.write(states.values(), answers)
+    retried = 0
     for _attempt in range(10):
         if not conflicts:
-            return
-        out.counts["store_conflicts"] += len(conflicts)
+            return retried
+        retried += len(conflicts)
         fresh, _ = store.read(conflicts)
         for user, state in fresh.items():
             for event in applied.get(user, ()):
-                state.profile.apply(event, spec.recent_items)
+                state.profile.apply(event, recent_items)
             state.merge_sends(states[user].sends)
-            state.prune_sends(now_us - spec.sends_keep_us)
+            state.prune_sends(keep_sends_since_us)
             state.changed = True
         conflicts = store.write(fresh.values())
-    raise RuntimeError(
-        f"online store: users {conflicts[:5]} kept changing under serve; batch retried by Spark"
-    )
+    raise RuntimeError(f"online store: users {conflicts[:5]} kept changing under concurrent writes; retried")
 
 
 def output_batch(out: _Batch) -> pa.RecordBatch:

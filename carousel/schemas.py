@@ -290,6 +290,8 @@ STRATEGY_TRENDING = "trending"  # recent popularity with time decay (new users, 
 STRATEGY_TRENDING_CATEGORY = "trending_category"  # trending within the categories the user viewed
 STRATEGIES: tuple[str, ...] = (STRATEGY_MODEL, STRATEGY_TRENDING, STRATEGY_TRENDING_CATEGORY)
 CONTROL_VARIANT = "control"
+# Every payload and outbox record on Kafka carries its payload id in this header (senders dedupe by it).
+PAYLOAD_ID_HEADER = "payload_id"
 
 TRENDING_TABLE = "trending_items"
 TRENDING_SCHEMA = StructType(

@@ -51,7 +51,7 @@ from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import await_query, stop_marker
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
-from carousel.schemas import TRENDING_SCHEMA, TRENDING_TABLE
+from carousel.schemas import PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
 from carousel.storage import table_exists
 from streaming.ingest import classify_records
@@ -59,7 +59,6 @@ from streaming.ingest import classify_records
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "serve"
-PAYLOAD_ID_HEADER = "payload_id"
 
 
 def trigger_campaigns(cfg: CarouselConfig) -> dict[str, CampaignConfig]:

@@ -1,0 +1,353 @@
+"""The recommendations API over real HTTP: ``./spark-submit.sh api`` running as its own process
+(two uvicorn workers) against the real online store, broker and Delta tables of the serving
+tests' small shop. Requests go through httpx; answers are compared with what ``serve`` sends for
+the same users, and the outbox is written into ``sent_recommendations`` by ``record-sends``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import yaml
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+from support import produce, read_table, wait_for
+from test_serve import MODEL_2, TopicReader, build_shop, items_of, publish_model, record_sends, trigger, view
+
+from carousel.broker import free_port
+from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+from carousel.experiments import assign_variant, trigger_payload_id
+from carousel.payloads import validate_payload
+from carousel.schemas import CONTROL_VARIANT, SENT_RECOMMENDATIONS_TABLE
+from streaming import serve
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+KEY = f"key-{uuid.uuid4().hex}"
+TIGHT_KEY = f"tight-{uuid.uuid4().hex}"
+KEY_ENV, TIGHT_ENV = "CAROUSEL_TEST_API_KEY", "CAROUSEL_TEST_API_TIGHT_KEY"
+CAMPAIGNS: dict[str, dict[str, Any]] = {
+    # As in the serving tests: serve answers "launch" triggers, so both paths can be compared.
+    "launch": {
+        "channel": "push",
+        "trigger_event_types": ["App Launched"],
+        "items": 3,
+        "filters": {"in_stock_only": True},
+        "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
+        "fallback": "trending",
+    },
+    "wishlist": {
+        "channel": "email",
+        "trigger_event_types": ["Added To Wishlist"],
+        "items": 4,
+        "exclusions": {"sent_within_days": 0},
+        "fallback": "none",
+    },
+    # A widget campaign (API only): what was shown is excluded for a day; half the users are control.
+    "widget": {
+        "channel": "in_app",
+        "items": 3,
+        "exclusions": {"purchased_within_days": 30, "sent_within_days": 1},
+        "fallback": "trending",
+        "control_share": 0.5,
+    },
+}
+
+
+class Api:
+    """The running service: its base URL and an httpx client with the test's key."""
+
+    def __init__(self, cfg: CarouselConfig, base: str) -> None:
+        self.cfg, self.base = cfg, base
+        self.http = httpx.Client(base_url=base, timeout=30)
+
+    def get(self, path: str, key: str | None = KEY, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if key is not None:
+            headers["X-API-Key"] = key
+        return self.http.get(path, headers=headers, **kwargs)
+
+    def recommend(self, user: str, campaign: str, **params: Any) -> httpx.Response:
+        request_id = params.pop("request_id", None)
+        headers = {"X-Request-Id": request_id} if request_id else {}
+        return self.get(
+            f"/v1/users/{user}/recommendations", params={"campaign": campaign, **params}, headers=headers
+        )
+
+    def recommend_without_key(self, user: str) -> httpx.Response:
+        return self.get(f"/v1/users/{user}/recommendations", key=None, params={"campaign": "launch"})
+
+
+def api_config(tmp: Path, kafka_bootstrap: str, online_store_url: str) -> CarouselConfig:
+    suffix = uuid.uuid4().hex[:8]
+    cfg = load_config(
+        overrides=[
+            f"storage.root={tmp}/data",
+            f"kafka.bootstrap_servers={kafka_bootstrap}",
+            *[
+                f"kafka.topics.{role}.name={role}-{suffix}"
+                for role in ("events", "push", "email", "in_app", "sent", "dead_letter")
+            ],
+            "kafka.topics.events.partitions=2",
+            f"online_store.url={online_store_url}",
+            f"online_store.port={urlsplit(online_store_url).port}",
+            f"online_store.key_prefix=t{suffix}",
+            "serving.starting_offsets=earliest",
+            "serving.trigger_interval=0 seconds",
+            "serving.refresh_seconds=0.001",
+            f"api.port={free_port()}",
+            "api.workers=2",
+            f"api.metrics_dir={tmp}/api-metrics",
+        ]
+    )
+    data = cfg.model_dump(mode="json")
+    data["campaigns"] = CAMPAIGNS
+    data["api"]["keys"] = {
+        "widgets": {"env": KEY_ENV, "requests_per_second": 10000},
+        "tight": {"env": TIGHT_ENV, "requests_per_second": 1},
+    }
+    return CarouselConfig.model_validate(data)
+
+
+def config_file(cfg: CarouselConfig, path: Path) -> Path:
+    """The whole config as a file for the service (the default campaigns switched off)."""
+    data = cfg.model_dump(mode="json")
+    data["campaigns"] = {name: {"enabled": False} for name in load_config().campaigns} | data["campaigns"]
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def api_command(cfg_file: Path, *extra: str) -> list[str]:
+    return [str(PROJECT_ROOT / "spark-submit.sh"), "api", "--config", str(cfg_file), *extra]
+
+
+@pytest.fixture(scope="module")
+def api(
+    spark: SparkSession, kafka_bootstrap: str, online_store_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    tmp = tmp_path_factory.mktemp("api")
+    cfg = build_shop(spark, api_config(tmp, kafka_bootstrap, online_store_url))
+    serve.TrendingRefresher(spark, cfg).refresh()  # serve keeps trending fresh; the API reads it
+    env = {**os.environ, KEY_ENV: KEY, TIGHT_ENV: TIGHT_KEY}
+    log_path = tmp / "api.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            api_command(config_file(cfg, tmp / "api.yaml")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    service = Api(cfg, f"http://{cfg.api.host}:{cfg.api.port}")
+
+    def ready() -> bool:
+        assert process.poll() is None, "the API exited: " + log_path.read_text()[-3000:]
+        try:
+            return service.http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, timeout=120, what="the API to be ready", poll=0.2)
+        yield service
+    finally:
+        service.http.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        # Logged server-side only, never sent: nothing in the log may be a traceback of a request.
+        assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+def test_answers_equal_what_serve_ranks(spark: SparkSession, api: Api) -> None:
+    cfg = api.cfg
+    push = TopicReader(cfg, cfg.kafka.topic("push").name)
+    query = serve.run(spark, cfg)
+    try:
+        # u-viewer views d just before launching the app: serve's answer, and then the API's,
+        # reflect the view (the online profile both read).
+        produce(
+            cfg,
+            [trigger("App Launched", "u-known"), view("u-viewer", "d"), trigger("App Launched", "u-viewer")],
+        )
+        query.processAllAvailable()
+        served = {p["user_id"]: p for p in push.read(2)}
+    finally:
+        query.stop()
+        push.close()
+    for user in ("u-known", "u-viewer"):
+        answer = api.recommend(user, "launch", request_id=f"same-{user}")
+        assert answer.status_code == 200, answer.text
+        payload = answer.json()
+        assert items_of(payload) == items_of(served[user])
+        assert [i["score"] for i in payload["items"]] == [i["score"] for i in served[user]["items"]]
+        validate_payload(payload, "push", cfg.serving.payload_schemas_dir)
+        # The same deterministic payload id rule as serve's, with the request id as the trigger.
+        assert payload["payload_id"] == trigger_payload_id(f"api:same-{user}", "launch", "push")
+        assert answer.headers["X-Payload-Id"] == payload["payload_id"]
+        assert payload["trigger_event_type"] == "API Request" and payload["variant"] == "default"
+    assert items_of(api.recommend("u-known", "launch").json()) == [
+        ("b", "model"),
+        ("c", "model"),
+        ("t1", "trending"),
+    ]
+    # The product on screen seeds the list and is not recommended; n cuts it.
+    on_screen = api.recommend("u-nobody", "launch", item_id="d", n=2).json()
+    assert items_of(on_screen) == [("e", "model"), ("x", "model")]
+
+
+def test_an_unknown_user_gets_trending(api: Api) -> None:
+    answer = api.recommend(f"u-new-{uuid.uuid4().hex[:6]}", "launch")
+    assert answer.status_code == 200, answer.text
+    assert items_of(answer.json()) == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
+    # No eligible item (no history, no fallback): 204, nothing recorded.
+    assert api.recommend("u-nobody", "wishlist").status_code == 204
+
+
+def test_answers_are_recorded_once_excluded_after_and_replayed_by_request_id(
+    spark: SparkSession, api: Api
+) -> None:
+    cfg, campaign = api.cfg, api.cfg.campaigns["widget"]
+    users = [f"u-w{n}" for n in range(40)]
+    treated = next(u for u in users if assign_variant("widget", campaign, u) != CONTROL_VARIANT)
+    control = next(u for u in users if assign_variant("widget", campaign, u) == CONTROL_VARIANT)
+
+    first = api.recommend(treated, "widget", request_id="req-1")
+    assert first.status_code == 200, first.text
+    again = api.recommend(treated, "widget", request_id="req-1")  # a client retry
+    assert again.json()["payload_id"] == first.json()["payload_id"]
+    assert (
+        items_of(again.json())
+        == items_of(first.json())
+        == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
+    )
+    # The next request (on product a's screen) excludes what was shown (sent_within_days: 1),
+    # as serve would: a's neighbours, and no trending item is left.
+    second = api.recommend(treated, "widget", request_id="req-2", item_id="a")
+    assert second.status_code == 200, second.text
+    assert items_of(second.json()) == [("b", "model"), ("c", "model")]
+
+    # A control-group user is shown the fallback, recorded as a hold-out.
+    held = api.recommend(control, "widget", request_id="req-c")
+    assert held.status_code == 200, held.text
+    assert held.json()["variant"] == CONTROL_VARIANT
+    assert items_of(held.json()) == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
+
+    record_sends(spark, cfg)
+    sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).where(F.col("campaign") == "widget")
+    rows = sent.select("payload_id", "user_id", "variant", "item_id", "rank", "strategy")
+    expected = [
+        (first.json()["payload_id"], treated, "default", item, rank, "trending")
+        for rank, item in enumerate(["t1", "t2", "a"], start=1)
+    ]
+    expected += [
+        (second.json()["payload_id"], treated, "default", i["item_id"], i["rank"], i["strategy"])
+        for i in second.json()["items"]
+    ]
+    expected.append((held.json()["payload_id"], control, CONTROL_VARIANT, None, None, None))
+    assertDataFrameEqual(rows, spark.createDataFrame(expected, rows.schema))
+
+
+def test_bad_requests_get_a_4xx_with_the_reason(api: Api) -> None:
+    def refused(response: httpx.Response, status: int, code: str, words: str) -> None:
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["error"] == code and words in body["reason"], body
+
+    refused(api.recommend("u-known", "nope"), 404, "unknown_campaign", "'nope'")
+    refused(api.recommend("u-known", "launch", n=0), 422, "bad_parameter", "query n: ")
+    refused(api.recommend("u-known", "launch", n="many"), 422, "bad_parameter", "query n: ")
+    refused(api.recommend("u-known", "launch", n=5), 422, "bad_n", "3 items")
+    refused(api.recommend("u-known", "launch", request_id="a b"), 422, "bad_request_id", "X-Request-Id")
+    refused(api.get("/v1/users/u-known/recommendations"), 422, "bad_parameter", "query campaign: ")
+    refused(api.get("/v1/items/nope/similar"), 404, "unknown_item", "'nope'")
+    refused(api.get("/v1/items/a/similar", params={"n": 1000}), 422, "bad_parameter", "query n: ")
+    refused(api.get("/v1/nothing-here"), 404, "not_found", "Not Found")
+    # No key, a wrong key: refused before anything is read.
+    refused(api.recommend_without_key("u-known"), 401, "unauthorized", "missing X-API-Key")
+    refused(api.get("/v1/items/a/similar", key="wrong"), 401, "unauthorized", "no configured API key")
+
+
+def test_a_key_over_its_rate_limit_gets_429(api: Api) -> None:
+    answers = [api.get("/v1/items/a/similar", key=TIGHT_KEY) for _ in range(6)]
+    limited = [a for a in answers if a.status_code == 429]
+    # One request a second: six in a row span at most a couple of windows.
+    assert len(limited) >= 3, [a.status_code for a in answers]
+    assert limited[0].headers["Retry-After"] == "1"
+    assert limited[0].json() == {
+        "error": "rate_limited",
+        "reason": "API key 'tight' is over its limit of 1 requests per second",
+    }
+
+
+def test_similar_items_health_readiness_metrics_and_openapi(api: Api) -> None:
+    similar = api.get("/v1/items/a/similar", params={"n": 2})
+    assert similar.status_code == 200, similar.text
+    body = similar.json()
+    assert [(i["item_id"], i["rank"], i["title"]) for i in body["items"]] == [
+        ("b", 1, "Product b"),
+        ("c", 2, "Product c"),
+    ]
+    assert body["model_version"] == "model-1"
+    assert api.get("/healthz", key=None).json() == {"status": "ok"}
+    ready = api.get("/readyz", key=None).json()
+    assert ready["status"] == "ready" and ready["versions"]["catalog"] is not None
+    # Summed over both workers' files; a counter's sample per label set.
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in api.get("/metrics", key=None).text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['carousel_api_requests_total{endpoint="similar",status="200"}'] >= 1
+    assert samples['carousel_api_answers_total{campaign="launch",outcome="answered"}'] >= 1
+    paths = api.get("/openapi.json", key=None).json()["paths"]
+    assert {
+        "/v1/users/{user_id}/recommendations",
+        "/v1/items/{item_id}/similar",
+        "/healthz",
+        "/readyz",
+    } <= set(paths)
+
+
+def test_a_new_model_is_used_without_a_restart(spark: SparkSession, api: Api) -> None:
+    publish_model(spark, api.cfg, MODEL_2, "model-2")
+
+    def uses_model_2() -> bool:
+        return api.recommend("u-known", "launch").json()["model_version"] == "model-2"
+
+    wait_for(uses_model_2, timeout=60, what="the API to use model-2", poll=0.2)
+    assert items_of(api.recommend("u-known", "launch").json()) == [
+        ("e", "model"),
+        ("d", "model"),
+        ("t1", "trending"),
+    ]
+
+
+def test_without_any_key_in_the_environment_the_service_refuses_to_start(api: Api, tmp_path: Path) -> None:
+    # The file's keys merge over conf/carousel.yaml's (its "default" key reads CAROUSEL_API_KEY).
+    env = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, TIGHT_ENV, "CAROUSEL_API_KEY")}
+    result = subprocess.run(
+        api_command(config_file(api.cfg, tmp_path / "api.yaml"), "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        f"no API key in the environment; set one of ['CAROUSEL_API_KEY', '{KEY_ENV}', '{TIGHT_ENV}']"
+        in result.stderr
+    )
