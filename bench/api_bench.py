@@ -54,7 +54,14 @@ from streaming.serve import TrendingRefresher
 
 log = logging.getLogger("bench.api")
 
-QUICK = {"users": 20_000, "items": 5_000, "events": 50_000, "rates": "200,1000", "duration": 10.0, "warmup": 3.0}
+QUICK = {
+    "users": 20_000,
+    "items": 5_000,
+    "events": 50_000,
+    "rates": "200,1000",
+    "duration": 10.0,
+    "warmup": 3.0,
+}
 KEY_ENV = "CAROUSEL_API_KEY"
 P99_GOAL_MS = 20.0
 P99_SECOND_GOAL_MS = 50.0
