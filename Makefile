@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-campaign eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -21,6 +21,9 @@ bench-training: setup  ## nightly export -> validate -> train -> publish at 5M i
 
 bench-serving: setup  ## trigger -> payload latency at 200/1000/2000/5000 per s vs a pass-through ceiling (1M users)
 	@.venv/bin/python -m bench.serving_bench
+
+bench-api: setup  ## the recommendations API: latency at 200/1000/2000/5000 requests/s vs its /healthz (1M users)
+	@.venv/bin/python -m bench.api_bench
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads
 	@.venv/bin/python -m bench.campaign_bench

@@ -32,6 +32,7 @@ _CONTENT_LENGTH = b"content-length:"
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.closing = False  # the server said it closes this connection after the response
 
     @classmethod
     async def open(cls, host: str, port: int) -> _Connection:
@@ -54,6 +55,7 @@ class _Connection:
             length = int(lower[at + len(_CONTENT_LENGTH) : end])
         if length:
             await self.reader.readexactly(length)
+        self.closing = b"connection: close" in lower
         return status
 
     def close(self) -> None:
@@ -70,9 +72,10 @@ async def _phase(
     connections: int,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    pool: asyncio.Queue[_Connection] = asyncio.Queue()
+    pool: asyncio.Queue[_Connection | None] = asyncio.Queue()
     for _ in range(connections):
         pool.put_nowait(await _Connection.open(host, port))
+    samples: list[str] = []
     extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
@@ -80,24 +83,27 @@ async def _phase(
     total = int(rate * duration)
     pending = [total]
     finished = asyncio.Event()
+    running: set[asyncio.Task[None]] = set()
 
     async def one(number: int, due: float) -> None:
         connection = await pool.get()
         request = f"GET {path_of(number)} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
         try:
+            if connection is None:  # (re)opened lazily: a failed open counts as this request's error
+                connection = await _Connection.open(host, port)
             statuses[await connection.get(request)] += 1
             latencies.append(time.perf_counter() - due)
-        except (
-            OSError,
-            RuntimeError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ValueError,
-        ) as err:
-            # RuntimeError: uvloop's write to a transport the server closed.
+            if connection.closing:
+                connection.close()
+                connection = None
+        except Exception as err:  # noqa: BLE001 - every failure is counted, none ends the phase
+            # (e.g. RuntimeError: uvloop's write to a transport the server closed)
             errors[type(err).__name__] += 1
-            connection.close()
-            connection = await _Connection.open(host, port)
+            if len(samples) < 5:
+                samples.append(f"{type(err).__name__}: {err}")
+            if connection is not None:
+                connection.close()
+            connection = None
         finally:
             pool.put_nowait(connection)
             pending[0] -= 1
@@ -111,7 +117,11 @@ async def _phase(
     while sent < total:
         due_now = min(total, int((time.perf_counter() - start) * rate) + 1)
         while sent < due_now:
-            loop.create_task(one(sent, start + sent / rate))
+            # asyncio holds tasks weakly: an unreferenced task waiting on its socket can be
+            # garbage-collected mid-request (and its request never counted).
+            task = loop.create_task(one(sent, start + sent / rate))
+            running.add(task)
+            task.add_done_callback(running.discard)
             sent += 1
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
     if total:
@@ -119,7 +129,9 @@ async def _phase(
     wall = time.perf_counter() - wall_before
     cpu = time.process_time() - cpu_before
     while not pool.empty():
-        pool.get_nowait().close()
+        connection = pool.get_nowait()
+        if connection is not None:
+            connection.close()
     millis = sorted(seconds * 1000 for seconds in latencies)
     return {
         "rate": rate,
@@ -127,6 +139,7 @@ async def _phase(
         "achieved_per_s": round(total / wall, 1) if wall else None,
         "statuses": {str(code): n for code, n in sorted(statuses.items())},
         "errors": dict(errors),
+        "error_samples": samples,
         "p50_ms": percentile(millis, 0.50),
         "p95_ms": percentile(millis, 0.95),
         "p99_ms": percentile(millis, 0.99),

@@ -39,6 +39,7 @@ instances. Errors are JSON ``{"error": code, "reason": text}`` with a 4xx status
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import logging
@@ -51,9 +52,11 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException, Producer
 from fastapi import FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -182,8 +185,13 @@ def recommend(
     lookups: ServingLookups,
     spec: ApiSpec,
     now_us: int,
+    rate_counter: str | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> ApiAnswer | None:
     """Rank, render and remember one request's answer (None: no eligible item).
+
+    ``rate_counter`` is incremented in the same round trip as the user's state is read, and
+    ``admit`` gets its new value (raising to refuse the request) before anything else happens.
 
     The answer is written to the online store before it is returned: the user's recent sends
     (so the sent-within exclusions of ``serve`` and later requests see it) and the answer under
@@ -198,7 +206,9 @@ def recommend(
             422, "bad_n", f"n={request.n} is more than campaign {request.campaign!r} ranks ({slots} items)"
         )
     user, key = request.user_id, answer_key(request)
-    states, answered = store.read([user], [key])
+    states, answered, count = store.read_counting([user], [key], rate_counter, _WINDOW_MS)
+    if admit is not None:
+        admit(count)
     state = states[user]
     prior = answered.get(key)
     if prior is not None:
@@ -296,8 +306,6 @@ class ApiService:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        from confluent_kafka import Producer
-
         self.producer = Producer(
             {
                 **self.cfg.kafka.client_settings(),
@@ -345,18 +353,27 @@ class ApiService:
         return current_lookups(self.spec.sources)
 
     def authorize(self, key: str | None) -> str:
-        """The name of the API key presented; counts it against its rate limit."""
+        """The name of the API key presented (401 when none or an unknown one)."""
         if not key:
             raise ApiError(401, "unauthorized", f"missing {API_KEY_HEADER} header")
         name = next((n for n, secret in self.secrets.items() if hmac.compare_digest(secret, key)), None)
         if name is None:
             raise ApiError(401, "unauthorized", f"the {API_KEY_HEADER} header holds no configured API key")
-        window = int(time.time())
-        counter = f"{self.store.prefix}:api-rate:{name}:{window}"
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.incr(counter)
-        pipe.pexpire(counter, _WINDOW_MS)
-        count, _ = pipe.execute()
+        return name
+
+    def rate_counter(self, name: str) -> str:
+        """The online store's counter of key ``name`` in the current one-second window."""
+        return f"{self.store.prefix}:api-rate:{name}:{int(time.time())}"
+
+    def admit(self, name: str, count: int | None = None) -> None:
+        """429 when key ``name`` is over its limit; ``count``: this window's count when the caller
+        already incremented it (with its state read), else it is incremented here."""
+        if count is None:
+            counter = self.rate_counter(name)
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.incr(counter)
+            pipe.pexpire(counter, _WINDOW_MS)
+            count, _ = pipe.execute()
         limit = self.limits[name]
         if count > limit:
             raise ApiError(
@@ -365,19 +382,17 @@ class ApiService:
                 f"API key {name!r} is over its limit of {limit:g} requests per second",
                 {"Retry-After": "1"},
             )
-        return name
 
-    def record(self, user_id: str, answer: ApiAnswer) -> None:
-        """Put the answer's outbox record on the broker; returns once it is acknowledged."""
-        from confluent_kafka import KafkaException
+    async def record(self, user_id: str, answer: ApiAnswer) -> None:
+        """Put the answer's outbox record on the broker; returns once it is acknowledged.
 
-        done = threading.Event()
-        errors: list[Any] = []
+        ``produce`` only queues the record; librdkafka sends it, and the delivery report, run by
+        the producer's poll thread, settles this request's future on the event loop."""
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[Any] = loop.create_future()
 
         def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
-            done.set()
+            loop.call_soon_threadsafe(_settle, acknowledged, err)
 
         timeout = self.cfg.api.record_timeout_ms / 1000
         try:
@@ -390,18 +405,23 @@ class ApiService:
             )
         except (BufferError, KafkaException) as err:
             raise ApiError(503, "not_recorded", f"the outbox cannot take the answer: {err}") from None
-        if not done.wait(timeout):
+        try:
+            err = await asyncio.wait_for(acknowledged, timeout)
+        except TimeoutError:
             raise ApiError(
                 503,
                 "not_recorded",
                 f"the broker did not acknowledge the outbox record within {timeout:g}s; retry with the "
                 f"same {REQUEST_ID_HEADER} to get the same answer",
                 {"Retry-After": "1"},
-            )
-        if errors:
-            raise ApiError(
-                503, "not_recorded", f"the outbox record was refused: {errors[0]}", {"Retry-After": "1"}
-            )
+            ) from None
+        if err is not None:
+            raise ApiError(503, "not_recorded", f"the outbox record was refused: {err}", {"Retry-After": "1"})
+
+
+def _settle(future: asyncio.Future[Any], err: Any) -> None:
+    if not future.done():  # a request that timed out no longer waits
+        future.set_result(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +578,11 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
             return error(503, "store_unavailable", f"the online store is unavailable (reference {reference})")
         return error(500, "internal", f"internal error, logged with reference {reference}")
 
+    # The handlers run on the worker's event loop, and call the online store synchronously: a
+    # request's work is CPU (ranking, rendering) plus two or three sub-millisecond round trips to a
+    # nearby Redis, and handing each request to a thread pool cost more CPU than the waits (GIL
+    # hand-offs; bench/README.md "API"). Only the broker's acknowledgement, milliseconds away, is
+    # awaited. Throughput comes from the worker processes (api.workers).
     @app.get(
         "/v1/users/{user_id}/recommendations",
         responses={
@@ -568,7 +593,7 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
             **errors,
         },
     )
-    def recommendations(
+    async def recommendations(
         user_id: str = PathParam(min_length=1, max_length=256),
         campaign: str = Query(min_length=1, max_length=128, description="an enabled campaign of conf/"),
         item_id: str | None = Query(None, min_length=1, max_length=256, description="the product on screen"),
@@ -579,7 +604,7 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
         request_id: str | None = Header(None, alias=REQUEST_ID_HEADER),
     ) -> Response:
         """A user's recommendations for one campaign, as its channel's payload."""
-        service.authorize(api_key)
+        name = service.authorize(api_key)
         if request_id is not None and not _REQUEST_ID.match(request_id):
             raise ApiError(
                 422,
@@ -588,11 +613,19 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
             )
         request = RecommendationRequest(user_id, campaign, request_id or uuid.uuid4().hex, item_id, n)
         lookups = service.lookups()
-        answer = recommend(request, service.store, lookups, service.spec, time.time_ns() // 1000)
+        answer = recommend(
+            request,
+            service.store,
+            lookups,
+            service.spec,
+            time.time_ns() // 1000,
+            service.rate_counter(name),
+            partial(service.admit, name),
+        )
         if answer is None:
             metrics.answers.labels(campaign, "no_items").inc()
             return Response(status_code=204, headers={REQUEST_ID_HEADER: request.request_id})
-        service.record(user_id, answer)
+        await service.record(user_id, answer)
         outcome = (
             "replayed"
             if answer.replayed
@@ -606,26 +639,26 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
         )
 
     @app.get("/v1/items/{item_id}/similar", responses=errors)
-    def similar(
+    async def similar(
         item_id: str = PathParam(min_length=1, max_length=256),
         n: int = Query(cfg.api.default_similar, ge=1, le=cfg.api.max_similar),
         campaign: str | None = Query(None, min_length=1, max_length=128, description="use its filters"),
         api_key: str | None = Header(None, alias=API_KEY_HEADER),
     ) -> dict[str, Any]:
         """The item's published similar items that the catalog offers now."""
-        service.authorize(api_key)
+        service.admit(service.authorize(api_key))
         filters = service.spec.campaign(campaign).filters if campaign else service.spec.similar_filters
         return similar_items(item_id, n, service.lookups(), filters)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """The worker answers (liveness)."""
         return {"status": "ok"}
 
     @app.get(
         "/readyz", responses={503: {"model": ErrorBody, "description": "the lookups are not loaded yet"}}
     )
-    def readyz() -> dict[str, Any]:
+    async def readyz() -> dict[str, Any]:
         """The worker's lookups are loaded (readiness)."""
         lookups = service.lookups()
         for table, version in lookups.versions.items():
@@ -634,7 +667,7 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
         return {"status": "ready", "versions": lookups.versions}
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         """Prometheus metrics, summed over the worker processes."""
         body, content_type = _Metrics.render()
         return Response(body, media_type=content_type)

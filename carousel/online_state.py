@@ -132,19 +132,35 @@ class OnlineState:
     ) -> tuple[dict[str, UserState], dict[tuple[str, str], Answer]]:
         """The users' states and the answers already given to ``triggers`` ((user, event id)),
         in one pipelined round trip."""
+        states, answers, _ = self.read_counting(users, triggers)
+        return states, answers
+
+    def read_counting(
+        self,
+        users: Sequence[str],
+        triggers: Sequence[tuple[str, str]] = (),
+        counter: str | None = None,
+        counter_ttl_ms: int = 0,
+    ) -> tuple[dict[str, UserState], dict[tuple[str, str], Answer], int]:
+        """:meth:`read`, and in the same round trip one more on ``counter`` (INCR, expiring
+        ``counter_ttl_ms`` later): the API's rate-limit window. Returns its new value (0: none)."""
         pipe = self.client.pipeline(transaction=False)
         for user in users:
             pipe.hmget(self.user_key(user), "v", "p", "s")
         for user, event_id in triggers:
             pipe.get(self.answered_key(user, event_id))
-        replies = pipe.execute() if (users or triggers) else []
+        if counter is not None:
+            pipe.incr(counter)
+            pipe.pexpire(counter, counter_ttl_ms)
+        replies = pipe.execute() if (users or triggers or counter is not None) else []
+        count = int(replies[len(users) + len(triggers)]) if counter is not None else 0
         states = {user: _state(user, reply) for user, reply in zip(users, replies[: len(users)], strict=True)}
         answers = {
             trigger: Answer.from_json(reply)
-            for trigger, reply in zip(triggers, replies[len(users) :], strict=True)
+            for trigger, reply in zip(triggers, replies[len(users) : len(users) + len(triggers)], strict=True)
             if reply is not None
         }
-        return states, answers
+        return states, answers, count
 
     # -- writes ----------------------------------------------------------------------------------
     def write(
