@@ -22,7 +22,7 @@ bench-training: setup  ## nightly export -> validate -> train -> publish at 5M i
 bench-serving: setup  ## trigger -> payload latency at 200/1000/2000/5000 per s vs a pass-through ceiling (1M users)
 	@.venv/bin/python -m bench.serving_bench
 
-bench-api: setup  ## the recommendations API: latency at 200/1000/2000/5000 requests/s vs its /healthz (1M users)
+bench-api: setup  ## the recommendations API: latency at 200/500/1000/5000 requests/s vs its /healthz (1M users)
 	@.venv/bin/python -m bench.api_bench
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads

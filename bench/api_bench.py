@@ -1,6 +1,6 @@
 """API benchmark: latency and throughput of the recommendations API, against its own /healthz.
 
-    .venv/bin/python -m bench.api_bench                 # 1M users, 100k items; 200/1000/2000/5000 per s
+    .venv/bin/python -m bench.api_bench                 # 1M users, 100k items; 200/500/1000/5000 per s
     .venv/bin/python -m bench.api_bench --quick         # smoke: small shop, 200 and 1000/s for 10 s each
     .venv/bin/python -m bench.api_bench --workers 3 --rates 1000,3000
 
@@ -72,7 +72,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 def build_parser() -> argparse.ArgumentParser:
     parser = common.bench_parser("api", "Recommendations API latency at steady rates, vs its own /healthz.")
     parser.add_argument("--quick", action="store_true", help="smoke run: small shop, 200/s for 10 s")
-    parser.add_argument("--rates", default="200,1000,2000,5000", help="requests/s (200,1000,2000,5000)")
+    parser.add_argument("--rates", default="200,500,1000,5000", help="requests/s (200,500,1000,5000)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase (20)")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds at the lowest rate first (10)")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections (64)")

@@ -143,7 +143,7 @@ async def _phase(
         "p50_ms": percentile(millis, 0.50),
         "p95_ms": percentile(millis, 0.95),
         "p99_ms": percentile(millis, 0.99),
-        "max_ms": millis[-1] if millis else None,
+        "max_ms": round(millis[-1], 3) if millis else None,
         "generator_cpu_cores": round(cpu / wall, 3) if wall else None,
         "wall_s": round(wall, 1),
     }

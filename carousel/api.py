@@ -579,10 +579,10 @@ def create_app(cfg: CarouselConfig | None = None) -> _Timing:
         return error(500, "internal", f"internal error, logged with reference {reference}")
 
     # The handlers run on the worker's event loop, and call the online store synchronously: a
-    # request's work is CPU (ranking, rendering) plus two or three sub-millisecond round trips to a
-    # nearby Redis, and handing each request to a thread pool cost more CPU than the waits (GIL
-    # hand-offs; bench/README.md "API"). Only the broker's acknowledgement, milliseconds away, is
-    # awaited. Throughput comes from the worker processes (api.workers).
+    # request's work is CPU (ranking, rendering) plus two sub-millisecond round trips to a nearby
+    # Redis; FastAPI's thread pool cost slightly more CPU for the same latency (README "API").
+    # Only the broker's acknowledgement, milliseconds away, is awaited. Throughput comes from the
+    # worker processes (api.workers).
     @app.get(
         "/v1/users/{user_id}/recommendations",
         responses={
