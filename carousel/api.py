@@ -74,11 +74,8 @@ from carousel.payloads import render_payload as render_channel_payload
 from carousel.ranking import RankingRules
 from carousel.realtime import rank_campaign, render_request, sends_keep_micros, write_back
 from carousel.schemas import (
-    CATALOG_TABLE,
     CONTROL_VARIANT,
-    ITEM_RECOMMENDATIONS_TABLE,
     PAYLOAD_ID_HEADER,
-    TRENDING_TABLE,
 )
 
 log = logging.getLogger(__name__)
@@ -125,15 +122,9 @@ class ApiSpec:
 
     @classmethod
     def of(cls, cfg: CarouselConfig, renderer: PayloadRenderer) -> ApiSpec:
-        serving = cfg.serving
         return cls(
-            sources=LookupSources(
-                catalog=cfg.storage.table(CATALOG_TABLE),
-                matrix=cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE),
-                trending=cfg.storage.table(TRENDING_TABLE),
-                refresh_seconds=serving.refresh_seconds,
-                serving=serving,
-                campaigns=tuple((name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled),
+            sources=LookupSources.of(
+                cfg, tuple((name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled)
             ),
             renderer=renderer,
             sent_topic=cfg.kafka.topic("sent").name,

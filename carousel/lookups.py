@@ -34,7 +34,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from carousel.config import CampaignConfig, CampaignFilters, ServingConfig
+from carousel.config import CampaignConfig, CampaignFilters, CarouselConfig, ServingConfig
 from carousel.experiments import arms
 from carousel.payloads import CATALOG_ITEM_FIELDS
 from carousel.ranking import (
@@ -46,7 +46,7 @@ from carousel.ranking import (
     fallback_lists,
     item_lists_from_arrow,
 )
-from carousel.schemas import CONTROL_VARIANT
+from carousel.schemas import CATALOG_TABLE, CONTROL_VARIANT, ITEM_RECOMMENDATIONS_TABLE, TRENDING_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ class LookupSources:
     refresh_seconds: float
     serving: ServingConfig
     campaigns: tuple[tuple[str, CampaignConfig], ...]
+
+    @classmethod
+    def of(cls, cfg: CarouselConfig, campaigns: tuple[tuple[str, CampaignConfig], ...]) -> LookupSources:
+        """The configured tables and serving settings, for ``campaigns`` (serve: the trigger
+        campaigns; the API: every enabled one)."""
+        return cls(
+            catalog=cfg.storage.table(CATALOG_TABLE),
+            matrix=cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE),
+            trending=cfg.storage.table(TRENDING_TABLE),
+            refresh_seconds=cfg.serving.refresh_seconds,
+            serving=cfg.serving,
+            campaigns=campaigns,
+        )
 
     # Derived once per worker (cached on first use), not per payload or batch.
     @cached_property

@@ -50,7 +50,7 @@ from carousel.online_state import Answer, OnlineState, UserState
 from carousel.online_store import connect
 from carousel.payloads import PayloadError, PayloadRenderer, payload_json, render_payload
 from carousel.ranking import rank_request
-from carousel.schemas import CATALOG_TABLE, CONTROL_VARIANT, ITEM_RECOMMENDATIONS_TABLE, TRENDING_TABLE
+from carousel.schemas import CONTROL_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,7 @@ class ServeSpec:
         cap_window_us = round(serving.frequency_cap.window_hours * 3600 * _MICROS)
         return cls(
             store=cfg.online_store,
-            sources=LookupSources(
-                catalog=cfg.storage.table(CATALOG_TABLE),
-                matrix=cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE),
-                trending=cfg.storage.table(TRENDING_TABLE),
-                refresh_seconds=serving.refresh_seconds,
-                serving=serving,
-                campaigns=campaigns,
-            ),
+            sources=LookupSources.of(cfg, campaigns),
             renderer=renderer,
             campaigns=campaigns,
             channel_topics=tuple((name, t.name) for name, t in cfg.kafka.topics.items()),

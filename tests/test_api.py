@@ -22,7 +22,17 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from support import produce, read_table, wait_for
-from test_serve import MODEL_2, TopicReader, build_shop, items_of, publish_model, record_sends, trigger, view
+from test_serve import (
+    MODEL_2,
+    SERVE_CAMPAIGNS,
+    TopicReader,
+    build_shop,
+    items_of,
+    publish_model,
+    record_sends,
+    trigger,
+    view,
+)
 
 from carousel.broker import free_port
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
@@ -38,21 +48,7 @@ TIGHT_KEY = f"tight-{uuid.uuid4().hex}"
 KEY_ENV, TIGHT_ENV = "CAROUSEL_TEST_API_KEY", "CAROUSEL_TEST_API_TIGHT_KEY"
 CAMPAIGNS: dict[str, dict[str, Any]] = {
     # As in the serving tests: serve answers "launch" triggers, so both paths can be compared.
-    "launch": {
-        "channel": "push",
-        "trigger_event_types": ["App Launched"],
-        "items": 3,
-        "filters": {"in_stock_only": True},
-        "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
-        "fallback": "trending",
-    },
-    "wishlist": {
-        "channel": "email",
-        "trigger_event_types": ["Added To Wishlist"],
-        "items": 4,
-        "exclusions": {"sent_within_days": 0},
-        "fallback": "none",
-    },
+    **SERVE_CAMPAIGNS,
     # A widget campaign (API only): what was shown is excluded for a day; half the users are control.
     "widget": {
         "channel": "in_app",

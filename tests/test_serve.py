@@ -159,6 +159,26 @@ def write_trending_events(
     )
 
 
+# The serving tests' campaigns (the API's tests answer the same ones).
+SERVE_CAMPAIGNS: dict[str, dict[str, Any]] = {
+    "launch": {
+        "channel": "push",
+        "trigger_event_types": ["App Launched"],
+        "items": 3,
+        "filters": {"in_stock_only": True},
+        "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
+        "fallback": "trending",
+    },
+    "wishlist": {
+        "channel": "email",
+        "trigger_event_types": ["Added To Wishlist"],
+        "items": 4,
+        "exclusions": {"sent_within_days": 0},
+        "fallback": "none",
+    },
+}
+
+
 def serving_config(make_config: Any, *overrides: str, launch: dict[str, Any] | None = None) -> CarouselConfig:
     suffix = uuid.uuid4().hex[:8]
     cfg = make_config(
@@ -170,24 +190,7 @@ def serving_config(make_config: Any, *overrides: str, launch: dict[str, Any] | N
         *overrides,
     )
     data = cfg.model_dump()
-    data["campaigns"] = {
-        "launch": {
-            "channel": "push",
-            "trigger_event_types": ["App Launched"],
-            "items": 3,
-            "filters": {"in_stock_only": True},
-            "exclusions": {"purchased_within_days": 30, "sent_within_days": 0},
-            "fallback": "trending",
-            **(launch or {}),
-        },
-        "wishlist": {
-            "channel": "email",
-            "trigger_event_types": ["Added To Wishlist"],
-            "items": 4,
-            "exclusions": {"sent_within_days": 0},
-            "fallback": "none",
-        },
-    }
+    data["campaigns"] = {**SERVE_CAMPAIGNS, "launch": {**SERVE_CAMPAIGNS["launch"], **(launch or {})}}
     return CarouselConfig.model_validate(data)
 
 
