@@ -64,6 +64,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from carousel.broker import BrokerError, wait_until_reachable
 from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CampaignFilters, CarouselConfig, load_config
 from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups
@@ -693,8 +694,22 @@ def main(argv: list[str]) -> int:
     try:
         check_reachable(cfg.online_store)
         check_templates(cfg)
-    except (OnlineStoreError, TemplateCheckError) as err:
+        # Every answer waits for the broker's acknowledgement: a missing broker or outbox topic
+        # is a start-up error, not a 503 on every request.
+        kafka = cfg.kafka
+        topics = wait_until_reachable(
+            kafka.bootstrap_servers, cfg.api.record_timeout_ms / 1000, kafka.client_settings()
+        )
+    except (OnlineStoreError, TemplateCheckError, TimeoutError, BrokerError) as err:
         log.error("api cannot start: %s", err)
+        return 1
+    if kafka.topic("sent").name not in topics:
+        log.error(
+            "api cannot start: the outbox topic %r does not exist on %s; create the topics with "
+            "`./spark-submit.sh broker topics`",
+            kafka.topic("sent").name,
+            kafka.bootstrap_servers,
+        )
         return 1
     _prepare_metrics_dir(cfg.api.metrics_dir)
     os.environ[ARGS_ENV] = json.dumps({"config": args.config, "overrides": [*args.overrides, *extra]})

@@ -311,12 +311,15 @@ def _wait_ready(
             time.sleep(POLL_SECONDS)
 
 
-def wait_until_reachable(bootstrap: str, timeout: float) -> dict[str, int]:
+def wait_until_reachable(
+    bootstrap: str, timeout: float, settings: Mapping[str, str] | None = None
+) -> dict[str, int]:
     """Wait (at most ``timeout`` seconds) until Kafka at ``bootstrap`` answers a metadata request.
 
+    ``settings``: the client's other settings (security, from ``KafkaConfig.client_settings``).
     Returns the non-internal topics and their partition counts; raises :class:`TimeoutError`.
     """
-    return _wait_ready({"bootstrap.servers": bootstrap}, timeout)
+    return _wait_ready({**(settings or {}), "bootstrap.servers": bootstrap}, timeout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,7 +343,21 @@ def test_without_any_key_in_the_environment_the_service_refuses_to_start(api: Ap
         env=env,
     )
     assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
     assert (
         f"no API key in the environment; set one of ['CAROUSEL_API_KEY', '{KEY_ENV}', '{TIGHT_ENV}']"
         in result.stderr
     )
+
+
+def test_without_its_outbox_topic_the_service_refuses_to_start(api: Api, tmp_path: Path) -> None:
+    missing = f"absent-{uuid.uuid4().hex[:8]}"
+    command = api_command(
+        config_file(api.cfg, tmp_path / "api.yaml"), "--set", f"kafka.topics.sent.name={missing}"
+    )
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, KEY_ENV: KEY}
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"api cannot start: the outbox topic '{missing}' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
