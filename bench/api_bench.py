@@ -82,10 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     return common.add_run_args(parser, "bench/results/api.json", "work folder (default: a temp folder)")
 
 
-def _rates(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
 # ---------------------------------------------------------------------------------------------
 # CPU of the service's processes and of Redis
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +232,7 @@ def print_summary(results: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = apply_quick(build_parser().parse_args(argv), QUICK)
-    rates = _rates(args.rates)
+    rates = common.parse_rates(args.rates)
     workdir, temp = common.make_workdir(args.workdir, "carousel-api-bench-")
     shop_root = Path(args.shop_root).resolve()
     sizes = sizes_from_args(args)

@@ -146,6 +146,17 @@ def add_run_args(parser: argparse.ArgumentParser, output: str, workdir_help: str
     return add_config_args(parser)
 
 
+def parse_rates(text: str) -> list[float]:
+    """``--rates``: positive numbers separated by commas, ascending; a bad value exits with the reason."""
+    try:
+        rates = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--rates expects numbers separated by commas, got {text!r}") from None
+    if not rates or rates[0] <= 0:
+        raise SystemExit(f"--rates needs positive rates, got {text!r}")
+    return rates
+
+
 def make_workdir(workdir: str | None, prefix: str) -> tuple[Path, bool]:
     """``workdir`` (resolved, created), or a fresh temp folder; and whether it is temporary."""
     temp = workdir is None

@@ -161,16 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-def _rates(text: str) -> list[float]:
-    try:
-        rates = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise SystemExit(f"--rates expects numbers separated by commas, got {text!r}") from None
-    if not rates or rates[0] <= 0:
-        raise SystemExit(f"--rates needs positive rates, got {text!r}")
-    return rates
-
-
 def _head(args: argparse.Namespace) -> list[str]:
     """The bench's own defaults, before the user's --config / --set."""
     head = [
@@ -791,7 +781,7 @@ def print_summary(results: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = apply_quick(build_parser().parse_args(argv), QUICK)
-    rates = _rates(args.rates)
+    rates = common.parse_rates(args.rates)
     workdir, temp = common.make_workdir(args.workdir, "carousel-serving-bench-")
     shop_root = Path(args.shop_root).resolve()
     sizes = sizes_from_args(args)

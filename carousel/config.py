@@ -64,6 +64,14 @@ def _require_known_event_types(event_types: Iterable[str]) -> None:
         raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
 
 
+def _plain_names(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """``value`` when every key is letters, digits, '_' and '-' (names used in keys and paths)."""
+    bad = [name for name in value if not re.match(r"^[a-zA-Z0-9_-]+$", name)]
+    if bad:
+        raise ValueError(f"{what} may hold letters, digits, '_' and '-' only: {bad}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -606,10 +614,7 @@ class ApiConfig(_Section):
     @field_validator("keys")
     @classmethod
     def _key_names(cls, value: dict[str, ApiKeyConfig]) -> dict[str, ApiKeyConfig]:
-        bad = [name for name in value if not re.match(r"^[a-zA-Z0-9_-]+$", name)]
-        if bad:
-            raise ValueError(f"API key names may hold letters, digits, '_' and '-' only: {bad}")
-        return value
+        return _plain_names(value, "API key names")
 
     @field_validator("metrics_dir")
     @classmethod
@@ -650,10 +655,7 @@ class CarouselConfig(_Section):
     @field_validator("campaigns")
     @classmethod
     def _campaign_names(cls, value: dict[str, CampaignConfig]) -> dict[str, CampaignConfig]:
-        bad = [name for name in value if not re.match(r"^[a-zA-Z0-9_-]+$", name)]
-        if bad:
-            raise ValueError(f"campaign names may hold letters, digits, '_' and '-' only: {bad}")
-        return value
+        return _plain_names(value, "campaign names")
 
     @model_validator(mode="after")
     def _channel_topics(self) -> CarouselConfig:
