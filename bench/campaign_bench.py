@@ -51,20 +51,23 @@ DEFAULT_OUTPUT = "bench/results/campaign.json"
 QUICK = {"users": 20_000, "items": 5_000, "events": 50_000}
 GOAL_USERS = 10_000_000
 GOAL_SECONDS = 600.0
-SAMPLE_PAYLOADS = 200
+SAMPLE_PAYLOADS = 500
 
 # jobs.campaign.run, as a sequence of helper calls: (helper, call number) -> (step inside the call,
-# step of the wall time just before it). Lazy helpers (sent_rows, render_payloads) only plan; the
+# step of the wall time just before it). Lazy helpers (ranked_requests, sent_rows) only plan; the
 # Spark work runs in the action that follows them.
-_RENDER_WRITE = "render + write payloads to Kafka (mapInArrow, Kafka sink)"
+_RENDER_WRITE = "render + write payloads to Kafka, by chunk (mapInArrow, Kafka sink)"
+_RANK = "rank + cache + count, one pass (mapInArrow)"
 _CALL_STEPS: dict[tuple[str, int], tuple[str, str]] = {
     ("load_serving_inputs", 1): ("load inputs (catalog, matrix, trending plan)", "templates + run check"),
-    ("sent_rows", 1): ("plan ranking + broadcast item lists", "select segment + count requests (persist)"),
-    ("idempotent_append", 1): ("rank + append sent_recommendations", "plan ranking + broadcast item lists"),
-    ("render_payloads", 1): ("plan rendering", "read back stored rows + count payloads and control"),
-    ("write_payloads", 1): (_RENDER_WRITE, "plan rendering"),
+    ("ranked_requests", 1): ("plan ranking + broadcast item lists", "select segment (plan)"),
+    ("sent_rows", 1): ("plan sent rows", _RANK),
+    ("idempotent_append", 1): ("append sent_recommendations from the cache", "plan sent rows"),
+    ("catalog_items", 1): ("collect catalog fields for rendering", "between append and render"),
+    ("send_chunks", 1): (_RENDER_WRITE, "plan rendering"),
     ("write_files", 1): ("render + write payload files", "plan rendering"),
-    ("idempotent_append", 2): ("append campaign_runs", _RENDER_WRITE),
+    ("remember_sends", 1): ("merge sends into the online store", "after the sends"),
+    ("idempotent_append", 2): ("append campaign_runs", "after the sends"),
 }
 END_STEP = "log + unpersist"
 
@@ -300,6 +303,8 @@ def run_campaign(
     payloads = int(counts.get("payloads", 0))
     result = {
         "campaign": name,
+        "compression": cfg.kafka.producer.compression_type,
+        "bytes_on_disk": topic_bytes_on_disk(Path(cfg.broker.state_dir), topic),
         "channel": channel,
         "run_id": run_id,
         "topic": topic,
@@ -316,7 +321,7 @@ def run_campaign(
         "stages": len(stages),
         "load_1min": [load_before, common.load1()],
     }
-    result["_sample"] = samples[0] if samples else b""
+    result["_samples"] = samples
     log.info(
         "campaign: %s in %.1f s = %s payloads/s; %d on the topic; steps %s",
         counts,
@@ -328,39 +333,60 @@ def run_campaign(
     return result
 
 
+def topic_bytes_on_disk(broker_state: Path, topic: str) -> int:
+    """Bytes of ``topic``'s log segments in the private broker's data folder (what the producer's
+    compression leaves on the wire and on disk)."""
+    return sum(f.stat().st_size for f in broker_state.glob(f"data/**/{topic}-*/*.log") if f.is_file())
+
+
 def run_ceiling(
-    spark: Any, cfg: CarouselConfig, channel: str, records: int, sample: bytes, bootstrap: str
+    spark: Any, cfg: CarouselConfig, channel: str, records: int, samples: Sequence[bytes], bootstrap: str
 ) -> dict[str, Any]:
-    """``records`` payload-sized records written with the campaign's own Kafka writer."""
+    """``records`` pre-rendered payloads written with the campaign's own Kafka writer (and its
+    ``kafka.producer`` settings, compression included).
+
+    The records cycle through ``samples`` (real payloads from the campaign's topic), each made unique
+    by a 12-digit prefix field. Consecutive records differ as consecutive payloads do, so a
+    compressed batch shrinks about as much as the campaign's own (copies of one payload would
+    compress many times better and overstate the ceiling)."""
     from pyspark.sql import functions as F
 
     from carousel.delivery import write_payloads
 
     broker.ensure_topics(cfg.kafka, [channel])
     topic = cfg.kafka.topic(channel).name
-    text = sample.decode("utf-8", errors="replace")
-    # The real payload, made unique per record by a 12-digit prefix field (same size, +~20 bytes).
-    body = text[1:] if text.startswith("{") else json.dumps({"payload": text})[1:]
+    bodies = []
+    for sample in samples:
+        text = sample.decode("utf-8", errors="replace")
+        bodies.append(text[1:] if text.startswith("{") else json.dumps({"payload": text})[1:])
     partitions = max(1, spark.sparkContext.defaultParallelism)
-    frame = spark.range(0, records, numPartitions=partitions).select(
+    samples_frame = spark.createDataFrame(list(enumerate(bodies)), "sample long, body string")
+    body = F.col("body")
+    frame = (
+        spark.range(0, records, numPartitions=partitions)
+        .withColumn("sample", F.col("id") % len(bodies))
+        .join(F.broadcast(samples_frame), "sample")
+    ).select(
         F.lit(topic).alias("topic"),
         F.format_string("u-%07d", F.col("id")).alias("key"),
-        F.concat(F.lit('{"seq":'), F.format_string("%012d", F.col("id")), F.lit(","), F.lit(body)).alias(
-            "value"
-        ),
+        F.concat(F.lit('{"seq":'), F.format_string("%012d", F.col("id")), F.lit(","), body).alias("value"),
         F.format_string("p-%012d", F.col("id")).alias("payload_id"),
     )
+    mean_bytes = sum(len(b) for b in bodies) / len(bodies) + 21
     load_before = common.load1()
-    log.info("ceiling: %d pre-rendered records of ~%d bytes onto %s", records, len(body) + 21, topic)
+    log.info("ceiling: %d pre-rendered records of ~%d bytes onto %s", records, mean_bytes, topic)
     started = time.perf_counter()
     write_payloads(frame, cfg)
     seconds = time.perf_counter() - started
     on_topic = topic_records(bootstrap, topic)
     result = {
         "topic": topic,
+        "compression": cfg.kafka.producer.compression_type,
+        "bytes_on_disk": topic_bytes_on_disk(Path(cfg.broker.state_dir), topic),
         "records": records,
         "records_on_topic": on_topic,
-        "record_bytes": len(body) + 21,
+        "distinct_bodies": len(bodies),
+        "record_bytes": round(mean_bytes),
         "seconds": round(seconds, 3),
         "payloads_per_s": round(records / seconds, 1) if seconds > 0 else None,
         "load_1min": [load_before, common.load1()],
@@ -399,7 +425,9 @@ def print_summary(results: dict[str, Any]) -> None:
             f"payloads {counts.get('payloads'):,}, control {counts.get('control'):,}, "
             f"without items {counts.get('without_items'):,}; {campaign['seconds']:.1f} s = "
             f"{campaign['payloads_per_s']:,.0f} payloads/s ({campaign['users_per_s']:,.0f} users/s); "
-            f"mean payload {campaign['mean_payload_bytes']:,.0f} B; "
+            f"mean payload {campaign['mean_payload_bytes']:,.0f} B "
+            f"({campaign['bytes_on_disk'] / max(1, campaign['records_on_topic']):,.0f} B on disk, "
+            f"{campaign['compression']}); "
             f"topic holds {campaign['records_on_topic']:,}"
         )
         for step, seconds in sorted(campaign["steps_s"].items(), key=lambda kv: -kv[1]):
@@ -410,12 +438,18 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"    stage {stage['stage_id']:>4} {stage['seconds']:>7.1f} s  "
                 f"{stage['tasks']:>4} tasks  {stage['step']}: {', '.join(stage.get('operators', []))[:60]}"
             )
-    ceiling = results.get("ceiling")
-    if ceiling:
-        print(
-            f"ceiling (pre-rendered)    {ceiling['records']:,} records of {ceiling['record_bytes']:,} B in "
-            f"{ceiling['seconds']:.1f} s = {ceiling['payloads_per_s']:,.0f}/s"
-        )
+    for key, label in (
+        ("ceiling", "ceiling (pre-rendered)"),
+        ("ceiling_uncompressed", "  same, compression none"),
+    ):
+        ceiling = results.get(key)
+        if ceiling:
+            print(
+                f"{label:<25} {ceiling['records']:,} records of {ceiling['record_bytes']:,} B in "
+                f"{ceiling['seconds']:.1f} s = {ceiling['payloads_per_s']:,.0f}/s "
+                f"({ceiling['bytes_on_disk'] / max(1, ceiling['records_on_topic']):,.0f} B on disk, "
+                f"{ceiling['compression']})"
+            )
     if results.get("ratio_to_ceiling") is not None:
         print(f"campaign / ceiling        {results['ratio_to_ceiling']:.3f}")
     goal = results.get("extrapolation_10m")
@@ -458,11 +492,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state:
         bootstrap = state.bootstrap
 
-        def phase_config(name: str) -> CarouselConfig:
+        def phase_config(name: str, extra: Sequence[str] = ()) -> CarouselConfig:
             topics = common.phase_topics(broker_cfg.kafka.topics, name, suffix)
             return _config(
                 args,
-                [*ports, f"kafka.bootstrap_servers={bootstrap}", *topics, f"storage.root={workdir / name}"],
+                [
+                    *ports,
+                    f"kafka.bootstrap_servers={bootstrap}",
+                    *topics,
+                    f"storage.root={workdir / name}",
+                    *extra,
+                ],
             )
 
         shop_cfg = _config(args, [f"storage.root={shop_root}"])
@@ -484,17 +524,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer = CampaignStepTimer()
         with timer.installed():
             campaign = run_campaign(spark, campaign_cfg, args.campaign, bootstrap, event_log, timer)
-        sample = campaign.pop("_sample")
+        samples = campaign.pop("_samples")
         results["campaign"] = campaign
         results["extrapolation_10m"] = extrapolation(campaign)
         payloads = int(campaign["counts"].get("payloads", 0))
-        if not args.skip_ceiling and payloads and sample:
+        if not args.skip_ceiling and payloads and samples:
             ceiling = run_ceiling(
-                spark, phase_config("ceiling"), campaign["channel"], payloads, sample, bootstrap
+                spark, phase_config("ceiling"), campaign["channel"], payloads, samples, bootstrap
             )
             results["ceiling"] = ceiling
             if ceiling["payloads_per_s"] and campaign["payloads_per_s"]:
                 results["ratio_to_ceiling"] = round(campaign["payloads_per_s"] / ceiling["payloads_per_s"], 4)
+            if campaign_cfg.kafka.producer.compression_type != "none":
+                # What the compression buys: the same ceiling, uncompressed.
+                plain = phase_config("ceiling-plain", ["kafka.producer.compression_type=none"])
+                results["ceiling_uncompressed"] = run_ceiling(
+                    spark, plain, campaign["channel"], payloads, samples, bootstrap
+                )
     print_summary(results)
     return 0
 

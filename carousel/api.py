@@ -304,7 +304,7 @@ class ApiService:
                 "acks": "all",
                 "enable.idempotence": True,
                 "linger.ms": self.cfg.api.outbox_linger_ms,
-                "compression.type": "lz4",
+                "compression.type": self.cfg.kafka.producer.compression_type,
             }
         )
         for name, target in (("api-lookups", self._load_lookups), ("api-outbox", self._poll_producer)):

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from carousel import local_process
@@ -470,6 +470,26 @@ def status(broker_cfg: BrokerConfig) -> dict[str, Any]:
         except (TimeoutError, BrokerError) as err:
             log.warning("broker pid %d does not answer: %s", pid, err)
     return result
+
+
+def end_offsets(kafka_cfg: KafkaConfig, topic: str, timeout: float = 30) -> dict[int, int]:
+    """The end offset (high watermark) of every partition of ``topic``."""
+    consumer = Consumer(
+        {**kafka_cfg.client_settings(), "group.id": "carousel-offsets", "enable.auto.commit": False}
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None or not described.partitions:
+            raise BrokerError(f"topic {topic} is not available: {described.error if described else 'absent'}")
+        return {
+            partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[1]
+            for partition in sorted(described.partitions)
+        }
+    except KafkaException as err:
+        raise BrokerError(f"cannot read the end offsets of {topic}: {err}") from None
+    finally:
+        consumer.close()
 
 
 def ensure_topics(

@@ -102,9 +102,21 @@ class TopicConfig(_Section):
     partitions: int = Field(ge=1, le=1024)
 
 
+class KafkaProducerConfig(_Section):
+    """How carousel's producers write: Spark's Kafka sinks (serve, campaigns, ingest's outputs)
+    and the Python producers (the API's outbox)."""
+
+    # Payloads are mostly repeated markup: lz4 cut an 7.7 kB email to ~1.6 kB on the wire for
+    # little CPU (bench/README.md, campaign results). Consumers decompress transparently.
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    linger_ms: int = Field(default=5, ge=0, le=10_000)
+    batch_size_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = Field(min_length=1)
     topics: dict[str, TopicConfig]
+    producer: KafkaProducerConfig = Field(default_factory=KafkaProducerConfig)
 
     @field_validator("topics")
     @classmethod
@@ -126,6 +138,18 @@ class KafkaConfig(_Section):
     def client_settings(self) -> dict[str, str]:
         """Settings for confluent-kafka producers, consumers and admin clients."""
         return {"bootstrap.servers": self.bootstrap_servers, **self.security_settings()}
+
+    def producer_settings(self) -> dict[str, str | int]:
+        """Producer settings from ``kafka.producer`` (librdkafka and the Java client agree)."""
+        return {
+            "compression.type": self.producer.compression_type,
+            "linger.ms": self.producer.linger_ms,
+            "batch.size": self.producer.batch_size_bytes,
+        }
+
+    def spark_sink_options(self) -> dict[str, str]:
+        """Options for Spark's Kafka sink: :meth:`spark_options` plus ``kafka.producer``."""
+        return {**self.spark_options(), **{f"kafka.{k}": str(v) for k, v in self.producer_settings().items()}}
 
     def spark_options(self) -> dict[str, str]:
         """Options for Spark's Kafka source and sink (``kafka.``-prefixed client settings)."""
@@ -408,7 +432,10 @@ class ServingConfig(_StreamingQuerySection):
     templates_dir: str = Field(min_length=1)
     # JSON Schema per channel (<payload_schemas_dir>/<channel>.schema.json): the payload contract.
     payload_schemas_dir: str = Field(min_length=1)
-    sms_max_chars: int = Field(ge=20, le=1600)
+    # An SMS is cut to fit this many parts as carriers count them (GSM-7: 160 characters alone,
+    # 153 a part; one character outside GSM-7 makes it UCS-2: 70 alone, 67 a part). Each part is
+    # billed, and senders commonly refuse more than 10.
+    sms_max_segments: int = Field(ge=1, le=10)
     # Push carousels show at most this many items (a campaign may ask for more on other channels).
     push_max_items: int = Field(ge=1, le=10)
     trending: TrendingConfig
@@ -542,6 +569,14 @@ class ReportingConfig(_Section):
 
     attribution_window_hours: float = Field(gt=0)
     confidence_level: float = Field(gt=0.5, lt=1)
+    # How the p-values of all (campaign, variant, metric) tests of one report are adjusted for
+    # multiplicity: a method of statsmodels' multipletests, or "none". Holm controls the family-wise
+    # error under any dependence (metrics of one user, variants sharing a control are correlated);
+    # fdr_bh / fdr_by control the false discovery rate instead. The two-stage FDR methods are left
+    # out: their adjusted p-values depend on alpha.
+    multiple_testing: Literal[
+        "holm", "holm-sidak", "bonferroni", "sidak", "simes-hochberg", "hommel", "fdr_bh", "fdr_by", "none"
+    ] = "holm"
     output_dir: str = Field(min_length=1)
 
     @field_validator("output_dir")
@@ -634,6 +669,15 @@ class ApiConfig(_Section):
         return {name: os.environ[key.env] for name, key in self.keys.items() if os.environ.get(key.env)}
 
 
+class CampaignRunsConfig(_Section):
+    """How batch campaign runs send (``jobs/campaign.py``)."""
+
+    # Payloads per send chunk. Each chunk is recorded once it is whole in the topic, so a resumed
+    # run skips it; a chunk cut short by a kill is finished by reading the topic back from its
+    # start, so at most one chunk's records are read again.
+    chunk_payloads: int = Field(default=250_000, ge=1)
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -648,6 +692,7 @@ class CarouselConfig(_Section):
     sent_log: SentLogConfig
     online_store: OnlineStoreConfig
     campaigns: dict[str, CampaignConfig]
+    campaign_runs: CampaignRunsConfig = CampaignRunsConfig()
     reporting: ReportingConfig
     api: ApiConfig
     catalog: CatalogConfig = CatalogConfig()

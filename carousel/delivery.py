@@ -6,14 +6,15 @@ Role: the glue around :func:`carousel.ranking.rank_recommendations` used by ``jo
 
 1. :func:`load_serving_inputs` reads the live inputs: the catalog, the published correlation
    matrix (latest, or a version pinned by an A/B arm), trending items and recent sends.
-2. :func:`sent_rows` assigns each request its campaign arm (:mod:`carousel.experiments`), ranks
-   every non-control arm, and returns the ``sent_recommendations`` rows: one per item sent and one
-   per control-group request.
-3. The caller appends those rows to Delta idempotently, then reads back what was stored for its
-   run (so a replay after a crash renders exactly what was recorded), and
-   :func:`payload_requests` turns the stored rows into render requests enriched with the catalog.
-4. :func:`carousel.payloads.render_payloads` renders them; :func:`write_payloads` writes them to
-   the channels' Kafka topics keyed by user id, with the payload id in a record header.
+2. :func:`ranked_requests` assigns each request its campaign arm (:mod:`carousel.experiments`) and
+   ranks every non-control arm in one narrow pass: one row per request, which is the render
+   request of :func:`carousel.payloads.render_payloads` with the ranked items.
+3. :func:`sent_rows` explodes those rows into ``sent_recommendations`` rows (one per item sent,
+   one per control-group request); :func:`stored_requests` rebuilds the same rows from what a run
+   stored, for a resumed run.
+4. :func:`carousel.payloads.render_payloads` renders them, the catalog fields of the items coming
+   from a broadcast :func:`catalog_items`; :func:`write_payloads` writes them to the channels' Kafka
+   topics keyed by user id, with the payload id in a record header.
 
 Inputs: DataFrames and :class:`~carousel.config.CarouselConfig`. Outputs: DataFrames; only
 :func:`write_payloads` writes (to Kafka).
@@ -30,8 +31,9 @@ from pyspark.sql import functions as F
 
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.experiments import variant_column
-from carousel.payloads import CATALOG_ITEM_FIELDS, PAYLOAD_ITEM_FIELDS
-from carousel.ranking import rank_recommendations, trending_items
+from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
+from carousel.payloads import REQUEST_COLUMNS as PAYLOAD_REQUEST_COLUMNS
+from carousel.ranking import RANKED_ITEMS_TYPE, REQUEST_COLUMNS, rank_recommendations, trending_items
 from carousel.schemas import (
     CATALOG_SCHEMA,
     CATALOG_TABLE,
@@ -165,9 +167,21 @@ def load_serving_inputs(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranking per arm -> rows of sent_recommendations
+# Ranking per arm -> one row per request -> rows of sent_recommendations
 # ---------------------------------------------------------------------------------------------
-def sent_rows(
+def _user_context() -> Column:
+    attrs = F.col("user_attributes")
+    return F.struct(
+        *[attrs[name].alias(name) for name in USER_CONTEXT_FIELDS],
+        F.col("platform").alias("platform"),
+    )
+
+
+def _no_items() -> Column:
+    return F.array().cast(RANKED_ITEMS_TYPE)
+
+
+def ranked_requests(
     requests: DataFrame,
     campaign_name: str,
     campaign: CampaignConfig,
@@ -176,145 +190,156 @@ def sent_rows(
     *,
     run_id: str,
     sent_at: datetime,
-    small_batch: bool = False,
 ) -> DataFrame:
-    """The ``sent_recommendations`` rows for ``requests`` of one campaign.
+    """One render request per request of one campaign run (:data:`CAMPAIGN_REQUEST_COLUMNS`).
 
     ``requests`` carries :data:`carousel.ranking.REQUEST_COLUMNS` (``request_id`` is the payload
-    id) plus ``trigger_event_id``. Control-group requests get one row with NULL item; a request
-    whose arm finds no eligible item gets no row (and so no payload).
+    id) plus the profile's ``user_attributes`` and ``platform``. Each request gets its campaign
+    arm (:mod:`carousel.experiments`) and, unless it is in the control group, its ranked items
+    (:func:`carousel.ranking.rank_recommendations`, grouped: no shuffle). Control requests and
+    requests whose arm finds no eligible item have no items. The rows are the render requests
+    of :func:`carousel.payloads.render_payloads` with ranked items only (the catalog fields are
+    filled in when rendering) and, through :func:`sent_rows`, the run's ``sent_recommendations``.
     """
-    with_arm = requests.withColumn("variant", variant_column(campaign_name, campaign, F.col("user_id")))
+    with_arm = requests.select(
+        *REQUEST_COLUMNS,
+        variant_column(campaign_name, campaign, F.col("user_id")).alias("variant"),
+        _user_context().alias("user"),
+    )
     arms = [(CONTROL_VARIANT, None)] if campaign.control_share > 0 else []
     if campaign.variants:
         arms += [(v.name, v) for v in campaign.variants]
     else:
         arms.append(("default", None))
-    # The arm of every request is needed once per arm below.
-    with_arm = with_arm.persist()
-
-    def stamp(frame: DataFrame) -> DataFrame:
-        return frame.select(
-            F.col("request_id").alias("payload_id"),
-            "user_id",
-            F.lit(campaign_name).alias("campaign"),
-            F.lit(campaign.channel).alias("channel"),
-            "variant",
-            "item_id",
-            "rank",
-            "score",
-            "strategy",
-            "model_version",
-            "trigger_event_id",
-            F.lit(run_id).alias("run_id"),
-            F.lit(sent_at).alias("sent_at"),
-            F.lit(sent_at.date()).alias("sent_date"),
-        )
-
+    carried = ("user_id", "variant", "user")
     parts: list[DataFrame] = []
     for name, variant in arms:
         members = with_arm.where(F.col("variant") == name)
         if name == CONTROL_VARIANT:
-            parts.append(
-                stamp(
-                    members.select(
-                        "*",
-                        F.lit(None).cast("string").alias("item_id"),
-                        F.lit(None).cast("int").alias("rank"),
-                        F.lit(None).cast("double").alias("score"),
-                        F.lit(None).cast("string").alias("strategy"),
-                        F.lit(None).cast("string").alias("model_version"),
-                    )
-                )
-            )
+            parts.append(members.select("request_id", *carried, _no_items().alias("items")))
             continue
         use_model = variant is None or variant.strategy == "model"
-        matrix = inputs.matrix(variant.model_version if variant is not None else None) if use_model else None
-        ranked = rank_recommendations(
-            members,
-            matrix=matrix,
-            catalog=inputs.catalog,
-            trending=inputs.trending,
-            sent=inputs.sent,
-            campaign=campaign,
-            serving=cfg.serving,
-            small_batch=small_batch,
-            cache_key=inputs.ranking_cache_key(variant.model_version if variant is not None else None),
-        )
+        model_version = variant.model_version if variant is not None else None
         parts.append(
-            stamp(
-                ranked.join(
-                    members.select("request_id", "user_id", "variant", "trigger_event_id"), "request_id"
-                )
+            rank_recommendations(
+                members,
+                matrix=inputs.matrix(model_version) if use_model else None,
+                catalog=inputs.catalog,
+                trending=inputs.trending,
+                sent=inputs.sent,
+                campaign=campaign,
+                serving=cfg.serving,
+                cache_key=inputs.ranking_cache_key(model_version),
+                grouped=True,
+                carry=carried,
             )
         )
     rows = parts[0]
     for part in parts[1:]:
         rows = rows.unionByName(part)
-    return rows.select(*SENT_RECOMMENDATIONS_SCHEMA.fieldNames())
-
-
-# ---------------------------------------------------------------------------------------------
-# Stored rows -> render requests -> Kafka
-# ---------------------------------------------------------------------------------------------
-def _user_context(profile_prefix: str = "") -> Column:
-    attrs = F.col(f"{profile_prefix}user_attributes")
-    return F.struct(
-        *[attrs[name].alias(name) for name in USER_CONTEXT_FIELDS],
-        F.col("platform").alias("platform"),
+    return rows.select(
+        F.col("request_id").alias("payload_id"),
+        "user_id",
+        F.lit(campaign_name).alias("campaign"),
+        F.lit(campaign.channel).alias("channel"),
+        F.lit(campaign.template).alias("template"),
+        "variant",
+        F.lit(None).cast("string").alias("trigger_event_id"),
+        F.lit(None).cast("string").alias("trigger_event_type"),
+        F.lit(run_id).alias("run_id"),
+        F.array_max("items.model_version").alias("model_version"),
+        F.lit(sent_at).alias("created_at"),
+        "user",
+        "items",
     )
 
 
-def payload_requests(
-    stored: DataFrame,
-    catalog: DataFrame,
-    context: DataFrame,
-    templates: dict[str, str],
-    small_batch: bool = False,
-) -> DataFrame:
-    """Render requests (the input of :func:`carousel.payloads.render_payloads`) for stored sends.
+# The per-request rows of a campaign run: render requests whose items carry the ranking's fields.
+CAMPAIGN_REQUEST_COLUMNS: tuple[str, ...] = PAYLOAD_REQUEST_COLUMNS
 
-    ``stored``: ``sent_recommendations`` rows of one batch/run (control rows are skipped);
-    ``context``: one row per payload id with ``payload_id, trigger_event_type, run_id`` and the
-    user's ``user_attributes`` struct and ``platform``; ``templates``: campaign -> template name.
-    ``small_batch``: the stored rows are few and are broadcast against the catalog.
-    """
-    sent = stored.where(F.col("item_id").isNotNull())
-    products = catalog.select("item_id", *CATALOG_ITEM_FIELDS)
-    if small_batch:
-        # Broadcast the few sent item ids (inner join: an outer join can't broadcast its kept side).
-        products = products.join(F.broadcast(sent.select("item_id").distinct()), "item_id")
-    enriched = sent.join(products, "item_id", "left")
-    # Rank first, so that array_sort orders a payload's items by it.
-    item = F.struct("rank", *[name for name in PAYLOAD_ITEM_FIELDS if name != "rank"])
-    template = F.create_map(*[F.lit(x) for kv in templates.items() for x in kv])
-    grouped = enriched.groupBy("payload_id", "campaign", "channel", "variant", "user_id").agg(
-        F.first("trigger_event_id").alias("trigger_event_id"),
-        F.max("model_version").alias("model_version"),
+
+def sent_rows(ranked: DataFrame) -> DataFrame:
+    """The ``sent_recommendations`` rows of :func:`ranked_requests` rows: one per item sent, one
+    with a NULL item per control-group request; a request without items gets none."""
+    held_out = F.array(
+        F.struct(
+            F.lit(None).cast("string").alias("item_id"),
+            F.lit(None).cast("int").alias("rank"),
+            F.lit(None).cast("double").alias("score"),
+            F.lit(None).cast("string").alias("strategy"),
+            F.lit(None).cast("string").alias("model_version"),
+        )
+    )
+    items = F.when(F.col("variant") == CONTROL_VARIANT, held_out).otherwise(F.col("items"))
+    return (
+        ranked.select("*", F.explode(items).alias("item"))
+        .select(
+            "payload_id",
+            "user_id",
+            "campaign",
+            "channel",
+            "variant",
+            F.col("item.item_id").alias("item_id"),
+            F.col("item.rank").alias("rank"),
+            F.col("item.score").alias("score"),
+            F.col("item.strategy").alias("strategy"),
+            F.col("item.model_version").alias("model_version"),
+            "trigger_event_id",
+            "run_id",
+            F.col("created_at").alias("sent_at"),
+            F.to_date("created_at").alias("sent_date"),
+        )
+        .select(*SENT_RECOMMENDATIONS_SCHEMA.fieldNames())
+    )
+
+
+def stored_requests(stored: DataFrame, users: DataFrame, template: str) -> DataFrame:
+    """:func:`ranked_requests` rows rebuilt from a run's stored ``sent_recommendations`` rows, so
+    a resumed run renders exactly what was recorded. ``users``: ``payload_id, user`` (the user
+    context, from the profiles now; a payload whose user left the segment renders without it)."""
+    item = F.struct("rank", "item_id", "score", "strategy", "model_version")
+    grouped = stored.groupBy("payload_id", "user_id", "campaign", "channel", "variant", "run_id").agg(
+        F.first("trigger_event_id", ignorenulls=True).alias("trigger_event_id"),
         F.max("sent_at").alias("created_at"),
-        F.array_sort(F.collect_list(item)).alias("items"),
+        F.max("model_version").alias("model_version"),
+        # Rank first, so that array_sort orders a payload's items by it; NULL items are hold-outs.
+        F.array_sort(F.collect_list(F.when(F.col("item_id").isNotNull(), item))).alias("items"),
     )
-    return grouped.join(context, "payload_id", "left").select(
+    return grouped.join(users, "payload_id", "left").select(
         "payload_id",
+        "user_id",
         "campaign",
         "channel",
-        template[F.col("campaign")].alias("template"),
+        F.lit(template).alias("template"),
         "variant",
-        "user_id",
         "trigger_event_id",
-        "trigger_event_type",
+        F.lit(None).cast("string").alias("trigger_event_type"),
         "run_id",
         "model_version",
         "created_at",
-        _user_context().alias("user"),
+        "user",
         F.transform(
-            "items", lambda i: F.struct(*[i[name].alias(name) for name in PAYLOAD_ITEM_FIELDS])
+            "items",
+            lambda i: F.struct(
+                *[i[name].alias(name) for name in ("item_id", "rank", "score", "strategy", "model_version")]
+            ),
         ).alias("items"),
     )
 
 
+def user_contexts(requests: DataFrame) -> DataFrame:
+    """``payload_id, user`` of segment requests (for :func:`stored_requests`)."""
+    return requests.select(F.col("request_id").alias("payload_id"), _user_context().alias("user"))
+
+
+def catalog_items(inputs: ServingInputs) -> CatalogItems:
+    """The catalog fields of every product, collected once for the render tasks' broadcast."""
+    return CatalogItems(inputs.catalog.select("item_id", *CATALOG_ITEM_FIELDS).toArrow())
+
+
 def write_payloads(rendered: DataFrame, cfg: CarouselConfig) -> None:
-    """Write rendered payloads (``topic, key, value, payload_id``) to Kafka, payload id as a header."""
+    """Write rendered payloads (``topic, key, value, payload_id``) to Kafka, payload id as a header,
+    with the ``kafka.producer`` settings (compression)."""
     (
         rendered.select(
             "topic",
@@ -327,6 +352,6 @@ def write_payloads(rendered: DataFrame, cfg: CarouselConfig) -> None:
             ).alias("headers"),
         )
         .write.format("kafka")
-        .options(**cfg.kafka.spark_options())
+        .options(**cfg.kafka.spark_sink_options())
         .save()
     )

@@ -36,7 +36,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from carousel.config import CampaignConfig, CampaignFilters, CarouselConfig, ServingConfig
 from carousel.experiments import arms
-from carousel.payloads import CATALOG_ITEM_FIELDS
+from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
 from carousel.ranking import (
     FILTER_COLUMNS,
     MATRIX_COLUMNS,
@@ -152,8 +152,7 @@ class ServingLookups:
     trending: pa.Table
     _arms: dict[tuple[str, str], ArmInputs] = field(default_factory=dict)
     _lists: dict[tuple[str, str | None], ItemLists] = field(default_factory=dict)
-    _items: dict[str, int] | None = None
-    _fields: dict[str, list[Any]] | None = None
+    _catalog_items: CatalogItems | None = None
     _frozen: bool = False  # moved out of the garbage collector's reach (see keep_out_of_gc)
 
     def arm(self, campaign_name: str, arm: str) -> ArmInputs:
@@ -200,12 +199,9 @@ class ServingLookups:
 
     def item_fields(self, item_id: str) -> dict[str, Any]:
         """The catalog fields a payload item carries (all None for an unknown item)."""
-        if self._items is None:
-            self._items = {item: row for row, item in enumerate(self.catalog.column("item_id").to_pylist())}
-            self._fields = {name: self.catalog.column(name).to_pylist() for name in CATALOG_ITEM_FIELDS}
-        row = self._items.get(item_id)
-        assert self._fields is not None
-        return {name: (None if row is None else values[row]) for name, values in self._fields.items()}
+        if self._catalog_items is None:
+            self._catalog_items = CatalogItems(self.catalog)
+        return self._catalog_items.fields(item_id)
 
 
 class _Cache:

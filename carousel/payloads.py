@@ -33,18 +33,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import orjson
 import pyarrow as pa
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from markupsafe import Markup
+from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, StringType, StructField, StructType, TimestampType
@@ -90,7 +96,8 @@ BLOCKED_URL_SCHEMES: frozenset[str] = frozenset({"javascript", "vbscript", "data
 # GSM 03.38 has no "…". A single one would switch the whole SMS to UCS-2, with 70 characters a
 # segment instead of 160.
 SMS_ELLIPSIS = "..."
-# Below this many characters of text, keeping the closing link whole is no longer worth it.
+# Below this many units (septets or UTF-16 code units) of text, keeping the closing link whole is
+# no longer worth it.
 _SMS_MIN_PROSE = 10
 COMMON_SCHEMA_FILE = "common.schema.json"
 
@@ -113,6 +120,8 @@ PAYLOAD_ITEM_SCHEMA = StructType(
     [*RANKED_ITEM_SCHEMA.fields, *(CATALOG_SCHEMA[name] for name in CATALOG_ITEM_FIELDS)]
 )
 PAYLOAD_ITEM_FIELDS: tuple[str, ...] = tuple(PAYLOAD_ITEM_SCHEMA.fieldNames())
+# The ranking's part of an item: what a request carries when the catalog fills the rest.
+RANKED_ITEM_FIELDS: tuple[str, ...] = tuple(RANKED_ITEM_SCHEMA.fieldNames())
 # The user part of the template context: the latest user attributes and the latest platform.
 PAYLOAD_USER_SCHEMA = StructType([*USER_ATTRIBUTES_SCHEMA.fields, StructField("platform", StringType())])
 USER_FIELDS: tuple[str, ...] = tuple(PAYLOAD_USER_SCHEMA.fieldNames())
@@ -159,6 +168,37 @@ class TemplateCheckError(ValueError):
     """Templates or schemas of enabled campaigns are missing or invalid (raised at job start)."""
 
 
+class CatalogItems:
+    """The catalog fields a payload item carries (:data:`CATALOG_ITEM_FIELDS`), by item id.
+
+    Serving's lookups and a campaign's render tasks fill their items from it. Pickles as its
+    Arrow table (compact, for a broadcast); the id index is built on first use, once per process,
+    and each product's fields once, when first asked for (a campaign asks for the same ones often).
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table.select(["item_id", *CATALOG_ITEM_FIELDS])
+        self._rows: dict[str, int] | None = None
+        self._columns: dict[str, list[Any]] = {}
+        self._fields: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"table": self.table, "_rows": None, "_columns": {}, "_fields": {}}
+
+    def fields(self, item_id: str) -> dict[str, Any]:
+        """The catalog fields of ``item_id`` (all None for an unknown item). Shared: do not modify."""
+        fields = self._fields.get(item_id)
+        if fields is None:
+            if self._rows is None:
+                self._columns = {name: self.table.column(name).to_pylist() for name in CATALOG_ITEM_FIELDS}
+                self._rows = {item: row for row, item in enumerate(self.table.column("item_id").to_pylist())}
+            row = self._rows.get(item_id)
+            fields = {name: (None if row is None else values[row]) for name, values in self._columns.items()}
+            if row is not None:
+                self._fields[item_id] = fields
+        return fields
+
+
 # ---------------------------------------------------------------------------------------------
 # URLs and text helpers (pure)
 # ---------------------------------------------------------------------------------------------
@@ -195,27 +235,137 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def fit_sms(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` with :data:`SMS_ELLIPSIS`, cutting between words, never inside a URL.
+# SMS length as carriers count it (3GPP TS 23.038). The GSM 03.38 basic table costs one septet a
+# character; 0x1B is its escape to the extension table, not a character, so it is left out.
+_GSM7_BASIC = (
+    "@£$¥èéùìòÇ\nØø\rÅå\u0394_\u03a6\u0393\u039b\u03a9\u03a0\u03a8\u03a3\u0398\u039eÆæßÉ"
+    " !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# Extension table characters: sent as escape + character, two septets each.
+_GSM7_EXTENSION = "\f^{}\\[]~|€"
+_NOT_GSM7 = re.compile(f"[^{re.escape(_GSM7_BASIC + _GSM7_EXTENSION)}]")
+_GSM7_EXTENSION_CHARS = frozenset(_GSM7_EXTENSION)
+_GSM7_SEPTETS: dict[str, float] = {**dict.fromkeys(_GSM7_BASIC, 1.0), **dict.fromkeys(_GSM7_EXTENSION, 2.0)}
+SMS_GSM7 = "GSM-7"
+SMS_UCS2 = "UCS-2"
+# Units in a single-part SMS, and in each part of a concatenated one (its header takes the rest).
+_SMS_LIMITS: dict[str, tuple[int, int]] = {SMS_GSM7: (160, 153), SMS_UCS2: (70, 67)}
 
-    When the last URL and everything after it fit, they are kept whole. The words before them are
-    shortened instead. A URL longer than the whole limit is the only case that gets cut.
+
+@dataclass(frozen=True, slots=True)
+class SmsLength:
+    """How carriers count an SMS: its encoding, its length in that encoding's units, its parts.
+
+    ``units`` are septets for GSM-7 (an extension character counts 2) and UTF-16 code units for
+    UCS-2 (a character outside the BMP, such as an emoji, counts 2). An empty text is one part.
     """
-    if len(text) <= max_chars:
+
+    encoding: str
+    units: int
+    segments: int
+
+
+def _sms_unit_costs(text: str, encoding: str) -> list[int]:
+    if encoding == SMS_GSM7:
+        return [2 if ch in _GSM7_EXTENSION_CHARS else 1 for ch in text]
+    return [2 if ord(ch) > 0xFFFF else 1 for ch in text]
+
+
+def sms_length(text: str) -> SmsLength:
+    """The encoding, units and segment count of ``text`` sent as one SMS (3GPP TS 23.038).
+
+    GSM-7 when every character is in the GSM 03.38 basic or extension table, else UCS-2. One part
+    holds 160 septets or 70 UCS-2 units; beyond that every part holds 153 or 67, and a part never
+    ends between an escape and its extension character, nor inside a UTF-16 surrogate pair.
+    """
+    encoding = SMS_UCS2 if _NOT_GSM7.search(text) else SMS_GSM7
+    if encoding == SMS_GSM7:
+        units = len(text) + sum(text.count(ch) for ch in _GSM7_EXTENSION)
+    else:
+        # surrogatepass: a lone surrogate from a broken catalog string counts 1 instead of raising.
+        units = len(text.encode("utf-16-le", "surrogatepass")) // 2
+    single, per_part = _SMS_LIMITS[encoding]
+    if units <= single:
+        return SmsLength(encoding, units, 1)
+    if units == len(text):  # no two-unit character: nothing can straddle a boundary
+        return SmsLength(encoding, units, -(-units // per_part))
+    segments, used = 1, 0
+    for cost in _sms_unit_costs(text, encoding):
+        # A two-unit character that would straddle the boundary moves whole to the next part.
+        if used + cost > per_part:
+            segments, used = segments + 1, 0
+        used += cost
+    return SmsLength(encoding, units, segments)
+
+
+def fit_sms(text: str, max_segments: int) -> str:
+    """``text`` cut to fit ``max_segments`` SMS parts (see :func:`sms_length`) with :data:`SMS_ELLIPSIS`.
+
+    The cut falls between words, never inside a URL. When the last URL and everything after it
+    fit, they are kept whole and the words before them are shortened instead. A URL longer than
+    the whole budget is the only case that gets cut. The budget is that of the encoding the
+    result needs: a text with a character outside GSM-7 gets 70 UCS-2 units a part, unless cutting
+    before that character keeps the link or more of the text within the GSM-7 budget.
+    """
+    if max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+    length = sms_length(text)
+    if length.segments <= max_segments:
         return text
     urls = [m.span() for m in _URL_IN_TEXT.finditer(text)]
+    # Under GSM-7 every other character is out of reach, so that cut stays GSM-7 and fits 160 a part.
+    gsm7 = [_GSM7_SEPTETS.get(ch, math.inf) for ch in text]
+    fitted, kept_link = _fit_sms_units(text, urls, gsm7, SMS_GSM7, max_segments)
+    if length.encoding == SMS_UCS2:
+        other = _fit_sms_units(text, urls, _sms_unit_costs(text, SMS_UCS2), SMS_UCS2, max_segments)
+        # Keeping the link is what the message is for; then the longer text wins.
+        if (other[1], len(other[0])) > (kept_link, len(fitted)):
+            fitted = other[0]
+    return fitted
+
+
+def _fit_sms_units(
+    text: str, urls: Sequence[tuple[int, int]], costs: Sequence[float], encoding: str, max_segments: int
+) -> tuple[str, bool]:
+    """The cut of ``text`` within ``encoding``'s budget, and whether it kept the closing link."""
+    single, per_part = _SMS_LIMITS[encoding]
+    budget = single if max_segments == 1 else per_part * max_segments
+    # A part cannot end inside an escape or surrogate pair, so a text within the budget can still
+    # need one more part: each retry gives up one unit (at most one per part boundary).
+    while True:
+        fitted = _fit_sms_budget(text, urls, costs, budget)
+        if sms_length(fitted[0]).segments <= max_segments:
+            return fitted
+        budget -= 1
+
+
+def _fit_sms_budget(
+    text: str, urls: Sequence[tuple[int, int]], costs: Sequence[float], budget: int
+) -> tuple[str, bool]:
+    # The ellipsis is GSM-7 and in the BMP: one unit a character under either encoding.
     if urls:
         start = urls[-1][0]
-        tail = text[start:]
-        room = max_chars - len(tail) - len(SMS_ELLIPSIS) - 1
+        room = budget - sum(costs[start:]) - len(SMS_ELLIPSIS) - 1
         if room >= _SMS_MIN_PROSE:
-            prose = _cut_words(text[:start].rstrip(), room, urls[:-1])
+            prose = _cut_words(text[:start].rstrip(), _chars_within(costs, room), urls[:-1])
             if prose:
-                return f"{prose}{SMS_ELLIPSIS} {tail}"
-    return _cut_words(text, max_chars - len(SMS_ELLIPSIS), urls) + SMS_ELLIPSIS
+                return f"{prose}{SMS_ELLIPSIS} {text[start:]}", True
+    return _cut_words(text, _chars_within(costs, budget - len(SMS_ELLIPSIS)), urls) + SMS_ELLIPSIS, False
+
+
+def _chars_within(costs: Sequence[float], budget: float) -> int:
+    """How many leading characters fit in ``budget`` units."""
+    used = 0.0
+    for count, cost in enumerate(costs):
+        used += cost
+        if used > budget:
+            return count
+    return len(costs)
 
 
 def _cut_words(text: str, limit: int, urls: Sequence[tuple[int, int]]) -> str:
+    """``text`` cut to at most ``limit`` characters, between words and never inside a URL."""
     if len(text) <= limit:
         return text
     cut = limit
@@ -245,6 +395,12 @@ def money(price: float | None, currency: str | None = None) -> str:
 def template_name(channel: str, template: str, part: str) -> str:
     """The template's path relative to ``serving.templates_dir``: ``email/default.html.j2``."""
     return f"{channel}/{template}.{part}.j2"
+
+
+def item_block_name(name: str) -> str:
+    """The item-block template of a part: ``email/default.html.j2`` -> ``email/default.item.html.j2``."""
+    stem, part, suffix = name.rsplit(".", 2)
+    return f"{stem}.item.{part}.{suffix}"
 
 
 def _autoescape(name: str | None) -> bool:
@@ -286,7 +442,62 @@ def _build_environment(texts: Mapping[str, str]) -> jinja2.Environment:
     )
     env.filters["safe_url"] = _web_url_filter
     env.filters["money"] = money
+    env.globals["item_blocks"] = _item_blocks_function(env)
     return env
+
+
+# An item block is rendered once per distinct product and reused: the same product's markup recurs
+# in thousands of a campaign's payloads. Bounded (oldest out first), since a worker lives long.
+_ITEM_BLOCK_CACHE_SIZE = 100_000
+# What an item block sees of its item: neither its score nor its rank, which differ per payload
+# (the including template numbers the blocks with loop.index).
+ITEM_BLOCK_FIELDS: tuple[str, ...] = (
+    "item_id",
+    "strategy",
+    "title",
+    "description",
+    "category",
+    "price",
+    "currency",
+    "rating",
+    "image_url",
+    "deep_link",
+)
+
+
+def _item_blocks_function(env: jinja2.Environment) -> Callable[..., list[str]]:
+    cache: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+    seen_fields = operator.itemgetter(*ITEM_BLOCK_FIELDS)
+
+    @jinja2.pass_context
+    def item_blocks(context: jinja2.runtime.Context, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        """``{% for block in item_blocks(items) %}``: each item rendered by the part's item-block
+        template (:func:`item_block_name`). The block sees ``item`` (without ``score`` and
+        ``rank``), ``campaign`` and ``channel`` - nothing of the user - so each block is rendered
+        once per product and reused across payloads. One call per part, not per item: a
+        sandboxed call costs more than a lookup."""
+        name = item_block_name(context.name or "")
+        campaign, channel = context.get("campaign"), context.get("channel")
+        escaped = _autoescape(name)
+        blocks = []
+        for item in items:
+            values = seen_fields(item)
+            key = (name, campaign, channel, values)
+            block = cache.get(key)
+            if block is None:
+                record = TemplateRecord(zip(ITEM_BLOCK_FIELDS, values, strict=True))
+                text = env.get_template(name).render(item=record, campaign=campaign, channel=channel)
+                # Autoescaped output is markup already: the including template must not escape it.
+                block = Markup(text) if escaped else text
+                if len(cache) >= _ITEM_BLOCK_CACHE_SIZE:
+                    # popitem, not del of next(iter()): finding a dict's first key skips every
+                    # slot deleted before it, so each eviction was slower than the last.
+                    cache.popitem(last=False)
+                cache[key] = block
+            blocks.append(block)
+        return blocks
+
+    return item_blocks
 
 
 # Python workers are reused across tasks: compiled templates are kept per set of template texts.
@@ -344,32 +555,34 @@ class PayloadRenderer:
         self,
         texts: Mapping[str, str],
         *,
-        sms_max_chars: int,
+        sms_max_segments: int,
         push_max_items: int,
         origin: str = "<memory>",
     ) -> None:
         self.texts: dict[str, str] = dict(texts)
-        self.sms_max_chars = sms_max_chars
+        self.sms_max_segments = sms_max_segments
         self.push_max_items = push_max_items
         self.origin = origin
         self._env: jinja2.Environment | None = None
 
     @classmethod
     def from_directory(
-        cls, templates_dir: str | Path, *, sms_max_chars: int, push_max_items: int
+        cls, templates_dir: str | Path, *, sms_max_segments: int, push_max_items: int
     ) -> PayloadRenderer:
         """Read every ``*.j2`` under ``templates_dir``, keyed by relative path (so includes work)."""
         root = Path(templates_dir)
         if not root.is_dir():
             raise TemplateCheckError(f"templates folder not found: {root}")
         texts = {p.relative_to(root).as_posix(): p.read_text(encoding="utf-8") for p in root.rglob("*.j2")}
-        return cls(texts, sms_max_chars=sms_max_chars, push_max_items=push_max_items, origin=str(root))
+        return cls(texts, sms_max_segments=sms_max_segments, push_max_items=push_max_items, origin=str(root))
 
     @classmethod
     def from_config(cls, cfg: CarouselConfig) -> PayloadRenderer:
         serving = cfg.serving
         return cls.from_directory(
-            serving.templates_dir, sms_max_chars=serving.sms_max_chars, push_max_items=serving.push_max_items
+            serving.templates_dir,
+            sms_max_segments=serving.sms_max_segments,
+            push_max_items=serving.push_max_items,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -542,7 +755,7 @@ def _content(
         # One line: a catalog string with a line break must not add mail headers.
         return {"subject": one_line(parts["subject"]), "html": parts["html"], "text": parts["txt"]}
     if channel == SMS:
-        return {"text": fit_sms(one_line(parts["txt"]), renderer.sms_max_chars)}
+        return {"text": fit_sms(one_line(parts["txt"]), renderer.sms_max_segments)}
     return {"title": one_line(parts["title"])}  # webhook: the receiver works from `items`
 
 
@@ -594,8 +807,15 @@ def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dic
 
 
 def payload_json(payload: Mapping[str, Any]) -> str:
-    """The payload as compact UTF-8 JSON (what goes on the topic)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """The payload as compact UTF-8 JSON (what goes on the topic).
+
+    orjson, not ``json``: the encoding was a fifth of a campaign's Python time. Payload numbers
+    are checked finite when the request is read (:func:`_payload_items`), so orjson's NaN -> null
+    never applies; a value JSON cannot carry raises :class:`ValueError`."""
+    try:
+        return orjson.dumps(payload).decode()
+    except orjson.JSONEncodeError as err:
+        raise ValueError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,9 +986,11 @@ def check_templates(cfg: CarouselConfig) -> PayloadRenderer:
 # ---------------------------------------------------------------------------------------------
 # Spark glue
 # ---------------------------------------------------------------------------------------------
-def _missing_request_fields(schema: StructType) -> list[str]:
+def _missing_request_fields(
+    schema: StructType, item_fields: Sequence[str] = PAYLOAD_ITEM_FIELDS
+) -> list[str]:
     missing = [name for name in REQUEST_COLUMNS if name not in schema.fieldNames()]
-    for column, fields in (("user", USER_FIELDS), ("items", PAYLOAD_ITEM_FIELDS)):
+    for column, fields in (("user", USER_FIELDS), ("items", item_fields)):
         if column not in schema.fieldNames():
             continue
         data_type = schema[column].dataType
@@ -779,12 +1001,17 @@ def _missing_request_fields(schema: StructType) -> list[str]:
 
 
 def _render_rows(
-    rows: Sequence[dict[str, Any]], renderer: PayloadRenderer, topics: Mapping[str, str]
+    rows: Sequence[dict[str, Any]],
+    renderer: PayloadRenderer,
+    topics: Mapping[str, str],
+    catalog: CatalogItems | None = None,
 ) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {name: [] for name in _ARROW_OUTPUT_SCHEMA.names}
     for row in rows:
         micros = row["created_at"]
         row["created_at"] = None if micros is None else _EPOCH + timedelta(microseconds=micros)
+        if catalog is not None:
+            row["items"] = [{**item, **catalog.fields(item["item_id"])} for item in row["items"] or ()]
         payload = render_payload(row, renderer)
         channel = payload["channel"]
         if channel not in topics:
@@ -803,17 +1030,23 @@ def _render_rows(
 
 
 def render_payloads(
-    requests: DataFrame, cfg: CarouselConfig, renderer: PayloadRenderer | None = None
+    requests: DataFrame,
+    cfg: CarouselConfig,
+    renderer: PayloadRenderer | None = None,
+    catalog: Broadcast[CatalogItems] | None = None,
 ) -> DataFrame:
     """Render each request row into a Kafka-ready row of :data:`PAYLOAD_OUTPUT_SCHEMA`.
 
     ``requests`` carries the columns of :data:`PAYLOAD_REQUEST_SCHEMA`; extra columns are ignored.
-    ``renderer`` is the one :func:`check_templates` returned at start. Without it, the templates
-    are read from ``serving.templates_dir`` now. Rendering runs in Python on the executors
-    (``mapInArrow``), one Arrow batch at a time. A request that cannot be rendered fails the
-    task with a :class:`PayloadError` naming the payload.
+    With ``catalog`` (a broadcast :class:`CatalogItems`), the items need only the ranking's fields
+    (:data:`RANKED_ITEM_FIELDS`): the executors fill in the catalog fields, so a campaign joins
+    nothing and groups nothing before rendering. ``renderer`` is the one :func:`check_templates`
+    returned at start. Without it, the templates are read from ``serving.templates_dir`` now.
+    Rendering runs in Python on the executors (``mapInArrow``), one Arrow batch at a time. A
+    request that cannot be rendered fails the task with a :class:`PayloadError` naming the payload.
     """
-    missing = _missing_request_fields(requests.schema)
+    item_fields = RANKED_ITEM_FIELDS if catalog is not None else PAYLOAD_ITEM_FIELDS
+    missing = _missing_request_fields(requests.schema, item_fields)
     if missing:
         raise ValueError(
             f"render requests lack columns {missing}; expected {PAYLOAD_REQUEST_SCHEMA.simpleString()}"
@@ -821,15 +1054,16 @@ def render_payloads(
     renderer = renderer or PayloadRenderer.from_config(cfg)
     topics = {channel: cfg.kafka.topics[channel].name for channel in CHANNELS if channel in cfg.kafka.topics}
     user = F.struct(*[F.col("user")[name].alias(name) for name in USER_FIELDS])
-    items = F.transform("items", lambda i: F.struct(*[i[name].alias(name) for name in PAYLOAD_ITEM_FIELDS]))
+    items = F.transform("items", lambda i: F.struct(*[i[name].alias(name) for name in item_fields]))
     # created_at travels as epoch microseconds: unambiguous in Arrow, whatever the session time zone.
     # user and items are rebuilt by name, so the field order of the caller's structs does not matter.
     special = {"created_at": F.unix_micros(F.col("created_at")), "user": user, "items": items}
     columns = [special.get(name, F.col(name)).alias(name) for name in REQUEST_COLUMNS]
 
     def render_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        items_source = catalog.value if catalog is not None else None
         for batch in batches:
-            rendered = _render_rows(batch.to_pylist(), renderer, topics)
+            rendered = _render_rows(batch.to_pylist(), renderer, topics, items_source)
             yield pa.RecordBatch.from_pydict(rendered, schema=_ARROW_OUTPUT_SCHEMA)
 
     return requests.select(*columns).mapInArrow(render_batches, PAYLOAD_OUTPUT_SCHEMA)

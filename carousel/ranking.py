@@ -41,7 +41,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 from pyspark.broadcast import Broadcast
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from carousel.config import (
     CampaignConfig,
@@ -262,6 +263,10 @@ class RankingRules:
         )
 
 
+# Item lists kept as Python objects per worker (ItemLists.candidates): ~1.5 kB each for 20 entries.
+_CANDIDATES_CACHE_SIZE = 30_000
+
+
 class ItemLists:
     """The correlation matrix, cut to a campaign's eligible products, plus catalog categories.
 
@@ -296,9 +301,13 @@ class ItemLists:
         self.categories = categories
         self.eligible = eligible
         self._index: dict[str, int] | None = None
+        self._candidates: OrderedDict[int, list[tuple[str, float, str | None]]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None}
+        return {**self.__dict__, "_index": None, "_candidates": OrderedDict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_candidates": OrderedDict(), **state})
 
     @property
     def index(self) -> dict[str, int]:
@@ -308,10 +317,16 @@ class ItemLists:
         return self._index
 
     def candidates(self, code: int) -> list[tuple[str, float, str | None]]:
-        """(item id, relative score, model version) of one item's list."""
+        """(item id, relative score, model version) of one item's list (shared: do not modify).
+
+        Kept once built, within a bound: the same popular items seed thousands of requests, and
+        turning a list's arrays into Python objects was a quarter of a campaign's ranking time."""
+        built = self._candidates.get(code)
+        if built is not None:
+            return built
         start, end = int(self.offsets[code]), int(self.offsets[code + 1])
         ids, versions = self.ids, self.versions
-        return [
+        built = [
             (ids[rec], rel, versions[ver])
             for rec, rel, ver in zip(
                 self.recs[start:end].tolist(),
@@ -320,6 +335,12 @@ class ItemLists:
                 strict=True,
             )
         ]
+        if len(self._candidates) >= _CANDIDATES_CACHE_SIZE:
+            # popitem, not del of next(iter()): a dict's first key is found by skipping the slots
+            # of every key deleted before it, which made each eviction slower than the last.
+            self._candidates.popitem(last=False)
+        self._candidates[code] = built
+        return built
 
     def category(self, item_id: str) -> str | None:
         code = self.index.get(item_id)
@@ -580,6 +601,32 @@ _RANKED_ARROW = pa.schema(
         ("model_version", pa.string()),
     ]
 )
+# One request's ranked items, as rank_recommendations(grouped=True) returns them.
+RANKED_ITEMS_TYPE = ArrayType(
+    StructType(
+        [
+            StructField("item_id", StringType(), False),
+            StructField("rank", IntegerType(), False),
+            StructField("score", DoubleType(), False),
+            StructField("strategy", StringType(), False),
+            StructField("model_version", StringType()),
+        ]
+    ),
+    False,
+)
+_RANKED_ITEMS_ARROW = pa.list_(
+    pa.struct(
+        [
+            pa.field("item_id", pa.string(), False),
+            pa.field("rank", pa.int32(), False),
+            pa.field("score", pa.float64(), False),
+            pa.field("strategy", pa.string(), False),
+            pa.field("model_version", pa.string()),
+        ]
+    )
+)
+# Carried columns travel beside the ranking's own under this prefix (no clash with its names).
+_CARRIED = "carried__"
 # (spark app, cache key, filters) -> broadcast ItemLists; a few entries (arms x campaigns).
 _LISTS_CACHE: OrderedDict[tuple[Hashable, ...], Broadcast] = OrderedDict()
 _LISTS_CACHE_SIZE = 8
@@ -615,23 +662,42 @@ def _broadcast_lists(
     return shared
 
 
-def _recent_micros(column: str) -> Column:
-    return F.transform(
+def _recent_micros(column: str, used: int, within_us: int, requested_us: Column) -> Column:
+    """A profile's recent items as the ranking reads them, times as epoch microseconds: only the
+    first ``used`` (the seeds) and those within the exclusion window (newest first), so the Python
+    side converts what it reads and nothing more."""
+    entries = F.transform(
         column,
         lambda r: F.struct(r["item_id"].alias("item_id"), F.unix_micros(r["event_time"]).alias("event_time")),
-    ).alias(column)
+    )
+    if within_us > 0:
+        since = requested_us - F.lit(within_us)
+        kept = F.filter(entries, lambda r, i: (i < used) | (r["event_time"] >= since))
+    else:
+        kept = F.slice(entries, 1, used)
+    return kept.alias(column)
 
 
-def _request_frame(requests: DataFrame, sent: DataFrame | None, small_batch: bool) -> DataFrame:
+def _request_frame(
+    requests: DataFrame,
+    sent: DataFrame | None,
+    small_batch: bool,
+    rules: RankingRules,
+    carry: Sequence[str] = (),
+) -> DataFrame:
     """The requests as the executors read them (times as epoch microseconds), with each user's
-    recent sends when a sent-within exclusion needs them."""
+    recent sends when a sent-within exclusion needs them, and the ``carry`` columns."""
+    used = rules.recent_items_used
+    # The input's own column, by reference: the select's output reuses the name for the micros.
+    requested_us = F.unix_micros(requests["requested_at"])
     frame = requests.select(
         "request_id",
         "user_id",
-        F.unix_micros("requested_at").alias("requested_at"),
+        requested_us.alias("requested_at"),
         "trigger_item_id",
-        _recent_micros("recent_views"),
-        _recent_micros("recent_purchases"),
+        _recent_micros("recent_views", used, rules.viewed_within_us, requested_us),
+        _recent_micros("recent_purchases", used, rules.purchased_within_us, requested_us),
+        *[F.col(name).alias(f"{_CARRIED}{name}") for name in carry],
     )
     if sent is None:
         return frame
@@ -656,6 +722,8 @@ def rank_recommendations(
     serving: ServingConfig,
     small_batch: bool = False,
     cache_key: Hashable | None = None,
+    grouped: bool = False,
+    carry: Sequence[str] = (),
 ) -> DataFrame:
     """The top ``campaign.items`` items per request (see the module docstring for the rules).
 
@@ -665,6 +733,11 @@ def rank_recommendations(
     :func:`trending_items`; ``sent`` the ``sent_recommendations`` rows to honour
     ``exclusions.sent_within_days`` (or ``None``). Returns :data:`RANKED_COLUMNS`, rank 1 = best;
     a request with no eligible item gets no rows.
+
+    With ``grouped``, one row per request instead: ``request_id``, the ``carry`` columns of
+    ``requests`` as they are (passed through in Arrow, never converted to Python), and ``items``
+    (:data:`RANKED_ITEMS_TYPE`, empty when no item is eligible). A campaign records and renders
+    from that one row, with no shuffle to group the items again.
 
     The matrix and catalog are collected once to the driver (:func:`item_lists`) and broadcast;
     each request is then ranked in one narrow pass (``mapInArrow``), with no shuffle.
@@ -677,9 +750,17 @@ def rank_recommendations(
     shared = _broadcast_lists(spark, matrix, catalog, campaign.filters, cache_key)
     fallback = fallback_lists(trending, shared.value, rules)
     use_model = matrix is not None
+    carry = tuple(carry) if grouped else ()
     frame = _request_frame(
-        requests.select(*REQUEST_COLUMNS), sent if rules.sent_within_us > 0 else None, small_batch
+        requests.select(*dict.fromkeys((*REQUEST_COLUMNS, *carry))),
+        sent if rules.sent_within_us > 0 else None,
+        small_batch,
+        rules,
+        carry,
     )
+
+    # What rank_request reads of a row: carried columns are never converted to Python.
+    ranking_input = [c for c in frame.columns if not c.startswith(_CARRIED)]
 
     def rank_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         lists = shared.value
@@ -697,4 +778,29 @@ def rank_recommendations(
                     out["model_version"].append(version)
             yield pa.RecordBatch.from_pydict(out, schema=_RANKED_ARROW)
 
-    return frame.mapInArrow(rank_batches, RANKED_DDL)
+    def rank_grouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        lists = shared.value
+        for batch in batches:
+            items = [
+                [
+                    {"item_id": i, "rank": r, "score": s, "strategy": g, "model_version": v}
+                    for i, r, s, g, v in rank_request(request, lists, fallback, rules, use_model)
+                ]
+                for request in batch.select(ranking_input).to_pylist()
+            ]
+            columns = [batch.column("request_id"), *(batch.column(f"{_CARRIED}{c}") for c in carry)]
+            yield pa.RecordBatch.from_arrays(
+                [*columns, pa.array(items, type=_RANKED_ITEMS_ARROW)],
+                names=["request_id", *carry, "items"],
+            )
+
+    if not grouped:
+        return frame.mapInArrow(rank_batches, RANKED_DDL)
+    schema = StructType(
+        [
+            frame.schema["request_id"],
+            *(StructField(c, frame.schema[f"{_CARRIED}{c}"].dataType) for c in carry),
+            StructField("items", RANKED_ITEMS_TYPE, False),
+        ]
+    )
+    return frame.mapInArrow(rank_grouped, schema)

@@ -66,6 +66,18 @@ def idempotent_append(df: DataFrame, location: str, app_id: str, version: int) -
     )
 
 
+def committed_txn_version(spark: SparkSession, location: str, app_id: str) -> int | None:
+    """The last ``txnVersion`` committed to the Delta table at ``location`` for ``app_id`` (None:
+    none yet): whether an :func:`idempotent_append` is already in the table."""
+    jvm = spark.sparkContext._jvm
+    none = jvm.scala.Option.empty()
+    snapshot = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, location).update(
+        False, none, none
+    )
+    version = snapshot.transactions().get(app_id)
+    return int(version.get()) if version.isDefined() else None
+
+
 @contextmanager
 def delta_transaction(spark: SparkSession, app_id: str, version: int) -> Iterator[None]:
     """Make the Delta DML (MERGE/UPDATE/DELETE) inside the block idempotent for (app_id, version)."""
@@ -99,6 +111,17 @@ def write_small_file(spark: SparkSession, path: str, text: str, overwrite: bool 
         out.write(text.encode())
     finally:
         out.close()
+
+
+def publish_small_file(spark: SparkSession, path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: written beside it, then renamed into place
+    (a reader never sees half a file after a kill)."""
+    staged = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    write_small_file(spark, staged, text)
+    fs, hadoop_path = _hadoop_file(spark, path)
+    fs.delete(hadoop_path, False)
+    if not fs.rename(_hadoop_file(spark, staged)[1], hadoop_path):
+        raise OSError(f"cannot rename {staged} to {path}")
 
 
 def delete_file(spark: SparkSession, path: str) -> bool:

@@ -1,17 +1,21 @@
 """Batch campaign: a user segment -> recommendations -> channel payloads (Kafka or files).
 
 Role: the scheduled counterpart of ``serve``. Selects the campaign's segment from the Delta
-``user_profiles`` (criteria in ``campaigns.<name>.segment``), ranks every selected user with the
-same function as real-time serving (:func:`carousel.ranking.rank_recommendations`, via
-:mod:`carousel.delivery`), records every sent item - and every control-group hold-out - in
-``sent_recommendations``, renders the channel template and writes the payloads to the channel's
-Kafka topic (key = user id, ``payload_id`` header) or, with ``--output DIR``, to JSON-lines files.
+``user_profiles`` (criteria in ``campaigns.<name>.segment``), ranks every selected user once with
+the same function as real-time serving (:func:`carousel.ranking.rank_request`, via
+:func:`carousel.delivery.ranked_requests`) into one row per user, kept in a local checkpoint.
+From those rows it records every sent item - and every control-group hold-out - in
+``sent_recommendations``, counts the run, renders the channel template and writes the payloads to
+the channel's Kafka topic (key = user id, ``payload_id`` header) in chunks of
+``campaign_runs.chunk_payloads``, or, with ``--output DIR``, to JSON-lines files.
 
-Idempotent per run id (default: ``<campaign>-<UTC date>``, so a daily schedule re-run the same
-day is a no-op): the sent rows of a run are appended with Delta ``txnAppId`` =
-``campaign:<name>:<run id>``, payloads are rendered from what was stored, and a completed run is
-recorded in ``campaign_runs``. Re-running a completed run id sends nothing; re-running one that
-died half way re-sends the same payloads (same ids, same items) and records nothing twice.
+Idempotent and resumable per run id (default: ``<campaign>-<UTC date>``; schedulers pass the slot's
+date, see ``conf/scheduling/``). The sent rows of a run are appended with Delta ``txnAppId`` =
+``campaign:<name>:<run id>``, and the run's progress is kept under
+``<storage.root>/campaign_progress/<campaign>/<run id>/`` (:class:`RunProgress`). A run killed half
+way and started again with the same id renders what was recorded (it does not rank again), skips
+the chunks recorded as sent, and finishes a chunk cut short by sending only the payloads that the
+topic does not hold. A completed run is recorded in ``campaign_runs``; re-running it sends nothing.
 
     ./spark-submit.sh campaign weekly-email [--run-id 2026-w48] [--output data/outbox]
 """
@@ -19,16 +23,34 @@ died half way re-sends the same payloads (same ids, same items) and records noth
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
+import re
+import signal
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from carousel.broker import end_offsets
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CampaignSegment, CarouselConfig, ConfigError
-from carousel.delivery import load_serving_inputs, payload_requests, sent_rows, write_payloads
+from carousel.delivery import (
+    catalog_items,
+    load_serving_inputs,
+    ranked_requests,
+    sent_rows,
+    stored_requests,
+    user_contexts,
+    write_payloads,
+)
 from carousel.experiments import run_payload_id_column
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import check_templates, render_payloads
@@ -36,6 +58,7 @@ from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
     CAMPAIGN_RUNS_TABLE,
     CONTROL_VARIANT,
+    PAYLOAD_ID_HEADER,
     PRODUCT_PURCHASED,
     PROFILES_TABLE,
     SENT_PARTITION_COLUMN,
@@ -43,7 +66,14 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import build_session
-from carousel.storage import ensure_table, idempotent_append, table_exists
+from carousel.storage import (
+    committed_txn_version,
+    ensure_table,
+    idempotent_append,
+    publish_small_file,
+    read_text_file,
+    table_exists,
+)
 from jobs.rebuild_online_store import merge_frame
 
 log = logging.getLogger(__name__)
@@ -109,6 +139,11 @@ def segment_requests(
     )
 
 
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Fault injection for the kill test (see _fault_point): the chunk after whose write the job dies.
+FAULT_KILL_ENV = "CAROUSEL_FAULT_KILL_CAMPAIGN_AFTER_CHUNK"
+
+
 def default_run_id(campaign_name: str, now: datetime) -> str:
     return f"{campaign_name}-{now:%Y-%m-%d}"
 
@@ -128,7 +163,7 @@ def write_files(rendered: DataFrame, output: str) -> None:
     rendered.select("channel", "value").write.mode("overwrite").partitionBy("channel").text(output)
 
 
-def remember_sends(stored: DataFrame, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
+def remember_sends(sent: DataFrame, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
     """Merge the run's sends into the online store, so real-time triggers exclude them too
     (``sent_within_days``). Without a reachable store they reach it at the next
     ``rebuild-online-store``, and the run says so."""
@@ -143,13 +178,143 @@ def remember_sends(stored: DataFrame, cfg: CarouselConfig, campaign_name: str, r
             err,
         )
         return
-    sends = stored.where(F.col("item_id").isNotNull()).select(
+    sends = sent.where(F.col("item_id").isNotNull()).select(
         "user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us")
     )
     users = merge_frame(sends, cfg, "sends")
     log.info(
         "campaign %s run %s: sends of %d users merged into the online store", campaign_name, run_id, users
     )
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """What one run selected and sends, counted once from its cached requests."""
+
+    users: int
+    payloads: int
+    control: int
+
+    @classmethod
+    def of(cls, ranked: DataFrame) -> RunCounts:
+        has_items = F.size("items") > 0
+        row = ranked.agg(
+            F.count("*").alias("users"),
+            F.count(F.when(has_items & (F.col("variant") != CONTROL_VARIANT), True)).alias("payloads"),
+            F.count(F.when(F.col("variant") == CONTROL_VARIANT, True)).alias("control"),
+        ).first()
+        assert row is not None
+        return cls(int(row["users"]), int(row["payloads"]), int(row["control"]))
+
+
+class RunProgress:
+    """A run's progress markers under ``<storage root>/campaign_progress/<campaign>/<run id>/``.
+
+    ``run.json``: the counts and the number of send chunks, written before the sends are recorded;
+    ``chunk-N.started``: the channel topic's end offsets just before chunk N (from 1) was written;
+    ``chunk-N.sent``: chunk N is in the topic whole. Each file appears whole or not at all
+    (:func:`~carousel.storage.publish_small_file`), on any Hadoop file system.
+    """
+
+    def __init__(self, spark: SparkSession, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
+        self.spark = spark
+        self.root = cfg.storage.path("campaign_progress", campaign_name, run_id)
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        text = read_text_file(self.spark, f"{self.root}/{name}")
+        return None if text is None else json.loads(text)
+
+    def _write(self, name: str, value: Mapping[str, Any]) -> None:
+        publish_small_file(self.spark, f"{self.root}/{name}", json.dumps(value, sort_keys=True))
+
+    def run(self) -> dict[str, Any] | None:
+        return self._read("run.json")
+
+    def record_run(self, counts: RunCounts, chunks: int) -> None:
+        self._write("run.json", {**asdict(counts), "chunks": chunks})
+
+    def started(self, chunk: int) -> dict[int, int] | None:
+        """The topic offsets recorded when ``chunk`` was started (None: not started)."""
+        value = self._read(f"chunk-{chunk:05d}.started")
+        return None if value is None else {int(p): int(o) for p, o in value["offsets"].items()}
+
+    def start(self, chunk: int, offsets: Mapping[int, int]) -> None:
+        self._write(f"chunk-{chunk:05d}.started", {"offsets": {str(p): o for p, o in offsets.items()}})
+
+    def sent(self, chunk: int) -> bool:
+        return self._read(f"chunk-{chunk:05d}.sent") is not None
+
+    def finish(self, chunk: int) -> None:
+        self._write(f"chunk-{chunk:05d}.sent", {"sent_at": datetime.now(UTC).isoformat()})
+
+
+def send_chunks(
+    payloads: DataFrame,
+    chunks: int,
+    progress: RunProgress,
+    topic: str,
+    render: Callable[[DataFrame], DataFrame],
+    cfg: CarouselConfig,
+) -> tuple[int, int]:
+    """Write ``payloads`` to Kafka in ``chunks`` parts (by payload id hash), each recorded once in
+    the topic whole; returns (chunks written, chunks skipped as already sent).
+
+    A chunk started by a killed attempt is finished by sending only the payloads that are not in
+    the topic since that chunk's recorded start offsets (read back by their ``payload_id``
+    header), so a resumed run sends what was not sent, once."""
+    spark = payloads.sparkSession
+    with_chunk = payloads.withColumn("chunk", F.pmod(F.xxhash64("payload_id"), F.lit(chunks)) + 1)
+    written = skipped = 0
+    for chunk in range(1, chunks + 1):
+        if progress.sent(chunk):
+            skipped += 1
+            continue
+        part = with_chunk.where(F.col("chunk") == chunk).drop("chunk")
+        offsets = progress.started(chunk)
+        if offsets is None:
+            progress.start(chunk, end_offsets(cfg.kafka, topic))
+        else:
+            part = part.join(written_payload_ids(spark, cfg, topic, offsets), "payload_id", "left_anti")
+            log.info("chunk %d/%d was cut short: sending what the topic does not hold", chunk, chunks)
+        write_payloads(render(part), cfg)
+        _fault_point(chunk, chunks)
+        progress.finish(chunk)
+        written += 1
+        log.info("chunk %d/%d written", chunk, chunks)
+    return written, skipped
+
+
+def written_payload_ids(
+    spark: SparkSession, cfg: CarouselConfig, topic: str, offsets: Mapping[int, int]
+) -> DataFrame:
+    """``payload_id`` of every record of ``topic`` from ``offsets`` to its end (header values)."""
+    starting = json.dumps({topic: {str(p): o for p, o in offsets.items()}})
+    records = (
+        spark.read.format("kafka")
+        .options(**cfg.kafka.spark_options())
+        .option("subscribe", topic)
+        .option("startingOffsets", starting)
+        .option("endingOffsets", "latest")
+        .option("includeHeaders", "true")
+        .load()
+    )
+    header = F.filter("headers", lambda h: h["key"] == PAYLOAD_ID_HEADER)[0]["value"]
+    return records.select(header.cast("string").alias("payload_id")).where(F.col("payload_id").isNotNull())
+
+
+def _fault_point(chunk: int, chunks: int) -> None:
+    """Fault injection for the kill test: SIGKILL the job's process group right after the chunk
+    numbered by the environment was written to Kafka, before it is recorded as sent."""
+    target = os.environ.get(FAULT_KILL_ENV)
+    if target is not None and int(target) == chunk:
+        log.warning("fault injection: killing the job after writing chunk %d/%d", chunk, chunks)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _chunk_count(payloads: int, chunk_payloads: int) -> int:
+    return max(1, math.ceil(payloads / chunk_payloads))
 
 
 def run(
@@ -160,13 +325,15 @@ def run(
     output: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, int | str | bool]:
-    """Run (or recognise as done) one campaign run; returns its counts."""
+    """Run, resume or recognise as done one campaign run; returns its counts."""
     started = time.monotonic()
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
     now = now or datetime.now(UTC)
     run_id = run_id or default_run_id(campaign_name, now)
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise CampaignError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     renderer = check_templates(cfg)
     runs_location = cfg.storage.table(CAMPAIGN_RUNS_TABLE)
     ensure_table(spark, runs_location, CAMPAIGN_RUNS_SCHEMA)
@@ -177,73 +344,117 @@ def run(
     if not table_exists(spark, profiles_location):
         raise CampaignError(f"no user profiles at {profiles_location}: run ingest first")
 
+    sent_location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
+    ensure_table(spark, sent_location, SENT_RECOMMENDATIONS_SCHEMA, partition_by=[SENT_PARTITION_COLUMN])
+    app_id = f"campaign:{campaign_name}:{run_id}"
+    progress = RunProgress(spark, cfg, campaign_name, run_id)
+    recorded = committed_txn_version(spark, sent_location, app_id) is not None
     inputs = load_serving_inputs(spark, cfg, {campaign_name: campaign}, now)
     segment = select_segment(
         spark.read.format("delta").load(profiles_location), campaign.segment, now, inputs.catalog
     )
-    requests = segment_requests(segment, campaign_name, campaign, run_id, now).persist()
-    selected = requests.count()
-    log.info("campaign %s run %s: %d users selected", campaign_name, run_id, selected)
+    requests = segment_requests(segment, campaign_name, campaign, run_id, now)
+    if not recorded:
+        # Ranked once and kept: the sends are recorded, counted and rendered from the same rows. A
+        # local checkpoint, not a cache: the ranking reads sent_recommendations (exclusions), and
+        # appending to that table invalidates every cached plan that reads it, so a cache would be
+        # ranked again for the first chunk. Should an executor holding it be lost, the run fails
+        # and its retry resumes from the recorded sends.
+        ranked = ranked_requests(
+            requests, campaign_name, campaign, inputs, cfg, run_id=run_id, sent_at=now
+        ).localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+        counts = RunCounts.of(ranked)
+        chunks = _chunk_count(counts.payloads, cfg.campaign_runs.chunk_payloads)
+        progress.record_run(counts, chunks)
+        log.info(
+            "campaign %s run %s: %d users selected, %d payloads, %d control",
+            campaign_name,
+            run_id,
+            counts.users,
+            counts.payloads,
+            counts.control,
+        )
+        sent = sent_rows(ranked)
+        idempotent_append(sent, sent_location, app_id, 0)
+    else:
+        # Recorded by an attempt that did not finish: send exactly what it recorded.
+        stored = (
+            spark.read.format("delta")
+            .load(sent_location)
+            .where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id))
+        )
+        ranked = stored_requests(stored, user_contexts(requests), campaign.template).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        known = progress.run()
+        counts = (
+            RunCounts(**{k: known[k] for k in ("users", "payloads", "control")})
+            if known
+            else RunCounts.of(ranked)
+        )
+        chunks = (
+            int(known["chunks"]) if known else _chunk_count(counts.payloads, cfg.campaign_runs.chunk_payloads)
+        )
+        sent = stored
+        log.info(
+            "campaign %s run %s: resuming a run recorded before (%d payloads)",
+            campaign_name,
+            run_id,
+            counts.payloads,
+        )
 
-    sent_location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-    ensure_table(spark, sent_location, SENT_RECOMMENDATIONS_SCHEMA, partition_by=[SENT_PARTITION_COLUMN])
-    app_id = f"campaign:{campaign_name}:{run_id}"
-    rows = sent_rows(requests, campaign_name, campaign, inputs, cfg, run_id=run_id, sent_at=now)
-    idempotent_append(rows, sent_location, app_id, 0)
-    stored = (
-        spark.read.format("delta")
-        .load(sent_location)
-        .where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id))
-        .persist()
-    )
-    context = requests.select(
-        F.col("request_id").alias("payload_id"),
-        F.lit(None).cast("string").alias("trigger_event_type"),
-        F.lit(run_id).alias("run_id"),
-        "user_attributes",
-        "platform",
-    )
-    # One payload per stored payload id with items (rendering fails the run rather than skip one).
-    payloads = stored.where(F.col("item_id").isNotNull()).select("payload_id").distinct().count()
-    control = stored.where(F.col("variant") == CONTROL_VARIANT).count()
-    rendered = render_payloads(
-        payload_requests(stored, inputs.catalog, context, {campaign_name: campaign.template}),
-        cfg,
-        renderer=renderer,
-    )
-    # Rendered straight into the sink: persisting ~8 kB per payload would cost more than it saves.
+    payloads = ranked.where((F.size("items") > 0) & (F.col("variant") != CONTROL_VARIANT))
+    catalog = spark.sparkContext.broadcast(catalog_items(inputs))
+
+    def render(frame: DataFrame) -> DataFrame:
+        return render_payloads(frame, cfg, renderer=renderer, catalog=catalog)
+
     destination = output or cfg.kafka.topic(campaign.channel).name
     if output:
-        write_files(rendered, output)
+        write_files(render(payloads), output)
     else:
-        write_payloads(rendered, cfg)
-    remember_sends(stored, cfg, campaign_name, run_id)
+        written, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg)
+        if skipped:
+            log.info(
+                "campaign %s run %s: %d of %d chunks were sent before", campaign_name, run_id, skipped, chunks
+            )
+    remember_sends(sent, cfg, campaign_name, run_id)
     record = [
-        (campaign_name, run_id, campaign.channel, selected, payloads, control, destination, datetime.now(UTC))
+        (
+            campaign_name,
+            run_id,
+            campaign.channel,
+            counts.users,
+            counts.payloads,
+            counts.control,
+            destination,
+            datetime.now(UTC),
+        )
     ]
     idempotent_append(spark.createDataFrame(record, CAMPAIGN_RUNS_SCHEMA), runs_location, app_id, 1)
-    skipped = selected - payloads - control
+    without_items = counts.users - counts.payloads - counts.control
     log.info(
         "campaign %s run %s: users=%d payloads=%d control=%d without-items=%d -> %s (%.1fs)",
         campaign_name,
         run_id,
-        selected,
-        payloads,
-        control,
-        skipped,
+        counts.users,
+        counts.payloads,
+        counts.control,
+        without_items,
         destination,
         time.monotonic() - started,
     )
-    stored.unpersist()
-    requests.unpersist()
+    catalog.unpersist()
+    ranked.unpersist()
     return {
         "campaign": campaign_name,
         "run_id": run_id,
         "skipped": False,
-        "users": selected,
-        "payloads": payloads,
-        "control": control,
-        "without_items": skipped,
+        "resumed": recorded,
+        "users": counts.users,
+        "payloads": counts.payloads,
+        "control": counts.control,
+        "without_items": without_items,
     }
 
 

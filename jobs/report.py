@@ -7,7 +7,8 @@ events. This job ties the two together and reports what the recommendations achi
 
 Inputs (Delta tables under ``storage.root``): ``sent_recommendations`` (required), ``events``
 (required) and ``catalog`` (optional: prices for revenue, active items for coverage). Settings:
-``reporting.attribution_window_hours``, ``reporting.confidence_level``, ``reporting.output_dir``.
+``reporting.attribution_window_hours``, ``reporting.confidence_level``,
+``reporting.multiple_testing``, ``reporting.output_dir``.
 
 Outputs, under ``<reporting.output_dir>/<UTC timestamp>/`` and copied to ``<output_dir>/latest/``
 (local folder or ``s3://``): ``report.md``, ``report.html``, ``campaigns.csv``, ``products.csv``,
@@ -40,10 +41,32 @@ the comparison is per user, on behaviour any user can show. A user's *exposures*
   (not viewed before the send) within the window after an exposure, mean per user.
 
 A user belongs to the variant of their first exposure. Each variant is compared with the control
-group of its campaign: absolute lift (difference) with a Wald confidence interval at
-``confidence_level``, relative lift (ratio - 1) with a log-ratio (delta method) interval, and a
-two-sided test: the pooled two-proportion z-test for rates, Welch's t-test for the mean
-(:func:`proportion_lift`, :func:`mean_lift`). ``significant`` means p < 1 - confidence_level.
+group of its campaign, with intervals at ``confidence_level`` and two-sided tests, all computed by
+statsmodels and scipy (:func:`proportion_lift`, :func:`mean_lift`):
+
+* rates: absolute lift (difference) with the Agresti-Caffo interval and the Agresti-Caffo test
+  (statsmodels' ``confint_proportions_2indep`` / ``test_proportions_2indep``, method
+  ``agresti-caffo``). Interval and test use the same adjusted estimate and variance, so the test
+  rejects exactly when the interval excludes 0; adding one success and one failure to each arm keeps
+  the interval wide when both arms are all 0 or all 1 and gives near-nominal coverage at small
+  counts, where the Wald interval collapses or under-covers (Agresti & Caffo 2000; Fagerland et al.
+  2015). The score (Miettinen-Nurminen) pair would also be consistent, but statsmodels' score
+  interval fails to converge and its test is NaN when both arms are all 0 or all 1. Relative lift
+  (ratio - 1) with the log-adjusted interval (``compare="ratio"``, 0.5 added to the counts): finite
+  when an arm has no success; extended to -100% when the variant has none, so that it holds the
+  estimate. When both arms are 100% that interval is [0, 0], the library's answer. It is another
+  method than the test, so in small arms it may hold 0 for a significant difference;
+* means: Welch's t-test (scipy's ``ttest_ind_from_stats``, ``equal_var=False``) and the Welch
+  interval of the difference with the same degrees of freedom; relative lift with a log-ratio
+  (delta method) interval, NaN when a mean is 0 (no library computes one from summary statistics).
+
+Multiple comparisons: every (campaign, variant, metric) test of one report is one family (a
+report narrowed by ``--campaign`` or ``--since`` is a smaller one);
+``p_value_adjusted`` is ``p_value`` adjusted with statsmodels' ``multipletests`` using
+``reporting.multiple_testing`` (Holm by default: family-wise error at 1 - confidence_level under any
+dependence between the tests), and ``significant`` means p_value_adjusted < 1 - confidence_level.
+The intervals are per comparison (not adjusted), so an interval may exclude 0 for a result that is
+not significant after adjustment.
 
 Coverage (:func:`catalog_coverage`): distinct items sent / active catalog items, per campaign
 and overall.
@@ -67,6 +90,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -81,6 +105,8 @@ from pyspark.sql.types import (
     TimestampType,
 )
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import confint_proportions_2indep, test_proportions_2indep
 
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args, setup_logging
@@ -105,6 +131,7 @@ __all__ = [
     "Lift",
     "Report",
     "ReportError",
+    "adjust_p_values",
     "attribute",
     "campaign_metrics",
     "catalog_coverage",
@@ -211,8 +238,16 @@ LIFT_COLUMNS: tuple[str, ...] = (
     "test",
     "statistic",
     "p_value",
+    # p_value adjusted for all the tests of the report (reporting.multiple_testing).
+    "p_value_adjusted",
     "significant",
 )
+# The statsmodels methods of the rate comparison (module docstring: why these) and the tests' names.
+RATE_DIFF_METHOD = "agresti-caffo"
+RATE_RATIO_METHOD = "log-adjusted"
+RATE_TEST = "agresti_caffo_z"
+MEAN_TEST = "welch_t"
+NO_ADJUSTMENT = "none"
 REPORT_FILES: tuple[str, ...] = (
     "report.md",
     "report.html",
@@ -514,10 +549,15 @@ class Lift:
     p_value: float
 
 
-def _relative(
+def _relative_of_means(
     variant: float, control: float, se_variant: float, se_control: float, z: float
 ) -> tuple[float, float, float]:
-    """Relative lift variant / control - 1 with a log-ratio (delta method) interval."""
+    """Relative lift of two means, variant / control - 1, with a log-ratio (delta method) interval.
+
+    No library computes an interval of a ratio of independent means from summary statistics; the
+    log scale keeps the interval positive and follows the skew of a ratio. It needs both means
+    positive: with a zero mean the lift is -100% or undefined and the interval is NaN.
+    """
     if control <= 0 or variant <= 0:
         rel = math.nan if control <= 0 else variant / control - 1
         return rel, math.nan, math.nan
@@ -529,33 +569,54 @@ def _relative(
 def proportion_lift(
     variant_successes: int, variant_n: int, control_successes: int, control_n: int, confidence_level: float
 ) -> Lift:
-    """Variant vs control on a rate: Wald interval of the difference, log-ratio interval of the
-    relative lift, two-sided pooled two-proportion z-test."""
+    """Variant vs control on a rate, with statsmodels: the Agresti-Caffo interval of the difference
+    and the Agresti-Caffo test (the same estimate and variance, so p < 1 - confidence_level exactly
+    when the interval excludes 0), and the log-adjusted interval of the ratio (relative lift).
+
+    Both methods add pseudo-counts (Agresti-Caffo one success and one failure per arm, log-adjusted
+    0.5), so no arm of 0% or 100% collapses an interval to a point or makes it NaN; the one
+    exception is the ratio when both arms are 100%, where the library's interval is [0, 0].
+    """
     if variant_n <= 0 or control_n <= 0:
         raise ValueError(f"both groups need users, got variant {variant_n}, control {control_n}")
+    if not (0 <= variant_successes <= variant_n and 0 <= control_successes <= control_n):
+        raise ValueError(
+            f"successes must lie in [0, n], got variant {variant_successes}/{variant_n}, "
+            f"control {control_successes}/{control_n}"
+        )
+    counts = (variant_successes, variant_n, control_successes, control_n)
+    alpha = 1 - confidence_level
+    # statsmodels also computes the raw ratio and odds ratio, unused here, which divide by zero
+    # when a rate is 0 or 1: numpy's warnings about those say nothing about our figures.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        abs_low, abs_high = confint_proportions_2indep(
+            *counts, method=RATE_DIFF_METHOD, compare="diff", alpha=alpha
+        )
+        test = test_proportions_2indep(*counts, method=RATE_DIFF_METHOD, compare="diff")
+        ratio_low, ratio_high = confint_proportions_2indep(
+            *counts, method=RATE_RATIO_METHOD, compare="ratio", alpha=alpha
+        )
     p1, p0 = variant_successes / variant_n, control_successes / control_n
-    z_crit = float(stats.norm.ppf(0.5 + confidence_level / 2))
-    se1, se0 = math.sqrt(p1 * (1 - p1) / variant_n), math.sqrt(p0 * (1 - p0) / control_n)
-    se_diff = math.sqrt(se1**2 + se0**2)
-    pooled = (variant_successes + control_successes) / (variant_n + control_n)
-    se_pooled = math.sqrt(pooled * (1 - pooled) * (1 / variant_n + 1 / control_n))
-    diff = p1 - p0
-    # All or none succeeded in both groups: no evidence of a difference.
-    z = diff / se_pooled if se_pooled > 0 else 0.0
-    p_value = float(2 * stats.norm.sf(abs(z)))
-    rel, rel_low, rel_high = _relative(p1, p0, se1, se0, z_crit)
+    rel = p1 / p0 - 1 if p0 > 0 else math.nan
+    rel_low, rel_high = float(ratio_low) - 1, float(ratio_high) - 1
+    if not math.isnan(rel):
+        # With no variant success the observed lift is -100% but the 0.5 added to the counts lifts
+        # the lower bound just above it; an interval must hold its own estimate (wider: conservative).
+        rel_low, rel_high = min(rel_low, rel), max(rel_high, rel)
     return Lift(
         p0,
         p1,
-        diff,
-        diff - z_crit * se_diff,
-        diff + z_crit * se_diff,
+        p1 - p0,
+        # The pseudo-counts can push the bounds of tiny arms past the possible differences; clipping
+        # to [-1, 1] keeps 0 inside or outside, so the test still agrees with the interval.
+        max(-1.0, float(abs_low)),
+        min(1.0, float(abs_high)),
         rel,
         rel_low,
         rel_high,
-        "z",
-        z,
-        p_value,
+        RATE_TEST,
+        float(test.statistic),
+        float(test.pvalue),
     )
 
 
@@ -568,40 +629,71 @@ def mean_lift(
     control_n: int,
     confidence_level: float,
 ) -> Lift:
-    """Variant vs control on a mean: Welch's t-test and interval of the difference, log-ratio
-    interval of the relative lift. Variances are sample variances (ddof 1)."""
+    """Variant vs control on a mean: Welch's t-test (scipy's ``ttest_ind_from_stats``) and the
+    matching Welch interval of the difference, log-ratio interval of the relative lift
+    (:func:`_relative_of_means`). Variances are sample variances (ddof 1)."""
     if variant_n < 2 or control_n < 2:
         raise ValueError(f"both groups need 2+ users, got variant {variant_n}, control {control_n}")
     v1, v0 = variant_var / variant_n, control_var / control_n
     se = math.sqrt(v1 + v0)
     diff = variant_mean - control_mean
     if se > 0:
+        welch = stats.ttest_ind_from_stats(
+            variant_mean,
+            math.sqrt(variant_var),
+            variant_n,
+            control_mean,
+            math.sqrt(control_var),
+            control_n,
+            equal_var=False,
+        )
+        t, p_value = float(welch.statistic), float(welch.pvalue)
+        # scipy's summary-statistics test returns no interval: the Welch-Satterthwaite degrees of
+        # freedom of that same test give the interval that agrees with it.
         dof = (v1 + v0) ** 2 / (v1**2 / (variant_n - 1) + v0**2 / (control_n - 1))
-        t = diff / se
-        p_value = float(2 * stats.t.sf(abs(t), dof))
-        t_crit = float(stats.t.ppf(0.5 + confidence_level / 2, dof))
-    else:  # both groups constant
-        t, p_value, t_crit = 0.0, (1.0 if diff == 0 else 0.0), 0.0
+        low, high = (float(b) for b in stats.t.interval(confidence_level, dof, loc=diff, scale=se))
+    else:
+        # Both groups constant: scipy answers NaN for equal means (0 / 0); no evidence of a difference.
+        t, p_value = 0.0, (1.0 if diff == 0 else 0.0)
+        low = high = diff
     z_crit = float(stats.norm.ppf(0.5 + confidence_level / 2))
-    rel, rel_low, rel_high = _relative(variant_mean, control_mean, math.sqrt(v1), math.sqrt(v0), z_crit)
+    rel, rel_low, rel_high = _relative_of_means(
+        variant_mean, control_mean, math.sqrt(v1), math.sqrt(v0), z_crit
+    )
     return Lift(
         control_mean,
         variant_mean,
         diff,
-        diff - t_crit * se,
-        diff + t_crit * se,
+        low,
+        high,
         rel,
         rel_low,
         rel_high,
-        "welch_t",
+        MEAN_TEST,
         t,
         p_value,
     )
 
 
-def lift_vs_control(outcomes: DataFrame, confidence_level: float) -> pd.DataFrame:
+def adjust_p_values(p_values: Sequence[float], method: str) -> list[float]:
+    """The p-values of one family of tests adjusted for multiplicity with statsmodels'
+    ``multipletests`` (``method``: one of its methods, e.g. ``holm``, or ``none``); NaN stays NaN
+    and is left out of the family."""
+    values = np.asarray(p_values, dtype=float)
+    adjusted = values.copy()
+    tested = ~np.isnan(values)
+    if method != NO_ADJUSTMENT and tested.any():
+        adjusted[tested] = multipletests(values[tested], method=method)[1]
+    return adjusted.tolist()
+
+
+def lift_vs_control(
+    outcomes: DataFrame, confidence_level: float, multiple_testing: str = "holm"
+) -> pd.DataFrame:
     """Each non-control variant against its campaign's control group on every user-level metric
-    (:data:`LIFT_COLUMNS`); campaigns without a control group are left out."""
+    (:data:`LIFT_COLUMNS`); campaigns without a control group are left out. All the tests of the
+    result are one family: ``p_value_adjusted`` is adjusted with ``multiple_testing``
+    (:func:`adjust_p_values`) and ``significant`` means ``p_value_adjusted < 1 - confidence_level``."""
     aggregates = [F.count("*").alias("n")]
     for column in RATE_METRICS.values():
         aggregates.append(F.sum(column).cast("long").alias(f"{column}_sum"))
@@ -610,7 +702,6 @@ def lift_vs_control(outcomes: DataFrame, confidence_level: float) -> pd.DataFram
         aggregates.append(F.coalesce(F.var_samp(column), F.lit(0.0)).alias(f"{column}_var"))
     groups = outcomes.groupBy("campaign", "variant").agg(*aggregates).toPandas()
     rows: list[dict[str, Any]] = []
-    alpha = 1 - confidence_level
     for campaign, frame in groups.groupby("campaign", sort=True):
         control = frame[frame["variant"] == CONTROL_VARIANT]
         if control.empty:
@@ -647,9 +738,12 @@ def lift_vs_control(outcomes: DataFrame, confidence_level: float) -> pd.DataFram
                         "control_users": int(c["n"]),
                         "variant_users": int(v["n"]),
                         **lift.__dict__,
-                        "significant": bool(lift.p_value < alpha),
                     }
                 )
+    adjusted = adjust_p_values([row["p_value"] for row in rows], multiple_testing)
+    for row, p_adjusted in zip(rows, adjusted, strict=True):
+        row["p_value_adjusted"] = p_adjusted
+        row["significant"] = bool(p_adjusted < 1 - confidence_level)
     return pd.DataFrame(rows, columns=list(LIFT_COLUMNS))
 
 
@@ -658,6 +752,7 @@ def lift_vs_control(outcomes: DataFrame, confidence_level: float) -> pd.DataFram
 # ---------------------------------------------------------------------------------------------
 _RATE_COLUMNS = {"ctr", "conversion_rate", "coverage", "control_value", "variant_value"}
 _PERCENT_COLUMNS = {"rel_lift", "rel_ci_low", "rel_ci_high"}
+_P_VALUE_COLUMNS = {"p_value", "p_value_adjusted"}
 
 
 def _cell(column: str, value: Any, metric: str | None = None) -> str:
@@ -667,7 +762,7 @@ def _cell(column: str, value: Any, metric: str | None = None) -> str:
         return "yes" if value else "no"
     if column in _PERCENT_COLUMNS:
         return f"{100 * value:+.1f}%"
-    if column == "p_value":
+    if column in _P_VALUE_COLUMNS:
         return f"{value:.1e}" if value < 0.001 else f"{value:.4f}"
     if column in ("abs_lift", "abs_ci_low", "abs_ci_high", "statistic"):
         return f"{value:+.4f}"
@@ -706,8 +801,11 @@ _SECTIONS: tuple[tuple[str, str, str], ...] = (
         "lift",
         "Lift of each variant over control",
         "User level, within the attribution window after each "
-        "exposure: purchase_rate and view_rate (any product; two-proportion z-test), new_products_viewed "
-        "(diversity: products never viewed before, mean per user; Welch's t-test).",
+        "exposure: purchase_rate and view_rate (any product; Agresti-Caffo interval and test of the "
+        "difference, log-adjusted interval of the ratio), new_products_viewed (diversity: products never "
+        "viewed before, mean per user; Welch's t-test and interval). Intervals are per comparison; "
+        "p_value_adjusted corrects for all the tests of this report (the multiple testing method above) "
+        "and significant means p_value_adjusted < 1 - confidence level.",
     ),
     ("coverage", "Catalog coverage", "Distinct items sent / active catalog items."),
     ("products", "Top products", "Per sent product, by item sends (top 25)."),
@@ -954,7 +1052,9 @@ def run(
     tables = {
         "campaigns": campaign_metrics(valid, attributed).orderBy(*GROUP_COLUMNS).toPandas(),
         "products": product_metrics(valid, attributed).orderBy(*GROUP_COLUMNS, "item_id").toPandas(),
-        "lift": lift_vs_control(user_outcomes(valid, user_events, window), rep.confidence_level),
+        "lift": lift_vs_control(
+            user_outcomes(valid, user_events, window), rep.confidence_level, rep.multiple_testing
+        ),
         "coverage": catalog_coverage(valid, catalog).orderBy("campaign").toPandas(),
     }
     counts = {
@@ -971,6 +1071,7 @@ def run(
         "sends since": str(since) if since is not None else "the beginning",
         "attribution window": f"{window:g} hours",
         "confidence level": f"{rep.confidence_level:g}",
+        "multiple testing": rep.multiple_testing,
         **{name.replace("_", " "): f"{value:,}" for name, value in counts.items()},
     }
     with tempfile.TemporaryDirectory(prefix="carousel-report-") as tmp:

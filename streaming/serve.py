@@ -244,7 +244,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
         kafka_rows(output)
         .writeStream.format("kafka")
         .queryName(name)
-        .options(**cfg.kafka.spark_options())
+        .options(**cfg.kafka.spark_sink_options())
         .option("kafka.max.request.size", cfg.serving.max_payload_bytes + 65536)
         .option("checkpointLocation", cfg.storage.checkpoint(name))
     )

@@ -38,6 +38,10 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("ingest.unknown_key=1", "ingest.unknown_key"),
         ("spark.driver_memory=lots", "spark.driver_memory"),
         ("ingest.min_event_time=last year", "ingest.min_event_time"),
+        ("reporting.multiple_testing=fisher", "reporting.multiple_testing"),
+        ("serving.sms_max_segments=0", "serving.sms_max_segments"),
+        ("serving.sms_max_segments=11", "serving.sms_max_segments"),
+        ("serving.sms_max_chars=160", "serving.sms_max_chars"),  # replaced by sms_max_segments
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):

@@ -25,9 +25,12 @@ from carousel.payloads import (
     PAYLOAD_OUTPUT_SCHEMA,
     PAYLOAD_REQUEST_SCHEMA,
     SMS_ELLIPSIS,
+    SMS_GSM7,
+    SMS_UCS2,
     TEMPLATE_PARTS,
     PayloadError,
     PayloadRenderer,
+    SmsLength,
     TemplateCheckError,
     check_templates,
     fit_sms,
@@ -35,6 +38,7 @@ from carousel.payloads import (
     render_payload,
     render_payloads,
     safe_url,
+    sms_length,
     validate_payload,
 )
 from carousel.schemas import CHANNELS, EMAIL, PUSH, SMS, STRATEGIES
@@ -283,27 +287,136 @@ def test_sms_is_cut_to_the_limit_keeping_the_link_whole(cfg, renderer):
     validate_payload(payload, SMS, cfg.serving.payload_schemas_dir)
     text = payload["content"]["text"]
 
-    assert len(text) <= cfg.serving.sms_max_chars
+    assert cfg.serving.sms_max_segments == 1
+    # "…" is not in the GSM alphabet: it would make the SMS UCS-2, 70 characters instead of 160.
+    assert sms_length(text) == sms_length("x" * len(text)) and sms_length(text).segments == 1
+    assert 150 <= len(text) <= 160  # the whole GSM-7 budget is used
     assert text.startswith("Picked for you: Ultralight waterproof")
     assert text.endswith(f"{SMS_ELLIPSIS} {link}")
-    assert "…" not in text  # not in the GSM alphabet: it would halve the SMS length
+
+
+def test_sms_with_a_curly_quote_is_cut_to_one_ucs2_part_keeping_the_link_whole(cfg, renderer):
+    title = "Women’s ultralight waterproof trail running shoe with extra grip"
+    link = "https://shop.example.com/p/1"
+    payload = render_payload(request(SMS, [item(1, title=title, deep_link=link), item(2)]), renderer)
+    validate_payload(payload, SMS, cfg.serving.payload_schemas_dir)
+    text = payload["content"]["text"]
+
+    length = sms_length(text)
+    assert length.encoding == SMS_UCS2 and length.units <= 70 and length.segments == 1
+    assert text.startswith("Picked for you: Women’s ultralight")
+    assert text.endswith(f"{SMS_ELLIPSIS} {link}")
+
+
+def test_sms_length_counts_gsm7_septets_and_parts():
+    assert sms_length("a" * 160) == SmsLength(SMS_GSM7, 160, 1)
+    assert sms_length("a" * 161) == SmsLength(SMS_GSM7, 161, 2)  # 153 + 8
+    assert sms_length("a" * 306) == SmsLength(SMS_GSM7, 306, 2)
+    assert sms_length("a" * 307) == SmsLength(SMS_GSM7, 307, 3)
+    assert sms_length("") == SmsLength(SMS_GSM7, 0, 1)
+    # The whole basic table, accents and Greek capitals included, is one septet a character.
+    assert sms_length("@£$¥èéùìòÇØøÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ!\"#¤%&'()*+,-./:;<=>?¡ÄÖÑÜ§¿äöñüà").encoding == SMS_GSM7
+    # Extension characters are escape + character: two septets each.
+    for ch in "^{}\\[]~|€":
+        assert sms_length(ch) == SmsLength(SMS_GSM7, 2, 1), ch
+    assert sms_length("€" * 80) == SmsLength(SMS_GSM7, 160, 1)
+    assert sms_length("€" * 81) == SmsLength(SMS_GSM7, 162, 2)
+
+
+def test_a_part_never_ends_between_an_escape_and_its_character():
+    # 306 septets would fill exactly two parts of 153, but the escape pair cannot straddle the
+    # boundary after 152 septets: the "€" moves whole to part two, and the last "a" to part three.
+    assert sms_length("a" * 152 + "€" + "a" * 152) == SmsLength(SMS_GSM7, 306, 3)
+    assert sms_length("a" * 151 + "€" + "a" * 153) == SmsLength(SMS_GSM7, 306, 2)
+
+
+def test_one_character_outside_gsm7_makes_the_whole_sms_ucs2():
+    # One curly quote turns a 160-character message into three parts (67 + 67 + 26).
+    assert sms_length("a" * 159 + "’") == SmsLength(SMS_UCS2, 160, 3)
+    assert sms_length("a" * 69 + "’") == SmsLength(SMS_UCS2, 70, 1)
+    assert sms_length("a" * 70 + "’") == SmsLength(SMS_UCS2, 71, 2)
+    for ch in ("…", "ç", "“", "\x1b", "é\u0301"[1]):
+        assert sms_length(ch).encoding == SMS_UCS2, repr(ch)
+
+
+def test_an_emoji_counts_two_ucs2_units_and_is_never_split():
+    assert sms_length("😀") == SmsLength(SMS_UCS2, 2, 1)
+    assert sms_length("😀" * 35) == SmsLength(SMS_UCS2, 70, 1)
+    assert sms_length("😀" * 36) == SmsLength(SMS_UCS2, 72, 2)
+    # 134 units would fill two parts of 67, but the surrogate pair cannot straddle the boundary.
+    assert sms_length("a" * 66 + "😀" + "a" * 66) == SmsLength(SMS_UCS2, 134, 3)
+    assert sms_length("a" * 65 + "😀" + "a" * 67) == SmsLength(SMS_UCS2, 134, 2)
 
 
 def test_fit_sms_cuts_between_words_and_never_inside_a_url():
-    assert fit_sms("short text", 20) == "short text"
-    cut = fit_sms("one two three four five six seven eight nine ten", 24)
-    assert cut == "one two three four..."
+    assert fit_sms("short text", 1) == "short text"
+    assert fit_sms("a" * 160, 1) == "a" * 160
+    words = " ".join(f"word{n}" for n in range(60))
+    cut = fit_sms(words, 1)
+    assert cut.endswith(SMS_ELLIPSIS) and 150 <= len(cut) <= 160
+    assert words.startswith(cut[: -len(SMS_ELLIPSIS)] + " ")  # cut after a whole word
     # The link sits in the middle: the cut falls before it rather than inside it.
-    middle = "See https://shop.example.com/p/123456789 for our newest arrivals"
-    assert fit_sms(middle, 30) == "See..."
+    middle = "See https://shop.example.com/p/" + "1" * 150 + " for our newest arrivals"
+    assert fit_sms(middle, 1) == "See..."
     # Text after the link is kept with it (e.g. an opt-out line).
-    tail = "Big news about many lovely things https://s.example/p/1 STOP=opt out"
-    fitted = fit_sms(tail, 50)
-    assert fitted == "Big news... https://s.example/p/1 STOP=opt out" and len(fitted) <= 50
-    # Only a link longer than the whole limit gets cut.
-    assert fit_sms("https://shop.example.com/" + "x" * 40, 30) == "https://shop.example.com/xx..."
-    for limit in range(20, 70):
-        assert len(fit_sms(tail, limit)) <= limit
+    tail = "Big news about many lovely things " * 6 + "https://s.example/p/1 STOP=opt out"
+    fitted = fit_sms(tail, 1)
+    assert fitted.endswith(" many... https://s.example/p/1 STOP=opt out") and len(fitted) <= 160
+    # Only a link longer than the whole budget gets cut.
+    long_link = "https://shop.example.com/" + "x" * 200
+    assert fit_sms(long_link, 1) == long_link[:157] + SMS_ELLIPSIS
+    with pytest.raises(ValueError, match="max_segments"):
+        fit_sms(tail, 0)
+
+
+@pytest.mark.parametrize("max_segments", [1, 2, 3, 10])
+def test_fit_sms_fits_the_parts_of_the_encoding_it_needs(max_segments):
+    link = " https://s.example/p/1 STOP=opt out"
+    texts = [
+        "Big news about many lovely things " * 60 + link,
+        "Big news about many lovely {things} " * 60 + link,  # extension characters: 2 septets
+        "Big news about many lovely things’ " * 60 + link,  # UCS-2
+        "Big news about many lovely things 😀 " * 60 + link,  # UCS-2, 2 units an emoji
+        "€" * 2000,
+        "a" * 152 + "€" + "a" * 2000,
+    ]
+    for text in texts:
+        fitted = fit_sms(text, max_segments)
+        length = sms_length(fitted)
+        assert length.segments <= max_segments, (text[:40], length)
+        # Not needlessly short: about the whole budget of the text's own encoding is used.
+        single, per_part = (160, 153) if sms_length(text).encoding == SMS_GSM7 else (70, 67)
+        budget = single if max_segments == 1 else per_part * max_segments
+        assert length.units >= budget - 20, (text[:40], length)
+        assert fitted.endswith(link) or "STOP" not in text, (text[:40], fitted[-50:])
+
+
+def test_fit_sms_with_a_curly_quote_fits_one_ucs2_part_and_keeps_the_link():
+    link = "https://shop.example.com/p/1"
+    text = f"Women’s ultralight waterproof trail running shoe with extra grip, now in stock {link}"
+    fitted = fit_sms(text, 1)
+    length = sms_length(fitted)
+    assert length == SmsLength(SMS_UCS2, len(fitted), 1) and length.units <= 70
+    assert fitted == f"Women’s ultralight waterproof trail{SMS_ELLIPSIS} {link}"  # 35 + 4 + 28 units
+
+
+def test_fit_sms_is_not_needlessly_short_when_the_cut_drops_the_only_ucs2_character():
+    link = "https://shop.example.com/p/1"
+    # The curly quote comes after what GSM-7 can hold anyway: cutting before it keeps 160 septets.
+    late = "Big news about many lovely things " * 4 + "it’s here " * 5 + link
+    fitted = fit_sms(late, 1)
+    assert sms_length(fitted).encoding == SMS_GSM7 and len(fitted) > 140
+    assert fitted.endswith(f"{SMS_ELLIPSIS} {link}")
+    # The quote sits halfway: cutting before it keeps more than a UCS-2 part would.
+    middle = "Big news about many lovely things " * 3 + "it’s here " * 10 + link
+    fitted = fit_sms(middle, 1)
+    assert sms_length(fitted).encoding == SMS_GSM7 and len(fitted) > 100
+    assert fitted.endswith(f"things{SMS_ELLIPSIS} {link}")
+    # The quote is in the opt-out line after the link: only UCS-2 keeps that line whole.
+    tail = "Big news about many lovely things " * 6 + link + " Don’t want these? STOP"
+    fitted = fit_sms(tail, 1)
+    assert sms_length(fitted).encoding == SMS_UCS2 and sms_length(fitted).units <= 70
+    assert fitted.endswith(f"{SMS_ELLIPSIS} {link} Don’t want these? STOP")
 
 
 def test_push_carousel_holds_at_most_push_max_items(cfg):
@@ -328,7 +441,7 @@ def test_an_undefined_variable_names_the_template_the_line_and_the_variable(rend
         "push/typo.title.j2": "{# a comment #}\nHello {{ user.city }}\n{{ items[0].titel }}\n",
         "push/typo.body.j2": "body",
     }
-    typo = PayloadRenderer(texts, sms_max_chars=160, push_max_items=5)
+    typo = PayloadRenderer(texts, sms_max_segments=1, push_max_items=5)
     with pytest.raises(PayloadError) as err:
         render_payload(request(PUSH, template="typo"), typo)
     message = str(err.value)
@@ -338,7 +451,7 @@ def test_an_undefined_variable_names_the_template_the_line_and_the_variable(rend
 
 def test_templates_run_in_a_sandbox(renderer):
     texts = {**renderer.texts, "sms/escape.txt.j2": "{{ items.__class__.__mro__ }}"}
-    sandboxed = PayloadRenderer(texts, sms_max_chars=160, push_max_items=5)
+    sandboxed = PayloadRenderer(texts, sms_max_segments=1, push_max_items=5)
     with pytest.raises(PayloadError, match=r"template sms/escape.txt.j2 line 1: SecurityError"):
         render_payload(request(SMS, template="escape"), sandboxed)
 

@@ -329,3 +329,20 @@ def test_rank_request_seeds_exclusions_and_fallback_by_hand(
         "trending_category",
         None,
     )
+
+
+def test_recent_items_past_the_seeds_still_exclude_within_their_window(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    # Seven views, newest first: only the first recent_items_used seed the lists, but b (6th) and
+    # e (7th) were viewed within the campaign's window, so neither may be recommended; viewed
+    # long ago, they may.
+    assert SERVING.recent_items_used == 5
+    views = ("a", "t1", "t2", "t3", "x", "b", "e")
+    recent = request("recent", "u1", views=views)
+    old = request("old", "u2", views=views, age=timedelta(days=3))
+    camp = campaign(exclusions={"viewed_within_days": 1}, items=2)
+    result = rank(spark, shop, [recent, old], camp=camp)
+    chosen = {(r.request_id, r.item_id) for r in result.where("strategy = 'model'").collect()}
+    assert ("recent", "b") not in chosen and ("recent", "e") not in chosen
+    assert ("old", "b") in chosen

@@ -4,7 +4,9 @@
 * a hand-computed small case pins the attribution rules (payload id first, else the latest send
   of the item to the user within the window; at most once), the campaign and product metrics and
   the user-level outcomes;
-* the statistics are checked against hand-computed values and scipy's own Welch test;
+* the statistics are checked against statsmodels' and scipy's own figures on the same inputs
+  (rates: Agresti-Caffo and log-adjusted; means: Welch), on edge cases (no or all successes in both
+  arms, none in one arm, arms of 1-3 users) and for the multiple-testing adjustment;
 * a simulated campaign (4,000 users, 20% control) whose responses come from the simulator with a
   known uplift is written to Delta tables (events through ingest's own classification) and
   reported: positive, significant lift, the CTR the simulator planted, and the report files; the
@@ -13,9 +15,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import statistics
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer
 from pyspark.sql import DataFrame, SparkSession
@@ -38,6 +43,8 @@ from pyspark.sql.types import (
 )
 from pyspark.testing import assertDataFrameEqual
 from scipy import stats
+from statsmodels.stats import proportion as sm_proportion  # a module: pytest collects test_* names
+from statsmodels.stats.multitest import multipletests
 
 from carousel import broker
 from carousel.config import CampaignConfig, CampaignVariant, CarouselConfig, load_config
@@ -60,9 +67,11 @@ from carousel.schemas import (
 from jobs import report, simulate_responses
 from jobs.report import (
     ATTRIBUTED_SCHEMA,
+    LIFT_COLUMNS,
     OUTCOME_SCHEMA,
     REPORT_FILES,
     ReportError,
+    adjust_p_values,
     attribute,
     campaign_metrics,
     catalog_coverage,
@@ -316,32 +325,174 @@ def test_invalid_sent_rows_are_named(spark: SparkSession) -> None:
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
-def test_proportion_lift_matches_hand_computation() -> None:
-    lift = proportion_lift(60, 1000, 40, 1000, 0.95)
-    # pooled p = 0.05, se0 = sqrt(0.05 * 0.95 * 2/1000) = 0.0097468 -> z = 2.0520, p = 0.04016
-    assert lift.statistic == pytest.approx(2.0520, abs=1e-4)
-    assert lift.p_value == pytest.approx(0.04016, abs=1e-4)
-    # Wald: se = sqrt(.06*.94/1000 + .04*.96/1000) = 0.0097365; 0.02 -/+ 1.95996 * se
-    assert (lift.abs_ci_low, lift.abs_ci_high) == pytest.approx((0.000917, 0.039083), abs=1e-5)
-    assert lift.rel_lift == pytest.approx(0.5)
-    # log RR CI: se = sqrt(.94/60 + .96/40) = 0.19917 -> 1.5 * exp(-/+ 1.95996 * se) - 1
-    assert (lift.rel_ci_low, lift.rel_ci_high) == pytest.approx((0.01522, 1.21626), abs=1e-4)
-    none = proportion_lift(0, 100, 0, 100, 0.95)
-    assert none.p_value == 1.0 and math.isnan(none.rel_lift)
+def statsmodels_rates(counts: tuple[int, int, int, int], confidence_level: float) -> dict[str, float]:
+    """statsmodels' own figures for (variant successes, variant n, control successes, control n)."""
+    alpha = 1 - confidence_level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low, high = sm_proportion.confint_proportions_2indep(
+            *counts, method="agresti-caffo", compare="diff", alpha=alpha
+        )
+        test = sm_proportion.test_proportions_2indep(*counts, method="agresti-caffo", compare="diff")
+        ratio_low, ratio_high = sm_proportion.confint_proportions_2indep(
+            *counts, method="log-adjusted", compare="ratio", alpha=alpha
+        )
+    return {
+        "abs_ci_low": float(low),
+        "abs_ci_high": float(high),
+        "statistic": float(test.statistic),
+        "p_value": float(test.pvalue),
+        "rel_ci_low": float(ratio_low) - 1,
+        "rel_ci_high": float(ratio_high) - 1,
+    }
 
 
-def test_mean_lift_is_welch() -> None:
+@pytest.mark.parametrize("confidence_level", [0.95, 0.9])
+def test_proportion_lift_is_statsmodels_agresti_caffo_and_log_adjusted(confidence_level: float) -> None:
+    lift = proportion_lift(60, 1000, 40, 1000, confidence_level)
+    expected = statsmodels_rates((60, 1000, 40, 1000), confidence_level)
+    assert lift.test == "agresti_caffo_z"
+    assert (lift.control_value, lift.variant_value, lift.abs_lift, lift.rel_lift) == pytest.approx(
+        (0.04, 0.06, 0.02, 0.5)
+    )
+    assert {k: getattr(lift, k) for k in expected} == pytest.approx(expected)
+    # The test and the interval are one method: significant at 1 - confidence exactly when 0 is out.
+    assert (lift.p_value < 1 - confidence_level) == (lift.abs_ci_low > 0)
+
+
+def test_proportion_test_agrees_with_its_interval_in_small_arms() -> None:
+    for n1, n0 in itertools.product(range(1, 9), repeat=2):
+        for x1, x0 in itertools.product(range(n1 + 1), range(n0 + 1)):
+            lift = proportion_lift(x1, n1, x0, n0, 0.95)
+            excludes_zero = lift.abs_ci_low > 0 or lift.abs_ci_high < 0
+            assert (lift.p_value < 0.05) == excludes_zero, (x1, n1, x0, n0, lift)
+            assert -1 <= lift.abs_ci_low <= lift.abs_lift <= lift.abs_ci_high <= 1, (x1, n1, x0, n0, lift)
+
+
+def test_no_success_in_either_arm_keeps_a_wide_interval() -> None:
+    lift = proportion_lift(0, 100, 0, 100, 0.95)
+    expected = statsmodels_rates((0, 100, 0, 100), 0.95)
+    assert {k: getattr(lift, k) for k in expected} == pytest.approx(expected)
+    assert lift.abs_lift == 0 and lift.abs_ci_low < -0.02 and lift.abs_ci_high > 0.02  # not [0, 0]
+    assert lift.p_value == pytest.approx(1.0) and lift.statistic == pytest.approx(0.0)
+    assert math.isnan(lift.rel_lift)  # 0 / 0: no relative lift, but the interval exists
+    assert -1 < lift.rel_ci_low < 0 < lift.rel_ci_high < math.inf
+
+
+def test_all_successes_in_both_arms_keeps_a_wide_interval() -> None:
+    lift = proportion_lift(100, 100, 100, 100, 0.95)
+    expected = statsmodels_rates((100, 100, 100, 100), 0.95)
+    assert {k: getattr(lift, k) for k in expected} == pytest.approx(expected)
+    assert lift.abs_lift == 0 and lift.abs_ci_low < -0.02 and lift.abs_ci_high > 0.02  # not [0, 0]
+    assert lift.p_value == pytest.approx(1.0) and not math.isnan(lift.statistic)
+    # The log-adjusted ratio interval is the library's [1, 1] here: documented, not NaN.
+    assert (lift.rel_lift, lift.rel_ci_low, lift.rel_ci_high) == pytest.approx((0.0, 0.0, 0.0))
+
+
+def test_no_variant_success_gives_a_finite_ratio_interval() -> None:
+    lift = proportion_lift(0, 100, 5, 100, 0.95)
+    expected = statsmodels_rates((0, 100, 5, 100), 0.95)
+    assert (lift.abs_ci_low, lift.abs_ci_high, lift.p_value) == pytest.approx(
+        (expected["abs_ci_low"], expected["abs_ci_high"], expected["p_value"])
+    )
+    assert lift.rel_lift == -1.0
+    # The library's lower bound lies just above -100%; it is extended to hold the estimate.
+    assert expected["rel_ci_low"] > -1 and lift.rel_ci_low == -1.0
+    assert lift.rel_ci_high == pytest.approx(expected["rel_ci_high"]) and math.isfinite(lift.rel_ci_high)
+    # No control success: the relative lift is undefined, its interval finite (the library's).
+    flipped = proportion_lift(5, 100, 0, 100, 0.95)
+    flipped_expected = statsmodels_rates((5, 100, 0, 100), 0.95)
+    assert math.isnan(flipped.rel_lift)
+    assert (flipped.rel_ci_low, flipped.rel_ci_high) == pytest.approx(
+        (flipped_expected["rel_ci_low"], flipped_expected["rel_ci_high"])
+    )
+    assert math.isfinite(flipped.rel_ci_high)
+
+
+@pytest.mark.parametrize(("n1", "n0"), list(itertools.product((1, 2, 3), repeat=2)))
+def test_tiny_arms_give_finite_figures(n1: int, n0: int) -> None:
+    for x1, x0 in itertools.product(range(n1 + 1), range(n0 + 1)):
+        lift = proportion_lift(x1, n1, x0, n0, 0.95)
+        expected = statsmodels_rates((x1, n1, x0, n0), 0.95)
+        assert lift.statistic == pytest.approx(expected["statistic"]), (x1, n1, x0, n0)
+        assert lift.p_value == pytest.approx(expected["p_value"]), (x1, n1, x0, n0)
+        # Agresti-Caffo may pass +-1 in tiny arms: clipped to the possible differences.
+        assert lift.abs_ci_low == pytest.approx(max(-1.0, expected["abs_ci_low"]))
+        assert lift.abs_ci_high == pytest.approx(min(1.0, expected["abs_ci_high"]))
+        figures = [lift.abs_ci_low, lift.abs_ci_high, lift.rel_ci_low, lift.rel_ci_high, lift.p_value]
+        assert all(math.isfinite(v) for v in figures), (x1, n1, x0, n0, lift)
+        assert lift.abs_ci_low < lift.abs_ci_high and 0 <= lift.p_value <= 1
+        assert lift.rel_ci_low <= lift.rel_ci_high
+
+
+def test_mean_lift_is_scipy_welch() -> None:
     rng = random.Random(3)
     a = [rng.randrange(0, 6) for _ in range(300)]
     b = [rng.randrange(0, 5) for _ in range(120)]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
-    lift = mean_lift(mean(a), var(a), len(a), mean(b), var(b), len(b), 0.95)
+    lift = mean_lift(
+        statistics.mean(a),
+        statistics.variance(a),
+        len(a),
+        statistics.mean(b),
+        statistics.variance(b),
+        len(b),
+        0.95,
+    )
     welch = stats.ttest_ind(a, b, equal_var=False)
+    assert lift.test == "welch_t"
     assert lift.statistic == pytest.approx(welch.statistic)
     assert lift.p_value == pytest.approx(welch.pvalue)
     ci = welch.confidence_interval(0.95)
     assert (lift.abs_ci_low, lift.abs_ci_high) == pytest.approx((ci.low, ci.high))
+    assert lift.rel_lift == pytest.approx(statistics.mean(a) / statistics.mean(b) - 1)
+    assert lift.rel_ci_low < lift.rel_lift < lift.rel_ci_high
+
+
+def test_mean_lift_edge_cases() -> None:
+    same = mean_lift(1.0, 0.0, 5, 1.0, 0.0, 5, 0.95)  # both constant and equal: scipy says NaN
+    assert (same.p_value, same.abs_ci_low, same.abs_ci_high, same.rel_lift) == (1.0, 0.0, 0.0, 0.0)
+    nothing = [0, 0, 0, 0, 0]
+    some = [0, 1, 2, 1, 1]
+    lift = mean_lift(0.0, 0.0, 5, statistics.mean(some), statistics.variance(some), 5, 0.95)
+    welch = stats.ttest_ind(nothing, some, equal_var=False)
+    assert (lift.statistic, lift.p_value) == pytest.approx((welch.statistic, welch.pvalue))
+    ci = welch.confidence_interval(0.95)
+    assert (lift.abs_ci_low, lift.abs_ci_high) == pytest.approx((ci.low, ci.high))
+    assert lift.rel_lift == -1.0 and math.isnan(lift.rel_ci_low)  # log ratio of a zero mean: none
+
+
+@pytest.mark.parametrize("method", ["holm", "bonferroni", "fdr_bh", "hommel"])
+def test_adjusted_p_values_are_multipletests(method: str) -> None:
+    p_values = [0.01, 0.04, 0.03, 0.2, 0.005]
+    assert adjust_p_values(p_values, method) == pytest.approx(list(multipletests(p_values, method=method)[1]))
+    assert adjust_p_values(p_values, "none") == p_values
+    # Holm by hand: sorted 0.005, 0.01, 0.03, 0.04, 0.2 times 5, 4, 3, 2, 1, then the running maximum.
+    assert adjust_p_values(p_values, "holm") == pytest.approx([0.04, 0.09, 0.09, 0.2, 0.025])
+    with_nan = adjust_p_values([0.01, math.nan, 0.04], "holm")
+    assert math.isnan(with_nan[1]) and with_nan[0::2] == pytest.approx([0.02, 0.04])  # a family of 2
+    assert adjust_p_values([], "holm") == []
+
+
+def test_correction_can_take_significance_away(spark: SparkSession) -> None:
+    # 200 users a group; purchases 35 vs 20 (p ~ 0.031), views and new products identical (p = 1).
+    def users(variant: str, purchases: int) -> list[tuple]:
+        return [(CAMPAIGN, variant, f"{variant}-{i}", int(i < purchases), i % 2, i % 3) for i in range(200)]
+
+    outcomes = spark.createDataFrame(users(CONTROL_VARIANT, 20) + users("model", 35), OUTCOME_SCHEMA)
+    raw = lift_vs_control(outcomes, 0.95, "none").set_index("metric")
+    holm = lift_vs_control(outcomes, 0.95, "holm").set_index("metric")
+    assert list(holm.columns) == [c for c in LIFT_COLUMNS if c != "metric"]
+    purchase = holm.loc["purchase_rate"]
+    assert 0.0167 < purchase["p_value"] < 0.05  # significant alone...
+    assert (
+        raw.loc["purchase_rate", "significant"]
+        and raw.loc["purchase_rate", "p_value_adjusted"] == purchase["p_value"]
+    )
+    # ... not among three tests: Holm multiplies the smallest of 3 p-values by 3.
+    assert purchase["p_value_adjusted"] == pytest.approx(3 * purchase["p_value"])
+    assert not purchase["significant"] and not holm["significant"].any()
+    assert list(holm["p_value_adjusted"]) == pytest.approx(
+        list(multipletests(holm["p_value"], method="holm")[1])
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Example Airflow DAG: carousel's nightly training at 03:00 (copy into your DAGs folder).
+"""Example Airflow DAGs: carousel's nightly training at 03:00 and a weekly email campaign.
+
+Copy into your DAGs folder.
 
 Each step is its own task so a failure is visible where it happened and can be retried alone;
 ``nightly`` runs all four in one process when a single task is preferred.
@@ -23,4 +25,24 @@ with DAG(
         task_id="export_validate_train_publish",
         bash_command=f"cd {CAROUSEL_HOME} && ./spark-submit.sh nightly --end '{{{{ data_interval_end }}}}'",
         execution_timeout=timedelta(hours=2),
+    )
+
+# A batch campaign: the weekly email every Monday at 09:00. The run id is the schedule slot's
+# logical date, so an Airflow retry (even after midnight) resumes the same run: chunks already
+# in the topic are skipped and each user gets one payload. --as-of pins segment and ranking time.
+with DAG(
+    dag_id="carousel_weekly_email",
+    schedule="0 9 * * 1",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    tags=["carousel"],
+) as campaign_dag:
+    weekly_email = BashOperator(
+        task_id="campaign_weekly_email",
+        bash_command=(
+            f"cd {CAROUSEL_HOME} && ./spark-submit.sh campaign weekly-email "
+            "--run-id 'weekly-email-{{ ds_nodash }}' --as-of '{{ data_interval_end }}'"
+        ),
+        execution_timeout=timedelta(hours=1),
     )
