@@ -41,9 +41,11 @@ from typing import Any
 
 from bench import common
 from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
+from bench.standalone import standalone_cluster
 from carousel import broker
 from carousel.cli import setup_logging
-from carousel.config import CarouselConfig
+from carousel.config import PROJECT_ROOT, CarouselConfig
+from carousel.session import LOCAL_PYTHON_DAEMON, PYTHON_DAEMON_MODULE
 
 log = logging.getLogger("bench.campaign")
 
@@ -57,12 +59,12 @@ SAMPLE_PAYLOADS = 500
 # step of the wall time just before it). Lazy helpers (ranked_requests, sent_rows) only plan; the
 # Spark work runs in the action that follows them.
 _RENDER_WRITE = "render + write payloads to Kafka, by chunk (mapInArrow, Kafka sink)"
-_RANK = "rank + cache + count, one pass (mapInArrow)"
+_RANK = "rank + local checkpoint + count, one pass (mapInArrow)"
 _CALL_STEPS: dict[tuple[str, int], tuple[str, str]] = {
     ("load_serving_inputs", 1): ("load inputs (catalog, matrix, trending plan)", "templates + run check"),
     ("ranked_requests", 1): ("plan ranking + broadcast item lists", "select segment (plan)"),
     ("sent_rows", 1): ("plan sent rows", _RANK),
-    ("idempotent_append", 1): ("append sent_recommendations from the cache", "plan sent rows"),
+    ("idempotent_append", 1): ("append sent_recommendations from the checkpoint", "plan sent rows"),
     ("catalog_items", 1): ("collect catalog fields for rendering", "between append and render"),
     ("send_chunks", 1): (_RENDER_WRITE, "plan rendering"),
     ("write_files", 1): ("render + write payload files", "plan rendering"),
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--campaign", default="weekly-email", help="the campaign to run (weekly-email)")
     parser.add_argument("--driver-memory", default="6g", help="Spark driver memory (6g)")
     parser.add_argument("--skip-ceiling", action="store_true", help="no pre-rendered write ceiling")
+    parser.add_argument(
+        "--cluster-workers",
+        type=int,
+        default=0,
+        help="run on a local standalone cluster of this many single-core workers (0: local[2])",
+    )
+    parser.add_argument("--executor-memory", default="3g", help="each worker's executor memory (3g)")
     return common.add_run_args(
         parser, DEFAULT_OUTPUT, "keep broker data, tables and event log here (default: temp)"
     )
@@ -428,7 +437,8 @@ def print_summary(results: dict[str, Any]) -> None:
             f"mean payload {campaign['mean_payload_bytes']:,.0f} B "
             f"({campaign['bytes_on_disk'] / max(1, campaign['records_on_topic']):,.0f} B on disk, "
             f"{campaign['compression']}); "
-            f"topic holds {campaign['records_on_topic']:,}"
+            f"topic holds {campaign['records_on_topic']:,}; "
+            f"peak RSS of all its processes {campaign.get('peak_rss_bytes', 0) / 2**30:.1f} GiB"
         )
         for step, seconds in sorted(campaign["steps_s"].items(), key=lambda kv: -kv[1]):
             stage = campaign["stage_seconds_by_step"].get(step)
@@ -482,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shop_root": str(shop_root),
         "shop_sizes": sizes.__dict__,
         "driver_memory": args.driver_memory,
+        "cluster_workers": args.cluster_workers,
         "config_overrides": list(args.overrides),
         "workdir": str(workdir),
     }
@@ -489,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     suffix = uuid.uuid4().hex[:6]
     ports = common.broker_overrides(workdir / "kafka")
     broker_cfg = _config(args, [*ports, "broker.heap=1g"])
-    with common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state:
+    with (
+        contextlib.ExitStack() as stack,
+        common.bench_run(results, broker_cfg.broker, args.output, workdir if temp else None) as state,
+    ):
         bootstrap = state.bootstrap
 
         def phase_config(name: str, extra: Sequence[str] = ()) -> CarouselConfig:
@@ -512,7 +526,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             "spark.eventLog.dir": event_log.as_uri(),
             "spark.eventLog.compress": "false",
         }
-        spark = state.shop_session(shop_cfg, "carousel-bench-campaign", workdir / "warehouse", event_log_conf)
+        master, cluster_conf = "local[2]", {}
+        if args.cluster_workers > 0:
+            master = stack.enter_context(
+                standalone_cluster(args.cluster_workers, 1, args.executor_memory, workdir / "cluster")
+            )
+            cluster_conf = {
+                # The executors run this checkout's code with this interpreter, as local mode does.
+                "spark.executorEnv.PYTHONPATH": str(PROJECT_ROOT),
+                PYTHON_DAEMON_MODULE: LOCAL_PYTHON_DAEMON,
+                "spark.executor.cores": "1",
+                "spark.executor.memory": args.executor_memory,
+                "spark.cores.max": str(args.cluster_workers),
+                "spark.default.parallelism": str(args.cluster_workers),
+            }
+        spark = state.shop_session(
+            shop_cfg,
+            "carousel-bench-campaign",
+            workdir / "warehouse",
+            {**event_log_conf, **cluster_conf},
+            master=master,
+        )
         results["session"] = {
             key: spark.conf.get(key, None)
             for key in ("spark.driver.memory", "spark.sql.shuffle.partitions", "spark.sql.adaptive.enabled")
@@ -522,8 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         campaign_cfg = phase_config("campaign")
         link_shop(shop_root, campaign_cfg.storage.root)
         timer = CampaignStepTimer()
-        with timer.installed():
+        with timer.installed(), common.PeakRss() as memory:
             campaign = run_campaign(spark, campaign_cfg, args.campaign, bootstrap, event_log, timer)
+        # Everything this run started: driver JVM, Python workers, cluster processes, the broker.
+        campaign["peak_rss_bytes"] = memory.peak_bytes
         samples = campaign.pop("_samples")
         results["campaign"] = campaign
         results["extrapolation_10m"] = extrapolation(campaign)

@@ -20,6 +20,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,52 @@ def load1() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def _process_tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (Linux /proc; 0 elsewhere)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            rss[pid] = int(fields[21]) * page
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+class PeakRss:
+    """Samples the resident memory of this process and everything it started (the Spark JVM, its
+    Python workers, a local cluster's daemons and executors, the broker) every ``interval`` seconds
+    in a thread; ``peak_bytes`` is the highest sum seen."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, _process_tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def host_info() -> dict[str, Any]:
@@ -281,15 +328,20 @@ class RunState:
     spark: Any = None
 
     def shop_session(
-        self, shop_cfg: CarouselConfig, app_name: str, warehouse: Path, extra_conf: Mapping[str, str]
+        self,
+        shop_cfg: CarouselConfig,
+        app_name: str,
+        warehouse: Path,
+        extra_conf: Mapping[str, str],
+        master: str = "local[2]",
     ) -> Any:
-        """A ``local[2]`` session with the shop benchmarks' settings, kept for the teardown; records
-        ``results["machine"]``.
+        """A session (``local[2]`` unless ``master`` says otherwise) with the shop benchmarks'
+        settings, kept for the teardown; records ``results["machine"]``.
         """
         from carousel.session import build_session
 
         conf = {**session_conf(warehouse), **extra_conf}
-        self.spark = build_session(shop_cfg, app_name, master="local[2]", extra_conf=conf)
+        self.spark = build_session(shop_cfg, app_name, master=master, extra_conf=conf)
         machine = machine_info(self.spark)
         self.results["machine"] = {**machine, "broker": {"bootstrap": self.bootstrap, "heap": "1g"}}
         return self.spark

@@ -451,18 +451,7 @@ def _build_environment(texts: Mapping[str, str]) -> jinja2.Environment:
 _ITEM_BLOCK_CACHE_SIZE = 100_000
 # What an item block sees of its item: neither its score nor its rank, which differ per payload
 # (the including template numbers the blocks with loop.index).
-ITEM_BLOCK_FIELDS: tuple[str, ...] = (
-    "item_id",
-    "strategy",
-    "title",
-    "description",
-    "category",
-    "price",
-    "currency",
-    "rating",
-    "image_url",
-    "deep_link",
-)
+ITEM_BLOCK_FIELDS: tuple[str, ...] = ("item_id", "strategy", *CATALOG_ITEM_FIELDS)
 
 
 def _item_blocks_function(env: jinja2.Environment) -> Callable[..., list[str]]:

@@ -39,7 +39,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from carousel.broker import end_offsets
+from carousel.broker import BrokerError, end_offsets
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CampaignSegment, CarouselConfig, ConfigError
 from carousel.delivery import (
@@ -413,7 +413,7 @@ def run(
     if output:
         write_files(render(payloads), output)
     else:
-        written, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg)
+        _, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg)
         if skipped:
             log.info(
                 "campaign %s run %s: %d of %d chunks were sent before", campaign_name, run_id, skipped, chunks
@@ -481,7 +481,7 @@ def main(argv: list[str]) -> int:
         if as_of is not None and as_of.tzinfo is None:
             as_of = as_of.replace(tzinfo=UTC)
         run(spark, cfg, args.name, run_id=args.run_id, output=args.output, now=as_of)
-    except CampaignError as err:
+    except (CampaignError, BrokerError) as err:
         log.error("%s", err)
         return 1
     return 0

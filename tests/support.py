@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
+import yaml
 from confluent_kafka import Producer
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import CarouselConfig
+from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
 
 
 def produce(
@@ -65,3 +67,27 @@ def finish(query: StreamingQuery, timeout: float = 300) -> None:
 
 def read_table(spark: SparkSession, cfg: CarouselConfig, name: str) -> DataFrame:
     return spark.read.format("delta").load(cfg.storage.table(name))
+
+
+def submit_command(
+    cfg: CarouselConfig, tmp_path: Path, overrides: Sequence[str], job: str, *args: str
+) -> list[str]:
+    """``./spark-submit.sh <job> <args>`` against the test's own storage, topics and store.
+
+    ``cfg``'s campaigns go in a config file for the subprocess (with conf/carousel.yaml's example
+    campaigns switched off: config files merge over it); ``overrides`` are ``--set`` values."""
+    config_file = tmp_path / "campaigns.yaml"
+    campaigns = cfg.model_dump(mode="json")["campaigns"]
+    defaults = {name: {"enabled": False} for name in load_config().campaigns if name not in campaigns}
+    config_file.write_text(yaml.safe_dump({"campaigns": {**defaults, **campaigns}}))
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [
+        str(PROJECT_ROOT / "spark-submit.sh"),
+        "--driver-memory",
+        "1g",
+        job,
+        *args,
+        "--config",
+        str(config_file),
+        *sets,
+    ]

@@ -11,11 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import read_table
+from support import read_table, submit_command
 from test_serve import (
     MODEL_1,
     NOW,
@@ -27,7 +26,7 @@ from test_serve import (
 )
 
 from carousel.broker import end_offsets, ensure_topics
-from carousel.config import PROJECT_ROOT, CampaignSegment, CarouselConfig, load_config
+from carousel.config import CampaignSegment, CarouselConfig
 from carousel.experiments import assign_variant
 from carousel.online_state import OnlineState
 from carousel.online_store import connect
@@ -257,25 +256,9 @@ def test_a_run_killed_mid_send_resumes_sending_only_what_was_not_sent(
         "campaign_runs.chunk_payloads=6",
         "spark.shuffle_partitions=2",
     ]
-    config_file = tmp_path / "campaigns.yaml"
-    campaigns = cfg.model_dump(mode="json")["campaigns"]
-    # Config files merge over conf/carousel.yaml: switch its example campaigns off.
-    defaults = {name: {"enabled": False} for name in load_config().campaigns if name not in campaigns}
-    config_file.write_text(yaml.safe_dump({"campaigns": {**defaults, **campaigns}}))
-    command = [
-        str(PROJECT_ROOT / "spark-submit.sh"),
-        "--driver-memory",
-        "1g",
-        "campaign",
-        "weekly",
-        "--run-id",
-        "run-killed",
-        "--as-of",
-        NOW.isoformat(),
-        "--config",
-        str(config_file),
-        *[arg for item in overrides for arg in ("--set", item)],
-    ]
+    command = submit_command(
+        cfg, tmp_path, overrides, "campaign", "weekly", "--run-id", "run-killed", "--as-of", NOW.isoformat()
+    )
     # The worst point: chunk 2 is whole in the topic and not yet recorded as sent.
     env = {**os.environ, campaign_job.FAULT_KILL_ENV: "2"}
     with open(tmp_path / "campaign-first.log", "w") as log_first:

@@ -7,21 +7,19 @@ are compared with an in-process local-mode run over the same topic.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyspark
 import pytest
 from pyspark.testing import assertDataFrameEqual
-from support import produce, read_table, wait_for
+from support import produce, read_table
 
-from carousel.broker import ensure_topics, free_port
+from bench.standalone import LOOPBACK
+from bench.standalone import standalone_cluster as bench_cluster
+from carousel.broker import ensure_topics
 from carousel.config import PROJECT_ROOT
 from carousel.schemas import EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE
 from jobs import simulate_events as sim
@@ -30,87 +28,13 @@ from streaming import ingest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SPARK_HOME = Path(pyspark.__file__).parent
-LOOPBACK = {"SPARK_LOCAL_IP": "127.0.0.1", "SPARK_MASTER_HOST": "127.0.0.1"}
-
-
-def _alive_workers(ui_port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as response:
-            return int(json.load(response).get("aliveworkers", 0))
-    except OSError:
-        return 0
-
 
 @pytest.fixture(scope="module")
 def standalone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(master URL, worker work dir) of a one-worker standalone cluster on loopback."""
-    logs = tmp_path_factory.mktemp("cluster")
-    port, ui_port, worker_ui = free_port(), free_port(), free_port()
-    env = {**os.environ, **LOOPBACK, "SPARK_HOME": str(SPARK_HOME), "SPARK_DAEMON_MEMORY": "512m"}
-    spark_class = str(SPARK_HOME / "bin" / "spark-class")
-    master_url = f"spark://127.0.0.1:{port}"
-    work_dir = logs / "work"
-    processes = []
-    try:
-        for name, args in [
-            (
-                "master",
-                [
-                    "org.apache.spark.deploy.master.Master",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--webui-port",
-                    str(ui_port),
-                ],
-            ),
-            (
-                "worker",
-                [
-                    "org.apache.spark.deploy.worker.Worker",
-                    "--host",
-                    "127.0.0.1",
-                    "--cores",
-                    "1",
-                    "--memory",
-                    "1500m",
-                    "--webui-port",
-                    str(worker_ui),
-                    "--work-dir",
-                    str(work_dir),
-                    master_url,
-                ],
-            ),
-        ]:
-            out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-            processes.append(
-                (
-                    subprocess.Popen(
-                        [spark_class, *args],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                    ),
-                    out,
-                )
-            )
-        wait_for(
-            lambda: _alive_workers(ui_port) >= 1, timeout=120, what="a worker registered with the master"
-        )
-        yield master_url, work_dir
-    finally:
-        for process, out in reversed(processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-            out.close()
+    folder = tmp_path_factory.mktemp("cluster")
+    with bench_cluster(workers=1, cores=1, memory="1500m", folder=folder) as master_url:
+        yield master_url, folder / "work"
 
 
 def test_cluster_mode_writes_what_local_mode_writes(spark, make_config, tmp_path, standalone_cluster):

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from confluent_kafka import Consumer
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import event_json, finish, produce, read_table, wait_for
+from support import event_json, finish, produce, read_table, submit_command, wait_for
 
 from carousel.broker import ensure_topics
-from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+from carousel.config import PROJECT_ROOT, CarouselConfig
 from carousel.realtime import COUNTERS, FAULT_KILL_ENV
 from carousel.schemas import (
     CATALOG_SCHEMA,
@@ -518,27 +517,12 @@ def test_serve_killed_and_restarted_loses_no_trigger(
         "serving.max_offsets_per_trigger=100",
         "spark.shuffle_partitions=2",
     ]
-    # The same two campaigns as the fixture's config, as a file for the subprocess.
-    campaigns_file = tmp_path / "campaigns.yaml"
-    campaigns = cfg.model_dump(mode="json")["campaigns"]
-    # Config files merge over conf/carousel.yaml: switch its example campaigns off.
-    defaults = {name: {"enabled": False} for name in load_config().campaigns if name not in campaigns}
-    campaigns_file.write_text(yaml.safe_dump({"campaigns": {**defaults, **campaigns}}))
     triggers = [trigger("App Launched", f"u-{n % 50}") for n in range(600)]
     produce(cfg, triggers)
 
     def command(job: str, *extra: str) -> list[str]:
-        sets = [arg for item in overrides for arg in ("--set", item)]
-        return [
-            str(PROJECT_ROOT / "spark-submit.sh"),
-            "--driver-memory",
-            "1g",
-            job,
-            "--config",
-            str(campaigns_file),
-            *sets,
-            *extra,
-        ]
+        # The same two campaigns as the fixture's config.
+        return submit_command(cfg, tmp_path, overrides, job, *extra)
 
     commits = Path(cfg.storage.checkpoint(cfg.serving.query_name)) / "commits"
 
