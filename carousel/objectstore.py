@@ -169,6 +169,12 @@ def download_dir(uri: str, local_dir: str | Path, *, client: BaseClient | None =
     """Copy every file under ``uri`` (S3 prefix or local folder) into ``local_dir``; return the names."""
     target = Path(local_dir)
     names = list_files(uri, client=client)
+    # An object key may hold "../" (S3 keys are plain strings): such a file would land outside
+    # local_dir, so the whole download is refused before anything is written.
+    inside = target.resolve()
+    for name in names:
+        if not (inside / name).resolve().is_relative_to(inside):
+            raise ValueError(f"{uri}: object {name!r} would be written outside {target}; nothing downloaded")
     if not is_s3(uri):
         _copy_files(local_path(uri), target, names)
         return names

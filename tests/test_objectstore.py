@@ -92,6 +92,22 @@ def test_s3_round_trip(tmp_path: Path, s3_cfg: CarouselConfig, s3_bucket: str): 
         objectstore.read_text(objectstore.join(prefix, "missing.json"), client=client)
 
 
+def test_s3_keys_that_climb_out_of_the_target_are_refused(
+    tmp_path: Path,
+    s3_cfg: CarouselConfig,  # noqa: F811
+    s3_bucket: str,  # noqa: F811
+):
+    client = objectstore.s3_client(s3_cfg)
+    prefix = f"s3://{s3_bucket}/work/snap-evil"
+    client.put_object(Bucket=s3_bucket, Key="work/snap-evil/ok.csv", Body=b"a")
+    client.put_object(Bucket=s3_bucket, Key="work/snap-evil/../../escaped.csv", Body=b"b")
+    target = tmp_path / "inside" / "back"
+    with pytest.raises(ValueError, match=r"'\.\./\.\./escaped\.csv' would be written outside"):
+        objectstore.download_dir(prefix, target, client=client)
+    assert not (tmp_path / "escaped.csv").exists() and not (tmp_path / "inside" / "escaped.csv").exists()
+    assert not target.exists(), "nothing may be downloaded when one key is refused"
+
+
 def test_s3_default_client_comes_from_the_standard_chain(
     tmp_path: Path,
     s3_endpoint: str,  # noqa: F811
