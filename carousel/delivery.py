@@ -28,11 +28,11 @@ from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.experiments import variant_column
 from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
-from carousel.payloads import REQUEST_COLUMNS as PAYLOAD_REQUEST_COLUMNS
 from carousel.ranking import RANKED_ITEMS_TYPE, REQUEST_COLUMNS, rank_recommendations, trending_items
 from carousel.schemas import (
     CATALOG_SCHEMA,
@@ -177,6 +177,10 @@ def _user_context() -> Column:
     )
 
 
+# One ranked item as a campaign request carries it (the element of RANKED_ITEMS_TYPE).
+_RANKED_ITEM: StructType = RANKED_ITEMS_TYPE.elementType
+
+
 def _no_items() -> Column:
     return F.array().cast(RANKED_ITEMS_TYPE)
 
@@ -191,7 +195,7 @@ def ranked_requests(
     run_id: str,
     sent_at: datetime,
 ) -> DataFrame:
-    """One render request per request of one campaign run (:data:`CAMPAIGN_REQUEST_COLUMNS`).
+    """One render request per request of one campaign run (:data:`carousel.payloads.REQUEST_COLUMNS`).
 
     ``requests`` carries :data:`carousel.ranking.REQUEST_COLUMNS` (``request_id`` is the payload
     id) plus the profile's ``user_attributes`` and ``platform``. Each request gets its campaign
@@ -254,22 +258,10 @@ def ranked_requests(
     )
 
 
-# The per-request rows of a campaign run: render requests whose items carry the ranking's fields.
-CAMPAIGN_REQUEST_COLUMNS: tuple[str, ...] = PAYLOAD_REQUEST_COLUMNS
-
-
 def sent_rows(ranked: DataFrame) -> DataFrame:
     """The ``sent_recommendations`` rows of :func:`ranked_requests` rows: one per item sent, one
     with a NULL item per control-group request; a request without items gets none."""
-    held_out = F.array(
-        F.struct(
-            F.lit(None).cast("string").alias("item_id"),
-            F.lit(None).cast("int").alias("rank"),
-            F.lit(None).cast("double").alias("score"),
-            F.lit(None).cast("string").alias("strategy"),
-            F.lit(None).cast("string").alias("model_version"),
-        )
-    )
+    held_out = F.array(F.struct(*[F.lit(None).cast(f.dataType).alias(f.name) for f in _RANKED_ITEM.fields]))
     items = F.when(F.col("variant") == CONTROL_VARIANT, held_out).otherwise(F.col("items"))
     return (
         ranked.select("*", F.explode(items).alias("item"))
@@ -297,12 +289,12 @@ def stored_requests(stored: DataFrame, users: DataFrame, template: str) -> DataF
     """:func:`ranked_requests` rows rebuilt from a run's stored ``sent_recommendations`` rows, so
     a resumed run renders exactly what was recorded. ``users``: ``payload_id, user`` (the user
     context, from the profiles now; a payload whose user left the segment renders without it)."""
-    item = F.struct("rank", "item_id", "score", "strategy", "model_version")
+    # Rank first, so that array_sort orders a payload's items by it; NULL items are hold-outs.
+    item = F.struct("rank", *[name for name in _RANKED_ITEM.fieldNames() if name != "rank"])
     grouped = stored.groupBy("payload_id", "user_id", "campaign", "channel", "variant", "run_id").agg(
         F.first("trigger_event_id", ignorenulls=True).alias("trigger_event_id"),
         F.max("sent_at").alias("created_at"),
         F.max("model_version").alias("model_version"),
-        # Rank first, so that array_sort orders a payload's items by it; NULL items are hold-outs.
         F.array_sort(F.collect_list(F.when(F.col("item_id").isNotNull(), item))).alias("items"),
     )
     return grouped.join(users, "payload_id", "left").select(
@@ -320,9 +312,7 @@ def stored_requests(stored: DataFrame, users: DataFrame, template: str) -> DataF
         "user",
         F.transform(
             "items",
-            lambda i: F.struct(
-                *[i[name].alias(name) for name in ("item_id", "rank", "score", "strategy", "model_version")]
-            ),
+            lambda i: F.struct(*[i[name].alias(name) for name in _RANKED_ITEM.fieldNames()]),
         ).alias("items"),
     )
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -91,3 +94,25 @@ def submit_command(
         str(config_file),
         *sets,
     ]
+
+
+def run_until_killed(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str], timeout: float = 600
+) -> tuple[int, str]:
+    """Run a job that kills itself at an injected fault point (``env`` names it); returns its exit
+    status and log. A job still running after ``timeout`` is killed with its process group."""
+    with open(log_path, "w") as log_file:
+        job = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
+        try:
+            job.wait(timeout=timeout)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait(timeout=60)
+    return job.returncode, log_path.read_text()

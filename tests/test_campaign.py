@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +11,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import read_table, submit_command
+from support import read_table, run_until_killed, submit_command
 from test_serve import (
     MODEL_1,
     NOW,
@@ -260,19 +257,10 @@ def test_a_run_killed_mid_send_resumes_sending_only_what_was_not_sent(
         cfg, tmp_path, overrides, "campaign", "weekly", "--run-id", "run-killed", "--as-of", NOW.isoformat()
     )
     # The worst point: chunk 2 is whole in the topic and not yet recorded as sent.
-    env = {**os.environ, campaign_job.FAULT_KILL_ENV: "2"}
-    with open(tmp_path / "campaign-first.log", "w") as log_first:
-        first = subprocess.Popen(
-            command, stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-        try:
-            first.wait(timeout=600)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-                first.wait(timeout=60)
-    first_log = (tmp_path / "campaign-first.log").read_text()
-    assert first.returncode != 0, "the campaign was not killed: " + first_log[-3000:]
+    status, first_log = run_until_killed(
+        command, tmp_path / "campaign-first.log", {campaign_job.FAULT_KILL_ENV: "2"}
+    )
+    assert status != 0, "the campaign was not killed: " + first_log[-3000:]
     # Killed where injected (the log line dies with the JVM that relays it): chunk 2 started, not sent.
     progress = Path(cfg.storage.path("campaign_progress", "weekly", "run-killed"))
     markers = sorted(f.name for f in progress.iterdir() if not f.name.startswith("."))

@@ -8,9 +8,7 @@ each step waits on ``processAllAvailable()``. Payloads are read back with a real
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -24,7 +22,7 @@ from confluent_kafka import Consumer
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import event_json, finish, produce, read_table, submit_command, wait_for
+from support import event_json, finish, produce, read_table, run_until_killed, submit_command, wait_for
 
 from carousel.broker import ensure_topics
 from carousel.config import PROJECT_ROOT, CarouselConfig
@@ -531,20 +529,10 @@ def test_serve_killed_and_restarted_loses_no_trigger(
 
     # The worst point: the online store already holds the answers of the third batch with
     # triggers, and not one of its rows has reached Kafka. The job kills itself there.
-    env = {**os.environ, FAULT_KILL_ENV: "3"}
-    with open(tmp_path / "serve-first.log", "w") as log_first:
-        first = subprocess.Popen(
-            command("serve"), stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-        try:
-            first.wait(timeout=300)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-                first.wait(timeout=60)
-    assert first.returncode != 0, (
-        "serve was not killed: " + (tmp_path / "serve-first.log").read_text()[-3000:]
+    status, first_log = run_until_killed(
+        command("serve"), tmp_path / "serve-first.log", {FAULT_KILL_ENV: "3"}, 300
     )
+    assert status != 0, "serve was not killed: " + first_log[-3000:]
     assert 1 <= committed() < 6, "the kill did not come mid-stream"
 
     # The producer retries a few triggers that were already answered: each is answered once.
