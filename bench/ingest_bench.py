@@ -166,19 +166,19 @@ def _label_totals(counts: dict[str, int]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # The wall time between two wrapped helpers is Spark work done by process_batch itself; it is named
 # after what precedes the next helper in process_batch.
+_CLASSIFY = "read Kafka (+ count-only read) + classify + dedupe + count"
 _GAP_BEFORE = {
-    "quarantine append": "read Kafka + classify + count",
-    "events MERGE": "dedupe window + distinct dates",
-    "profiles MERGE": "read back stored + profile deltas",
+    "quarantine append": _CLASSIFY,
+    "events append": _CLASSIFY,
+    "profiles MERGE": "profile deltas",
     "ingest_log append": "other",
     "end": "other",
 }
 STEP_ORDER = (
-    "read Kafka + classify + count",
+    _CLASSIFY,
     "quarantine append",
-    "dedupe window + distinct dates",
-    "events MERGE",
-    "read back stored + profile deltas",
+    "events append",
+    "profile deltas",
     "profiles MERGE",
     "ingest_log append",
     "other",
@@ -208,7 +208,7 @@ class BatchStepTimer(common.BatchTimer):
     def installed(self) -> Iterator[BatchStepTimer]:
         from streaming import ingest
 
-        names = ("process_batch", "idempotent_append", "_insert_new_events", "_upsert_profiles")
+        names = ("process_batch", "idempotent_append", "_upsert_profiles")
         originals = {name: getattr(ingest, name) for name in names if hasattr(ingest, name)}
         missing = sorted(set(names) - set(originals))
         if "process_batch" not in originals:
@@ -245,13 +245,14 @@ class BatchStepTimer(common.BatchTimer):
 
         def append_step(df: Any, location: str, *args: Any, **kwargs: Any) -> str:
             name = str(location).rstrip("/").rsplit("/", 1)[-1]
-            return {QUARANTINE_TABLE: "quarantine append", INGEST_LOG_TABLE: "ingest_log append"}.get(
-                name, f"append {name}"
-            )
+            return {
+                QUARANTINE_TABLE: "quarantine append",
+                EVENTS_TABLE: "events append",
+                INGEST_LOG_TABLE: "ingest_log append",
+            }.get(name, f"append {name}")
 
         step_names: dict[str, Callable[..., str]] = {
             "idempotent_append": append_step,
-            "_insert_new_events": lambda *a, **k: "events MERGE",
             "_upsert_profiles": lambda *a, **k: "profiles MERGE",
         }
         ingest.process_batch = timed_batch
@@ -780,14 +781,14 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
         first, last = steady["step_timings_first_quarter"], steady["step_timings_last_quarter"]
-        merge_first = first["steps"].get("events MERGE", {}).get("mean_s")
-        merge_last = last["steps"].get("events MERGE", {}).get("mean_s")
+        merge_first = first["steps"].get("profiles MERGE", {}).get("mean_s")
+        merge_last = last["steps"].get("profiles MERGE", {}).get("mean_s")
         rows.append(
             (
                 "steady: batch growth",
                 f"process_batch mean {first['batch_seconds'] / max(1, first['batches']):.2f} s "
                 f"(first quarter) -> {last['batch_seconds'] / max(1, last['batches']):.2f} s (last quarter); "
-                f"events MERGE {merge_first} -> {merge_last} s",
+                f"profiles MERGE {merge_first} -> {merge_last} s",
             )
         )
     loads = []

@@ -4,6 +4,9 @@ Role: ``./spark-submit.sh <job> [options]`` runs ``python -m carousel.cli <job> 
 spark-submit for Spark jobs), which imports the job's module and calls its ``main(argv)``.
 Every job accepts ``--config FILE`` (repeatable) and ``--set section.key=value`` (repeatable) on
 top of ``conf/carousel.yaml``; :func:`add_config_args` and :func:`config_from_args` implement them.
+A job that raises :class:`~carousel.errors.JobError` (bad input: a missing table, an unknown
+version) ends with one ERROR line naming the input and the reason, and status 1 (:func:`run_job`);
+a bad date argument (:func:`iso_time`) or configuration value is a usage error, status 2.
 
     ./spark-submit.sh --help            # list the jobs
     ./spark-submit.sh ingest --help     # one job's options
@@ -18,8 +21,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from carousel.config import CarouselConfig, ConfigError, load_config, log_config
+from carousel.errors import JobError, one_line
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ JOBS: dict[str, Job] = {
     "train": Job("jobs.train", "Train the item-to-item model and write the top-k correlation matrix", True),
     "nightly": Job(
         "jobs.nightly", "Scheduler entry: export -> validate -> train -> publish (exit 0 on success)", True
+    ),
+    "maintain": Job(
+        "jobs.maintain",
+        "Table upkeep (scheduler): settings, age-based retention, OPTIMIZE/clustering, VACUUM",
+        True,
     ),
     "evaluate": Job(
         "jobs.evaluate", "Compare the item-to-item models offline on a time split (Recall/MRR/NDCG@k)", False
@@ -97,6 +107,11 @@ JOBS: dict[str, Job] = {
     ),
     "campaign": Job(
         "jobs.campaign", "Batch campaign: a user segment's recommendations as channel payloads", True
+    ),
+    "forget-user": Job(
+        "jobs.forget_user",
+        "Erase users (right to be forgotten): tables, online store, training snapshots; audited",
+        True,
     ),
     "report": Job(
         "jobs.report", "Attribute responses to sent recommendations; campaign metrics and A/B lift", True
@@ -151,6 +166,34 @@ def config_from_args(
     return cfg
 
 
+def iso_time(text: str) -> datetime:
+    """An argparse ``type``: ISO-8601 time (``Z`` or an offset; none = UTC) as an aware UTC datetime.
+
+    A bad value is a usage error (status 2) naming the value: ``argument --end: not an ISO-8601
+    time: 'yesterday' (e.g. 2026-11-29T03:00:00Z)``."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO-8601 time: {text!r} (e.g. 2026-11-29T03:00:00Z)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def run_job(name: str, argv: Sequence[str]) -> int:
+    """Run job ``name``'s entry point on ``argv``; its exit status.
+
+    A :class:`~carousel.errors.JobError` (a missing input table, an unknown version, ...) ends the
+    job with one ERROR line naming the input and the reason, and status 1: no traceback."""
+    job = JOBS[name]
+    module = importlib.import_module(job.module)
+    try:
+        return int(getattr(module, job.entry)(list(argv)) or 0)
+    except JobError as err:
+        logging.getLogger(name).error("%s failed: %s", name, one_line(err))
+        return err.exit_status
+
+
 def _usage() -> str:
     width = max(len(name) for name in JOBS)
     lines = ["usage: ./spark-submit.sh [spark-submit options] <job> [job options]", "", "jobs:"]
@@ -203,9 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown job {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     setup_logging()
-    job = JOBS[name]
-    module = importlib.import_module(job.module)
-    return int(getattr(module, job.entry)(rest) or 0)
+    return run_job(name, rest)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ KAFKA_SECRET_ENV = {
 }
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _INTERVAL = re.compile(r"^\d+(\.\d+)?\s+(millisecond|second|minute|hour)s?$")
+# Delta's own VACUUM safety check: its default delta.deletedFileRetentionDuration, one week.
+SAFE_VACUUM_RETENTION_HOURS = 168
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,9 @@ class _StreamingQuerySection(_Section):
     query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
     trigger_interval: str
     max_offsets_per_trigger: int = Field(ge=1)
-    starting_offsets: Literal["earliest", "latest"]
+    # "earliest", "latest", or Spark's JSON of offsets per partition ({"events": {"0": 42, "1": -2}}),
+    # used only when the query starts without a checkpoint.
+    starting_offsets: str
     # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
     # micro-batch may finish for this long before it is interrupted.
     stop_timeout_seconds: float = Field(gt=0)
@@ -267,11 +271,44 @@ class _StreamingQuerySection(_Section):
             raise ValueError("must look like '5 seconds', '500 milliseconds' or '0 seconds'")
         return value.strip()
 
+    @field_validator("starting_offsets", mode="before")
+    @classmethod
+    def _offsets(cls, value: Any) -> str:
+        import json
+
+        if isinstance(value, dict):  # YAML (a file or --set) reads the JSON as a mapping
+            value = json.dumps(value)
+        if not isinstance(value, str):
+            raise ValueError("must be 'earliest', 'latest' or a JSON object of offsets")
+        value = value.strip()
+        if value in ("earliest", "latest"):
+            return value
+        try:
+            offsets = json.loads(value)
+        except ValueError:
+            offsets = None
+        valid = isinstance(offsets, dict) and all(
+            isinstance(parts, dict)
+            and all(str(p).isdigit() and isinstance(o, int) and o >= -2 for p, o in parts.items())
+            for parts in offsets.values()
+        )
+        if not valid:
+            raise ValueError(
+                "must be 'earliest', 'latest' or a JSON object of offsets per topic and partition "
+                '(e.g. {"events": {"0": 42, "1": -2}}; -2 = earliest, -1 = latest)'
+            )
+        return value
+
 
 class IngestConfig(_StreamingQuerySection):
     min_event_time: str
     max_future_skew_seconds: int = Field(ge=0)
     max_record_bytes: int = Field(ge=64)
+    # An event id is stored once within this many days of ingest time (the dedupe state's horizon).
+    dedupe_horizon_days: float = Field(gt=0, le=366)
+    # A running ingest renews a lease beside its checkpoint every third of this; jobs that must
+    # not run beside it (rebuild-profiles) refuse while the lease is younger than this.
+    lease_seconds: float = Field(ge=3)
 
     @field_validator("min_event_time")
     @classmethod
@@ -420,6 +457,10 @@ class SentLogConfig(_StreamingQuerySection):
     dedupe_hours: float = Field(gt=0)
 
 
+# Link schemes that run code or read local data: never allowed in serving.deep_link_schemes.
+UNSAFE_LINK_SCHEMES: frozenset[str] = frozenset({"javascript", "vbscript", "data", "file", "about", "blob"})
+
+
 class ServingConfig(_StreamingQuerySection):
     """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
 
@@ -454,11 +495,26 @@ class ServingConfig(_StreamingQuerySection):
     # Offsets and commits written to the checkpoint beside the batches, at most this often (Spark's
     # asynchronous progress tracking, continuous trigger only); None: before and after each batch.
     async_progress_interval_ms: int | None = Field(default=None, ge=0)
+    # The URL schemes a catalog deep link (and a link written in a template) may use: others are
+    # refused at catalog upload and template check, and never rendered into a payload. Web
+    # channels (email, SMS, web pop-ups) take only the http(s) ones of the list.
+    deep_link_schemes: tuple[str, ...] = Field(default=("https", "carousel"), min_length=1)
 
     @field_validator("templates_dir", "payload_schemas_dir")
     @classmethod
     def _resolve(cls, value: str) -> str:
         return resolve_path(value)
+
+    @field_validator("deep_link_schemes")
+    @classmethod
+    def _link_schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        schemes = tuple(dict.fromkeys(scheme.strip().lower().removesuffix(":") for scheme in value))
+        for scheme in schemes:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+                raise ValueError(f"{scheme!r} is not a URL scheme (letters, digits, '+', '.', '-')")
+            if scheme in UNSAFE_LINK_SCHEMES:
+                raise ValueError(f"{scheme!r} links can run code or read local data: not allowed")
+        return schemes
 
 
 class PropertyPredicate(_Section):
@@ -676,6 +732,101 @@ class CampaignRunsConfig(_Section):
     # run skips it; a chunk cut short by a kill is finished by reading the topic back from its
     # start, so at most one chunk's records are read again.
     chunk_payloads: int = Field(default=250_000, ge=1)
+    # A run started without --run-id and --as-of resumes the campaign's unfinished run of that
+    # kind started within this many hours (its id keeps its first start's date, so a retry after
+    # midnight finishes the same run); 0: never, each day's run is a new one. Keep it below the
+    # campaign's schedule interval.
+    resume_within_hours: float = Field(default=12, ge=0, le=24 * 31)
+
+
+class MaintenanceConfig(_Section):
+    """Table upkeep (``./spark-submit.sh maintain``): compaction, retention, VACUUM, log cleanup."""
+
+    # VACUUM deletes the data files a table no longer references once they were removed this long
+    # ago; time travel and any query still reading an older version need them until then. Applied
+    # as every table's delta.deletedFileRetentionDuration, which is what Delta 4.4's VACUUM goes by
+    # (it ignores a RETAIN other than 0: spark.databricks.delta.vacuum.retentionWindowIgnore.enabled).
+    vacuum_retention_hours: int = Field(default=168, ge=0)
+    # Below Delta's safety threshold (168 hours, its default delta.deletedFileRetentionDuration) a
+    # VACUUM can delete files that a running ingest or serve query still reads: refused unless this
+    # is true.
+    allow_unsafe_vacuum_retention: bool = False
+    # Age-based retention: rows older than this many days are deleted, by the table's declared
+    # time column (carousel.schemas.TABLES: events by event_date, events_quarantine by
+    # quarantined_at, sent_recommendations by sent_date). A table not listed keeps every row.
+    retention_days: dict[str, int] = Field(
+        default_factory=lambda: {"events": 400, "events_quarantine": 30, "sent_recommendations": 180}
+    )
+    # Every table's delta.logRetentionDuration and delta.checkpointInterval: how far back the
+    # transaction log (and so time travel) reaches, and how many commits lie between two
+    # checkpoints (a reader replays at most that many JSON commits on top of the last checkpoint).
+    log_retention_days: int = Field(default=30, ge=1)
+    checkpoint_interval: int = Field(default=10, ge=1, le=1000)
+    # Deletion vectors only mask rows: REORG TABLE ... APPLY (PURGE) rewrites the files that carry
+    # them, so that rows deleted by retention (or an erasure) are physically gone after VACUUM.
+    purge_deletion_vectors: bool = True
+    # A step that loses a commit race with a running job (an ingest MERGE changed the same files)
+    # is tried again, at most this many times in all.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retained_tables(cls, value: dict[str, int]) -> dict[str, int]:
+        from carousel.schemas import TABLES  # imported late: schemas imports pyspark
+
+        possible = sorted(name for name, spec in TABLES.items() if spec.retention_column)
+        unknown = sorted(set(value) - set(possible))
+        if unknown:
+            raise ValueError(f"no age-based retention for tables {unknown}; possible: {possible}")
+        short = {name: days for name, days in value.items() if days < 1}
+        if short:
+            raise ValueError(f"retention must be at least 1 day: {short}")
+        return value
+
+    @model_validator(mode="after")
+    def _safe_vacuum(self) -> MaintenanceConfig:
+        unsafe = self.vacuum_retention_hours < SAFE_VACUUM_RETENTION_HOURS
+        if unsafe and not self.allow_unsafe_vacuum_retention:
+            raise ValueError(
+                f"vacuum_retention_hours {self.vacuum_retention_hours} is below Delta's safety threshold "
+                f"of {SAFE_VACUUM_RETENTION_HOURS} hours: running queries may still read the files it "
+                "deletes (set allow_unsafe_vacuum_retention to true to do it anyway)"
+            )
+        return self
+
+    def table_properties(self) -> dict[str, str]:
+        """The upkeep settings every table carries as Delta table properties."""
+        return {
+            "delta.logRetentionDuration": f"interval {self.log_retention_days} days",
+            "delta.deletedFileRetentionDuration": f"interval {self.vacuum_retention_hours} hours",
+            "delta.checkpointInterval": str(self.checkpoint_interval),
+        }
+
+
+# The key of the erased-user hashes (carousel.erasure); never from YAML, never logged.
+ERASURE_KEY_ENV = "CAROUSEL_ERASURE_KEY"
+# Who runs an erasure, for its audit row (default: the OS user name and the host).
+ERASURE_REQUESTED_BY_ENV = "CAROUSEL_ERASURE_REQUESTED_BY"
+
+
+class ErasureConfig(_Section):
+    """The right to be forgotten (``./spark-submit.sh forget-user``)."""
+
+    # True: the hash key must come from CAROUSEL_ERASURE_KEY (a secret store); false: without it, a
+    # random key kept at <storage.root>/erasure/hash_key is created at first use (README "Erasure").
+    require_key_env: bool = False
+    # Folders (local or s3://) searched for training snapshots besides <training.workspace>/snapshots
+    # and the AWS Batch staging inputs: e.g. where `export-training-data --output` wrote others.
+    snapshot_roots: list[str] = Field(default_factory=list)
+    # At most this many ids per DELETE (one Delta commit each); a larger request takes several.
+    ids_per_delete: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("snapshot_roots")
+    @classmethod
+    def _resolve(cls, value: list[str]) -> list[str]:
+        if any(not root.strip() for root in value):
+            raise ValueError("an empty snapshot root")
+        return [resolve_path(root) for root in value]
 
 
 class CarouselConfig(_Section):
@@ -696,6 +847,8 @@ class CarouselConfig(_Section):
     reporting: ReportingConfig
     api: ApiConfig
     catalog: CatalogConfig = CatalogConfig()
+    maintenance: MaintenanceConfig = MaintenanceConfig()
+    erasure: ErasureConfig = ErasureConfig()
 
     @field_validator("campaigns")
     @classmethod

@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from carousel.config import CampaignConfig, CarouselConfig
+from carousel.errors import JobError
 from carousel.experiments import variant_column
 from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
 from carousel.ranking import RANKED_ITEMS_TYPE, REQUEST_COLUMNS, rank_recommendations, trending_items
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 USER_CONTEXT_FIELDS: tuple[str, ...] = ("age", "gender", "city", "country", "language")
 
 
-class ServingInputError(RuntimeError):
+class ServingInputError(JobError):
     """A table serving needs is missing; the message says which and how to create it."""
 
 

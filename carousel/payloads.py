@@ -22,10 +22,14 @@ This module is not a job. ``./spark-submit.sh serve`` and ``./spark-submit.sh ca
 call :func:`check_templates` at start, so a missing or broken template stops the job before any
 data is read. They then call :func:`render_payloads` on each batch.
 
-Catalog strings are untrusted. In the payload's ``items`` they are passed on as uploaded. In
+Catalog strings are untrusted. In the payload's ``items`` they are passed on as uploaded, except
+a ``deep_link`` whose scheme is not in ``serving.deep_link_schemes`` (null instead). In
 ``content`` they are rendered safely: escaped in HTML, and every link and image URL goes
-through :func:`safe_url`. Images and web links must use http(s). App deep links may use a custom
-scheme, but never ``javascript:``, ``data:`` and the like.
+through :func:`safe_url`. Images must use http(s), and so must links on web channels (the http(s)
+schemes of ``serving.deep_link_schemes``). App deep links (push, in-app, app inbox) may use any
+scheme of ``serving.deep_link_schemes`` (e.g. ``carousel://``), never ``javascript:``, ``data:`` and
+the like. Links written in an enabled campaign's templates must use a listed scheme too
+(:func:`check_templates`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import math
 import operator
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -57,7 +61,8 @@ from pyspark.sql.types import ArrayType, StringType, StructField, StructType, Ti
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 
-from carousel.config import CampaignConfig, CarouselConfig
+from carousel.config import UNSAFE_LINK_SCHEMES, CampaignConfig, CarouselConfig
+from carousel.errors import JobError
 from carousel.schemas import (
     APP_INBOX,
     CATALOG_SCHEMA,
@@ -89,10 +94,11 @@ TEMPLATE_PARTS: dict[str, tuple[str, ...]] = {
 OPTIONAL_PARTS: frozenset[str] = frozenset({"body"})
 # The layout the client renders for each JSON channel.
 CLIENT_LAYOUTS: dict[str, str] = {IN_APP: "carousel", WEB_POPUP: "modal", APP_INBOX: "list"}
-# Links on these channels open inside the app, so custom app schemes (shop://...) are allowed.
+# Links on these channels open inside the app, so the app schemes of serving.deep_link_schemes
+# (carousel://...) are allowed; elsewhere only its http(s) ones.
 APP_LINK_CHANNELS: frozenset[str] = frozenset({PUSH, IN_APP, APP_INBOX})
 WEB_URL_SCHEMES: frozenset[str] = frozenset({"http", "https"})
-BLOCKED_URL_SCHEMES: frozenset[str] = frozenset({"javascript", "vbscript", "data", "file", "about", "blob"})
+BLOCKED_URL_SCHEMES: frozenset[str] = UNSAFE_LINK_SCHEMES
 # GSM 03.38 has no "…". A single one would switch the whole SMS to UCS-2, with 70 characters a
 # segment instead of 160.
 SMS_ELLIPSIS = "..."
@@ -164,7 +170,7 @@ class PayloadError(ValueError):
     """A request cannot be rendered, or a payload breaks its schema. The message names the payload."""
 
 
-class TemplateCheckError(ValueError):
+class TemplateCheckError(JobError, ValueError):
     """Templates or schemas of enabled campaigns are missing or invalid (raised at job start)."""
 
 
@@ -211,23 +217,46 @@ _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
 @lru_cache(maxsize=65536)
-def safe_url(url: str | None, allow_app_schemes: bool = False) -> str | None:
-    """``url`` if it is safe to put in a link or image, else None.
+def safe_url(url: str | None, schemes: frozenset[str] = WEB_URL_SCHEMES) -> str | None:
+    """``url`` (trimmed) if it is safe to put in a link or image, else None.
 
-    It must be absolute, with no whitespace or control characters. The scheme must be http(s).
-    With ``allow_app_schemes``, any scheme outside :data:`BLOCKED_URL_SCHEMES` is also allowed.
-    Cached: a catalog's URLs recur in many payloads.
+    It must be absolute, with no whitespace or control characters, and its scheme (any case) must
+    be one of ``schemes`` (default: http and https) and not one of :data:`BLOCKED_URL_SCHEMES`;
+    an http(s) URL must name a host. Cached: a catalog's URLs recur in many payloads.
     """
     if not isinstance(url, str):
         return None
     url = url.strip()
-    if _WEB_URL.fullmatch(url):
-        return url
     match = _SCHEME.match(url)
-    if not allow_app_schemes or not match or _UNSAFE_URL_CHARS.search(url):
+    if not match or _UNSAFE_URL_CHARS.search(url):
         return None
     scheme = match.group(1).lower()
-    return url if scheme not in BLOCKED_URL_SCHEMES and scheme not in WEB_URL_SCHEMES else None
+    if scheme not in schemes or scheme in BLOCKED_URL_SCHEMES:
+        return None
+    if scheme in WEB_URL_SCHEMES and not _WEB_URL.fullmatch(url):
+        return None
+    return url
+
+
+# A link written into a template: an attribute that takes a URL, or anything with "scheme://".
+_TEMPLATE_LINK = re.compile(
+    r"""(?i)\b(?:href|src|action|formaction|xlink:href)\s*=\s*["']?\s*([a-z][a-z0-9+.-]*):"""
+    r"|\b([a-z][a-z0-9+.-]*)://|\b(javascript|vbscript):"
+)
+
+
+def template_link_problems(text: str, schemes: frozenset[str]) -> list[str]:
+    """A reason for each link written in a template ``text`` whose scheme is not in ``schemes``."""
+    problems = []
+    for match in _TEMPLATE_LINK.finditer(text):
+        scheme = next(group for group in match.groups() if group).lower()
+        if scheme not in schemes or scheme in BLOCKED_URL_SCHEMES:
+            line = text.count("\n", 0, match.start()) + 1
+            allowed = ", ".join(sorted(schemes)) or "none"
+            problems.append(
+                f"line {line}: a {scheme}: link; allowed here: {allowed} (serving.deep_link_schemes)"
+            )
+    return problems
 
 
 def one_line(text: str) -> str:
@@ -407,9 +436,12 @@ def _autoescape(name: str | None) -> bool:
     return name is not None and name.endswith(".html.j2")
 
 
-def _web_url_filter(url: str | None) -> str:
-    # In templates a refused URL is "" (falsy), so `{% if item.deep_link|safe_url %}` works.
-    return safe_url(url) or ""
+def _web_url_filter(schemes: frozenset[str]) -> Callable[[str | None], str]:
+    def web_url(url: str | None) -> str:
+        # In templates a refused URL is "" (falsy), so `{% if item.deep_link|safe_url %}` works.
+        return safe_url(url, schemes) or ""
+
+    return web_url
 
 
 class _PayloadSandbox(ImmutableSandboxedEnvironment):
@@ -426,7 +458,7 @@ class _PayloadSandbox(ImmutableSandboxedEnvironment):
         return {**self.globals, **(d or {})}
 
 
-def _build_environment(texts: Mapping[str, str]) -> jinja2.Environment:
+def _build_environment(texts: Mapping[str, str], web_schemes: frozenset[str]) -> jinja2.Environment:
     def load(name: str) -> tuple[str, str, Callable[[], bool]] | None:
         # Report the template's own name as its file name: errors and tracebacks then name it.
         return (texts[name], name, lambda: True) if name in texts else None
@@ -440,7 +472,7 @@ def _build_environment(texts: Mapping[str, str]) -> jinja2.Environment:
         lstrip_blocks=True,
         auto_reload=False,
     )
-    env.filters["safe_url"] = _web_url_filter
+    env.filters["safe_url"] = _web_url_filter(web_schemes)
     env.filters["money"] = money
     env.globals["item_blocks"] = _item_blocks_function(env)
     return env
@@ -493,8 +525,8 @@ def _item_blocks_function(env: jinja2.Environment) -> Callable[..., list[str]]:
 _ENVIRONMENTS: dict[str, jinja2.Environment] = {}
 
 
-def _environment(texts: Mapping[str, str]) -> jinja2.Environment:
-    digest = hashlib.sha256()
+def _environment(texts: Mapping[str, str], web_schemes: frozenset[str]) -> jinja2.Environment:
+    digest = hashlib.sha256(",".join(sorted(web_schemes)).encode())
     for name in sorted(texts):
         digest.update(f"{len(name)}:{name}{len(texts[name])}:{texts[name]}".encode())
     key = digest.hexdigest()
@@ -502,7 +534,7 @@ def _environment(texts: Mapping[str, str]) -> jinja2.Environment:
     if env is None:
         if len(_ENVIRONMENTS) >= 8:
             _ENVIRONMENTS.clear()
-        env = _ENVIRONMENTS[key] = _build_environment(texts)
+        env = _ENVIRONMENTS[key] = _build_environment(texts, web_schemes)
     return env
 
 
@@ -547,23 +579,38 @@ class PayloadRenderer:
         sms_max_segments: int,
         push_max_items: int,
         origin: str = "<memory>",
+        deep_link_schemes: Iterable[str] = WEB_URL_SCHEMES,
     ) -> None:
         self.texts: dict[str, str] = dict(texts)
         self.sms_max_segments = sms_max_segments
         self.push_max_items = push_max_items
         self.origin = origin
+        # Links on app channels and in payload items: any listed scheme; on web channels: http(s).
+        self.link_schemes = frozenset(s.lower() for s in deep_link_schemes) - BLOCKED_URL_SCHEMES
+        self.web_link_schemes = self.link_schemes & WEB_URL_SCHEMES
         self._env: jinja2.Environment | None = None
 
     @classmethod
     def from_directory(
-        cls, templates_dir: str | Path, *, sms_max_segments: int, push_max_items: int
+        cls,
+        templates_dir: str | Path,
+        *,
+        sms_max_segments: int,
+        push_max_items: int,
+        deep_link_schemes: Iterable[str] = WEB_URL_SCHEMES,
     ) -> PayloadRenderer:
         """Read every ``*.j2`` under ``templates_dir``, keyed by relative path (so includes work)."""
         root = Path(templates_dir)
         if not root.is_dir():
             raise TemplateCheckError(f"templates folder not found: {root}")
         texts = {p.relative_to(root).as_posix(): p.read_text(encoding="utf-8") for p in root.rglob("*.j2")}
-        return cls(texts, sms_max_segments=sms_max_segments, push_max_items=push_max_items, origin=str(root))
+        return cls(
+            texts,
+            sms_max_segments=sms_max_segments,
+            push_max_items=push_max_items,
+            origin=str(root),
+            deep_link_schemes=deep_link_schemes,
+        )
 
     @classmethod
     def from_config(cls, cfg: CarouselConfig) -> PayloadRenderer:
@@ -572,6 +619,7 @@ class PayloadRenderer:
             serving.templates_dir,
             sms_max_segments=serving.sms_max_segments,
             push_max_items=serving.push_max_items,
+            deep_link_schemes=serving.deep_link_schemes,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -580,7 +628,7 @@ class PayloadRenderer:
     @property
     def environment(self) -> jinja2.Environment:
         if self._env is None:
-            self._env = _environment(self.texts)
+            self._env = _environment(self.texts, self.web_link_schemes)
         return self._env
 
     def compile(self, name: str) -> None:
@@ -645,7 +693,15 @@ def _optional_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _payload_items(raw_items: Sequence[Mapping[str, Any]], ref: str) -> list[TemplateRecord]:
+def _deep_link(value: Any, schemes: frozenset[str]) -> str | None:
+    """The catalog's deep link as uploaded, or None when it has none or its scheme is not listed."""
+    text = _optional_text(value)
+    return text if safe_url(text, schemes) else None
+
+
+def _payload_items(
+    raw_items: Sequence[Mapping[str, Any]], ref: str, link_schemes: frozenset[str]
+) -> list[TemplateRecord]:
     items = []
     for position, raw in enumerate(raw_items):
         where = f"{ref}: item {position}"
@@ -674,7 +730,7 @@ def _payload_items(raw_items: Sequence[Mapping[str, Any]], ref: str) -> list[Tem
                 currency=_optional_text(raw.get("currency")),
                 rating=_optional_number(raw.get("rating")),
                 image_url=_optional_text(raw.get("image_url")),
-                deep_link=_optional_text(raw.get("deep_link")),
+                deep_link=_deep_link(raw.get("deep_link"), link_schemes),
             )
         )
     items.sort(key=lambda item: item["rank"])
@@ -700,7 +756,7 @@ def _render_parts(
     return parts
 
 
-def _card(item: Mapping[str, Any], app_links: bool) -> dict[str, Any]:
+def _card(item: Mapping[str, Any], link_schemes: frozenset[str]) -> dict[str, Any]:
     return {
         "item_id": item["item_id"],
         "title": item["title"] or "",
@@ -708,27 +764,27 @@ def _card(item: Mapping[str, Any], app_links: bool) -> dict[str, Any]:
         "price_text": money(item["price"], item["currency"]) or None,
         "rating": item["rating"],
         "image_url": safe_url(item["image_url"]),
-        "deep_link": safe_url(item["deep_link"], allow_app_schemes=app_links),
+        "deep_link": safe_url(item["deep_link"], link_schemes),
     }
 
 
 def _content(
     renderer: PayloadRenderer, channel: str, parts: Mapping[str, str], items: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    app_links = channel in APP_LINK_CHANNELS
+    app_links = renderer.link_schemes if channel in APP_LINK_CHANNELS else renderer.web_link_schemes
     if channel == PUSH:
         shown = items[: renderer.push_max_items]
         return {
             "title": one_line(parts["title"]),
             "body": parts["body"],
-            "deep_link": safe_url(items[0]["deep_link"], allow_app_schemes=True),
+            "deep_link": safe_url(items[0]["deep_link"], app_links),
             "image_url": safe_url(items[0]["image_url"]),
             "carousel": [
                 {
                     "item_id": item["item_id"],
                     "title": item["title"] or "",
                     "image_url": safe_url(item["image_url"]),
-                    "deep_link": safe_url(item["deep_link"], allow_app_schemes=True),
+                    "deep_link": safe_url(item["deep_link"], app_links),
                 }
                 for item in shown
             ],
@@ -763,7 +819,7 @@ def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dic
     for required in ("payload_id", "campaign", "template", "variant", "user_id"):
         if not request.get(required):
             raise PayloadError(f"{ref}: {required} is missing")
-    items = _payload_items(request.get("items") or (), ref)
+    items = _payload_items(request.get("items") or (), ref, renderer.link_schemes)
     if not items:
         raise PayloadError(f"{ref}: no items to send")
     created_at = _iso_utc(request.get("created_at"), ref)
@@ -928,6 +984,11 @@ def _campaign_problems(
             renderer.compile(template_name(channel, template, part))
         except TemplateCheckError as err:
             problems.append(f"{label}: {err}")
+    # Links written into the campaign's templates: only listed schemes (web channels: http(s)).
+    schemes = renderer.link_schemes if channel in APP_LINK_CHANNELS else renderer.web_link_schemes
+    for file in sorted(n for n in renderer.texts if n.startswith(f"{channel}/{template}.")):
+        for problem in template_link_problems(renderer.texts[file], schemes):
+            problems.append(f"{label}: template {renderer.origin}/{file} {problem}")
     try:
         _validator(cfg.serving.payload_schemas_dir, channel)
     except TemplateCheckError as err:
@@ -965,6 +1026,10 @@ def check_templates(cfg: CarouselConfig) -> PayloadRenderer:
         if campaign.enabled
         for problem in _campaign_problems(renderer, cfg, name, campaign)
     ]
+    if len(problems) == 1:
+        raise TemplateCheckError(
+            f"payload template of an enabled campaign is missing or invalid: {problems[0]}"
+        )
     if problems:
         raise TemplateCheckError(
             "payload templates of enabled campaigns are missing or invalid:\n  - " + "\n  - ".join(problems)

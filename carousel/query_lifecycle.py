@@ -28,8 +28,11 @@ cut and replayed on the next start. Use the stop request for a clean stop.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -42,13 +45,16 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import CarouselConfig
-from carousel.storage import delete_file, file_exists, write_small_file
+from carousel.storage import delete_file, file_exists, publish_small_file, read_text_file, write_small_file
 
 __all__ = [
     "BatchGate",
+    "QueryLease",
     "StopRequestedError",
     "await_query",
     "gate_for",
+    "lease_holder",
+    "lease_path",
     "request_stop",
     "stop_between_batches",
     "stop_main",
@@ -56,6 +62,7 @@ __all__ = [
 ]
 
 STOP_MARKER_NAME = "_stop_requested"
+LEASE_NAME = "_running"
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +179,60 @@ def stop_marker(cfg: CarouselConfig, query_name: str) -> str:
     return f"{cfg.storage.checkpoint(query_name)}/{STOP_MARKER_NAME}"
 
 
+def lease_path(cfg: CarouselConfig, query_name: str) -> str:
+    """Where the running query ``query_name`` keeps its lease: beside its checkpoint."""
+    return f"{cfg.storage.checkpoint(query_name)}/{LEASE_NAME}"
+
+
+class QueryLease:
+    """A small file saying "this query runs here", renewed while it runs and removed when it stops.
+
+    Why: jobs that must not run beside a query (``rebuild-profiles`` replacing ``user_profiles``
+    under a running ingest) need to know it runs, from any machine that reaches the storage. A
+    killed driver cannot remove its lease, so a lease counts only while younger than
+    ``lease_seconds`` (renewed every third of that). The times are the writer's clock: keep the
+    machines' clocks within a few seconds of each other (NTP), as Delta itself assumes.
+    """
+
+    def __init__(self, spark: SparkSession, path: str, query_name: str, lease_seconds: float) -> None:
+        self._spark, self.path, self._query_name = spark, path, query_name
+        self._renew_every = lease_seconds / 3
+        self._renewed = -float("inf")
+
+    def renew_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._renewed < self._renew_every:
+            return
+        holder = {
+            "query": self._query_name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed_at": datetime.now(UTC).isoformat(),
+        }
+        publish_small_file(self._spark, self.path, json.dumps(holder))
+        self._renewed = now
+
+    def release(self) -> None:
+        delete_file(self._spark, self.path)
+
+
+def lease_holder(
+    spark: SparkSession, path: str, lease_seconds: float, now: datetime | None = None
+) -> dict[str, Any] | None:
+    """The lease at ``path`` (query, host, pid, renewed_at) if younger than ``lease_seconds``, else None."""
+    text = read_text_file(spark, path)
+    if not text:
+        return None
+    try:
+        holder = json.loads(text)
+        renewed_at = datetime.fromisoformat(holder["renewed_at"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("unreadable lease at %s: ignored", path)
+        return None
+    age = ((now or datetime.now(UTC)) - renewed_at).total_seconds()
+    return holder if age < lease_seconds else None
+
+
 def request_stop(spark: SparkSession, marker: str, reason: str) -> None:
     """Ask the query watching ``marker`` to stop between micro-batches (any Hadoop file system)."""
     write_small_file(spark, marker, f"{datetime.now(UTC).isoformat()} {reason}\n")
@@ -183,8 +244,11 @@ def await_query(
     stop_timeout_seconds: float,
     marker: str | None = None,
     poll_seconds: float = 2.0,
+    lease: QueryLease | None = None,
 ) -> None:
     """Wait for ``query`` to end; a stop request at ``marker`` or SIGTERM/SIGINT stop it between batches.
+
+    While it runs, ``lease`` (if given) is renewed; it is released when the query ends.
 
     A stop request left from before this start is removed first (it was meant for an earlier
     run). Signal handlers only record the request (they must not block); this loop then stops the
@@ -205,6 +269,8 @@ def await_query(
     previous = {sig: signal.signal(sig, _request_stop) for sig in signals}
     try:
         while query.isActive:
+            if lease is not None:
+                lease.renew_if_due()
             if not requested and marker is not None and file_exists(spark, marker):
                 log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
                 requested.append(marker)
@@ -226,6 +292,8 @@ def await_query(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if lease is not None:
+            lease.release()
 
 
 _STOPPABLE = ("ingest", "serve", "record-sends")

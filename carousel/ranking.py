@@ -19,8 +19,16 @@ How a request is ranked (:func:`rank_recommendations`):
    items from the profile, newest first (``serving.recent_items_used`` of each; weight
    ``recency_decay ** position``, purchases times ``purchase_weight``).
 2. **Model candidates**: each seed's top-k list in the correlation matrix; an item's score is the
-   sum over seeds of ``seed weight x score / best score in that seed's list`` (so every model's
-   scores count on the same 0..1 scale).
+   sum over seeds of ``seed weight x relative score``, where the relative score is the item's
+   score min-max scaled over the seed's whole published list: ``(score - lowest) / (best -
+   lowest)``, 1 for the best, 0 for the last (1 for every item of a list whose scores are all
+   equal, or of a one-item list). Models publish cosines, co-occurrence counts, logits with a
+   per-item bias and z-scores; min-max holds for any real score and is unchanged when a list's
+   scores are shifted or scaled by a positive factor, so every model's lists count on the same
+   0..1 scale. (Dividing by the best score did not: a negative score flipped the order, and a
+   per-list offset decided how much each seed counted.) Min-max rather than ranks keeps the
+   model's gaps (a clear favourite counts more than a near tie), and it is continuous at the
+   top-k cut: the last listed item counts 0, like the first one the model left out.
 3. **Filters** (campaign ``filters``): only active catalog products pass, then in-stock, category,
    price range, rating and any property predicate.
 4. **Exclusions** (campaign ``exclusions``): the trigger item; items viewed / purchased within N
@@ -271,7 +279,7 @@ class ItemLists:
     """The correlation matrix, cut to a campaign's eligible products, plus catalog categories.
 
     Item ``i`` of ``ids`` has its model list in ``recs[offsets[i]:offsets[i + 1]]`` (codes into
-    ``ids``) with ``relative`` scores (score / best score of the item's whole list, > 0) and
+    ``ids``) with ``relative`` scores (min-max scaled over the item's whole list, in 0..1) and
     ``version_codes`` (into ``versions``). Only eligible recommended items are kept, so a list
     may be shorter than the published one. ``category_codes`` (into ``categories``, -1 = none)
     is the catalog category of every catalog product, eligible or not (seeds' categories pick
@@ -418,15 +426,24 @@ def item_lists_from_arrow(matrix: pa.Table | None, catalog: pa.Table, filters: C
     version = pc.fill_null(version_dict.indices, len(versions) - 1).to_numpy(zero_copy_only=False)
     order = np.argsort(seed, kind="stable")
     seed, rec, score, version = seed[order], rec[order], score[order], version[order].astype(np.int32)
-    # Every list's best score is taken over the whole published list, before any filter.
-    best = np.full(n, np.nan)
+    # Min-max per list (see the module docstring): it holds for negative scores (logits, z-scores)
+    # and is invariant to a shift and a positive scale of a list, which a ratio to the best is not.
+    # The extremes are taken over the whole published list, before any filter, so a list's scale
+    # does not depend on the campaign. fmax/fmin skip the NaN of a missing score.
+    finite = np.isfinite(score)
+    score = np.where(finite, score, np.nan)
+    best, lowest = np.full(n, np.nan), np.full(n, np.nan)
     counts = np.bincount(seed, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]
     if len(starts):
-        best[counts > 0] = np.maximum.reduceat(score, starts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = score / best[seed]
-    keep = (rec >= 0) & np.isfinite(relative) & (relative > 0)
+        best[counts > 0] = np.fmax.reduceat(score, starts)
+        lowest[counts > 0] = np.fmin.reduceat(score, starts)
+    spread = best[seed] - lowest[seed]
+    # All scores equal (or one item): every item is as good as the best, so it counts 1, not 0/0.
+    tied = ~(spread > 0)
+    relative = np.where(tied, 1.0, (score - lowest[seed]) / np.where(tied, 1.0, spread))
+    # The last of a list counts 0 and is kept: it is still a model candidate, ranked after the rest.
+    keep = (rec >= 0) & finite & np.isfinite(relative)
     keep[keep] = eligible[rec[keep]]
     seed, rec, relative, version = seed[keep], rec[keep], relative[keep], version[keep]
     offsets = np.concatenate([[0], np.cumsum(np.bincount(seed, minlength=n))]).astype(np.int64)

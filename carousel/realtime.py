@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ import pyarrow as pa
 
 from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
 from carousel.experiments import DEFAULT_VARIANT, assign_variant, trigger_payload_id
+from carousel.faults import kill_job
 from carousel.lookups import LookupSources, ServingLookups, current_lookups
 from carousel.online_state import Answer, OnlineState, UserState
 from carousel.online_store import connect
@@ -390,7 +390,7 @@ def answer_records(
     if new_answers and _fault_countdown[0] > 0:
         _fault_countdown[0] -= 1
         if _fault_countdown[0] == 0:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            kill_job("after writing a batch's answers to the online store")
     return out
 
 

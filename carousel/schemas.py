@@ -3,6 +3,8 @@
 Role: every schema and column name that crosses a boundary lives here: the JSON event contract on
 the ``events`` topic, and the Delta tables ``events``, ``user_profiles``, ``events_quarantine``
 and ``ingest_log``. Jobs, validation, tests and docs import them; nothing infers a schema.
+:data:`TABLES` declares every Delta table's layout and properties (:mod:`carousel.tables` creates
+them so).
 
 The event contract (JSON object, Kafka key = user id)::
 
@@ -18,6 +20,10 @@ required; ``item_id`` is required for the item events (see :data:`ITEM_EVENT_TYP
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from pyspark.sql.types import (
     ArrayType,
@@ -200,6 +206,8 @@ INGEST_LOG_SCHEMA = StructType(
         StructField("duplicates", LongType(), False),
         StructField("profiles_upserted", LongType(), False),
         StructField("completed_at", TimestampType(), False),
+        # Records of users erased by forget-user, dropped (null in rows from before this column).
+        StructField("erased", LongType()),
     ]
 )
 
@@ -379,4 +387,131 @@ OUTBOX_SCHEMA = StructType(
         StructField("model_version", StringType()),
         StructField("items", ArrayType(OUTBOX_ITEM_SCHEMA)),
     ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Erasure: the right to be forgotten (./spark-submit.sh forget-user, carousel/erasure.py)
+# ---------------------------------------------------------------------------------------------
+ERASED_USERS_TABLE = "erased_users"
+# The users erased so far, as keyed hashes (carousel.erasure.user_hash), never their ids: ingest,
+# serve and rebuild-online-store anti-join on ``user_hash`` so that an erased user's events still
+# in the topic are not stored or served again. ``key_id`` names the key the hash was made with.
+ERASED_USERS_SCHEMA = StructType(
+    [
+        StructField("user_hash", StringType(), False),
+        StructField("key_id", StringType(), False),
+        StructField("request_id", StringType(), False),
+        StructField("erased_at", TimestampType(), False),
+    ]
+)
+ERASURE_LOG_TABLE = "erasure_log"
+# The audit: one row per (erasure request, target) - a table, the online store or the training
+# snapshots - with how much was removed, who ran it and when. No user id, no hash: the request's
+# users are the erased_users rows of its request_id.
+ERASURE_LOG_SCHEMA = StructType(
+    [
+        StructField("request_id", StringType(), False),
+        StructField("target", StringType(), False),
+        StructField("users", LongType(), False),
+        StructField("rows_removed", LongType(), False),
+        StructField("detail", StringType()),
+        StructField("requested_by", StringType(), False),
+        StructField("completed_at", TimestampType(), False),
+        # When the removed rows are physically gone: the first VACUUM after this (Delta tables;
+        # maintenance.vacuum_retention_hours after the delete). NULL: gone at completed_at.
+        StructField("final_after", TimestampType()),
+    ]
+)
+# Where each table keeps a user's id: forget-user deletes the rows whose column holds an erased id.
+USER_ID_COLUMNS: Mapping[str, str] = MappingProxyType(
+    {EVENTS_TABLE: "user_id", PROFILES_TABLE: "user_id", SENT_RECOMMENDATIONS_TABLE: "user_id"}
+)
+# Tables of raw records: the user id is read from the record's JSON (carousel.erasure.raw_user_id).
+RAW_RECORD_COLUMNS: Mapping[str, str] = MappingProxyType({QUARANTINE_TABLE: "raw_value"})
+# Tables that hold no user id. Every table of TABLES is in exactly one of these three declarations
+# (tests/test_forget_user.py checks it), so a new table cannot escape the erasure unnoticed.
+NO_USER_DATA_TABLES: frozenset[str] = frozenset(
+    {
+        INGEST_LOG_TABLE,
+        ITEM_RECOMMENDATIONS_TABLE,
+        CATALOG_TABLE,
+        TRENDING_TABLE,
+        CAMPAIGN_RUNS_TABLE,
+        ERASED_USERS_TABLE,
+        ERASURE_LOG_TABLE,
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every Delta table under storage.root: its layout and its properties, declared once
+# ---------------------------------------------------------------------------------------------
+# Deletion vectors off unless a table needs them: the pinned ``deltalake`` 1.6 refuses a table
+# with the deletionVectors reader feature in ``to_pyarrow_table`` / ``to_pandas`` (serving's
+# lookups read catalog, matrix and trending so), and reads it only through its QueryBuilder
+# (``carousel.portable.read_table``; README "Reading tables without Spark").
+PORTABLE_PROPERTIES: Mapping[str, str] = MappingProxyType({"delta.enableDeletionVectors": "false"})
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How one Delta table is laid out; :func:`carousel.tables.ensure` creates it so (and brings an
+    older table to it), whichever job comes first."""
+
+    name: str
+    schema: StructType
+    partition_by: tuple[str, ...] = ()
+    # Liquid clustering keys: OPTIMIZE (./spark-submit.sh maintain) clusters the files by them.
+    cluster_by: tuple[str, ...] = ()
+    properties: Mapping[str, str] = field(default_factory=lambda: PORTABLE_PROPERTIES)
+    # The time column (date or timestamp) of age-based retention (maintenance.retention_days).
+    retention_column: str | None = None
+
+    def __post_init__(self) -> None:
+        columns = set(self.schema.fieldNames())
+        named = [*self.partition_by, *self.cluster_by, *filter(None, [self.retention_column])]
+        if missing := [c for c in named if c not in columns]:
+            raise ValueError(f"table {self.name}: no columns {missing} in its schema")
+        if self.partition_by and self.cluster_by:
+            raise ValueError(f"table {self.name}: Delta clusters a table or partitions it, not both")
+
+
+TABLES: Mapping[str, TableSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            TableSpec(
+                EVENTS_TABLE,
+                EVENTS_SCHEMA,
+                partition_by=(EVENTS_PARTITION_COLUMN,),
+                retention_column=EVENTS_PARTITION_COLUMN,
+            ),
+            # Every ingest micro-batch MERGEs users spread over the whole table: deletion vectors
+            # let it mark the changed rows instead of rewriting every file it touches (2,000 users
+            # into 1M: 0.4 MB written instead of 165 MB; README "Reading tables without Spark").
+            # Clustered by user_id: maintain's OPTIMIZE sorts users into files by id, so a
+            # profile lookup reads one file.
+            TableSpec(
+                PROFILES_TABLE,
+                PROFILE_SCHEMA,
+                cluster_by=("user_id",),
+                properties=MappingProxyType({"delta.enableDeletionVectors": "true"}),
+            ),
+            TableSpec(QUARANTINE_TABLE, QUARANTINE_SCHEMA, retention_column="quarantined_at"),
+            TableSpec(INGEST_LOG_TABLE, INGEST_LOG_SCHEMA),
+            TableSpec(ITEM_RECOMMENDATIONS_TABLE, ITEM_RECOMMENDATIONS_SCHEMA),
+            TableSpec(CATALOG_TABLE, CATALOG_SCHEMA),
+            TableSpec(TRENDING_TABLE, TRENDING_SCHEMA),
+            TableSpec(
+                SENT_RECOMMENDATIONS_TABLE,
+                SENT_RECOMMENDATIONS_SCHEMA,
+                partition_by=(SENT_PARTITION_COLUMN,),
+                retention_column=SENT_PARTITION_COLUMN,
+            ),
+            TableSpec(CAMPAIGN_RUNS_TABLE, CAMPAIGN_RUNS_SCHEMA),
+            TableSpec(ERASED_USERS_TABLE, ERASED_USERS_SCHEMA),
+            TableSpec(ERASURE_LOG_TABLE, ERASURE_LOG_SCHEMA),
+        )
+    }
 )

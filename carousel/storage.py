@@ -10,15 +10,38 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from delta.exceptions import (
+    ConcurrentAppendException,
+    ConcurrentDeleteDeleteException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    ConcurrentWriteException,
+    DeltaConcurrentModificationException,
+    MetadataChangedException,
+    ProtocolChangedException,
+)
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
 log = logging.getLogger(__name__)
+
+# Every Delta commit conflict: delta-spark's Python classes do not share a base as the JVM ones do.
+COMMIT_CONFLICTS: tuple[type[Exception], ...] = (
+    DeltaConcurrentModificationException,
+    ConcurrentAppendException,
+    ConcurrentDeleteDeleteException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    ConcurrentWriteException,
+    MetadataChangedException,
+    ProtocolChangedException,
+)
+T = TypeVar("T")
 
 TXN_APP_ID_CONF = "spark.databricks.delta.write.txnAppId"
 TXN_VERSION_CONF = "spark.databricks.delta.write.txnVersion"
@@ -30,18 +53,106 @@ def ensure_table(
     schema: StructType,
     partition_by: Sequence[str] = (),
     properties: Mapping[str, str] | None = None,
+    cluster_by: Sequence[str] = (),
 ) -> DeltaTable:
-    """Create the Delta table at ``location`` with ``schema`` (and table properties) unless it exists."""
+    """Create the Delta table at ``location`` with ``schema``, table properties and clustering keys
+    unless it exists; an existing table gets the properties and clustering it lacks
+    (:func:`converge_table`), so its settings do not depend on which job created it."""
     builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
+    if cluster_by:
+        builder = builder.clusterBy(*cluster_by)
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
-    return builder.execute()
+    table = builder.execute()
+    add_missing_columns(spark, location, schema)
+    converge_table(spark, location, properties or {}, cluster_by)
+    return table
+
+
+def _missing_fields(declared: StructType, current: StructType, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, type) of every field of ``declared`` that ``current`` lacks, nested structs too."""
+    have = {f.name: f.dataType for f in current.fields}
+    missing: list[tuple[str, Any]] = []
+    for field in declared.fields:
+        path = f"{prefix}`{field.name.replace('`', '``')}`"
+        if field.name not in have:
+            missing.append((path, field.dataType))
+        elif isinstance(field.dataType, StructType) and isinstance(have[field.name], StructType):
+            missing += _missing_fields(field.dataType, have[field.name], f"{path}.")
+    return missing
+
+
+def add_missing_columns(spark: SparkSession, location: str, schema: StructType) -> list[str]:
+    """Schema evolution: add to the table at ``location`` the columns (and nested struct fields)
+    that ``schema`` declares and it lacks, as nullable; returns their paths.
+
+    Why: a release that adds a field to the event contract or the profile declares it in
+    ``carousel.schemas``; every job ensures its tables at start, so the first one started adds the
+    column (old rows read it as null) and a writer of the previous release still running keeps
+    working (Delta fills a missing nullable column with null). Columns are never dropped, renamed
+    or retyped here: that is a migration of its own.
+    """
+    current = spark.read.format("delta").load(location).schema
+    missing = _missing_fields(schema, current)
+    if missing:
+        columns = ", ".join(f"{path} {data_type.simpleString()}" for path, data_type in missing)
+        spark.sql(f"ALTER TABLE {quoted_location(location)} ADD COLUMNS ({columns})")
+        log.info("table %s: added columns %s", location, [path for path, _ in missing])
+    return [path for path, _ in missing]
+
+
+def quoted_location(location: str) -> str:
+    """The table at ``location`` as a SQL identifier: ``delta.`<location>```."""
+    return "delta.`" + location.replace("`", "``") + "`"
+
+
+def with_commit_retries(attempts: int, what: str, step: Callable[[], T]) -> T:
+    """``step()``, again after losing a Delta commit race (e.g. to ingest's MERGE), ``attempts`` in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return step()
+        except COMMIT_CONFLICTS as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s lost a commit race (attempt %d of %d), again: %s", what, attempt, attempts, err)
+    raise AssertionError("unreachable")
+
+
+def converge_table(
+    spark: SparkSession, location: str, properties: Mapping[str, str], cluster_by: Sequence[str] = ()
+) -> dict[str, str]:
+    """Set the table properties (and liquid clustering keys) that the table at ``location`` lacks
+    or holds with another value; returns what it changed (clustering as ``"clusterBy"``).
+
+    A no-op when the table already has them: the change is a metadata commit, which a writer
+    committing at the same moment (an ingest MERGE) would have to retry.
+    """
+    detail = DeltaTable.forPath(spark, location).detail().select("properties", "clusteringColumns").head()
+    current = dict(detail["properties"] or {})
+    changed = {key: str(value) for key, value in properties.items() if current.get(key) != str(value)}
+    if changed:
+        settings = ", ".join(
+            "'{}' = '{}'".format(key.replace("'", "\\'"), value.replace("'", "\\'"))
+            for key, value in sorted(changed.items())
+        )
+        spark.sql(f"ALTER TABLE {quoted_location(location)} SET TBLPROPERTIES ({settings})")
+    if cluster_by and list(detail["clusteringColumns"] or []) != list(cluster_by):
+        spark.sql(f"ALTER TABLE {quoted_location(location)} CLUSTER BY ({', '.join(cluster_by)})")
+        changed["clusterBy"] = ", ".join(cluster_by)
+    if changed:
+        log.info("table %s: set %s", location, changed)
+    return changed
 
 
 def table_exists(spark: SparkSession, location: str) -> bool:
     return DeltaTable.isDeltaTable(spark, location)
+
+
+def latest_version(spark: SparkSession, location: str) -> int:
+    """The latest committed version of the Delta table at ``location``."""
+    return int(DeltaTable.forPath(spark, location).history(1).select("version").head()[0])
 
 
 def read_snapshot(spark: SparkSession, location: str, version: int | None = None) -> tuple[DataFrame, int]:
@@ -51,7 +162,7 @@ def read_snapshot(spark: SparkSession, location: str, version: int | None = None
     version is a cache key for what is derived from it (serving's broadcast item lists).
     """
     if version is None:
-        version = int(DeltaTable.forPath(spark, location).history(1).select("version").head()[0])
+        version = latest_version(spark, location)
     return spark.read.format("delta").option("versionAsOf", version).load(location), version
 
 
@@ -76,6 +187,20 @@ def committed_txn_version(spark: SparkSession, location: str, app_id: str) -> in
     )
     version = snapshot.transactions().get(app_id)
     return int(version.get()) if version.isDefined() else None
+
+
+def deletion_vector_count(spark: SparkSession, location: str) -> int:
+    """How many files of the Delta table at ``location`` carry a deletion vector (rows masked,
+    still in the file until the file is rewritten)."""
+    jvm = spark.sparkContext._jvm
+    none = jvm.scala.Option.empty()
+    snapshot = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, location).update(
+        False, none, none
+    )
+    count = snapshot.numDeletionVectorsOpt()
+    if count.isDefined():
+        return int(count.get())
+    return int(snapshot.allFiles().where("deletionVector IS NOT NULL").count())
 
 
 @contextmanager

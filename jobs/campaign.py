@@ -7,10 +7,15 @@ the same function as real-time serving (:func:`carousel.ranking.rank_request`, v
 From those rows it records every sent item - and every control-group hold-out - in
 ``sent_recommendations``, counts the run, renders the channel template and writes the payloads to
 the channel's Kafka topic (key = user id, ``payload_id`` header) in chunks of
-``campaign_runs.chunk_payloads``, or, with ``--output DIR``, to JSON-lines files.
+``campaign_runs.chunk_payloads``, or, with ``--output DIR``, to JSON-lines files under
+``DIR/<campaign>/<run id>/channel=<channel>/`` (a run replaces only its own folder).
 
-Idempotent and resumable per run id (default: ``<campaign>-<UTC date>``; schedulers pass the slot's
-date, see ``conf/scheduling/``). The sent rows of a run are appended with Delta ``txnAppId`` =
+Idempotent and resumable per run id. Without ``--run-id`` the id is ``<campaign>-<UTC date of
+--as-of>`` when ``--as-of`` is given; otherwise the campaign's latest unfinished run that took its
+id that way (no ``--run-id``, no ``--as-of``) and started within ``campaign_runs.resume_within_hours``
+is resumed, under its id and as of its first start, so a retry after midnight finishes the run it
+retries; else a new run ``<campaign>-<UTC date>``. Schedulers pass the slot (``--run-id`` or
+``--as-of``, see ``conf/scheduling/``). The sent rows of a run are appended with Delta ``txnAppId`` =
 ``campaign:<name>:<run id>``, and the run's progress is kept under
 ``<storage.root>/campaign_progress/<campaign>/<run id>/`` (:class:`RunProgress`). A run killed half
 way and started again with the same id renders what was recorded (it does not rank again), skips
@@ -26,9 +31,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -39,8 +42,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from carousel import tables
 from carousel.broker import BrokerError, end_offsets
-from carousel.cli import add_config_args, config_from_args
+from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CampaignConfig, CampaignSegment, CarouselConfig, ConfigError
 from carousel.delivery import (
     catalog_items,
@@ -51,7 +55,9 @@ from carousel.delivery import (
     user_contexts,
     write_payloads,
 )
+from carousel.errors import JobError
 from carousel.experiments import run_payload_id_column
+from carousel.faults import injected, kill_job
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import check_templates, render_payloads
 from carousel.schemas import (
@@ -61,14 +67,11 @@ from carousel.schemas import (
     PAYLOAD_ID_HEADER,
     PRODUCT_PURCHASED,
     PROFILES_TABLE,
-    SENT_PARTITION_COLUMN,
-    SENT_RECOMMENDATIONS_SCHEMA,
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import build_session
 from carousel.storage import (
     committed_txn_version,
-    ensure_table,
     idempotent_append,
     publish_small_file,
     read_text_file,
@@ -79,7 +82,7 @@ from jobs.rebuild_online_store import merge_frame
 log = logging.getLogger(__name__)
 
 
-class CampaignError(RuntimeError):
+class CampaignError(JobError):
     """The campaign cannot run; the message says why."""
 
 
@@ -148,6 +151,29 @@ def default_run_id(campaign_name: str, now: datetime) -> str:
     return f"{campaign_name}-{now:%Y-%m-%d}"
 
 
+def resumable_run(
+    spark: SparkSession, cfg: CarouselConfig, campaign_name: str, now: datetime
+) -> tuple[str, datetime] | None:
+    """The latest unfinished run of the campaign whose id was chosen by default from the clock (no
+    ``--run-id``, no ``--as-of``) and that started within ``campaign_runs.resume_within_hours``
+    before ``now``: (its run id, its first start). Such ids name their start date, so only the
+    dates within the window are looked at."""
+    window = timedelta(hours=cfg.campaign_runs.resume_within_hours)
+    if not window:
+        return None
+    runs_location = cfg.storage.table(CAMPAIGN_RUNS_TABLE)
+    days = (now.date() - (now - window).date()).days
+    for back in range(days + 1):
+        run_id = default_run_id(campaign_name, now - timedelta(days=back))
+        start = RunProgress(spark, cfg, campaign_name, run_id).start_record()
+        if not start or not start.get("default_id"):
+            continue
+        started_at = datetime.fromisoformat(start["started_at"])
+        if now - window <= started_at <= now and not _completed(spark, runs_location, campaign_name, run_id):
+            return run_id, started_at
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +184,15 @@ def _completed(spark: SparkSession, location: str, campaign_name: str, run_id: s
     return runs.where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id)).limit(1).count() > 0
 
 
-def write_files(rendered: DataFrame, output: str) -> None:
-    """Payload JSON lines under ``output/<channel>/`` (one folder per channel)."""
-    rendered.select("channel", "value").write.mode("overwrite").partitionBy("channel").text(output)
+def run_output(output: str, campaign_name: str, run_id: str) -> str:
+    """The run's own folder under ``--output``: ``<output>/<campaign>/<run id>``."""
+    return f"{output.rstrip('/')}/{campaign_name}/{run_id}"
+
+
+def write_files(rendered: DataFrame, folder: str) -> None:
+    """Payload JSON lines under ``folder/channel=<channel>/``. ``folder`` is the run's own
+    (:func:`run_output`): a retry of the run replaces its files, other runs' files stay."""
+    rendered.select("channel", "value").write.mode("overwrite").partitionBy("channel").text(folder)
 
 
 def remember_sends(sent: DataFrame, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
@@ -210,6 +242,8 @@ class RunCounts:
 class RunProgress:
     """A run's progress markers under ``<storage root>/campaign_progress/<campaign>/<run id>/``.
 
+    ``start.json``: when the run first started and whether its id was chosen by default (written
+    once, by the first attempt);
     ``run.json``: the counts and the number of send chunks, written before the sends are recorded;
     ``chunk-N.started``: the channel topic's end offsets just before chunk N (from 1) was written;
     ``chunk-N.sent``: chunk N is in the topic whole. Each file appears whole or not at all
@@ -229,6 +263,14 @@ class RunProgress:
 
     def run(self) -> dict[str, Any] | None:
         return self._read("run.json")
+
+    def start_record(self) -> dict[str, Any] | None:
+        return self._read("start.json")
+
+    def record_start(self, started_at: datetime, default_id: bool) -> None:
+        """Record the run's first start (a retry keeps the first attempt's record)."""
+        if self.start_record() is None:
+            self._write("start.json", {"started_at": started_at.isoformat(), "default_id": default_id})
 
     def record_run(self, counts: RunCounts, chunks: int) -> None:
         self._write("run.json", {**asdict(counts), "chunks": chunks})
@@ -305,12 +347,8 @@ def written_payload_ids(
 def _fault_point(chunk: int, chunks: int) -> None:
     """Fault injection for the kill test: SIGKILL the job's process group right after the chunk
     numbered by the environment was written to Kafka, before it is recorded as sent."""
-    target = os.environ.get(FAULT_KILL_ENV)
-    if target is not None and int(target) == chunk:
-        log.warning("fault injection: killing the job after writing chunk %d/%d", chunk, chunks)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+    if injected(FAULT_KILL_ENV, chunk):
+        kill_job(f"after writing chunk {chunk}/{chunks}")
 
 
 def _chunk_count(payloads: int, chunk_payloads: int) -> int:
@@ -324,19 +362,30 @@ def run(
     run_id: str | None = None,
     output: str | None = None,
     now: datetime | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> dict[str, int | str | bool]:
-    """Run, resume or recognise as done one campaign run; returns its counts."""
+    """Run, resume or recognise as done one campaign run; returns its counts.
+
+    ``now``: the as-of time (``--as-of``; default: the ``clock``'s time, or the first start of the
+    unfinished run resumed). Without ``run_id``, see the module docstring for the default."""
     started = time.monotonic()
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
-    now = now or datetime.now(UTC)
+    default_id = run_id is None and now is None
+    if default_id:
+        now = clock()
+        resumable = resumable_run(spark, cfg, campaign_name, now)
+        if resumable is not None:
+            run_id, now = resumable
+            log.info("campaign %s: resuming unfinished run %s started %s", campaign_name, run_id, now)
+    now = now or clock()
     run_id = run_id or default_run_id(campaign_name, now)
     if not RUN_ID_PATTERN.fullmatch(run_id):
         raise CampaignError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     renderer = check_templates(cfg)
     runs_location = cfg.storage.table(CAMPAIGN_RUNS_TABLE)
-    ensure_table(spark, runs_location, CAMPAIGN_RUNS_SCHEMA)
+    tables.ensure(spark, cfg, CAMPAIGN_RUNS_TABLE)
     if _completed(spark, runs_location, campaign_name, run_id):
         log.info("campaign %s run %s already completed: nothing sent", campaign_name, run_id)
         return {"campaign": campaign_name, "run_id": run_id, "skipped": True, "payloads": 0}
@@ -345,9 +394,10 @@ def run(
         raise CampaignError(f"no user profiles at {profiles_location}: run ingest first")
 
     sent_location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-    ensure_table(spark, sent_location, SENT_RECOMMENDATIONS_SCHEMA, partition_by=[SENT_PARTITION_COLUMN])
+    tables.ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     app_id = f"campaign:{campaign_name}:{run_id}"
     progress = RunProgress(spark, cfg, campaign_name, run_id)
+    progress.record_start(now, default_id)
     recorded = committed_txn_version(spark, sent_location, app_id) is not None
     inputs = load_serving_inputs(spark, cfg, {campaign_name: campaign}, now)
     segment = select_segment(
@@ -409,9 +459,11 @@ def run(
     def render(frame: DataFrame) -> DataFrame:
         return render_payloads(frame, cfg, renderer=renderer, catalog=catalog)
 
-    destination = output or cfg.kafka.topic(campaign.channel).name
+    destination = (
+        run_output(output, campaign_name, run_id) if output else cfg.kafka.topic(campaign.channel).name
+    )
     if output:
-        write_files(render(payloads), output)
+        write_files(render(payloads), destination)
     else:
         _, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg)
         if skipped:
@@ -461,11 +513,19 @@ def run(
 def main(argv: list[str]) -> int:
     parser = add_config_args(argparse.ArgumentParser(prog="campaign", description=__doc__.splitlines()[0]))
     parser.add_argument("name", help="the campaign (a key of `campaigns` in conf/)")
-    parser.add_argument("--run-id", help="idempotency key of this run (default: <campaign>-<UTC date>)")
-    parser.add_argument("--output", help="write payload JSON lines under this folder instead of Kafka")
+    parser.add_argument(
+        "--run-id",
+        help="idempotency key of this run (default: <campaign>-<UTC date of --as-of>; without --as-of, "
+        "the campaign's unfinished run started within campaign_runs.resume_within_hours, else "
+        "<campaign>-<UTC date>)",
+    )
+    parser.add_argument(
+        "--output", help="write payload JSON lines under this folder (<campaign>/<run id>/) instead of Kafka"
+    )
     parser.add_argument(
         "--as-of",
         metavar="ISO",
+        type=iso_time,
         help="select, rank and stamp the sends as of this UTC time (backfills, demos; default now)",
     )
     args = parser.parse_args(argv)
@@ -477,10 +537,7 @@ def main(argv: list[str]) -> int:
         return 2
     spark = build_session(cfg, f"carousel-campaign-{args.name}")
     try:
-        as_of = datetime.fromisoformat(args.as_of.replace("Z", "+00:00")) if args.as_of else None
-        if as_of is not None and as_of.tzinfo is None:
-            as_of = as_of.replace(tzinfo=UTC)
-        run(spark, cfg, args.name, run_id=args.run_id, output=args.output, now=as_of)
+        run(spark, cfg, args.name, run_id=args.run_id, output=args.output, now=args.as_of)
     except (CampaignError, BrokerError) as err:
         log.error("%s", err)
         return 1

@@ -62,9 +62,11 @@ from pyspark.sql import functions as F
 from carousel import objectstore, quality
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
+from carousel.errors import JobError
 from carousel.quality import DataQualityError
 from carousel.schemas import EVENTS_PARTITION_COLUMN, EVENTS_TABLE, INTERACTION_SCHEMA
 from carousel.session import build_session
+from carousel.storage import table_exists
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +260,8 @@ def run(
 ) -> dict[str, Any]:
     """Export, validate and publish one snapshot; return its manifest plus ``output`` and ``manifest_uri``.
 
-    Raises :class:`carousel.quality.DataQualityError` when the snapshot fails validation.
+    Raises :class:`carousel.quality.DataQualityError` when the snapshot fails validation, and
+    :class:`~carousel.errors.JobError` when there is no ``events`` table.
     """
     overrides = {
         key: value
@@ -278,6 +281,8 @@ def run(
             raise FileExistsError(f"{existing} already exists: snapshots are never overwritten")
 
     table = cfg.storage.table(EVENTS_TABLE)
+    if not table_exists(spark, table):
+        raise JobError(f"no events table at {table}: nothing to export (run ingest first)")
     version = DeltaTable.forPath(spark, table).history(1).select("version").first()[0]
     events = spark.read.format("delta").option("versionAsOf", version).load(table)
 
@@ -430,7 +435,7 @@ def main(argv: list[str]) -> int:
     spark = build_session(cfg, "carousel-export-training-data")
     try:
         result = run(spark, cfg, output=args.output, end=args.end)
-    except DataQualityError as err:
+    except (DataQualityError, FileExistsError) as err:  # FileExistsError: --output is taken
         log.error("%s", err)
         return 1
     log.info("manifest %s", result["manifest_uri"])

@@ -22,8 +22,9 @@ from datetime import datetime
 
 from pyspark.sql import SparkSession
 
-from carousel.cli import add_config_args, config_from_args
+from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig
+from carousel.errors import JobError
 from carousel.quality import DataQualityError
 from carousel.session import build_session
 from jobs import aws_batch, export_training_data, publish_recommendations, train
@@ -31,7 +32,7 @@ from jobs import aws_batch, export_training_data, publish_recommendations, train
 log = logging.getLogger(__name__)
 
 
-class StepFailedError(RuntimeError):
+class StepFailedError(JobError):
     """One step of the nightly run failed; the message names the step."""
 
 
@@ -41,7 +42,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, r
     started = time.perf_counter()
     try:
         snapshot = export_training_data.run(spark, cfg, end=end)
-    except DataQualityError as err:
+    except (DataQualityError, JobError) as err:  # JobError: no events table
         raise StepFailedError(f"export/validate: {err}") from err
     timings["export_validate"] = time.perf_counter() - started
 
@@ -72,14 +73,13 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, r
 
 def main(argv: list[str]) -> int:
     parser = add_config_args(argparse.ArgumentParser(prog="nightly", description=__doc__.splitlines()[0]))
-    parser.add_argument("--end", help="end of the export range (ISO-8601, default now)")
+    parser.add_argument("--end", type=iso_time, help="end of the export range (ISO-8601, default now)")
     parser.add_argument("--runner", choices=train.RUNNERS, default="local")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "nightly")
-    end = datetime.fromisoformat(args.end.replace("Z", "+00:00")) if args.end else None
     spark = build_session(cfg, "carousel-nightly")
     try:
-        run(spark, cfg, end=end, runner=args.runner)
+        run(spark, cfg, end=args.end, runner=args.runner)
     except StepFailedError as err:
         log.error("nightly run failed at %s", err)
         return 1

@@ -31,9 +31,11 @@ from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, 
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
-from carousel.schemas import ITEM_RECOMMENDATIONS_SCHEMA, ITEM_RECOMMENDATIONS_TABLE, RECOMMENDATION_COLUMNS
+from carousel.errors import JobError
+from carousel.schemas import ITEM_RECOMMENDATIONS_TABLE, RECOMMENDATION_COLUMNS
 from carousel.session import build_session
-from carousel.storage import ensure_table
+from carousel.storage import table_exists
+from carousel.tables import ensure
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ RECOMMENDATIONS_CSV_SCHEMA = StructType(
 COMMIT_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 
 
-class PublishRefusedError(RuntimeError):
+class PublishRefusedError(JobError):
     """The model output failed validation; the live recommendations were not changed."""
 
 
@@ -60,13 +62,29 @@ class ModelOutput:
     items: list[str]
 
 
+def _read_metadata(path: Path, location: str) -> dict:
+    """The output's ``metadata.json``; :class:`PublishRefusedError` when it is missing or unusable."""
+    if not path.is_file():
+        raise PublishRefusedError(
+            f"no metadata.json in {location}: not a complete train output (train writes it last)"
+        )
+    try:
+        metadata = json.loads(path.read_text())
+        missing = [key for key in ("model_version", "top_k", "items") if key not in metadata]
+    except (ValueError, TypeError) as err:
+        raise PublishRefusedError(f"metadata.json in {location} is not a JSON object: {err}") from None
+    if missing:
+        raise PublishRefusedError(f"metadata.json in {location} lacks {', '.join(missing)}")
+    return metadata
+
+
 def read_model_output(spark: SparkSession, location: str, client: object | None = None) -> ModelOutput:
     """Read a ``train`` output folder (local or S3; S3 is fetched to a temp folder first)."""
     local = location
     if objectstore.is_s3(location):
         local = tempfile.mkdtemp(prefix="carousel-publish-")
         objectstore.download_dir(location, local, client=client)
-    metadata = json.loads(Path(local, "metadata.json").read_text())
+    metadata = _read_metadata(Path(local, "metadata.json"), location)
     csv_files = sorted(str(p) for p in Path(local, "recommendations").glob("*.csv"))
     if not csv_files:
         raise PublishRefusedError(f"no recommendations/*.csv under {location}")
@@ -164,7 +182,7 @@ def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput) -> in
             f"model {output.model_version} refused, live recommendations unchanged: " + "; ".join(failures)
         )
     location = cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)
-    table = ensure_table(spark, location, ITEM_RECOMMENDATIONS_SCHEMA)
+    table = ensure(spark, cfg, ITEM_RECOMMENDATIONS_TABLE)
     rows = output.recommendations.select(*RECOMMENDATION_COLUMNS).withColumn(
         "model_version", F.lit(output.model_version)
     )
@@ -195,10 +213,30 @@ def publish_history(spark: SparkSession, location: str) -> list[tuple[int, str |
     return result
 
 
+def _version_ranges(versions: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    ranges: list[list[int]] = []
+    for version in versions:
+        if ranges and version == ranges[-1][1] + 1:
+            ranges[-1][1] = version
+        else:
+            ranges.append([version, version])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "none"
+
+
 def rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None = None) -> int:
     """Restore the version live before the current model (or ``to_version``); returns it."""
     location = cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)
-    if to_version is None:
+    if not table_exists(spark, location):
+        raise PublishRefusedError(f"no published recommendations at {location}: nothing to roll back")
+    if to_version is not None:
+        versions = sorted(v for v, _, _ in publish_history(spark, location))
+        if to_version not in versions:
+            raise PublishRefusedError(
+                f"--to-version {to_version}: {location} has no such version "
+                f"(its history holds versions {_version_ranges(versions)})"
+            )
+    else:
         live = spark.read.format("delta").load(location).select("model_version").limit(1).collect()
         live_model = live[0].model_version if live else None
         publishes = [

@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, OnlineStoreConfig
+from carousel.erasure import drop_erased, erased_ids
 from carousel.online_profile import USER_ATTRIBUTE_FIELDS, OnlineProfile
 from carousel.online_state import OnlineState
 from carousel.online_store import OnlineStoreError, check_reachable, connect
@@ -201,7 +202,9 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
         .option("failOnDataLoss", "false")
         .load()
     )
-    counts["events"] = merge_frame(hot_path_records(raw, cfg), cfg, "events")
+    # Users erased by forget-user stay out: their events may still be in the topic.
+    erased = erased_ids(spark, cfg)
+    counts["events"] = merge_frame(drop_erased(hot_path_records(raw, cfg), erased), cfg, "events")
     log.info(
         "online store: events after ingest's offsets (%s) merged for %d users", starting, counts["events"]
     )
@@ -220,7 +223,7 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
             .where(F.col("item_id").isNotNull())
             .select("user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us"))
         )
-        counts["sends"] = merge_frame(sends, cfg, "sends")
+        counts["sends"] = merge_frame(drop_erased(sends, erased), cfg, "sends")
     log.info(
         "online store rebuilt in %.1fs: users merged from profiles %d, events %d, sends %d",
         time.monotonic() - started,

@@ -22,8 +22,12 @@ from pyspark.sql import functions as F
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
+from carousel.errors import JobError
+from carousel.query_lifecycle import lease_holder, lease_path
 from carousel.schemas import EVENTS_TABLE, PROFILE_SCHEMA, PROFILE_VOLATILE_COLUMNS, PROFILES_TABLE
 from carousel.session import build_session
+from carousel.storage import latest_version, table_exists
+from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, profile_deltas
 
 log = logging.getLogger(__name__)
@@ -59,16 +63,53 @@ def profile_differences(expected: DataFrame, actual: DataFrame) -> DataFrame:
     return lj.exceptAll(rj).select("user_id").union(rj.exceptAll(lj).select("user_id")).distinct()
 
 
+def _refuse_beside_ingest(spark: SparkSession, cfg: CarouselConfig) -> int | None:
+    """Refuse (JobError) while ingest runs; else the live table's version (None: no table yet).
+
+    Replacing ``user_profiles`` under a running ingest would silently drop the updates it commits
+    between this job's read of ``events`` and its write.
+    """
+    name = cfg.ingest.query_name
+    holder = lease_holder(spark, lease_path(cfg, name), cfg.ingest.lease_seconds)
+    if holder is not None:
+        raise JobError(
+            f"ingest ({name}) is running on {holder.get('host')} (pid {holder.get('pid')}, lease renewed "
+            f"{holder.get('renewed_at')}): stop it first (./spark-submit.sh stop ingest), or write "
+            "elsewhere with --output"
+        )
+    location = cfg.storage.table(PROFILES_TABLE)
+    return latest_version(spark, location) if table_exists(spark, location) else None
+
+
+def _check_unchanged(spark: SparkSession, location: str, version_before: int | None) -> None:
+    """Refuse to replace the table when something committed to it since the rebuild started."""
+    now = latest_version(spark, location) if table_exists(spark, location) else None
+    if now != version_before:
+        raise JobError(
+            f"{location} changed while rebuilding (version {version_before} -> {now}): a writer "
+            "(ingest?) ran beside this job; nothing was written, run it again once that writer stopped"
+        )
+
+
 def run(
     spark: SparkSession, cfg: CarouselConfig, output: str | None = None, check_only: bool = False
 ) -> dict[str, int]:
     """Recompute profiles; write them (or compare them with the live table). Returns counts."""
-    events = spark.read.format("delta").load(cfg.storage.table(EVENTS_TABLE))
+    replacing = output is None and not check_only
+    version_before = _refuse_beside_ingest(spark, cfg) if replacing else None
+    events_location = cfg.storage.table(EVENTS_TABLE)
+    if not table_exists(spark, events_location):
+        raise JobError(f"no events table at {events_location}: no profiles to rebuild (run ingest first)")
+    events = spark.read.format("delta").load(events_location)
     profiles = recompute_profiles(events, cfg).persist()
     counts = {"events_read": events.count(), "profiles": profiles.count()}
     log.info("recomputed %d profiles from %d events", counts["profiles"], counts["events_read"])
     if check_only:
-        live = spark.read.format("delta").load(cfg.storage.table(PROFILES_TABLE))
+        live_location = cfg.storage.table(PROFILES_TABLE)
+        if not table_exists(spark, live_location):
+            profiles.unpersist()
+            raise JobError(f"no user profiles at {live_location} to compare with (--check)")
+        live = spark.read.format("delta").load(live_location)
         differing = profile_differences(profiles, live).persist()
         counts["differing_users"] = differing.count()
         if counts["differing_users"]:
@@ -78,7 +119,11 @@ def run(
             log.info("live profiles equal the recomputation")
     else:
         target = output or cfg.storage.table(PROFILES_TABLE)
+        if replacing:
+            _check_unchanged(spark, target, version_before)
         profiles.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
+        # An overwrite keeps the table's properties but drops its clustering keys: declared again.
+        ensure(spark, cfg, PROFILES_TABLE, location=target)
         counts["written"] = counts["profiles"]
         log.info("wrote %d profiles to %s", counts["written"], target)
     profiles.unpersist()

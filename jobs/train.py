@@ -29,6 +29,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import pandas as pd
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
+from carousel.errors import spark_reason
 from carousel.schemas import INTERACTION_SCHEMA, RECOMMENDATION_COLUMNS
 from jobs import aws_batch
 
@@ -77,8 +79,29 @@ def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.Dat
     spark = build_session(
         cfg, "carousel-train", extra_conf={"spark.sql.execution.arrow.pyspark.enabled": "true"}
     )
-    df = spark.read.option("header", True).option("mode", "FAILFAST").schema(INTERACTION_SCHEMA).csv(location)
-    frame = df.toPandas()
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    try:
+        # FAILFAST: a row with the wrong number of fields or an unparseable time fails the read;
+        # enforceSchema off: the header must name the columns, in order, not just count them.
+        df = (
+            spark.read.option("header", True)
+            .option("mode", "FAILFAST")
+            .option("enforceSchema", False)
+            .schema(INTERACTION_SCHEMA)
+            .csv(location)
+        )
+        with warnings.catch_warnings():
+            # PySpark warns with the JVM's cause chain when an Arrow collect fails: said below, once.
+            warnings.filterwarnings("ignore", message="toPandas attempted Arrow", category=UserWarning)
+            frame = df.toPandas()
+    except (PySparkException, Py4JJavaError) as err:
+        raise ValueError(f"cannot read the interactions CSV at {location}: {spark_reason(err)}") from None
+    for column in frame.columns:
+        missing = int(frame[column].isna().sum())
+        if missing:
+            raise ValueError(f"malformed interactions CSV at {location}: {missing} rows without {column}")
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
     log.info("read %d interactions from %s with Spark", len(frame), location)
     return frame

@@ -28,8 +28,9 @@ column                 accepted headers and conversion
 ``currency``           ``currency``: a 3-letter ISO 4217 code, stored upper-case
 ``rating``             ``rating``: a number within ``RATING_RANGE`` (0-5)
 ``image_url``          ``image_url``, ``image_link``, ``image``: an absolute http(s) URL
-``deep_link``          ``deep_link``, ``link``: a URI with a scheme (``myapp://product/1``,
-                       ``https://shop.example/p/1``)
+``deep_link``          ``deep_link``, ``link``: a URI whose scheme is one of
+                       ``serving.deep_link_schemes`` (``carousel://item/1``,
+                       ``https://shop.example/p/1``; never ``javascript:``, ``data:``, ``file:``)
 =====================  =====================================================================
 
 Values are trimmed; an empty value is missing (null). Any other column is a product property: it
@@ -40,7 +41,8 @@ never by the file.
 Validation. The Great Expectations suite :func:`carousel.quality.catalog_suite` runs on the
 converted rows; in addition every offending row is found with Spark and given its reasons:
 malformed record, missing or duplicate id, a value that does not convert (naming the column and the
-value), negative price, rating out of range, malformed URL, bad currency code, a value longer than
+value), negative price, rating out of range, malformed URL, a deep link whose scheme is not in
+``serving.deep_link_schemes``, bad currency code, a value longer than
 its limit (``catalog.max_text_chars`` per text column, ``catalog.max_property_chars`` per property
 value; characters, not bytes; ``title is 5000 characters, the limit is 200
 (catalog.max_text_chars.title)``), more than ``catalog.max_properties`` properties (for
@@ -57,7 +59,9 @@ the GE report (``catalog.json`` / ``.html``) and, when rejected, every offending
 ``<storage.root>/reports/catalog/<upload id>/``.
 
 Writing. One Delta MERGE on ``item_id``, so one commit: either the new catalog is live or the old
-one stays.
+one stays. Uploads do not wait for each other: one that finds the table changed by another upload
+since it started reading it (or that loses Delta's commit race to one) is rejected whole, nothing
+written, with one line saying so; upload the file again.
 
 * Full upload (default): the file is the catalog. Every row is upserted with ``active = true``
   (columns absent from the file become null); products in the table but not in the file become
@@ -105,10 +109,12 @@ from pyspark.sql.types import (
 
 from carousel import objectstore, quality
 from carousel.cli import add_config_args, config_from_args
-from carousel.config import CarouselConfig, CatalogConfig
+from carousel.config import CarouselConfig, CatalogConfig, ServingConfig
+from carousel.errors import JobError, spark_reason
 from carousel.schemas import CATALOG_PROPERTY_COLUMNS, CATALOG_SCHEMA, CATALOG_TABLE, RATING_RANGE
 from carousel.session import build_session
-from carousel.storage import ensure_table, table_exists
+from carousel.storage import COMMIT_CONFLICTS, table_exists
+from carousel.tables import ensure
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +157,7 @@ _UNAVAILABLE_WORDS = (
     "backorder",
 )
 _CURRENCY = r"^[A-Z]{3}$"
+_SCHEME_PATTERN = r"^([A-Za-z][A-Za-z0-9+.-]*):"
 _TEXT_COLUMNS = ("title", "description", "category")
 # Set by the job: a file may not carry them.
 _JOB_COLUMNS = ("active", "upload_id", "updated_at", "properties")
@@ -165,7 +172,7 @@ REJECTED_DIR = "rejected_rows"
 _EMPTY_PROPERTIES = "cast(map() as map<string, string>)"
 
 
-class CatalogRejectedError(RuntimeError):
+class CatalogRejectedError(JobError):
     """The upload was refused whole; the live catalog is unchanged. The message lists the reasons."""
 
     def __init__(
@@ -346,6 +353,7 @@ def to_catalog_rows(
     plan: ColumnPlan,
     rating_range: tuple[float, float] = RATING_RANGE,
     limits: CatalogConfig | None = None,
+    deep_link_schemes: Sequence[str] | None = None,
 ) -> DataFrame:
     """Convert the text rows to catalog columns, with every per-row problem in ``_reasons``.
 
@@ -355,9 +363,12 @@ def to_catalog_rows(
     ``_reasons`` (array of text, empty when the row is fine). Duplicate ids are reasons too, and so
     are values longer than ``limits`` allows (``catalog.max_text_chars``, ``max_property_chars``,
     ``max_properties``; the defaults of :class:`CatalogConfig` when not given), checked only for
-    the columns the file carries.
+    the columns the file carries. A deep link must use one of ``deep_link_schemes``
+    (``serving.deep_link_schemes``; its default when not given).
     """
     limits = limits or CatalogConfig()
+    if deep_link_schemes is None:
+        deep_link_schemes = ServingConfig.model_fields["deep_link_schemes"].default
     source = {name: _text(F.col(f"_c{index}")) for name, index in plan.columns.items()}
     values: dict[str, Column] = {}
     reasons: list[Column] = []
@@ -399,6 +410,21 @@ def to_catalog_rows(
             values[name] = source[name]
             bad = source[name].isNotNull() & ~source[name].rlike(pattern)
             reasons.append(_reason(bad, f"{name} ", _quoted(source[name]), f" is not {expected}"))
+    if "deep_link" in source:
+        link = source["deep_link"]
+        scheme = F.lower(F.regexp_extract(link, _SCHEME_PATTERN, 1))
+        allowed = ", ".join(deep_link_schemes)
+        unlisted = link.rlike(quality.URI_PATTERN) & ~scheme.isin(*deep_link_schemes)
+        reasons.append(
+            _reason(
+                unlisted,
+                "deep_link ",
+                _quoted(link),
+                " uses scheme '",
+                scheme,
+                f"', not one of serving.deep_link_schemes ({allowed})",
+            )
+        )
     property_reasons = F.array().cast("array<string>")
     if plan.properties:
         entries = F.filter(
@@ -694,10 +720,11 @@ class _Upload:
         self, problems: Sequence[str], rows: int = 0, report: str | None = None
     ) -> CatalogRejectedError:
         mode = "partial" if self.partial else "full"
-        lines = [
+        head = (
             f"catalog upload {self.upload_id} ({mode}, {self.path}) rejected; the live catalog is unchanged:"
-        ]
-        lines += [f"  - {p}" for p in problems]
+        )
+        # One problem: one line. Several: one a line.
+        lines = [f"{head} {problems[0]}"] if len(problems) == 1 else [head, *(f"  - {p}" for p in problems)]
         return CatalogRejectedError(
             "\n".join(lines),
             upload_id=self.upload_id,
@@ -728,6 +755,8 @@ def run(
     path, upload_id = upload.path, upload.upload_id
     location = cfg.storage.table(CATALOG_TABLE)
     refuse = upload.reject
+    # The table version this upload is checked against: another upload committed after it refuses this one.
+    base_version = table_version(spark, location)
     try:
         fmt = detect_format(path, fmt)
     except ValueError as err:
@@ -751,7 +780,9 @@ def run(
             )
             raise refuse(problems)
 
-        rows = to_catalog_rows(raw.frame, plan, limits=cfg.catalog)
+        rows = to_catalog_rows(
+            raw.frame, plan, limits=cfg.catalog, deep_link_schemes=cfg.serving.deep_link_schemes
+        )
         if partial:
             current = (
                 spark.read.format("delta").load(location).select("item_id", "properties")
@@ -763,7 +794,9 @@ def run(
                 rows = with_property_count_reasons(rows, current, plan, cfg.catalog.max_properties)
         rows = rows.persist()
         try:
-            return _validate_and_merge(spark, cfg, upload, rows, plan, rows_read, allow_mass_deactivation)
+            return _validate_and_merge(
+                spark, cfg, upload, rows, plan, rows_read, base_version, allow_mass_deactivation
+            )
         finally:
             rows.unpersist()
     finally:
@@ -777,6 +810,7 @@ def _validate_and_merge(
     rows: DataFrame,
     plan: ColumnPlan,
     rows_read: int,
+    base_version: int | None,
     allow_mass_deactivation: bool = False,
 ) -> UploadResult:
     upload_id, partial, report_dir = upload.upload_id, upload.partial, upload.report_dir
@@ -824,9 +858,28 @@ def _validate_and_merge(
                     "If the delisting is intended, upload it again with --allow-mass-deactivation"
                 ]
             )
-    table = ensure_table(spark, location, CATALOG_SCHEMA)
     now = datetime.now(UTC)
-    version, counts = merge_catalog(table, rows, plan, upload_id, now, partial=partial)
+    current = table_version(spark, location)
+    if current != base_version:
+        log.error("upload %s: %s changed (version %s -> %s)", upload_id, location, base_version, current)
+        raise upload.reject(
+            [
+                f"another write changed {location} while this upload was being checked (version "
+                f"{base_version} -> {current}, e.g. a concurrent upload): nothing written; "
+                "upload the file again"
+            ]
+        )
+    try:
+        table = ensure(spark, cfg, CATALOG_TABLE)
+        version, counts = merge_catalog(table, rows, plan, upload_id, now, partial=partial)
+    except COMMIT_CONFLICTS as err:
+        log.error("upload %s: lost a concurrent commit to %s: %s", upload_id, location, spark_reason(err))
+        raise upload.reject(
+            [
+                f"another write committed to {location} at the same time ({type(err).__name__}, e.g. a "
+                "concurrent upload): nothing written; upload the file again"
+            ]
+        ) from None
     result = UploadResult(
         upload_id=upload_id,
         partial=partial,
@@ -939,6 +992,13 @@ def merge_catalog(
         "deactivated": int(metrics.get("numTargetRowsNotMatchedBySourceUpdated", 0)),
     }
     return int(last["version"]), counts
+
+
+def table_version(spark: SparkSession, location: str) -> int | None:
+    """The table's latest Delta version (None: no table yet)."""
+    if not table_exists(spark, location):
+        return None
+    return int(DeltaTable.forPath(spark, location).history(1).select("version").first()[0])
 
 
 def read_active_catalog(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:

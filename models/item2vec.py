@@ -315,6 +315,11 @@ class _SkipGramTrainer:
     (``tf.unique``, between two XLA clusters since it has a dynamic shape; padded back to a fixed
     size with the padding row), sums each row's gradients (segment sum) and updates the table and
     its moments once per distinct row. Everything runs in a fixed order: reproducible.
+
+    :attr:`batch_gradients` ``(target, context) -> (loss_sum, grad_w, context_rows,
+    context_grads)`` is one step's compiled gradient function: the loss summed over the valid
+    pairs, each pair's target-row gradient, and the context rows (the pairs' contexts, then the
+    sampled negatives) with their gradients, duplicates not yet summed.
     """
 
     def __init__(
@@ -396,6 +401,11 @@ class _SkipGramTrainer:
             context_rows = tf.concat([context, tf.reshape(noise, [-1])], 0)
             context_grads = tf.concat([grad_c, tf.reshape(grad_neg, [-1, dim])], 0)
             return loss_sum, grad_w, context_rows, context_grads
+
+        # The very function each step runs, kept so that tests/test_gradients.py can check its
+        # hand-written gradients against tf.GradientTape (it reads the step for the negatives'
+        # key: set ``step`` to the step to reproduce).
+        self.batch_gradients = gradients
 
         def make_update(variable: Any, moments: list[Any], size: int) -> Any:
             """The sparse update of one table for ``size`` (row, gradient) pairs, duplicates allowed."""

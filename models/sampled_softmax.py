@@ -12,7 +12,10 @@ step)) and shared by the whole batch; logits ``w . c + bias(c) - log q(c)`` (the
 so that they estimate log P(target | source)); an accidental hit (a negative that is the pair's
 own target) is masked; softmax cross-entropy; the gradients of the gathered rows written out by
 hand; a lazy Adam step (only the rows of the batch move), the rate decaying linearly to a small
-share over the fit.
+share over the fit. The draw, the gradients and the Adam rows are the module's functions
+(:func:`draw_negatives`, :func:`sampled_softmax_gradients`, :func:`adam_rows`), which the chunk
+loop calls and ``tests/test_gradients.py`` checks against ``tf.GradientTape``,
+``tf.nn.sampled_softmax_loss`` and Keras's Adam.
 
 Why it is fast:
 
@@ -45,7 +48,13 @@ import numpy as np
 
 from models.item2vec import initial_vectors
 
-__all__ = ["SampledSoftmaxTrainer", "unique_rows"]
+__all__ = [
+    "SampledSoftmaxTrainer",
+    "adam_rows",
+    "draw_negatives",
+    "sampled_softmax_gradients",
+    "unique_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,76 @@ def unique_rows(tf: Any, index: Any, pad: int) -> tuple[Any, Any]:
     # Every copy of a value writes the same value into its slot.
     unique = tf.tensor_scatter_nd_update(tf.fill([size], pad), slot[:, None], ordered)
     return unique, position
+
+
+def draw_negatives(tf: Any, seed: Any, replica: Any, step: Any, k: int, table_size: int) -> Any:
+    """The noise-table slots of one step's ``k`` negatives (int32), drawn statelessly.
+
+    ``seed``, ``replica`` and ``step`` are int64 scalars: each replica has its own stream, keyed
+    by (seed + replica * stride, step), so a fit is reproducible for a seed and replica count.
+    """
+    key = tf.stack([seed + replica * _REPLICA_SEED_STRIDE, step])
+    return tf.random.stateless_uniform([k], seed=key, minval=0, maxval=table_size, dtype=tf.int32)
+
+
+def sampled_softmax_gradients(
+    tf: Any,
+    w: Any,
+    c_all: Any,
+    target: Any,
+    noise: Any,
+    log_q_table: Any,
+    valid: Any,
+    bias_on: float,
+) -> tuple[Any, Any, Any]:
+    """One batch's sampled-softmax loss and the hand-written gradients of its gathered rows.
+
+    ``w`` (B, d): each pair's input row; ``c_all`` (B + K, d + 1): each pair's target output row,
+    then the K shared negatives' rows, the bias in the last column; ``target`` (B,) and ``noise``
+    (K,): their item codes (a negative equal to the pair's own target, an accidental hit, is
+    masked); ``log_q_table``: log q of every code (the logQ correction); ``valid`` (B,): 1 for a
+    real pair, 0 for padding; ``bias_on``: 1.0 to use the bias column, 0.0 to ignore it.
+
+    The loss is the mean over valid pairs of softmax cross-entropy over [target, negatives] on
+    logits ``w . c + bias_on * bias - log q``. Returns ``(loss_sum, grad_w (B, d), grad_c_all
+    (B + K, d + 1))``: the loss summed over valid pairs (not averaged) and the gradients of the
+    mean loss with respect to each gathered row (a row gathered twice gets two gradients, for
+    the caller to sum). Written out by hand rather than by ``tf.GradientTape``: the training
+    step is one XLA computation, and this is what ``tests/test_gradients.py`` checks against
+    the tape and ``tf.nn.sampled_softmax_loss``.
+    """
+    batch, dim = w.shape[0], w.shape[1]
+    scale = valid / tf.maximum(tf.reduce_sum(valid), 1.0)
+    c, neg = c_all[:batch, :dim], c_all[batch:, :dim]
+    c_bias, neg_bias = c_all[:batch, dim], c_all[batch:, dim]
+    pos_logit = tf.reduce_sum(w * c, 1) + bias_on * c_bias - tf.gather(log_q_table, target)
+    neg_logit = (
+        tf.matmul(w, neg, transpose_b=True) + (bias_on * neg_bias - tf.gather(log_q_table, noise))[None, :]
+    )
+    neg_logit = tf.where(tf.equal(noise[None, :], target[:, None]), _MASKED_LOGIT, neg_logit)
+    log_norm = tf.reduce_logsumexp(tf.concat([pos_logit[:, None], neg_logit], 1), 1)  # (B,)
+    loss_sum = tf.reduce_sum((log_norm - pos_logit) * valid)
+    g_pos = (tf.exp(pos_logit - log_norm) - 1.0) * scale  # d loss / d logit, (B,)
+    g_neg = tf.exp(neg_logit - log_norm[:, None]) * scale[:, None]  # (B, K)
+    grad_w = g_pos[:, None] * c + tf.matmul(g_neg, neg)
+    grad_c = tf.concat([g_pos[:, None] * w, bias_on * g_pos[:, None]], 1)
+    grad_neg = tf.concat(
+        [tf.matmul(g_neg, w, transpose_a=True), bias_on * tf.reduce_sum(g_neg, 0)[:, None]], 1
+    )
+    return loss_sum, grad_w, tf.concat([grad_c, grad_neg], 0)
+
+
+def adam_rows(tf: Any, state: Any, width: int, summed: Any, lr: Any) -> Any:
+    """One Adam step of some rows held as ``[param | m | v]`` (``width`` columns each).
+
+    ``summed``: each row's gradient, summed over its occurrences in the batch; ``lr``: the rate
+    with Adam's bias correction for this step already applied. Only the rows given move (lazy
+    Adam): the caller gathers the batch's distinct rows and scatters the result back.
+    """
+    param, m, v = state[:, :width], state[:, width : 2 * width], state[:, 2 * width :]
+    m = _ADAM_BETA1 * m + (1 - _ADAM_BETA1) * summed
+    v = _ADAM_BETA2 * v + (1 - _ADAM_BETA2) * tf.square(summed)
+    return tf.concat([param - lr * m / (tf.sqrt(v) + _ADAM_EPSILON), m, v], 1)
 
 
 class SampledSoftmaxTrainer:
@@ -144,12 +223,6 @@ class SampledSoftmaxTrainer:
         seed_t = tf.constant(seed, tf.int64)
         k = negatives
 
-        def adam(state: Any, width: int, summed: Any, lr: Any) -> Any:
-            param, m, v = state[:, :width], state[:, width : 2 * width], state[:, 2 * width :]
-            m = _ADAM_BETA1 * m + (1 - _ADAM_BETA1) * summed
-            v = _ADAM_BETA2 * v + (1 - _ADAM_BETA2) * tf.square(summed)
-            return tf.concat([param - lr * m / (tf.sqrt(v) + _ADAM_EPSILON), m, v], 1)
-
         def make_chunk(replica: int) -> Any:
             target_var, context_var = self.states[replica]
             step_var = self.steps[replica]
@@ -161,9 +234,7 @@ class SampledSoftmaxTrainer:
                 step_var.assign_add(tf.cast(source[0] < pad, tf.int64))
                 step = step_var.read_value()
                 t = tf.maximum(tf.cast(step, tf.float32), 1.0)
-                scale = valid / tf.maximum(tf.reduce_sum(valid), 1.0)
-                key = tf.stack([seed_t + stream * _REPLICA_SEED_STRIDE, step])  # a stream per replica
-                draw = tf.random.stateless_uniform([k], seed=key, minval=0, maxval=table_size, dtype=tf.int32)
+                draw = draw_negatives(tf, seed_t, stream, step, k, table_size)  # a stream per replica
                 noise = tf.where(tf.reduce_max(valid) > 0, tf.gather(table, draw), pad)  # (K,)
                 w_unique, w_slot = unique_rows(tf, source, pad)
                 c_unique, c_slot = unique_rows(tf, tf.concat([target, noise], 0), pad)
@@ -171,30 +242,20 @@ class SampledSoftmaxTrainer:
                 c_state = tf.gather(context_var, c_unique)  # (B + K, 3 width_c)
                 w = tf.gather(w_state[:, :width_w], w_slot)  # (B, d)
                 c_all = tf.gather(c_state[:, :width_c], c_slot)  # (B + K, d + 1)
-                c, neg = c_all[: self.batch, :dim], c_all[self.batch :, :dim]
-                c_bias, neg_bias = c_all[: self.batch, dim], c_all[self.batch :, dim]
-                pos_logit = tf.reduce_sum(w * c, 1) + bias_on * c_bias - tf.gather(log_q_table, target)
-                neg_logit = (
-                    tf.matmul(w, neg, transpose_b=True)
-                    + (bias_on * neg_bias - tf.gather(log_q_table, noise))[None, :]
-                )
-                neg_logit = tf.where(tf.equal(noise[None, :], target[:, None]), _MASKED_LOGIT, neg_logit)
-                log_norm = tf.reduce_logsumexp(tf.concat([pos_logit[:, None], neg_logit], 1), 1)  # (B,)
-                loss_sum = tf.reduce_sum((log_norm - pos_logit) * valid)
-                g_pos = (tf.exp(pos_logit - log_norm) - 1.0) * scale  # d loss / d logit, (B,)
-                g_neg = tf.exp(neg_logit - log_norm[:, None]) * scale[:, None]  # (B, K)
-                grad_w = g_pos[:, None] * c + tf.matmul(g_neg, neg)
-                grad_c = tf.concat([g_pos[:, None] * w, bias_on * g_pos[:, None]], 1)
-                grad_neg = tf.concat(
-                    [tf.matmul(g_neg, w, transpose_a=True), bias_on * tf.reduce_sum(g_neg, 0)[:, None]], 1
+                loss_sum, grad_w, grad_c_all = sampled_softmax_gradients(
+                    tf, w, c_all, target, noise, log_q_table, valid, bias_on
                 )
                 lr = rate * tf.sqrt(1 - _ADAM_BETA2**t) / (1 - _ADAM_BETA1**t)
                 if decay_rate:  # linearly down to a small share of the rate: a fine last pass
                     lr = lr * tf.maximum(_MIN_RATE_SHARE, 1.0 - tf.minimum(1.0, t / total_steps))
                 w_sum = tf.math.unsorted_segment_sum(grad_w, w_slot, self.batch)
-                c_sum = tf.math.unsorted_segment_sum(tf.concat([grad_c, grad_neg], 0), c_slot, self.batch + k)
-                target_var.scatter_update(tf.IndexedSlices(adam(w_state, width_w, w_sum, lr), w_unique))
-                context_var.scatter_update(tf.IndexedSlices(adam(c_state, width_c, c_sum, lr), c_unique))
+                c_sum = tf.math.unsorted_segment_sum(grad_c_all, c_slot, self.batch + k)
+                target_var.scatter_update(
+                    tf.IndexedSlices(adam_rows(tf, w_state, width_w, w_sum, lr), w_unique)
+                )
+                context_var.scatter_update(
+                    tf.IndexedSlices(adam_rows(tf, c_state, width_c, c_sum, lr), c_unique)
+                )
                 return loss_sum
 
             spec = tf.TensorSpec([chunk_steps, batch], tf.int32)

@@ -4,17 +4,28 @@ Role: the always-on query that turns raw device events into stored events and en
 within seconds. Inputs: JSON events on the topic ``kafka.topics.events`` (contract in
 ``carousel.schemas``). Outputs, under ``storage.root``:
 
-* ``events`` - each valid event once (per event id and event date), partitioned by ``event_date``;
-* ``user_profiles`` - one row per user, MERGEd every micro-batch (``streaming.profile_updates``);
+* ``events`` - each valid event, blind-appended, partitioned by ``event_date``; an event id is
+  stored once within ``ingest.dedupe_horizon_days`` of when it was first ingested, whatever its
+  event time and however its copies fall into micro-batches;
+* ``user_profiles`` - one row per user: one MERGE per micro-batch of only the users the batch
+  changed, computed from the batch itself (``streaming.profile_updates``);
 * ``events_quarantine`` - every record that is not a valid event, with its Kafka coordinates and
   the reason(s);
-* ``ingest_log`` - per micro-batch: records read = stored + quarantined + duplicates.
+* ``ingest_log`` - per micro-batch: records read = stored + quarantined + duplicates + erased
+  (records of users erased by ``forget-user``, dropped).
+
+The plan, per micro-batch: one JSON parse classifies every record (:func:`classify_records`);
+the query's RocksDB state drops event ids already seen (:func:`deduplicate`,
+``dropDuplicatesWithinWatermark`` on the ingest time, so no record is ever "late"); a second,
+count-only read of the same offsets (:func:`with_read_marks`) gives the records read, so the
+duplicates the state dropped are counted too. The handler then appends, with no read of any table.
 
 Exactly once across kills: every write of micro-batch ``b`` carries Delta's idempotency key
 (``txnAppId`` = the query's app id kept beside its checkpoint, ``txnVersion`` = ``b``), so a batch
-replayed after a crash skips what was already committed. The profile update reads the events
-that batch stored (tagged ``ingest_batch``), so a replay recomputes the same update even when the
-events write had already committed.
+replayed after a crash skips what was already committed. A replay recomputes the same rows: the
+offsets, the batch time and the dedupe state of batch ``b`` are all in the checkpoint. Copies of
+one event share its user id and so its Kafka partition (the topic is keyed by user): the state
+keeps the copy with the earliest offset, on every replay.
 
     ./spark-submit.sh ingest                    # run continuously (trigger: ingest.trigger_interval)
     ./spark-submit.sh ingest --available-now    # process what is in the topic, then stop
@@ -36,7 +47,9 @@ from pyspark.sql.types import ArrayType, MapType, StringType, StructField, Struc
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, IngestConfig
-from carousel.query_lifecycle import await_query, gate_for, stop_marker
+from carousel.erasure import check_key, erased_ids, with_erased_flag
+from carousel.faults import injected, kill_job
+from carousel.query_lifecycle import QueryLease, await_query, gate_for, lease_path, stop_marker
 from carousel.schemas import (
     DEVICE_SCHEMA,
     EVENT_FIELDS,
@@ -48,7 +61,6 @@ from carousel.schemas import (
     INGEST_LOG_SCHEMA,
     INGEST_LOG_TABLE,
     ITEM_EVENT_TYPES,
-    PROFILE_SCHEMA,
     PROFILES_TABLE,
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
@@ -57,7 +69,8 @@ from carousel.schemas import (
     USER_ATTRIBUTES_SCHEMA,
 )
 from carousel.session import build_session
-from carousel.storage import delta_transaction, ensure_table, idempotent_append, read_or_create_marker
+from carousel.storage import delta_transaction, idempotent_append, read_or_create_marker
+from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,13 @@ _NESTED_SCHEMAS = {
 _NESTED_STRUCTS = {"device": DEVICE_SCHEMA, "user_attributes": USER_ATTRIBUTES_SCHEMA}
 _MEMBER_TEXTS = MapType(StringType(), StringType())
 APP_ID_MARKER = "carousel_app_id"
+# Rows of the count-only second read (:func:`with_read_marks`) carry True here; classified records False.
+READ_MARK = "_read_mark"
+_DEDUPE_KEY = "_dedupe_key"
+_ERASED = "_erased"
+# Fault injection for the kill test: "events" SIGKILLs the job right after a batch's events commit.
+FAULT_KILL_ENV = "CAROUSEL_FAULT_KILL_INGEST_AFTER"
+_INGESTED_AT = "_ingested_at"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,17 +244,52 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     )
 
 
+def deduplicate(classified: DataFrame, horizon_days: float) -> DataFrame:
+    """Drop each valid record whose event id was already seen within ``horizon_days`` of ingest time.
+
+    Streaming: the ids live in the query's state store (RocksDB), each until the watermark passes
+    its first ingest time plus the horizon; in-batch copies are dropped too. The watermark runs on
+    the micro-batch's own time (``current_timestamp()``, fixed per batch in the checkpoint), so a
+    record is never late: an old event time or a delayed Kafka timestamp cannot drop an event.
+    Invalid records pass untouched (their key is their Kafka coordinates): quarantine keeps each.
+    On a batch DataFrame (one load, no earlier state) the copy with the earliest offset is kept.
+    """
+    key = F.when(F.size("reasons") == 0, F.concat(F.lit("e:"), F.col("event.event_id"))).otherwise(
+        F.format_string("q:%s:%d:%d", F.col("kafka_topic"), F.col("kafka_partition"), F.col("kafka_offset"))
+    )
+    keyed = classified.withColumn(_DEDUPE_KEY, key)
+    if not classified.isStreaming:
+        earliest = Window.partitionBy(_DEDUPE_KEY).orderBy("kafka_partition", "kafka_offset")
+        first = keyed.withColumn("_copy", F.row_number().over(earliest)).where("_copy = 1")
+        return first.drop(_DEDUPE_KEY, "_copy")
+    horizon = f"{round(horizon_days * 86400)} seconds"
+    return (
+        keyed.withColumn(_INGESTED_AT, F.current_timestamp())
+        .withWatermark(_INGESTED_AT, horizon)
+        .dropDuplicatesWithinWatermark([_DEDUPE_KEY])
+        .drop(_DEDUPE_KEY, _INGESTED_AT)
+    )
+
+
+def with_read_marks(records: DataFrame, raw: DataFrame) -> DataFrame:
+    """``records`` (``READ_MARK`` false) plus one empty row per raw Kafka record (``READ_MARK`` true).
+
+    The marks are a second read of the batch's offsets, projected to nothing: the handler counts
+    them as the records read, which the dedupe state alone cannot tell (it drops rows).
+    """
+    marks = raw.select(F.lit(True).alias(READ_MARK))
+    return records.withColumn(READ_MARK, F.lit(False)).unionByName(marks, allowMissingColumns=True)
+
+
 def to_events(classified: DataFrame, ingest_batch: str) -> DataFrame:
-    """Valid classified records -> ``EVENTS_SCHEMA`` rows, one per event id (earliest offset wins)."""
+    """Valid classified records -> ``EVENTS_SCHEMA`` rows (one per record: :func:`deduplicate` first)."""
     valid = classified.where(F.size("reasons") == 0)
-    first_per_id = Window.partitionBy("event.event_id").orderBy("kafka_partition", "kafka_offset")
-    unique = valid.withColumn("_rank", F.row_number().over(first_per_id)).where("_rank = 1")
     columns = {
         "ingest_batch": F.lit(ingest_batch),
         "received_at": F.col("kafka_timestamp"),
         EVENTS_PARTITION_COLUMN: F.to_date("event.event_time"),
     }
-    return unique.select(
+    return valid.select(
         *[
             (columns[f.name] if f.name in columns else F.col(f"event.{f.name}"))
             .cast(f.dataType)
@@ -263,30 +318,10 @@ def to_quarantine(classified: DataFrame, ingest_batch: str, quarantined_at: date
 # Writers
 # ---------------------------------------------------------------------------------------------
 def ensure_ingest_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
-    """Create the four ingest tables if they do not exist."""
-    ensure_table(spark, cfg.storage.table(EVENTS_TABLE), EVENTS_SCHEMA, [EVENTS_PARTITION_COLUMN])
-    # Every micro-batch MERGE touches users spread over the whole table: deletion vectors let it
-    # mark changed rows instead of rewriting every file it touches.
-    ensure_table(
-        spark,
-        cfg.storage.table(PROFILES_TABLE),
-        PROFILE_SCHEMA,
-        properties={"delta.enableDeletionVectors": "true"},
-    )
-    ensure_table(spark, cfg.storage.table(QUARANTINE_TABLE), QUARANTINE_SCHEMA)
-    ensure_table(spark, cfg.storage.table(INGEST_LOG_TABLE), INGEST_LOG_SCHEMA)
-
-
-def _insert_new_events(spark: SparkSession, events: DataFrame, dates: list, location: str) -> None:
-    """Insert events whose (event_date, event_id) is not stored yet; only the batch's dates are read."""
-    date_list = ", ".join(f"DATE'{d.isoformat()}'" for d in dates)
-    condition = (
-        f"t.{EVENTS_PARTITION_COLUMN} IN ({date_list}) "
-        f"AND t.{EVENTS_PARTITION_COLUMN} = s.{EVENTS_PARTITION_COLUMN} AND t.event_id = s.event_id"
-    )
-    DeltaTable.forPath(spark, location).alias("t").merge(
-        events.alias("s"), condition
-    ).whenNotMatchedInsertAll().execute()
+    """Create the ingest tables as ``carousel.schemas.TABLES`` declares them, or give existing ones
+    the declared properties and clustering they lack (:func:`carousel.tables.ensure`)."""
+    for name in (EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE):
+        ensure(spark, cfg, name)
 
 
 def _upsert_profiles(spark: SparkSession, deltas: DataFrame, cfg: CarouselConfig) -> None:
@@ -302,55 +337,56 @@ def _upsert_profiles(spark: SparkSession, deltas: DataFrame, cfg: CarouselConfig
 
 
 def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_id: str) -> None:
-    """foreachBatch handler: classify, store, update profiles, log; idempotent by ``batch_id``."""
+    """foreachBatch handler: store, quarantine, update profiles, log; idempotent by ``batch_id``.
+
+    ``batch`` holds the deduplicated classified records and the read marks (:func:`with_read_marks`).
+    """
     spark = batch.sparkSession
     tag = f"{app_id}:{batch_id}"
     now = datetime.now(UTC)
     timer = _StepTimer()
-    classified = classify_records(batch, cfg.ingest).persist()
+    # Users erased by forget-user are dropped here too: their events still in the topic stay out.
+    batch = with_erased_flag(batch, erased_ids(spark, cfg), F.col("event.user_id"), _ERASED).persist()
     try:
-        totals = classified.agg(
-            F.count(F.lit(1)).alias("read"), F.count(F.when(F.size("reasons") > 0, True)).alias("bad")
+        is_record = ~F.col(READ_MARK)
+        kept = is_record & ~F.col(_ERASED)
+        totals = batch.agg(
+            F.count(F.when(F.col(READ_MARK), True)).alias("read"),
+            F.count(F.when(kept & (F.size("reasons") > 0), True)).alias("bad"),
+            F.count(F.when(kept & (F.size("reasons") == 0), True)).alias("stored"),
+            F.count(F.when(is_record & F.col(_ERASED), True)).alias("erased"),
         ).first()
-        records_read, quarantined = int(totals["read"]), int(totals["bad"])
+        records_read, quarantined, stored_count, erased = (
+            int(totals[k]) for k in ("read", "bad", "stored", "erased")
+        )
         timer.lap("classify")
         if records_read == 0:
             return
+        records = batch.where(kept).drop(READ_MARK, _ERASED)
         if quarantined:  # a replay of a batch with nothing to quarantine needs no marker either
             idempotent_append(
-                to_quarantine(classified, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
+                to_quarantine(records, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
             )
             timer.lap("quarantine")
-        events = to_events(classified, tag).persist()
-        events_location = cfg.storage.table(EVENTS_TABLE)
-        dates = sorted(r[0] for r in events.select(EVENTS_PARTITION_COLUMN).distinct().collect())
-        stored_count, profiles_upserted = 0, 0
-        if dates:
-            with delta_transaction(spark, app_id, batch_id):
-                _insert_new_events(spark, events, dates, events_location)
+        profiles_upserted = 0
+        if stored_count:
+            events = to_events(records, tag)
+            idempotent_append(events, cfg.storage.table(EVENTS_TABLE), app_id, batch_id)
             timer.lap("events")
-            # What this batch stored - also on a replay whose insert was already committed.
-            stored = (
-                spark.read.format("delta")
-                .load(events_location)
-                .where(F.col(EVENTS_PARTITION_COLUMN).isin(dates) & (F.col("ingest_batch") == tag))
-                .persist()
-            )
-            stored_count = stored.count()
-            timer.lap("read_back")
-            if stored_count:
-                deltas = profile_deltas(
-                    stored, cfg.profiles.recent_items, cfg.profiles.max_devices, F.lit(now)
-                ).persist()
-                profiles_upserted = deltas.count()
-                timer.lap("profile_deltas")
-                with delta_transaction(spark, app_id, batch_id):
-                    _upsert_profiles(spark, deltas, cfg)
-                timer.lap("profiles")
-                deltas.unpersist()
-            stored.unpersist()
-        events.unpersist()
-        duplicates = records_read - quarantined - stored_count
+            if injected(FAULT_KILL_ENV, "events"):
+                kill_job(f"between the events commit and the profiles commit of batch {batch_id}")
+            # The profile update is computed from the rows just appended, not read back: a replay
+            # of this batch recomputes the same rows (see the module docstring).
+            deltas = profile_deltas(
+                events, cfg.profiles.recent_items, cfg.profiles.max_devices, F.lit(now)
+            ).persist()
+            profiles_upserted = deltas.count()
+            timer.lap("profile_deltas")
+            with delta_transaction(spark, app_id, batch_id):
+                _upsert_profiles(spark, deltas, cfg)
+            timer.lap("profiles")
+            deltas.unpersist()
+        duplicates = records_read - quarantined - stored_count - erased
         log_row = [
             (
                 tag,
@@ -361,6 +397,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
                 duplicates,
                 profiles_upserted,
                 datetime.now(UTC),
+                erased,
             )
         ]
         idempotent_append(
@@ -371,17 +408,18 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
         )
         timer.lap("log")
         log.info(
-            "batch %s: read=%d stored=%d quarantined=%d duplicates=%d profiles_upserted=%d (%s)",
+            "batch %s: read=%d stored=%d quarantined=%d duplicates=%d erased=%d profiles_upserted=%d (%s)",
             tag,
             records_read,
             stored_count,
             quarantined,
             duplicates,
+            erased,
             profiles_upserted,
             timer,
         )
     finally:
-        classified.unpersist()
+        batch.unpersist()
 
 
 class _StepTimer:
@@ -416,14 +454,21 @@ def read_event_stream(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
     )
 
 
+def ingest_stream(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
+    """Raw Kafka records -> what each micro-batch's handler gets: deduplicated records + read marks."""
+    records = deduplicate(classify_records(raw, ingest), ingest.dedupe_horizon_days)
+    return with_read_marks(records, raw)
+
+
 def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -> StreamingQuery:
     """Start the ingest query (not waiting for it) and return it."""
     ensure_ingest_tables(spark, cfg)
+    check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)
     name = cfg.ingest.query_name
     checkpoint = cfg.storage.checkpoint(name)
     app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
     writer = (
-        read_event_stream(spark, cfg)
+        ingest_stream(read_event_stream(spark, cfg), cfg.ingest)
         .writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
         .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, app_id=app_id)))
@@ -451,5 +496,6 @@ def main(argv: list[str]) -> int:
         run(spark, cfg, available_now=args.available_now),
         cfg.ingest.stop_timeout_seconds,
         stop_marker(cfg, name),
+        lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
     )
     return 0

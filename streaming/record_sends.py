@@ -37,7 +37,8 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import build_session
-from carousel.storage import ensure_table, idempotent_append, read_or_create_marker
+from carousel.storage import idempotent_append, read_or_create_marker
+from carousel.tables import ensure
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def record_batch(batch: DataFrame, batch_id: int, *, location: str, app_id: str)
 # ---------------------------------------------------------------------------------------------
 def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -> StreamingQuery:
     location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-    ensure_table(spark, location, SENT_RECOMMENDATIONS_SCHEMA, partition_by=[SENT_PARTITION_COLUMN])
+    ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     name = cfg.sent_log.query_name
     checkpoint = cfg.storage.checkpoint(name)
     app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)

@@ -47,6 +47,7 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery, StreamingQue
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.delivery import ServingInputError, compute_trending, read_catalog
+from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import await_query, stop_marker
@@ -54,6 +55,7 @@ from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
 from carousel.storage import table_exists
+from carousel.tables import ensure
 from streaming.ingest import classify_records
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ def refresh_trending(spark: SparkSession, cfg: CarouselConfig, now: datetime) ->
     trending = trending.select(*[F.col(f.name).cast(f.dataType) for f in TRENDING_SCHEMA.fields]).persist()
     try:
         count = trending.count()
+        ensure(spark, cfg, TRENDING_TABLE)  # declared properties, whoever writes first
         trending.write.format("delta").mode("overwrite").save(cfg.storage.table(TRENDING_TABLE))
     finally:
         trending.unpersist()
@@ -228,13 +231,13 @@ def source(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
 
 
 def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -> StreamingQuery:
-    """Check the store, campaigns, templates and catalog, then start the serving query."""
+    """Check the campaigns, templates, catalog and store, then start the serving query."""
     campaigns = trigger_campaigns(cfg)
     if not campaigns:
         raise SystemExit("no enabled campaign has trigger_event_types: nothing to serve")
     renderer = check_templates(cfg)
-    check_reachable(cfg.online_store)
     read_catalog(spark, cfg)  # fails now, with how to fix it, rather than at the first trigger
+    check_reachable(cfg.online_store)
     if not table_exists(spark, cfg.storage.table(TRENDING_TABLE)):
         TrendingRefresher(spark, cfg).refresh()  # new users get trending from the first trigger
     spec = ServeSpec.of(cfg, renderer)
@@ -269,7 +272,7 @@ def main(argv: list[str]) -> int:
         query = run(spark, cfg, available_now=args.available_now)
     except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
         spark.streams.removeListener(listener)
-        log.error("serve cannot start: %s", err)
+        log.error("serve cannot start: %s", one_line(err))
         return 1
     trending = TrendingRefresher(spark, cfg).start()
     try:

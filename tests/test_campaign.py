@@ -8,6 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
@@ -216,7 +219,7 @@ def test_campaign_run_is_idempotent_and_control_users_get_nothing(
     assert second["payloads"] == first["payloads"]
     lines = [
         json.loads(line)
-        for f in sorted(out.glob("channel=email/*.txt"))
+        for f in sorted((out / "weekly" / "run-2").glob("channel=email/*.txt"))
         for line in f.read_text().splitlines()
     ]
     assert len(lines) == second["payloads"]
@@ -269,6 +272,7 @@ def test_a_run_killed_mid_send_resumes_sending_only_what_was_not_sent(
         "chunk-00001.started",
         "chunk-00002.started",
         "run.json",
+        "start.json",
     ], first_log[-3000:]
     in_topic_before = sum(end_offsets(cfg.kafka, topic).values())
     assert 0 < in_topic_before < expected, "the kill did not come mid-run"
@@ -298,3 +302,55 @@ def test_a_run_killed_mid_send_resumes_sending_only_what_was_not_sent(
     assert {p["created_at"][:10] for p in payloads} == {NOW.date().isoformat()}
     # Done now: the same run id sends nothing more.
     assert campaign_job.run(spark, cfg, "weekly", run_id="run-killed")["skipped"] is True
+
+
+def test_a_retry_after_midnight_resumes_the_unfinished_run_and_output_keeps_other_runs(
+    spark: SparkSession, make_config: Any, tmp_path: Path
+) -> None:
+    cfg = campaign_config(make_config)
+    build_campaign_shop(spark, cfg)
+    midnight = NOW.replace(hour=0, minute=0, second=0)
+    yesterday, today = midnight - timedelta(minutes=10), midnight + timedelta(minutes=10)
+    run_id = f"weekly-{yesterday:%Y-%m-%d}"
+
+    # Yesterday's run records its sends, then fails writing its files (a file is in the way).
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    with pytest.raises((Py4JJavaError, PySparkException)):
+        campaign_job.run(spark, cfg, "weekly", output=str(blocked), clock=lambda: yesterday)
+    progress = Path(cfg.storage.path("campaign_progress", "weekly", run_id))
+    assert {"start.json", "run.json"} <= {f.name for f in progress.iterdir()}
+    recorded = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).where(F.col("run_id") == run_id).count()
+    assert recorded > 0
+
+    # It is resumable within campaign_runs.resume_within_hours (12) of its start, not after.
+    assert campaign_job.resumable_run(spark, cfg, "weekly", today) == (run_id, yesterday)
+    assert campaign_job.resumable_run(spark, cfg, "weekly", yesterday + timedelta(hours=13)) is None
+
+    # Retried after midnight without --run-id: the same run, finished from what it recorded.
+    out = tmp_path / "outbox"
+    resumed = campaign_job.run(spark, cfg, "weekly", output=str(out), clock=lambda: today)
+    assert (resumed["run_id"], resumed["resumed"], resumed["skipped"]) == (run_id, True, False)
+    assert (
+        read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).where(F.col("run_id") == run_id).count()
+        == recorded
+    )
+    first_files = {f: f.read_text() for f in (out / "weekly" / run_id).glob("channel=email/*.txt")}
+    payloads = [json.loads(line) for text in first_files.values() for line in text.splitlines()]
+    assert len(payloads) == resumed["payloads"] > 0
+    assert {p["run_id"] for p in payloads} == {run_id}
+    assert {p["created_at"][:10] for p in payloads} == {f"{yesterday:%Y-%m-%d}"}  # as of its first start
+
+    # Done: the next run without --run-id is a new one of its own day (an hour after the shop's
+    # clock, so trending has items beside the ones just sent), its files beside the first's.
+    later = NOW + timedelta(hours=1)
+    today_run = campaign_job.run(spark, cfg, "weekly", output=str(out), clock=lambda: later)
+    assert (today_run["run_id"], today_run["resumed"]) == (f"weekly-{later:%Y-%m-%d}", False)
+    assert today_run["payloads"] > 0
+    assert list((out / "weekly" / today_run["run_id"]).glob("channel=email/*.txt"))
+    assert {f: f.read_text() for f in (out / "weekly" / run_id).glob("channel=email/*.txt")} == first_files
+    runs = {r.run_id: r.output for r in read_table(spark, cfg, CAMPAIGN_RUNS_TABLE).collect()}
+    assert runs == {
+        run_id: f"{out}/weekly/{run_id}",
+        today_run["run_id"]: f"{out}/weekly/{today_run['run_id']}",
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 from pyspark.testing import assertDataFrameEqual
 
+from carousel import cli
 from carousel.config import CarouselConfig, ConfigError, load_config
 from carousel.schemas import CATALOG_SCHEMA, CATALOG_TABLE
 from jobs import simulate_events as sim
@@ -23,7 +26,7 @@ CONTENT_SCHEMA = StructType([CATALOG_SCHEMA[c] for c in CONTENT_COLUMNS])
 
 CATALOG_V1 = """\
 Product ID,title,description,category,price,currency,rating,in_stock,image_url,deep_link,Brand,colour
-p1,Red Shoe,"Light, fast",shoes,19.90,eur,4.5,yes,https://img.example/p1.jpg,myapp://product/p1,Acme,red
+p1,Red Shoe,"Light, fast",shoes,19.90,eur,4.5,yes,https://img.example/p1.jpg,carousel://item/p1,Acme,red
 p2,Blue Hat,,hats,5,EUR,3,false,http://img.example/p2.png,https://shop.example/p/p2,Acme,
 p3,Green Bag,Roomy,bags,0,USD,,TRUE,,,Bagco,green
 """
@@ -45,7 +48,7 @@ P1 = product(
     currency="EUR",
     rating=4.5,
     image_url="https://img.example/p1.jpg",
-    deep_link="myapp://product/p1",
+    deep_link="carousel://item/p1",
     properties={"brand": "Acme", "colour": "red"},
 )
 P2 = product(
@@ -152,7 +155,7 @@ def test_csv_upload_reupload_is_idempotent_and_missing_products_are_deactivated(
     v2 = "\n".join(
         [
             "item_id,title,description,category,price,currency,rating,in_stock,image_url,deep_link,brand,colour",
-            'p1,Red Shoe,"Light, fast",shoes,17.50,EUR,4.5,yes,https://img.example/p1.jpg,myapp://product/p1,Acme,red',
+            'p1,Red Shoe,"Light, fast",shoes,17.50,EUR,4.5,yes,https://img.example/p1.jpg,carousel://item/p1,Acme,red',
             "p2,Blue Hat,,hats,5,EUR,3,false,http://img.example/p2.png,https://shop.example/p/p2,Acme,",
             "p4,Scarf,,hats,9.99,EUR,5,yes,,,,",
         ]
@@ -263,7 +266,7 @@ def test_bad_file_is_rejected_whole_and_the_previous_catalog_stays_live(spark, c
     bad = "\n".join(
         [
             "item_id,title,price,rating,image_url,deep_link",
-            "p1,Fine,1,4,https://img.example/1.jpg,myapp://product/1",  # row 2: fine
+            "p1,Fine,1,4,https://img.example/1.jpg,carousel://item/1",  # row 2: fine
             "p2,Dup A,1,4,,",  # row 3
             "p2,Dup B,1,4,,",  # row 4
             "p5,Negative,-3,4,,",  # row 5
@@ -314,6 +317,125 @@ def test_bad_file_is_rejected_whole_and_the_previous_catalog_stays_live(spark, c
 
     assert version(spark, cfg) == live_version
     assertDataFrameEqual(table(spark, cfg), before)
+
+
+def test_deep_links_with_unlisted_schemes_reject_the_file_naming_each_item(spark, cfg, tmp_path):
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    live_version = version(spark, cfg)
+    before = table(spark, cfg).collect()
+    links = "\n".join(
+        [
+            "item_id,title,deep_link",
+            "p1,Fine app link,carousel://item/p1",  # row 2: listed
+            "p2,Fine web link,HTTPS://shop.example/p/p2",  # row 3: listed (any case)
+            "p3,Script,javascript:alert(document.cookie)",  # row 4
+            'p4,Inline page,"data:text/html;base64,PHNjcmlwdD4="',  # row 5
+            "p5,Local file,file:///etc/passwd",  # row 6
+            "p6,Plain http,http://shop.example/p/p6",  # row 7: not listed by default
+        ]
+    )
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, cfg, write(tmp_path, "links.csv", links + "\n"))
+    message = str(caught.value)
+    allowed = "not one of serving.deep_link_schemes (https, carousel)"
+    for line in [
+        "4 of 6 rows rejected",
+        "row 4 (item_id 'p3'): deep_link 'javascript:alert(document.cookie)' uses scheme "
+        f"'javascript', {allowed}",
+        f"row 5 (item_id 'p4'): deep_link 'data:text/html;base64,PHNjcmlwdD4=' uses scheme 'data', {allowed}",
+        f"row 6 (item_id 'p5'): deep_link 'file:///etc/passwd' uses scheme 'file', {allowed}",
+        f"row 7 (item_id 'p6'): deep_link 'http://shop.example/p/p6' uses scheme 'http', {allowed}",
+    ]:
+        assert line in message, f"{line!r} not in:\n{message}"
+    assert "row 2 " not in message and "row 3 " not in message
+    assert version(spark, cfg) == live_version
+    assertDataFrameEqual(table(spark, cfg), before)
+
+    # The list comes from conf/: a listed scheme is accepted; unsafe ones cannot be listed.
+    with_http = cfg.with_overrides(serving={"deep_link_schemes": ["https", "carousel", "http"]})
+    fine = "item_id,title,deep_link\np1,Red Shoe,carousel://item/p1\np2,Blue Hat,http://shop.example/p/p2\n"
+    assert uc.run(spark, with_http, write(tmp_path, "http.csv", fine), partial=True).updated == 1
+    links = {r.item_id: r.deep_link for r in table(spark, cfg).collect()}
+    assert links["p1"] == "carousel://item/p1" and links["p2"] == "http://shop.example/p/p2"
+    for unsafe in ("javascript", "DATA", "file"):
+        with pytest.raises(ConfigError, match="serving.deep_link_schemes"):
+            load_config(overrides=[f"serving.deep_link_schemes=[https, {unsafe}]"])
+
+
+def test_a_concurrent_upload_rejects_the_later_one_cleanly(spark, cfg, tmp_path, monkeypatch, caplog):
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    other = write(tmp_path, "other.csv", CATALOG_V1.replace("19.90", "21.00"))
+    mine = write(tmp_path, "mine.csv", CATALOG_V1.replace("19.90", "18.00"))
+    # Injected, not timed: while "mine" is being checked, "other" is uploaded and committed.
+    real_counts = uc.deactivation_counts
+    committed: list[uc.UploadResult] = []
+    pending = [other]
+
+    def meanwhile_another_upload(*args: Any) -> tuple[int, int]:
+        if pending:
+            committed.append(uc.run(spark, cfg, pending.pop()))
+        return real_counts(*args)
+
+    monkeypatch.setattr(uc, "deactivation_counts", meanwhile_another_upload)
+    with pytest.raises(uc.CatalogRejectedError) as caught:
+        uc.run(spark, cfg, mine)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"(full, {mine}) rejected; the live catalog is unchanged: another write changed" in message
+    assert "nothing written; upload the file again" in message
+    # The other upload is live, untouched by the refused one.
+    assert version(spark, cfg) == committed[0].table_version
+    prices = {r.item_id: r.price for r in table(spark, cfg).collect()}
+    assert prices["p1"] == 21.0
+
+    # Through the job's entry point: exit status 1 and that one line.
+    pending.append(write(tmp_path, "third.csv", CATALOG_V1.replace("19.90", "22.00")))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        status = cli.run_job("upload-catalog", [mine, "--set", f"storage.root={cfg.storage.root}"])
+    assert status == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == uc.__name__ and "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "upload the file again" in lines[0], lines
+
+
+def test_uploads_committing_at_the_same_time_end_cleanly(spark, cfg, tmp_path, monkeypatch):
+    """Both uploads checked, then both MERGEs started together: Delta lets one commit; the other
+    (its conflict, e.g. ConcurrentAppendException) is rejected with one line, or, had they not
+    overlapped after all, ran after it. Never a raw exception."""
+    uc.run(spark, cfg, write(tmp_path, "v1.csv", CATALOG_V1))
+    start = version(spark, cfg)
+    files = [
+        write(tmp_path, f"{n}.csv", CATALOG_V1.replace("19.90", price))
+        for n, price in (("a", "11"), ("b", "12"))
+    ]
+    together = threading.Barrier(2, timeout=300)
+    real_merge = uc.merge_catalog
+
+    def merge_together(*args: Any, **kwargs: Any) -> Any:
+        together.wait()
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(uc, "merge_catalog", merge_together)
+    outcomes: dict[str, Any] = {}
+
+    def upload(path: str) -> None:
+        try:
+            outcomes[path] = uc.run(spark, cfg, path)
+        except Exception as err:  # noqa: BLE001 - the test looks at what it was
+            outcomes[path] = err
+
+    threads = [threading.Thread(target=upload, args=(path,)) for path in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = [r for r in outcomes.values() if isinstance(r, uc.UploadResult)]
+    refused = [e for e in outcomes.values() if not isinstance(e, uc.UploadResult)]
+    for err in refused:
+        assert isinstance(err, uc.CatalogRejectedError), repr(err)
+        assert "\n" not in str(err) and "at the same time (Concurrent" in str(err), str(err)
+        assert "nothing written; upload the file again" in str(err)
+    assert done and version(spark, cfg) == start + len(done)
 
 
 def test_file_level_problems_reject_before_reading_rows(spark, cfg, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -33,6 +35,9 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("profiles.recent_items=0", "profiles.recent_items"),
         ("ingest.trigger_interval=soon", "ingest.trigger_interval"),
         ("ingest.starting_offsets=middle", "ingest.starting_offsets"),
+        ('ingest.starting_offsets={"events": {"0": "x"}}', "ingest.starting_offsets"),
+        ("ingest.dedupe_horizon_days=0", "ingest.dedupe_horizon_days"),
+        ("ingest.lease_seconds=1", "ingest.lease_seconds"),
         ("kafka.topics.events.partitions=0", "kafka.topics.events.partitions"),
         ("broker.controller_port=9092", "must differ"),
         ("ingest.unknown_key=1", "ingest.unknown_key"),
@@ -42,11 +47,21 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("serving.sms_max_segments=0", "serving.sms_max_segments"),
         ("serving.sms_max_segments=11", "serving.sms_max_segments"),
         ("serving.sms_max_chars=160", "serving.sms_max_chars"),  # replaced by sms_max_segments
+        ("serving.deep_link_schemes=[https, javascript]", "serving.deep_link_schemes"),
+        ("serving.deep_link_schemes=[https, 'not a scheme']", "serving.deep_link_schemes"),
+        ("serving.deep_link_schemes=[]", "serving.deep_link_schemes"),
+        ("campaign_runs.resume_within_hours=-1", "campaign_runs.resume_within_hours"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override], environ={})
+
+
+def test_starting_offsets_take_a_json_of_offsets_per_partition():
+    offsets = '{"events": {"0": 1234, "1": -2}}'
+    cfg = load_config(overrides=[f"ingest.starting_offsets={offsets}"], environ={})
+    assert json.loads(cfg.ingest.starting_offsets) == {"events": {"0": 1234, "1": -2}}
 
 
 def test_malformed_override_and_missing_file_are_clear(tmp_path):

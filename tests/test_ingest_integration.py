@@ -7,18 +7,26 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 from pyspark.testing import assertDataFrameEqual
 from support import event_json, produce, read_table
 
 from carousel.broker import ensure_topics
+from carousel.erasure import hash_key, user_hash_of
+from carousel.errors import JobError
+from carousel.query_lifecycle import QueryLease, lease_holder, lease_path
 from carousel.schemas import (
+    EVENTS_PARTITION_COLUMN,
+    EVENTS_SCHEMA,
     EVENTS_TABLE,
     INGEST_LOG_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
 )
+from carousel.storage import ensure_table
 from jobs import rebuild_profiles
 from jobs import simulate_events as sim
+from jobs.forget_user import record_erased
 from jobs.rebuild_profiles import comparable, recompute_profiles
 from streaming import ingest
 
@@ -73,7 +81,9 @@ def test_known_mix_of_good_bad_and_duplicate_events(spark, make_config):
         ),
         (b"u2", event("e6", 6, user="u2", item_id="i3")),
     ]
-    duplicates = [good[0], good[4]]
+    # Copies of e1 and e5, and a copy of e2 whose event time moved to another day: an event id is
+    # stored once whatever its event time and whichever micro-batch each copy falls into.
+    duplicates = [good[0], good[4], (b"u1", event("e2", 2 - 24 * 60, item_id="i2"))]
     bad = [
         (b"u3", b"{broken"),
         (b"u3", event("e7", 7, user="u3", event_type="Teleported")),
@@ -112,7 +122,7 @@ def test_known_mix_of_good_bad_and_duplicate_events(spark, make_config):
         )
         .first()
     )
-    assert (totals.records_read, totals.events_stored, totals.quarantined, totals.duplicates) == (11, 6, 3, 2)
+    assert (totals.records_read, totals.events_stored, totals.quarantined, totals.duplicates) == (12, 6, 3, 3)
     assert totals.batches >= 3
 
     profiles = read_table(spark, cfg, PROFILES_TABLE)
@@ -184,3 +194,86 @@ def test_rebuild_check_notices_a_profile_that_drifted(spark, make_config):
     rebuild_profiles.run(spark, cfg)  # repair: replaces the table with the recomputation
     assert read_table(spark, cfg, PROFILES_TABLE).first().total_events == 3
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+
+
+def test_rebuild_refuses_to_replace_profiles_while_ingest_runs(spark, make_config):
+    cfg = make_config()
+    ensure_topics(cfg.kafka)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    produce(
+        cfg,
+        [
+            (
+                b"u1",
+                event_json(
+                    event_id="e1", user_id="u1", event_type="App Launched", event_time=_iso(t0), source="web"
+                ),
+            )
+        ],
+    )
+    _run_ingest(spark, cfg)
+    name = cfg.ingest.query_name
+    lease = QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds)
+    lease.renew_if_due()  # what a running ingest keeps doing
+    try:
+        with pytest.raises(JobError, match="ingest .* is running"):
+            rebuild_profiles.run(spark, cfg)
+        # Comparing, or writing elsewhere, does not touch the live table: allowed.
+        assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+    finally:
+        lease.release()
+    assert rebuild_profiles.run(spark, cfg)["written"] == 1  # the ingest stopped: allowed
+
+
+def test_a_lease_counts_only_while_younger_than_its_length(spark, make_config):
+    cfg = make_config()
+    path = lease_path(cfg, "some-query")
+    QueryLease(spark, path, "some-query", 30).renew_if_due()
+    holder = lease_holder(spark, path, 30)
+    assert holder is not None and holder["query"] == "some-query"
+    # A killed driver leaves its lease behind: it stops counting once it is older than its length.
+    assert lease_holder(spark, path, 30, now=datetime.now(UTC) + timedelta(seconds=31)) is None
+    assert lease_holder(spark, lease_path(cfg, "never-started"), 30) is None
+
+
+def test_an_erased_users_events_still_in_the_topic_are_not_ingested(spark, make_config):
+    cfg = make_config()
+    ensure_topics(cfg.kafka)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+
+    def launched(event_id: str, user: str) -> tuple[bytes, bytes]:
+        fields = {"event_id": event_id, "user_id": user, "event_type": "App Launched", "source": "web"}
+        return user.encode(), event_json(**fields, event_time=_iso(t0))
+
+    key = hash_key(spark, cfg, create=True)
+    record_erased(spark, cfg, [user_hash_of("u-gone", key)], key, "ticket-1", datetime.now(UTC))
+    produce(cfg, [launched("e1", "u-gone"), launched("e2", "u-stays"), launched("e3", "u-gone")])
+
+    _run_ingest(spark, cfg)
+
+    assertDataFrameEqual(read_table(spark, cfg, EVENTS_TABLE).select("event_id"), [Row(event_id="e2")])
+    assertDataFrameEqual(read_table(spark, cfg, PROFILES_TABLE).select("user_id"), [Row(user_id="u-stays")])
+    totals = read_table(spark, cfg, INGEST_LOG_TABLE).agg(
+        *[F.sum(c).alias(c) for c in ("records_read", "events_stored", "duplicates", "erased")]
+    )
+    assertDataFrameEqual(totals, [Row(records_read=3, events_stored=1, duplicates=0, erased=2)])
+
+
+def test_a_field_added_to_the_contract_reaches_a_table_created_before_it(spark, make_config):
+    """Schema evolution: the events table of an older release lacks a column the contract now has."""
+    cfg = make_config()
+    ensure_topics(cfg.kafka)
+    location = cfg.storage.table(EVENTS_TABLE)
+    older = StructType([f for f in EVENTS_SCHEMA.fields if f.name != "properties"])
+    ensure_table(spark, location, older, [EVENTS_PARTITION_COLUMN])
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    fields = {"event_id": "e1", "user_id": "u1", "event_type": "App Launched", "source": "web"}
+    produce(cfg, [(b"u1", event_json(**fields, event_time=_iso(t0), properties={"screen": "home"}))])
+
+    _run_ingest(spark, cfg)  # ensures its tables first: the column is added, then the event stored
+
+    events = read_table(spark, cfg, EVENTS_TABLE)
+    assert [f.name for f in events.schema.fields] == [f.name for f in older.fields] + ["properties"]
+    assertDataFrameEqual(
+        events.select("event_id", "properties"), [Row(event_id="e1", properties={"screen": "home"})]
+    )

@@ -11,7 +11,7 @@ from pyspark.testing import assertDataFrameEqual
 
 from carousel.config import load_config
 from carousel.schemas import EVENTS_SCHEMA, QUARANTINE_SCHEMA
-from streaming.ingest import classify_records, to_events, to_quarantine
+from streaming.ingest import classify_records, deduplicate, to_events, to_quarantine
 
 RECEIVED = datetime(2026, 11, 29, 3, 0, 0)
 INGEST = load_config().ingest
@@ -90,7 +90,7 @@ def test_each_kind_of_bad_record_gets_its_reason(spark):
 def test_valid_records_become_typed_events_once_per_id(spark):
     values = [_valid(), _valid(), _valid(event_id="e2", event_type="App Launched", item_id=...), "{bad"]
     classified = classify_records(_kafka_rows(spark, values), INGEST)
-    got = to_events(classified, "app:7")
+    got = to_events(deduplicate(classified, INGEST.dedupe_horizon_days), "app:7")
     assert got.schema == EVENTS_SCHEMA or [f.name for f in got.schema] == [f.name for f in EVENTS_SCHEMA]
     expected = spark.createDataFrame(
         [

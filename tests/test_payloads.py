@@ -246,11 +246,16 @@ def test_email_escapes_every_catalog_string_and_refuses_unsafe_urls(cfg, rendere
     assert "\r" not in subject and "\n" not in subject
 
 
-def test_safe_url_allows_web_and_app_links_only():
+def test_safe_url_allows_listed_schemes_only():
+    app = frozenset({"https", "shop"})
     assert safe_url("https://a.example/x") == "https://a.example/x"
     assert safe_url("  HTTP://a.example/x ") == "HTTP://a.example/x"
     assert safe_url("shop://product/1") is None
-    assert safe_url("shop://product/1", allow_app_schemes=True) == "shop://product/1"
+    assert safe_url("shop://product/1", app) == "shop://product/1"
+    assert safe_url("http://a.example/x", app) is None  # not listed
+    assert safe_url("other://product/1", app) is None
+    # A blocked scheme stays refused even when a caller lists it.
+    assert safe_url("javascript:alert(1)", frozenset({"javascript"})) is None
     for bad in (
         "javascript:alert(1)",
         "JAVASCRIPT:x",
@@ -263,18 +268,63 @@ def test_safe_url_allows_web_and_app_links_only():
         "https://a.example/\x00",
         None,
     ):
-        assert safe_url(bad, allow_app_schemes=True) is None, bad
+        assert safe_url(bad, app | {"http", "data"}) is None, bad
 
 
 def test_push_and_in_app_keep_app_deep_links_but_web_popup_does_not(cfg, renderer):
-    items = [item(1, deep_link="shop://product/1"), item(2, deep_link="javascript:alert(1)")]
+    items = [item(1, deep_link="carousel://item/1"), item(2, deep_link="javascript:alert(1)")]
     push = render_payload(request(PUSH, items), renderer)["content"]
     popup = render_payload(request("web_popup", items), renderer)
     validate_payload(popup, "web_popup", cfg.serving.payload_schemas_dir)
 
-    assert push["deep_link"] == "shop://product/1"
-    assert [c["deep_link"] for c in push["carousel"]] == ["shop://product/1", None]
+    assert push["deep_link"] == "carousel://item/1"
+    assert [c["deep_link"] for c in push["carousel"]] == ["carousel://item/1", None]
     assert [c["deep_link"] for c in popup["content"]["cards"]] == [None, None]
+
+
+def test_deep_links_outside_the_configured_schemes_are_never_rendered(cfg):
+    # The catalog may hold links uploaded before a scheme was taken off the list: none of them
+    # reaches a payload, neither in content nor in the items passed on.
+    narrowed = cfg.with_overrides(serving={"deep_link_schemes": ["https", "shop"]})
+    renderer = PayloadRenderer.from_config(narrowed)
+    links = [
+        "shop://product/1",
+        "carousel://item/2",
+        "data:text/html,x",
+        "file:///etc/passwd",
+        "http://a.example/5",
+    ]
+    items = [item(n, deep_link=link) for n, link in enumerate(links, 1)]
+    for channel in CHANNELS:
+        payload = render_payload(request(channel, items), renderer)
+        validate_payload(payload, channel, narrowed.serving.payload_schemas_dir)
+        assert [i["deep_link"] for i in payload["items"]] == ["shop://product/1", None, None, None, None]
+        text = payload_json(payload)
+        for refused in ("carousel://", "data:", "file:", "http://a.example"):
+            assert refused not in text, (channel, refused)
+    push = render_payload(request(PUSH, items), renderer)["content"]
+    assert push["deep_link"] == "shop://product/1"
+
+
+def test_check_templates_refuses_links_with_unlisted_schemes(cfg, tmp_path: Path):
+    templates = tmp_path / "templates"
+    shutil.copytree(cfg.serving.templates_dir, templates)
+    html = templates / "email" / "default.html.j2"
+    html.write_text(html.read_text() + '\n<a href="JavaScript:alert(1)">x</a>\n')
+    (templates / "push" / "default.body.j2").write_text("Open data:text/html,hi or ftp://files.example/x\n")
+    broken = cfg.with_overrides(serving={"templates_dir": str(templates)})
+
+    with pytest.raises(TemplateCheckError) as err:
+        check_templates(broken)
+    message = str(err.value)
+    assert "campaign weekly-email (email/default): template" in message
+    assert "email/default.html.j2 line" in message and "a javascript: link; allowed here: https" in message
+    assert "campaign launch-push (push/default): template" in message
+    assert "push/default.body.j2 line 1: a ftp: link; allowed here: carousel, https" in message
+    # Listing the scheme makes the push template acceptable again; javascript: never is.
+    with pytest.raises(TemplateCheckError, match="javascript") as again:
+        check_templates(broken.with_overrides(serving={"deep_link_schemes": ["https", "carousel", "ftp"]}))
+    assert "ftp" not in str(again.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from carousel.ranking import (
     item_lists,
     rank_recommendations,
     rank_request,
+    request_seeds,
     trending_items,
 )
 from carousel.schemas import (
@@ -128,15 +129,16 @@ def rank(
 def test_recent_items_seed_model_candidates_weighted_by_recency_and_score(
     spark: SparkSession, shop: dict[str, DataFrame]
 ) -> None:
-    # Seeds: view a (position 0, weight 1) and view d (position 1, weight 0.7).
-    # b = 1*0.9/0.9 + 0.7*0.25/0.5 = 1.35; e = 0.7*0.5/0.5 = 0.7; d = 0.6/0.9 (but d is a seed,
-    # not excluded: views are only excluded when a campaign asks); c out of stock; f inactive.
+    # Seeds: view a (position 0, weight 1) and view d (position 1, weight 0.7). Scores are
+    # min-max scaled over each whole list: a's runs 0.5 (f) .. 0.9 (b), d's 0.25 (b) .. 0.5 (e).
+    # b = 1*1 + 0.7*0 = 1.0; e = 0.7*1 = 0.7; d = (0.6-0.5)/0.4 = 0.25 (but d is a seed, not
+    # excluded: views are only excluded when a campaign asks); c out of stock; f inactive.
     result = rank(spark, shop, [request("r1", "u1", views=("a", "d"))])
     expected = spark.createDataFrame(
         [
-            ("r1", "b", 1, 1.35, "model", "m1"),
+            ("r1", "b", 1, 1.0, "model", "m1"),
             ("r1", "e", 2, 0.7, "model", "m1"),
-            ("r1", "d", 3, 0.6 / 0.9, "model", "m1"),
+            ("r1", "d", 3, 0.25, "model", "m1"),
         ],
         RANKED_DDL,
     )
@@ -157,9 +159,10 @@ def test_new_user_gets_trending_and_short_lists_are_backfilled(
             ("new", "t1", 1, 9.0, "trending", None),
             ("new", "t2", 2, 8.0, "trending", None),
             ("new", "t3", 3, 7.0, "trending", None),
-            # d's list: e (model), b (model); d itself was viewed, so excluded; then trending.
+            # d's list: e (model), b (model, the last of the list: 0 but kept); d itself was
+            # viewed, so excluded; then trending.
             ("short", "e", 1, 1.0, "model", "m1"),
-            ("short", "b", 2, 0.5, "model", "m1"),
+            ("short", "b", 2, 0.0, "model", "m1"),
             ("short", "t1", 3, 9.0, "trending", None),
         ],
         RANKED_DDL,
@@ -269,19 +272,21 @@ def micros(at: datetime) -> int:
 def test_item_lists_keep_eligible_items_with_scores_relative_to_the_whole_list(
     spark: SparkSession, shop: dict[str, DataFrame]
 ) -> None:
-    extra = matrix(spark, {"gone": [("a", 2.0), ("zz", 4.0)]}, version="m2")  # a seed not in the catalog
+    # A seed not in the catalog, whose best and last items are not in the catalog either.
+    extra = matrix(spark, {"gone": [("zz", 4.0), ("a", 2.0), ("yy", 1.0)]}, version="m2")
     any_stock = campaign(filters={"in_stock_only": False}).filters
     lists = item_lists(shop["matrix"].unionByName(extra), shop["catalog"], any_stock)
     index = lists.index
-    # c is out of stock (kept: no in_stock_only); f is inactive (dropped); zz is not in the catalog
-    # (dropped, but it still is the best of "gone"'s list, so a scores 2/4 there).
+    # c is out of stock (kept: no in_stock_only); f is inactive (dropped, but it still is the last
+    # of a's list: a runs 0.5 .. 0.9); zz and yy are not in the catalog (dropped, but they still
+    # are the best and the last of "gone"'s list, so a scores (2 - 1) / (4 - 1) there).
     assert list(lists.candidates(index["a"])) == [
         ("b", 1.0, "m1"),
-        ("c", 0.8 / 0.9, "m1"),
-        ("d", 0.6 / 0.9, "m1"),
+        ("c", pytest.approx(0.75), "m1"),
+        ("d", pytest.approx(0.25), "m1"),
     ]
-    assert list(lists.candidates(index["d"])) == [("e", 1.0, "m1"), ("b", 0.5, "m1")]
-    assert list(lists.candidates(index["gone"])) == [("a", 0.5, "m2")]
+    assert list(lists.candidates(index["d"])) == [("e", 1.0, "m1"), ("b", 0.0, "m1")]
+    assert list(lists.candidates(index["gone"])) == [("a", pytest.approx(1 / 3), "m2")]
     assert list(lists.candidates(index["b"])) == []
     assert (lists.category("e"), lists.category("f"), lists.category("gone")) == ("bags", "hats", None)
     in_stock = item_lists(shop["matrix"], shop["catalog"], campaign().filters)  # in stock only
@@ -346,3 +351,86 @@ def test_recent_items_past_the_seeds_still_exclude_within_their_window(
     chosen = {(r.request_id, r.item_id) for r in result.where("strategy = 'model'").collect()}
     assert ("recent", "b") not in chosen and ("recent", "e") not in chosen
     assert ("old", "b") in chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores that mean the same across lists (any real score, any shift and positive scale per list)
+# ---------------------------------------------------------------------------------------------
+POSITIVE_LISTS = {
+    "a": [("b", 0.9), ("c", 0.8), ("d", 0.6), ("e", 0.3)],
+    "d": [("e", 0.5), ("b", 0.25), ("t1", 0.2)],
+    "t1": [("c", 0.7), ("a", 0.4), ("t2", 0.35)],
+}
+
+
+def ranked_items(
+    spark: SparkSession, shop: dict[str, DataFrame], lists: dict[str, list[tuple[str, float]]]
+) -> list[tuple[str, float]]:
+    """(item, score) of the model items one three-seed request gets from ``lists``."""
+    # Email: more slots than a push carousel shows, so every candidate is ranked.
+    camp = campaign(channel="email", items=10, fallback="none", filters={"in_stock_only": False})
+    rules = RankingRules.of(camp, SERVING)
+    item_lists_ = item_lists(matrix(spark, lists), shop["catalog"], camp.filters)
+    at = micros(NOW)
+    request = {
+        "request_id": "r",
+        "requested_at": at,
+        "trigger_item_id": None,
+        "recent_views": [{"item_id": i, "event_time": at - n - 1} for n, i in enumerate(("a", "d", "t1"))],
+        "recent_purchases": None,
+    }
+    ranked = rank_request(request, item_lists_, fallback_lists(shop["trending"], item_lists_, rules), rules)
+    return [(item, score) for item, _, score, _, _ in ranked]
+
+
+def test_negative_shifted_and_scaled_scores_rank_like_the_original_scores(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    original = ranked_items(spark, shop, POSITIVE_LISTS)
+    # The same lists as logits or z-scores might carry them: every list shifted by its own constant
+    # and scaled by its own positive factor; a's and t1's become all negative.
+    transforms = {"a": (3.0, -5.0), "d": (0.01, 100.0), "t1": (1000.0, -1000.0)}
+    moved = {
+        seed: [(item, transforms[seed][0] * score + transforms[seed][1]) for item, score in recs]
+        for seed, recs in POSITIVE_LISTS.items()
+    }
+    assert all(score < 0 for _, score in moved["a"] + moved["t1"])
+    result = ranked_items(spark, shop, moved)
+    assert result == [(item, pytest.approx(score, rel=1e-9, abs=1e-12)) for item, score in original]
+    # By hand, seed weights 1 (a), 0.7 (d), 0.49 (t1): c = (0.8 - 0.3) / 0.6 + 0.49 x 1;
+    # b = 1 + 0.7 x (0.25 - 0.2) / 0.3; e = 0 + 0.7 x 1; d = (0.6 - 0.3) / 0.6;
+    # a = 0.49 x (0.4 - 0.35) / 0.35; t1 and t2 are the last of their lists (0, kept, ties by id).
+    assert [item for item, _ in original] == ["c", "b", "e", "d", "a", "t1", "t2"]
+    assert [score for _, score in original] == pytest.approx(
+        [0.5 / 0.6 + 0.49, 1 + 0.7 * 0.05 / 0.3, 0.7, 0.5, 0.49 * 0.05 / 0.35, 0.0, 0.0]
+    )
+
+
+def test_negative_scores_keep_their_order(spark: SparkSession, shop: dict[str, DataFrame]) -> None:
+    # Dividing by the best (-0.2) would have given d the highest ratio and reversed the list.
+    lists = {"a": [("b", -0.2), ("c", -0.5), ("d", -1.0)]}
+    assert ranked_items(spark, shop, lists) == [("b", 1.0), ("c", pytest.approx(0.625)), ("d", 0.0)]
+
+
+def test_tied_and_single_item_lists_still_rank_their_items(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    # All equal (a's list) and one item (d's, t1's): each item counts as its list's best, 1.
+    lists = {"a": [("b", 0.3), ("c", 0.3)], "d": [("e", -2.0)], "t1": [("t2", 0.0)]}
+    camp = campaign(filters={"in_stock_only": False})
+    built = item_lists(matrix(spark, lists), shop["catalog"], camp.filters)
+    assert [built.candidates(built.index[seed]) for seed in ("a", "d", "t1")] == [
+        [("b", 1.0, "m1"), ("c", 1.0, "m1")],
+        [("e", 1.0, "m1")],
+        [("t2", 1.0, "m1")],
+    ]
+    weights = request_seeds(
+        {"recent_views": [{"item_id": i} for i in ("a", "d", "t1")]}, RankingRules.of(camp, SERVING)
+    )
+    result = ranked_items(spark, shop, lists)
+    assert result == [
+        ("b", weights["a"]),
+        ("c", weights["a"]),
+        ("e", pytest.approx(weights["d"])),
+        ("t2", pytest.approx(weights["t1"])),
+    ]

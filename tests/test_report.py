@@ -83,7 +83,7 @@ from jobs.report import (
     user_outcomes,
 )
 from jobs.simulate_responses import ResponseModel, generate_responses
-from streaming.ingest import classify_records, to_events
+from streaming.ingest import classify_records, deduplicate, to_events
 
 T0 = datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
 WINDOW_HOURS = 24.0
@@ -586,7 +586,7 @@ def write_events(spark: SparkSession, cfg: CarouselConfig, events: list[dict[str
     classified = classify_records(raw, cfg.ingest).cache()
     bad = classified.where(F.size("reasons") > 0).select("raw_value", "reasons").limit(3).collect()
     assert not bad, f"simulated events rejected by validation: {bad}"
-    stored = to_events(classified, "test-batch")
+    stored = to_events(deduplicate(classified, cfg.ingest.dedupe_horizon_days), "test-batch")
     stored.write.format("delta").partitionBy(EVENTS_PARTITION_COLUMN).save(cfg.storage.table(EVENTS_TABLE))
     classified.unpersist()
 

@@ -16,7 +16,7 @@ from carousel.schemas import EVENTS_PARTITION_COLUMN, EVENTS_SCHEMA, EVENTS_TABL
 from carousel.storage import ensure_table
 from jobs import nightly, publish_recommendations, train
 from jobs import simulate_events as sim
-from streaming.ingest import classify_records, to_events
+from streaming.ingest import classify_records, deduplicate, to_events
 
 pytestmark = pytest.mark.integration
 END = datetime.now(UTC).replace(microsecond=0)
@@ -53,7 +53,9 @@ def _store_simulated_events(spark, cfg, n: int = 12000) -> None:
     )
     location = cfg.storage.table(EVENTS_TABLE)
     ensure_table(spark, location, EVENTS_SCHEMA, [EVENTS_PARTITION_COLUMN])
-    to_events(classify_records(raw, cfg.ingest), "test:0").write.format("delta").mode("append").save(location)
+    classified = classify_records(raw, cfg.ingest)
+    events = to_events(deduplicate(classified, cfg.ingest.dedupe_horizon_days), "test:0")
+    events.write.format("delta").mode("append").save(location)
 
 
 def _live(spark, cfg):

@@ -1,4 +1,4 @@
-"""Example Airflow DAGs: carousel's nightly training at 03:00 and a weekly email campaign.
+"""Example Airflow DAGs: carousel's nightly training and table upkeep at 03:00, a weekly email campaign.
 
 Copy into your DAGs folder.
 
@@ -26,6 +26,17 @@ with DAG(
         bash_command=f"cd {CAROUSEL_HOME} && ./spark-submit.sh nightly --end '{{{{ data_interval_end }}}}'",
         execution_timeout=timedelta(hours=2),
     )
+    # Table upkeep after training has read `events`, whether or not training succeeded: settings,
+    # age-based retention (--now: the slot's end, so a retry deletes the same rows), OPTIMIZE
+    # (user_profiles clustered by user_id), deletion-vector purge, VACUUM. Exit 1 when a table
+    # failed; the others are done.
+    maintain = BashOperator(
+        task_id="maintain_tables",
+        bash_command=f"cd {CAROUSEL_HOME} && ./spark-submit.sh maintain --now '{{{{ data_interval_end }}}}'",
+        trigger_rule="all_done",
+        execution_timeout=timedelta(hours=2),
+    )
+    nightly >> maintain
 
 # A batch campaign: the weekly email every Monday at 09:00. The run id is the schedule slot's
 # logical date, so an Airflow retry (even after midnight) resumes the same run: chunks already

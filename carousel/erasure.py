@@ -1,0 +1,215 @@
+"""Erased users: the keyed hashes that keep a forgotten user's events out of the pipeline.
+
+Role: ``./spark-submit.sh forget-user`` (:mod:`jobs.forget_user`) removes a user's data and records
+them in the Delta table ``erased_users`` as a keyed hash, never as their id. Whatever reads the
+``events`` topic again - ``ingest``, ``serve``, ``rebuild-online-store`` - drops those users'
+records with :func:`drop_erased`, so events still in the topic (Kafka keeps them until the
+topic's retention) are not stored or served again after the erasure.
+
+Inputs: the configuration (``storage.root``, ``erasure``) and the hash key: the secret
+``CAROUSEL_ERASURE_KEY`` from the environment, else (unless ``erasure.require_key_env``) a random
+key created at ``<storage.root>/erasure/hash_key`` on first use. Outputs: :class:`ErasedUsers`
+(:func:`erased_ids`), and pure frame and column functions: :func:`drop_erased`,
+:func:`with_erased_flag` (mark instead of drop, to count them), :func:`user_hash`,
+:func:`raw_user_id` (the user id of a raw JSON record, for ``events_quarantine``).
+
+The hash is ``sha256(key || 0x00 || user id)`` as hex, computed in Spark SQL (``sha2``), so the
+anti-join stays in the JVM and costs one hash per record. Without the key the table reveals
+nothing: ids cannot be recovered, or tested against it, from the hashes. A library module, no
+command of its own::
+
+    erased = erased_ids(spark, cfg)                 # per micro-batch: the latest erased_users
+    events = drop_erased(events, erased)            # an erased user's rows dropped
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from py4j.protocol import Py4JJavaError
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from carousel.config import ERASURE_KEY_ENV, CarouselConfig
+from carousel.errors import JobError
+from carousel.schemas import ERASED_USERS_TABLE
+from carousel.storage import read_text_file, table_exists, write_small_file
+from carousel.tables import ensure
+
+# The user id of a raw JSON record that does not parse (a truncated or malformed one): the text of
+# its first ``"user_id": "..."`` member, so that "u-1" never matches "u-10" (Java regex).
+RAW_USER_ID_PATTERN = r'"user_id"\s*:\s*"((?:[^"\\]|\\.)*)"'
+_HASH = "_erased_user_hash"
+_ERASED_AT = "_erased_at"
+_TIME = "_erased_event_time"
+# Key file path -> key: a key never changes once written, so it is read once per process.
+_KEYS: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The key
+# ---------------------------------------------------------------------------------------------
+def key_file(cfg: CarouselConfig) -> str:
+    """Where the fallback key lives (when ``CAROUSEL_ERASURE_KEY`` is not set)."""
+    return cfg.storage.path("erasure", "hash_key")
+
+
+def key_id(key: str) -> str:
+    """A short fingerprint naming ``key`` (recorded beside each hash; reveals nothing of the key)."""
+    return hashlib.sha256(b"carousel-erasure-key-id\x00" + key.encode()).hexdigest()[:16]
+
+
+def hash_key(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -> str | None:
+    """The hash key: ``CAROUSEL_ERASURE_KEY``, else the key file (created when ``create``).
+
+    None when neither exists (nobody was erased with a key file yet). :class:`JobError` when
+    ``erasure.require_key_env`` is set and the environment lacks the key.
+    """
+    from_env = os.environ.get(ERASURE_KEY_ENV)
+    if from_env:
+        return from_env
+    if cfg.erasure.require_key_env:
+        raise JobError(
+            f"{ERASURE_KEY_ENV} is not set and erasure.require_key_env is true: the erased users' hash "
+            "key must come from the environment (the same value for forget-user, ingest and serve)"
+        )
+    path = key_file(cfg)
+    if path in _KEYS:
+        return _KEYS[path]
+    text = read_text_file(spark, path)
+    if text is None and create:
+        try:
+            write_small_file(spark, path, secrets.token_hex(32), overwrite=False)
+            if "://" not in path:
+                Path(path).chmod(0o600)
+        except Py4JJavaError:  # another process created it first: read theirs
+            pass
+        text = read_text_file(spark, path)
+    if not text or not text.strip():
+        return None
+    _KEYS[path] = text.strip()
+    return _KEYS[path]
+
+
+def user_hash(user_id: Column, key: str) -> Column:
+    """The keyed hash of ``user_id`` (hex SHA-256 of key, a 0 byte and the id); NULL for NULL."""
+    return F.sha2(F.concat(F.lit(key + "\x00"), user_id), 256)
+
+
+def user_hash_of(user_id: str, key: str) -> str:
+    """:func:`user_hash` of one id, in Python (the same value as Spark's)."""
+    return hashlib.sha256(f"{key}\x00{user_id}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The erased set
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ErasedUsers:
+    """The erased users (``user_hash``, ``erased_at``) and the key their hashes were made with;
+    ``hashes`` None: nobody was ever erased (then :func:`drop_erased` changes nothing)."""
+
+    hashes: DataFrame | None
+    key: str | None
+
+
+def erased_ids(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -> ErasedUsers:
+    """The ``erased_users`` table, read lazily: each action on a plan built on it (a micro-batch, a
+    stream-static join) reads its latest version.
+
+    ``create``: make the table and the key when missing - for a query that builds its plan once at
+    start (``serve``) and must see erasures recorded later. Without it, no table means nobody was
+    erased. :class:`JobError` when the table exists but the key does not (it was made with a
+    ``CAROUSEL_ERASURE_KEY`` this process lacks): dropping nobody would re-ingest erased users.
+    """
+    location = cfg.storage.table(ERASED_USERS_TABLE)
+    if create:
+        ensure(spark, cfg, ERASED_USERS_TABLE)
+    elif not table_exists(spark, location):
+        return ErasedUsers(None, None)
+    key = hash_key(spark, cfg, create=create)
+    if key is None:
+        raise JobError(
+            f"{location} exists but there is no hash key ({ERASURE_KEY_ENV} is not set and there is no "
+            f"{key_file(cfg)}): set {ERASURE_KEY_ENV} to the key forget-user used"
+        )
+    hashes = spark.read.format("delta").load(location).select("user_hash", "erased_at")
+    return ErasedUsers(hashes, key)
+
+
+def check_key(spark: SparkSession, cfg: CarouselConfig, key: str) -> None:
+    """:class:`JobError` unless every ``erased_users`` row was hashed with ``key``: with another
+    key the anti-join would silently let those users back in. One small query (call at start)."""
+    location = cfg.storage.table(ERASED_USERS_TABLE)
+    if not table_exists(spark, location):
+        return
+    ids = sorted(
+        r[0] for r in spark.read.format("delta").load(location).select("key_id").distinct().collect()
+    )
+    if [i for i in ids if i != key_id(key)]:
+        raise JobError(
+            f"{location} holds hashes made with key(s) {ids}, but this process has key {key_id(key)}: "
+            f"set {ERASURE_KEY_ENV} to the key the erasures were recorded with"
+        )
+
+
+def drop_erased(
+    df: DataFrame,
+    erased: ErasedUsers,
+    user_column: str | Column = "user_id",
+    time_column: str | Column | None = None,
+) -> DataFrame:
+    """``df`` without the rows of erased users (a broadcast left anti-join on the keyed hash).
+
+    ``user_column``: the user id (a name, or a column such as ``F.col("event.user_id")``); rows
+    with a NULL id are kept. ``time_column``: when given, only rows at or before the user's
+    ``erased_at`` are dropped (a user who comes back later is stored again); default: every row
+    of an erased id, whenever. Works on streaming frames (a stream-static join) and keeps the row
+    order within each partition (no shuffle).
+    """
+    if erased.hashes is None or erased.key is None:
+        return df
+    user = F.col(user_column) if isinstance(user_column, str) else user_column
+    keyed = df.withColumn(_HASH, user_hash(user, erased.key))
+    hashes = erased.hashes.select(F.col("user_hash").alias(_HASH), F.col("erased_at").alias(_ERASED_AT))
+    if time_column is None:
+        return keyed.join(F.broadcast(hashes.select(_HASH)), _HASH, "left_anti").drop(_HASH)
+    when = F.col(time_column) if isinstance(time_column, str) else time_column
+    left, right = keyed.withColumn(_TIME, when).alias("_rows"), F.broadcast(hashes).alias("_erased")
+    condition = (F.col(f"_rows.{_HASH}") == F.col(f"_erased.{_HASH}")) & (
+        F.col(f"_rows.{_TIME}") <= F.col(f"_erased.{_ERASED_AT}")
+    )
+    return left.join(right, condition, "left_anti").drop(_HASH, _TIME)
+
+
+def with_erased_flag(
+    df: DataFrame, erased: ErasedUsers, user_column: str | Column = "user_id", flag: str = "erased"
+) -> DataFrame:
+    """``df`` with a boolean column ``flag``: whether the row's user was erased (a broadcast left
+    join; False for a NULL id). For a caller that counts what it drops (ingest's accounting:
+    read = stored + quarantined + duplicates + erased) in the same pass as the rest."""
+    if erased.hashes is None or erased.key is None:
+        return df.withColumn(flag, F.lit(False))
+    user = F.col(user_column) if isinstance(user_column, str) else user_column
+    hashes = (
+        erased.hashes.select(F.col("user_hash").alias(_HASH)).distinct().withColumn(_ERASED_AT, F.lit(True))
+    )
+    return (
+        df.withColumn(_HASH, user_hash(user, erased.key))
+        .join(F.broadcast(hashes), _HASH, "left")
+        .withColumn(flag, F.coalesce(F.col(_ERASED_AT), F.lit(False)))
+        .drop(_HASH, _ERASED_AT)
+    )
+
+
+def raw_user_id(raw: Column) -> Column:
+    """The user id a raw JSON record names: its top-level ``user_id`` when the record parses (any
+    JSON scalar, as text), else the first ``"user_id": "..."`` member of the text; NULL when none."""
+    return F.coalesce(
+        F.get_json_object(raw, "$.user_id"),
+        F.nullif(F.regexp_extract(raw, RAW_USER_ID_PATTERN, 1), F.lit("")),
+    )

@@ -1,0 +1,52 @@
+"""Reading carousel's Delta tables without Spark, with the pinned ``deltalake`` (delta-rs).
+
+Role: the supported way for notebooks, scripts and services to read any table under
+``storage.root`` - ``user_profiles`` included - without a JVM. ``user_profiles`` keeps deletion
+vectors (every ingest micro-batch MERGEs into it; README "Reading tables without Spark" has the
+figures), and ``deltalake`` 1.6's ``DeltaTable.to_pyarrow_table`` / ``to_pyarrow_dataset`` /
+``to_pandas`` refuse a table with that reader feature. Its DataFusion engine
+(``deltalake.QueryBuilder``) reads deletion vectors, so :func:`read_table` goes through it for
+every table. Inputs: a table location (local path, ``s3://`` or Spark's ``s3a://``), optional
+columns, SQL filter and version. Output: a ``pyarrow.Table`` with the table's own Arrow schema
+(plain strings, not DataFusion's string views).
+
+    from carousel.portable import read_table
+    profile = read_table("data/tables/user_profiles", where="user_id = 'u-42'")
+    views = read_table("data/tables/events", ["user_id", "item_id"], "event_date >= '2026-11-01'")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
+
+
+def delta_rs_uri(location: str) -> str:
+    """``location`` as delta-rs names it: ``s3://`` where Spark's Hadoop connector says ``s3a://``."""
+    return "s3://" + location[len("s3a://") :] if location.startswith("s3a://") else location
+
+
+def _quoted(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def read_table(
+    location: str,
+    columns: Sequence[str] | None = None,
+    where: str | None = None,
+    version: int | None = None,
+) -> pa.Table:
+    """The rows of the Delta table at ``location`` (deletion vectors applied) that match the SQL
+    predicate ``where`` (DataFusion SQL), with ``columns`` (default: all), at ``version``
+    (default: the latest)."""
+    table = DeltaTable(delta_rs_uri(location), version=version)
+    schema = pa.schema(table.schema().to_arrow())
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
+    query = f"SELECT {', '.join(_quoted(name) for name in schema.names)} FROM t"
+    if where:
+        query += f" WHERE {where}"
+    batches = QueryBuilder().register("t", table).execute(query).read_all()
+    return pa.table(batches).cast(schema)
