@@ -391,16 +391,35 @@ class AwsBatchConfig(_Section):
         return value
 
 
+class GateConfig(_Section):
+    """The quality gate of publish: a candidate no worse than the live model, on a held-back window."""
+
+    # Off: every valid candidate is published (recorded as "disabled" in model_publish_log).
+    enabled: bool
+    # train holds back the newest holdout_hours of its input from fitting; publish judges the
+    # candidate and the live model on them (0: no held-back window, so no judgement).
+    holdout_hours: float = Field(ge=0)
+    # Refuse when Recall@k or MRR@k (k = evaluation.k) falls more than this share below the live
+    # model's on the same next-item pairs (0.02 = 2 %, relative).
+    max_drop: float = Field(ge=0, le=1)
+    # Fewer next-item pairs than this in the window: too few to judge, published as "unjudged".
+    min_pairs: int = Field(ge=1)
+
+
 class TrainingConfig(_Section):
     lookback_days: int = Field(ge=1)
     widen_step_days: int = Field(ge=1)
     max_lookback_days: int = Field(ge=1)
     min_interactions: int = Field(ge=1)
+    # The export refuses a snapshot with fewer rows than this share of the previous snapshot's
+    # (an ingest outage looks like a quiet day); 0 = no floor. --allow-smaller overrides it once.
+    snapshot_floor: float = Field(ge=0, le=1)
     event_types: tuple[str, ...] = Field(min_length=1)
     workspace: str = Field(min_length=1)
     top_k: int = Field(ge=1, le=1000)
     model: ModelConfig
     aws_batch: AwsBatchConfig
+    gate: GateConfig
 
     @field_validator("workspace")
     @classmethod

@@ -239,6 +239,32 @@ ITEM_RECOMMENDATIONS_SCHEMA = StructType(
         StructField("model_version", StringType(), False),
     ]
 )
+# Every publish attempt (jobs/publish_recommendations.py): what the quality gate saw and decided.
+MODEL_PUBLISH_LOG_TABLE = "model_publish_log"
+# decision: published (passed, first, unjudged, disabled, forced) or not (refused, invalid).
+GATE_PUBLISHED_DECISIONS: tuple[str, ...] = ("passed", "first", "unjudged", "disabled", "forced")
+GATE_REFUSED_DECISIONS: tuple[str, ...] = ("refused", "invalid")
+MODEL_PUBLISH_LOG_SCHEMA = StructType(
+    [
+        StructField("attempted_at", TimestampType(), False),
+        StructField("model_version", StringType(), False),
+        StructField("decision", StringType(), False),
+        StructField("reason", StringType()),
+        StructField("forced", BooleanType(), False),
+        StructField("live_model_version", StringType()),
+        # The judged window: the candidate's held-back interactions after the live model's data end.
+        StructField("window_start", TimestampType()),
+        StructField("window_end", TimestampType()),
+        StructField("pairs", LongType()),
+        StructField("k", IntegerType()),
+        StructField("candidate_recall", DoubleType()),
+        StructField("candidate_mrr", DoubleType()),
+        StructField("live_recall", DoubleType()),
+        StructField("live_mrr", DoubleType()),
+        # The item_recommendations version written; NULL when refused.
+        StructField("table_version", LongType()),
+    ]
+)
 
 # ---------------------------------------------------------------------------------------------
 # Product catalog (uploaded by marketers; see jobs/upload_catalog.py)
@@ -435,6 +461,7 @@ NO_USER_DATA_TABLES: frozenset[str] = frozenset(
     {
         INGEST_LOG_TABLE,
         ITEM_RECOMMENDATIONS_TABLE,
+        MODEL_PUBLISH_LOG_TABLE,
         CATALOG_TABLE,
         TRENDING_TABLE,
         CAMPAIGN_RUNS_TABLE,
@@ -501,6 +528,7 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType(
             TableSpec(QUARANTINE_TABLE, QUARANTINE_SCHEMA, retention_column="quarantined_at"),
             TableSpec(INGEST_LOG_TABLE, INGEST_LOG_SCHEMA),
             TableSpec(ITEM_RECOMMENDATIONS_TABLE, ITEM_RECOMMENDATIONS_SCHEMA),
+            TableSpec(MODEL_PUBLISH_LOG_TABLE, MODEL_PUBLISH_LOG_SCHEMA),
             TableSpec(CATALOG_TABLE, CATALOG_SCHEMA),
             TableSpec(TRENDING_TABLE, TRENDING_SCHEMA),
             TableSpec(

@@ -5,7 +5,7 @@ with a manifest, and gates the snapshot with the Great Expectations suite
 (:func:`carousel.quality.validate_interactions`)::
 
     ./spark-submit.sh export-training-data [--output URI] [--lookback-days N]
-                                           [--min-interactions N] [--end ISO-8601]
+                                           [--min-interactions N] [--end ISO-8601] [--allow-smaller]
 
 Range. The range is ``[end - days, end)``; ``end`` defaults to *now* (UTC) so that the freshest
 events train the model; pass ``--end`` (e.g. a midnight) for a reproducible range. ``days`` starts
@@ -38,6 +38,20 @@ when the data runs out below the minimum the snapshot is still exported (with a 
 the widening already took everything there is. An empty range fails. On failure nothing is
 published as complete (no manifest; for S3 only the report is uploaded), the error names each
 failed expectation and the report, and ``main`` exits with status 1.
+
+Floor. An ingest outage looks like a quiet day, so the snapshot is also compared with the previous
+one: the newest ``manifest.json`` (by its ``created_at``) in ``<training.workspace>/snapshots/*/``
+(:func:`previous_snapshot`; unreadable manifests are skipped with a warning). A snapshot with fewer
+rows than ``training.snapshot_floor`` x the previous one's is refused before its manifest is
+written (:class:`SnapshotTooSmallError`, status 1; a local data folder is removed, nothing reaches
+S3 but the report), unless ``--allow-smaller`` (``run(allow_smaller=True)``, also ``nightly``).
+``snapshot_floor: 0`` turns the floor off. The manifest records ``previous`` (location, rows, floor,
+``allowed_smaller``; null when there is none or the floor is off). A snapshot written outside
+the workspace (``--output``) is checked too, but never serves as the previous one.
+
+Verification. :func:`verify_snapshot` checks a snapshot folder against its manifest (each listed
+file present with its size and sha256, no unlisted file a reader would read, the overall checksum);
+``train`` runs it before reading a snapshot and refuses a mismatch (:class:`SnapshotCorruptError`).
 """
 
 from __future__ import annotations
@@ -46,15 +60,17 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from botocore.client import BaseClient
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -83,9 +99,21 @@ DAY = timedelta(days=1)
 _DAY_MICROS = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+SNAPSHOTS_DIR = "snapshots"
+# At most this many problems are spelled out in a SnapshotCorruptError (then a count).
+_MAX_PROBLEMS_SHOWN = 10
+
 ENOUGH = "min_interactions_reached"
 MAX_LOOKBACK = "max_lookback_reached"
 DATA_EXHAUSTED = "data_exhausted"
+
+
+class SnapshotTooSmallError(JobError):
+    """The new snapshot holds fewer rows than ``training.snapshot_floor`` x the previous one's."""
+
+
+class SnapshotCorruptError(ValueError):
+    """A snapshot's files do not match its manifest (missing, changed or unlisted files)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +248,17 @@ def _snapshot_stats(df: DataFrame) -> dict[str, Any]:
     }
 
 
-def _file_checksums(data_dir: Path) -> tuple[list[dict[str, Any]], str]:
-    """Each data file's name, size and sha256, in name order; and the sha256 of them concatenated."""
+def _file_checksums(data_dir: Path, names: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Each data file's name, size and sha256, and the sha256 of them concatenated: the files
+    ``names`` in that order, or (default) every file in ``data_dir`` in name order."""
     overall = hashlib.sha256()
     files = []
-    for path in sorted(p for p in data_dir.iterdir() if p.is_file()):
+    paths = (
+        sorted(p for p in data_dir.iterdir() if p.is_file())
+        if names is None
+        else [data_dir / n for n in names]
+    )
+    for path in paths:
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
@@ -248,6 +282,126 @@ def _staging(output: str) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The previous snapshot (the floor) and verification against a manifest
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreviousSnapshot:
+    """A complete snapshot already in the workspace: its folder, row count and creation time."""
+
+    location: str
+    rows: int
+    created_at: datetime
+
+
+def previous_snapshot(
+    root: str, exclude: str | None = None, *, client: BaseClient | None = None
+) -> PreviousSnapshot | None:
+    """The newest snapshot (by its manifest's ``created_at``) in the folders directly under ``root``.
+
+    ``root`` is local or ``s3://``; the folder ``exclude`` (the snapshot being written) is
+    skipped. A manifest that cannot be read or lacks ``rows`` / ``created_at`` is skipped with a
+    warning naming it: one broken snapshot must not hide the others (nor stop the export).
+    """
+    skip = exclude.rstrip("/") if exclude else None
+    newest: PreviousSnapshot | None = None
+    for name in objectstore.list_files(root, client=client):
+        folder, _, leaf = name.partition("/")
+        location = objectstore.join(root, folder)
+        if leaf != MANIFEST_NAME or location == skip:
+            continue
+        uri = objectstore.join(location, MANIFEST_NAME)
+        try:
+            manifest = json.loads(objectstore.read_text(uri, client=client))
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, not {MANIFEST_FORMAT}")
+            rows = manifest["rows"]
+            if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+                raise ValueError(f"rows {rows!r} is not a count")
+            created_at = _utc(datetime.fromisoformat(str(manifest["created_at"]).replace("Z", "+00:00")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning(
+                "ignoring the snapshot manifest %s: unreadable (%s: %s)", uri, type(err).__name__, err
+            )
+            continue
+        found = PreviousSnapshot(location=location, rows=rows, created_at=created_at)
+        if newest is None or (found.created_at, found.location) > (newest.created_at, newest.location):
+            newest = found
+    return newest
+
+
+def floor_rows(previous_rows: int, floor: float) -> int:
+    """The fewest rows a snapshot may hold after one of ``previous_rows`` (``floor`` in [0, 1]).
+
+    Rounded first so that float noise does not raise the bar (0.3 * 10 is 3.0000000000000004).
+    """
+    return math.ceil(round(floor * previous_rows, 6))
+
+
+def verify_snapshot(local_dir: Path, label: str | None = None) -> dict[str, Any] | None:
+    """Check the snapshot in ``local_dir`` against its manifest; return the manifest.
+
+    Every file of ``data.files`` must be in ``data.path`` with its size and sha256, no unlisted
+    CSV (nor other non-hidden) file may be there (readers would read it), and the sha256 of the
+    listed files concatenated in order must be ``checksum.value``. Raises
+    :class:`SnapshotCorruptError` naming the snapshot (``label``, default ``local_dir``), each file
+    and the reason. Returns None when ``local_dir`` has no manifest (plain CSV input: nothing to check).
+    """
+    name = label or str(local_dir)
+    manifest_path = local_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        data_path = PurePosixPath(str(manifest["data"]["path"]))
+        listed = [(str(f["name"]), int(f["bytes"]), str(f["sha256"])) for f in manifest["data"]["files"]]
+        expected = str(manifest["checksum"]["value"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SnapshotCorruptError(
+            f"snapshot {name}: unreadable {MANIFEST_NAME} ({type(err).__name__}: {err})"
+        ) from None
+    # A manifest is input too: its paths must stay inside the snapshot folder.
+    unsafe = [str(data_path)] if data_path.is_absolute() or ".." in data_path.parts else []
+    unsafe += [n for n, _, _ in listed if n in ("", ".", "..") or "/" in n or "\\" in n]
+    if unsafe:
+        raise SnapshotCorruptError(
+            f"snapshot {name}: {MANIFEST_NAME} names paths outside its data folder: {unsafe}"
+        )
+
+    data_dir = local_dir / data_path
+    rel = data_path.as_posix().rstrip("/")
+    present = {p.name for p in data_dir.iterdir() if p.is_file()} if data_dir.is_dir() else set()
+    names = [n for n, _, _ in listed]
+    problems = [f"{rel}/{n}: missing" for n in names if n not in present]
+    # Hidden files (Hadoop's .crc sidecars, _SUCCESS) are read by no reader; any other file is.
+    problems += [
+        f"{rel}/{n}: unexpected file, not in the manifest"
+        for n in sorted(present - set(names))
+        if n.endswith(".csv") or not n.startswith((".", "_"))
+    ]
+    kept = [entry for entry in listed if entry[0] in present]
+    actual, overall = _file_checksums(data_dir, [n for n, _, _ in kept])
+    for (n, size, sha256), found in zip(kept, actual, strict=True):
+        if found["bytes"] != size:
+            problems.append(f"{rel}/{n}: size {found['bytes']} != {size} bytes in the manifest")
+        elif found["sha256"] != sha256:
+            problems.append(f"{rel}/{n}: sha256 mismatch ({found['sha256']}, manifest {sha256})")
+    if not problems and overall != expected:
+        problems.append(
+            f"checksum {overall} != {expected} in the manifest (the files' order or the manifest changed)"
+        )
+    if problems:
+        shown = problems[:_MAX_PROBLEMS_SHOWN]
+        more = len(problems) - len(shown)
+        raise SnapshotCorruptError(
+            f"snapshot {name} does not match its {MANIFEST_NAME}: "
+            + "; ".join(shown)
+            + (f"; and {more} more" if more else "")
+        )
+    log.info("snapshot %s verified: %d files, checksum %s", name, len(listed), overall)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 def run(
@@ -257,11 +411,13 @@ def run(
     end: datetime | None = None,
     lookback_days: int | None = None,
     min_interactions: int | None = None,
+    allow_smaller: bool = False,
 ) -> dict[str, Any]:
     """Export, validate and publish one snapshot; return its manifest plus ``output`` and ``manifest_uri``.
 
-    Raises :class:`carousel.quality.DataQualityError` when the snapshot fails validation, and
-    :class:`~carousel.errors.JobError` when there is no ``events`` table.
+    Raises :class:`carousel.quality.DataQualityError` when the snapshot fails validation,
+    :class:`SnapshotTooSmallError` when it is below the floor of the previous snapshot (unless
+    ``allow_smaller``), and :class:`~carousel.errors.JobError` when there is no ``events`` table.
     """
     overrides = {
         key: value
@@ -273,7 +429,7 @@ def run(
     training = cfg.training
     created_at = datetime.now(UTC)
     end = _utc(end) if end is not None else created_at
-    output = (output or objectstore.join(training.workspace, "snapshots", _stamp(created_at))).rstrip("/")
+    output = (output or objectstore.join(training.workspace, SNAPSHOTS_DIR, _stamp(created_at))).rstrip("/")
     manifest_uri = objectstore.join(output, MANIFEST_NAME)
     client = objectstore.s3_client(cfg) if objectstore.is_s3(output) else None
     for existing in (manifest_uri, objectstore.join(output, DATA_DIR)):
@@ -314,6 +470,8 @@ def run(
             training.min_interactions,
         )
 
+    previous = _previous_for_floor(cfg, output)
+
     with _staging(output) as staging:
         data_dir = staging / DATA_DIR
         _write_csv(interactions(events, choice.start, choice.end, training.event_types), str(data_dir))
@@ -334,10 +492,35 @@ def run(
         summary.raise_for_failure()
         if stats["rows"] != choice.rows:
             log.warning("snapshot holds %d rows, the range count said %d", stats["rows"], choice.rows)
+        below = previous is not None and stats["rows"] < floor_rows(previous.rows, training.snapshot_floor)
+        if below and not allow_smaller:  # refused before the manifest: never trained on
+            _discard_data(output, data_dir)
+            raise SnapshotTooSmallError(
+                _too_small(stats["rows"], previous, training.snapshot_floor, output)
+                + ": refused, no manifest written. An ingest outage looks like a quiet day: check"
+                " ingest and the events table. If the drop is real, rerun with --allow-smaller"
+                " (export-training-data or nightly), or set training.snapshot_floor=0 to turn the"
+                " floor off"
+            )
+        if below:
+            log.warning(
+                "%s: published (--allow-smaller)",
+                _too_small(stats["rows"], previous, training.snapshot_floor, output),
+            )
 
         files, checksum = _file_checksums(data_dir)
         manifest = _manifest(
             cfg, choice, created_at, table, version, stats, files, checksum, summary.report_location
+        )
+        manifest["previous"] = (
+            None
+            if previous is None
+            else {
+                "location": previous.location,
+                "rows": previous.rows,
+                "floor": training.snapshot_floor,
+                "allowed_smaller": below,  # below the floor: published only because of --allow-smaller
+            }
         )
         if objectstore.is_s3(output):
             objectstore.upload_dir(data_dir, objectstore.join(output, DATA_DIR), client=client)
@@ -352,6 +535,48 @@ def run(
         checksum,
     )
     return {"output": output, "manifest_uri": manifest_uri, **manifest}
+
+
+def _previous_for_floor(cfg: CarouselConfig, output: str) -> PreviousSnapshot | None:
+    """The previous snapshot in the workspace, logged; None when there is none or no floor."""
+    floor = cfg.training.snapshot_floor
+    if floor <= 0:
+        log.info("training.snapshot_floor is 0: no floor")
+        return None
+    root = objectstore.join(cfg.training.workspace, SNAPSHOTS_DIR)
+    previous = previous_snapshot(
+        root, output, client=objectstore.s3_client(cfg) if objectstore.is_s3(root) else None
+    )
+    if previous is None:
+        log.info("no previous snapshot under %s: no floor this time", root)
+    else:
+        log.info(
+            "previous snapshot %s: %d interactions (created %s); floor %g: at least %d",
+            previous.location,
+            previous.rows,
+            _iso(previous.created_at),
+            floor,
+            floor_rows(previous.rows, floor),
+        )
+    return previous
+
+
+def _too_small(rows: int, previous: PreviousSnapshot, floor: float, output: str) -> str:
+    return (
+        f"snapshot {output} holds {rows} interactions, fewer than training.snapshot_floor={floor:g} x "
+        f"the {previous.rows} of the previous snapshot {previous.location} (at least "
+        f"{floor_rows(previous.rows, floor)})"
+    )
+
+
+def _discard_data(output: str, data_dir: Path) -> None:
+    """Remove a refused snapshot's local data folder (S3: nothing was uploaded; the staging goes)."""
+    if objectstore.is_s3(output):
+        return
+    try:
+        shutil.rmtree(data_dir)
+    except OSError as err:  # the refusal matters more; without a manifest the folder is incomplete anyway
+        log.warning("could not remove the refused snapshot's data %s: %s", data_dir, err)
 
 
 def _manifest(
@@ -425,6 +650,11 @@ def main(argv: list[str]) -> int:
         "--min-interactions", type=int, help="widen until this many (training.min_interactions)"
     )
     parser.add_argument("--end", type=parse_time, help="range end, exclusive, ISO-8601 (default: now)")
+    parser.add_argument(
+        "--allow-smaller",
+        action="store_true",
+        help="publish even below training.snapshot_floor x the previous snapshot's rows (a real drop)",
+    )
     args = parser.parse_args(argv)
     extra = []
     if args.lookback_days is not None:
@@ -434,7 +664,7 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, JOB, extra)
     spark = build_session(cfg, "carousel-export-training-data")
     try:
-        result = run(spark, cfg, output=args.output, end=args.end)
+        result = run(spark, cfg, output=args.output, end=args.end, allow_smaller=args.allow_smaller)
     except (DataQualityError, FileExistsError) as err:  # FileExistsError: --output is taken
         log.error("%s", err)
         return 1

@@ -36,13 +36,24 @@ class StepFailedError(JobError):
     """One step of the nightly run failed; the message names the step."""
 
 
-def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, runner: str = "local") -> dict:
-    """Run the four steps; returns what each produced (and its seconds)."""
+def run(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    end: datetime | None = None,
+    runner: str = "local",
+    force: bool = False,
+    allow_smaller: bool = False,
+) -> dict:
+    """Run the four steps; returns what each produced (and its seconds).
+
+    ``force``: publish even when the quality gate judges the model worse than the live one.
+    ``allow_smaller``: export even below ``training.snapshot_floor`` x the previous snapshot's rows.
+    """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        snapshot = export_training_data.run(spark, cfg, end=end)
-    except (DataQualityError, JobError) as err:  # JobError: no events table
+        snapshot = export_training_data.run(spark, cfg, end=end, allow_smaller=allow_smaller)
+    except (DataQualityError, JobError) as err:  # JobError: no events table, below the snapshot floor
         raise StepFailedError(f"export/validate: {err}") from err
     timings["export_validate"] = time.perf_counter() - started
 
@@ -55,7 +66,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, r
 
     started = time.perf_counter()
     try:
-        version = publish_recommendations.run(spark, cfg, model["output"])
+        version = publish_recommendations.run(spark, cfg, model["output"], force)
     except publish_recommendations.PublishRefusedError as err:
         raise StepFailedError(f"publish: {err}") from err
     timings["publish"] = time.perf_counter() - started
@@ -75,11 +86,19 @@ def main(argv: list[str]) -> int:
     parser = add_config_args(argparse.ArgumentParser(prog="nightly", description=__doc__.splitlines()[0]))
     parser.add_argument("--end", type=iso_time, help="end of the export range (ISO-8601, default now)")
     parser.add_argument("--runner", choices=train.RUNNERS, default="local")
+    parser.add_argument(
+        "--force", action="store_true", help="publish even if the quality gate refuses the model (recorded)"
+    )
+    parser.add_argument(
+        "--allow-smaller",
+        action="store_true",
+        help="export even below training.snapshot_floor x the previous snapshot's rows (a real drop)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "nightly")
     spark = build_session(cfg, "carousel-nightly")
     try:
-        run(spark, cfg, end=args.end, runner=args.runner)
+        run(spark, cfg, end=args.end, runner=args.runner, force=args.force, allow_smaller=args.allow_smaller)
     except StepFailedError as err:
         log.error("nightly run failed at %s", err)
         return 1

@@ -8,9 +8,15 @@ Delta version whose rows and commit metadata carry the model version. Serving re
 each micro-batch, so the new version is live without a restart. A refused output leaves the live
 version untouched and exits with status 1, naming each failed check.
 
+The quality gate: a valid candidate is then judged against the live model on the interactions
+``train`` held back from it (``holdout/``), after the live model's own data end, with
+``evaluate``'s next-item protocol; more than ``training.gate.max_drop`` below the live model's
+Recall@k or MRR@k refuses it (exit 1) unless ``--force``. Every attempt, published or not, is a
+row of the Delta ``model_publish_log`` (README "The quality gate").
+
 ``rollback`` restores the version that was live before the latest publish (Delta RESTORE).
 
-    ./spark-submit.sh publish-recommendations --input data/training/models/<version>
+    ./spark-submit.sh publish-recommendations --input data/training/models/<version> [--force]
     ./spark-submit.sh rollback [--to-version N]
 """
 
@@ -20,9 +26,13 @@ import argparse
 import json
 import logging
 import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -30,12 +40,20 @@ from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, 
 
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
-from carousel.config import CarouselConfig
+from carousel.config import CarouselConfig, GateConfig
 from carousel.errors import JobError
-from carousel.schemas import ITEM_RECOMMENDATIONS_TABLE, RECOMMENDATION_COLUMNS
+from carousel.schemas import (
+    GATE_PUBLISHED_DECISIONS,
+    ITEM_RECOMMENDATIONS_TABLE,
+    MODEL_PUBLISH_LOG_SCHEMA,
+    MODEL_PUBLISH_LOG_TABLE,
+    RECOMMENDATION_COLUMNS,
+)
 from carousel.session import build_session
 from carousel.storage import table_exists
 from carousel.tables import ensure
+from jobs.evaluate import consecutive_pairs, ranking_metrics
+from models.interactions import read_interactions
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +72,87 @@ class PublishRefusedError(JobError):
     """The model output failed validation; the live recommendations were not changed."""
 
 
+class GateRefusedError(PublishRefusedError):
+    """The quality gate judged the candidate worse than the live model; nothing was published."""
+
+
 @dataclass(frozen=True)
 class ModelOutput:
     recommendations: DataFrame
     model_version: str
     top_k: int
     items: list[str]
+    # The interactions train held back from fitting (the gate's window), when it held any.
+    holdout: pd.DataFrame | None = None
+    # The newest interaction the model was fitted on (ISO-8601), when known.
+    data_end: str | None = None
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What the quality gate decided for one candidate, and on which evidence."""
+
+    decision: str  # one of GATE_PUBLISHED_DECISIONS or GATE_REFUSED_DECISIONS
+    reason: str
+    live_model_version: str | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    pairs: int | None = None
+    k: int | None = None
+    candidate: Mapping[str, float] | None = None
+    live: Mapping[str, float] | None = None
+
+    @property
+    def published(self) -> bool:
+        return self.decision in GATE_PUBLISHED_DECISIONS
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure core: the gate's judgement
+# ---------------------------------------------------------------------------------------------
+GATE_METRICS: tuple[tuple[str, str], ...] = (("recall@k", "Recall"), ("mrr@k", "MRR"))
+
+
+def judge(
+    candidate: Mapping[str, float],
+    live: Mapping[str, float],
+    pairs: int,
+    k: int,
+    gate: GateConfig,
+    force: bool = False,
+) -> tuple[str, str]:
+    """(decision, reason) for a candidate's and the live model's metrics on the same ``pairs``.
+
+    ``passed`` unless Recall@k or MRR@k falls more than ``gate.max_drop`` (relative) below the live
+    model's: then ``refused``, or ``forced`` with ``force``. Under ``gate.min_pairs`` pairs the
+    evidence is too thin either way: ``unjudged`` (published, logged as a warning).
+    """
+    if pairs < gate.min_pairs:
+        return (
+            "unjudged",
+            f"{pairs} next-item pairs in the window, fewer than training.gate.min_pairs={gate.min_pairs}",
+        )
+    drops = []
+    for key, label in GATE_METRICS:
+        floor = live[key] * (1.0 - gate.max_drop)
+        if candidate[key] < floor:
+            drops.append(
+                f"{label}@{k} {candidate[key]:.4f} < {floor:.4f} (live {live[key]:.4f} - {gate.max_drop:.1%})"
+            )
+    summary = ", ".join(
+        f"{label}@{k} {candidate[key]:.4f} vs live {live[key]:.4f}" for key, label in GATE_METRICS
+    )
+    if not drops:
+        return "passed", f"{summary} on {pairs} pairs"
+    reason = f"{'; '.join(drops)} on {pairs} pairs"
+    return ("forced", f"--force: {reason}") if force else ("refused", reason)
+
+
+def gate_window(holdout: pd.DataFrame, live_data_end: datetime | None) -> pd.DataFrame:
+    """The held-back interactions neither model was fitted on: those after the live model's data end."""
+    if live_data_end is None:
+        return holdout
+    return holdout[holdout["event_time"] > pd.Timestamp(live_data_end)].reset_index(drop=True)
 
 
 def _read_metadata(path: Path, location: str) -> dict:
@@ -94,11 +187,26 @@ def read_model_output(spark: SparkSession, location: str, client: object | None 
         .schema(RECOMMENDATIONS_CSV_SCHEMA)
         .csv(csv_files)
     )
+    holdout = None
+    holdout_info = metadata.get("holdout") or {}
+    if holdout_info.get("path"):
+        files = sorted(Path(local, holdout_info["path"]).glob("*.csv"))
+        if not files:
+            raise PublishRefusedError(
+                f"metadata.json in {location} names the held-back window {holdout_info['path']} "
+                "but it holds no CSV file"
+            )
+        try:
+            holdout = pd.concat([read_interactions(f) for f in files], ignore_index=True)
+        except ValueError as err:
+            raise PublishRefusedError(f"the held-back window of {location} is unreadable: {err}") from None
     return ModelOutput(
         recommendations,
         str(metadata["model_version"]),
         int(metadata["top_k"]),
         [str(i) for i in metadata["items"]],
+        holdout,
+        metadata.get("data_end"),
     )
 
 
@@ -173,44 +281,175 @@ def validation_failures(recommendations: DataFrame, items: DataFrame, top_k: int
     return failures
 
 
-def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput) -> int:
-    """Validate and write ``output`` as a new table version; returns that version."""
+def _top_lists(recommendations: DataFrame, k: int) -> pd.DataFrame:
+    """The top-k lists as evaluate reads them (item_id, rank, rec_item_id), on the driver."""
+    return recommendations.where(F.col("rank") <= k).select("item_id", "rank", "rec_item_id").toPandas()
+
+
+def _live_model(spark: SparkSession, location: str) -> tuple[str, datetime | None] | None:
+    """(model version, data end) of the live matrix; None when nothing is published yet."""
+    if not table_exists(spark, location):
+        return None
+    live = spark.read.format("delta").load(location).select("model_version").limit(1).collect()
+    if not live:
+        return None
+    model_version = live[0].model_version
+    # The newest commit that wrote this model (a RESTORE brings an older one back) says its data end.
+    for _, metadata, operation in commit_metadata(spark, location):
+        if operation == "WRITE" and metadata.get("model_version") == model_version:
+            data_end = metadata.get("data_end")
+            return model_version, _parse_time(data_end) if data_end else None
+    return model_version, None
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def quality_gate(
+    spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force: bool = False
+) -> GateVerdict:
+    """Judge a valid candidate against the live model on the candidate's held-back window."""
+    gate = cfg.training.gate
+    if not gate.enabled:
+        return GateVerdict("disabled", "training.gate.enabled is false")
+    live = _live_model(spark, cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE))
+    if live is None:
+        return GateVerdict("first", "no live model to compare with")
+    live_version, live_data_end = live
+    if output.holdout is None:
+        return GateVerdict(
+            "unjudged", "the candidate has no held-back window (see its metadata.json holdout)", live_version
+        )
+    window = gate_window(output.holdout, live_data_end)
+    k = cfg.evaluation.k
+    pairs = consecutive_pairs(window)
+    evidence = {
+        "live_model_version": live_version,
+        "window_start": window["event_time"].min().to_pydatetime() if len(window) else None,
+        "window_end": window["event_time"].max().to_pydatetime() if len(window) else None,
+        "pairs": len(pairs[0]),
+        "k": k,
+    }
+    if len(pairs[0]) < gate.min_pairs:
+        decision, reason = judge({}, {}, len(pairs[0]), k, gate, force)
+        return GateVerdict(decision, reason, **evidence)
+    started = time.perf_counter()
+    candidate_metrics = ranking_metrics(_top_lists(output.recommendations, k), pairs, k)
+    live_metrics = ranking_metrics(
+        _top_lists(spark.read.format("delta").load(cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)), k),
+        pairs,
+        k,
+    )
+    decision, reason = judge(candidate_metrics, live_metrics, len(pairs[0]), k, gate, force)
+    log.info("quality gate: %s in %.1fs: %s", decision, time.perf_counter() - started, reason)
+    return GateVerdict(decision, reason, candidate=candidate_metrics, live=live_metrics, **evidence)
+
+
+def _record_attempt(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    output: ModelOutput,
+    verdict: GateVerdict,
+    force: bool,
+    table_version: int | None,
+) -> None:
+    """One row of model_publish_log for this attempt (published or not)."""
+    candidate = verdict.candidate or {}
+    live = verdict.live or {}
+    row = (
+        datetime.now(UTC),
+        output.model_version,
+        verdict.decision,
+        verdict.reason,
+        force,
+        verdict.live_model_version,
+        verdict.window_start,
+        verdict.window_end,
+        verdict.pairs,
+        verdict.k,
+        candidate.get("recall@k"),
+        candidate.get("mrr@k"),
+        live.get("recall@k"),
+        live.get("mrr@k"),
+        table_version,
+    )
+    location = cfg.storage.table(MODEL_PUBLISH_LOG_TABLE)
+    ensure(spark, cfg, MODEL_PUBLISH_LOG_TABLE)
+    spark.createDataFrame([row], MODEL_PUBLISH_LOG_SCHEMA).write.format("delta").mode("append").save(location)
+
+
+def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force: bool = False) -> int:
+    """Validate, judge and write ``output`` as a new table version; returns that version.
+
+    Raises :class:`PublishRefusedError` (invalid output) or :class:`GateRefusedError` (worse than
+    the live model, without ``force``); either way the live version stays and the attempt is a row
+    of ``model_publish_log``.
+    """
     items = spark.createDataFrame([(i,) for i in output.items], "item_id string")
     failures = validation_failures(output.recommendations, items, output.top_k)
     if failures:
+        reason = "; ".join(failures)
+        _record_attempt(spark, cfg, output, GateVerdict("invalid", reason), force, None)
         raise PublishRefusedError(
-            f"model {output.model_version} refused, live recommendations unchanged: " + "; ".join(failures)
+            f"model {output.model_version} refused, live recommendations unchanged: {reason}"
         )
+    verdict = quality_gate(spark, cfg, output, force)
+    if not verdict.published:
+        _record_attempt(spark, cfg, output, verdict, force, None)
+        raise GateRefusedError(
+            f"model {output.model_version} refused by the quality gate against the live model "
+            f"{verdict.live_model_version}: {verdict.reason}; live recommendations unchanged "
+            "(--force publishes anyway)"
+        )
+    if verdict.decision in ("unjudged", "forced"):
+        log.warning("quality gate %s: %s", verdict.decision, verdict.reason)
     location = cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)
     table = ensure(spark, cfg, ITEM_RECOMMENDATIONS_TABLE)
     rows = output.recommendations.select(*RECOMMENDATION_COLUMNS).withColumn(
         "model_version", F.lit(output.model_version)
     )
-    spark.conf.set(COMMIT_METADATA_CONF, json.dumps({"model_version": output.model_version}))
+    commit = {"model_version": output.model_version, "data_end": output.data_end, "gate": verdict.decision}
+    spark.conf.set(COMMIT_METADATA_CONF, json.dumps(commit))
     try:
         rows.write.format("delta").mode("overwrite").save(location)
     finally:
         spark.conf.unset(COMMIT_METADATA_CONF)
     version = int(table.history(1).first()["version"])
-    log.info("published model %s as version %d of %s", output.model_version, version, location)
+    # After the commit: a crash here leaves the publish in the table's history (its commit
+    # metadata names the gate's decision) without its model_publish_log row.
+    _record_attempt(spark, cfg, output, verdict, force, version)
+    log.info(
+        "published model %s as version %d of %s (gate: %s)",
+        output.model_version,
+        version,
+        location,
+        verdict.decision,
+    )
     return version
 
 
-def publish_history(spark: SparkSession, location: str) -> list[tuple[int, str | None, str]]:
-    """(version, model version or None, operation) of the table, newest first."""
+def commit_metadata(spark: SparkSession, location: str) -> list[tuple[int, dict, str]]:
+    """(version, the commit's user metadata as a dict ({} when none), operation), newest first."""
     rows = (
         DeltaTable.forPath(spark, location).history().select("version", "operation", "userMetadata").collect()
     )
     result = []
     for row in rows:
-        model_version = None
+        metadata: dict = {}
         if row.userMetadata:
             try:
-                model_version = json.loads(row.userMetadata).get("model_version")
+                parsed = json.loads(row.userMetadata)
             except ValueError:
-                model_version = None
-        result.append((int(row.version), model_version, str(row.operation)))
+                parsed = None
+            metadata = parsed if isinstance(parsed, dict) else {}
+        result.append((int(row.version), metadata, str(row.operation)))
     return result
+
+
+def publish_history(spark: SparkSession, location: str) -> list[tuple[int, str | None, str]]:
+    """(version, model version or None, operation) of the table, newest first."""
+    return [(v, m.get("model_version"), op) for v, m, op in commit_metadata(spark, location)]
 
 
 def _version_ranges(versions: list[int]) -> str:
@@ -256,10 +495,10 @@ def rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None = 
     return to_version
 
 
-def run(spark: SparkSession, cfg: CarouselConfig, input_location: str) -> int:
-    """Read, validate and publish the model output at ``input_location``."""
+def run(spark: SparkSession, cfg: CarouselConfig, input_location: str, force: bool = False) -> int:
+    """Read, validate, judge and publish the model output at ``input_location``."""
     client = objectstore.s3_client(cfg) if objectstore.is_s3(input_location) else None
-    return publish(spark, cfg, read_model_output(spark, input_location, client))
+    return publish(spark, cfg, read_model_output(spark, input_location, client), force)
 
 
 def main(argv: list[str]) -> int:
@@ -267,11 +506,16 @@ def main(argv: list[str]) -> int:
         argparse.ArgumentParser(prog="publish-recommendations", description=__doc__.splitlines()[0])
     )
     parser.add_argument("--input", required=True, help="train output folder (local path or s3://...)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even when the quality gate judges it worse than the live model (recorded as forced)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "publish-recommendations")
     spark = build_session(cfg, "carousel-publish-recommendations")
     try:
-        run(spark, cfg, args.input)
+        run(spark, cfg, args.input, args.force)
     except PublishRefusedError as err:
         log.error("%s", err)
         return 1

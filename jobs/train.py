@@ -8,14 +8,23 @@ a folder of CSV files, or one CSV file with the header ``user_id,item_id,event_t
 
 * ``recommendations/part-00000.csv`` - header ``item_id,rank,rec_item_id,score``, rank 1 = best;
 * ``embeddings.npy`` + the ``items`` list in the metadata (models that learn embeddings);
+* ``holdout/part-00000.csv`` - the newest ``training.gate.holdout_hours`` of the input, held back
+  from fitting so that ``publish-recommendations`` can judge the model on unseen interactions
+  (:func:`split_holdout`; absent when nothing could be held back);
 * ``metadata.json`` - model version, top_k, items (the vocabulary), hyperparameters, counts,
-  timings, input location.
+  timings, input location, ``data_end`` (the newest interaction fitted on) and ``holdout``.
 
 Runners: ``local`` (default, this process), ``spark`` (the input is read by Spark, so any
 Hadoop-visible path works, e.g. ``s3a://`` or ``hdfs://`` on a cluster; the model trains on the
 driver) and ``aws-batch`` (a container on AWS Batch runs the local runner on S3 copies of the input
 and output; see ``jobs/aws_batch.py``). The model and its hyperparameters come from
 ``training.model`` in ``conf/``; training is seeded and reproducible.
+
+A snapshot input (a folder with ``manifest.json``, or that folder's ``interactions/``) is checked
+against its manifest before it is read (each file's size and sha256, no unlisted file, the checksum;
+an ``s3://`` one after the download): a mismatch fails the run with
+:class:`~jobs.export_training_data.SnapshotCorruptError` naming the file. The ``spark`` runner
+checks local folders only (``s3a://``, ``hdfs://`` inputs are read unchecked).
 
     ./spark-submit.sh train --input data/training/snapshots/<ts> [--output DIR] [--model next_item2vec]
     ./spark-submit.sh train --runner spark --input s3a://bucket/snapshots/<ts>/interactions
@@ -30,6 +39,7 @@ import logging
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +50,15 @@ from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.errors import spark_reason
-from carousel.schemas import INTERACTION_SCHEMA, RECOMMENDATION_COLUMNS
+from carousel.schemas import INTERACTION_COLUMNS, INTERACTION_SCHEMA, RECOMMENDATION_COLUMNS
 from jobs import aws_batch
+from jobs.export_training_data import DATA_DIR, MANIFEST_NAME, verify_snapshot
 
 log = logging.getLogger(__name__)
 
 RUNNERS = ("local", "spark", "aws-batch")
+# The interactions held back from fitting (split_holdout), for publish's quality gate.
+HOLDOUT_DIR = "holdout"
 
 
 def _csv_files(local: Path) -> list[Path]:
@@ -58,14 +71,29 @@ def _csv_files(local: Path) -> list[Path]:
     raise FileNotFoundError(f"no interaction CSV files in {local} (nor in {local / 'interactions'})")
 
 
+def _verify_snapshot_input(local: Path, location: str) -> None:
+    """Check the snapshot behind the local folder ``local`` (``location`` as given) against its
+    manifest: the folder itself, or its parent when it is a snapshot's data folder. A folder
+    without a manifest is plain CSV input: nothing to check."""
+    if (local / MANIFEST_NAME).is_file():
+        verify_snapshot(local, label=location)
+    elif local.name == DATA_DIR and (local.parent / MANIFEST_NAME).is_file():
+        verify_snapshot(local.parent, label=str(local.parent))
+
+
 def read_training_input(location: str, cfg: CarouselConfig) -> pd.DataFrame:
-    """All interactions at ``location`` (file, folder or snapshot; local or S3) as one frame."""
+    """All interactions at ``location`` (file, folder or snapshot; local or S3) as one frame.
+
+    A snapshot is verified against its manifest first (:class:`SnapshotCorruptError` on a mismatch).
+    """
     from models.interactions import read_interactions
 
     local = Path(location)
     if objectstore.is_s3(location):
         local = Path(tempfile.mkdtemp(prefix="carousel-train-input-"))
         objectstore.download_dir(location, str(local), client=objectstore.s3_client(cfg))
+    if local.is_dir():
+        _verify_snapshot_input(local, location)
     frames = [read_interactions(path) for path in _csv_files(local)]
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     log.info("read %d interactions from %s (%d files)", len(frame), location, len(frames))
@@ -73,8 +101,16 @@ def read_training_input(location: str, cfg: CarouselConfig) -> pd.DataFrame:
 
 
 def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.DataFrame:
-    """The same, read by Spark (any Hadoop file system) and collected to the driver via Arrow."""
+    """The same, read by Spark (any Hadoop file system) and collected to the driver via Arrow.
+
+    A local snapshot folder is verified against its manifest first; other file systems are not.
+    """
     from carousel.session import build_session
+
+    if "://" in location and not location.startswith("file://"):  # s3a://, hdfs://, ...
+        log.info("%s: not a local folder, the snapshot manifest check is skipped (spark runner)", location)
+    elif objectstore.local_path(location).is_dir():
+        _verify_snapshot_input(objectstore.local_path(location), location)
 
     spark = build_session(
         cfg, "carousel-train", extra_conf={"spark.sql.execution.arrow.pyspark.enabled": "true"}
@@ -107,6 +143,56 @@ def read_training_input_with_spark(location: str, cfg: CarouselConfig) -> pd.Dat
     return frame
 
 
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """The interactions to fit on and the newest window held back for publish's quality gate."""
+
+    fit: pd.DataFrame
+    holdout: pd.DataFrame | None
+    # What the output's metadata.json says of the window: start, end, rows; or why there is none.
+    info: dict[str, Any]
+
+
+def split_holdout(interactions: pd.DataFrame, hours: float) -> HoldoutSplit:
+    """Hold back the interactions of the last ``hours`` before the newest one (0: none).
+
+    The candidate never sees them, so publish can judge it and the live model on the same unseen
+    next-item pairs. No window when it would take more than half of the interactions (too little
+    history to hold any back): the model fits on everything and the gate cannot judge it.
+    """
+    if hours <= 0 or len(interactions) == 0:
+        return HoldoutSplit(interactions, None, {"skipped": "training.gate.holdout_hours is 0"})
+    times = interactions["event_time"]
+    end = times.max()
+    start = end - pd.Timedelta(hours=hours)
+    held = (times > start).to_numpy()
+    if int(held.sum()) * 2 > len(interactions):
+        reason = (
+            f"the last {hours:g} h hold {int(held.sum())} of {len(interactions)} interactions "
+            "(more than half): nothing held back"
+        )
+        log.warning("no hold-out window: %s", reason)
+        return HoldoutSplit(interactions, None, {"skipped": reason})
+    fit = _drop_unused_categories(interactions[~held].reset_index(drop=True))
+    holdout = _drop_unused_categories(interactions[held].reset_index(drop=True))
+    info = {"start": _iso(start), "end": _iso(end), "rows": len(holdout), "hours": hours}
+    log.info("held back %d interactions after %s for the quality gate", len(holdout), info["start"])
+    return HoldoutSplit(fit, holdout, info)
+
+
+def _drop_unused_categories(frame: pd.DataFrame) -> pd.DataFrame:
+    """Categorical ids keep only the values present: an item seen only in the held-back window
+    must not enter the fitted model's vocabulary."""
+    for column in frame.columns:
+        if isinstance(frame[column].dtype, pd.CategoricalDtype):
+            frame[column] = frame[column].cat.remove_unused_categories()
+    return frame
+
+
+def _iso(value: pd.Timestamp) -> str:
+    return value.tz_convert("UTC").isoformat().replace("+00:00", "Z")
+
+
 def train_model(
     interactions: pd.DataFrame, cfg: CarouselConfig, model_name: str | None = None
 ) -> tuple[Any, pd.DataFrame]:
@@ -131,13 +217,32 @@ def train_model(
 
 
 def write_model_output(
-    model: Any, recommendations: pd.DataFrame, folder: Path, top_k: int, source: str
+    model: Any,
+    recommendations: pd.DataFrame,
+    folder: Path,
+    top_k: int,
+    source: str,
+    split: HoldoutSplit | None = None,
 ) -> dict:
     """Write the output layout described in the module docstring into a local ``folder``."""
     (folder / "recommendations").mkdir(parents=True, exist_ok=False)
     recommendations[list(RECOMMENDATION_COLUMNS)].to_csv(
         folder / "recommendations" / "part-00000.csv", index=False, float_format="%.6g"
     )
+    holdout_info: dict[str, Any] = {"skipped": "no hold-out split"}
+    data_end = None
+    if split is not None:
+        holdout_info = dict(split.info)
+        if len(split.fit):
+            data_end = _iso(split.fit["event_time"].max())
+        if split.holdout is not None:
+            (folder / HOLDOUT_DIR).mkdir()
+            holdout = split.holdout[list(INTERACTION_COLUMNS)].copy()
+            holdout["event_time"] = (
+                holdout["event_time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            )
+            holdout.to_csv(folder / HOLDOUT_DIR / "part-00000.csv", index=False)
+            holdout_info["path"] = f"{HOLDOUT_DIR}/"
     embeddings = getattr(model, "embeddings", None)
     if embeddings is not None:
         np.save(folder / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
@@ -147,6 +252,9 @@ def write_model_output(
         "input": source,
         "rows": len(recommendations),
         "items": [str(i) for i in model.item_ids],
+        # The newest interaction the model was fitted on, and the window held back from it.
+        "data_end": data_end,
+        "holdout": holdout_info,
     }
     # Written last: an output folder without metadata.json is incomplete.
     (folder / "metadata.json").write_text(json.dumps(metadata, default=str))
@@ -167,13 +275,13 @@ def run(
     if runner == "aws-batch":
         return aws_batch.run(cfg, input_location, output, model_name)
     reader = read_training_input_with_spark if runner == "spark" else read_training_input
-    interactions = reader(input_location, cfg)
-    model, recommendations = train_model(interactions, cfg, model_name)
+    split = split_holdout(reader(input_location, cfg), cfg.training.gate.holdout_hours)
+    model, recommendations = train_model(split.fit, cfg, model_name)
     output = output or objectstore.join(cfg.training.workspace, "models", model.model_version)
     if objectstore.is_s3(output):
         with tempfile.TemporaryDirectory(prefix="carousel-train-output-") as tmp:
             metadata = write_model_output(
-                model, recommendations, Path(tmp) / "out", cfg.training.top_k, input_location
+                model, recommendations, Path(tmp) / "out", cfg.training.top_k, input_location, split
             )
             client = objectstore.s3_client(cfg)
             # metadata.json last, so readers never see a half-uploaded output as complete.
@@ -184,7 +292,7 @@ def run(
             objectstore.write_text(objectstore.join(output, "metadata.json"), metadata_text, client=client)
     else:
         metadata = write_model_output(
-            model, recommendations, Path(output), cfg.training.top_k, input_location
+            model, recommendations, Path(output), cfg.training.top_k, input_location, split
         )
     log.info("wrote %d recommendations of %s to %s", len(recommendations), metadata["model_version"], output)
     return {**metadata, "output": output}
