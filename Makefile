@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -27,6 +27,9 @@ bench-api: setup  ## the recommendations API: latency at 200/500/1000/5000 reque
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads
 	@.venv/bin/python -m bench.campaign_bench
+
+bench-cold-start: setup  ## 100k-item catalog + 1,000 new products: item-list build cost and exposure through exploration
+	@.venv/bin/python -m bench.cold_start_bench
 
 bench-upkeep: setup  ## 1M profiles: MERGE cost with/without deletion vectors; files and lookup time before/after maintain
 	@.venv/bin/python -m bench.table_upkeep_bench

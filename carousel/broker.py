@@ -237,11 +237,13 @@ def _jvm_command(broker_cfg: BrokerConfig, jars_dir: Path, main_class: str) -> l
 
 
 def _is_our_broker(pid: int, broker_cfg: BrokerConfig) -> bool:
-    """True while ``pid`` is alive and is the broker of this state folder (not a reused pid)."""
+    """True while ``pid`` is alive and is the broker of this state folder (not a reused pid): its
+    start time is the one in the pid file or, for a pid file without one, its command line matches."""
     return local_process.is_ours(
         pid,
         _CHILDREN,
         lambda cmdline: "kafka.Kafka" in cmdline and str(_properties_file(broker_cfg)) in cmdline,
+        local_process.recorded_start_time(_pid_file(broker_cfg), pid),
     )
 
 
@@ -493,17 +495,25 @@ def end_offsets(kafka_cfg: KafkaConfig, topic: str, timeout: float = 30) -> dict
 
 
 def ensure_topics(
-    kafka_cfg: KafkaConfig, roles: Iterable[str] | None = None, timeout: float = 30
+    kafka_cfg: KafkaConfig,
+    roles: Iterable[str] | None = None,
+    timeout: float = 30,
+    add_partitions: bool = False,
 ) -> list[str]:
     """Create the configured topics (all roles by default) that are missing; returns their names.
 
-    Existing topics are kept; one with fewer partitions than configured gets more (never fewer).
+    A new topic gets its configured partitions, replication factor and topic settings. Existing
+    topics are kept as they are, except that one with fewer partitions than configured gets more
+    (never fewer) - for a keyed topic only with ``add_partitions``: more partitions move users to
+    other partitions, so their records stop being in one order across the change. Without it a
+    keyed topic short of partitions is a :class:`BrokerError` naming the topic and both counts.
     Returns once the broker's metadata shows every topic with its configured partition count.
     """
-    wanted = {
-        t.name: t.partitions
+    topics = {
+        t.name: t
         for t in (kafka_cfg.topics.values() if roles is None else (kafka_cfg.topic(r) for r in roles))
     }
+    wanted = {name: t.partitions for name, t in topics.items()}
     settings = kafka_cfg.client_settings()
     deadline = time.monotonic() + timeout
     try:
@@ -519,19 +529,45 @@ def ensure_topics(
     created: list[str] = []
     if missing:
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=wanted[name], replication_factor=1) for name in missing],
+            [
+                NewTopic(
+                    name,
+                    num_partitions=wanted[name],
+                    replication_factor=topics[name].replication_factor,
+                    config=dict(topics[name].configs),
+                )
+                for name in missing
+            ],
             request_timeout=remaining(),
         )
         for name, future in futures.items():
             try:
                 future.result(timeout=remaining())
                 created.append(name)
-                log.info("created topic %s with %d partitions", name, wanted[name])
+                log.info(
+                    "created topic %s with %d partitions, replication factor %d, settings %s",
+                    name,
+                    wanted[name],
+                    topics[name].replication_factor,
+                    dict(topics[name].configs) or "broker defaults",
+                )
             except KafkaException as err:
                 # Another process may have created it meanwhile: that is the outcome we want.
                 if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise BrokerError(f"cannot create topic {name}: {err}") from None
     grow = {name: count for name, count in wanted.items() if name in existing and existing[name] < count}
+    refused = {name: count for name, count in grow.items() if topics[name].keyed and not add_partitions}
+    if refused:
+        raise BrokerError(
+            "; ".join(
+                f"topic {name} has {existing[name]} partitions, {count} configured"
+                for name, count in sorted(refused.items())
+            )
+            + ": it is keyed by user id, and more partitions move users to other partitions (their "
+            "records are then not in one order across the change). Configure the current count, or "
+            "add them deliberately once its consumers have caught up: ./spark-submit.sh broker topics "
+            "--add-partitions"
+        )
     if grow:
         futures = admin.create_partitions(
             [NewPartitions(name, count) for name, count in grow.items()], request_timeout=remaining()
@@ -621,6 +657,11 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="ROLE",
                 help="only this topic role of kafka.topics (repeatable; default all)",
             )
+            sub.add_argument(
+                "--add-partitions",
+                action="store_true",
+                help="raise keyed topics to their configured partitions (moves users between partitions)",
+            )
         if name == "stop":
             sub.add_argument("--timeout", type=float, default=30, help="seconds before SIGKILL")
     return parser
@@ -645,7 +686,7 @@ def main(argv: list[str]) -> int:
         elif args.command == "status":
             print(json.dumps(status(cfg.broker), indent=2, sort_keys=True))
         elif args.command == "topics":
-            created = ensure_topics(cfg.kafka, args.roles)
+            created = ensure_topics(cfg.kafka, args.roles, add_partitions=args.add_partitions)
             log.info("topics created: %s", ", ".join(created) or "none (all existed)")
         elif args.command == "reset":
             reset(cfg.broker)

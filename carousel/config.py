@@ -42,6 +42,10 @@ _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _INTERVAL = re.compile(r"^\d+(\.\d+)?\s+(millisecond|second|minute|hour)s?$")
 # Delta's own VACUUM safety check: its default delta.deletedFileRetentionDuration, one week.
 SAFE_VACUUM_RETENTION_HOURS = 168
+# What a trending segment may be made of: the event contract's user attributes (age as a band of
+# serving.trending.age_bands) and the device platform. tests/test_segment_trending.py checks it
+# against carousel.schemas.USER_ATTRIBUTES_SCHEMA (this module does not import pyspark).
+SEGMENT_ATTRIBUTES: tuple[str, ...] = ("country", "city", "language", "gender", "age_band", "platform")
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,36 @@ class StorageConfig(_Section):
 class TopicConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
     partitions: int = Field(ge=1, le=1024)
+    # Copies of each partition: 1 for the embedded single broker, typically 3 on a cluster.
+    replication_factor: int = Field(default=1, ge=1, le=32)
+    # Topic-level settings applied when the topic is created (retention.ms, compression.type,
+    # min.insync.replicas, cleanup.policy, ...). An existing topic's settings are left as they are.
+    configs: dict[str, str] = Field(default_factory=dict)
+    # Records keyed by user id, read in per-user order (serve applies a user's events in order):
+    # adding partitions moves users to other partitions, so it is never done without being asked
+    # (./spark-submit.sh broker topics --add-partitions).
+    keyed: bool = True
+
+    @field_validator("configs", mode="before")
+    @classmethod
+    def _text_values(cls, value: Any) -> Any:
+        # YAML reads retention.ms: 604800000 as a number; Kafka takes every setting as text.
+        if isinstance(value, Mapping):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _writable(self) -> TopicConfig:
+        bad = [k for k in self.configs if not re.fullmatch(r"[a-z0-9.]+", k)]
+        if bad:
+            raise ValueError(f"topic {self.name}: not Kafka topic setting names: {bad}")
+        min_isr = self.configs.get("min.insync.replicas")
+        if min_isr is not None and (not min_isr.isdigit() or int(min_isr) > self.replication_factor):
+            raise ValueError(
+                f"topic {self.name}: min.insync.replicas {min_isr} must be a number <= replication_factor "
+                f"{self.replication_factor} (or no producer with acks=all could write)"
+            )
+        return self
 
 
 class KafkaProducerConfig(_Section):
@@ -454,6 +488,33 @@ class TrendingConfig(_Section):
     per_category_top_n: int = Field(ge=0, le=100000)
     # Recompute from the events table at most this often (serving keeps it between batches).
     refresh_minutes: float = Field(gt=0)
+    # Cold users: trending among users like them, before overall trending. Each entry is one segment
+    # definition (user attributes; SEGMENT_ATTRIBUTES); a user gets the first definition, in this
+    # order, that they have every attribute of and whose segment counts at least segment_min_users
+    # users in the lookback, so a small city falls back upward to its country, then to overall.
+    segments: tuple[tuple[str, ...], ...]
+    segment_min_users: int = Field(ge=1)
+    # Items kept per segment (0 = no segment trending).
+    segment_top_n: int = Field(ge=0, le=100000)
+    # Age band edges for the age_band attribute: (18, 25) makes "<18", "18-24" and "25+".
+    age_bands: tuple[int, ...]
+
+    @field_validator("segments")
+    @classmethod
+    def _known_attributes(cls, value: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        for definition in value:
+            unknown = [name for name in definition if name not in SEGMENT_ATTRIBUTES]
+            if not definition or unknown:
+                known = list(SEGMENT_ATTRIBUTES)
+                raise ValueError(f"segment {list(definition)}: unknown attributes {unknown} (known: {known})")
+        return value
+
+    @field_validator("age_bands")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)) or any(v < 0 for v in value):
+            raise ValueError("age band edges must be >= 0 and strictly increasing")
+        return value
 
     @field_validator("event_weights")
     @classmethod
@@ -480,6 +541,19 @@ class SentLogConfig(_StreamingQuerySection):
 UNSAFE_LINK_SCHEMES: frozenset[str] = frozenset({"javascript", "vbscript", "data", "file", "about", "blob"})
 
 
+class ColdStartConfig(_Section):
+    """New products (no list in the published matrix): content neighbours and exploration slots."""
+
+    # Content neighbours per new product (TF-IDF of title, description, category, brand, price
+    # band; carousel/content.py); 0 = off: a new product has no list and gets no exploration slot.
+    content_neighbours: int = Field(ge=0, le=1000)
+    # Up to this share of a request's slots (rounded down) go to new products of the same category
+    # as the user's items (their content neighbours), strategy "new_item".
+    exploration_share: float = Field(ge=0, le=1)
+    # At most this many new products get content lists per catalog version (the catalog's first).
+    max_new_items: int = Field(ge=0)
+
+
 class ServingConfig(_StreamingQuerySection):
     """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
 
@@ -499,6 +573,7 @@ class ServingConfig(_StreamingQuerySection):
     # Push carousels show at most this many items (a campaign may ask for more on other channels).
     push_max_items: int = Field(ge=1, le=10)
     trending: TrendingConfig
+    cold_start: ColdStartConfig
     # The in-memory lookups (matrix, catalog, trending) check their Delta versions this often.
     refresh_seconds: float = Field(gt=0)
     # Triggers older than this (event time against the serving clock) are skipped, and counted.

@@ -2,16 +2,19 @@
 
 Role: ``./spark-submit.sh forget-user`` (:mod:`jobs.forget_user`) removes a user's data and records
 them in the Delta table ``erased_users`` as a keyed hash, never as their id. Whatever reads the
-``events`` topic again - ``ingest``, ``serve``, ``rebuild-online-store`` - drops those users'
-records with :func:`drop_erased`, so events still in the topic (Kafka keeps them until the
-topic's retention) are not stored or served again after the erasure.
+``events`` topic again drops those users' records: ``ingest`` and ``rebuild-online-store`` with
+:func:`drop_erased` / :func:`with_erased_flag` (in Spark), ``serve``'s hot path with
+:func:`drop_erased_rows` (on an Arrow batch, against the in-memory set :mod:`carousel.lookups`
+reloads by Delta version), so events still in the topic (Kafka keeps them until the topic's
+retention) are not stored or served again after the erasure.
 
 Inputs: the configuration (``storage.root``, ``erasure``) and the hash key: the secret
 ``CAROUSEL_ERASURE_KEY`` from the environment, else (unless ``erasure.require_key_env``) a random
 key created at ``<storage.root>/erasure/hash_key`` on first use. Outputs: :class:`ErasedUsers`
 (:func:`erased_ids`), and pure frame and column functions: :func:`drop_erased`,
 :func:`with_erased_flag` (mark instead of drop, to count them), :func:`user_hash`,
-:func:`raw_user_id` (the user id of a raw JSON record, for ``events_quarantine``).
+:func:`raw_user_id` (the user id of a raw JSON record, for ``events_quarantine``); for Spark's
+Python workers, without the JVM: :func:`erased_times` and :func:`drop_erased_rows`.
 
 The hash is ``sha256(key || 0x00 || user id)`` as hex, computed in Spark SQL (``sha2``), so the
 anti-join stays in the JVM and costs one hash per record. Without the key the table reveals
@@ -27,9 +30,12 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from py4j.protocol import Py4JJavaError
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -167,9 +173,10 @@ def drop_erased(
 
     ``user_column``: the user id (a name, or a column such as ``F.col("event.user_id")``); rows
     with a NULL id are kept. ``time_column``: when given, only rows at or before the user's
-    ``erased_at`` are dropped (a user who comes back later is stored again); default: every row
-    of an erased id, whenever. Works on streaming frames (a stream-static join) and keeps the row
-    order within each partition (no shuffle).
+    ``erased_at`` are dropped (a user who comes back later is stored again: the rule of ingest,
+    serve and rebuild-online-store); default: every row of an erased id, whenever. Works on
+    streaming frames (a stream-static join) and keeps the row order within each partition (no
+    shuffle).
     """
     if erased.hashes is None or erased.key is None:
         return df
@@ -187,23 +194,76 @@ def drop_erased(
 
 
 def with_erased_flag(
-    df: DataFrame, erased: ErasedUsers, user_column: str | Column = "user_id", flag: str = "erased"
+    df: DataFrame,
+    erased: ErasedUsers,
+    user_column: str | Column = "user_id",
+    flag: str = "erased",
+    time_column: str | Column | None = None,
 ) -> DataFrame:
-    """``df`` with a boolean column ``flag``: whether the row's user was erased (a broadcast left
+    """``df`` with a boolean column ``flag``: whether the row is an erased user's (a broadcast left
     join; False for a NULL id). For a caller that counts what it drops (ingest's accounting:
-    read = stored + quarantined + duplicates + erased) in the same pass as the rest."""
+    read = stored + quarantined + duplicates + erased) in the same pass as the rest.
+
+    ``time_column``: the rule of :func:`drop_erased` - only rows at or before the user's latest
+    ``erased_at`` are flagged (a user who comes back later is stored again); a row without a time
+    is flagged (it cannot be told apart from the records still in the topic)."""
     if erased.hashes is None or erased.key is None:
         return df.withColumn(flag, F.lit(False))
     user = F.col(user_column) if isinstance(user_column, str) else user_column
-    hashes = (
-        erased.hashes.select(F.col("user_hash").alias(_HASH)).distinct().withColumn(_ERASED_AT, F.lit(True))
-    )
-    return (
-        df.withColumn(_HASH, user_hash(user, erased.key))
-        .join(F.broadcast(hashes), _HASH, "left")
-        .withColumn(flag, F.coalesce(F.col(_ERASED_AT), F.lit(False)))
-        .drop(_HASH, _ERASED_AT)
-    )
+    hashes = erased.hashes.groupBy(F.col("user_hash").alias(_HASH)).agg(F.max("erased_at").alias(_ERASED_AT))
+    keyed = df.withColumn(_HASH, user_hash(user, erased.key)).join(F.broadcast(hashes), _HASH, "left")
+    matched = F.col(_ERASED_AT).isNotNull()
+    if time_column is not None:
+        when = F.col(time_column) if isinstance(time_column, str) else time_column
+        matched = matched & (when.isNull() | (when <= F.col(_ERASED_AT)))
+    return keyed.withColumn(flag, F.coalesce(matched, F.lit(False))).drop(_HASH, _ERASED_AT)
+
+
+# ---------------------------------------------------------------------------------------------
+# In a Python worker: the erased set in memory, an Arrow batch filtered
+# ---------------------------------------------------------------------------------------------
+def erased_times(table: pa.Table) -> dict[str, int]:
+    """``erased_users`` rows (``user_hash``, ``erased_at``), read without Spark -> user hash ->
+    ``erased_at`` in epoch microseconds (the later one, should a hash appear twice): the erased set
+    serve's lookups (:mod:`carousel.lookups`) hold in memory."""
+    hashes = table.column("user_hash").to_pylist()
+    times = pc.cast(table.column("erased_at"), pa.int64()).to_pylist()
+    erased: dict[str, int] = {}
+    for user_hash, at in zip(hashes, times, strict=True):
+        if user_hash is not None and at is not None:
+            erased[user_hash] = max(at, erased.get(user_hash, at))
+    return erased
+
+
+def drop_erased_rows(
+    batch: pa.RecordBatch,
+    erased: Mapping[str, int],
+    key: str | None,
+    user_column: str = "user_id",
+    time_column: str = "event_time",
+) -> tuple[pa.RecordBatch, int]:
+    """``batch`` without the rows of erased users at or before their ``erased_at`` (the rule of
+    :func:`drop_erased` with a time column: a user who comes back later is kept), and how many
+    rows were dropped.
+
+    ``erased``: :func:`erased_times`; ``key``: the hash key (None, or an empty set: nothing is
+    dropped, nothing is hashed). ``time_column``: epoch microseconds. Rows with a NULL user id or
+    time are kept. The rows kept stay in their order.
+    """
+    if not erased or key is None or not batch.num_rows:
+        return batch, 0
+    users = batch.column(user_column)
+    distinct = pc.unique(users).drop_null()
+    # One keyed hash and dict lookup per distinct user of the batch (hashlib, about 1 us each),
+    # the rest vectorised in Arrow: 10k records of 6.4k users 7 ms, 100k of 63k users 78 ms
+    # (a busy 2-core box; to_pylist of the same rows, 3 columns: 12 and 125 ms). Nobody erased: 0.
+    at = pa.array([erased.get(user_hash_of(user, key)) for user in distinct.to_pylist()], pa.int64())
+    if at.null_count == len(at):
+        return batch, 0
+    row_erased_at = pc.take(at, pc.index_in(users, value_set=distinct))
+    dropped = pc.fill_null(pc.less_equal(batch.column(time_column), row_erased_at), False)
+    count = pc.sum(dropped).as_py() or 0
+    return (batch.filter(pc.invert(dropped)), count) if count else (batch, 0)
 
 
 def raw_user_id(raw: Column) -> Column:

@@ -8,6 +8,13 @@ process by its command line; nothing here reads the configuration.
 Processes started by the calling Python process are kept in a caller-owned ``children`` mapping
 (pid -> :class:`subprocess.Popen`): polling them reaps a child that died, so it is not mistaken for
 a running one (a zombie still answers ``os.kill(pid, 0)``).
+
+Liveness of any other process goes through psutil (no /proc parsing of our own): the pid file holds
+the pid on its first line and, on its second, the process's start time as psutil reported it at
+launch. A live pid whose start time differs is a reused pid, not ours. A pid file without a start
+time (written before it was recorded) falls back to matching the command line; where psutil cannot
+inspect a process that ``os.kill(pid, 0)`` says exists (no procfs mounted), it counts as running,
+so ``stop`` still signals it instead of orphaning it.
 """
 
 from __future__ import annotations
@@ -23,8 +30,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import psutil
+
 LOG_TAIL_LINES = 40
 KILL_WAIT_SECONDS = 10.0
+# psutil derives a start time from boot time and clock ticks: the same process reads the same value
+# to well under this, while a reused pid belongs to a process started long after the recorded one.
+START_TIME_TOLERANCE_SECONDS = 1.0
 
 Children = dict[int, subprocess.Popen[bytes]]
 
@@ -60,11 +72,47 @@ def locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def start_time(pid: int) -> float | None:
+    """``pid``'s start time (seconds since the epoch, as psutil reports it); None when the process is
+    gone or psutil cannot inspect it (no procfs, no permission)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def write_pid_file(pid_file: Path, pid: int) -> None:
+    """Record ``pid`` and its start time in ``pid_file`` (the pid alone when the start time is
+    unknown); the start time lets :func:`is_ours` tell our process from a later one reusing its pid."""
+    started = start_time(pid)
+    pid_file.write_text(f"{pid}\n" + (f"{started!r}\n" if started is not None else ""))
+
+
+def _read_pid_lines(pid_file: Path) -> list[str]:
+    try:
+        return pid_file.read_text().split()
+    except FileNotFoundError:
+        return []
+
+
 def read_pid(pid_file: Path) -> int | None:
     """The pid recorded in ``pid_file``; None when there is none or it does not hold a number."""
+    lines = _read_pid_lines(pid_file)
     try:
-        return int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
+        return int(lines[0]) if lines else None
+    except ValueError:
+        return None
+
+
+def recorded_start_time(pid_file: Path, pid: int) -> float | None:
+    """The start time ``pid_file`` records for ``pid``; None when it records none (an older pid file,
+    or one psutil could not fill), a different pid, or no pid file exists."""
+    lines = _read_pid_lines(pid_file)
+    if len(lines) < 2 or lines[0] != str(pid):
+        return None
+    try:
+        return float(lines[1])
+    except ValueError:
         return None
 
 
@@ -100,33 +148,48 @@ def refuse_taken_ports(
             )
 
 
-def is_ours(pid: int, children: Children, matches: Callable[[str], bool]) -> bool:
-    """True while ``pid`` is alive and its command line ``matches`` (so a reused pid is not ours).
+def _signalable(pid: int) -> bool:
+    """True while ``pid`` exists and we may signal it (``os.kill(pid, 0)``); someone else's process
+    behind a reused pid (no permission) is not."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def is_ours(
+    pid: int, children: Children, matches: Callable[[str], bool], started: float | None = None
+) -> bool:
+    """True while ``pid`` is alive and is the process we launched (so a reused pid is not ours).
 
     A pid in ``children`` is asked directly (which reaps it once it exited). Any other pid that is
-    gone, a zombie, or someone else's process (no permission to signal it) is not ours; where the
-    process exists but its /proc entry cannot be read there is no telling, and it counts as ours.
+    gone, a zombie, or someone else's process (no permission to signal it) is not ours. With the
+    start time recorded at launch (``started``), the process must have started then; without it (an
+    older pid file), its command line must satisfy ``matches``. Where the process exists but psutil
+    cannot inspect it (no procfs, no permission) there is no telling, and it counts as ours: reading
+    it as stopped would let ``stop`` orphan a live server.
     """
     child = children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False  # gone, or someone else's process behind a reused pid
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
-            return False
-    except FileNotFoundError:
-        return False  # gone meanwhile
-    except OSError:
-        pass  # its state is unreadable: the command line below still decides
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
+    if not _signalable(pid):
         return False
-    except OSError:
-        return True  # cannot tell: trust os.kill
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is not None:
+            return abs(proc.create_time() - started) <= START_TIME_TOLERANCE_SECONDS
+        cmdline = " ".join(proc.cmdline())
+    except psutil.ZombieProcess:
+        return False
+    except psutil.NoSuchProcess:
+        # os.kill saw it a moment ago: either it exited meanwhile, or psutil cannot read the process
+        # table here (Linux without /proc); a second os.kill tells which.
+        return _signalable(pid)
+    except (psutil.AccessDenied, OSError):
+        return True  # it exists (os.kill) but cannot be inspected
     return bool(cmdline) and matches(cmdline)
 
 
@@ -138,7 +201,7 @@ def spawn(
     command: Sequence[str], out_file: Path, cwd: Path, pid_file: Path, children: Children
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` in ``cwd`` with stdout and stderr appended to ``out_file``; record the process
-    in ``children`` and its pid in ``pid_file``.
+    in ``children`` and its pid and start time in ``pid_file`` (:func:`write_pid_file`).
 
     A new session detaches the server from our terminal and signals, so it outlives the command that
     started it, and it leads its own process group, which :func:`send_signal` can signal as a whole.
@@ -153,7 +216,7 @@ def spawn(
             start_new_session=True,
         )
     children[proc.pid] = proc
-    pid_file.write_text(f"{proc.pid}\n")
+    write_pid_file(pid_file, proc.pid)
     return proc
 
 

@@ -1,22 +1,25 @@
-"""In-memory serving lookups: the published matrix, the catalog and trending, refreshed by Delta version.
+"""In-memory serving lookups: the published matrix, the catalog, trending and the erased users,
+refreshed by Delta version.
 
 Role: what every trigger is ranked and rendered against, held as compact arrays in each Spark
 Python worker that runs ``serve`` (and reused across micro-batches, since Spark reuses its Python
-workers). Inputs: the Delta tables ``catalog``, ``item_recommendations`` and ``trending_items``,
+workers). Inputs: the Delta tables ``catalog``, ``item_recommendations``, ``trending_items`` and
+``erased_users`` (the keyed hashes of the users ``forget-user`` erased; serve drops their events),
 read with delta-rs (``deltalake``) - no Spark job, no JVM round trip on the hot path. Outputs:
 :class:`ServingLookups`, from which :func:`current_lookups` hands out, per campaign arm, the
 :class:`~carousel.ranking.ItemLists`, :class:`~carousel.ranking.FallbackLists` and
 :class:`~carousel.ranking.RankingRules` of the one ranking function, and the catalog fields a
-payload's items carry.
+payload's items carry, and the erased users (:func:`carousel.erasure.erased_times`).
 
 Freshness: at most every ``serving.refresh_seconds`` a worker asks each table for its latest
 version (an incremental read of the Delta log); when one changed, a background thread of the
 worker rebuilds the lookups (and the campaigns' item lists) from the new versions while the
 batches go on with the ones held, and swaps them in when ready. So a newly published model, a
-catalog upload or a stock feed apply within the refresh interval plus the reload (seconds for a
-large matrix), without a restart, and no micro-batch waits for a reload. A model version pinned
-by an A/B arm is read at the table version it was published at (the commit's ``userMetadata``, as
-``publish`` writes it).
+catalog upload, a stock feed or an erasure (``forget-user``) apply within the refresh interval
+plus the reload (seconds for a large matrix; an erasure reloads neither catalog nor matrix),
+without a restart, and no micro-batch waits for a reload. A model version pinned by an A/B arm
+is read at the table version it was published at (the commit's ``userMetadata``, as ``publish``
+writes it).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from carousel.config import CampaignConfig, CampaignFilters, CarouselConfig, ServingConfig
+from carousel.erasure import erased_times
 from carousel.experiments import arms
 from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
+from carousel.portable import read_table
 from carousel.ranking import (
     FILTER_COLUMNS,
     MATRIX_COLUMNS,
@@ -46,12 +51,19 @@ from carousel.ranking import (
     fallback_lists,
     item_lists_from_arrow,
 )
-from carousel.schemas import CATALOG_TABLE, CONTROL_VARIANT, ITEM_RECOMMENDATIONS_TABLE, TRENDING_TABLE
+from carousel.schemas import (
+    CATALOG_TABLE,
+    CONTROL_VARIANT,
+    ERASED_USERS_TABLE,
+    ITEM_RECOMMENDATIONS_TABLE,
+    TRENDING_TABLE,
+)
 
 log = logging.getLogger(__name__)
 
 CATALOG_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(("item_id", *FILTER_COLUMNS, *CATALOG_ITEM_FIELDS)))
-TRENDING_COLUMNS: tuple[str, ...] = ("item_id", "category", "score")
+TRENDING_COLUMNS: tuple[str, ...] = ("item_id", "category", "score", "segment")
+ERASED_COLUMNS: tuple[str, ...] = ("user_hash", "erased_at")
 
 
 class ServingLookupError(RuntimeError):
@@ -68,6 +80,7 @@ class LookupSources:
     refresh_seconds: float
     serving: ServingConfig
     campaigns: tuple[tuple[str, CampaignConfig], ...]
+    erased: str | None = None  # the erased_users table; None: no erased set is read
 
     @classmethod
     def of(cls, cfg: CarouselConfig, campaigns: tuple[tuple[str, CampaignConfig], ...]) -> LookupSources:
@@ -80,6 +93,7 @@ class LookupSources:
             refresh_seconds=cfg.serving.refresh_seconds,
             serving=cfg.serving,
             campaigns=campaigns,
+            erased=cfg.storage.table(ERASED_USERS_TABLE),
         )
 
     # Derived once per worker (cached on first use), not per payload or batch.
@@ -95,7 +109,8 @@ class LookupSources:
         """Identifies these sources and settings (the per-process cache key)."""
         campaigns = (f"{name}={c.model_dump_json()}" for name, c in self.campaigns)
         settings = [self.serving.model_dump_json(), *campaigns]
-        return "|".join([self.catalog, self.matrix, self.trending, str(self.refresh_seconds), *settings])
+        tables = [self.catalog, self.matrix, self.trending, str(self.erased)]
+        return "|".join([*tables, str(self.refresh_seconds), *settings])
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,7 @@ class ServingLookups:
     catalog: pa.Table
     matrices: dict[str | None, pa.Table | None]  # model version (None = live) -> matrix rows
     trending: pa.Table
+    erased: dict[str, int] = field(default_factory=dict)  # user hash -> erased_at (epoch micros)
     _arms: dict[tuple[str, str], ArmInputs] = field(default_factory=dict)
     _lists: dict[tuple[str, str | None], ItemLists] = field(default_factory=dict)
     _catalog_items: CatalogItems | None = None
@@ -186,7 +202,9 @@ class ServingLookups:
         if lists is None:
             started = time.monotonic()
             matrix = self.matrices.get(model_version) if use_model else None
-            lists = self._lists[key] = item_lists_from_arrow(matrix, self.catalog, filters)
+            lists = self._lists[key] = item_lists_from_arrow(
+                matrix, self.catalog, filters, self.sources.serving.cold_start
+            )
             log.info(
                 "serving lists for %s: %d items, %d entries, %.1f MB, %.2fs",
                 purpose,
@@ -235,31 +253,62 @@ def _pinned_models(sources: LookupSources) -> set[str]:
 
 
 def _trending(sources: LookupSources, versions: dict[str, int | None]) -> pa.Table:
-    table = (
-        _read(_open(sources.trending, versions["trending"]), TRENDING_COLUMNS)
-        if versions["trending"] is not None
-        else None
-    )
+    table = None
+    if versions["trending"] is not None:
+        delta = _open(sources.trending, versions["trending"])
+        # A table written before segment trending has no segment column (its rows are overall).
+        present = {f.name for f in delta.schema().fields} if delta is not None else set()
+        table = _read(delta, tuple(c for c in TRENDING_COLUMNS if c in present or c != "segment"))
     if table is None:
-        empty = {"item_id": pa.string(), "category": pa.string(), "score": pa.float64()}
+        empty = {
+            "item_id": pa.string(),
+            "category": pa.string(),
+            "score": pa.float64(),
+            "segment": pa.string(),
+        }
         table = pa.table({name: pa.array([], kind) for name, kind in empty.items()})
     return table
+
+
+def _erased(
+    sources: LookupSources, versions: dict[str, int | None], previous: ServingLookups | None
+) -> dict[str, int]:
+    """The erased users at ``versions["erased"]`` (none while the table does not exist); the set
+    ``previous`` holds when that version did not change."""
+    version = versions.get("erased")
+    if previous is not None and previous.versions.get("erased") == version:
+        return previous.erased
+    if version is None or sources.erased is None:
+        return {}
+    # Through delta-rs's query engine, which reads deletion vectors: a table someone gave them
+    # must not stop serve from seeing erasures (the table is small: one row per erased user).
+    return erased_times(read_table(sources.erased, ERASED_COLUMNS, version=version))
 
 
 def load_lookups(
     sources: LookupSources, versions: dict[str, int | None], previous: ServingLookups | None = None
 ) -> ServingLookups:
-    """Read the three tables at ``versions`` (None = table absent) into :class:`ServingLookups`.
+    """Read the tables at ``versions`` (None = table absent) into :class:`ServingLookups`.
 
-    What ``previous`` holds at the same versions is reused: a trending refresh reloads neither the
-    catalog nor the matrix, and keeps the item lists."""
+    What ``previous`` holds at the same versions is reused: a trending refresh or an erasure
+    reloads neither the catalog nor the matrix, and keeps the item lists."""
     started = time.monotonic()
     if previous is not None and all(previous.versions[t] == versions[t] for t in ("catalog", "matrix")):
         lookups = ServingLookups(
-            sources, dict(versions), previous.catalog, previous.matrices, _trending(sources, versions)
+            sources,
+            dict(versions),
+            previous.catalog,
+            previous.matrices,
+            _trending(sources, versions),
+            _erased(sources, versions, previous),
         )
         lookups._lists = previous._lists
-        log.info("serving lookups: trending reloaded at version %s", versions["trending"])
+        log.info(
+            "serving lookups: trending reloaded at version %s, %d erased users at version %s",
+            versions["trending"],
+            len(lookups.erased),
+            versions.get("erased"),
+        )
         return lookups
     catalog = _read(
         _open(sources.catalog, versions["catalog"]) if versions["catalog"] is not None else None,
@@ -284,13 +333,16 @@ def load_lookups(
             else:
                 matrices[model] = _read(_open(sources.matrix, at), MATRIX_COLUMNS)
     trending = _trending(sources, versions)
-    lookups = ServingLookups(sources, dict(versions), catalog, matrices, trending)
+    erased = _erased(sources, versions, previous)
+    lookups = ServingLookups(sources, dict(versions), catalog, matrices, trending, erased)
     log.info(
-        "serving lookups loaded at versions %s: %d products, %d matrix rows, %d trending items (%.2fs)",
+        "serving lookups loaded at versions %s: %d products, %d matrix rows, %d trending items, "
+        "%d erased users (%.2fs)",
         versions,
         catalog.num_rows,
         0 if matrices[None] is None else matrices[None].num_rows,
         trending.num_rows,
+        len(erased),
         time.monotonic() - started,
     )
     return lookups
@@ -343,6 +395,7 @@ def current_lookups(sources: LookupSources, now: float | None = None) -> Serving
             "catalog": _CACHE.latest_version(sources.catalog),
             "matrix": _CACHE.latest_version(sources.matrix),
             "trending": _CACHE.latest_version(sources.trending),
+            "erased": _CACHE.latest_version(sources.erased) if sources.erased else None,
         }
         if held is None:
             lookups = warm(load_lookups(sources, versions))

@@ -154,8 +154,8 @@ def server_conf(store_cfg: OnlineStoreConfig) -> str:
             f"bind {_bind_host(store_cfg)}",
             "protected-mode yes",
             f"port {store_cfg.port}",
+            # No `pidfile`: the server would overwrite ours (pid and start time) with its bare pid.
             "daemonize no",
-            f"pidfile {_quote(str(_pid_file(store_cfg)))}",
             "loglevel notice",
             f"logfile {_quote(str(_logs_dir(store_cfg) / 'redis.log'))}",
             f"dir {_quote(str(_data_dir(store_cfg)))}",
@@ -205,7 +205,8 @@ def _log_tails(store_cfg: OnlineStoreConfig) -> str:
 
 
 def _is_ours(pid: int, store_cfg: OnlineStoreConfig) -> bool:
-    """True while ``pid`` is alive and is the server of this state folder (not a reused pid)."""
+    """True while ``pid`` is alive and is the server of this state folder (not a reused pid): its
+    start time is the one in the pid file or, for a pid file without one, its process title matches."""
 
     def matches(cmdline: str) -> bool:
         listen = f"{_bind_host(store_cfg)}:{store_cfg.port}"
@@ -213,7 +214,8 @@ def _is_ours(pid: int, store_cfg: OnlineStoreConfig) -> bool:
             str(_conf_file(store_cfg)) in cmdline or listen in cmdline
         )
 
-    return local_process.is_ours(pid, _CHILDREN, matches)
+    started = local_process.recorded_start_time(_pid_file(store_cfg), pid)
+    return local_process.is_ours(pid, _CHILDREN, matches, started)
 
 
 def _ours(store_cfg: OnlineStoreConfig) -> Callable[[int], bool]:
@@ -327,8 +329,8 @@ def start(store_cfg: OnlineStoreConfig) -> str:
         _logs_dir(store_cfg).mkdir(parents=True, exist_ok=True)
         _data_dir(store_cfg).mkdir(parents=True, exist_ok=True)
         _write_conf(store_cfg)
-        # In a new session, so it outlives the `online-store start` command. The server writes the
-        # same pid file itself; writing it now closes the gap until it does.
+        # In a new session, so it outlives the `online-store start` command; spawn writes the pid
+        # file (pid and start time).
         proc = local_process.spawn(
             [binary, str(_conf_file(store_cfg))],
             _logs_dir(store_cfg) / "redis.out",

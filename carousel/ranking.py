@@ -36,15 +36,26 @@ How a request is ranked (:func:`rank_recommendations`):
    not counting this request's own payload, so a replay ranks the same); listed item ids.
 5. **Fallback**: when fewer than N model items survive (new users, short lists), trending items
    fill the remaining slots - first trending in the categories of the user's seeds
-   (``trending_category``), then overall (``trending``) - after the same filters and exclusions.
-6. **Rank**: model items first (by score), then category trending, then trending; the top N.
+   (``trending_category``), then trending among users like them (``trending_segment``: the first
+   of ``serving.trending.segments`` the user falls in whose segment is large enough, e.g. their
+   country and city, else their country, ...), then overall (``trending``) - after the same
+   filters and exclusions.
+6. **New products** (``serving.cold_start``): a catalog product the matrix has no list for gets
+   its content neighbours as its list (:mod:`carousel.content`, model version
+   :data:`CONTENT_LISTS_VERSION`), and up to ``exploration_share`` of the slots go to new
+   products of the same category that resemble the seeds (strategy ``new_item``).
+7. **Rank**: model items first (by score), then new items, then category, segment and overall
+   trending; the top N.
 
 Trending (:func:`trending_items`) is recent popularity with exponential time decay: each event in
-the last ``lookback_days`` adds ``event weight x 0.5 ** (age / half_life)``.
+the last ``lookback_days`` adds ``event weight x 0.5 ** (age / half_life)``; overall, per
+category, and per user segment (:func:`segment_keys`: the same function names a request's
+segments and the segments trending is computed for).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -65,18 +76,25 @@ from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, St
 from carousel.config import (
     CampaignConfig,
     CampaignFilters,
+    ColdStartConfig,
     PropertyPredicate,
     ServingConfig,
     TrendingConfig,
 )
+from carousel.content import content_neighbours, tfidf_matrix
 from carousel.schemas import (
     CATALOG_PROPERTY_COLUMNS,
     PUSH,
     STRATEGY_MODEL,
+    STRATEGY_NEW_ITEM,
     STRATEGY_TRENDING,
     STRATEGY_TRENDING_CATEGORY,
+    STRATEGY_TRENDING_SEGMENT,
+    USER_ATTRIBUTES_SCHEMA,
 )
 
+# The model version of a new product's content list (carousel.content): what sent rows report.
+CONTENT_LISTS_VERSION = "content-tfidf"
 # Columns a request frame must carry (more are allowed and ignored).
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id",
@@ -95,39 +113,109 @@ RANKED_DDL = (
 # views and purchases, recent sends) rarely leave a request short.
 FALLBACK_PADDING = 30
 
-_PRIORITY = {STRATEGY_MODEL: 0, STRATEGY_TRENDING_CATEGORY: 1, STRATEGY_TRENDING: 2}
+_PRIORITY = {
+    STRATEGY_MODEL: 0,
+    STRATEGY_NEW_ITEM: 1,
+    STRATEGY_TRENDING_CATEGORY: 2,
+    STRATEGY_TRENDING_SEGMENT: 3,
+    STRATEGY_TRENDING: 4,
+}
+# Request columns used when present: the user's attributes and platform (their trending segment).
+CONTEXT_COLUMNS: tuple[str, ...] = ("user_attributes", "platform")
 _MICROS_PER_DAY = 86_400_000_000
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Trending
+# User segments (cold users' trending)
 # ---------------------------------------------------------------------------------------------
+def age_band(age: Any, edges: Sequence[int]) -> str | None:
+    """``age`` as a band of ``edges``: (18, 25) gives "<18", "18-24", "25+" (None: no usable age)."""
+    if age is None or isinstance(age, bool) or not edges:
+        return None
+    try:
+        years = int(age)
+    except (TypeError, ValueError):
+        return None
+    if years < edges[0]:
+        return f"<{edges[0]}"
+    for low, high in zip(edges, edges[1:], strict=False):
+        if years < high:
+            return f"{low}-{high - 1}"
+    return f"{edges[-1]}+"
+
+
+def segment_keys(
+    context: Mapping[str, Any] | None, segments: Sequence[Sequence[str]], age_bands: Sequence[int]
+) -> list[str]:
+    """The user's segments, in the order of ``segments`` (most specific first), as keys such as
+    ``country=PT&city=Porto``; a definition the user lacks an attribute of is left out.
+
+    ``context``: the user attributes (``age, gender, city, country, language``) and ``platform``.
+    The one rule for both sides: trending per segment is computed with it, requests are matched
+    with it.
+    """
+    if not context:
+        return []
+    keys = []
+    for definition in segments:
+        parts = []
+        for name in definition:
+            value = age_band(context.get("age"), age_bands) if name == "age_band" else context.get(name)
+            if value is None or value == "":
+                break
+            parts.append(f"{name}={value}")
+        else:
+            keys.append("&".join(parts))
+    return keys
+
+
+def _user_segments(events: DataFrame, trending: TrendingConfig) -> DataFrame:
+    """(user_id, segment): each user's segments, from their latest attributes and platform."""
+    latest = events.groupBy("user_id").agg(
+        F.max_by(F.col("user_attributes"), F.col("event_time")).alias("user_attributes"),
+        F.max_by(F.col("device.platform"), F.col("event_time")).alias("platform"),
+    )
+    segments, bands = trending.segments, trending.age_bands
+
+    def keys(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            users, found = [], []
+            for row in batch.to_pylist():
+                context = {**(row["user_attributes"] or {}), "platform": row["platform"]}
+                for key in segment_keys(context, segments, bands):
+                    users.append(row["user_id"])
+                    found.append(key)
+            yield pa.RecordBatch.from_pydict({"user_id": users, "segment": found})
+
+    return latest.mapInArrow(keys, "user_id string, segment string")
+
+
 def trending_items(
     events: DataFrame, catalog: DataFrame, trending: TrendingConfig, now: datetime
 ) -> DataFrame:
-    """Decayed popularity per item (``item_id, category, score``), top ``top_n`` overall plus the top
-    ``per_category_top_n`` of every category; only products in ``catalog`` are kept."""
+    """Decayed popularity per item (``item_id, category, score, segment``): the top ``top_n``
+    overall plus the top ``per_category_top_n`` of every category (``segment`` NULL), and the top
+    ``segment_top_n`` of every user segment with at least ``segment_min_users`` users in the
+    lookback; only products in ``catalog`` are kept."""
     since = now - timedelta(days=trending.lookback_days)
     weights = F.create_map(*[F.lit(x) for kv in trending.event_weights.items() for x in kv])
     age_hours = (F.lit(now).cast("double") - F.col("event_time").cast("double")) / 3600.0
+    recent = events.where(
+        (F.col("event_date") >= F.lit(since.date()))
+        & (F.col("event_time") >= F.lit(since))
+        & (F.col("event_time") <= F.lit(now))
+        & F.col("event_type").isin(list(trending.event_weights))
+        & F.col("item_id").isNotNull()
+    )
+    weight = weights[F.col("event_type")] * F.pow(F.lit(0.5), age_hours / trending.half_life_hours)
+    categories = catalog.select("item_id", "category")
     scored = (
-        events.where(
-            (F.col("event_date") >= F.lit(since.date()))
-            & (F.col("event_time") >= F.lit(since))
-            & (F.col("event_time") <= F.lit(now))
-            & F.col("event_type").isin(list(trending.event_weights))
-            & F.col("item_id").isNotNull()
-        )
-        .groupBy("item_id")
-        .agg(
-            F.sum(
-                weights[F.col("event_type")] * F.pow(F.lit(0.5), age_hours / trending.half_life_hours)
-            ).alias("score")
-        )
+        recent.groupBy("item_id")
+        .agg(F.sum(weight).alias("score"))
         .where(F.col("score") > 0)
-        .join(catalog.select("item_id", "category"), "item_id")
+        .join(categories, "item_id")
     )
     overall = Window.orderBy(F.desc("score"), "item_id")
     per_category = Window.partitionBy("category").orderBy(F.desc("score"), "item_id")
@@ -137,7 +225,36 @@ def trending_items(
     keep = F.col("_overall") <= trending.top_n
     if trending.per_category_top_n:
         keep = keep | (F.col("category").isNotNull() & (F.col("_in_category") <= trending.per_category_top_n))
-    return ranked.where(keep).select("item_id", "category", F.col("score").cast("double").alias("score"))
+    result = ranked.where(keep).select(
+        "item_id",
+        "category",
+        F.col("score").cast("double").alias("score"),
+        F.lit(None).cast("string").alias("segment"),
+    )
+    if not trending.segment_top_n or not trending.segments:
+        return result
+    members = _user_segments(recent, trending)
+    large = (
+        members.groupBy("segment")
+        .agg(F.count(F.lit(1)).alias("_users"))
+        .where(F.col("_users") >= trending.segment_min_users)
+        .select("segment")
+    )
+    by_segment = (
+        recent.select("user_id", "item_id", weight.alias("_weight"))
+        .join(members.join(large, "segment", "left_semi"), "user_id")
+        .groupBy("segment", "item_id")
+        .agg(F.sum("_weight").alias("score"))
+        .where(F.col("score") > 0)
+        .join(categories, "item_id")
+        .withColumn(
+            "_in_segment",
+            F.row_number().over(Window.partitionBy("segment").orderBy(F.desc("score"), "item_id")),
+        )
+        .where(F.col("_in_segment") <= trending.segment_top_n)
+        .select("item_id", "category", F.col("score").cast("double").alias("score"), "segment")
+    )
+    return result.unionByName(by_segment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +363,11 @@ class RankingRules:
     purchased_within_us: int
     sent_within_us: int
     listed: frozenset[str]
+    # serving.trending.segments and age_bands: which segment's trending a cold user gets.
+    segments: tuple[tuple[str, ...], ...] = ()
+    age_bands: tuple[int, ...] = ()
+    # Slots that may go to new products (serving.cold_start.exploration_share of slots, rounded down).
+    exploration_slots: int = 0
 
     @classmethod
     def of(cls, campaign: CampaignConfig, serving: ServingConfig) -> RankingRules:
@@ -268,6 +390,11 @@ class RankingRules:
             purchased_within_us=micros(rules.purchased_within_days),
             sent_within_us=micros(rules.sent_within_days),
             listed=frozenset(rules.item_ids),
+            segments=serving.trending.segments if serving.trending.segment_top_n else (),
+            age_bands=serving.trending.age_bands,
+            exploration_slots=math.floor(serving.cold_start.exploration_share * slots + 1e-9)
+            if serving.cold_start.content_neighbours
+            else 0,
         )
 
 
@@ -298,6 +425,9 @@ class ItemLists:
         category_codes: np.ndarray,
         categories: list[str],
         eligible: np.ndarray,
+        explore_offsets: np.ndarray | None = None,
+        explore_items: np.ndarray | None = None,
+        explore_scores: np.ndarray | None = None,
     ) -> None:
         self.ids = ids
         self.offsets = offsets
@@ -308,6 +438,13 @@ class ItemLists:
         self.category_codes = category_codes
         self.categories = categories
         self.eligible = eligible
+        # New eligible products to explore from each item (their content neighbour, same
+        # category): ``explore_items[explore_offsets[i]:explore_offsets[i + 1]]`` with cosines.
+        self.explore_offsets = (
+            explore_offsets if explore_offsets is not None else np.zeros(len(ids) + 1, np.int64)
+        )
+        self.explore_items = explore_items if explore_items is not None else np.array([], np.int32)
+        self.explore_scores = explore_scores if explore_scores is not None else np.array([], np.float32)
         self._index: dict[str, int] | None = None
         self._candidates: OrderedDict[int, list[tuple[str, float, str | None]]] = OrderedDict()
 
@@ -350,6 +487,22 @@ class ItemLists:
         self._candidates[code] = built
         return built
 
+    @property
+    def explores(self) -> bool:
+        """Whether any item leads to a new product (no exploration work otherwise)."""
+        return len(self.explore_items) > 0
+
+    def explorations(self, code: int) -> list[tuple[str, float]]:
+        """(new product id, cosine) to explore from item ``code``, most similar first."""
+        start, end = int(self.explore_offsets[code]), int(self.explore_offsets[code + 1])
+        ids = self.ids
+        return [
+            (ids[item], score)
+            for item, score in zip(
+                self.explore_items[start:end].tolist(), self.explore_scores[start:end].tolist(), strict=True
+            )
+        ]
+
     def category(self, item_id: str) -> str | None:
         code = self.index.get(item_id)
         if code is None:
@@ -366,6 +519,9 @@ class ItemLists:
             self.version_codes,
             self.category_codes,
             self.eligible,
+            self.explore_offsets,
+            self.explore_items,
+            self.explore_scores,
         )
         return sum(a.nbytes for a in arrays) + sum(len(i) + 49 for i in self.ids)
 
@@ -380,18 +536,119 @@ def _codes(values: pa.ChunkedArray | pa.Array, ids: pa.Array) -> np.ndarray:
 MATRIX_COLUMNS: tuple[str, ...] = ("item_id", "rec_item_id", "score", "model_version")
 
 
-def item_lists(matrix: DataFrame | None, catalog: DataFrame, filters: CampaignFilters) -> ItemLists:
+def item_lists(
+    matrix: DataFrame | None,
+    catalog: DataFrame,
+    filters: CampaignFilters,
+    cold_start: ColdStartConfig | None = None,
+) -> ItemLists:
     """Collect the catalog (and the matrix) to the driver as :class:`ItemLists` for ``filters``."""
     return item_lists_from_arrow(
         None if matrix is None else matrix.select(*MATRIX_COLUMNS).toArrow(),
         catalog.select("item_id", *FILTER_COLUMNS).toArrow(),
         filters,
+        cold_start,
     )
 
 
-def item_lists_from_arrow(matrix: pa.Table | None, catalog: pa.Table, filters: CampaignFilters) -> ItemLists:
+def _min_max(seed: np.ndarray, score: np.ndarray, n: int) -> np.ndarray:
+    """Each score min-max scaled over its seed's whole list (``seed`` sorted); 1 for a list whose
+    scores are all equal or that has one item; NaN where the score is not finite."""
+    finite = np.isfinite(score)
+    score = np.where(finite, score, np.nan)
+    best, lowest = np.full(n, np.nan), np.full(n, np.nan)
+    counts = np.bincount(seed, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]
+    if len(starts):
+        best[counts > 0] = np.fmax.reduceat(score, starts)
+        lowest[counts > 0] = np.fmin.reduceat(score, starts)
+    spread = best[seed] - lowest[seed]
+    # All scores equal (or one item): every item is as good as the best, so it counts 1, not 0/0.
+    tied = ~(spread > 0)
+    return np.where(tied, 1.0, (score - lowest[seed]) / np.where(tied, 1.0, spread))
+
+
+@dataclass(frozen=True)
+class ContentLists:
+    """New products' content lists (as extra matrix rows) and what each item leads to explore."""
+
+    seed: np.ndarray
+    rec: np.ndarray
+    relative: np.ndarray
+    explore_offsets: np.ndarray
+    explore_items: np.ndarray
+    explore_scores: np.ndarray
+
+
+def _content_lists(
+    products: pa.Table,
+    has_list: np.ndarray,
+    eligible: np.ndarray,
+    category_codes: np.ndarray,
+    n: int,
+    cold_start: ColdStartConfig,
+) -> ContentLists | None:
+    """Content neighbours of the active catalog products without a matrix list (see
+    :mod:`carousel.content`), among the established products (those with a matrix list) of the
+    same category: their own lists (the eligible neighbours) and, inverted, the exploration lists
+    of the established products they resemble (when they are eligible themselves). Comparing
+    within a category keeps the cost at (new products x their category's size), and links a new
+    product to established ones, which users' recent items are."""
+    n_catalog = products.num_rows
+    active = np.asarray(pc.fill_null(products.column("active"), False).to_numpy(zero_copy_only=False), bool)
+    new = np.flatnonzero(active & ~has_list[:n_catalog])
+    if len(new) == 0 or cold_start.content_neighbours == 0:
+        return None
+    if len(new) > cold_start.max_new_items:
+        log.warning(
+            "%d catalog products have no model list; content lists for the first %d "
+            "(serving.cold_start.max_new_items)",
+            len(new),
+            cold_start.max_new_items,
+        )
+        new = new[: cold_start.max_new_items]
+    started = time.perf_counter()
+    vectors = tfidf_matrix(products)
+    established = active & has_list[:n_catalog]
+    found = []
+    new_categories = category_codes[new]
+    for category in np.unique(new_categories):
+        pool = established & (category_codes[:n_catalog] == category) if category >= 0 else established
+        found.append(
+            content_neighbours(vectors, new[new_categories == category], pool, cold_start.content_neighbours)
+        )
+    query, neighbour, cosine = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.argsort(query, kind="stable")  # each new product's neighbours together, best first
+    query, neighbour, cosine = query[order], neighbour[order], cosine[order]
+    own = eligible[neighbour]
+    seed, rec = query[own], neighbour[own]
+    relative = _min_max(seed, cosine[own].astype(np.float64), n) if len(seed) else np.array([], np.float64)
+    same = (
+        eligible[query] & (category_codes[query] >= 0) & (category_codes[query] == category_codes[neighbour])
+    )
+    explorer, explored, score = neighbour[same], query[same], cosine[same]
+    order = np.lexsort((explored, -score, explorer))
+    explorer, explored, score = explorer[order], explored[order], score[order]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(explorer, minlength=n))]).astype(np.int64)
+    log.info(
+        "content lists for %d new products, %d exploration links (%.2fs)",
+        len(new),
+        len(explored),
+        time.perf_counter() - started,
+    )
+    return ContentLists(seed, rec, relative, offsets, explored.astype(np.int32), score.astype(np.float32))
+
+
+def item_lists_from_arrow(
+    matrix: pa.Table | None,
+    catalog: pa.Table,
+    filters: CampaignFilters,
+    cold_start: ColdStartConfig | None = None,
+) -> ItemLists:
     """:class:`ItemLists` from the matrix rows (:data:`MATRIX_COLUMNS`, or None) and the catalog
-    (``item_id`` and :data:`FILTER_COLUMNS`) as Arrow tables."""
+    (``item_id`` and :data:`FILTER_COLUMNS`) as Arrow tables. With ``cold_start`` and a matrix,
+    active products the matrix has no list for get content lists (model version
+    :data:`CONTENT_LISTS_VERSION`) and exploration links (:func:`_content_lists`)."""
     products = catalog
     catalog_ids = products.column("item_id").combine_chunks()
     category_dict = pc.dictionary_encode(products.column("category").combine_chunks())
@@ -430,22 +687,23 @@ def item_lists_from_arrow(matrix: pa.Table | None, catalog: pa.Table, filters: C
     # and is invariant to a shift and a positive scale of a list, which a ratio to the best is not.
     # The extremes are taken over the whole published list, before any filter, so a list's scale
     # does not depend on the campaign. fmax/fmin skip the NaN of a missing score.
-    finite = np.isfinite(score)
-    score = np.where(finite, score, np.nan)
-    best, lowest = np.full(n, np.nan), np.full(n, np.nan)
-    counts = np.bincount(seed, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]
-    if len(starts):
-        best[counts > 0] = np.fmax.reduceat(score, starts)
-        lowest[counts > 0] = np.fmin.reduceat(score, starts)
-    spread = best[seed] - lowest[seed]
-    # All scores equal (or one item): every item is as good as the best, so it counts 1, not 0/0.
-    tied = ~(spread > 0)
-    relative = np.where(tied, 1.0, (score - lowest[seed]) / np.where(tied, 1.0, spread))
+    relative = _min_max(seed, score, n)
     # The last of a list counts 0 and is kept: it is still a model candidate, ranked after the rest.
-    keep = (rec >= 0) & finite & np.isfinite(relative)
+    keep = (rec >= 0) & np.isfinite(score) & np.isfinite(relative)
+    has_list = np.bincount(seed, minlength=n) > 0
     keep[keep] = eligible[rec[keep]]
     seed, rec, relative, version = seed[keep], rec[keep], relative[keep], version[keep]
+    content = None
+    if cold_start is not None and matrix is not None and len(rows):
+        content = _content_lists(products, has_list, eligible, category_codes, n, cold_start)
+    if content is not None:
+        versions.append(CONTENT_LISTS_VERSION)
+        seed = np.concatenate([seed, content.seed])
+        rec = np.concatenate([rec, content.rec])
+        relative = np.concatenate([relative, content.relative])
+        version = np.concatenate([version, np.full(len(content.seed), len(versions) - 1, np.int32)])
+        order = np.argsort(seed, kind="stable")
+        seed, rec, relative, version = seed[order], rec[order], relative[order], version[order]
     offsets = np.concatenate([[0], np.cumsum(np.bincount(seed, minlength=n))]).astype(np.int64)
     return ItemLists(
         ids=ids,
@@ -457,6 +715,9 @@ def item_lists_from_arrow(matrix: pa.Table | None, catalog: pa.Table, filters: C
         category_codes=category_codes,
         categories=categories,
         eligible=eligible,
+        explore_offsets=None if content is None else content.explore_offsets,
+        explore_items=None if content is None else content.explore_items,
+        explore_scores=None if content is None else content.explore_scores,
     )
 
 
@@ -466,6 +727,7 @@ class FallbackLists:
 
     overall: tuple[tuple[str, float], ...] = ()
     by_category: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+    by_segment: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
 
 def fallback_lists(trending: DataFrame | pa.Table, lists: ItemLists, rules: RankingRules) -> FallbackLists:
@@ -474,23 +736,34 @@ def fallback_lists(trending: DataFrame | pa.Table, lists: ItemLists, rules: Rank
     ``trending``: the output of :func:`trending_items`, as a DataFrame or an Arrow table."""
     if rules.fallback == "none":
         return FallbackLists()
+    # A trending table written before segments existed has no segment column: no segment rows.
+    columns = ["item_id", "category", "score", "segment"]
     if isinstance(trending, DataFrame):
-        trending = trending.select("item_id", "category", "score").toArrow()
+        trending = trending.select(*[c for c in columns if c in trending.columns]).toArrow()
+    rows = trending.select([c for c in columns if c in trending.column_names]).to_pylist()
     index, eligible = lists.index, lists.eligible
     pool = [
-        (row["item_id"], row["category"], float(row["score"]))
-        for row in trending.select(["item_id", "category", "score"]).to_pylist()
+        (row["item_id"], row["category"], float(row["score"]), row.get("segment"))
+        for row in rows
         if row["item_id"] in index and eligible[index[row["item_id"]]]
     ]
     pool.sort(key=lambda t: (-t[2], t[0]))
     depth = rules.slots + FALLBACK_PADDING
-    overall = tuple((item, score) for item, _, score in pool[:depth])
+    overall = tuple((item, score) for item, _, score, segment in pool if segment is None)[:depth]
     by_category: dict[str, list[tuple[str, float]]] = {}
-    if rules.fallback == "trending_category":
-        for item, category, score in pool:
-            if category is not None and len(by_category.setdefault(category, [])) < depth:
+    by_segment: dict[str, list[tuple[str, float]]] = {}
+    for item, category, score, segment in pool:
+        if segment is not None:
+            if rules.segments and len(by_segment.setdefault(segment, [])) < depth:
+                by_segment[segment].append((item, score))
+        elif rules.fallback == "trending_category" and category is not None:
+            if len(by_category.setdefault(category, [])) < depth:
                 by_category[category].append((item, score))
-    return FallbackLists(overall, {c: tuple(items) for c, items in by_category.items()})
+    return FallbackLists(
+        overall,
+        {c: tuple(items) for c, items in by_category.items()},
+        {s: tuple(items) for s, items in by_segment.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,6 +819,48 @@ def request_exclusions(request: Mapping[str, Any], rules: RankingRules) -> set[s
     return excluded
 
 
+def _explore(
+    request_id: Any,
+    seeds: Mapping[str, float],
+    excluded: set[str],
+    model_scores: Mapping[str, float],
+    lists: ItemLists,
+    rules: RankingRules,
+) -> list[tuple[str, float]]:
+    """Up to ``rules.exploration_slots`` new products resembling the seeds, none excluded, seeded
+    or already a model candidate; each with its relevance, seed weight x cosine (the best seed's).
+
+    Drawn, not sorted: a weighted sample without replacement (Efraimidis-Spirakis keys
+    ``log(u) / relevance``) with ``u`` a hash of the request id and the product, so the same
+    request draws the same products (a replay ranks the same), while the requests of one popular
+    product spread over all the new products that resemble it instead of always showing the most
+    similar one - exploration is there to give every new product its first views."""
+    if not lists.explores:
+        return []
+    index = lists.index
+    found: dict[str, float] = {}
+    for seed, weight in seeds.items():
+        code = index.get(seed)
+        if code is None:
+            continue
+        for item, cosine in lists.explorations(code):
+            if item in excluded or item in seeds or item in model_scores:
+                continue
+            found[item] = max(found.get(item, 0.0), weight * cosine)
+    if len(found) <= rules.exploration_slots:
+        return sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))
+    salt = str(request_id).encode() + b"\x00"
+
+    def key(entry: tuple[str, float]) -> float:
+        # blake2b, not crc32: a CRC is linear, so ids differing in one character drew alike.
+        digest = hashlib.blake2b(salt + entry[0].encode(), digest_size=8).digest()
+        u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+        return math.log(u) / max(entry[1], 1e-12)
+
+    drawn = sorted(found.items(), key=key, reverse=True)[: rules.exploration_slots]
+    return sorted(drawn, key=lambda kv: (-kv[1], kv[0]))
+
+
 def rank_request(
     request: Mapping[str, Any],
     lists: ItemLists,
@@ -576,10 +891,17 @@ def rank_request(
                 versions[item] = (
                     version if known is None or (version is not None and version > known) else known
                 )
-        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:slots]
+        explored = (
+            _explore(request.get("request_id"), seeds, excluded, scores, lists, rules)
+            if rules.exploration_slots
+            else []
+        )
+        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: slots - len(explored)]
         for item, score in best:
             chosen[item] = (_PRIORITY[STRATEGY_MODEL], score, STRATEGY_MODEL, versions[item])
-        found = len(best)
+        for item, score in explored:
+            chosen[item] = (_PRIORITY[STRATEGY_NEW_ITEM], score, STRATEGY_NEW_ITEM, None)
+        found = len(chosen)
     if found < slots and rules.fallback != "none":
         offers: list[tuple[tuple[tuple[str, float], ...], str]] = []
         if rules.fallback == "trending_category":
@@ -588,6 +910,15 @@ def rank_request(
                 (fallback.by_category[c], STRATEGY_TRENDING_CATEGORY)
                 for c in sorted(c for c in seen_categories if c is not None and c in fallback.by_category)
             ]
+        if fallback.by_segment:
+            # The first (most specific) of the user's segments that trending was computed for:
+            # a segment below segment_min_users has no rows, so the user falls back upward.
+            context = request.get("user_attributes") or {}
+            context = {**context, "platform": request.get("platform")}
+            for key in segment_keys(context, rules.segments, rules.age_bands):
+                if key in fallback.by_segment:
+                    offers.append((fallback.by_segment[key], STRATEGY_TRENDING_SEGMENT))
+                    break
         offers.append((fallback.overall, STRATEGY_TRENDING))
         for items, strategy in offers:
             priority = _PRIORITY[strategy]
@@ -655,13 +986,20 @@ def _broadcast_lists(
     catalog: DataFrame,
     filters: CampaignFilters,
     cache_key: Hashable | None,
+    cold_start: ColdStartConfig | None = None,
 ) -> Broadcast:
-    key = (spark.sparkContext.applicationId, cache_key, matrix is None, filters.model_dump_json())
+    key = (
+        spark.sparkContext.applicationId,
+        cache_key,
+        matrix is None,
+        filters.model_dump_json(),
+        None if cold_start is None else cold_start.model_dump_json(),
+    )
     if cache_key is not None and key in _LISTS_CACHE:
         _LISTS_CACHE.move_to_end(key)
         return _LISTS_CACHE[key]
     started = time.monotonic()
-    lists = item_lists(matrix, catalog, filters)
+    lists = item_lists(matrix, catalog, filters, cold_start)
     shared = spark.sparkContext.broadcast(lists)
     log.info(
         "ranking lists: %d items, %d eligible, %d list entries, %.1f MB, built in %.1fs",
@@ -695,6 +1033,15 @@ def _recent_micros(column: str, used: int, within_us: int, requested_us: Column)
     return kept.alias(column)
 
 
+def _context_column(requests: DataFrame, name: str) -> Column:
+    """A context column as the ranking reads it: of the attributes, only the contract's fields
+    (a profile's ``user_attributes`` also carries the time and id of the event that set them)."""
+    if name != "user_attributes":
+        return requests[name]
+    fields = USER_ATTRIBUTES_SCHEMA.fieldNames()
+    return F.struct(*[requests[name][field].alias(field) for field in fields]).alias(name)
+
+
 def _request_frame(
     requests: DataFrame,
     sent: DataFrame | None,
@@ -714,6 +1061,8 @@ def _request_frame(
         "trigger_item_id",
         _recent_micros("recent_views", used, rules.viewed_within_us, requested_us),
         _recent_micros("recent_purchases", used, rules.purchased_within_us, requested_us),
+        # The user's segment, when the requests carry attributes and segment trending is on.
+        *[_context_column(requests, c) for c in CONTEXT_COLUMNS if rules.segments and c in requests.columns],
         *[F.col(name).alias(f"{_CARRIED}{name}") for name in carry],
     )
     if sent is None:
@@ -764,12 +1113,14 @@ def rank_recommendations(
     """
     spark = requests.sparkSession
     rules = RankingRules.of(campaign, serving)
-    shared = _broadcast_lists(spark, matrix, catalog, campaign.filters, cache_key)
+    shared = _broadcast_lists(spark, matrix, catalog, campaign.filters, cache_key, serving.cold_start)
     fallback = fallback_lists(trending, shared.value, rules)
     use_model = matrix is not None
     carry = tuple(carry) if grouped else ()
     frame = _request_frame(
-        requests.select(*dict.fromkeys((*REQUEST_COLUMNS, *carry))),
+        requests.select(
+            *dict.fromkeys((*REQUEST_COLUMNS, *[c for c in CONTEXT_COLUMNS if c in requests.columns], *carry))
+        ),
         sent if rules.sent_within_us > 0 else None,
         small_batch,
         rules,

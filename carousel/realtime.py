@@ -5,6 +5,9 @@ Arrow batch at a time (``mapInArrow`` in ``streaming/serve.py``). One Kafka part
 arrive in offset order, and a user's events share a partition (key = user id), so a user's
 events and triggers are handled in the order they were produced:
 
+0. **Erased users**: the events of users ``forget-user`` erased, up to their erasure, are dropped
+   first (:func:`carousel.erasure.drop_erased_rows`, against the erased set the lookups hold):
+   they update no profile, trigger nothing and are counted as ``skipped_erased``.
 1. **Profile**: each valid event is applied to the user's online profile
    (:class:`~carousel.online_profile.OnlineProfile`), so a Product Viewed just before an App
    Launched in the same batch already counts.
@@ -35,7 +38,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -43,6 +46,7 @@ from typing import Any
 import pyarrow as pa
 
 from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
+from carousel.erasure import drop_erased_rows
 from carousel.experiments import DEFAULT_VARIANT, assign_variant, trigger_payload_id
 from carousel.faults import kill_job
 from carousel.lookups import LookupSources, ServingLookups, current_lookups
@@ -65,6 +69,7 @@ COUNTERS: tuple[str, ...] = (
     "dead_letter",
     "no_items",
     "skipped_invalid",
+    "skipped_erased",
     "skipped_stale",
     "skipped_duplicate",
     "skipped_frequency_cap",
@@ -123,9 +128,12 @@ class ServeSpec:
     cap_max_payloads: int
     cap_window_us: int
     max_payload_bytes: int
+    # The erased users' hash key (carousel.erasure.hash_key, read once by the driver); None: no
+    # erased user is dropped. Not in the repr: it is a secret.
+    erasure_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, cfg: CarouselConfig, renderer: PayloadRenderer) -> ServeSpec:
+    def of(cls, cfg: CarouselConfig, renderer: PayloadRenderer, erasure_key: str | None = None) -> ServeSpec:
         serving = cfg.serving
         campaigns = tuple(
             (name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled and c.trigger_event_types
@@ -153,6 +161,7 @@ class ServeSpec:
             cap_max_payloads=serving.frequency_cap.max_payloads,
             cap_window_us=cap_window_us,
             max_payload_bytes=serving.max_payload_bytes,
+            erasure_key=erasure_key,
         )
 
     # Derived once per worker (cached on first use), not per trigger or payload.
@@ -230,6 +239,10 @@ def rank_campaign(
         if arm.rules.sent_within_us
         else (),
     }
+    if arm.rules.segments:  # a cold user's trending segment: their attributes and platform
+        context = state.profile.user_context(trigger.get("platform"))
+        request["user_attributes"] = context
+        request["platform"] = context["platform"]
     ranked = rank_request(request, arm.lists, arm.fallback, arm.rules, arm.use_model and not control)
     if limit is not None:
         ranked = ranked[:limit]
@@ -451,5 +464,14 @@ def answer_batches(batches: Iterator[pa.RecordBatch], spec: ServeSpec) -> Iterat
         if not batch.num_rows:
             continue
         lookups = current_lookups(spec.sources)  # before the batch's rows exist (keep_out_of_gc)
-        records = batch.to_pylist()
-        yield output_batch(answer_records(records, store, lookups, spec, time.time_ns() // 1000))
+        # Once, before anything reads the events: an erased user's events still in the topic
+        # neither update their profile nor trigger a payload or an outbox record.
+        kept, erased = drop_erased_rows(batch, lookups.erased, spec.erasure_key)
+        out = (
+            answer_records(kept.to_pylist(), store, lookups, spec, time.time_ns() // 1000)
+            if kept.num_rows
+            else _Batch()
+        )
+        out.counts["records"] += erased
+        out.counts["skipped_erased"] += erased
+        yield output_batch(out)

@@ -322,7 +322,15 @@ CHANNELS: tuple[str, ...] = (PUSH, IN_APP, WEB_POPUP, APP_INBOX, EMAIL, SMS, WEB
 STRATEGY_MODEL = "model"  # the correlation matrix, from the user's recent items
 STRATEGY_TRENDING = "trending"  # recent popularity with time decay (new users, short lists)
 STRATEGY_TRENDING_CATEGORY = "trending_category"  # trending within the categories the user viewed
-STRATEGIES: tuple[str, ...] = (STRATEGY_MODEL, STRATEGY_TRENDING, STRATEGY_TRENDING_CATEGORY)
+STRATEGY_TRENDING_SEGMENT = "trending_segment"  # trending among users like them (country, platform, ...)
+STRATEGY_NEW_ITEM = "new_item"  # exploration: a new product like the user's items (serving.cold_start)
+STRATEGIES: tuple[str, ...] = (
+    STRATEGY_MODEL,
+    STRATEGY_TRENDING,
+    STRATEGY_TRENDING_CATEGORY,
+    STRATEGY_TRENDING_SEGMENT,
+    STRATEGY_NEW_ITEM,
+)
 CONTROL_VARIANT = "control"
 # Every payload and outbox record on Kafka carries its payload id in this header (senders dedupe by it).
 PAYLOAD_ID_HEADER = "payload_id"
@@ -334,6 +342,9 @@ TRENDING_SCHEMA = StructType(
         StructField("category", StringType()),
         StructField("score", DoubleType(), False),
         StructField("computed_at", TimestampType(), False),
+        # NULL: overall and per-category trending; else the user segment the row ranks within, e.g.
+        # "country=PT&city=Porto" (carousel.ranking.segment_keys; serving.trending.segments).
+        StructField("segment", StringType()),
     ]
 )
 

@@ -204,7 +204,11 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
     )
     # Users erased by forget-user stay out: their events may still be in the topic.
     erased = erased_ids(spark, cfg)
-    counts["events"] = merge_frame(drop_erased(hot_path_records(raw, cfg), erased), cfg, "events")
+    records = hot_path_records(raw, cfg)
+    # The rule of ingest and serve: events made at or before the erasure stay out.
+    counts["events"] = merge_frame(
+        drop_erased(records, erased, time_column=F.timestamp_micros("event_time")), cfg, "events"
+    )
     log.info(
         "online store: events after ingest's offsets (%s) merged for %d users", starting, counts["events"]
     )
@@ -223,7 +227,9 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
             .where(F.col("item_id").isNotNull())
             .select("user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us"))
         )
-        counts["sends"] = merge_frame(drop_erased(sends, erased), cfg, "sends")
+        counts["sends"] = merge_frame(
+            drop_erased(sends, erased, time_column=F.timestamp_micros("sent_us")), cfg, "sends"
+        )
     log.info(
         "online store rebuilt in %.1fs: users merged from profiles %d, events %d, sends %d",
         time.monotonic() - started,

@@ -4,6 +4,8 @@
 #   - the JVM jars, resolved by Maven from jvm/pom.xml (Maven Central only, jvm/settings.xml):
 #       .jars/spark  Delta Lake + the Spark Kafka connector (loaded by every SparkSession)
 #       .jars/kafka  the Apache Kafka broker (KRaft) used by the demo and the tests;
+#       .jars/spark-log4j  log4j for Spark, put in place of the one pyspark bundles;
+#   - checks that the pip delta-spark and the delta-spark jar are one version;
 #   - redis-server for the embedded online store (apt-get when run as root, else the command to run).
 # Re-running is cheap: each step is skipped while the file it depends on is unchanged.
 set -euo pipefail
@@ -51,6 +53,37 @@ else
 fi
 ls .jars/spark/delta-spark_*.jar .jars/spark/spark-sql-kafka-*.jar .jars/kafka/kafka_2.13-*.jar >/dev/null \
   || die "expected jars are missing from .jars/"
+
+# --- Versions that must agree ------------------------------------------------------------------
+# The Python half of Delta (pip delta-spark) drives the JVM half (the delta-spark jar) through
+# py4j; a mismatched pair fails late and obscurely, so refuse it here, naming both versions.
+pip_delta="$(.venv/bin/python -c 'from importlib.metadata import version; print(version("delta-spark"))')"
+delta_jars=(.jars/spark/delta-spark_*.jar)
+[[ ${#delta_jars[@]} -eq 1 ]] || die "expected one delta-spark jar in .jars/spark, found: ${delta_jars[*]}"
+jar_delta="${delta_jars[0]##*-}"  # delta-spark_4.1_2.13-4.4.0.jar -> 4.4.0.jar
+jar_delta="${jar_delta%.jar}"
+[[ "$pip_delta" == "$jar_delta" ]] \
+  || die "delta-spark drift: pip package $pip_delta (pyproject.toml) but jar $jar_delta (jvm/pom.xml delta.version); pin both to one version"
+
+# --- Spark's log4j -----------------------------------------------------------------------------
+# pyspark's wheel bundles its own log4j in pyspark/jars (2.24.3 in pyspark 4.1.3, with known CVEs).
+# Every Spark JVM started from this virtualenv (driver, local executors, standalone master and
+# workers) loads pyspark/jars/*, so each bundled log4j jar is replaced by the same artifact at the
+# pom's log4j2.version (.jars/spark-log4j): one log4j on the classpath, never two. Checked on every
+# run, so a reinstalled pyspark is patched again.
+pyspark_jars="$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("pyspark").submodule_search_locations[0])')/jars"
+for jar in "$pyspark_jars"/log4j-*.jar; do
+  [[ -e "$jar" ]] || die "no log4j jars in $pyspark_jars: is pyspark installed?"
+  name="$(basename "$jar")"
+  [[ -f ".jars/spark-log4j/$name" ]] && continue  # already the pom's version
+  artifact="${name%-*}"  # log4j-1.2-api-2.24.3.jar -> log4j-1.2-api
+  replacement=(.jars/spark-log4j/"$artifact"-[0-9]*.jar)
+  [[ -f "${replacement[0]}" ]] \
+    || die "pyspark bundles $name but jvm/pom.xml (copy-spark-log4j) resolves no $artifact to replace it"
+  say "Spark's log4j: replacing pyspark's $name with $(basename "${replacement[0]}") (jvm/pom.xml)"
+  rm -f "$jar"
+  cp "${replacement[0]}" "$pyspark_jars/"
+done
 
 # --- Online store server -----------------------------------------------------------------------
 # The embedded online store (./spark-submit.sh online-store start, 127.0.0.1:6390) runs the

@@ -345,8 +345,11 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
     tag = f"{app_id}:{batch_id}"
     now = datetime.now(UTC)
     timer = _StepTimer()
-    # Users erased by forget-user are dropped here too: their events still in the topic stay out.
-    batch = with_erased_flag(batch, erased_ids(spark, cfg), F.col("event.user_id"), _ERASED).persist()
+    # Users erased by forget-user are dropped here too: their events still in the topic (made at
+    # or before the erasure; the same rule as serve's) stay out.
+    batch = with_erased_flag(
+        batch, erased_ids(spark, cfg), F.col("event.user_id"), _ERASED, F.col("event.event_time")
+    ).persist()
     try:
         is_record = ~F.col(READ_MARK)
         kept = is_record & ~F.col(_ERASED)

@@ -6,6 +6,10 @@ straight, topic -> online profile -> lookups -> ranking -> payload -> sink:
 
 * source: the ``events`` topic - every event, not only triggers, so profiles stay seconds fresh;
 * validation: ingest's own classifier (:func:`streaming.ingest.classify_records`), one rule;
+* erased users: the events of users ``forget-user`` erased, up to their erasure, are dropped in
+  the worker before anything reads them (:func:`carousel.erasure.drop_erased_rows`, against the
+  erased set the lookups reload by Delta version), so such events still in the topic neither
+  rebuild a profile nor get an answer;
 * per Arrow batch, in the Python workers (:func:`carousel.realtime.answer_batches`): the online
   store (Redis) for profiles, recent sends and answered triggers; in-memory lookups
   (:mod:`carousel.lookups`: matrix, catalog, trending, reloaded when their Delta version
@@ -17,8 +21,8 @@ straight, topic -> online profile -> lookups -> ranking -> payload -> sink:
 Nothing on this path reads or commits a Delta table. ``./spark-submit.sh record-sends`` writes the
 outbox into Delta ``sent_recommendations``; the driver refreshes the Delta ``trending_items``
 (every ``serving.trending.refresh_minutes``) off the hot path. Counts by outcome (payloads,
-replays, dead letters, skipped stale / invalid / duplicate / capped triggers) are the query's
-observed metrics, logged per batch.
+replays, dead letters, skipped stale / invalid / duplicate / capped triggers, erased users'
+events) are the query's observed metrics, logged per batch.
 
 The Kafka sink is at-least-once: a batch replayed after a kill re-sends the same payload ids
 with the same items (the answers are kept in the online store before any row is written). So the
@@ -47,6 +51,7 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery, StreamingQue
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.delivery import ServingInputError, compute_trending, read_catalog
+from carousel.erasure import check_key, hash_key
 from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
@@ -240,7 +245,12 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     check_reachable(cfg.online_store)
     if not table_exists(spark, cfg.storage.table(TRENDING_TABLE)):
         TrendingRefresher(spark, cfg).refresh()  # new users get trending from the first trigger
-    spec = ServeSpec.of(cfg, renderer)
+    # The erased users' hash key, made now when missing (forget-user then uses the same one): the
+    # workers cannot read a key file later. Hashes made with another key stop serve here.
+    erasure_key = hash_key(spark, cfg, create=True)
+    if erasure_key is not None:
+        check_key(spark, cfg, erasure_key)
+    spec = ServeSpec.of(cfg, renderer, erasure_key)
     name = cfg.serving.query_name
     output = with_metrics(answered(hot_path_records(source(spark, cfg), cfg), spec))
     writer = (

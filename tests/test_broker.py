@@ -13,10 +13,10 @@ import uuid
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from carousel import broker
-from carousel.config import load_config
+from carousel.config import ConfigError, load_config
 from carousel.session import SetupError
 
 HAS_BROKER_JARS = any(broker.DEFAULT_JARS_DIR.glob("kafka_2.13-*.jar"))
@@ -160,6 +160,48 @@ def test_ensure_topics_creates_events_with_configured_partitions(cfg, running):
         for role, t in cfg.kafka.topics.items()
     )
     assert broker.ensure_topics(cfg.kafka) == []  # already there: nothing to do
+
+
+def test_topic_settings_are_checked_at_load(cfg):
+    with pytest.raises(ConfigError, match="min.insync.replicas 2 must be a number <= replication_factor 1"):
+        load_config(overrides=["kafka.topics.events.configs={min.insync.replicas: 2}"], environ={})
+    topic = load_config(
+        overrides=[
+            "kafka.topics.events.configs={retention.ms: 3600000, message.timestamp.type: LogAppendTime}"
+        ],
+        environ={},
+    ).kafka.topic("events")
+    assert topic.configs == {"retention.ms": "3600000", "message.timestamp.type": "LogAppendTime"}
+    assert topic.keyed and topic.replication_factor == 1
+
+
+def _topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    (future,) = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)]).values()
+    return {name: entry.value for name, entry in future.result(timeout=15).items()}
+
+
+@pytest.mark.integration
+def test_topics_are_created_with_their_settings_and_keyed_ones_never_grow_unasked(cfg, running):
+    name = f"keyed-{uuid.uuid4().hex[:8]}"
+    topic = {"name": name, "partitions": 2, "configs": {"retention.ms": 3600000}}
+    small = cfg.with_overrides(kafka={"topics": {"events": topic}})
+    assert broker.ensure_topics(small.kafka, roles=["events"]) == [name]
+    assert _partitions(running, name) == 2
+    assert _topic_configs(running, name)["retention.ms"] == "3600000"
+
+    # Configured with more partitions: refused for a keyed topic, naming it and both counts.
+    more = small.with_overrides(kafka={"topics": {"events": {"partitions": 3}}})
+    with pytest.raises(broker.BrokerError, match=f"topic {name} has 2 partitions, 3 configured"):
+        broker.ensure_topics(more.kafka, roles=["events"])
+    assert _partitions(running, name) == 2
+    # Asked for: raised.
+    assert broker.ensure_topics(more.kafka, roles=["events"], add_partitions=True) == []
+    assert _partitions(running, name) == 3
+    # A topic declared not keyed grows without being asked.
+    unkeyed = more.with_overrides(kafka={"topics": {"events": {"partitions": 4, "keyed": False}}})
+    broker.ensure_topics(unkeyed.kafka, roles=["events"])
+    assert _partitions(running, name) == 4
 
 
 @pytest.mark.integration

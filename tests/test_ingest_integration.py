@@ -241,22 +241,29 @@ def test_an_erased_users_events_still_in_the_topic_are_not_ingested(spark, make_
     ensure_topics(cfg.kafka)
     t0 = datetime.now(UTC) - timedelta(hours=1)
 
-    def launched(event_id: str, user: str) -> tuple[bytes, bytes]:
+    def launched(event_id: str, user: str, at: datetime = t0) -> tuple[bytes, bytes]:
         fields = {"event_id": event_id, "user_id": user, "event_type": "App Launched", "source": "web"}
-        return user.encode(), event_json(**fields, event_time=_iso(t0))
+        return user.encode(), event_json(**fields, event_time=_iso(at))
 
     key = hash_key(spark, cfg, create=True)
-    record_erased(spark, cfg, [user_hash_of("u-gone", key)], key, "ticket-1", datetime.now(UTC))
-    produce(cfg, [launched("e1", "u-gone"), launched("e2", "u-stays"), launched("e3", "u-gone")])
+    erased_at = datetime.now(UTC)
+    record_erased(spark, cfg, [user_hash_of("u-gone", key)], key, "ticket-1", erased_at)
+    # e1 and e3 were made before the erasure (still in the topic); e4 after it: the user came back.
+    back = launched("e4", "u-gone", erased_at + timedelta(seconds=1))
+    produce(cfg, [launched("e1", "u-gone"), launched("e2", "u-stays"), launched("e3", "u-gone"), back])
 
     _run_ingest(spark, cfg)
 
-    assertDataFrameEqual(read_table(spark, cfg, EVENTS_TABLE).select("event_id"), [Row(event_id="e2")])
-    assertDataFrameEqual(read_table(spark, cfg, PROFILES_TABLE).select("user_id"), [Row(user_id="u-stays")])
+    events = read_table(spark, cfg, EVENTS_TABLE).select("event_id")
+    assertDataFrameEqual(events, [Row(event_id="e2"), Row(event_id="e4")])
+    profiles = read_table(spark, cfg, PROFILES_TABLE).select("user_id", "total_events")
+    assertDataFrameEqual(
+        profiles, [Row(user_id="u-stays", total_events=1), Row(user_id="u-gone", total_events=1)]
+    )
     totals = read_table(spark, cfg, INGEST_LOG_TABLE).agg(
         *[F.sum(c).alias(c) for c in ("records_read", "events_stored", "duplicates", "erased")]
     )
-    assertDataFrameEqual(totals, [Row(records_read=3, events_stored=1, duplicates=0, erased=2)])
+    assertDataFrameEqual(totals, [Row(records_read=4, events_stored=2, duplicates=0, erased=2)])
 
 
 def test_a_field_added_to_the_contract_reaches_a_table_created_before_it(spark, make_config):

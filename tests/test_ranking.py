@@ -28,7 +28,9 @@ from carousel.schemas import (
 )
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-SERVING = load_config().serving
+# Products without a matrix list (most of this shop) would be new products with content lists and
+# exploration slots: tests/test_cold_start.py covers those; here the matrix alone ranks.
+SERVING = load_config(overrides=["serving.cold_start.content_neighbours=0"]).serving
 RECENT_TYPE = PROFILE_SCHEMA["recent_views"].dataType.simpleString()
 REQUEST_DDL = (
     f"request_id string, user_id string, requested_at timestamp, trigger_item_id string, "
@@ -240,6 +242,7 @@ def test_trending_items_decay_and_weights(spark: SparkSession, shop: dict[str, D
             "serving.trending.half_life_hours=24",
             "serving.trending.top_n=2",
             "serving.trending.per_category_top_n=1",
+            "serving.trending.segment_top_n=0",  # segments: tests/test_segment_trending.py
         ]
     ).serving.trending
     rows = [
@@ -256,8 +259,12 @@ def test_trending_items_decay_and_weights(spark: SparkSession, shop: dict[str, D
     )
     result = trending_items(events, shop["catalog"], cfg, NOW)
     expected = spark.createDataFrame(
-        [("a", "shoes", 0.5 + 4 * 0.5 ** (1 / 24)), ("b", "shoes", 1.0), ("d", "bags", 0.25)],
-        "item_id string, category string, score double",
+        [
+            ("a", "shoes", 0.5 + 4 * 0.5 ** (1 / 24), None),
+            ("b", "shoes", 1.0, None),
+            ("d", "bags", 0.25, None),
+        ],
+        "item_id string, category string, score double, segment string",
     )
     assertDataFrameEqual(result, expected, rtol=1e-9)
 
