@@ -550,8 +550,8 @@ class ColdStartConfig(_Section):
     # Up to this share of a request's slots (rounded down) go to new products of the same category
     # as the user's items (their content neighbours), strategy "new_item".
     exploration_share: float = Field(ge=0, le=1)
-    # At most this many new products get content lists per catalog version (the catalog's first).
-    max_new_items: int = Field(ge=0)
+    # At most this many new products get content lists per catalog version (by product id).
+    max_new_items: int = Field(ge=1)
 
 
 class ServingConfig(_StreamingQuerySection):

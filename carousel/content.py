@@ -30,8 +30,9 @@ import scipy.sparse as sp
 # Catalog properties that name a product family: a shared brand or collection says a lot.
 FAMILY_PROPERTIES: tuple[str, ...] = ("brand", "collection")
 _WORD = re.compile(r"[^\W_]{2,}", re.UNICODE)
-# Query products scored per block: a block's dense similarity row block stays a few MB.
-_BLOCK = 64
+# Query products scored per block, so that a block's dense similarities (block x candidates)
+# hold at most this many cells: about 64 queries against a 100k-product category, 4 against 1M.
+_BLOCK_CELLS = 4_000_000
 
 
 def _price_band(price: Any) -> str | None:
@@ -100,8 +101,9 @@ def content_neighbours(
         empty = np.array([], np.int64)
         return empty, empty.copy(), np.array([], np.float32)
     pool = vectors[allowed].T.tocsc()
-    for start in range(0, len(queries), _BLOCK):
-        block = queries[start : start + _BLOCK]
+    step = max(1, min(64, _BLOCK_CELLS // len(allowed)))
+    for start in range(0, len(queries), step):
+        block = queries[start : start + step]
         similarity = np.asarray((vectors[block] @ pool).todense(), dtype=np.float32)
         # A product is not its own neighbour.
         own = allowed[None, :] == block[:, None]

@@ -173,8 +173,9 @@ def drop_erased(
 
     ``user_column``: the user id (a name, or a column such as ``F.col("event.user_id")``); rows
     with a NULL id are kept. ``time_column``: when given, only rows at or before the user's
-    ``erased_at`` are dropped (a user who comes back later is stored again: the rule of ingest,
-    serve and rebuild-online-store); default: every row of an erased id, whenever. Works on
+    ``erased_at`` are dropped, and rows without a time (a user who comes back later is stored
+    again: the rule of ingest, serve and rebuild-online-store); default: every row of an erased
+    id, whenever. Works on
     streaming frames (a stream-static join) and keeps the row order within each partition (no
     shuffle).
     """
@@ -187,8 +188,9 @@ def drop_erased(
         return keyed.join(F.broadcast(hashes.select(_HASH)), _HASH, "left_anti").drop(_HASH)
     when = F.col(time_column) if isinstance(time_column, str) else time_column
     left, right = keyed.withColumn(_TIME, when).alias("_rows"), F.broadcast(hashes).alias("_erased")
+    # A row without a time cannot be told apart from the records still in the topic: dropped.
     condition = (F.col(f"_rows.{_HASH}") == F.col(f"_erased.{_HASH}")) & (
-        F.col(f"_rows.{_TIME}") <= F.col(f"_erased.{_ERASED_AT}")
+        F.col(f"_rows.{_TIME}").isNull() | (F.col(f"_rows.{_TIME}") <= F.col(f"_erased.{_ERASED_AT}"))
     )
     return left.join(right, condition, "left_anti").drop(_HASH, _TIME)
 
@@ -247,8 +249,8 @@ def drop_erased_rows(
     rows were dropped.
 
     ``erased``: :func:`erased_times`; ``key``: the hash key (None, or an empty set: nothing is
-    dropped, nothing is hashed). ``time_column``: epoch microseconds. Rows with a NULL user id or
-    time are kept. The rows kept stay in their order.
+    dropped, nothing is hashed). ``time_column``: epoch microseconds. Rows with a NULL user id are
+    kept; an erased user's rows without a time are dropped. The rows kept stay in their order.
     """
     if not erased or key is None or not batch.num_rows:
         return batch, 0
@@ -261,7 +263,14 @@ def drop_erased_rows(
     if at.null_count == len(at):
         return batch, 0
     row_erased_at = pc.take(at, pc.index_in(users, value_set=distinct))
-    dropped = pc.fill_null(pc.less_equal(batch.column(time_column), row_erased_at), False)
+    # An erased user's row without a time is dropped too (the rule of drop_erased).
+    times = batch.column(time_column)
+    dropped = pc.fill_null(
+        pc.or_kleene(
+            pc.less_equal(times, row_erased_at), pc.and_kleene(pc.is_null(times), pc.is_valid(row_erased_at))
+        ),
+        False,
+    )
     count = pc.sum(dropped).as_py() or 0
     return (batch.filter(pc.invert(dropped)), count) if count else (batch, 0)
 

@@ -172,10 +172,21 @@ def segment_keys(
 
 
 def _user_segments(events: DataFrame, trending: TrendingConfig) -> DataFrame:
-    """(user_id, segment): each user's segments, from their latest attributes and platform."""
+    """(user_id, segment): each user's segments, from their latest attributes and platform.
+
+    Each attribute is its latest known value (an event without it does not erase it), as the
+    profiles keep them, so a user falls in the same segments here as in their profile."""
+
+    def latest_known(value: Column) -> Column:
+        # max_by skips rows whose ordering is NULL: the events that do not carry the value.
+        return F.max_by(value, F.when(value.isNotNull(), F.col("event_time")))
+
+    attributes = F.col("user_attributes")
     latest = events.groupBy("user_id").agg(
-        F.max_by(F.col("user_attributes"), F.col("event_time")).alias("user_attributes"),
-        F.max_by(F.col("device.platform"), F.col("event_time")).alias("platform"),
+        F.struct(*[latest_known(attributes[f]).alias(f) for f in USER_ATTRIBUTES_SCHEMA.fieldNames()]).alias(
+            "user_attributes"
+        ),
+        latest_known(F.col("device.platform")).alias("platform"),
     )
     segments, bands = trending.segments, trending.age_bands
 
@@ -601,12 +612,14 @@ def _content_lists(
         return None
     if len(new) > cold_start.max_new_items:
         log.warning(
-            "%d catalog products have no model list; content lists for the first %d "
+            "%d catalog products have no model list; content lists for the first %d by product id "
             "(serving.cold_start.max_new_items)",
             len(new),
             cold_start.max_new_items,
         )
-        new = new[: cold_start.max_new_items]
+        # By id, not by read order: the same products get lists whatever order a reader returns.
+        ids = products.column("item_id").to_pylist()
+        new = np.sort(sorted(new.tolist(), key=lambda code: ids[code])[: cold_start.max_new_items])
     started = time.perf_counter()
     vectors = tfidf_matrix(products)
     established = active & has_list[:n_catalog]

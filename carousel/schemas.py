@@ -241,9 +241,9 @@ ITEM_RECOMMENDATIONS_SCHEMA = StructType(
 )
 # Every publish attempt (jobs/publish_recommendations.py): what the quality gate saw and decided.
 MODEL_PUBLISH_LOG_TABLE = "model_publish_log"
-# decision: published (passed, first, unjudged, disabled, forced) or not (refused, invalid).
+# decision: published (passed, first, unjudged, disabled, forced) or not (refused, stale, invalid).
 GATE_PUBLISHED_DECISIONS: tuple[str, ...] = ("passed", "first", "unjudged", "disabled", "forced")
-GATE_REFUSED_DECISIONS: tuple[str, ...] = ("refused", "invalid")
+GATE_REFUSED_DECISIONS: tuple[str, ...] = ("refused", "stale", "invalid")
 MODEL_PUBLISH_LOG_SCHEMA = StructType(
     [
         StructField("attempted_at", TimestampType(), False),

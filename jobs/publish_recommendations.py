@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
 from carousel import objectstore
-from carousel.cli import add_config_args, config_from_args
+from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig, GateConfig
 from carousel.errors import JobError
 from carousel.schemas import (
@@ -189,8 +189,20 @@ def read_model_output(spark: SparkSession, location: str, client: object | None 
     )
     holdout = None
     holdout_info = metadata.get("holdout") or {}
+    if not isinstance(holdout_info, dict):
+        raise PublishRefusedError(f"metadata.json in {location}: holdout is not an object: {holdout_info!r}")
+    data_end = metadata.get("data_end")
+    if data_end is not None and _time_or_none(data_end) is None:
+        raise PublishRefusedError(
+            f"metadata.json in {location}: data_end {data_end!r} is not an ISO-8601 time"
+        )
     if holdout_info.get("path"):
-        files = sorted(Path(local, holdout_info["path"]).glob("*.csv"))
+        folder = Path(local, str(holdout_info["path"])).resolve()
+        if not folder.is_relative_to(Path(local).resolve()):
+            raise PublishRefusedError(
+                f"metadata.json in {location}: the held-back window {holdout_info['path']!r} is outside it"
+            )
+        files = sorted(folder.glob("*.csv"))
         if not files:
             raise PublishRefusedError(
                 f"metadata.json in {location} names the held-back window {holdout_info['path']} "
@@ -206,7 +218,7 @@ def read_model_output(spark: SparkSession, location: str, client: object | None 
         int(metadata["top_k"]),
         [str(i) for i in metadata["items"]],
         holdout,
-        metadata.get("data_end"),
+        data_end,
     )
 
 
@@ -287,23 +299,30 @@ def _top_lists(recommendations: DataFrame, k: int) -> pd.DataFrame:
 
 
 def _live_model(spark: SparkSession, location: str) -> tuple[str, datetime | None] | None:
-    """(model version, data end) of the live matrix; None when nothing is published yet."""
+    """(model version, data end) of the live matrix; None when nothing is published yet.
+
+    The data end is the newest interaction the live model was fitted on, from the commit that
+    wrote it (a RESTORE brings an older one back). A model published without one (before the
+    gate, or by another tool) was fitted on nothing later than its publish: that commit's time
+    stands in, so the gate never judges it on data it may have seen."""
     if not table_exists(spark, location):
         return None
     live = spark.read.format("delta").load(location).select("model_version").limit(1).collect()
     if not live:
         return None
     model_version = live[0].model_version
-    # The newest commit that wrote this model (a RESTORE brings an older one back) says its data end.
-    for _, metadata, operation in commit_metadata(spark, location):
+    for _, metadata, operation, committed_at in commit_metadata(spark, location):
         if operation == "WRITE" and metadata.get("model_version") == model_version:
-            data_end = metadata.get("data_end")
-            return model_version, _parse_time(data_end) if data_end else None
+            return model_version, _time_or_none(metadata.get("data_end")) or committed_at
     return model_version, None
 
 
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+def _time_or_none(value: object) -> datetime | None:
+    """An ISO-8601 time (no offset = UTC) as aware UTC; None when missing or not a time."""
+    try:
+        return iso_time(str(value)) if value is not None else None
+    except argparse.ArgumentTypeError:
+        return None
 
 
 def quality_gate(
@@ -322,7 +341,18 @@ def quality_gate(
             "unjudged", "the candidate has no held-back window (see its metadata.json holdout)", live_version
         )
     window = gate_window(output.holdout, live_data_end)
-    k = cfg.evaluation.k
+    if len(window) == 0 and len(output.holdout):
+        # The live model saw everything this candidate held back: the candidate is the older one.
+        held_end = output.holdout["event_time"].max().to_pydatetime()
+        reason = (
+            f"the live model {live_version} was fitted on data up to {live_data_end}, past this "
+            f"candidate's held-back window (up to {held_end}): an older model"
+        )
+        return GateVerdict(
+            "forced" if force else "stale", f"--force: {reason}" if force else reason, live_version
+        )
+    # The evaluate protocol at the gate: k no longer than the candidate's lists.
+    k = min(cfg.evaluation.k, output.top_k)
     pairs = consecutive_pairs(window)
     evidence = {
         "live_model_version": live_version,
@@ -429,10 +459,14 @@ def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force
     return version
 
 
-def commit_metadata(spark: SparkSession, location: str) -> list[tuple[int, dict, str]]:
-    """(version, the commit's user metadata as a dict ({} when none), operation), newest first."""
+def commit_metadata(spark: SparkSession, location: str) -> list[tuple[int, dict, str, datetime]]:
+    """(version, the commit's user metadata as a dict ({} when none), operation, commit time in
+    UTC), newest first."""
     rows = (
-        DeltaTable.forPath(spark, location).history().select("version", "operation", "userMetadata").collect()
+        DeltaTable.forPath(spark, location)
+        .history()
+        .select("version", "operation", "userMetadata", F.unix_micros("timestamp").alias("micros"))
+        .collect()
     )
     result = []
     for row in rows:
@@ -443,13 +477,14 @@ def commit_metadata(spark: SparkSession, location: str) -> list[tuple[int, dict,
             except ValueError:
                 parsed = None
             metadata = parsed if isinstance(parsed, dict) else {}
-        result.append((int(row.version), metadata, str(row.operation)))
+        committed_at = datetime.fromtimestamp(row.micros / 1e6, UTC)  # micros: no local-zone reading
+        result.append((int(row.version), metadata, str(row.operation), committed_at))
     return result
 
 
 def publish_history(spark: SparkSession, location: str) -> list[tuple[int, str | None, str]]:
     """(version, model version or None, operation) of the table, newest first."""
-    return [(v, m.get("model_version"), op) for v, m, op in commit_metadata(spark, location)]
+    return [(v, m.get("model_version"), op) for v, m, op, _ in commit_metadata(spark, location)]
 
 
 def _version_ranges(versions: list[int]) -> str:

@@ -160,8 +160,12 @@ def split_holdout(interactions: pd.DataFrame, hours: float) -> HoldoutSplit:
     next-item pairs. No window when it would take more than half of the interactions (too little
     history to hold any back): the model fits on everything and the gate cannot judge it.
     """
-    if hours <= 0 or len(interactions) == 0:
-        return HoldoutSplit(interactions, None, {"skipped": "training.gate.holdout_hours is 0"})
+    if hours <= 0:
+        return HoldoutSplit(
+            interactions, None, {"skipped": "no hold-out window (gate off or holdout_hours 0)"}
+        )
+    if len(interactions) == 0:
+        return HoldoutSplit(interactions, None, {"skipped": "no interactions"})
     times = interactions["event_time"]
     end = times.max()
     start = end - pd.Timedelta(hours=hours)
@@ -275,7 +279,9 @@ def run(
     if runner == "aws-batch":
         return aws_batch.run(cfg, input_location, output, model_name)
     reader = read_training_input_with_spark if runner == "spark" else read_training_input
-    split = split_holdout(reader(input_location, cfg), cfg.training.gate.holdout_hours)
+    gate = cfg.training.gate
+    # Held back only for the gate to judge: with the gate off the model fits on everything.
+    split = split_holdout(reader(input_location, cfg), gate.holdout_hours if gate.enabled else 0)
     model, recommendations = train_model(split.fit, cfg, model_name)
     output = output or objectstore.join(cfg.training.workspace, "models", model.model_version)
     if objectstore.is_s3(output):

@@ -195,3 +195,45 @@ def test_the_gate_refuses_a_model_trained_on_shuffled_sequences(spark, tmp_path:
     assert refusal.pairs >= 100 and refusal.k == 5
     assert refusal.candidate_recall < refusal.live_recall * 0.98
     assert refusal.window_start is not None and refusal.window_end > refusal.window_start
+
+
+def _output(root: Path, version: str, **metadata: object) -> str:
+    """A minimal train output: a 3-item matrix (every item lists the other two), and ``metadata``."""
+    lists = {"a": ["b", "c"], "b": ["a", "c"], "c": ["a", "b"]}
+    (root / "recommendations").mkdir(parents=True)
+    rows = [f"{i},{r},{x},{1.0 / r}" for i, recs in lists.items() for r, x in enumerate(recs, 1)]
+    (root / "recommendations" / "part-0.csv").write_text("item_id,rank,rec_item_id,score\n" + "\n".join(rows))
+    holdout = metadata.pop("holdout_rows", None)
+    if holdout is not None:
+        (root / "holdout").mkdir()
+        lines = [
+            "user_id,item_id,event_type,event_time",
+            *(f"{u},{i},Product Viewed,{t}" for u, i, t in holdout),
+        ]
+        (root / "holdout" / "part-0.csv").write_text("\n".join(lines) + "\n")
+        metadata["holdout"] = {"path": "holdout/"}
+    (root / "metadata.json").write_text(
+        json.dumps({"model_version": version, "top_k": 2, "items": sorted(lists), **metadata})
+    )
+    return str(root)
+
+
+@pytest.mark.integration
+def test_the_gate_refuses_an_older_candidate_and_a_bad_data_end(spark, tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    # Published without a data end (before the gate): its publish time stands in for it.
+    pub.run(spark, cfg, _output(tmp_path / "m1", "m1"))
+    # A candidate whose held-back window ended long before that: the live model may have seen it.
+    old = [("u1", "a", "2020-01-01T10:00:00Z"), ("u1", "b", "2020-01-01T11:00:00Z")]
+    stale = _output(tmp_path / "m0", "m0", data_end="2019-12-31T00:00:00Z", holdout_rows=old)
+    with pytest.raises(pub.GateRefusedError, match="fitted on data up to .* an older model"):
+        pub.run(spark, cfg, stale)
+    assert _live_models(spark, cfg) == {"m1"}
+    assert pub.run(spark, cfg, stale, force=True) >= 0
+    assert _live_models(spark, cfg) == {"m0"}
+    # A data end that is not a time is refused before anything is judged, naming it.
+    bad = _output(tmp_path / "m2", "m2", data_end="yesterday")
+    with pytest.raises(pub.PublishRefusedError, match="data_end 'yesterday' is not an ISO-8601 time"):
+        pub.run(spark, cfg, bad)
+    decisions = [r.decision for r in _log(spark, cfg).orderBy("attempted_at").collect()]
+    assert decisions == ["first", "stale", "forced"]

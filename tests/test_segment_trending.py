@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pyspark.sql import DataFrame, SparkSession
@@ -77,15 +77,15 @@ EVENT_DDL = (
 )
 
 
-def _events(spark: SparkSession, rows: list[tuple[str, str, str, str, str]]) -> DataFrame:
-    """rows: (user, item, country, city, platform), viewed at NOW."""
-    return spark.createDataFrame(
-        [
-            (user, item, "Product Viewed", NOW, NOW.date(), (platform,), (30, None, city, country, None))
-            for user, item, country, city, platform in rows
-        ],
-        EVENT_DDL,
-    )
+def _events(spark: SparkSession, rows: list[tuple]) -> DataFrame:
+    """rows: (user, item, country, city, platform[, hours before NOW]), views."""
+    events = []
+    for user, item, country, city, platform, *ago in rows:
+        at = NOW - timedelta(hours=ago[0] if ago else 0)
+        events.append(
+            (user, item, "Product Viewed", at, at.date(), (platform,), (30, None, city, country, None))
+        )
+    return spark.createDataFrame(events, EVENT_DDL)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,9 @@ def test_trending_per_segment_keeps_segments_with_enough_users(
         [
             ("p1", "a", "PT", "Porto", "ios"),
             ("p2", "a", "PT", "Porto", "ios"),
-            ("p3", "a", "PT", "Porto", "ios"),
+            ("p3", "a", "PT", "Porto", "ios", 24),  # a day ago: counts 0.5
+            # p3 again, now, the city not sent this time: still in Porto (the latest known value).
+            ("p3", "a", "PT", None, "ios"),
             ("l1", "d", "PT", "Lisbon", "android"),  # a segment of one user: too small
             ("l1", "d", "PT", "Lisbon", "android"),
             ("m1", "b", "ES", "Madrid", "android"),
@@ -129,14 +131,14 @@ def test_trending_per_segment_keeps_segments_with_enough_users(
     result = trending_items(events, shop_catalog, cfg, NOW)
     expected = spark.createDataFrame(
         [
-            ("a", "shoes", 3.0, None),
+            ("a", "shoes", 3.5, None),
             ("b", "shoes", 2.0, None),
             ("d", "bags", 2.0, None),
-            ("a", "shoes", 3.0, "country=PT&city=Porto"),
-            ("a", "shoes", 3.0, "country=PT"),  # a (3) beats d (2) among PT's four users
+            ("a", "shoes", 3.5, "country=PT&city=Porto"),
+            ("a", "shoes", 3.5, "country=PT"),  # a (3.5) beats d (2) among PT's four users
             ("b", "shoes", 2.0, "country=ES&city=Madrid"),
             ("b", "shoes", 2.0, "country=ES"),
-            ("a", "shoes", 3.0, "platform=ios"),
+            ("a", "shoes", 3.5, "platform=ios"),
             ("b", "shoes", 2.0, "platform=android"),  # b and d tie at 2: the item id decides
         ],
         "item_id string, category string, score double, segment string",
