@@ -46,7 +46,7 @@ import httpx
 from bench import common, serving_store
 from bench.api_load import run_phase
 from bench.shop_data import apply_quick, ensure_shop, link_shop, sizes_from_args
-from carousel import online_store_server
+from carousel import broker, online_store_server
 from carousel.broker import ensure_topics, free_port
 from carousel.cli import setup_logging
 from carousel.config import PROJECT_ROOT, CarouselConfig
@@ -178,14 +178,18 @@ class Service:
 def measure(
     service: Service, cfg: CarouselConfig, path_of: Any, rate: float, duration: float, connections: int
 ) -> dict[str, Any]:
-    """One phase, with the CPU of the service and of Redis over it."""
+    """One phase, with the CPU of the service, of Redis and of the broker over it."""
+    broker_pid = broker.status(cfg.broker)["pid"]
     service_before, redis_before = tree_cpu_seconds(service.process.pid), redis_cpu_seconds(cfg)
+    broker_before = tree_cpu_seconds(broker_pid) if broker_pid else 0.0
     figures = run_phase(
         "127.0.0.1", service.port, path_of, {"X-API-Key": service.key}, rate, duration, connections
     )
     wall = figures["wall_s"] or 1.0
     figures["service_cpu_cores"] = round((tree_cpu_seconds(service.process.pid) - service_before) / wall, 3)
     figures["redis_cpu_cores"] = round((redis_cpu_seconds(cfg) - redis_before) / wall, 3)
+    if broker_pid:
+        figures["broker_cpu_cores"] = round((tree_cpu_seconds(broker_pid) - broker_before) / wall, 3)
     return figures
 
 
@@ -214,7 +218,7 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"service ready in {results.get('ready_s')} s with {results['settings']['workers']} workers")
     print(
         f"{'endpoint':<16}{'rate/s':>8}{'achieved':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'statuses':>22}{'gen cpu':>9}{'api cpu':>9}{'redis':>7}"
+        f"{'statuses':>22}{'gen cpu':>9}{'api cpu':>9}{'redis':>7}{'broker':>8}"
     )
     for phase in results.get("phases", []):
         statuses = ",".join(f"{k}:{v}" for k, v in phase["statuses"].items()) + (
@@ -224,6 +228,7 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{phase['endpoint']:<16}{phase['rate']:>8g}{phase['achieved_per_s']:>10}{phase['p50_ms']:>9}"
             f"{phase['p95_ms']:>9}{phase['p99_ms']:>9}{phase['max_ms']:>9}{statuses:>22}"
             f"{phase['generator_cpu_cores']:>9}{phase['service_cpu_cores']:>9}{phase['redis_cpu_cores']:>7}"
+            f"{phase.get('broker_cpu_cores', '-'):>8}"
         )
     print("goals:", json.dumps(results.get("goals", {})))
     common.print_footer(results)

@@ -792,6 +792,7 @@ class ApiConfig(_Section):
     keys: dict[str, ApiKeyConfig] = Field(min_length=1)
     default_similar: int = Field(ge=1, le=1000)
     max_similar: int = Field(ge=1, le=1000)
+    wait_for_outbox_ack: bool
     record_timeout_ms: int = Field(ge=100, le=120_000)
     outbox_linger_ms: int = Field(ge=0, le=1000)
     metrics_dir: str = Field(min_length=1)

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carousel.fastjson import compact_json
 from carousel.schemas import PRODUCT_PURCHASED, PRODUCT_VIEWED, USER_ATTRIBUTES_SCHEMA
 
 USER_ATTRIBUTE_FIELDS: tuple[str, ...] = tuple(USER_ATTRIBUTES_SCHEMA.fieldNames())
@@ -136,15 +137,14 @@ class OnlineProfile:
 
     # -- storage ---------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(
+        return compact_json(
             {
                 "v": self.views,
                 "p": self.purchases,
                 "pl": self.platform,
                 "a": self.attributes,
                 "t": self.last_seen,
-            },
-            separators=(",", ":"),
+            }
         )
 
     @classmethod

@@ -32,6 +32,7 @@ from typing import Any
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from carousel.fastjson import compact_json
 from carousel.online_profile import OnlineProfile
 
 # KEYS[1] = the user's hash; ARGV = expected version ('' = absent), new version, profile, sends, ttl ms.
@@ -98,9 +99,7 @@ class Answer:
     outbox: tuple[Mapping[str, Any], ...]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"at": [self.partition, self.offset], "o": list(self.outbox)}, separators=(",", ":")
-        )
+        return compact_json({"at": [self.partition, self.offset], "o": list(self.outbox)})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Answer:
@@ -200,7 +199,7 @@ class OnlineState:
                     state.version,
                     str(int(state.version or 0) + 1),
                     state.profile.to_json(),
-                    json.dumps(state.sends, separators=(",", ":")),
+                    compact_json(state.sends),
                     self.profile_ttl_ms,
                 ),
                 {},

@@ -32,7 +32,6 @@ emitted as ``count`` rows, which the query turns into observed metrics and drops
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -48,6 +47,7 @@ import pyarrow as pa
 from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
 from carousel.erasure import drop_erased_rows
 from carousel.experiments import DEFAULT_VARIANT, assign_variant, trigger_payload_id
+from carousel.fastjson import compact_json
 from carousel.faults import kill_job
 from carousel.lookups import LookupSources, ServingLookups, current_lookups
 from carousel.online_state import Answer, OnlineState, UserState
@@ -290,7 +290,7 @@ def deliver(
 ) -> None:
     """Emit one answer: the payload and its outbox record, or the dead letter; control: outbox only."""
     user, payload_id = record["user_id"], record["payload_id"]
-    outbox = json.dumps(record, separators=(",", ":"))
+    outbox = compact_json(record)
     if record["variant"] == CONTROL_VARIANT:
         out.emit(spec.sent_topic, user, outbox, payload_id)
         out.counts["control"] += 1
@@ -318,7 +318,7 @@ def deliver(
             "reason": str(err),
             "failed_at": micros_to_iso(time.time_ns() // 1000),
         }
-        out.emit(spec.dead_letter_topic, user, json.dumps(letter, separators=(",", ":")), payload_id)
+        out.emit(spec.dead_letter_topic, user, compact_json(letter), payload_id)
         out.counts["dead_letter"] += 1
         return
     out.emit(spec.topic(record["channel"]), user, value, payload_id)
