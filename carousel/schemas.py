@@ -101,6 +101,10 @@ EVENT_JSON_SCHEMA = StructType(
 )
 EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in EVENT_JSON_SCHEMA.fields)
 REQUIRED_EVENT_FIELDS: tuple[str, ...] = ("event_id", "user_id", "event_type", "event_time", "source")
+# The optional objects of an event. One of these (or one of its members) of the wrong JSON type is
+# dropped, with the reason noted in the quarantine table, and the event is still stored: a bad
+# ``age`` must not lose a purchase. Every other field of the wrong type rejects the event.
+OPTIONAL_ATTRIBUTE_FIELDS: tuple[str, ...] = ("device", "properties", "user_attributes")
 
 # ---------------------------------------------------------------------------------------------
 # Delta tables
@@ -193,6 +197,9 @@ QUARANTINE_SCHEMA = StructType(
         StructField("kafka_timestamp", TimestampType()),
         StructField("ingest_batch", StringType(), False),
         StructField("quarantined_at", TimestampType(), False),
+        # True: the event was stored without the attributes the reason names (see
+        # OPTIONAL_ATTRIBUTE_FIELDS); false or null (rows from before this column): rejected.
+        StructField("event_stored", BooleanType()),
     ]
 )
 
@@ -208,6 +215,9 @@ INGEST_LOG_SCHEMA = StructType(
         StructField("completed_at", TimestampType(), False),
         # Records of users erased by forget-user, dropped (null in rows from before this column).
         StructField("erased", LongType()),
+        # Events stored without a mistyped optional attribute (counted in events_stored too; each
+        # has a quarantine row with event_stored = true). Null in rows from before this column.
+        StructField("attributes_dropped", LongType()),
     ]
 )
 

@@ -87,7 +87,7 @@ BAD_KINDS: tuple[str, ...] = (
     "unparseable_time",  # event_time that is not ISO-8601 with an offset
     "absurd_time",  # event_time in 1970 or far in the future
     "missing_item_id",  # an item event without item_id
-    "mistyped_field",  # device / properties / user_attributes of the wrong JSON type
+    "mistyped_field",  # epoch millis as event_time, an array as event_type
 )
 BAD_LABELS: tuple[str, ...] = tuple(BAD_PREFIX + kind for kind in BAD_KINDS)
 LABELS: tuple[str, ...] = (VALID, DUPLICATE, *BAD_LABELS)
@@ -99,7 +99,9 @@ _UNKNOWN_TYPES = tuple(
     if name not in EVENT_TYPES
 )
 _BAD_TIMES = ("yesterday", "2026-13-45T99:61:00Z", "29/11/2026 03:00", "not a time", "T12:00Z", "2026-02-30")
-_MISTYPED = {"device": "oops", "properties": "n/a", "user_attributes": "unknown"}
+# A number or array where the contract says text, in fields where that cannot pass (an id of the
+# wrong JSON type is read as its text, and a mistyped optional object is dropped, not the event).
+_MISTYPED = {"event_time": 1764380000000, "event_type": ["Product Viewed"]}
 
 # ---------------------------------------------------------------------------------------------
 # World vocabulary

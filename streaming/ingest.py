@@ -10,9 +10,10 @@ within seconds. Inputs: JSON events on the topic ``kafka.topics.events`` (contra
 * ``user_profiles`` - one row per user: one MERGE per micro-batch of only the users the batch
   changed, computed from the batch itself (``streaming.profile_updates``);
 * ``events_quarantine`` - every record that is not a valid event, with its Kafka coordinates and
-  the reason(s);
+  the reason(s); also each event stored without a mistyped optional attribute (``device``,
+  ``properties``, ``user_attributes`` or a member: dropped, not the event), ``event_stored`` true;
 * ``ingest_log`` - per micro-batch: records read = stored + quarantined + duplicates + erased
-  (records of users erased by ``forget-user``, dropped).
+  (records of users erased by ``forget-user``, dropped); ``attributes_dropped`` of the stored.
 
 The plan, per micro-batch: one JSON parse classifies every record (:func:`classify_records`);
 the query's RocksDB state drops event ids already seen (:func:`deduplicate`,
@@ -61,6 +62,7 @@ from carousel.schemas import (
     INGEST_LOG_SCHEMA,
     INGEST_LOG_TABLE,
     ITEM_EVENT_TYPES,
+    OPTIONAL_ATTRIBUTE_FIELDS,
     PROFILES_TABLE,
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
@@ -110,7 +112,12 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
 
     Output columns: raw_value, kafka_topic, kafka_partition, kafka_offset, kafka_timestamp,
     event (struct: the contract's fields, ``event_time`` as a timestamp, ``source`` lower-cased),
-    reasons (array<string>, empty for a valid event).
+    reasons (array<string>, empty for a valid event), dropped (array<string>: the mistyped
+    optional attributes, ``OPTIONAL_ATTRIBUTE_FIELDS`` and their members, left null in ``event``;
+    they do not make the event invalid).
+
+    A text field given a JSON number, boolean, object or array is read as its text (Spark's JSON
+    reader does; telling the JSON types apart with VARIANT tripled this function's cost).
     """
     value = F.col("value").cast("string")
     # One JSON parse per record: every top-level field as text (absent vs present), plus the
@@ -173,13 +180,20 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
         blank = present[name].isNull() | (F.trim(present[name]) == "")
         checks.append((blank, F.lit(f"missing required field '{name}'")))
     for name in EVENT_FIELDS:
-        checks.append((present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'")))
+        if name not in OPTIONAL_ATTRIBUTE_FIELDS:
+            checks.append(
+                (present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'"))
+            )
+    # Mistyped optional attributes: dropped (null in the stored event), noted, the event kept.
+    drops: list[tuple[Column, Column]] = []
+    for name in OPTIONAL_ATTRIBUTE_FIELDS:
+        drops.append((present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'")))
     for parent, schema in _NESTED_STRUCTS.items():
         # The nested object's members as raw JSON texts (null: absent or JSON null), parsed once.
         members = F.from_json(present[parent], _MEMBER_TEXTS)
         for field in schema.fields:
             unread = typed[parent].isNotNull() & typed[parent][field.name].isNull()
-            checks.append(
+            drops.append(
                 (unread & members[field.name].isNotNull(), F.lit(f"mistyped field '{parent}.{field.name}'"))
             )
     checks += [
@@ -217,8 +231,12 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     content_reasons = F.concat(
         *[F.when(check, F.array(reason)).otherwise(no_reason) for check, reason in checks]
     )
+    dropped = F.when(
+        F.col("_json_ok") & F.ltrim("raw_value").startswith("{"),
+        F.concat(*[F.when(check, F.array(reason)).otherwise(no_reason) for check, reason in drops]),
+    ).otherwise(no_reason)
     reasons = (
-        F.when(F.col("raw_value").isNull(), F.array(F.lit("empty Kafka value")))
+        F.when(F.col("raw_value").isNull() | (F.col("raw_value") == ""), F.array(F.lit("empty Kafka value")))
         .when(
             F.octet_length("raw_value") > ingest.max_record_bytes,
             F.array(F.lit(f"record larger than {ingest.max_record_bytes} bytes")),
@@ -241,6 +259,7 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
         "kafka_timestamp",
         event.alias("event"),
         reasons.alias("reasons"),
+        dropped.alias("dropped"),
     )
 
 
@@ -300,13 +319,17 @@ def to_events(classified: DataFrame, ingest_batch: str) -> DataFrame:
 
 
 def to_quarantine(classified: DataFrame, ingest_batch: str, quarantined_at: datetime) -> DataFrame:
-    """Invalid classified records -> ``QUARANTINE_SCHEMA`` rows with all their reasons."""
+    """Classified records -> ``QUARANTINE_SCHEMA`` rows: each invalid record with all its reasons
+    (``event_stored`` false), and each valid one stored without a mistyped optional attribute, with
+    what was dropped (``event_stored`` true)."""
+    stored = F.size("reasons") == 0
     columns = {
-        "reason": F.array_join("reasons", "; "),
+        "reason": F.array_join(F.concat("reasons", "dropped"), "; "),
         "ingest_batch": F.lit(ingest_batch),
         "quarantined_at": F.lit(quarantined_at),
+        "event_stored": stored,
     }
-    return classified.where(F.size("reasons") > 0).select(
+    return classified.where(~stored | (F.size("dropped") > 0)).select(
         *[
             (columns[f.name] if f.name in columns else F.col(f.name)).cast(f.dataType).alias(f.name)
             for f in QUARANTINE_SCHEMA.fields
@@ -358,15 +381,17 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             F.count(F.when(kept & (F.size("reasons") > 0), True)).alias("bad"),
             F.count(F.when(kept & (F.size("reasons") == 0), True)).alias("stored"),
             F.count(F.when(is_record & F.col(_ERASED), True)).alias("erased"),
+            F.count(F.when(kept & (F.size("reasons") == 0) & (F.size("dropped") > 0), True)).alias("dropped"),
         ).first()
-        records_read, quarantined, stored_count, erased = (
-            int(totals[k]) for k in ("read", "bad", "stored", "erased")
+        records_read, quarantined, stored_count, erased, attributes_dropped = (
+            int(totals[k]) for k in ("read", "bad", "stored", "erased", "dropped")
         )
         timer.lap("classify")
         if records_read == 0:
             return
         records = batch.where(kept).drop(READ_MARK, _ERASED)
-        if quarantined:  # a replay of a batch with nothing to quarantine needs no marker either
+        # A replay of a batch with nothing to quarantine needs no marker either.
+        if quarantined or attributes_dropped:
             idempotent_append(
                 to_quarantine(records, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
             )
@@ -401,6 +426,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
                 profiles_upserted,
                 datetime.now(UTC),
                 erased,
+                attributes_dropped,
             )
         ]
         idempotent_append(
@@ -411,10 +437,12 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
         )
         timer.lap("log")
         log.info(
-            "batch %s: read=%d stored=%d quarantined=%d duplicates=%d erased=%d profiles_upserted=%d (%s)",
+            "batch %s: read=%d stored=%d (%d without a mistyped attribute) quarantined=%d duplicates=%d "
+            "erased=%d profiles_upserted=%d (%s)",
             tag,
             records_read,
             stored_count,
+            attributes_dropped,
             quarantined,
             duplicates,
             erased,

@@ -7,6 +7,7 @@ from datetime import date, datetime
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 from pyspark.testing import assertDataFrameEqual
 
 from carousel.config import load_config
@@ -60,29 +61,36 @@ def test_each_kind_of_bad_record_gets_its_reason(spark):
         _valid(event_type="App Launched", item_id=..., event_time="2026-11-29T03:59:00+01:00"),
         "x" * (INGEST.max_record_bytes + 1),
         _valid().replace('"', "'"),  # single-quoted pseudo-JSON: Spark would accept it, JSON does not
+        "",  # zero bytes
+        "4 x",  # a scalar then junk: Spark reads the scalar, so it is rejected as no object
+        _valid(user_id=" "),
     ]
-    got = classify_records(_kafka_rows(spark, values), INGEST).select("kafka_offset", "reasons")
+    got = classify_records(_kafka_rows(spark, values), INGEST).select("kafka_offset", "reasons", "dropped")
     expected = spark.createDataFrame(
         [
-            (0, []),
-            (1, ["malformed JSON"]),
-            (2, ["not a JSON object"]),
-            (3, ["empty Kafka value"]),
-            (4, ["missing required field 'user_id'"]),
-            (5, ["unknown event type 'Product Teleported'"]),
-            (6, ["unknown source 'fax'"]),
-            (7, ["unparseable event_time 'yesterday' (ISO-8601 with offset)"]),
-            (8, ["unparseable event_time '2026-11-28T10:00:00' (ISO-8601 with offset)"]),
-            (9, ["event_time '1970-01-01T00:00:00Z' is before 2000-01-01T00:00:00Z"]),
-            (10, ["event_time '2026-11-29T05:00:01Z' is more than 3600s after the record was received"]),
-            (11, ["missing item_id for item event 'Product Viewed'"]),
-            (12, ["mistyped field 'device'"]),
-            (13, ["mistyped field 'user_attributes.age'"]),
-            (14, []),
-            (15, [f"record larger than {INGEST.max_record_bytes} bytes"]),
-            (16, ["malformed JSON"]),
+            (0, [], []),
+            (1, ["malformed JSON"], []),
+            (2, ["not a JSON object"], []),
+            (3, ["empty Kafka value"], []),
+            (4, ["missing required field 'user_id'"], []),
+            (5, ["unknown event type 'Product Teleported'"], []),
+            (6, ["unknown source 'fax'"], []),
+            (7, ["unparseable event_time 'yesterday' (ISO-8601 with offset)"], []),
+            (8, ["unparseable event_time '2026-11-28T10:00:00' (ISO-8601 with offset)"], []),
+            (9, ["event_time '1970-01-01T00:00:00Z' is before 2000-01-01T00:00:00Z"], []),
+            (10, ["event_time '2026-11-29T05:00:01Z' is more than 3600s after the record was received"], []),
+            (11, ["missing item_id for item event 'Product Viewed'"], []),
+            # A mistyped optional attribute is dropped, not the event (see the next test).
+            (12, [], ["mistyped field 'device'"]),
+            (13, [], ["mistyped field 'user_attributes.age'"]),
+            (14, [], []),
+            (15, [f"record larger than {INGEST.max_record_bytes} bytes"], []),
+            (16, ["malformed JSON"], []),
+            (17, ["empty Kafka value"], []),
+            (18, ["not a JSON object"], []),
+            (19, ["missing required field 'user_id'"], []),
         ],
-        "kafka_offset long, reasons array<string>",
+        "kafka_offset long, reasons array<string>, dropped array<string>",
     )
     assertDataFrameEqual(got, expected)
 
@@ -130,13 +138,46 @@ def test_valid_records_become_typed_events_once_per_id(spark):
     assertDataFrameEqual(got, expected)
 
 
+def test_a_mistyped_optional_attribute_is_dropped_and_the_event_kept(spark):
+    values = [
+        _valid(event_type="Product Purchased", user_attributes={"age": "old", "city": "Lisbon"}),
+        _valid(event_id="e2", device=["ios"], properties={"coupon": 5}),
+    ]
+    classified = classify_records(_kafka_rows(spark, values), INGEST)
+    got = to_events(deduplicate(classified, INGEST.dedupe_horizon_days), "app:8").select(
+        "event_id", "event_type", "device", "properties", "user_attributes"
+    )
+    schema = EVENTS_SCHEMA["event_id"], EVENTS_SCHEMA["event_type"], EVENTS_SCHEMA["device"]
+    expected = spark.createDataFrame(
+        [
+            (
+                "e1",
+                "Product Purchased",
+                ("ios", "18", "5.1", "iPhone"),
+                {"screen": "home"},
+                (None, None, "Lisbon", None, None),
+            ),
+            # A number among the free-form properties is kept as its text.
+            ("e2", "Product Viewed", None, {"coupon": "5"}, (31, "f", "Lisbon", "PT", "pt")),
+        ],
+        StructType([*schema, EVENTS_SCHEMA["properties"], EVENTS_SCHEMA["user_attributes"]]),
+    )
+    assertDataFrameEqual(got, expected)
+
+
 def test_quarantine_rows_keep_the_raw_record_and_its_coordinates(spark):
-    values = [_valid(), "{bad", _valid(event_type="Nope", source="fax")]
+    values = [
+        _valid(),
+        "{bad",
+        _valid(event_type="Nope", source="fax"),
+        _valid(event_id="e4", user_attributes={"age": "old"}),
+        _valid(event_id="e5", event_type="Nope", device="oops"),
+    ]
     classified = classify_records(_kafka_rows(spark, values), INGEST)
     got = to_quarantine(classified, "app:3", RECEIVED).drop("quarantined_at")
     expected = spark.createDataFrame(
         [
-            ("{bad", "malformed JSON", "events", 0, 1, RECEIVED, "app:3", RECEIVED),
+            ("{bad", "malformed JSON", "events", 0, 1, RECEIVED, "app:3", RECEIVED, False),
             (
                 values[2],
                 "unknown event type 'Nope'; unknown source 'fax'",
@@ -146,9 +187,34 @@ def test_quarantine_rows_keep_the_raw_record_and_its_coordinates(spark):
                 RECEIVED,
                 "app:3",
                 RECEIVED,
+                False,
+            ),
+            # Stored, with a note of what was dropped.
+            (
+                values[3],
+                "mistyped field 'user_attributes.age'",
+                "events",
+                0,
+                3,
+                RECEIVED,
+                "app:3",
+                RECEIVED,
+                True,
+            ),
+            # Rejected: every reason, the dropped attribute's too.
+            (
+                values[4],
+                "unknown event type 'Nope'; mistyped field 'device'",
+                "events",
+                0,
+                4,
+                RECEIVED,
+                "app:3",
+                RECEIVED,
+                False,
             ),
         ],
         QUARANTINE_SCHEMA,
     ).drop("quarantined_at")
     assertDataFrameEqual(got, expected)
-    assert classified.where(F.size("reasons") == 0).count() == 1
+    assert classified.where(F.size("reasons") == 0).count() == 2

@@ -48,7 +48,7 @@ def _event(n: int, at: datetime) -> tuple:
 
 
 def _quarantined(n: int, at: datetime) -> tuple:
-    return (f"raw-{n}", "malformed JSON", "events", 0, n, at, "test:0", at)
+    return (f"raw-{n}", "malformed JSON", "events", 0, n, at, "test:0", at, False)
 
 
 def _sent(n: int, at: datetime) -> tuple:

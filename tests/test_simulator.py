@@ -284,8 +284,8 @@ def _why_invalid(value: bytes) -> str | None:
         if event.get(name) in (None, ""):
             return f"missing_{name}"
     if any(
-        name in event and not isinstance(event[name], dict)
-        for name in ("device", "properties", "user_attributes")
+        event.get(name) is not None and not isinstance(event[name], str)
+        for name in ("event_type", "event_time")
     ):
         return "mistyped_field"
     if event["event_type"] not in EVENT_TYPES:
