@@ -153,6 +153,35 @@ class KafkaConfig(_Section):
     bootstrap_servers: str = Field(min_length=1)
     topics: dict[str, TopicConfig]
     producer: KafkaProducerConfig = Field(default_factory=KafkaProducerConfig)
+    # Further Java client settings for Spark's Kafka source and sinks, without the "kafka."
+    # prefix (e.g. request.timeout.ms, ssl.truststore.location). Not secrets: those come from
+    # the environment (CAROUSEL_KAFKA_*), so keys holding a password or a JAAS line are refused.
+    client_options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("client_options", mode="before")
+    @classmethod
+    def _options_as_text(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                str(key): str(option).lower() if isinstance(option, bool) else str(option)
+                for key, option in value.items()
+            }
+        return value
+
+    @field_validator("client_options")
+    @classmethod
+    def _no_secrets_or_owned_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith("kafka."):
+                raise ValueError(f"{key!r}: give client options without the 'kafka.' prefix")
+            if key == "bootstrap.servers":
+                raise ValueError("set kafka.bootstrap_servers, not client_options.bootstrap.servers")
+            if "password" in key or key.startswith("sasl.jaas") or key in KAFKA_SECRET_ENV:
+                raise ValueError(
+                    f"{key!r}: credentials and the security protocol come from the environment "
+                    f"({', '.join(KAFKA_SECRET_ENV.values())}), not from the configuration"
+                )
+        return value
 
     @field_validator("topics")
     @classmethod
@@ -188,8 +217,10 @@ class KafkaConfig(_Section):
         return {**self.spark_options(), **{f"kafka.{k}": str(v) for k, v in self.producer_settings().items()}}
 
     def spark_options(self) -> dict[str, str]:
-        """Options for Spark's Kafka source and sink (``kafka.``-prefixed client settings)."""
-        options = {"kafka.bootstrap.servers": self.bootstrap_servers}
+        """Options for Spark's Kafka source and sink (``kafka.``-prefixed client settings):
+        ``client_options``, the bootstrap servers and the security settings."""
+        options = {f"kafka.{key}": option for key, option in self.client_options.items()}
+        options["kafka.bootstrap.servers"] = self.bootstrap_servers
         security = self.security_settings()
         if "security.protocol" in security:
             options["kafka.security.protocol"] = security["security.protocol"]
@@ -924,6 +955,29 @@ class ErasureConfig(_Section):
         return [resolve_path(root) for root in value]
 
 
+class SupervisionConfig(_Section):
+    """Restarts of the always-on streaming queries (ingest, serve, record-sends) after transient errors."""
+
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    backoff_initial_seconds: float = Field(default=5.0, gt=0, le=3600)
+    backoff_max_seconds: float = Field(default=120.0, gt=0, le=86400)
+    healthy_after_seconds: float = Field(default=600.0, gt=0)
+    transient_errors: list[str] = Field(default_factory=list)
+
+    @field_validator("transient_errors")
+    @classmethod
+    def _no_blank_pattern(cls, value: list[str]) -> list[str]:
+        if any(not pattern.strip() for pattern in value):
+            raise ValueError("a blank pattern would match every error")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> SupervisionConfig:
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError("backoff_max_seconds must be at least backoff_initial_seconds")
+        return self
+
+
 class CarouselConfig(_Section):
     storage: StorageConfig
     kafka: KafkaConfig
@@ -944,6 +998,7 @@ class CarouselConfig(_Section):
     catalog: CatalogConfig = CatalogConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
     erasure: ErasureConfig = ErasureConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     @field_validator("campaigns")
     @classmethod
@@ -980,12 +1035,15 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
     return base
 
 
+_FREE_FORM_MAPS = {("spark", "conf"), ("kafka", "client_options")}
+
+
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigError(f"bad key {dotted!r}: expected section.key")
-    # spark.conf holds free-form Spark keys, which contain dots themselves.
-    if parts[:2] == ["spark", "conf"] and len(parts) > 2:
+    # spark.conf and kafka.client_options hold free-form client keys, which contain dots themselves.
+    if tuple(parts[:2]) in _FREE_FORM_MAPS and len(parts) > 2:
         parts = [*parts[:2], ".".join(parts[2:])]
     node = data
     for part in parts[:-1]:

@@ -107,7 +107,8 @@ def check_reachable(store_cfg: OnlineStoreConfig) -> None:
     try:
         connect(store_cfg).ping()
     except (redis.RedisError, RedisClusterException, OSError) as err:
-        reason = f"{type(err).__name__}: {err}"
+        # The qualified class name: supervision.transient_errors matches it on a restart.
+        reason = f"{type(err).__module__}.{type(err).__name__}: {err}"
         for secret in (store_cfg.credentials().get("password"), urlsplit(store_cfg.url).password):
             if secret:
                 reason = reason.replace(secret, "***")

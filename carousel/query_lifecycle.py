@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from pyspark import SparkContext
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
@@ -49,6 +50,7 @@ from carousel.storage import delete_file, file_exists, publish_small_file, read_
 
 __all__ = [
     "BatchGate",
+    "QueryFailedError",
     "QueryLease",
     "StopRequestedError",
     "await_query",
@@ -68,6 +70,26 @@ log = logging.getLogger(__name__)
 
 _GATES: dict[str, BatchGate] = {}
 _GATES_LOCK = threading.Lock()
+
+
+class QueryFailedError(RuntimeError):
+    """A streaming query ended on an error of its own: ``summary`` is its message, ``detail`` the
+    whole failure with the class names and messages of its cause chain (Java and Python)."""
+
+    def __init__(self, query_name: str, summary: str, detail: str) -> None:
+        super().__init__(f"{query_name} failed: {summary}")
+        self.summary, self.detail = summary, detail
+
+
+def failure_detail(query: StreamingQuery) -> str:
+    """The failed query's whole error: its JVM stack trace text, with every ``Caused by:`` (the Java
+    exception classes) and a Python handler's traceback (the Python exception classes)."""
+    error = query._jsq.exception()  # the JVM side: PySpark's wrapper keeps only the outer message
+    if not error.isDefined():
+        return ""
+    jvm = SparkContext._jvm
+    assert jvm is not None  # a query exists, so the session's JVM does
+    return str(getattr(jvm, "org.apache.spark.util.Utils").exceptionString(error.get()))
 
 
 class StopRequestedError(RuntimeError):
@@ -214,6 +236,7 @@ class QueryLease:
 
     def release(self) -> None:
         delete_file(self._spark, self.path)
+        self._renewed = -float("inf")  # a later renew_if_due writes it again (a supervised restart)
 
 
 def lease_holder(
@@ -253,7 +276,7 @@ def await_query(
     A stop request left from before this start is removed first (it was meant for an earlier
     run). Signal handlers only record the request (they must not block); this loop then stops the
     query with :func:`stop_between_batches` and removes the marker. A query that fails on its
-    own raises RuntimeError.
+    own raises :class:`QueryFailedError`.
     """
     if marker is not None and delete_file(spark, marker):
         log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
@@ -285,7 +308,8 @@ def await_query(
             delete_file(spark, marker)
         error = query.exception()
         if error is not None and not requested:
-            raise RuntimeError(f"{query.name} failed: {error}")
+            summary = str(getattr(error, "_desc", None) or error).strip()
+            raise QueryFailedError(str(query.name), summary, failure_detail(query) or summary)
         if error is not None:
             log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, error)
         log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")

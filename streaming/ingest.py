@@ -50,7 +50,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, IngestConfig
 from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.faults import injected, kill_job
-from carousel.query_lifecycle import QueryLease, await_query, gate_for, lease_path, stop_marker
+from carousel.query_lifecycle import QueryLease, gate_for, lease_path, stop_marker
 from carousel.schemas import (
     DEVICE_SCHEMA,
     EVENT_FIELDS,
@@ -72,6 +72,7 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import delta_transaction, idempotent_append, read_or_create_marker
+from carousel.supervision import supervise
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
 
@@ -105,6 +106,17 @@ _INGESTED_AT = "_ingested_at"
 # ---------------------------------------------------------------------------------------------
 def _quoted(column: Column, limit: int = 64) -> Column:
     return F.concat(F.lit("'"), F.substring(column, 1, limit), F.lit("'"))
+
+
+def _no_reason() -> Column:
+    return F.array().cast(ArrayType(StringType()))
+
+
+def _reasons_of(checks: list[tuple[Column, Column]]) -> Column:
+    """The reasons whose condition holds, in order: a concat of per-check arrays, not a filter()
+    over nulls (a higher-order function is not code-generated, and interpreting every check cost
+    more than the rest of the query: bench/README.md "Serving")."""
+    return F.concat(*[F.when(check, F.array(reason)).otherwise(_no_reason()) for check, reason in checks])
 
 
 def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
@@ -172,22 +184,16 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     min_time = F.lit(ingest.min_event_time).cast("timestamp")
     latest_allowed = F.col("kafka_timestamp") + F.make_dt_interval(secs=F.lit(ingest.max_future_skew_seconds))
 
-    # (condition, reason) pairs. The reasons array is a concat of per-check arrays, not a
-    # filter() over nulls: a higher-order function is not code-generated, and interpreting
-    # every check cost more than the rest of the query (bench/README.md "Serving").
+    # (condition, reason) pairs, made into arrays by _reasons_of.
     checks: list[tuple[Column, Column]] = []
+    # Mistyped optional attributes: dropped (null in the stored event), noted, the event kept.
+    drops: list[tuple[Column, Column]] = []
     for name in REQUIRED_EVENT_FIELDS:
         blank = present[name].isNull() | (F.trim(present[name]) == "")
         checks.append((blank, F.lit(f"missing required field '{name}'")))
     for name in EVENT_FIELDS:
-        if name not in OPTIONAL_ATTRIBUTE_FIELDS:
-            checks.append(
-                (present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'"))
-            )
-    # Mistyped optional attributes: dropped (null in the stored event), noted, the event kept.
-    drops: list[tuple[Column, Column]] = []
-    for name in OPTIONAL_ATTRIBUTE_FIELDS:
-        drops.append((present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'")))
+        mistyped = (present[name].isNotNull() & typed[name].isNull(), F.lit(f"mistyped field '{name}'"))
+        (drops if name in OPTIONAL_ATTRIBUTE_FIELDS else checks).append(mistyped)
     for parent, schema in _NESTED_STRUCTS.items():
         # The nested object's members as raw JSON texts (null: absent or JSON null), parsed once.
         members = F.from_json(present[parent], _MEMBER_TEXTS)
@@ -227,14 +233,10 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
             F.concat(F.lit("missing item_id for item event "), _quoted(event_type)),
         ),
     ]
-    no_reason = F.array().cast(ArrayType(StringType()))
-    content_reasons = F.concat(
-        *[F.when(check, F.array(reason)).otherwise(no_reason) for check, reason in checks]
+    content_reasons = _reasons_of(checks)
+    dropped = F.when(F.col("_json_ok") & F.ltrim("raw_value").startswith("{"), _reasons_of(drops)).otherwise(
+        _no_reason()
     )
-    dropped = F.when(
-        F.col("_json_ok") & F.ltrim("raw_value").startswith("{"),
-        F.concat(*[F.when(check, F.array(reason)).otherwise(no_reason) for check, reason in drops]),
-    ).otherwise(no_reason)
     reasons = (
         F.when(F.col("raw_value").isNull() | (F.col("raw_value") == ""), F.array(F.lit("empty Kafka value")))
         .when(
@@ -522,9 +524,11 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "ingest")
     spark = build_session(cfg, "carousel-ingest")
     name = cfg.ingest.query_name
-    await_query(
+    supervise(
         spark,
-        run(spark, cfg, available_now=args.available_now),
+        partial(run, spark, cfg, available_now=args.available_now),
+        cfg.supervision,
+        name,
         cfg.ingest.stop_timeout_seconds,
         stop_marker(cfg, name),
         lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),

@@ -29,7 +29,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
-from carousel.query_lifecycle import await_query, gate_for, stop_marker
+from carousel.query_lifecycle import gate_for, stop_marker
 from carousel.schemas import (
     OUTBOX_SCHEMA,
     SENT_PARTITION_COLUMN,
@@ -38,6 +38,7 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import idempotent_append, read_or_create_marker
+from carousel.supervision import supervise
 from carousel.tables import ensure
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,11 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "record-sends")
     spark = build_session(cfg, "carousel-record-sends")
     name = cfg.sent_log.query_name
-    await_query(
+    supervise(
         spark,
-        run(spark, cfg, available_now=args.available_now),
+        partial(run, spark, cfg, available_now=args.available_now),
+        cfg.supervision,
+        name,
         cfg.sent_log.stop_timeout_seconds,
         stop_marker(cfg, name),
     )

@@ -55,11 +55,12 @@ from carousel.erasure import check_key, hash_key
 from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
-from carousel.query_lifecycle import await_query, stop_marker
+from carousel.query_lifecycle import stop_marker
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
 from carousel.storage import table_exists
+from carousel.supervision import supervise
 from carousel.tables import ensure
 from streaming.ingest import classify_records
 
@@ -286,7 +287,15 @@ def main(argv: list[str]) -> int:
         return 1
     trending = TrendingRefresher(spark, cfg).start()
     try:
-        await_query(spark, query, cfg.serving.stop_timeout_seconds, stop_marker(cfg, name))
+        query = supervise(
+            spark,
+            partial(run, spark, cfg, available_now=args.available_now),
+            cfg.supervision,
+            name,
+            cfg.serving.stop_timeout_seconds,
+            stop_marker(cfg, name),
+            started=query,
+        )
     finally:
         trending.stop()
         # Progress events reach the listener asynchronously: none may arrive once Python exits.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+
+# The event contract's time: ISO-8601 with an offset, written here independently of ingest's own
+# pattern (the tests' validators check ingest against it). ASCII digits only: Python's \d alone
+# would take any Unicode digit, Spark's does not.
+ISO_WITH_OFFSET = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}(:?\d{2})?)$", re.ASCII
+)
 
 
 def produce(

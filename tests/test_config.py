@@ -51,11 +51,33 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("serving.deep_link_schemes=[https, 'not a scheme']", "serving.deep_link_schemes"),
         ("serving.deep_link_schemes=[]", "serving.deep_link_schemes"),
         ("campaign_runs.resume_within_hours=-1", "campaign_runs.resume_within_hours"),
+        ("kafka.client_options.sasl.jaas.config=x", "credentials .* come from the environment"),
+        ("kafka.client_options.ssl.keystore.password=x", "kafka.client_options"),
+        ("kafka.client_options.kafka.request.timeout.ms=1", "without the 'kafka.' prefix"),
+        ("kafka.client_options.bootstrap.servers=h:1", "kafka.bootstrap_servers"),
+        ("supervision.max_restarts=-1", "supervision.max_restarts"),
+        ("supervision.backoff_max_seconds=1", "backoff_max_seconds must be at least"),
+        ("supervision.transient_errors=['', x]", "a blank pattern"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override], environ={})
+
+
+def test_kafka_client_options_reach_sparks_source_and_sink_with_their_dots():
+    cfg = load_config(
+        overrides=["kafka.client_options.request.timeout.ms=3000", "kafka.client_options.client.rack=eu-1a"],
+        environ={"CAROUSEL__KAFKA__CLIENT_OPTIONS__RETRY__BACKOFF__MS": "250"},
+    )
+    assert cfg.kafka.client_options == {
+        "request.timeout.ms": "3000",
+        "client.rack": "eu-1a",
+        "retry.backoff.ms": "250",
+    }
+    options = cfg.kafka.spark_sink_options()
+    assert options["kafka.request.timeout.ms"] == "3000" and options["kafka.client.rack"] == "eu-1a"
+    assert options["kafka.bootstrap.servers"] == cfg.kafka.bootstrap_servers
 
 
 def test_starting_offsets_take_a_json_of_offsets_per_partition():

@@ -12,12 +12,12 @@ says of the same record. The classifier runs in Spark, one DataFrame per generat
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import ISO_WITH_OFFSET
 
 from carousel.config import load_config
 from carousel.schemas import (
@@ -33,10 +33,6 @@ from streaming.ingest import classify_records
 INGEST = load_config().ingest
 RECEIVED = datetime(2026, 11, 29, 3, 0, 0, tzinfo=UTC)
 ABSENT = object()
-# ISO-8601 with an offset, ASCII digits only (Python's \d alone would take any Unicode digit).
-ISO_WITH_OFFSET = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}(:?\d{2})?)$", re.ASCII
-)
 
 # ---------------------------------------------------------------------------------------------
 # Generators

@@ -8,7 +8,9 @@ each step waits on ``processAllAvailable()``. Payloads are read back with a real
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -24,8 +26,9 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from support import event_json, finish, produce, read_table, run_until_killed, submit_command, wait_for
 
+from carousel import broker, online_store_server
 from carousel.broker import ensure_topics
-from carousel.config import PROJECT_ROOT, CarouselConfig
+from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
 from carousel.realtime import COUNTERS, FAULT_KILL_ENV
 from carousel.schemas import (
     CATALOG_SCHEMA,
@@ -226,21 +229,29 @@ class TopicReader:
         self.consumer.subscribe([topic])
         self.messages: list[dict[str, Any]] = []
 
+    def _take(self) -> None:
+        """Read the next payload, if one comes within half a second."""
+        message = self.consumer.poll(0.5)
+        if message is not None and message.error() is None:
+            payload = json.loads(message.value())
+            assert dict(message.headers() or [])["payload_id"].decode() == payload["payload_id"]
+            assert message.key().decode() == payload["user_id"]
+            self.messages.append(payload)
+
     def read(self, count: int, timeout: float = 120) -> list[dict[str, Any]]:
         """Wait until ``count`` payloads were read in all; returns the new ones."""
         start = len(self.messages)
-
-        def poll() -> bool:
-            message = self.consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                payload = json.loads(message.value())
-                assert dict(message.headers() or [])["payload_id"].decode() == payload["payload_id"]
-                assert message.key().decode() == payload["user_id"]
-                self.messages.append(payload)
-            return len(self.messages) >= count
-
-        wait_for(poll, timeout=timeout, what=f"{count} payloads", poll=0)
+        self.read_until(lambda: len(self.messages) >= count, timeout, f"{count} payloads")
         return self.messages[start:]
+
+    def read_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """Read payloads until ``condition()`` holds."""
+
+        def done() -> bool:
+            self._take()
+            return condition()
+
+        wait_for(done, timeout=timeout, what=what, poll=0)
 
     def close(self) -> None:
         self.consumer.close()
@@ -567,3 +578,131 @@ def serve_payload_id(event_id: str) -> str:
     from carousel.experiments import trigger_payload_id
 
     return trigger_payload_id(event_id, "launch", "push")
+
+
+def test_serve_restarts_through_an_online_store_and_a_broker_outage(
+    spark: SparkSession, make_config: Any, tmp_path: Path
+) -> None:
+    """A running ``./spark-submit.sh serve`` with a broker and an online store of its own: each is
+    stopped for longer than the clients wait, then started again on the same data. The supervisor
+    restarts the failed query with backoff; every trigger is answered, under its own payload id."""
+    port = broker.free_port()
+    store_cfg = load_config(
+        overrides=[f"online_store.state_dir={tmp_path / 'redis'}", f"online_store.port={port}"]
+    ).online_store
+    broker_cfg = load_config(
+        overrides=[
+            f"broker.state_dir={tmp_path / 'kafka'}",
+            f"broker.port={broker.free_port()}",
+            f"broker.controller_port={broker.free_port()}",
+            "broker.heap=384m",
+        ]
+    ).broker
+    store_url, bootstrap = online_store_server.start(store_cfg), broker.start(broker_cfg)
+    job: subprocess.Popen[bytes] | None = None
+    reader: TopicReader | None = None
+    try:
+        outage_settings = [
+            "kafka.client_options.default.api.timeout.ms=3000",
+            "kafka.client_options.request.timeout.ms=2000",
+            "kafka.client_options.max.block.ms=3000",
+            "supervision.backoff_initial_seconds=1",
+            "supervision.backoff_max_seconds=3",
+            "supervision.max_restarts=50",
+        ]
+        cfg = build_shop(
+            spark,
+            serving_config(
+                make_config,
+                f"kafka.bootstrap_servers={bootstrap}",
+                f"online_store.url={store_url}",
+                f"online_store.port={port}",
+                "online_store.socket_timeout_seconds=2",
+                *outage_settings,
+            ),
+        )
+        overrides = [
+            f"storage.root={cfg.storage.root}",
+            f"kafka.bootstrap_servers={bootstrap}",
+            *[
+                f"kafka.topics.{role}.name={cfg.kafka.topic(role).name}"
+                for role in ("events", "push", "email", "sent")
+            ],
+            f"kafka.topics.dead_letter.name={cfg.kafka.topic('dead_letter').name}",
+            f"online_store.url={store_url}",
+            f"online_store.port={port}",
+            f"online_store.key_prefix={cfg.online_store.key_prefix}",
+            "online_store.socket_timeout_seconds=2",
+            "serving.starting_offsets=earliest",
+            "serving.trigger_interval=1 second",
+            "spark.shuffle_partitions=2",
+            *outage_settings,
+        ]
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "w") as log_file:
+            job = subprocess.Popen(
+                submit_command(cfg, tmp_path, overrides, "serve"),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        reader = TopicReader(cfg, cfg.kafka.topic("push").name)
+        triggers: list[tuple[bytes, bytes]] = []
+
+        def answer(count: int) -> None:
+            """Send ``count`` more triggers; wait until every trigger so far has been answered."""
+            batch = [trigger("App Launched", f"u-{len(triggers) + n}") for n in range(count)]
+            triggers.extend(batch)
+            produce(cfg, batch)
+            expected = {serve_payload_id(json.loads(value)["event_id"]) for _, value in triggers}
+            assert job is not None and reader is not None
+            reader.read_until(
+                lambda: job.poll() is not None or expected <= {p["payload_id"] for p in reader.messages},
+                300,
+                f"answers to {len(triggers)} triggers",
+            )
+            assert job.poll() is None, log_path.read_text()[-3000:]
+
+        def restarted(count: int, because: str) -> None:
+            assert job is not None
+            wait_for(
+                lambda: (
+                    job.poll() is not None
+                    or log_path.read_text().count("failed with a transient error") >= count
+                ),
+                180,
+                f"a supervised restart after {because}",
+            )
+            assert job.poll() is None, log_path.read_text()[-3000:]
+
+        answer(20)
+        online_store_server.stop(store_cfg)
+        during_outage = trigger("App Launched", "u-during-store-outage")
+        triggers.append(during_outage)
+        produce(cfg, [during_outage])
+        restarted(1, "the online store went away")
+        assert online_store_server.start(store_cfg) == store_url  # the same data (append-only file)
+        answer(20)
+
+        restarts = log_path.read_text().count("failed with a transient error")
+        broker.stop(broker_cfg)
+        restarted(restarts + 1, "the broker went away")
+        broker.start(broker_cfg)
+        answer(20)
+    finally:
+        if job is not None and job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=60)
+        if reader is not None:
+            reader.close()
+        online_store_server.stop(store_cfg)
+        broker.stop(broker_cfg)
+    log_text = log_path.read_text()
+    assert "(redis.exceptions.ConnectionError)" in log_text
+    assert "(org.apache.kafka.common.errors.TimeoutException)" in log_text
+    # Every trigger answered, each under its own payload id with the same items on a replay.
+    by_id: dict[str, list[tuple[str, str]]] = {}
+    for payload in reader.messages:
+        by_id.setdefault(payload["payload_id"], items_of(payload))
+        assert items_of(payload) == by_id[payload["payload_id"]]
+    assert set(by_id) == {serve_payload_id(json.loads(v)["event_id"]) for _, v in triggers}

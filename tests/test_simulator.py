@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from support import ISO_WITH_OFFSET
 
 from carousel import broker
 from carousel.config import SimulatorConfig
@@ -33,7 +34,6 @@ from carousel.schemas import (
 from jobs import simulate_events as sim
 
 END = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}(Z|[+-]\d{2}:\d{2})$")
 CFG = SimulatorConfig(
     users=300,
     items=150,
@@ -292,7 +292,10 @@ def _why_invalid(value: bytes) -> str | None:
         return "unknown_event_type"
     if not ISO_WITH_OFFSET.match(event["event_time"]):
         return "unparseable_time"
-    moment = _time(event["event_time"])
+    try:
+        moment = _time(event["event_time"])
+    except ValueError:  # the form of a time, not a real one (month 13)
+        return "unparseable_time"
     if moment.year < 2000 or moment > END + timedelta(days=365):
         return "absurd_time"
     if event["event_type"] in ITEM_EVENT_TYPES and not event.get("item_id"):

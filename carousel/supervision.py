@@ -1,0 +1,170 @@
+"""Supervised restarts of the always-on streaming queries: a transient failure does not end them.
+
+Role: ``ingest``, ``serve`` and ``record-sends`` run their query under :func:`supervise` instead of
+a bare :func:`~carousel.query_lifecycle.await_query`. Inputs: a function that starts the query
+(the module's ``run``), the ``supervision`` section of the configuration, and the stop request
+and lease of :mod:`carousel.query_lifecycle`. Output: none; it returns when the query was
+stopped (or, with ``--available-now``, finished) and raises :class:`QueryGaveUpError` when the
+query failed for good.
+
+Why: a broker restart, a Delta concurrent-write conflict or a blip of the online store fails a
+micro-batch, and Spark then ends the whole query. Each such query is idempotent by batch id and
+resumes from its checkpoint, so starting it again is safe: the failed batch is replayed, nothing
+is lost or applied twice. The supervisor restarts a query that failed with an error it knows to
+be transient (``supervision.transient_errors``, matched against the error's text, which names
+the Java and Python exception classes of the whole cause chain), after a backoff that doubles
+from ``backoff_initial_seconds`` up to ``backoff_max_seconds``, at most ``max_restarts`` times in
+a row; a query that then runs for ``healthy_after_seconds`` has its count reset. Any other
+failure (a schema conflict, a bug, a bad configuration) is permanent: the job exits non-zero at
+once with the reason, since restarting would only fail again. A stop request or SIGTERM/SIGINT
+during a backoff ends the job cleanly without a restart.
+
+    supervise(spark, lambda: run(spark, cfg), cfg.supervision, name, stop_timeout, marker, lease=lease)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from carousel.config import SupervisionConfig
+from carousel.errors import JobError
+from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query
+from carousel.storage import delete_file, file_exists
+
+__all__ = ["QueryGaveUpError", "backoff_seconds", "supervise", "transient_reason"]
+
+log = logging.getLogger(__name__)
+
+
+class QueryGaveUpError(JobError):
+    """A supervised query failed with a permanent error, or with transient ones too many times."""
+
+
+def transient_reason(error_text: str, patterns: Sequence[str]) -> str | None:
+    """The first of ``patterns`` found in ``error_text`` (case-sensitive), or None: not transient."""
+    return next((pattern for pattern in patterns if pattern in error_text), None)
+
+
+def backoff_seconds(restart: int, initial: float, maximum: float) -> float:
+    """The wait before restart number ``restart`` (1, 2, ...): doubling from ``initial``, capped."""
+    return min(maximum, initial * 2 ** (restart - 1))
+
+
+class _StopWatch:
+    """What may end a backoff early: a stop request at ``marker`` or SIGTERM/SIGINT (main thread)."""
+
+    def __init__(self, spark: SparkSession, marker: str | None, lease: QueryLease | None) -> None:
+        self._spark, self._marker, self._lease = spark, marker, lease
+        self.reason: str | None = None
+
+    def wait(self, seconds: float, poll_seconds: float) -> bool:
+        """Wait ``seconds``, holding the lease (the job still runs); True as soon as a stop was asked
+        for (the marker is then removed)."""
+        in_main = threading.current_thread() is threading.main_thread()
+
+        def _request_stop(signum: int, _frame: FrameType | None) -> None:
+            self.reason = f"signal {signum}"
+
+        signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+        previous = {sig: signal.signal(sig, _request_stop) for sig in signals}
+        try:
+            deadline = time.monotonic() + seconds
+            while self.reason is None:
+                if self._lease is not None:
+                    self._lease.renew_if_due()
+                if self._marker is not None and file_exists(self._spark, self._marker):
+                    delete_file(self._spark, self._marker)
+                    self.reason = self._marker
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(poll_seconds, left))  # a timed wait with a stop check, not a sync
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._lease is not None:
+                self._lease.release()  # renewed again by the next run's await_query
+        return self.reason is not None
+
+
+_PYTHON_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b: ")
+
+
+def _reason_line(text: str, limit: int = 500) -> str:
+    """The telling line of a failure: a Python handler's exception line (the last ``Class: message``
+    after a traceback), else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if _PYTHON_ERROR_LINE.match(line)]
+    line = raised[-1] if raised else lines[0] if lines else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def supervise(
+    spark: SparkSession,
+    start: Callable[[], StreamingQuery],
+    policy: SupervisionConfig,
+    query_name: str,
+    stop_timeout_seconds: float,
+    marker: str | None = None,
+    lease: QueryLease | None = None,
+    started: StreamingQuery | None = None,
+) -> StreamingQuery:
+    """Run the query that ``start`` starts until it is stopped or finishes; restart it on transient
+    errors. Returns the last query started (for its progress).
+
+    ``started``: the first run, already started by the caller (who handled its start's errors);
+    otherwise the first start's own errors propagate as they are (a job that cannot start says
+    why). A restart that fails to start with a transient error counts as a failed attempt.
+    """
+    stop_watch = _StopWatch(spark, marker, lease)
+    restarts = 0
+    last, pending = started, started  # the last query started; the one to await next, if started
+    while True:
+        began = time.monotonic()
+        try:
+            query = pending if pending is not None else start()
+            last, pending = query, None
+            await_query(spark, query, stop_timeout_seconds, marker, lease=lease)
+            return query
+        except QueryFailedError as err:
+            summary, error_text = err.summary, err.detail
+        except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
+            if last is None:
+                raise  # the first start: the job's own start-up error
+            summary = error_text = f"{type(err).__module__}.{type(err).__name__}: {err}"
+        if policy.healthy_after_seconds <= time.monotonic() - began:
+            restarts = 0  # it ran long enough since its last start: a new incident
+        pattern = transient_reason(error_text, policy.transient_errors)
+        summary = _reason_line(summary)
+        if pattern is None:
+            raise QueryGaveUpError(f"{query_name} failed with a permanent error (not restarted): {summary}")
+        restarts += 1
+        if restarts > policy.max_restarts:
+            raise QueryGaveUpError(
+                f"{query_name} failed {restarts} times in a row with transient errors, the last: {summary}; "
+                f"gave up after {policy.max_restarts} restarts (supervision.max_restarts)"
+            )
+        delay = backoff_seconds(restarts, policy.backoff_initial_seconds, policy.backoff_max_seconds)
+        log.warning(
+            "%s failed with a transient error (%s): restart %d of at most %d in %.0f s; error: %s",
+            query_name,
+            pattern,
+            restarts,
+            policy.max_restarts,
+            delay,
+            summary,
+        )
+        if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
+            log.info("%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason)
+            assert last is not None  # a failure before any start was raised above
+            return last

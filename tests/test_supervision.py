@@ -1,0 +1,198 @@
+"""Supervised restarts of streaming queries (``carousel.supervision``).
+
+Real streaming queries on a real local Spark: a file source read with ``availableNow`` (the query
+ends by itself once it has read the folder) and a foreachBatch handler that fails as told: with a
+transient error (the text of a Redis connection error), a permanent one, or never. The supervisor
+must restart after transient errors only, replay the failed micro-batch (each row handled once
+in the end), give up after ``max_restarts`` and leave during a backoff when asked to stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
+from support import wait_for
+
+from carousel.config import SupervisionConfig, load_config
+from carousel.online_store import OnlineStoreError
+from carousel.payloads import TemplateCheckError
+from carousel.query_lifecycle import QueryFailedError, await_query, request_stop
+from carousel.supervision import QueryGaveUpError, backoff_seconds, supervise, transient_reason
+
+TRANSIENT = "redis.exceptions.ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused."
+
+
+def policy(**values: Any) -> SupervisionConfig:
+    defaults = load_config().supervision
+    return defaults.model_copy(update={"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2, **values})
+
+
+class FlakyHandler:
+    """A foreachBatch handler that raises ``errors[i]`` on its i-th call (None: handles the batch)."""
+
+    def __init__(self, errors: list[Exception | None]) -> None:
+        self.errors = list(errors)
+        self.calls: list[int] = []
+        self.handled: list[int] = []
+
+    def __call__(self, batch: Any, batch_id: int) -> None:
+        self.calls.append(batch_id)
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        self.handled += [row["n"] for row in batch.collect()]
+
+
+def file_query_starter(
+    spark: SparkSession, tmp_path: Path, handler: FlakyHandler, rows: int = 6
+) -> tuple[Callable[[], StreamingQuery], list[int]]:
+    """A start function for a query over ``rows`` rows in two files; returns it and its start log."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for part in range(2):
+        lines = [f'{{"n": {n}}}' for n in range(part * rows // 2, (part + 1) * rows // 2)]
+        (folder / f"part-{part}.json").write_text("\n".join(lines) + "\n")
+    name = f"supervised-{uuid.uuid4().hex[:8]}"
+    starts: list[int] = []
+
+    def start() -> StreamingQuery:
+        starts.append(len(starts))
+        return (
+            spark.readStream.schema("n INT")
+            .option("maxFilesPerTrigger", 1)
+            .json(str(folder))
+            .writeStream.queryName(name)
+            .option("checkpointLocation", str(tmp_path / "checkpoint"))
+            .foreachBatch(handler)
+            .trigger(availableNow=True)
+            .start()
+        )
+
+    return start, starts
+
+
+def test_transient_reason_and_backoff_are_pure() -> None:
+    patterns = load_config().supervision.transient_errors
+    assert transient_reason(f"... Caused by: {TRANSIENT}", patterns) == "redis.exceptions.ConnectionError"
+    assert (
+        transient_reason("org.apache.kafka.common.errors.TimeoutException: Timed out", patterns)
+        == "org.apache.kafka.common.errors.TimeoutException"
+    )
+    assert transient_reason("[DELTA_SCHEMA_MISMATCH] a schema conflict", patterns) is None
+    assert [backoff_seconds(n, 5, 120) for n in (1, 2, 3, 5, 6, 9)] == [5, 10, 20, 80, 120, 120]
+
+
+def test_a_transient_failure_restarts_and_replays_the_batch(spark, tmp_path) -> None:
+    handler = FlakyHandler([None, RuntimeError(TRANSIENT), None])
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    query = supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+    assert len(starts) == 2
+    assert handler.calls == [0, 1, 1]  # batch 1 failed, then was replayed by the restarted query
+    assert sorted(handler.handled) == list(range(6))  # every row once
+    assert not query.isActive and query.exception() is None
+
+
+def test_a_permanent_failure_is_not_restarted(spark, tmp_path) -> None:
+    handler = FlakyHandler([ValueError("a bug in the handler")])
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    with pytest.raises(QueryGaveUpError) as info:
+        supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+    reason = "ValueError: a bug in the handler"
+    assert str(info.value) == f"flaky failed with a permanent error (not restarted): {reason}"
+    assert len(starts) == 1
+
+
+def test_the_supervisor_gives_up_after_max_restarts(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)] * 10)
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    with pytest.raises(QueryGaveUpError, match=r"failed 3 times in a row .*gave up after 2 restarts"):
+        supervise(spark, start, policy(max_restarts=2), "flaky", stop_timeout_seconds=30)
+    assert len(starts) == 3 and handler.handled == []
+
+
+def test_a_restart_that_fails_to_start_transiently_is_retried(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start_query, starts = file_query_starter(spark, tmp_path, handler)
+    attempts: list[int] = []
+
+    def start() -> StreamingQuery:
+        attempts.append(len(attempts))
+        if len(attempts) == 2:  # the first restart: serve's start check finds the store still down
+            raise OnlineStoreError(f"the online store does not answer ({TRANSIENT})")
+        return start_query()
+
+    supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+    assert len(attempts) == 3 and len(starts) == 2
+    assert sorted(handler.handled) == list(range(6))
+
+
+def test_a_restart_that_fails_to_start_for_good_gives_up(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start_query, starts = file_query_starter(spark, tmp_path, handler)
+
+    def start() -> StreamingQuery:
+        if starts:
+            raise TemplateCheckError("template 'push.j2' line 3: unexpected '}'")
+        return start_query()
+
+    with pytest.raises(QueryGaveUpError, match="permanent error.*TemplateCheckError: template 'push.j2'"):
+        supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+    assert len(starts) == 1
+
+
+def test_the_first_start_error_propagates_as_it_is(spark) -> None:
+    def start() -> StreamingQuery:
+        raise OSError(TRANSIENT)
+
+    with pytest.raises(OSError, match="Error 111"):
+        supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+
+
+def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    marker = str(tmp_path / "stop-marker")
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                supervise(
+                    spark,
+                    start,
+                    policy(backoff_initial_seconds=600, backoff_max_seconds=600),
+                    "flaky",
+                    stop_timeout_seconds=30,
+                    marker=marker,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: handler.calls == [0], 120, "the first micro-batch to fail")
+    began = time.monotonic()
+    request_stop(spark, marker, "test")
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "supervise still waits out its 600 s backoff"
+    assert time.monotonic() - began < 60
+    assert len(starts) == 1 and isinstance(outcome[0], StreamingQuery)
+    assert not Path(marker).exists()
+
+
+def test_await_query_reports_the_whole_cause_chain(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start, _ = file_query_starter(spark, tmp_path, handler)
+    with pytest.raises(QueryFailedError) as info:
+        await_query(spark, start(), stop_timeout_seconds=30)
+    assert "Traceback" in info.value.summary  # the outer message: a Python handler's traceback
+    assert TRANSIENT in info.value.detail  # the Python handler's own exception, class name and all
