@@ -15,7 +15,7 @@ Each variant is written to Spark's ``noop`` sink ``--repeats`` times (best and m
 
 The ratio is ceiling seconds / classify seconds (1.0: validation costs nothing over the parse).
 
-    .venv/bin/python -m bench.classify_bench                     # ~2 min on 2 cores
+    .venv/bin/python -m bench.classify_bench                     # about a minute on 2 cores
     .venv/bin/python -m bench.classify_bench --records 2000000 --repeats 5
 """
 

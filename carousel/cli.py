@@ -116,6 +116,11 @@ JOBS: dict[str, Job] = {
     "report": Job(
         "jobs.report", "Attribute responses to sent recommendations; campaign metrics and A/B lift", True
     ),
+    "summary": Job(
+        "jobs.summary",
+        "What each stage produced: rows, version and a figure per Delta table (no Spark)",
+        False,
+    ),
     "simulate-responses": Job(
         "jobs.simulate_responses",
         "Produce simulated user responses (clicks, views, purchases) to sent recommendations",

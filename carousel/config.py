@@ -103,6 +103,22 @@ class StorageConfig(_Section):
         return "/".join([self.root.rstrip("/"), *parts])
 
 
+def _kafka_text_values(value: Any) -> Any:
+    """Kafka settings as text: YAML reads retention.ms: 604800000 as a number and true as a
+    boolean, and Kafka takes every setting as text. A null value stays null (refused later)."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): v if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in value.items()
+        }
+    return value
+
+
+# Kafka client settings that hold secrets: refused in the configuration (they come from the
+# environment). Inline PEM keys end in ".key" (ssl.keystore.key).
+_KAFKA_SECRET_KEY = re.compile(r"password|secret|jaas|\.key$")
+
+
 class TopicConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
     partitions: int = Field(ge=1, le=1024)
@@ -119,10 +135,7 @@ class TopicConfig(_Section):
     @field_validator("configs", mode="before")
     @classmethod
     def _text_values(cls, value: Any) -> Any:
-        # YAML reads retention.ms: 604800000 as a number; Kafka takes every setting as text.
-        if isinstance(value, Mapping):
-            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
-        return value
+        return _kafka_text_values(value)
 
     @model_validator(mode="after")
     def _writable(self) -> TopicConfig:
@@ -161,22 +174,19 @@ class KafkaConfig(_Section):
     @field_validator("client_options", mode="before")
     @classmethod
     def _options_as_text(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {
-                str(key): str(option).lower() if isinstance(option, bool) else str(option)
-                for key, option in value.items()
-            }
-        return value
+        return _kafka_text_values(value)
 
     @field_validator("client_options")
     @classmethod
     def _no_secrets_or_owned_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
+            if not re.fullmatch(r"[a-z0-9.]+", key):
+                raise ValueError(f"{key!r} is not a Kafka client setting name")
             if key.startswith("kafka."):
                 raise ValueError(f"{key!r}: give client options without the 'kafka.' prefix")
             if key == "bootstrap.servers":
                 raise ValueError("set kafka.bootstrap_servers, not client_options.bootstrap.servers")
-            if "password" in key or key.startswith("sasl.jaas") or key in KAFKA_SECRET_ENV:
+            if _KAFKA_SECRET_KEY.search(key) or key in KAFKA_SECRET_ENV:
                 raise ValueError(
                     f"{key!r}: credentials and the security protocol come from the environment "
                     f"({', '.join(KAFKA_SECRET_ENV.values())}), not from the configuration"
@@ -955,6 +965,33 @@ class ErasureConfig(_Section):
         return [resolve_path(root) for root in value]
 
 
+METRICS_JOBS = ("ingest", "serve", "record-sends")
+
+
+class MetricsConfig(_Section):
+    """Prometheus /metrics of the streaming jobs (carousel/query_metrics.py)."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", min_length=1)
+    # One port per job (they may run on one machine); 0: no metrics for that job.
+    ports: dict[str, int] = Field(
+        default_factory=lambda: {"ingest": 9464, "serve": 9465, "record-sends": 9466}
+    )
+
+    @field_validator("ports")
+    @classmethod
+    def _known_jobs_and_ports(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(METRICS_JOBS))
+        if unknown:
+            raise ValueError(f"unknown jobs {unknown}; metrics are served by {list(METRICS_JOBS)}")
+        if any(not 0 <= port <= 65535 for port in value.values()):
+            raise ValueError("a port must be 0 (off) or 1-65535")
+        used = [port for port in value.values() if port]
+        if len(used) != len(set(used)):
+            raise ValueError("two jobs share a port: each needs its own")
+        return value
+
+
 class SupervisionConfig(_Section):
     """Restarts of the always-on streaming queries (ingest, serve, record-sends) after transient errors."""
 
@@ -999,6 +1036,7 @@ class CarouselConfig(_Section):
     maintenance: MaintenanceConfig = MaintenanceConfig()
     erasure: ErasureConfig = ErasureConfig()
     supervision: SupervisionConfig = SupervisionConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("campaigns")
     @classmethod
@@ -1042,9 +1080,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigError(f"bad key {dotted!r}: expected section.key")
-    # spark.conf and kafka.client_options hold free-form client keys, which contain dots themselves.
+    # spark.conf, kafka.client_options and kafka.topics.<role>.configs hold free-form client
+    # keys, which contain dots themselves.
     if tuple(parts[:2]) in _FREE_FORM_MAPS and len(parts) > 2:
         parts = [*parts[:2], ".".join(parts[2:])]
+    elif parts[:2] == ["kafka", "topics"] and len(parts) > 4 and parts[3] == "configs":
+        parts = [*parts[:4], ".".join(parts[4:])]
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})

@@ -236,7 +236,7 @@ class QueryLease:
 
     def release(self) -> None:
         delete_file(self._spark, self.path)
-        self._renewed = -float("inf")  # a later renew_if_due writes it again (a supervised restart)
+        self._renewed = -float("inf")  # a later renew_if_due writes it again
 
 
 def lease_holder(
@@ -268,17 +268,22 @@ def await_query(
     marker: str | None = None,
     poll_seconds: float = 2.0,
     lease: QueryLease | None = None,
+    keep_lease: bool = False,
+    clear_stale_stop: bool = True,
 ) -> None:
     """Wait for ``query`` to end; a stop request at ``marker`` or SIGTERM/SIGINT stop it between batches.
 
-    While it runs, ``lease`` (if given) is renewed; it is released when the query ends.
+    While it runs, ``lease`` (if given) is renewed; it is released when the query ends, unless
+    ``keep_lease`` (the supervisor holds it across restarts and releases it itself).
 
     A stop request left from before this start is removed first (it was meant for an earlier
-    run). Signal handlers only record the request (they must not block); this loop then stops the
+    run), if ``clear_stale_stop``: the supervisor clears it on the first start only, since one
+    written while a restart starts is meant for the restarted query.
+    Signal handlers only record the request (they must not block); this loop then stops the
     query with :func:`stop_between_batches` and removes the marker. A query that fails on its
     own raises :class:`QueryFailedError`.
     """
-    if marker is not None and delete_file(spark, marker):
+    if clear_stale_stop and marker is not None and delete_file(spark, marker):
         log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
     requested: list[str] = []
 
@@ -316,7 +321,7 @@ def await_query(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if lease is not None:
+        if lease is not None and not keep_lease:
             lease.release()
 
 

@@ -3,9 +3,9 @@
 Role: ``ingest``, ``serve`` and ``record-sends`` run their query under :func:`supervise` instead of
 a bare :func:`~carousel.query_lifecycle.await_query`. Inputs: a function that starts the query
 (the module's ``run``), the ``supervision`` section of the configuration, and the stop request
-and lease of :mod:`carousel.query_lifecycle`. Output: none; it returns when the query was
-stopped (or, with ``--available-now``, finished) and raises :class:`QueryGaveUpError` when the
-query failed for good.
+and lease of :mod:`carousel.query_lifecycle`. Output: the last query started, returned when it
+was stopped (or, with ``--available-now``, finished); :class:`QueryGaveUpError` when the query
+failed for good. The lease is held from the first start to the end, backoffs included.
 
 Why: a broker restart, a Delta concurrent-write conflict or a blip of the online store fails a
 micro-batch, and Spark then ends the whole query. Each such query is idempotent by batch id and
@@ -25,6 +25,7 @@ during a backoff ends the job cleanly without a restart.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -35,9 +36,10 @@ from types import FrameType
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import SupervisionConfig
+from carousel.config import KAFKA_SECRET_ENV, REDIS_PASSWORD_ENV, SupervisionConfig
 from carousel.errors import JobError
 from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query
+from carousel.query_metrics import count_restart
 from carousel.storage import delete_file, file_exists
 
 __all__ = ["QueryGaveUpError", "backoff_seconds", "supervise", "transient_reason"]
@@ -67,8 +69,8 @@ class _StopWatch:
         self.reason: str | None = None
 
     def wait(self, seconds: float, poll_seconds: float) -> bool:
-        """Wait ``seconds``, holding the lease (the job still runs); True as soon as a stop was asked
-        for (the marker is then removed)."""
+        """Wait ``seconds``, renewing the lease (the job still runs); True as soon as a stop was
+        asked for (the marker is then removed)."""
         in_main = threading.current_thread() is threading.main_thread()
 
         def _request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -92,12 +94,20 @@ class _StopWatch:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self._lease is not None:
-                self._lease.release()  # renewed again by the next run's await_query
         return self.reason is not None
 
 
 _PYTHON_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b: ")
+
+
+def _masked(text: str) -> str:
+    """``text`` with the Kafka and Redis passwords of the environment replaced by ``***`` (an error
+    text may quote a connection string; it is logged and raised)."""
+    for env in (KAFKA_SECRET_ENV["sasl.password"], REDIS_PASSWORD_ENV):
+        secret = os.environ.get(env)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _reason_line(text: str, limit: int = 500) -> str:
@@ -129,42 +139,63 @@ def supervise(
     stop_watch = _StopWatch(spark, marker, lease)
     restarts = 0
     last, pending = started, started  # the last query started; the one to await next, if started
-    while True:
-        began = time.monotonic()
-        try:
-            query = pending if pending is not None else start()
-            last, pending = query, None
-            await_query(spark, query, stop_timeout_seconds, marker, lease=lease)
-            return query
-        except QueryFailedError as err:
-            summary, error_text = err.summary, err.detail
-        except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
-            if last is None:
-                raise  # the first start: the job's own start-up error
-            summary = error_text = f"{type(err).__module__}.{type(err).__name__}: {err}"
-        if policy.healthy_after_seconds <= time.monotonic() - began:
-            restarts = 0  # it ran long enough since its last start: a new incident
-        pattern = transient_reason(error_text, policy.transient_errors)
-        summary = _reason_line(summary)
-        if pattern is None:
-            raise QueryGaveUpError(f"{query_name} failed with a permanent error (not restarted): {summary}")
-        restarts += 1
-        if restarts > policy.max_restarts:
-            raise QueryGaveUpError(
-                f"{query_name} failed {restarts} times in a row with transient errors, the last: {summary}; "
-                f"gave up after {policy.max_restarts} restarts (supervision.max_restarts)"
+    try:
+        while True:
+            began = time.monotonic()
+            try:
+                query = pending if pending is not None else start()
+            except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
+                if last is None:
+                    raise  # the first start: the job's own start-up error
+                summary = error_text = _masked(f"{type(err).__module__}.{type(err).__name__}: {err}")
+            else:
+                first_run = last is None or query is started
+                last, pending = query, None
+                try:
+                    await_query(
+                        spark,
+                        query,
+                        stop_timeout_seconds,
+                        marker,
+                        lease=lease,
+                        keep_lease=True,
+                        clear_stale_stop=first_run,
+                    )
+                    return query
+                except QueryFailedError as err:
+                    summary, error_text = _masked(err.summary), _masked(err.detail)
+            if policy.healthy_after_seconds <= time.monotonic() - began:
+                restarts = 0  # it ran long enough since its last start: a new incident
+            pattern = transient_reason(error_text, policy.transient_errors)
+            summary = _reason_line(summary)
+            if pattern is None:
+                raise QueryGaveUpError(
+                    f"{query_name} failed with a permanent error (not restarted): {summary}"
+                )
+            restarts += 1
+            if restarts > policy.max_restarts:
+                times = f"{restarts} time{'s' if restarts > 1 else ''}"
+                raise QueryGaveUpError(
+                    f"{query_name} failed {times} in a row with transient errors, the last: {summary}; "
+                    f"gave up after {policy.max_restarts} restarts (supervision.max_restarts)"
+                )
+            delay = backoff_seconds(restarts, policy.backoff_initial_seconds, policy.backoff_max_seconds)
+            log.warning(
+                "%s failed with a transient error (%s): restart %d of at most %d in %.0f s; error: %s",
+                query_name,
+                pattern,
+                restarts,
+                policy.max_restarts,
+                delay,
+                summary,
             )
-        delay = backoff_seconds(restarts, policy.backoff_initial_seconds, policy.backoff_max_seconds)
-        log.warning(
-            "%s failed with a transient error (%s): restart %d of at most %d in %.0f s; error: %s",
-            query_name,
-            pattern,
-            restarts,
-            policy.max_restarts,
-            delay,
-            summary,
-        )
-        if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
-            log.info("%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason)
-            assert last is not None  # a failure before any start was raised above
-            return last
+            count_restart(query_name, pattern)
+            if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
+                log.info(
+                    "%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason
+                )
+                assert last is not None  # a failure before any start was raised above
+                return last
+    finally:
+        if lease is not None:
+            lease.release()

@@ -57,6 +57,9 @@ step "simulating the users' responses to the campaign, and ingesting them"
 step "report: attribution, CTR, conversion, lift over control, coverage, diversity"
 ./spark-submit.sh report --campaign weekly-email
 
+step "what each stage produced"
+./spark-submit.sh summary
+
 step "done"
 echo "Tables are under ./data/tables, reports under ./data/reports; the broker and the online store"
 echo "keep running (./spark-submit.sh broker stop; ./spark-submit.sh online-store stop)."

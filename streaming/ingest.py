@@ -51,6 +51,7 @@ from carousel.config import CarouselConfig, IngestConfig
 from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.faults import injected, kill_job
 from carousel.query_lifecycle import QueryLease, gate_for, lease_path, stop_marker
+from carousel.query_metrics import count_outcomes, count_quarantined, start_exporter
 from carousel.schemas import (
     DEVICE_SCHEMA,
     EVENT_FIELDS,
@@ -361,6 +362,18 @@ def _upsert_profiles(spark: SparkSession, deltas: DataFrame, cfg: CarouselConfig
     )
 
 
+def quarantine_reasons(records: DataFrame) -> dict[str, int]:
+    """How many rejected records name each reason (a record may name several)."""
+    rows = (
+        records.where(F.size("reasons") > 0)
+        .select(F.explode("reasons").alias("reason"))
+        .groupBy("reason")
+        .count()
+        .collect()
+    )
+    return {row["reason"]: int(row["count"]) for row in rows}
+
+
 def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_id: str) -> None:
     """foreachBatch handler: store, quarantine, update profiles, log; idempotent by ``batch_id``.
 
@@ -417,6 +430,17 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             timer.lap("profiles")
             deltas.unpersist()
         duplicates = records_read - quarantined - stored_count - erased
+        outcomes = {
+            "stored": stored_count,
+            "quarantined": quarantined,
+            "duplicates": duplicates,
+            "erased": erased,
+            "attributes_dropped": attributes_dropped,
+        }
+        count_outcomes(cfg.ingest.query_name, outcomes)
+        if quarantined:
+            count_quarantined(quarantine_reasons(records))
+            timer.lap("reasons")
         log_row = [
             (
                 tag,
@@ -524,13 +548,18 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "ingest")
     spark = build_session(cfg, "carousel-ingest")
     name = cfg.ingest.query_name
-    supervise(
-        spark,
-        partial(run, spark, cfg, available_now=args.available_now),
-        cfg.supervision,
-        name,
-        cfg.ingest.stop_timeout_seconds,
-        stop_marker(cfg, name),
-        lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
-    )
+    exporter = start_exporter(spark, cfg.metrics, "ingest")
+    try:
+        supervise(
+            spark,
+            partial(run, spark, cfg, available_now=args.available_now),
+            cfg.supervision,
+            name,
+            cfg.ingest.stop_timeout_seconds,
+            stop_marker(cfg, name),
+            lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
+        )
+    finally:
+        if exporter is not None:
+            exporter.stop()
     return 0

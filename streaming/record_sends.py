@@ -30,6 +30,7 @@ from pyspark.sql.streaming import StreamingQuery
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.query_lifecycle import gate_for, stop_marker
+from carousel.query_metrics import start_exporter
 from carousel.schemas import (
     OUTBOX_SCHEMA,
     SENT_PARTITION_COLUMN,
@@ -154,12 +155,17 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "record-sends")
     spark = build_session(cfg, "carousel-record-sends")
     name = cfg.sent_log.query_name
-    supervise(
-        spark,
-        partial(run, spark, cfg, available_now=args.available_now),
-        cfg.supervision,
-        name,
-        cfg.sent_log.stop_timeout_seconds,
-        stop_marker(cfg, name),
-    )
+    exporter = start_exporter(spark, cfg.metrics, "record-sends")
+    try:
+        supervise(
+            spark,
+            partial(run, spark, cfg, available_now=args.available_now),
+            cfg.supervision,
+            name,
+            cfg.sent_log.stop_timeout_seconds,
+            stop_marker(cfg, name),
+        )
+    finally:
+        if exporter is not None:
+            exporter.stop()
     return 0

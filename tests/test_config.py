@@ -53,9 +53,14 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("campaign_runs.resume_within_hours=-1", "campaign_runs.resume_within_hours"),
         ("kafka.client_options.sasl.jaas.config=x", "credentials .* come from the environment"),
         ("kafka.client_options.ssl.keystore.password=x", "kafka.client_options"),
+        ("kafka.client_options.ssl.keystore.key=x", "credentials"),
+        ("kafka.client_options.Request Timeout=1", "not a Kafka client setting name"),
         ("kafka.client_options.kafka.request.timeout.ms=1", "without the 'kafka.' prefix"),
         ("kafka.client_options.bootstrap.servers=h:1", "kafka.bootstrap_servers"),
         ("supervision.max_restarts=-1", "supervision.max_restarts"),
+        ("metrics.ports.campaign=9470", "unknown jobs \\['campaign'\\]"),
+        ("metrics.ports.serve=9464", "two jobs share a port"),
+        ("metrics.ports.serve=70000", "a port must be 0"),
         ("supervision.backoff_max_seconds=1", "backoff_max_seconds must be at least"),
         ("supervision.transient_errors=['', x]", "a blank pattern"),
     ],
@@ -78,6 +83,8 @@ def test_kafka_client_options_reach_sparks_source_and_sink_with_their_dots():
     options = cfg.kafka.spark_sink_options()
     assert options["kafka.request.timeout.ms"] == "3000" and options["kafka.client.rack"] == "eu-1a"
     assert options["kafka.bootstrap.servers"] == cfg.kafka.bootstrap_servers
+    topic = load_config(overrides=["kafka.topics.events.configs.retention.ms=3600000"], environ={})
+    assert topic.kafka.topic("events").configs["retention.ms"] == "3600000"
 
 
 def test_starting_offsets_take_a_json_of_offsets_per_partition():

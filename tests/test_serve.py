@@ -24,7 +24,16 @@ from confluent_kafka import Consumer
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import event_json, finish, produce, read_table, run_until_killed, submit_command, wait_for
+from support import (
+    event_json,
+    finish,
+    produce,
+    read_table,
+    run_until_killed,
+    scrape_metrics,
+    submit_command,
+    wait_for,
+)
 
 from carousel import broker, online_store_server
 from carousel.broker import ensure_topics
@@ -586,7 +595,7 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
     """A running ``./spark-submit.sh serve`` with a broker and an online store of its own: each is
     stopped for longer than the clients wait, then started again on the same data. The supervisor
     restarts the failed query with backoff; every trigger is answered, under its own payload id."""
-    port = broker.free_port()
+    port, metrics_port = broker.free_port(), broker.free_port()
     store_cfg = load_config(
         overrides=[f"online_store.state_dir={tmp_path / 'redis'}", f"online_store.port={port}"]
     ).online_store
@@ -636,6 +645,7 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
             "serving.starting_offsets=earliest",
             "serving.trigger_interval=1 second",
             "spark.shuffle_partitions=2",
+            f"metrics.ports.serve={metrics_port}",
             *outage_settings,
         ]
         log_path = tmp_path / "serve.log"
@@ -689,6 +699,20 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
         restarted(restarts + 1, "the broker went away")
         broker.start(broker_cfg)
         answer(20)
+        # The running job's /metrics: what it answered and how often it was restarted. (A batch's
+        # progress reaches the metrics asynchronously, after its payloads.)
+        name = cfg.serving.query_name
+        payloads = ("carousel_query_records_total", (("outcome", "payloads"), ("query", name)))
+        wait_for(
+            lambda: scrape_metrics(metrics_port).get(payloads, 0) >= len(triggers), 60, "payloads on /metrics"
+        )
+        samples = scrape_metrics(metrics_port)
+        restarted_total = sum(
+            value
+            for (sample, labels), value in samples.items()
+            if sample == "carousel_query_restarts_total" and ("query", name) in labels
+        )
+        assert restarted_total == log_path.read_text().count("failed with a transient error")
     finally:
         if job is not None and job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -152,7 +152,9 @@ def test_events_follow_the_contract(world, events):
         assert event["event_type"] in EVENT_TYPES
         assert event["source"] in SOURCES
         assert event["user_id"] in users
+        # The contract's form, and the simulator's own: a "T" and milliseconds.
         assert ISO_WITH_OFFSET.match(event["event_time"]), event["event_time"]
+        assert re.fullmatch(r"[0-9-]{10}T[0-9:]{8}\.[0-9]{3}(Z|[+-][0-9:]{5})", event["event_time"])
         assert _time(event["event_time"]).tzinfo is not None
         if event["event_type"] in ITEM_EVENT_TYPES:
             assert event["item_id"] in catalog

@@ -9,6 +9,7 @@ in the end), give up after ``max_restarts`` and leave during a backoff when aske
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -24,14 +25,14 @@ from support import wait_for
 from carousel.config import SupervisionConfig, load_config
 from carousel.online_store import OnlineStoreError
 from carousel.payloads import TemplateCheckError
-from carousel.query_lifecycle import QueryFailedError, await_query, request_stop
+from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query, lease_holder, request_stop
 from carousel.supervision import QueryGaveUpError, backoff_seconds, supervise, transient_reason
 
 TRANSIENT = "redis.exceptions.ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused."
 
 
 def policy(**values: Any) -> SupervisionConfig:
-    defaults = load_config().supervision
+    defaults = load_config(environ={}).supervision
     return defaults.model_copy(update={"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2, **values})
 
 
@@ -80,7 +81,7 @@ def file_query_starter(
 
 
 def test_transient_reason_and_backoff_are_pure() -> None:
-    patterns = load_config().supervision.transient_errors
+    patterns = load_config(environ={}).supervision.transient_errors
     assert transient_reason(f"... Caused by: {TRANSIENT}", patterns) == "redis.exceptions.ConnectionError"
     assert (
         transient_reason("org.apache.kafka.common.errors.TimeoutException: Timed out", patterns)
@@ -156,11 +157,23 @@ def test_the_first_start_error_propagates_as_it_is(spark) -> None:
         supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
 
 
-def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_path) -> None:
+def test_a_run_that_stayed_healthy_starts_a_new_count(spark, tmp_path) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)] * 3)
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    # Each run counts as healthy at once: three failures never make "two in a row".
+    supervise(
+        spark, start, policy(max_restarts=1, healthy_after_seconds=1e-6), "flaky", stop_timeout_seconds=30
+    )
+    assert len(starts) == 4 and sorted(handler.handled) == list(range(6))
+
+
+def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_path, caplog) -> None:
     handler = FlakyHandler([RuntimeError(TRANSIENT)])
     start, starts = file_query_starter(spark, tmp_path, handler)
     marker = str(tmp_path / "stop-marker")
+    lease = QueryLease(spark, str(tmp_path / "lease"), "flaky", lease_seconds=30)
     outcome: list[object] = []
+    caplog.set_level(logging.INFO, logger="carousel.supervision")
 
     def run() -> None:
         try:
@@ -172,6 +185,7 @@ def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_pat
                     "flaky",
                     stop_timeout_seconds=30,
                     marker=marker,
+                    lease=lease,
                 )
             )
         except Exception as err:  # noqa: BLE001 - reported by the assertion below
@@ -179,7 +193,9 @@ def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_pat
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_for(lambda: handler.calls == [0], 120, "the first micro-batch to fail")
+    wait_for(lambda: "restart 1 of at most" in caplog.text, 120, "the first failure's backoff")
+    # The job is still there in its backoff: it keeps its lease (rebuild-profiles stays refused).
+    assert lease_holder(spark, lease.path, lease_seconds=30) is not None
     began = time.monotonic()
     request_stop(spark, marker, "test")
     thread.join(timeout=120)
@@ -187,6 +203,8 @@ def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_pat
     assert time.monotonic() - began < 60
     assert len(starts) == 1 and isinstance(outcome[0], StreamingQuery)
     assert not Path(marker).exists()
+    assert "stop requested in the backoff" in caplog.text
+    assert lease_holder(spark, lease.path, lease_seconds=30) is None  # released at the end
 
 
 def test_await_query_reports_the_whole_cause_chain(spark, tmp_path) -> None:

@@ -1,0 +1,215 @@
+"""Prometheus metrics of the streaming jobs (``ingest``, ``serve``, ``record-sends``), at /metrics.
+
+Role: each streaming job's ``main`` calls :func:`start_exporter`, which serves this process's
+metrics in Prometheus text format on ``metrics.host``:``metrics.ports.<job>`` and adds a
+listener to the session that turns each query progress into metrics. Inputs: Spark's query
+progress (rates, batch durations, the Kafka source's offsets behind the latest, the query's
+observed metrics: ``serve``'s outcome counts), plus counts the jobs report themselves (ingest's
+records by outcome and quarantine reason; the supervisor's restarts). Output: the series below,
+labelled by query name (``carousel_query_*``) and, for ingest, by outcome and reason.
+
+Why a listener: Spark already measures every micro-batch; reading its progress costs nothing on
+the hot path (it arrives asynchronously on the driver). Counters live in this process and start
+from zero at each start, as Prometheus counters do; a replayed micro-batch after a restart is
+counted again.
+
+    exporter = start_exporter(spark, cfg.metrics, "ingest")     # None when switched off
+    ...
+    exporter.stop()
+    curl -s http://127.0.0.1:9464/metrics | grep carousel_
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQueryListener
+
+from carousel.config import MetricsConfig
+
+__all__ = [
+    "REGISTRY",
+    "MetricsExporter",
+    "count_outcomes",
+    "count_quarantined",
+    "count_restart",
+    "quarantine_reason_kind",
+    "start_exporter",
+]
+
+log = logging.getLogger(__name__)
+
+# The streaming jobs' own registry (prometheus_client's default one is the API's), with the
+# process's CPU, memory and open files (process_*).
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+_BATCHES = Counter("carousel_query_batches", "Micro-batches finished", ["query"], registry=REGISTRY)
+_INPUT_ROWS = Counter("carousel_query_input_rows", "Rows read from the sources", ["query"], registry=REGISTRY)
+_INPUT_RATE = Gauge(
+    "carousel_query_input_rows_per_second", "Input rate of the last micro-batch", ["query"], registry=REGISTRY
+)
+_PROCESSED_RATE = Gauge(
+    "carousel_query_processed_rows_per_second",
+    "Processing rate of the last micro-batch",
+    ["query"],
+    registry=REGISTRY,
+)
+_BATCH_SECONDS = Histogram(
+    "carousel_query_batch_duration_seconds",
+    "Wall time of each micro-batch",
+    ["query"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+_KAFKA_LAG = Gauge(
+    "carousel_query_kafka_offsets_behind_latest",
+    "Kafka records not yet read, at the end of the last micro-batch (sum over sources of the "
+    "largest partition lag)",
+    ["query"],
+    registry=REGISTRY,
+)
+_RECORDS = Counter(
+    "carousel_query_records",
+    "Records by outcome (serve: its observed counts, e.g. payloads, dead_letter, skipped_stale; "
+    "ingest: stored, quarantined, duplicates, erased, attributes_dropped)",
+    ["query", "outcome"],
+    registry=REGISTRY,
+)
+_QUARANTINED = Counter(
+    "carousel_ingest_quarantined",
+    "Records quarantined by ingest, by reason (values in the reason left out)",
+    ["reason"],
+    registry=REGISTRY,
+)
+_RESTARTS = Counter(
+    "carousel_query_restarts",
+    "Supervised restarts after a transient failure, by the error pattern matched",
+    ["query", "pattern"],
+    registry=REGISTRY,
+)
+
+# Reasons that carry a value from the record: the label keeps the text before it.
+_VALUED_REASONS = (
+    "unknown event type",
+    "unknown source",
+    "unparseable event_time",
+    "missing item_id for item event",
+    "record larger than",
+)
+
+
+def quarantine_reason_kind(reason: str) -> str:
+    """A quarantine reason without the record's own values, for a label of bounded cardinality:
+    ``unknown event type 'Foo'`` -> ``unknown event type``; ``event_time '1999-...' is before
+    2000-01-01T00:00:00Z`` -> ``event_time too early``. Field names are kept (a fixed set)."""
+    for prefix in _VALUED_REASONS:
+        if reason.startswith(prefix):
+            return prefix
+    if reason.startswith("event_time "):
+        return "event_time too early" if " is before " in reason else "event_time too far ahead"
+    return reason
+
+
+def count_outcomes(query_name: str, counts: Mapping[str, int]) -> None:
+    """Add a micro-batch's records by outcome (only outcomes with records)."""
+    for outcome, count in counts.items():
+        if count:
+            _RECORDS.labels(query_name, outcome).inc(count)
+
+
+def count_quarantined(reasons: Mapping[str, int]) -> None:
+    """Add quarantined records by reason text (grouped by :func:`quarantine_reason_kind`)."""
+    for reason, count in reasons.items():
+        _QUARANTINED.labels(quarantine_reason_kind(reason)).inc(count)
+
+
+def count_restart(query_name: str, pattern: str) -> None:
+    _RESTARTS.labels(query_name, pattern).inc()
+
+
+class _ProgressMetrics(StreamingQueryListener):
+    """Turns each query progress of the session into the ``carousel_query_*`` series."""
+
+    def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's listener API
+        pass
+
+    def onQueryProgress(self, event: Any) -> None:  # noqa: N802
+        progress = event.progress
+        name = str(progress.name or progress.id)
+        _BATCHES.labels(name).inc()
+        _INPUT_ROWS.labels(name).inc(progress.numInputRows)
+        _INPUT_RATE.labels(name).set(_number(progress.inputRowsPerSecond))
+        _PROCESSED_RATE.labels(name).set(_number(progress.processedRowsPerSecond))
+        _BATCH_SECONDS.labels(name).observe(progress.batchDuration / 1000)
+        lags = [
+            _number(source.metrics.get("maxOffsetsBehindLatest"))
+            for source in progress.sources
+            if "maxOffsetsBehindLatest" in (source.metrics or {})
+        ]
+        if lags:
+            _KAFKA_LAG.labels(name).set(sum(lags))
+        for row in progress.observedMetrics.values():
+            count_outcomes(name, {k: int(v) for k, v in row.asDict().items() if isinstance(v, int)})
+
+    def onQueryIdle(self, event: Any) -> None:  # noqa: N802
+        pass
+
+    def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
+        pass
+
+
+def _number(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number else 0.0  # NaN (no rows in the batch): 0
+
+
+class MetricsExporter:
+    """The running /metrics server and the session's progress listener; :meth:`stop` ends both."""
+
+    def __init__(self, spark: SparkSession, server: Any, thread: threading.Thread, port: int) -> None:
+        self._spark, self._server, self._thread, self.port = spark, server, thread, port
+        self._listener = _ProgressMetrics()
+        spark.streams.addListener(self._listener)
+
+    def stop(self) -> None:
+        self._spark.streams.removeListener(self._listener)
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_exporter(spark: SparkSession, metrics: MetricsConfig, job: str) -> MetricsExporter | None:
+    """Serve this process's metrics for ``job`` (a key of ``metrics.ports``); None when switched off
+    (``metrics.enabled`` false or the job's port 0) or when the port is taken: the job runs on
+    without metrics rather than not at all, and says so."""
+    port = metrics.ports.get(job, 0)
+    if not metrics.enabled or port == 0:
+        return None
+    try:
+        server, thread = start_http_server(port, addr=metrics.host, registry=REGISTRY)
+    except OSError as err:
+        log.error(
+            "metrics not exported: %s:%d cannot be opened (%s); set metrics.ports.%s (0: off)",
+            metrics.host,
+            port,
+            err.strerror or err,
+            job,
+        )
+        return None
+    log.info("metrics on http://%s:%d/metrics", metrics.host, port)
+    return MetricsExporter(spark, server, thread, port)
