@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
@@ -82,10 +82,19 @@ def summarise(location: str, stage: str, table: str, figure_sql: str, counts: st
         delta = DeltaTable(delta_rs_uri(location))
     except TableNotFoundError:
         return TableSummary(stage, table, exists=False, figure_counts=counts)
-    result = QueryBuilder().register("t", delta).execute(f"SELECT COUNT(*) AS n, {figure_sql} AS f FROM t")
-    row = pa.table(result.read_all()).to_pylist()[0]
+    try:
+        row = _first_row(delta, f"SELECT COUNT(*) AS n, {figure_sql} AS f FROM t")
+    except DeltaError as err:
+        # A table written before the figure's column existed (the writing job adds it on its
+        # next run): its rows without the figure.
+        log.warning("%s: no %s figure (%s)", table, counts, str(err).splitlines()[0])
+        row = {**_first_row(delta, "SELECT COUNT(*) AS n FROM t"), "f": None}
     figure = None if row["f"] is None else int(row["f"])
     return TableSummary(stage, table, True, int(row["n"]), delta.version(), figure, counts)
+
+
+def _first_row(delta: DeltaTable, sql: str) -> dict[str, Any]:
+    return pa.table(QueryBuilder().register("t", delta).execute(sql).read_all()).to_pylist()[0]
 
 
 def run(cfg: CarouselConfig) -> list[TableSummary]:

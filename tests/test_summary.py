@@ -58,3 +58,15 @@ def test_the_summary_counts_each_table_and_marks_missing_ones(spark, make_config
     )
     assert job.returncode == 0, job.stderr[-2000:]
     assert "2 users" in job.stdout and "SparkContext" not in job.stderr
+
+
+def test_a_table_older_than_its_figures_column_is_still_counted(spark, make_config) -> None:
+    cfg = make_config()
+    now = datetime.now(UTC)
+    quarantined = [("{bad", "malformed JSON", "t", 0, n, now, "b:0", now, False) for n in range(2)]
+    # Written before event_stored existed (ingest adds the column on its next run).
+    spark.createDataFrame(quarantined, QUARANTINE_SCHEMA).drop("event_stored").write.format("delta").save(
+        cfg.storage.table(QUARANTINE_TABLE)
+    )
+    (legacy,) = [s for s in summary.run(cfg) if s.table == QUARANTINE_TABLE]
+    assert (legacy.exists, legacy.rows, legacy.figure) == (True, 2, None)
