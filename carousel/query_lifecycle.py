@@ -235,6 +235,9 @@ class QueryLease:
         self._renewed = now
 
     def release(self) -> None:
+        """Remove the lease, if this process wrote it (never another instance's)."""
+        if self._renewed == -float("inf"):
+            return
         delete_file(self._spark, self.path)
         self._renewed = -float("inf")  # a later renew_if_due writes it again
 

@@ -9,7 +9,8 @@ records by outcome and quarantine reason; the supervisor's restarts). Output: th
 labelled by query name (``carousel_query_*``) and, for ingest, by outcome and reason.
 
 Why a listener: Spark already measures every micro-batch; reading its progress costs nothing on
-the hot path (it arrives asynchronously on the driver). Counters live in this process and start
+the hot path (it arrives asynchronously on the driver). Ingest's quarantine reasons cost one
+small group-by over the rejected records of a batch that has any. Counters live in this process and start
 from zero at each start, as Prometheus counters do; a replayed micro-batch after a restart is
 counted again.
 
@@ -82,8 +83,9 @@ _KAFKA_LAG = Gauge(
 )
 _RECORDS = Counter(
     "carousel_query_records",
-    "Records by outcome (serve: its observed counts, e.g. payloads, dead_letter, skipped_stale; "
-    "ingest: stored, quarantined, duplicates, erased, attributes_dropped)",
+    "Records by outcome. serve: its observed counters (records, triggers and events_applied are "
+    "totals; payloads, control, dead_letter, no_items and skipped_* are outcomes). ingest: read, "
+    "and its outcomes stored, quarantined, duplicates, erased (attributes_dropped: of stored)",
     ["query", "outcome"],
     registry=REGISTRY,
 )
@@ -142,12 +144,16 @@ def count_restart(query_name: str, pattern: str) -> None:
 class _ProgressMetrics(StreamingQueryListener):
     """Turns each query progress of the session into the ``carousel_query_*`` series."""
 
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}  # query id -> name (idle events carry only the id)
+
     def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's listener API
-        pass
+        self._names[str(event.id)] = str(event.name or event.id)
 
     def onQueryProgress(self, event: Any) -> None:  # noqa: N802
         progress = event.progress
         name = str(progress.name or progress.id)
+        self._names[str(progress.id)] = name
         _BATCHES.labels(name).inc()
         _INPUT_ROWS.labels(name).inc(progress.numInputRows)
         _INPUT_RATE.labels(name).set(_number(progress.inputRowsPerSecond))
@@ -164,10 +170,17 @@ class _ProgressMetrics(StreamingQueryListener):
             count_outcomes(name, {k: int(v) for k, v in row.asDict().items() if isinstance(v, int)})
 
     def onQueryIdle(self, event: Any) -> None:  # noqa: N802
-        pass
+        # No new data: Spark sends no progress then, so the last busy batch's rates would stay.
+        self._at_rest(str(event.id))
 
     def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
-        pass
+        self._at_rest(str(event.id))
+
+    def _at_rest(self, query_id: str) -> None:
+        name = self._names.get(query_id)
+        if name is not None:
+            _INPUT_RATE.labels(name).set(0)
+            _PROCESSED_RATE.labels(name).set(0)
 
 
 def _number(value: Any) -> float:
@@ -187,10 +200,12 @@ class MetricsExporter:
         spark.streams.addListener(self._listener)
 
     def stop(self) -> None:
-        self._spark.streams.removeListener(self._listener)
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        try:
+            self._spark.streams.removeListener(self._listener)
+        finally:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
 
 
 def start_exporter(spark: SparkSession, metrics: MetricsConfig, job: str) -> MetricsExporter | None:

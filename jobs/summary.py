@@ -1,4 +1,4 @@
-"""What each stage has produced: one line per Delta table, read without Spark (delta-rs).
+"""What each stage has produced: one line per pipeline Delta table, read without Spark (delta-rs).
 
 Role: the last step of ``make demo``, and a quick look for an operator. Inputs: the tables under
 ``storage.root`` (any that exist; a missing one is shown as not created yet). Output: a table on
@@ -46,21 +46,26 @@ log = logging.getLogger(__name__)
 _PUBLISHED = ", ".join(f"'{decision}'" for decision in GATE_PUBLISHED_DECISIONS)
 # (stage, table, SQL aggregate over the table "t" giving the telling figure, what it counts).
 STAGES: tuple[tuple[str, str, str, str], ...] = (
-    ("ingest", INGEST_LOG_TABLE, "SUM(records_read)", "records read"),
+    ("ingest", INGEST_LOG_TABLE, "COALESCE(SUM(records_read), 0)", "records read"),
     ("ingest", EVENTS_TABLE, "COUNT(DISTINCT user_id)", "users"),
-    ("ingest", QUARANTINE_TABLE, "SUM(CASE WHEN event_stored THEN 0 ELSE 1 END)", "records rejected"),
+    (
+        "ingest",
+        QUARANTINE_TABLE,
+        "COALESCE(SUM(CASE WHEN event_stored THEN 0 ELSE 1 END), 0)",
+        "records rejected",
+    ),
     ("ingest", PROFILES_TABLE, "COUNT(DISTINCT user_id)", "users"),
-    ("catalog", CATALOG_TABLE, "SUM(CASE WHEN active THEN 1 ELSE 0 END)", "active products"),
+    ("catalog", CATALOG_TABLE, "COALESCE(SUM(CASE WHEN active THEN 1 ELSE 0 END), 0)", "active products"),
     ("training", ITEM_RECOMMENDATIONS_TABLE, "COUNT(DISTINCT item_id)", "items with a list"),
     (
         "training",
         MODEL_PUBLISH_LOG_TABLE,
-        f"SUM(CASE WHEN decision IN ({_PUBLISHED}) THEN 1 ELSE 0 END)",
+        f"COALESCE(SUM(CASE WHEN decision IN ({_PUBLISHED}) THEN 1 ELSE 0 END), 0)",
         "published",
     ),
     ("serving", TRENDING_TABLE, "COUNT(DISTINCT segment)", "segments"),
     ("serving, campaigns", SENT_RECOMMENDATIONS_TABLE, "COUNT(DISTINCT payload_id)", "payloads"),
-    ("campaigns", CAMPAIGN_RUNS_TABLE, "SUM(payloads)", "payloads"),
+    ("campaigns", CAMPAIGN_RUNS_TABLE, "COALESCE(SUM(payloads), 0)", "payloads"),
     ("erasure", ERASED_USERS_TABLE, "COUNT(DISTINCT user_hash)", "users erased"),
 )
 

@@ -49,6 +49,7 @@ from pyspark.sql.types import ArrayType, MapType, StringType, StructField, Struc
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, IngestConfig
 from carousel.erasure import check_key, erased_ids, with_erased_flag
+from carousel.errors import one_line
 from carousel.faults import injected, kill_job
 from carousel.query_lifecycle import QueryLease, gate_for, lease_path, stop_marker
 from carousel.query_metrics import count_outcomes, count_quarantined, start_exporter
@@ -430,17 +431,6 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             timer.lap("profiles")
             deltas.unpersist()
         duplicates = records_read - quarantined - stored_count - erased
-        outcomes = {
-            "stored": stored_count,
-            "quarantined": quarantined,
-            "duplicates": duplicates,
-            "erased": erased,
-            "attributes_dropped": attributes_dropped,
-        }
-        count_outcomes(cfg.ingest.query_name, outcomes)
-        if quarantined:
-            count_quarantined(quarantine_reasons(records))
-            timer.lap("reasons")
         log_row = [
             (
                 tag,
@@ -462,6 +452,22 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             batch_id,
         )
         timer.lap("log")
+        # Counted once the batch is committed (a failure before replays it), and never failing it.
+        outcomes = {
+            "read": records_read,
+            "stored": stored_count,
+            "quarantined": quarantined,
+            "duplicates": duplicates,
+            "erased": erased,
+            "attributes_dropped": attributes_dropped,
+        }
+        count_outcomes(cfg.ingest.query_name, outcomes)
+        if quarantined:
+            try:
+                count_quarantined(quarantine_reasons(records))
+            except Exception as err:  # noqa: BLE001 - a metric must not fail a committed batch
+                log.warning("batch %s: quarantine reasons not counted: %s", tag, one_line(err))
+            timer.lap("reasons")
         log.info(
             "batch %s: read=%d stored=%d (%d without a mistyped attribute) quarantined=%d duplicates=%d "
             "erased=%d profiles_upserted=%d (%s)",

@@ -280,15 +280,17 @@ def main(argv: list[str]) -> int:
     name = cfg.serving.query_name
     listener = ServeProgressLog(name)
     spark.streams.addListener(listener)
+    exporter = start_exporter(spark, cfg.metrics, "serve")  # before the first batch's progress
     start = partial(run, spark, cfg, available_now=args.available_now)
     try:
         query = start()
     except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
         spark.streams.removeListener(listener)
+        if exporter is not None:
+            exporter.stop()
         log.error("serve cannot start: %s", one_line(err))
         return 1
     trending = TrendingRefresher(spark, cfg).start()
-    exporter = start_exporter(spark, cfg.metrics, "serve")
     try:
         query = supervise(
             spark,
