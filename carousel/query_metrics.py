@@ -14,9 +14,8 @@ small group-by over the rejected records of a batch that has any. Counters live 
 from zero at each start, as Prometheus counters do; a replayed micro-batch after a restart is
 counted again.
 
-    exporter = start_exporter(spark, cfg.metrics, "ingest")     # None when switched off
-    ...
-    exporter.stop()
+    with exported(spark, cfg.metrics, "ingest"):                 # nothing when switched off
+        supervise(...)
     curl -s http://127.0.0.1:9464/metrics | grep carousel_
 """
 
@@ -24,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import (
@@ -46,6 +46,7 @@ __all__ = [
     "count_outcomes",
     "count_quarantined",
     "count_restart",
+    "exported",
     "quarantine_reason_kind",
     "start_exporter",
 ]
@@ -206,6 +207,17 @@ class MetricsExporter:
             self._server.shutdown()
             self._server.server_close()
             self._thread.join(timeout=5)
+
+
+@contextmanager
+def exported(spark: SparkSession, metrics: MetricsConfig, job: str) -> Iterator[MetricsExporter | None]:
+    """:func:`start_exporter` for the duration of a ``with`` block (stopped however it ends)."""
+    exporter = start_exporter(spark, metrics, job)
+    try:
+        yield exporter
+    finally:
+        if exporter is not None:
+            exporter.stop()
 
 
 def start_exporter(spark: SparkSession, metrics: MetricsConfig, job: str) -> MetricsExporter | None:

@@ -52,7 +52,7 @@ from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.errors import one_line
 from carousel.faults import injected, kill_job
 from carousel.query_lifecycle import QueryLease, gate_for, lease_path, stop_marker
-from carousel.query_metrics import count_outcomes, count_quarantined, start_exporter
+from carousel.query_metrics import count_outcomes, count_quarantined, exported
 from carousel.schemas import (
     DEVICE_SCHEMA,
     EVENT_FIELDS,
@@ -554,8 +554,7 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "ingest")
     spark = build_session(cfg, "carousel-ingest")
     name = cfg.ingest.query_name
-    exporter = start_exporter(spark, cfg.metrics, "ingest")
-    try:
+    with exported(spark, cfg.metrics, "ingest"):
         supervise(
             spark,
             partial(run, spark, cfg, available_now=args.available_now),
@@ -565,7 +564,4 @@ def main(argv: list[str]) -> int:
             stop_marker(cfg, name),
             lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
         )
-    finally:
-        if exporter is not None:
-            exporter.stop()
     return 0

@@ -30,7 +30,7 @@ from pyspark.sql.streaming import StreamingQuery
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.query_lifecycle import gate_for, stop_marker
-from carousel.query_metrics import start_exporter
+from carousel.query_metrics import exported
 from carousel.schemas import (
     OUTBOX_SCHEMA,
     SENT_PARTITION_COLUMN,
@@ -155,8 +155,7 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "record-sends")
     spark = build_session(cfg, "carousel-record-sends")
     name = cfg.sent_log.query_name
-    exporter = start_exporter(spark, cfg.metrics, "record-sends")
-    try:
+    with exported(spark, cfg.metrics, "record-sends"):
         supervise(
             spark,
             partial(run, spark, cfg, available_now=args.available_now),
@@ -165,7 +164,4 @@ def main(argv: list[str]) -> int:
             cfg.sent_log.stop_timeout_seconds,
             stop_marker(cfg, name),
         )
-    finally:
-        if exporter is not None:
-            exporter.stop()
     return 0

@@ -56,7 +56,7 @@ from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import stop_marker
-from carousel.query_metrics import start_exporter
+from carousel.query_metrics import exported
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
@@ -280,32 +280,29 @@ def main(argv: list[str]) -> int:
     name = cfg.serving.query_name
     listener = ServeProgressLog(name)
     spark.streams.addListener(listener)
-    exporter = start_exporter(spark, cfg.metrics, "serve")  # before the first batch's progress
     start = partial(run, spark, cfg, available_now=args.available_now)
-    try:
-        query = start()
-    except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
-        spark.streams.removeListener(listener)
-        if exporter is not None:
-            exporter.stop()
-        log.error("serve cannot start: %s", one_line(err))
-        return 1
-    trending = TrendingRefresher(spark, cfg).start()
-    try:
-        query = supervise(
-            spark,
-            start,
-            cfg.supervision,
-            name,
-            cfg.serving.stop_timeout_seconds,
-            stop_marker(cfg, name),
-            started=query,
-        )
-    finally:
-        trending.stop()
-        if exporter is not None:
-            exporter.stop()
-        # Progress events reach the listener asynchronously: none may arrive once Python exits.
-        spark.streams.removeListener(listener)
+    # The exporter before the first start: it sees the first batch's progress.
+    with exported(spark, cfg.metrics, "serve"):
+        try:
+            query = start()
+        except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
+            spark.streams.removeListener(listener)
+            log.error("serve cannot start: %s", one_line(err))
+            return 1
+        trending = TrendingRefresher(spark, cfg).start()
+        try:
+            query = supervise(
+                spark,
+                start,
+                cfg.supervision,
+                name,
+                cfg.serving.stop_timeout_seconds,
+                stop_marker(cfg, name),
+                started=query,
+            )
+        finally:
+            trending.stop()
+            # Progress events reach the listener asynchronously: none may arrive once Python exits.
+            spark.streams.removeListener(listener)
     log.info("%s: totals of its last %d batches: %s", name, len(query.recentProgress), run_totals(query))
     return 0

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
+from carousel import broker
+from carousel.config import PROJECT_ROOT, BrokerConfig, CarouselConfig, load_config
 
 # The event contract's time: ISO-8601 with an offset, written here independently of ingest's own
 # pattern (the tests' validators check ingest against it). ASCII digits only: Python's \d alone
@@ -137,3 +138,27 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+# Settings for an outage test: the Kafka clients give up within seconds (their defaults wait a
+# minute a call) and the supervisor restarts soon and often enough to outlast the outage.
+OUTAGE_SETTINGS = (
+    "kafka.client_options.default.api.timeout.ms=3000",
+    "kafka.client_options.request.timeout.ms=2000",
+    "kafka.client_options.max.block.ms=3000",
+    "supervision.backoff_initial_seconds=1",
+    "supervision.backoff_max_seconds=3",
+    "supervision.max_restarts=50",
+)
+
+
+def private_broker_config(state_dir: Path) -> BrokerConfig:
+    """A broker of the test's own on free ports, to stop and start without touching the session's."""
+    return load_config(
+        overrides=[
+            f"broker.state_dir={state_dir}",
+            f"broker.port={broker.free_port()}",
+            f"broker.controller_port={broker.free_port()}",
+            "broker.heap=384m",
+        ]
+    ).broker

@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 
 import pytest
 from pyspark.sql import functions as F
-from support import read_table, wait_for
+from support import OUTAGE_SETTINGS, private_broker_config, read_table, wait_for
 
 from carousel import broker
 from carousel.broker import ensure_topics
-from carousel.config import PROJECT_ROOT, load_config
+from carousel.config import PROJECT_ROOT
 from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, QUARANTINE_TABLE
 from carousel.storage import table_exists
 from jobs import simulate_events as sim
@@ -30,14 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_ingest_restarts_through_a_broker_outage_and_loses_nothing(spark, make_config, tmp_path):
-    broker_cfg = load_config(
-        overrides=[
-            f"broker.state_dir={tmp_path / 'kafka'}",
-            f"broker.port={broker.free_port()}",
-            f"broker.controller_port={broker.free_port()}",
-            "broker.heap=384m",
-        ]
-    ).broker
+    broker_cfg = private_broker_config(tmp_path / "kafka")
     bootstrap = broker.start(broker_cfg)
     job: subprocess.Popen[bytes] | None = None
     try:
@@ -45,12 +38,7 @@ def test_ingest_restarts_through_a_broker_outage_and_loses_nothing(spark, make_c
             f"kafka.bootstrap_servers={bootstrap}",
             "ingest.trigger_interval=1 second",
             "spark.shuffle_partitions=2",
-            # Fail fast while the broker is away (the Java client's defaults wait a minute a call).
-            "kafka.client_options.default.api.timeout.ms=3000",
-            "kafka.client_options.request.timeout.ms=2000",
-            "supervision.backoff_initial_seconds=1",
-            "supervision.backoff_max_seconds=3",
-            "supervision.max_restarts=50",
+            *OUTAGE_SETTINGS,
         ]
         cfg = make_config(*overrides, "simulator.users=150", "simulator.items=80")
         overrides += [

@@ -25,8 +25,10 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from support import (
+    OUTAGE_SETTINGS,
     event_json,
     finish,
+    private_broker_config,
     produce,
     read_table,
     run_until_killed,
@@ -515,11 +517,9 @@ def test_poison_payloads_go_to_the_dead_letter_topic(
 
 
 @pytest.mark.slow
-def test_serve_killed_and_restarted_loses_no_trigger(
-    spark: SparkSession, shop: CarouselConfig, tmp_path: Path
-) -> None:
-    cfg = shop
-    overrides = [
+def job_overrides(cfg: CarouselConfig, *extra: str) -> list[str]:
+    """``--set`` values for a ``./spark-submit.sh`` job on ``cfg``'s tables, topics and store."""
+    return [
         f"storage.root={cfg.storage.root}",
         f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
         *[
@@ -532,9 +532,16 @@ def test_serve_killed_and_restarted_loses_no_trigger(
         f"online_store.key_prefix={cfg.online_store.key_prefix}",
         "serving.starting_offsets=earliest",
         "serving.trigger_interval=1 second",
-        "serving.max_offsets_per_trigger=100",
         "spark.shuffle_partitions=2",
+        *extra,
     ]
+
+
+def test_serve_killed_and_restarted_loses_no_trigger(
+    spark: SparkSession, shop: CarouselConfig, tmp_path: Path
+) -> None:
+    cfg = shop
+    overrides = job_overrides(cfg, "serving.max_offsets_per_trigger=100")
     triggers = [trigger("App Launched", f"u-{n % 50}") for n in range(600)]
     produce(cfg, triggers)
 
@@ -599,26 +606,11 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
     store_cfg = load_config(
         overrides=[f"online_store.state_dir={tmp_path / 'redis'}", f"online_store.port={port}"]
     ).online_store
-    broker_cfg = load_config(
-        overrides=[
-            f"broker.state_dir={tmp_path / 'kafka'}",
-            f"broker.port={broker.free_port()}",
-            f"broker.controller_port={broker.free_port()}",
-            "broker.heap=384m",
-        ]
-    ).broker
+    broker_cfg = private_broker_config(tmp_path / "kafka")
     store_url, bootstrap = online_store_server.start(store_cfg), broker.start(broker_cfg)
     job: subprocess.Popen[bytes] | None = None
     reader: TopicReader | None = None
     try:
-        outage_settings = [
-            "kafka.client_options.default.api.timeout.ms=3000",
-            "kafka.client_options.request.timeout.ms=2000",
-            "kafka.client_options.max.block.ms=3000",
-            "supervision.backoff_initial_seconds=1",
-            "supervision.backoff_max_seconds=3",
-            "supervision.max_restarts=50",
-        ]
         cfg = build_shop(
             spark,
             serving_config(
@@ -627,27 +619,15 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
                 f"online_store.url={store_url}",
                 f"online_store.port={port}",
                 "online_store.socket_timeout_seconds=2",
-                *outage_settings,
+                *OUTAGE_SETTINGS,
             ),
         )
-        overrides = [
-            f"storage.root={cfg.storage.root}",
-            f"kafka.bootstrap_servers={bootstrap}",
-            *[
-                f"kafka.topics.{role}.name={cfg.kafka.topic(role).name}"
-                for role in ("events", "push", "email", "sent")
-            ],
-            f"kafka.topics.dead_letter.name={cfg.kafka.topic('dead_letter').name}",
-            f"online_store.url={store_url}",
-            f"online_store.port={port}",
-            f"online_store.key_prefix={cfg.online_store.key_prefix}",
+        overrides = job_overrides(
+            cfg,
             "online_store.socket_timeout_seconds=2",
-            "serving.starting_offsets=earliest",
-            "serving.trigger_interval=1 second",
-            "spark.shuffle_partitions=2",
             f"metrics.ports.serve={metrics_port}",
-            *outage_settings,
-        ]
+            *OUTAGE_SETTINGS,
+        )
         log_path = tmp_path / "serve.log"
         with open(log_path, "w") as log_file:
             job = subprocess.Popen(
