@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start bench-classify eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start bench-classify bench-update eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -18,6 +18,9 @@ bench-ingest: setup  ## ingest throughput and freshness against the plain Kafka-
 
 bench-training: setup  ## nightly export -> validate -> train -> publish at 5M interactions, vs gensim Word2Vec
 	@.venv/bin/python -m bench.training_bench
+
+bench-update: setup  ## one online update-model run on 15 min at 5,000 interactions/s after a 5M nightly model
+	@.venv/bin/python -m bench.update_bench
 
 bench-serving: setup  ## trigger -> payload latency at 200/1000/2000/5000 per s vs a pass-through ceiling (1M users)
 	@.venv/bin/python -m bench.serving_bench

@@ -58,6 +58,11 @@ JOBS: dict[str, Job] = {
     "nightly": Job(
         "jobs.nightly", "Scheduler entry: export -> validate -> train -> publish (exit 0 on success)", True
     ),
+    "update-model": Job(
+        "jobs.update_model",
+        "Scheduler, every 15 min: warm-start the live model on the newest events and publish it",
+        True,
+    ),
     "maintain": Job(
         "jobs.maintain",
         "Table upkeep (scheduler): settings, age-based retention, OPTIMIZE/clustering, VACUUM",

@@ -481,6 +481,31 @@ class GateConfig(_Section):
     min_pairs: int = Field(ge=1)
 
 
+class OnlineTrainingConfig(_Section):
+    """update-model: the live next_item2vec model warm-started on the events since its data end."""
+
+    # How often the scheduler runs update-model (crontab / Airflow); the job itself reads all
+    # events since the live model's data end, so a late or skipped run loses nothing.
+    interval_minutes: int = Field(ge=1, le=1440)
+    # Events this long before the live model's data end are read too: a user's pair that spans
+    # the boundary (viewed a before it, b after) is learned; the overlap is trained again.
+    context_minutes: float = Field(ge=0)
+    # An update reads at most the last max_window_minutes (0: no limit): the first update after
+    # a nightly model, whose data end lies gate.holdout_hours back, must not read a whole day.
+    max_window_minutes: float = Field(ge=0)
+    # Passes over the new events, and the (lazy Adam) rate they train at.
+    epochs: int = Field(ge=1, le=100)
+    learning_rate: float = Field(gt=0, le=10)
+    # Fewer new interactions than this since the data end: nothing to learn yet, the run exits
+    # 0 without a new version (logged).
+    min_interactions: int = Field(ge=1)
+    # The newest holdout_minutes are held back for publish's quality gate (0: none, unjudged);
+    # the next update trains on them, as it reads from this model's data end.
+    holdout_minutes: float = Field(ge=0)
+    # Update outputs kept under <workspace>/models/updates (newest first; the live one always).
+    keep_outputs: int = Field(ge=1)
+
+
 class TrainingConfig(_Section):
     lookback_days: int = Field(ge=1)
     widen_step_days: int = Field(ge=1)
@@ -495,6 +520,7 @@ class TrainingConfig(_Section):
     model: ModelConfig
     aws_batch: AwsBatchConfig
     gate: GateConfig
+    online: OnlineTrainingConfig
 
     @field_validator("workspace")
     @classmethod

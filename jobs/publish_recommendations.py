@@ -86,6 +86,20 @@ class ModelOutput:
     holdout: pd.DataFrame | None = None
     # The newest interaction the model was fitted on (ISO-8601), when known.
     data_end: str | None = None
+    # Where the output was read from (recorded in the commit, for update-model's warm start).
+    location: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    """The model behind the live matrix, as the commit that published it recorded it."""
+
+    model_version: str
+    # The newest interaction it was fitted on (or, for a model published without one, the commit
+    # time); None when no commit names the version (written by another tool).
+    data_end: datetime | None
+    # Its train output folder; None when the commit did not record one (published before it was).
+    location: str | None
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,7 @@ def read_model_output(spark: SparkSession, location: str, client: object | None 
         [str(i) for i in metadata["items"]],
         holdout,
         data_end,
+        location if objectstore.is_s3(location) else str(Path(location).resolve()),
     )
 
 
@@ -298,8 +313,8 @@ def _top_lists(recommendations: DataFrame, k: int) -> pd.DataFrame:
     return recommendations.where(F.col("rank") <= k).select("item_id", "rank", "rec_item_id").toPandas()
 
 
-def _live_model(spark: SparkSession, location: str) -> tuple[str, datetime | None] | None:
-    """(model version, data end) of the live matrix; None when nothing is published yet.
+def live_model(spark: SparkSession, location: str) -> LiveModel | None:
+    """The model of the live matrix at ``location``; None when nothing is published yet.
 
     The data end is the newest interaction the live model was fitted on, from the commit that
     wrote it (a RESTORE brings an older one back). A model published without one (before the
@@ -313,8 +328,10 @@ def _live_model(spark: SparkSession, location: str) -> tuple[str, datetime | Non
     model_version = live[0].model_version
     for _, metadata, operation, committed_at in commit_metadata(spark, location):
         if operation == "WRITE" and metadata.get("model_version") == model_version:
-            return model_version, _time_or_none(metadata.get("data_end")) or committed_at
-    return model_version, None
+            data_end = _time_or_none(metadata.get("data_end")) or committed_at
+            output = metadata.get("model_output")
+            return LiveModel(model_version, data_end, str(output) if output else None)
+    return LiveModel(model_version, None, None)
 
 
 def _time_or_none(value: object) -> datetime | None:
@@ -332,10 +349,10 @@ def quality_gate(
     gate = cfg.training.gate
     if not gate.enabled:
         return GateVerdict("disabled", "training.gate.enabled is false")
-    live = _live_model(spark, cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE))
+    live = live_model(spark, cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE))
     if live is None:
         return GateVerdict("first", "no live model to compare with")
-    live_version, live_data_end = live
+    live_version, live_data_end = live.model_version, live.data_end
     if output.holdout is None:
         return GateVerdict(
             "unjudged", "the candidate has no held-back window (see its metadata.json holdout)", live_version
@@ -439,7 +456,12 @@ def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force
     rows = output.recommendations.select(*RECOMMENDATION_COLUMNS).withColumn(
         "model_version", F.lit(output.model_version)
     )
-    commit = {"model_version": output.model_version, "data_end": output.data_end, "gate": verdict.decision}
+    commit = {
+        "model_version": output.model_version,
+        "data_end": output.data_end,
+        "gate": verdict.decision,
+        "model_output": output.location,
+    }
     spark.conf.set(COMMIT_METADATA_CONF, json.dumps(commit))
     try:
         rows.write.format("delta").mode("overwrite").save(location)

@@ -7,7 +7,9 @@ a folder of CSV files, or one CSV file with the header ``user_id,item_id,event_t
 ``<training.workspace>/models/<model version>``):
 
 * ``recommendations/part-00000.csv`` - header ``item_id,rank,rec_item_id,score``, rank 1 = best;
-* ``embeddings.npy`` + the ``items`` list in the metadata (models that learn embeddings);
+* ``embeddings.npy`` + the ``items`` list in the metadata (models that learn embeddings), and for
+  ``next_item2vec`` ``output_embeddings.npy`` and ``token_counts.npy``: with them ``update-model``
+  warm-starts from this output once it is live (``jobs/update_model.py``);
 * ``holdout/part-00000.csv`` - the newest ``training.gate.holdout_hours`` of the input, held back
   from fitting so that ``publish-recommendations`` can judge the model on unseen interactions
   (:func:`split_holdout`; absent when nothing could be held back);
@@ -59,6 +61,14 @@ log = logging.getLogger(__name__)
 RUNNERS = ("local", "spark", "aws-batch")
 # The interactions held back from fitting (split_holdout), for publish's quality gate.
 HOLDOUT_DIR = "holdout"
+# A model's tables saved as <name>.npy when it has them (attribute name -> dtype): the input
+# vectors (every embedding model), and next_item2vec's output vectors and token counts, which
+# update-model's warm start needs.
+TABLE_FILES: dict[str, type] = {
+    "embeddings": np.float32,
+    "output_embeddings": np.float32,
+    "token_counts": np.float64,
+}
 
 
 def _csv_files(local: Path) -> list[Path]:
@@ -227,6 +237,7 @@ def write_model_output(
     top_k: int,
     source: str,
     split: HoldoutSplit | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> dict:
     """Write the output layout described in the module docstring into a local ``folder``."""
     (folder / "recommendations").mkdir(parents=True, exist_ok=False)
@@ -247,9 +258,10 @@ def write_model_output(
             )
             holdout.to_csv(folder / HOLDOUT_DIR / "part-00000.csv", index=False)
             holdout_info["path"] = f"{HOLDOUT_DIR}/"
-    embeddings = getattr(model, "embeddings", None)
-    if embeddings is not None:
-        np.save(folder / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
+    for name, dtype in TABLE_FILES.items():
+        table = getattr(model, name, None)
+        if table is not None:
+            np.save(folder / f"{name}.npy", np.asarray(table, dtype=dtype))
     metadata = {
         **model.metadata(),
         "top_k": top_k,
@@ -259,6 +271,7 @@ def write_model_output(
         # The newest interaction the model was fitted on, and the window held back from it.
         "data_end": data_end,
         "holdout": holdout_info,
+        **(extra_metadata or {}),
     }
     # Written last: an output folder without metadata.json is incomplete.
     (folder / "metadata.json").write_text(json.dumps(metadata, default=str))
@@ -283,11 +296,25 @@ def run(
     # Held back only for the gate to judge: with the gate off the model fits on everything.
     split = split_holdout(reader(input_location, cfg), gate.holdout_hours if gate.enabled else 0)
     model, recommendations = train_model(split.fit, cfg, model_name)
+    return save_model_output(cfg, model, recommendations, output, input_location, split)
+
+
+def save_model_output(
+    cfg: CarouselConfig,
+    model: Any,
+    recommendations: pd.DataFrame,
+    output: str | None,
+    source: str,
+    split: HoldoutSplit | None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> dict:
+    """Write the output to ``output`` (local or ``s3://``; default
+    ``<training.workspace>/models/<model version>``); returns the metadata with ``output`` added."""
     output = output or objectstore.join(cfg.training.workspace, "models", model.model_version)
     if objectstore.is_s3(output):
         with tempfile.TemporaryDirectory(prefix="carousel-train-output-") as tmp:
             metadata = write_model_output(
-                model, recommendations, Path(tmp) / "out", cfg.training.top_k, input_location, split
+                model, recommendations, Path(tmp) / "out", cfg.training.top_k, source, split, extra_metadata
             )
             client = objectstore.s3_client(cfg)
             # metadata.json last, so readers never see a half-uploaded output as complete.
@@ -298,7 +325,7 @@ def run(
             objectstore.write_text(objectstore.join(output, "metadata.json"), metadata_text, client=client)
     else:
         metadata = write_model_output(
-            model, recommendations, Path(output), cfg.training.top_k, input_location, split
+            model, recommendations, Path(output), cfg.training.top_k, source, split, extra_metadata
         )
     log.info("wrote %d recommendations of %s to %s", len(recommendations), metadata["model_version"], output)
     return {**metadata, "output": output}

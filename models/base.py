@@ -78,7 +78,7 @@ class ItemToItemModel(abc.ABC):
         """Learn from an interaction frame (user_id, item_id, event_type, event_time); returns self."""
         started = time.perf_counter()
         min_count = int(self.params.get("min_item_count", 1) or 1)
-        sequences = user_sequences(interactions, min_item_count=min_count)
+        sequences = self._sequences(interactions, min_count)
         if sequences.n_items < 2:
             raise ValueError(
                 f"{self.name}: need at least 2 items with >= {min_count} interactions, "
@@ -135,6 +135,10 @@ class ItemToItemModel(abc.ABC):
         return self._require_fitted().items
 
     # -- for subclasses -----------------------------------------------------------------------
+    def _sequences(self, interactions: pd.DataFrame, min_item_count: int) -> Sequences:
+        """The users' sequences a fit learns from (a warm-started model keeps its vocabulary)."""
+        return user_sequences(interactions, min_item_count=min_item_count)
+
     @abc.abstractmethod
     def _fit(self, sequences: Sequences) -> None:
         """Learn from the users' time-ordered item sequences."""

@@ -153,12 +153,21 @@ def _factorize_sorted(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes, labels[order]
 
 
-def user_sequences(df: pd.DataFrame, min_item_count: int = 1, max_length: int | None = None) -> Sequences:
+def user_sequences(
+    df: pd.DataFrame,
+    min_item_count: int = 1,
+    max_length: int | None = None,
+    known_items: np.ndarray | None = None,
+) -> Sequences:
     """Every user's items in time order, consecutive repeats collapsed.
 
     Items with fewer than ``min_item_count`` interactions (rows) are dropped first; so are rows
     without an item. Ties in time keep the frame's row order. ``max_length`` keeps only the most
     recent items of very long sequences. Users left without items are dropped.
+
+    ``known_items`` (an earlier model's vocabulary, for a warm start): these items are kept with
+    any count, and the vocabulary is their union with the frame's kept items (sorted, as always);
+    a known item absent from the frame has count 0.
     """
     _check_columns(df, ("user_id", "item_id", "event_time"))
     item_codes, item_ids = _factorize_sorted(df["item_id"])
@@ -167,13 +176,25 @@ def user_sequences(df: pd.DataFrame, min_item_count: int = 1, max_length: int | 
     counts = np.bincount(item_codes[present], minlength=len(item_ids))
     kept_items = counts >= max(1, min_item_count)
     new_code = np.cumsum(kept_items) - 1
+    if known_items is not None:
+        known = {str(item) for item in known_items}
+        kept_items |= np.fromiter((item in known for item in item_ids), dtype=bool, count=len(item_ids))
+        vocabulary = np.asarray(sorted(known | set(item_ids[kept_items])), dtype=object)
+        # Both sorted the same way (str order): each kept item's code in the union vocabulary.
+        new_code = np.full(len(item_ids), -1, dtype=np.int64)
+        new_code[kept_items] = np.searchsorted(vocabulary, item_ids[kept_items])
+        union_counts = np.zeros(len(vocabulary), dtype=np.int64)
+        union_counts[new_code[kept_items]] = counts[kept_items]
     rows = present & kept_items[np.maximum(item_codes, 0)]
     times = _time_ns(df["event_time"])
     if not rows.all():
         item_codes, user_codes, times = item_codes[rows], user_codes[rows], times[rows]
     item_codes = new_code[item_codes].astype(np.int32)
-    item_ids = item_ids[kept_items]
-    counts = counts[kept_items]
+    if known_items is not None:
+        item_ids, counts = vocabulary, union_counts
+    else:
+        item_ids = item_ids[kept_items]
+        counts = counts[kept_items]
     order = np.lexsort((times, user_codes))  # stable: equal times keep their row order
     users = user_codes[order]
     items = item_codes[order]

@@ -58,11 +58,23 @@ setting. Measured with 4 passes (bench/README.md): at 2M interactions / 40k item
 takes planted recall@5 from 0.664 to 0.720, next-item MRR@20 from 0.348 to 0.350 and Recall@20
 from 0.601 to 0.588; at 5M / 100k planted recall@5 from 0.618 to 0.711 (gensim: 0.684).
 
+Warm start (``warm_start=``:class:`WarmStart`, what ``update-model`` does every 15 minutes): the fit
+starts from an earlier fit's tables instead of random ones and keeps its whole vocabulary; items
+new in the interactions (with ``min_item_count`` of them) join it with fresh rows. It trains the
+given ``fit_params`` (the earlier fit's negatives and ranking blend, the update's epochs) on the
+given interactions only; the noise distribution comes from the earlier fit's token counts plus
+those of the interactions after its ``data_end`` (a context overlap before it is trained on again
+but not counted twice), so the sampled-softmax correction and the popularity prior stay those of
+all the data. Items absent from
+the new interactions keep their input vectors (lazy Adam touches only the rows of a batch).
+
 Outputs: :attr:`NextItem2Vec.embeddings` (the input table, (n_items, dim) float32, what
-``train`` saves), :attr:`NextItem2Vec.output_embeddings` and :attr:`NextItem2Vec.popularity_prior`
-(what the scores are made of); :meth:`recommend`; :meth:`NextItem2Vec.top_k` (the index arrays, with
-any ``cosine_blend``); :meth:`metadata` (version, hyperparameters, counts, loss, pairs and seconds
-per epoch, the effective ``fit_params`` and the ``scoring``).
+``train`` saves), :attr:`NextItem2Vec.output_embeddings`, :attr:`NextItem2Vec.popularity_prior`
+(what the scores are made of) and :attr:`NextItem2Vec.token_counts` (what the noise came from;
+``train`` saves the last two tables for the next warm start); :meth:`recommend`;
+:meth:`NextItem2Vec.top_k` (the index arrays, with any ``cosine_blend``); :meth:`metadata`
+(version, hyperparameters, counts, loss, pairs and seconds per epoch, the effective
+``fit_params``, the ``scoring`` and whether it was a ``warm_start``).
 
     model = build_model("next_item2vec", cfg.training.model).fit(interactions)
     ./spark-submit.sh train --input data/training/snapshots/<ts>      # the default model
@@ -74,25 +86,36 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 
 from carousel.config import ModelConfig
 from models.base import ItemToItemModel
-from models.interactions import Sequences
+from models.interactions import Sequences, user_sequences
 from models.item2vec import (
     DEFAULT_PARAMS,
     EpochLog,
     _configure_threads,
     _SkipGramTrainer,
+    initial_vectors,
     subsample_keep_probability,
     unigram_table,
 )
 from models.sampled_softmax import SampledSoftmaxTrainer
 from models.topk import top_k_blended, top_k_scores
 
-__all__ = ["LARGE_DATA_KEYS", "NextItem2Vec", "effective_params", "forward_pairs", "popularity_prior"]
+__all__ = [
+    "LARGE_DATA_KEYS",
+    "NextItem2Vec",
+    "WarmStart",
+    "effective_params",
+    "forward_pairs",
+    "popularity_prior",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +135,40 @@ _LARGE_DATA_SETTINGS = ("large_data_items", *LARGE_DATA_KEYS.values())
 _CONFIG_DEFAULTS: dict[str, Any] = {
     key: ModelConfig.model_fields[key].default for key in ("cosine_blend", *_LARGE_DATA_SETTINGS)
 }
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """An earlier fit to continue from (see the module docstring).
+
+    ``items``: its vocabulary (sorted ids); ``input_table`` (n, dim + bias column or dim) and
+    ``output_table`` (n, dim + 1 or dim): its :attr:`NextItem2Vec.embeddings` and
+    :attr:`NextItem2Vec.output_embeddings`; ``token_counts`` (n,): its
+    :attr:`NextItem2Vec.token_counts`; ``fit_params``: what this fit trains and ranks with
+    (the keys of :data:`LARGE_DATA_KEYS`); ``large_data``: whether the earlier fit was large;
+    ``data_end``: the newest interaction the earlier fit counted. The interactions up to it (a
+    context overlap) are trained on again but not counted again; None: all are new.
+    """
+
+    items: np.ndarray
+    input_table: np.ndarray
+    output_table: np.ndarray
+    token_counts: np.ndarray
+    fit_params: dict[str, Any]
+    large_data: bool = False
+    data_end: datetime | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.items)
+        shapes = (self.input_table.shape[0], self.output_table.shape[0], len(self.token_counts))
+        if shapes != (n, n, n):
+            raise ValueError(
+                f"warm start: {n} items, but tables of {shapes[0]} and {shapes[1]} rows and "
+                f"{shapes[2]} token counts"
+            )
+        missing = sorted(set(LARGE_DATA_KEYS) - set(self.fit_params))
+        if missing:
+            raise ValueError(f"warm start: fit_params lacks {', '.join(missing)}")
 
 
 def effective_params(params: dict[str, Any], n_sequence_items: int) -> tuple[dict[str, Any], bool]:
@@ -227,6 +284,7 @@ class NextItem2Vec(ItemToItemModel):
         threads: int | None = None,
         replicas: int | None = None,
         chunk_steps: int = 128,
+        warm_start: WarmStart | None = None,
         **params: Any,
     ) -> None:
         if distance_decay < 0:
@@ -262,19 +320,42 @@ class NextItem2Vec(ItemToItemModel):
         self.threads = threads
         self.replicas = replicas
         self.chunk_steps = chunk_steps
+        self.warm_start = warm_start
         self.embeddings: np.ndarray | None = None
         self.output_embeddings: np.ndarray | None = None
         self.popularity_prior: np.ndarray | None = None
+        self.token_counts: np.ndarray | None = None
+        self._new_token_counts: np.ndarray | None = None
         self.epoch_log = EpochLog(self.name, log)
         self.large_data = False
         self.fit_params: dict[str, Any] = {}
         self.training_layout: dict[str, int] = {}
 
+    def _sequences(self, interactions: pd.DataFrame, min_item_count: int) -> Sequences:
+        warm = self.warm_start
+        self._new_token_counts = None
+        if warm is None:
+            return user_sequences(interactions, min_item_count=min_item_count)
+        sequences = user_sequences(interactions, min_item_count=min_item_count, known_items=warm.items)
+        if warm.data_end is not None:
+            # The tokens after the earlier fit's data end, over the same vocabulary: what the
+            # noise counts gain (the context before it was counted by that fit).
+            newer = interactions[interactions["event_time"] > pd.Timestamp(warm.data_end)]
+            newer = newer[newer["item_id"].astype(str).isin(set(sequences.items))]
+            fresh = user_sequences(newer, known_items=sequences.items)
+            assert fresh.n_items == sequences.n_items
+            self._new_token_counts = np.bincount(fresh.codes, minlength=sequences.n_items)
+        return sequences
+
     def _fit(self, sequences: Sequences) -> None:
         _configure_threads(self.threads)
         import tensorflow as tf
 
-        p, self.large_data = effective_params(self.params, len(sequences.codes))
+        warm = self.warm_start
+        if warm is not None:
+            p, self.large_data = {**self.params, **warm.fit_params}, warm.large_data
+        else:
+            p, self.large_data = effective_params(self.params, len(sequences.codes))
         self.fit_params = {key: p[key] for key in LARGE_DATA_KEYS}
         n, dim = sequences.n_items, int(p["embedding_dim"])
         window, epochs, seed = int(p["window"]), int(p["epochs"]), int(p["seed"])
@@ -283,6 +364,21 @@ class NextItem2Vec(ItemToItemModel):
         decay = float(p["distance_decay"])
 
         token_counts = np.bincount(sequences.codes, minlength=n).astype(np.float64)
+        initial_tables = None
+        if warm is not None:
+            if p["loss"] != "softmax":
+                raise ValueError("next_item2vec: a warm start needs the sampled-softmax loss")
+            # The earlier items' rows (all of them are in the vocabulary) and counts carry over.
+            rows = np.searchsorted(sequences.items, warm.items)
+            if self._new_token_counts is not None:
+                token_counts = self._new_token_counts.astype(np.float64)
+            token_counts[rows] += np.asarray(warm.token_counts, np.float64)
+            start_w = initial_vectors(seed, n, dim)
+            start_c = np.zeros((n, dim + 1), np.float32)
+            start_w[rows] = np.asarray(warm.input_table, np.float32)[:, :dim]
+            width = min(dim + 1, warm.output_table.shape[1])
+            start_c[rows, :width] = np.asarray(warm.output_table, np.float32)[:, :width]
+            initial_tables = (start_w, start_c)
         keep = subsample_keep_probability(token_counts, float(p["subsample"]))
         softmax = p["loss"] == "softmax"
         noise = unigram_table(token_counts, power=_NOISE_POWER)
@@ -358,6 +454,7 @@ class NextItem2Vec(ItemToItemModel):
                         epochs=epochs,
                         replicas=self.replicas or default_replicas,
                         chunk_steps=self.chunk_steps,
+                        initial_tables=initial_tables,
                     )
                     self.training_layout = {"replicas": trainer.replicas, "chunk_steps": trainer.chunk_steps}
                 elif epoch == 0:
@@ -369,6 +466,7 @@ class NextItem2Vec(ItemToItemModel):
             if isinstance(trainer, SampledSoftmaxTrainer):
                 trainer.close()  # its replica threads
         self.popularity_prior = popularity_prior(token_counts, keep)
+        self.token_counts = token_counts
         if not (np.isfinite(self.embeddings).all() and np.isfinite(self.output_embeddings).all()):
             raise FloatingPointError(
                 "next_item2vec: training diverged (non-finite embeddings); lower learning_rate"
@@ -404,6 +502,7 @@ class NextItem2Vec(ItemToItemModel):
             "training_layout": dict(self.training_layout),
             **self.epoch_log.metadata(),
             "embedding_shape": list(self.embeddings.shape) if self.embeddings is not None else None,
+            "warm_start": self.warm_start is not None,
             "scoring": (
                 "input . output + popularity_weight * (log Pn - log keep)"
                 if float(self.fit_params.get("cosine_blend", 0.0)) <= 0

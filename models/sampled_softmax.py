@@ -179,6 +179,7 @@ class SampledSoftmaxTrainer:
         epochs: int,
         replicas: int = 1,
         chunk_steps: int = 128,
+        initial_tables: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         if min(replicas, chunk_steps, negatives, batch, epochs) < 1:
             raise ValueError(
@@ -201,8 +202,19 @@ class SampledSoftmaxTrainer:
         pad = n_items
         width_w, width_c = dim, dim + 1  # the output side carries its bias column
         init = initial_vectors(seed, rows, dim)  # as models.item2vec's trainer: the same start
-        target_init = np.concatenate([init, np.zeros((rows, 2 * width_w), np.float32)], axis=1)
         context_init = np.zeros((rows, 3 * width_c), np.float32)
+        if initial_tables is not None:
+            # A warm start: the vectors of an earlier fit (the bias column of the input side
+            # dropped); Adam's moments start at zero, as after any fresh start.
+            start_w, start_c = (np.asarray(table, np.float32) for table in initial_tables)
+            if start_w.shape[0] != n_items or start_c.shape[0] != n_items or start_w.shape[1] < dim:
+                raise ValueError(
+                    f"initial tables of shapes {start_w.shape} and {start_c.shape} do not fit "
+                    f"{n_items} items of dimension {dim}"
+                )
+            init[:n_items] = start_w[:, :dim]
+            context_init[:n_items, : min(width_c, start_c.shape[1])] = start_c[:, :width_c]
+        target_init = np.concatenate([init, np.zeros((rows, 2 * width_w), np.float32)], axis=1)
         # The state every replica starts each chunk from (only kept when there is more than one).
         self.base = (
             (tf.Variable(target_init, name="w_base"), tf.Variable(context_init, name="c_base"))

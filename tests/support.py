@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -59,6 +60,26 @@ def produce(
 
 def event_json(**fields: object) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def store_event_records(
+    spark: SparkSession, cfg: CarouselConfig, records: Sequence[tuple[bytes, bytes]], received: datetime
+) -> None:
+    """Kafka-like (key, value) records through the ingest's own validation into the events table
+    (as one micro-batch received at ``received``; rejected records are left out)."""
+    from carousel.schemas import EVENTS_PARTITION_COLUMN, EVENTS_SCHEMA, EVENTS_TABLE
+    from carousel.storage import ensure_table
+    from streaming.ingest import classify_records, deduplicate, to_events
+
+    rows = [(key, value, "events", 0, offset, received) for offset, (key, value) in enumerate(records)]
+    raw = spark.createDataFrame(
+        rows, "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
+    )
+    location = cfg.storage.table(EVENTS_TABLE)
+    ensure_table(spark, location, EVENTS_SCHEMA, [EVENTS_PARTITION_COLUMN])
+    classified = classify_records(raw, cfg.ingest)
+    events = to_events(deduplicate(classified, cfg.ingest.dedupe_horizon_days), "test:0")
+    events.write.format("delta").mode("append").save(location)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 from s3_fixture import s3_bucket, s3_endpoint  # noqa: F401 - fixtures
+from support import store_event_records
 
 from carousel import objectstore
 from carousel.config import load_config
-from carousel.schemas import EVENTS_PARTITION_COLUMN, EVENTS_SCHEMA, EVENTS_TABLE, ITEM_RECOMMENDATIONS_TABLE
-from carousel.storage import ensure_table
+from carousel.schemas import ITEM_RECOMMENDATIONS_TABLE
 from jobs import nightly, publish_recommendations, train
 from jobs import simulate_events as sim
-from streaming.ingest import classify_records, deduplicate, to_events
 
 pytestmark = pytest.mark.integration
 END = datetime.now(UTC).replace(microsecond=0)
@@ -44,18 +43,8 @@ def _config(root: Path, *extra: str):
 def _store_simulated_events(spark, cfg, n: int = 12000) -> None:
     """Simulated events through the ingest's own validation into the events table."""
     world = sim.build_world(cfg.simulator)
-    rows = [
-        (record.key, record.value, "events", 0, offset, END)
-        for offset, record in enumerate(sim.stream_records(world, cfg.simulator, n, END, seed=3))
-    ]
-    raw = spark.createDataFrame(
-        rows, "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
-    )
-    location = cfg.storage.table(EVENTS_TABLE)
-    ensure_table(spark, location, EVENTS_SCHEMA, [EVENTS_PARTITION_COLUMN])
-    classified = classify_records(raw, cfg.ingest)
-    events = to_events(deduplicate(classified, cfg.ingest.dedupe_horizon_days), "test:0")
-    events.write.format("delta").mode("append").save(location)
+    records = [(r.key, r.value) for r in sim.stream_records(world, cfg.simulator, n, END, seed=3)]
+    store_event_records(spark, cfg, records, END)
 
 
 def _live(spark, cfg):

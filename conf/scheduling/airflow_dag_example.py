@@ -1,4 +1,5 @@
-"""Example Airflow DAGs: carousel's nightly training and table upkeep at 03:00, a weekly email campaign.
+"""Example Airflow DAGs: carousel's nightly training and table upkeep at 03:00, online model updates
+every 15 minutes, a weekly email campaign.
 
 Copy into your DAGs folder.
 
@@ -12,6 +13,9 @@ from airflow import DAG
 from airflow.operators.bash import BashOperator
 
 CAROUSEL_HOME = "/opt/carousel"  # where the repository is checked out and `make setup` ran
+# A pool of one slot (Admin > Pools): the nightly run and the online updates never overlap (an
+# update published while the nightly trains would make the nightly's gate call it stale).
+TRAINING_POOL = "carousel_training"
 
 with DAG(
     dag_id="carousel_nightly_training",
@@ -25,6 +29,7 @@ with DAG(
         task_id="export_validate_train_publish",
         bash_command=f"cd {CAROUSEL_HOME} && ./spark-submit.sh nightly --end '{{{{ data_interval_end }}}}'",
         execution_timeout=timedelta(hours=2),
+        pool=TRAINING_POOL,
     )
     # Table upkeep after training has read `events`, whether or not training succeeded: settings,
     # age-based retention (--now: the slot's end, so a retry deletes the same rows), OPTIMIZE
@@ -56,4 +61,25 @@ with DAG(
             "--run-id 'weekly-email-{{ ds_nodash }}' --as-of '{{ data_interval_end }}'"
         ),
         execution_timeout=timedelta(hours=1),
+    )
+
+# Online model updates every 15 minutes between nightly runs: the live model warm-started on the
+# events up to the slot's end. max_active_runs=1: an update never overlaps the last one; a
+# skipped slot loses nothing (the next update reads from the live model's data end).
+with DAG(
+    dag_id="carousel_online_updates",
+    schedule="*/15 * * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 0},
+    tags=["carousel"],
+) as updates_dag:
+    update_model = BashOperator(
+        task_id="update_model",
+        bash_command=(
+            f"cd {CAROUSEL_HOME} && ./spark-submit.sh update-model --end '{{{{ data_interval_end }}}}'"
+        ),
+        execution_timeout=timedelta(minutes=14),
+        pool=TRAINING_POOL,
     )
