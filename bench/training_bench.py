@@ -142,6 +142,24 @@ class PeakSampler:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def bench_simulator(items: int, users: int, interactions: int, days: int, seed: int) -> SimulatorConfig:
+    """The training benchmarks' world: ``items`` in planted clusters of 5 over 20 categories,
+    ``users``, clean events (no bad records or duplicates) over ``days - 1`` days, enough of them
+    for ``interactions`` item interactions."""
+    return SimulatorConfig(
+        users=users,
+        items=items,
+        categories=20,
+        cluster_size=5,
+        events=2 * interactions,
+        days=days - 1,
+        rate=0,
+        seed=seed,
+        bad_share=0,
+        duplicate_share=0,
+    )
+
+
 def generate_interactions(sim: SimulatorConfig, n_interactions: int, end: datetime) -> pd.DataFrame:
     """Simulator item events until ``n_interactions`` of them: event_id, user, type, item, time, source."""
     from jobs.simulate_events import build_world, generate_events
@@ -335,18 +353,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             f"spark.driver_memory={args.driver_memory}",
         ]
     )
-    sim = SimulatorConfig(
-        users=args.users,
-        items=args.items,
-        categories=20,
-        cluster_size=5,
-        events=2 * args.interactions,
-        days=days - 1,
-        rate=0,
-        seed=args.seed,
-        bad_share=0,
-        duplicate_share=0,
-    )
+    sim = bench_simulator(args.items, args.users, args.interactions, days, args.seed)
     stages: dict[str, dict[str, float]] = {}
     sampler = PeakSampler()
     loads = {"start": os.getloadavg()}

@@ -52,12 +52,13 @@ import pandas as pd
 from bench.training_bench import (
     PeakSampler,
     _machine_info,
+    bench_simulator,
     generate_interactions,
     recs_planted_recall,
     write_events_table,
 )
 from carousel.cli import setup_logging
-from carousel.config import SimulatorConfig, load_config
+from carousel.config import load_config
 from carousel.schemas import EVENTS_TABLE, INTERACTION_COLUMNS, ITEM_RECOMMENDATIONS_TABLE
 
 log = logging.getLogger("bench.update")
@@ -149,18 +150,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             f"spark.driver_memory={args.driver_memory}",
         ]
     )
-    sim = SimulatorConfig(
-        users=args.users,
-        items=args.items,
-        categories=20,
-        cluster_size=5,
-        events=2 * (args.base_interactions + window_rows),
-        days=args.days - 1,
-        rate=0,
-        seed=args.seed,
-        bad_share=0,
-        duplicate_share=0,
-    )
+    sim = bench_simulator(args.items, args.users, args.base_interactions + window_rows, args.days, args.seed)
     stages: dict[str, dict[str, float]] = {}
     sampler = PeakSampler()
     try:
@@ -290,18 +280,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         ]
     )
     total = args.base_interactions + args.updates * args.update_interactions + args.test_interactions
-    sim = SimulatorConfig(
-        users=args.users,
-        items=args.items,
-        categories=20,
-        cluster_size=5,
-        events=2 * total,
-        days=args.days - 1,
-        rate=0,
-        seed=args.seed,
-        bad_share=0,
-        duplicate_share=0,
-    )
+    sim = bench_simulator(args.items, args.users, total, args.days, args.seed)
     k = 20
     stages: dict[str, dict[str, float]] = {}
     sampler = PeakSampler()
