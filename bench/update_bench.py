@@ -24,8 +24,8 @@ Figures: update seconds, their share of the 15-minute interval and their ratio t
 retrain; the gate's decision; new-pattern recall@20 (share of planted pairs (a, b) with b in a's
 top 20) before and after the update; new products with a list holding their partner; planted
 cluster recall@5 of the nightly model and of the update (drift of what the window did not
-change); the time from a pattern's first events to served lists, at worst one interval plus the
-update's seconds plus ``serving.refresh_seconds``.
+change); the time from a pattern's first events to served lists, at worst one interval plus
+``holdout_minutes`` plus the update's seconds plus ``serving.refresh_seconds``.
 
     .venv/bin/python -m bench.update_bench                   # 5M base, 15 min at 5,000/s (4.5M)
     .venv/bin/python -m bench.update_bench --base-interactions 500000 --rate 500 --items 10000 --users 20000
@@ -64,6 +64,7 @@ from carousel.schemas import EVENTS_TABLE, INTERACTION_COLUMNS, ITEM_RECOMMENDAT
 log = logging.getLogger("bench.update")
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "update.json"
+DRIFT_OUTPUT = Path(__file__).parent / "results" / "update-drift.json"
 END_TIME = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)
 
 
@@ -242,9 +243,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "update_seconds": round(update_seconds, 1),
         "update_share_of_interval": round(update_seconds / interval, 3),
         "update_over_nightly": round(update_seconds / max(stages["nightly"]["seconds"], 1e-9), 3),
-        # The pattern's first events just after an update started: the next update, its run, and
-        # serve's lookups noticing the new Delta version.
-        "pattern_to_served_seconds_worst": round(interval + update_seconds + cfg.serving.refresh_seconds, 1),
+        # The pattern's first events just after an update read its window, or in its held-back
+        # minutes: the next update, its run, and serve's lookups noticing the new Delta version.
+        # A pattern in the update's held-back minutes waits for the next update.
+        "pattern_to_served_seconds_worst": round(
+            interval
+            + cfg.training.online.holdout_minutes * 60
+            + update_seconds
+            + cfg.serving.refresh_seconds,
+            1,
+        ),
         "new_pattern_recall@20": {
             "nightly": pair_recall(nightly_lists, pairs),
             "update": pair_recall(update_lists, pairs),
@@ -360,7 +368,10 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
             for key in ("recall@k", "mrr@k")
             if full_metrics[key]
         },
-        "update_decisions": [u.get("gate_refused") and "refused" or "published" for u in updates],
+        "update_decisions": [
+            "refused" if u.get("gate_refused") else "skipped" if u.get("skipped") else "published"
+            for u in updates
+        ],
         "update_seconds_mean": round(float(np.mean([sum(s.values()) for s in seconds])), 1)
         if seconds
         else None,
@@ -439,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--driver-memory", default="4g")
     parser.add_argument("--workdir", help="keep tables and outputs here (default: a temp folder, deleted)")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results JSON")
+    parser.add_argument(
+        "--output", help="results JSON (default results/update.json, --updates: update-drift.json)"
+    )
     return parser
 
 
@@ -448,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     result = run_drift(args) if args.updates else run_bench(args)
-    out = Path(args.output)
+    out = Path(args.output or (DRIFT_OUTPUT if args.updates else DEFAULT_OUTPUT))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     (print_drift_summary if args.updates else print_summary)(result)

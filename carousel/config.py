@@ -484,8 +484,9 @@ class GateConfig(_Section):
 class OnlineTrainingConfig(_Section):
     """update-model: the live next_item2vec model warm-started on the events since its data end."""
 
-    # How often the scheduler runs update-model (crontab / Airflow); the job itself reads all
-    # events since the live model's data end, so a late or skipped run loses nothing.
+    # How often the scheduler runs update-model: documents the schedule (the crontab and Airflow
+    # examples say */15) and sizes bench-update's window; the job itself reads the events since
+    # the live model's data end (at most max_window_minutes), whenever it runs.
     interval_minutes: int = Field(ge=1, le=1440)
     # Events this long before the live model's data end are read too: a user's pair that spans
     # the boundary (viewed a before it, b after) is learned; the overlap is trained again.

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from botocore.exceptions import BotoCoreError, ClientError
 from pyspark.sql import SparkSession
 
 from carousel import objectstore
@@ -221,6 +222,15 @@ def prune_updates(cfg: CarouselConfig, keep: int, protect: str | None = None) ->
     return deleted
 
 
+def _prune_quietly(cfg: CarouselConfig, protect: str | None) -> None:
+    """:func:`prune_updates`, logging a failure instead of raising it: the update's own outcome
+    (published or refused) is what the job reports; the next update prunes again."""
+    try:
+        prune_updates(cfg, cfg.training.online.keep_outputs, protect=protect)
+    except (OSError, BotoCoreError, ClientError) as err:
+        log.warning("could not remove older update outputs under %s: %s", updates_root(cfg), err)
+
+
 def read_interactions(
     spark: SparkSession, cfg: CarouselConfig, start: datetime, end: datetime
 ) -> pd.DataFrame:
@@ -318,13 +328,14 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, f
             "published; the next update starts from the new one"
         )
         log.warning("update skipped: %s", reason)
+        _prune_quietly(cfg, current.location if current else None)
         return {**summary, "skipped": reason, "model_output": output["output"]}
     started = time.perf_counter()
     try:
         version = publish_recommendations.run(spark, cfg, output["output"], force)
     finally:
         # Refused or not: the live output (this one or its parent) stays, older updates go.
-        prune_updates(cfg, online.keep_outputs, protect=live.location)
+        _prune_quietly(cfg, live.location)
     timings["publish"] = time.perf_counter() - started
     summary.update(
         {

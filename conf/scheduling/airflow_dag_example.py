@@ -65,7 +65,10 @@ with DAG(
 
 # Online model updates every 15 minutes between nightly runs: the live model warm-started on the
 # events up to the slot's end. max_active_runs=1: an update never overlaps the last one; a
-# skipped slot loses nothing (the next update reads from the live model's data end).
+# skipped slot loses nothing while an update publishes within training.online.max_window_minutes
+# (the next update reads from the live model's data end). A nightly retry after an update has
+# published is judged by the gate as stale (it fixed its --end earlier): clear it and let the next
+# night run, or retry with --force after a look at the logs.
 with DAG(
     dag_id="carousel_online_updates",
     schedule="*/15 * * * *",
