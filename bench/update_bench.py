@@ -59,7 +59,7 @@ from bench.training_bench import (
 )
 from carousel.cli import setup_logging
 from carousel.config import load_config
-from carousel.schemas import EVENTS_TABLE, INTERACTION_COLUMNS, ITEM_RECOMMENDATIONS_TABLE
+from carousel.schemas import EVENTS_TABLE, ITEM_RECOMMENDATIONS_TABLE
 
 log = logging.getLogger("bench.update")
 
@@ -173,11 +173,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             window = pd.concat([window, extra], ignore_index=True)
             base_end = base["event_time"].max()
             window_end = window["event_time"].max()
-            base_csv = workdir / "base.csv"
-            base_out = base[list(INTERACTION_COLUMNS)].copy()
-            base_out["event_time"] = base_out["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            base_out.to_csv(base_csv, index=False)
-            del base_out
+            base_csv = train.write_interactions_csv(base, workdir / "base.csv")
         spark = build_session(cfg, "carousel-update-bench", extra_conf={"spark.ui.enabled": "false"})
         spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
         machine = _machine_info(spark)
@@ -191,7 +187,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         base_rows = len(base)
         del base
         with sampler.stage("nightly", stages):
-            nightly = train.run(cfg, str(base_csv))
+            nightly = train.run(cfg, base_csv)
             publish_recommendations.run(spark, cfg, nightly["output"])
         nightly_recs, nightly_lists = _live_lists(spark, cfg)
         gate_error = None
@@ -304,15 +300,8 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
                 trained["event_time"].iloc[base_rows + (n + 1) * args.update_interactions - 1]
                 for n in range(args.updates)
             ]
-
-            def to_csv(rows: pd.DataFrame, path: Path) -> str:
-                out = rows[list(INTERACTION_COLUMNS)].copy()
-                out["event_time"] = out["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                out.to_csv(path, index=False)
-                return str(path)
-
-            base_csv = to_csv(trained.iloc[:base_rows], workdir / "base.csv")
-            all_csv = to_csv(trained, workdir / "all.csv")
+            base_csv = train.write_interactions_csv(trained.iloc[:base_rows], workdir / "base.csv")
+            all_csv = train.write_interactions_csv(trained, workdir / "all.csv")
             pairs = consecutive_pairs(test)
         spark = build_session(cfg, "carousel-update-drift", extra_conf={"spark.ui.enabled": "false"})
         spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")

@@ -230,6 +230,15 @@ def train_model(
     return model, recommendations
 
 
+def write_interactions_csv(interactions: pd.DataFrame, path: Path) -> str:
+    """An interaction frame as a training CSV at ``path`` (the header of ``INTERACTION_COLUMNS``,
+    ISO-8601 UTC times with microseconds), what :func:`read_training_input` reads back."""
+    out = interactions[list(INTERACTION_COLUMNS)].copy()
+    out["event_time"] = out["event_time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    out.to_csv(path, index=False)
+    return str(path)
+
+
 def write_model_output(
     model: Any,
     recommendations: pd.DataFrame,
@@ -252,11 +261,7 @@ def write_model_output(
             data_end = _iso(split.fit["event_time"].max())
         if split.holdout is not None:
             (folder / HOLDOUT_DIR).mkdir()
-            holdout = split.holdout[list(INTERACTION_COLUMNS)].copy()
-            holdout["event_time"] = (
-                holdout["event_time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            )
-            holdout.to_csv(folder / HOLDOUT_DIR / "part-00000.csv", index=False)
+            write_interactions_csv(split.holdout, folder / HOLDOUT_DIR / "part-00000.csv")
             holdout_info["path"] = f"{HOLDOUT_DIR}/"
     for name, dtype in TABLE_FILES.items():
         table = getattr(model, name, None)
