@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -79,7 +79,7 @@ from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CampaignFilters, CarouselConfig, load_config
 from carousel.fastjson import compact_json
 from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups
-from carousel.online_state import Answer, OnlineState
+from carousel.online_state import Answer, OnlineState, StateRequest, UserState
 from carousel.online_store import OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
@@ -136,23 +136,25 @@ class ApiSpec:
     recent_items: int
     sends_keep_us: int
     similar_filters: CampaignFilters
+    slots: Mapping[str, int]  # per enabled campaign: how many items it ranks
 
     @classmethod
     def of(cls, cfg: CarouselConfig, renderer: PayloadRenderer) -> ApiSpec:
+        enabled = tuple((name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled)
         return cls(
-            sources=LookupSources.of(
-                cfg, tuple((name, c) for name, c in sorted(cfg.campaigns.items()) if c.enabled)
-            ),
+            sources=LookupSources.of(cfg, enabled),
             renderer=renderer,
             sent_topic=cfg.kafka.topic("sent").name,
             recent_items=cfg.profiles.recent_items,
             sends_keep_us=sends_keep_micros(cfg),
             similar_filters=CampaignFilters(),
+            slots={name: RankingRules.of(c, cfg.serving).slots for name, c in enabled},
         )
 
     def campaign_slots(self, name: str) -> int:
         """How many items the campaign ranks (its ``items``; push: at most ``push_max_items``)."""
-        return RankingRules.of(self.campaign(name), self.sources.serving).slots
+        self.campaign(name)  # 404 for a campaign that is not enabled
+        return self.slots[name]
 
     def campaign(self, name: str) -> Any:
         try:
@@ -243,9 +245,9 @@ def answer_key(request: RecommendationRequest) -> tuple[str, str]:
     return request.user_id, f"api:{request.campaign}:{request.request_id}"
 
 
-def recommend(
+async def recommend(
     request: RecommendationRequest,
-    store: OnlineState,
+    store: CoalescingStore,
     lookups: ServingLookups,
     spec: ApiSpec,
     now_us: int,
@@ -270,11 +272,11 @@ def recommend(
             422, "bad_n", f"n={request.n} is more than campaign {request.campaign!r} ranks ({slots} items)"
         )
     user, key = request.user_id, answer_key(request)
-    keys = [key] if request.replayable else []
-    states, answered, count = store.read_counting([user], keys, rate_counter, _WINDOW_MS)
+    state, answered, count = await store.read(
+        StateRequest(user, [key] if request.replayable else [], rate_counter)
+    )
     if admit is not None:
         admit(count)
-    state = states[user]
     prior = answered.get(key)
     if prior is not None:
         shown = dict(prior.outbox[0])
@@ -314,9 +316,10 @@ def recommend(
         if not control:
             items = [i["item_id"] for i in shown["items"]]
             state.record_send(shown["payload_id"], request.campaign, items, now_us)
-        state.prune_sends(now_us - spec.sends_keep_us)
+        keep_since = now_us - spec.sends_keep_us
+        state.prune_sends(keep_since)
         answers = {key: Answer(-1, -1, (shown,))} if request.replayable else {}
-        write_back(store, states, {}, answers, spec.recent_items, now_us - spec.sends_keep_us)
+        await store.write(state, answers, spec.recent_items, keep_since)
     return ApiAnswer(
         payload=payload,
         payload_id=shown["payload_id"],
@@ -324,6 +327,133 @@ def recommend(
         variant=shown["variant"],
         replayed=prior is not None,
     )
+
+
+@dataclass(eq=False)  # compared by identity
+class _PendingWrite:
+    state: UserState
+    answers: Mapping[tuple[str, str], Answer]
+    recent_items: int
+    keep_sends_since_us: int
+    done: asyncio.Future[None]
+
+
+class CoalescingStore:
+    """A worker's online-store round trips, coalesced over the requests it has in flight.
+
+    Each request awaits its read (and later its write); the first one queued schedules a flush on
+    the event loop, which runs once the requests ready before it have queued theirs. Every read
+    queued by then goes out in one pipelined round trip (:meth:`OnlineState.read_each`), every
+    write in one compare-and-set round trip (:meth:`OnlineState.write`). At low load that is one
+    round trip per request, as before; when requests pile up (a burst, a slow Redis) they share
+    one, so the time the loop spends blocked on Redis and in redis-py per request falls as the
+    load rises instead of compounding the queue (measured: bench/README.md "API").
+
+    A user asked for twice in one flush gets two states. The second write of that user fails its
+    version check and takes :func:`carousel.realtime.write_back`'s path: re-read, merge the sends
+    (idempotent), write again, as a concurrent writer's change does. Two such requests rank
+    without seeing each other's send, as two requests on two workers always could.
+    """
+
+    def __init__(self, state: OnlineState, counter_ttl_ms: int) -> None:
+        self.state = state
+        self.counter_ttl_ms = counter_ttl_ms
+        self._reads: list[tuple[StateRequest, asyncio.Future[Any]]] = []
+        self._writes: list[_PendingWrite] = []
+        # The flush scheduled for each queue and its loop: a flush left on a closed loop (a
+        # test's earlier asyncio.run) never runs, and the next request schedules its own.
+        self._read_flush: asyncio.Handle | None = None
+        self._write_flush: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.state.prefix
+
+    def _on_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # queued on another loop: nobody there waits any more
+            self._loop, self._reads, self._writes = loop, [], []
+            self._read_flush = self._write_flush = None
+        return loop
+
+    async def read(self, request: StateRequest) -> tuple[UserState, dict[tuple[str, str], Answer], int]:
+        """The request's state, the answers to its triggers and its counter's new value."""
+        loop = self._on_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._reads.append((request, future))
+        if self._read_flush is None:
+            self._read_flush = loop.call_soon(self._flush_reads)
+        return await future
+
+    async def write(
+        self,
+        state: UserState,
+        answers: Mapping[tuple[str, str], Answer],
+        recent_items: int,
+        keep_sends_since_us: int,
+    ) -> None:
+        """Write the state (when changed) and the answers; returns once they are stored."""
+        loop = self._on_loop()
+        pending = _PendingWrite(state, answers, recent_items, keep_sends_since_us, loop.create_future())
+        self._writes.append(pending)
+        if self._write_flush is None:
+            self._write_flush = loop.call_soon(self._flush_writes)
+        await pending.done
+
+    def _flush_reads(self) -> None:
+        batch, self._reads, self._read_flush = self._reads, [], None
+        try:
+            results = self.state.read_each([request for request, _ in batch], self.counter_ttl_ms)
+        except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
+            for _, future in batch:
+                _fail(future, err)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):  # this request's stored values cannot be read
+                _fail(future, result)
+            elif not future.done():  # a request cancelled meanwhile no longer waits
+                future.set_result(result)
+
+    def _flush_writes(self) -> None:
+        batch, self._writes, self._write_flush = self._writes, [], None
+        first: list[_PendingWrite] = []
+        again: set[_PendingWrite] = set()
+        seen: set[str] = set()
+        for pending in batch:
+            if pending.state.user_id in seen:
+                again.add(pending)
+            else:
+                first.append(pending)
+                seen.add(pending.state.user_id)
+        answers = {key: answer for pending in batch for key, answer in pending.answers.items()}
+        try:
+            conflicts = set(self.state.write([pending.state for pending in first], answers))
+        except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
+            for pending in batch:
+                _fail(pending.done, err)
+            return
+        for pending in batch:
+            if pending in again or pending.state.user_id in conflicts:
+                try:
+                    write_back(
+                        self.state,
+                        {pending.state.user_id: pending.state},
+                        {},
+                        {},
+                        pending.recent_items,
+                        pending.keep_sends_since_us,
+                    )
+                except Exception as err:  # noqa: BLE001 - this request's error
+                    _fail(pending.done, err)
+                    continue
+            if not pending.done.done():
+                pending.done.set_result(None)
+
+
+def _fail(future: asyncio.Future[Any], err: Exception) -> None:
+    if not future.done():
+        future.set_exception(err)
 
 
 def similar_items(item_id: str, n: int, lookups: ServingLookups, filters: CampaignFilters) -> dict[str, Any]:
@@ -354,11 +484,14 @@ class ApiService:
         self.cfg = cfg
         self.spec = ApiSpec.of(cfg, PayloadRenderer.from_config(cfg))
         serving = cfg.serving
-        self.store = OnlineState(
-            connect(cfg.online_store),
-            cfg.online_store.key_prefix,
-            round(cfg.online_store.profile_ttl_days * 86400 * 1000),
-            round(serving.answered_ttl_hours * 3600 * 1000),
+        self.store = CoalescingStore(
+            OnlineState(
+                connect(cfg.online_store),
+                cfg.online_store.key_prefix,
+                round(cfg.online_store.profile_ttl_days * 86400 * 1000),
+                round(serving.answered_ttl_hours * 3600 * 1000),
+            ),
+            _WINDOW_MS,
         )
         self.secrets = cfg.api.secrets()
         self.limits = {name: key.requests_per_second for name, key in cfg.api.keys.items()}
@@ -367,6 +500,8 @@ class ApiService:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.producer: Any = None
+        self._delivery_poll: asyncio.TimerHandle | None = None
+        self._delivery_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -376,16 +511,21 @@ class ApiService:
                 "acks": "all",
                 "enable.idempotence": True,
                 "linger.ms": self.cfg.api.outbox_linger_ms,
+                # An answer waits for its record's acknowledgement: a small produce request
+                # must not wait for the broker's ACK of the one before (Nagle's algorithm).
+                "socket.nagle.disable": True,
                 "compression.type": self.cfg.kafka.producer.compression_type,
             }
         )
-        for name, target in (("api-lookups", self._load_lookups), ("api-outbox", self._poll_producer)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._load_lookups, name="api-lookups", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._delivery_poll is not None:
+            self._delivery_poll.cancel()
+            self._delivery_poll = None
         if self.producer is not None:
             left = self.producer.flush(self.cfg.api.record_timeout_ms / 1000)
             if left:
@@ -428,9 +568,24 @@ class ApiService:
             payload_id = dict(msg.headers() or ()).get(PAYLOAD_ID_HEADER, b"?")
             log.error("api: the outbox record of payload %r was not recorded: %s", payload_id, err)
 
-    def _poll_producer(self) -> None:
-        while not self._stopping.is_set():
-            self.producer.poll(0.05)  # runs the delivery callbacks
+    def _watch_deliveries(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Poll the producer on the event loop while it holds records (see :meth:`record`)."""
+        # A poll pending on another loop (a test's earlier asyncio.run) will never run.
+        if self._delivery_poll is None or self._delivery_loop is not loop:
+            self._delivery_loop = loop
+            self._delivery_poll = loop.call_later(
+                self.cfg.api.outbox_poll_ms / 1000, self._poll_deliveries, loop
+            )
+
+    def _poll_deliveries(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._delivery_poll = None
+        try:
+            self.producer.poll(0)  # runs the delivery callbacks that are due, here on the loop
+        except Exception:  # a callback raised: logged; the other records are still watched
+            log.exception("api: a delivery report of the outbox could not be handled")
+        finally:
+            if len(self.producer):  # records queued, in flight or with callbacks to run
+                self._watch_deliveries(loop)
 
     # -- per request -----------------------------------------------------------------------------
     def lookups(self) -> ServingLookups:
@@ -456,7 +611,7 @@ class ApiService:
         already incremented it (with its state read), else it is incremented here."""
         if count is None:
             counter = self.rate_counter(name)
-            pipe = self.store.client.pipeline(transaction=False)
+            pipe = self.store.state.client.pipeline(transaction=False)
             pipe.incr(counter)
             pipe.pexpire(counter, _WINDOW_MS)
             count, _ = pipe.execute()
@@ -473,23 +628,25 @@ class ApiService:
         """Put the answer's outbox record on the broker; returns once it is acknowledged (with
         ``api.wait_for_outbox_ack``, else once it is queued).
 
-        ``produce`` only queues the record; librdkafka sends it, and the delivery report, run by
-        the producer's poll thread, settles this request's future on the event loop."""
+        ``produce`` only queues the record; librdkafka sends it, and its delivery report runs in
+        ``poll``. The worker polls on its own event loop, every ``api.outbox_poll_ms`` while
+        records are outstanding and not at all when idle, so a report settles its request's
+        future directly. A poll thread instead costs a GIL hand-off per report: up to the
+        interpreter's 5 ms switch interval while the loop is busy, on the answer's latency."""
+        loop = asyncio.get_running_loop()
         if not self.cfg.api.wait_for_outbox_ack:
             self._produce(user_id, answer, self._delivered_in_background)
+            self._watch_deliveries(loop)
             return
-        loop = asyncio.get_running_loop()
         acknowledged: asyncio.Future[Any] = loop.create_future()
 
         def delivered(err: Any, msg: Any) -> None:
             self._count_delivery(err)
-            try:
-                loop.call_soon_threadsafe(_settle, acknowledged, err)
-            except RuntimeError:  # the loop closed (shutdown): nobody waits any more
-                pass
+            _settle(acknowledged, err)
 
         timeout = self.cfg.api.record_timeout_ms / 1000
         self._produce(user_id, answer, delivered)
+        self._watch_deliveries(loop)
         try:
             err = await asyncio.wait_for(acknowledged, timeout)
         except TimeoutError:
@@ -518,7 +675,7 @@ async def answer_recommendations(
     name = service.authorize(api_key)
     check_request_id(request)
     lookups = service.lookups()
-    answer = recommend(
+    answer = await recommend(
         request,
         service.store,
         lookups,
@@ -762,11 +919,11 @@ def create_app(cfg: CarouselConfig | None = None) -> _Front:
         status, body = unexpected_error(request.method, request.url.path, err)
         return JSONResponse(body, status_code=status)
 
-    # The handlers run on the worker's event loop, and call the online store synchronously: a
-    # request's work is CPU (ranking, rendering) plus two sub-millisecond round trips to a nearby
-    # Redis; FastAPI's thread pool cost slightly more CPU for the same latency (README "API").
-    # Only the broker's acknowledgement, milliseconds away, is awaited. Throughput comes from the
-    # worker processes (api.workers).
+    # The handlers run on the worker's event loop: a request's work is CPU (ranking, rendering)
+    # plus two sub-millisecond round trips to a nearby Redis, shared with the other requests in
+    # flight (CoalescingStore) and made synchronously; FastAPI's thread pool cost slightly more
+    # CPU for the same latency (README "API"). The broker's acknowledgement, milliseconds away,
+    # is awaited. Throughput comes from the worker processes (api.workers).
     @app.get(
         "/v1/users/{user_id}/recommendations",
         responses={

@@ -863,6 +863,7 @@ class ApiConfig(_Section):
     wait_for_outbox_ack: bool
     record_timeout_ms: int = Field(ge=100, le=120_000)
     outbox_linger_ms: int = Field(ge=0, le=1000)
+    outbox_poll_ms: float = Field(gt=0, le=100)
     metrics_dir: str = Field(min_length=1)
 
     @field_validator("keys")

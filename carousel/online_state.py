@@ -15,6 +15,9 @@ every key of one user lives in one slot):
   coordinates and outbox records), kept ``serving.answered_ttl_hours``: a replayed batch re-sends
   the same answer, a trigger delivered again under a new offset is answered once.
 
+The API (:mod:`carousel.api`) reads per request with :meth:`OnlineState.read_each`, the requests
+a worker has in flight sharing one round trip.
+
 Reads are one pipelined round trip per micro-batch. Writes are one pipelined round trip too;
 each user's hash is written by a compare-and-set on ``v`` (a three-line Lua script, no business
 logic in Redis), so a concurrent writer - ``rebuild-online-store`` merging Delta profiles while
@@ -91,6 +94,16 @@ class UserState:
 
 
 @dataclass(frozen=True)
+class StateRequest:
+    """What one API request reads: its user's state, the answers to ``triggers`` ((user, event
+    id)) and one INCR of ``counter`` (its key's rate-limit window; None: no counter)."""
+
+    user_id: str
+    triggers: Sequence[tuple[str, str]] = ()
+    counter: str | None = None
+
+
+@dataclass(frozen=True)
 class Answer:
     """What a trigger was answered with: its Kafka coordinates and its outbox records."""
 
@@ -131,35 +144,68 @@ class OnlineState:
     ) -> tuple[dict[str, UserState], dict[tuple[str, str], Answer]]:
         """The users' states and the answers already given to ``triggers`` ((user, event id)),
         in one pipelined round trip."""
-        states, answers, _ = self.read_counting(users, triggers)
-        return states, answers
+        hashes, answered, _ = self._read_pipelined(users, triggers, (), 0)
+        return (
+            {user: _state(user, reply) for user, reply in zip(users, hashes, strict=True)},
+            {
+                trigger: Answer.from_json(reply)
+                for trigger, reply in zip(triggers, answered, strict=True)
+                if reply is not None
+            },
+        )
 
-    def read_counting(
+    def read_each(
+        self, requests: Sequence[StateRequest], counter_ttl_ms: int
+    ) -> list[tuple[UserState, dict[tuple[str, str], Answer], int] | Exception]:
+        """Each request's user state, the answers already given to its triggers, and its counter's
+        new value (INCR, expiring ``counter_ttl_ms`` later; 0: none): the API's reads, every
+        request a worker has in flight in one pipelined round trip.
+
+        A user asked for twice gets two separate states, so two requests never share one. A
+        request whose stored values cannot be parsed gets the error in its place: one bad value
+        fails its own request, not the others read with it. A store error is raised."""
+        users = [request.user_id for request in requests]
+        triggers = [trigger for request in requests for trigger in request.triggers]
+        counters = [request.counter for request in requests if request.counter is not None]
+        hashes, answered, counts = self._read_pipelined(users, triggers, counters, counter_ttl_ms)
+        found = iter(zip(triggers, answered, strict=True))
+        counted = iter(counts)
+        results: list[tuple[UserState, dict[tuple[str, str], Answer], int] | Exception] = []
+        for request, reply in zip(requests, hashes, strict=True):
+            mine = [next(found) for _ in request.triggers]
+            count = next(counted) if request.counter is not None else 0
+            try:
+                state = _state(request.user_id, reply)
+                answers = {trigger: Answer.from_json(text) for trigger, text in mine if text is not None}
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                results.append(err)
+                continue
+            results.append((state, answers, count))
+        return results
+
+    def _read_pipelined(
         self,
         users: Sequence[str],
-        triggers: Sequence[tuple[str, str]] = (),
-        counter: str | None = None,
-        counter_ttl_ms: int = 0,
-    ) -> tuple[dict[str, UserState], dict[tuple[str, str], Answer], int]:
-        """:meth:`read`, and in the same round trip one more on ``counter`` (INCR, expiring
-        ``counter_ttl_ms`` later): the API's rate-limit window. Returns its new value (0: none)."""
+        triggers: Sequence[tuple[str, str]],
+        counters: Sequence[str],
+        counter_ttl_ms: int,
+    ) -> tuple[list[Any], list[bytes | None], list[int]]:
+        """One round trip: the users' hashes (v, p, s), the triggers' answers, and each counter
+        INCRed (and set to expire); the raw replies in the order asked."""
+        if not (users or triggers or counters):
+            return [], [], []
         pipe = self.client.pipeline(transaction=False)
         for user in users:
             pipe.hmget(self.user_key(user), "v", "p", "s")
         for user, event_id in triggers:
             pipe.get(self.answered_key(user, event_id))
-        if counter is not None:
+        for counter in counters:
             pipe.incr(counter)
             pipe.pexpire(counter, counter_ttl_ms)
-        replies = pipe.execute() if (users or triggers or counter is not None) else []
-        count = int(replies[len(users) + len(triggers)]) if counter is not None else 0
-        states = {user: _state(user, reply) for user, reply in zip(users, replies[: len(users)], strict=True)}
-        answers = {
-            trigger: Answer.from_json(reply)
-            for trigger, reply in zip(triggers, replies[len(users) : len(users) + len(triggers)], strict=True)
-            if reply is not None
-        }
-        return states, answers, count
+        replies = pipe.execute()
+        n_users, n_triggers = len(users), len(triggers)
+        counts = [int(reply) for reply in replies[n_users + n_triggers :: 2]]  # INCR, PEXPIRE, ...
+        return replies[:n_users], replies[n_users : n_users + n_triggers], counts
 
     # -- writes ----------------------------------------------------------------------------------
     def write(

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -450,8 +451,8 @@ def _service_without_a_broker(cfg: CarouselConfig, wait: bool) -> ApiService:
 def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
     kafka_bootstrap: str, online_store_url: str, tmp_path: Path
 ) -> None:
-    # api.wait_for_outbox_ack=false: record() returns once the record is queued; the producer's
-    # poll thread gets the acknowledgement, counted like a waited-for one.
+    # api.wait_for_outbox_ack=false: record() returns once the record is queued; the worker's
+    # event loop goes on polling the producer and counts the acknowledgement like a waited-for one.
     cfg = api_config(tmp_path, kafka_bootstrap, online_store_url)
     cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"wait_for_outbox_ack": False})})
     ensure_topics(cfg.kafka)
@@ -467,10 +468,22 @@ def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
     service = ApiService(cfg)
     service.start()
     reader = TopicReader(cfg, cfg.kafka.topic("sent").name)
+
+    async def record_then_serve_on() -> None:
+        await service.record("u-async", answer)
+        # The loop runs on, as a worker's does, until the delivery report is counted.
+        deadline = time.monotonic() + 30
+        while acknowledged() != before + 1:
+            assert time.monotonic() < deadline, "no delivery report counted within 30 s"
+            await asyncio.sleep(0.01)
+        # Nothing outstanding: the loop stops polling the producer (an idle worker costs nothing).
+        while service._delivery_poll is not None:
+            assert time.monotonic() < deadline, "the delivery poll went on with nothing outstanding"
+            await asyncio.sleep(0.01)
+
     try:
-        asyncio.run(service.record("u-async", answer))
+        asyncio.run(record_then_serve_on())
         assert reader.read(1) == [outbox]
-        wait_for(lambda: acknowledged() == before + 1, timeout=30, what="the delivery report")
     finally:
         reader.consumer.close()
         service.stop()

@@ -1,13 +1,18 @@
-"""Per-user online state against a real Redis: round trip, compare-and-set, lost script cache."""
+"""Per-user online state against a real Redis: round trip, compare-and-set, lost script cache,
+and the API's round trips coalesced over the requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+import redis
 
+from carousel.api import CoalescingStore
+from carousel.broker import free_port
 from carousel.online_profile import OnlineProfile
-from carousel.online_state import Answer, OnlineState
+from carousel.online_state import Answer, OnlineState, StateRequest
 from carousel.online_store import connect
 
 pytestmark = [pytest.mark.integration]
@@ -64,3 +69,100 @@ def test_a_lost_script_cache_is_reloaded(store: OnlineState) -> None:
     states["u"].changed = True
     assert store.write(states.values()) == []
     assert store.read(["u"])[0]["u"].version == "1"
+
+
+class CountedRoundTrips(OnlineState):
+    """The real store, counting the API's read and write round trips."""
+
+    reads = 0
+    writes = 0
+
+    def read_each(self, requests: Any, counter_ttl_ms: int) -> Any:
+        self.reads += 1
+        return super().read_each(requests, counter_ttl_ms)
+
+    def write(self, states: Any, answers: Any = None) -> list[str]:
+        self.writes += 1
+        return super().write(states, answers)
+
+
+def counted_store(make_config: Any) -> CountedRoundTrips:
+    cfg = make_config()
+    return CountedRoundTrips(connect(cfg.online_store), cfg.online_store.key_prefix, 60_000, 60_000)
+
+
+def test_requests_in_flight_share_one_read_and_one_write(make_config: Any) -> None:
+    state = counted_store(make_config)
+    store = CoalescingStore(state, 2_000)
+    counter = f"{state.prefix}:api-rate:test"
+
+    async def answer(user: str, payload: str) -> int:
+        mine, answered, count = await store.read(StateRequest(user, [(user, f"t-{payload}")], counter))
+        assert answered == {}
+        mine.record_send(payload, "launch", [f"item-{payload}"], 100)
+        shown = Answer(-1, -1, ({"payload_id": payload, "items": []},))
+        await store.write(mine, {(user, f"t-{payload}"): shown}, 5, 0)
+        return count
+
+    async def two_users_at_once() -> list[int]:
+        return list(await asyncio.gather(answer("u1", "p1"), answer("u2", "p2")))
+
+    counts = asyncio.run(two_users_at_once())
+    assert (state.reads, state.writes) == (1, 1)
+    assert sorted(counts) == [1, 2]  # each request got its own increment of the window
+
+    async def one_user_twice() -> list[int]:
+        # u1 twice in one flush: two states of one version; the second write loses the
+        # compare-and-set and is merged in, as a concurrent writer's would be.
+        return list(await asyncio.gather(answer("u1", "p3"), answer("u1", "p4")))
+
+    assert sorted(asyncio.run(one_user_twice())) == [3, 4]
+    assert state.reads == 2
+    stored, answers = state.read(["u1", "u2"], [("u1", f"t-p{n}") for n in (1, 3, 4)] + [("u2", "t-p2")])
+    assert sorted(stored["u1"].sends) == [[f"p{n}", "launch", f"item-p{n}", 100] for n in (1, 3, 4)]
+    assert stored["u2"].sends == [["p2", "launch", "item-p2", 100]]
+    assert stored["u1"].version == "3"  # written three times: nothing was overwritten
+    assert sorted(answer.outbox[0]["payload_id"] for answer in answers.values()) == ["p1", "p2", "p3", "p4"]
+
+
+def test_each_request_gets_its_own_reads_from_a_mixed_flush(make_config: Any) -> None:
+    state = counted_store(make_config)
+    store = CoalescingStore(state, 2_000)
+    earlier = Answer(0, 7, ({"payload_id": "p-earlier", "items": []},))
+    assert state.write([], {("u2", "t-done"): earlier}) == []
+    state.client.hset(state.user_key("u-bad"), mapping={"v": "1", "p": "{not json", "s": "[]"})
+    counter = f"{state.prefix}:api-rate:mixed"
+
+    async def four_at_once() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                store.read(StateRequest("u1")),  # no trigger, no counter
+                store.read(StateRequest("u2", [("u2", "t-new"), ("u2", "t-done")], counter)),
+                store.read(StateRequest("u-bad", [], counter)),
+                store.read(StateRequest("u3", [("u3", "t-x")], counter)),
+                return_exceptions=True,
+            )
+        )
+
+    plain, answered, bad, third = asyncio.run(four_at_once())
+    assert state.reads == 1
+    assert (plain[0].user_id, plain[1], plain[2]) == ("u1", {}, 0)
+    assert (answered[0].user_id, answered[1], answered[2]) == ("u2", {("u2", "t-done"): earlier}, 1)
+    assert isinstance(bad, ValueError)  # the corrupt profile fails its own request only
+    assert (third[0].user_id, third[1], third[2]) == ("u3", {}, 3)
+
+
+def test_a_store_error_reaches_every_request_waiting_on_it(make_config: Any) -> None:
+    cfg = make_config()
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
+    store = CoalescingStore(OnlineState(nowhere, cfg.online_store.key_prefix, 60_000, 60_000), 2_000)
+
+    async def two_at_once() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                store.read(StateRequest("u1")), store.read(StateRequest("u2")), return_exceptions=True
+            )
+        )
+
+    errors = asyncio.run(two_at_once())
+    assert [type(err) for err in errors] == [redis.exceptions.ConnectionError] * 2
