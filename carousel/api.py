@@ -84,7 +84,7 @@ from carousel.online_store import OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
 from carousel.ranking import RankingRules
-from carousel.realtime import rank_campaign, render_request, sends_keep_micros, write_back
+from carousel.realtime import rank_campaign, render_request, retry_conflicts, sends_keep_micros
 from carousel.schemas import (
     CONTROL_VARIANT,
     PAYLOAD_ID_HEADER,
@@ -349,10 +349,10 @@ class CoalescingStore:
     one, so the time the loop spends blocked on Redis and in redis-py per request falls as the
     load rises instead of compounding the queue (measured: bench/README.md "API").
 
-    A user asked for twice in one flush gets two states. The second write of that user fails its
-    version check and takes :func:`carousel.realtime.write_back`'s path: re-read, merge the sends
-    (idempotent), write again, as a concurrent writer's change does. Two such requests rank
-    without seeing each other's send, as two requests on two workers always could.
+    A user asked for twice in one flush gets two states. Only the first is written with the flush;
+    the second, whose version is then stale, takes :func:`carousel.realtime.retry_conflicts`'s
+    path: re-read, merge the sends (idempotent), write again, as after a concurrent writer. Two
+    such requests rank without seeing each other's send, as two requests on two workers could.
     """
 
     def __init__(self, state: OnlineState, counter_ttl_ms: int) -> None:
@@ -435,11 +435,13 @@ class CoalescingStore:
             return
         for pending in batch:
             if pending in again or pending.state.user_id in conflicts:
+                # Its version is stale (the first write of the user bumped it, or another
+                # writer did): straight to the re-read and merge, no write known to fail.
                 try:
-                    write_back(
+                    retry_conflicts(
                         self.state,
+                        [pending.state.user_id],
                         {pending.state.user_id: pending.state},
-                        {},
                         {},
                         pending.recent_items,
                         pending.keep_sends_since_us,

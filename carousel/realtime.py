@@ -420,6 +420,21 @@ def write_back(
 
     Returns how many compare-and-set conflicts were retried (serve and the API count them)."""
     conflicts = store.write(states.values(), answers)
+    return retry_conflicts(store, conflicts, states, applied, recent_items, keep_sends_since_us)
+
+
+def retry_conflicts(
+    store: OnlineState,
+    conflicts: Sequence[str],
+    states: Mapping[str, UserState],
+    applied: Mapping[str, Sequence[Mapping[str, Any]]],
+    recent_items: int,
+    keep_sends_since_us: int,
+) -> int:
+    """:func:`write_back` for the ``conflicts`` (users whose write lost the compare-and-set, or
+    was never sent against a version known to be stale): re-read, re-apply, write, up to 10 times.
+
+    Returns how many compare-and-set conflicts were retried."""
     retried = 0
     for _attempt in range(10):
         if not conflicts:
