@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from carousel import broker, online_store_server
 from carousel.config import CarouselConfig
 from carousel.schemas import APP_LAUNCHED, PRODUCT_VIEWED
@@ -125,14 +127,26 @@ def compact_aof(cfg: CarouselConfig, timeout_s: float = AOF_REWRITE_TIMEOUT_S) -
     """
     client = _client(cfg)
     started = time.perf_counter()
-    client.bgrewriteaof()  # "scheduled" when one is already running: waited for the same way
-    while True:
-        info = client.info("persistence")
-        if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
-            break
-        if time.perf_counter() - started > timeout_s:
-            raise RuntimeError(f"the online store's AOF rewrite took over {timeout_s:g} s")
-        time.sleep(AOF_POLL_S)  # polling the server's own progress flag, with the deadline above
+
+    def wait_for_the_rewrite() -> None:
+        while True:
+            info = client.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+                return
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"the online store's AOF rewrite took over {timeout_s:g} s")
+            time.sleep(AOF_POLL_S)  # polling the server's own progress flag, with the deadline above
+
+    try:
+        client.bgrewriteaof()  # "scheduled" while an RDB save runs: waited for the same way
+    except redis.ResponseError as err:
+        # Redis started one by itself during the load (auto-aof-rewrite-percentage), from a
+        # snapshot of part of it: wait for that one, then rewrite from the whole dataset.
+        if "already in progress" not in str(err):
+            raise
+        wait_for_the_rewrite()
+        client.bgrewriteaof()
+    wait_for_the_rewrite()
     seconds = round(time.perf_counter() - started, 1)
     log.info("online store: append-only file rewritten in %.1f s", seconds)
     return seconds

@@ -36,13 +36,16 @@ instances. Errors are JSON ``{"error": code, "reason": text}`` with a 4xx status
     CAROUSEL_API_KEY=... ./spark-submit.sh api [--port 8780] [--workers 2] [--set api.keys...]
 
 With several workers each listens on its own SO_REUSEPORT socket, so the kernel spreads
-connections over them (:class:`ReusePortWorkers`); a worker that dies is replaced.
+connections over them (:class:`ReusePortWorkers`); a worker that dies, or whose event loop
+stops for ``api.worker_timeout_seconds``, is replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import faulthandler
 import hmac
 import json
 import logging
@@ -78,7 +81,7 @@ from carousel.broker import BrokerError, wait_until_reachable
 from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CampaignFilters, CarouselConfig, load_config
 from carousel.fastjson import compact_json
-from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups
+from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups, held_lookups
 from carousel.online_state import Answer, OnlineState, StateRequest, UserState
 from carousel.online_store import OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
@@ -106,6 +109,7 @@ _RECOMMENDATIONS_PATH = re.compile(r"^/v1/users/([^/]+)/recommendations$")
 _INTEGER = TypeAdapter(int)
 _MICROS = 1_000_000
 _WINDOW_MS = 2000  # a rate-limit window's counter outlives its second, then expires
+_LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
 
 
 class ErrorBody(BaseModel):
@@ -534,7 +538,13 @@ class ApiService:
                 log.warning("api: %d outbox records were not acknowledged at shutdown", left)
 
     def _load_lookups(self) -> None:
-        """Load the lookups once (retrying while a table is missing), then report ready."""
+        """Load the lookups (retrying while a table is missing), report ready, then keep them fresh.
+
+        The table versions are checked here, every ``serving.refresh_seconds``, and not on the
+        event loop: on an object store each check is a listing round trip per table, which would
+        stall every request in flight behind it. A later version is loaded by the reload thread
+        of :func:`current_lookups`; requests take the lookups held (:func:`held_lookups`)."""
+        interval = max(self.spec.sources.refresh_seconds, _LOOKUPS_CHECK_FLOOR_SECONDS)
         while not self._stopping.is_set():
             try:
                 lookups = current_lookups(self.spec.sources)
@@ -546,7 +556,18 @@ class ApiService:
                 continue
             self.ready.set()
             log.info("api: ready (lookups at versions %s)", lookups.versions)
-            return
+            break
+        while not self._stopping.wait(interval):
+            try:
+                fresh = current_lookups(self.spec.sources)
+                # A new version's similar-items index is built here rather than by a request.
+                fresh.lists(self.spec.similar_filters).index  # noqa: B018 - built on first access
+            except (ServingLookupError, OSError) as err:  # the lookups held still serve
+                log.warning("api: the lookups' tables cannot be checked (serving what is held): %s", err)
+                continue
+            if fresh is not lookups:
+                log.info("api: lookups at versions %s", fresh.versions)
+                lookups = fresh
 
     def _produce(self, user_id: str, answer: ApiAnswer, on_delivery: Callable[[Any, Any], None]) -> None:
         try:
@@ -591,9 +612,10 @@ class ApiService:
 
     # -- per request -----------------------------------------------------------------------------
     def lookups(self) -> ServingLookups:
-        if not self.ready.is_set():
+        held = held_lookups(self.spec.sources) if self.ready.is_set() else None
+        if held is None:
             raise ApiError(503, "not_ready", self.not_ready, {"Retry-After": "1"})
-        return current_lookups(self.spec.sources)
+        return held
 
     def authorize(self, key: str | None) -> str:
         """The name of the API key presented (401 when none or an unknown one)."""
@@ -612,11 +634,7 @@ class ApiService:
         """429 when key ``name`` is over its limit; ``count``: this window's count when the caller
         already incremented it (with its state read), else it is incremented here."""
         if count is None:
-            counter = self.rate_counter(name)
-            pipe = self.store.state.client.pipeline(transaction=False)
-            pipe.incr(counter)
-            pipe.pexpire(counter, _WINDOW_MS)
-            count, _ = pipe.execute()
+            count = self.store.state.count(self.rate_counter(name), _WINDOW_MS)
         limit = self.limits[name]
         if count > limit:
             raise ApiError(
@@ -1069,13 +1087,15 @@ def main(argv: list[str]) -> int:
         return 0
     # A worker's shutdown: its requests, then the flush of its outbox (api.record_timeout_ms).
     stop_seconds = _GRACEFUL_SECONDS + cfg.api.record_timeout_ms / 1000 + 5
-    return ReusePortWorkers(config, cfg.api.workers, stop_seconds).run()
+    return ReusePortWorkers(config, cfg.api.workers, stop_seconds, cfg.api.worker_timeout_seconds).run()
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker processes: one listening socket each (SO_REUSEPORT)
 # ---------------------------------------------------------------------------------------------
 _GRACEFUL_SECONDS = 10
+_STACK_DUMP_SECONDS = 2.0  # a hung worker's time to write its stacks before it is killed
+_START_SECONDS = 60.0  # a worker's time to its event loop's first tick, at least
 _EARLY_DEATH_SECONDS, _EARLY_DEATHS = 10.0, 5
 
 
@@ -1113,65 +1133,129 @@ def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[so
     return sockets
 
 
-def _serve_worker(config: uvicorn.Config, sock: socket.socket) -> None:
+class _BeatingServer(uvicorn.Server):
+    """uvicorn's server, stamping ``heartbeat`` (shared with the supervisor) from its event loop."""
+
+    heartbeat: Any = None  # a multiprocessing RawValue("d"): time.monotonic() of the last tick
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop calls this every 0.1 s on the event loop: a loop blocked by a stuck
+        # request stops the stamps. CLOCK_MONOTONIC is the same clock in every process.
+        self.heartbeat.value = time.monotonic()
+        return await super().on_tick(counter)
+
+
+def _serve_worker(config: uvicorn.Config, sock: socket.socket, heartbeat: Any) -> None:
     """A worker process: uvicorn serving on its own socket (module level: spawn pickles it).
 
     An app that cannot be built exits with uvicorn's start-up failure status, so the supervisor
-    stops instead of restarting it."""
+    stops instead of restarting it. SIGUSR1 dumps every thread's stack to stderr (the supervisor
+    sends it to a hung worker before killing it)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     config.configure_logging()
     try:
         config.load()
     except Exception as err:  # noqa: BLE001 - any failure to build the app is a start-up failure
         log.error("api: the worker cannot build its app: %s", err)
         sys.exit(STARTUP_FAILURE)
+    server = _BeatingServer(config)
+    server.heartbeat = heartbeat
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
         pass
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    started: float  # time.monotonic()
+    heartbeat: Any  # stamped by the worker's event loop (see _BeatingServer)
+
+    def silent_for(self, timeout_seconds: float) -> float | None:
+        """Seconds since the worker's event loop last ran, when more than ``timeout_seconds``
+        (else None). Before its first tick the worker is starting (imports, the app, its
+        producer), which a loaded machine may slow down: it has ``_START_SECONDS`` at least."""
+        last = self.heartbeat.value
+        if last:
+            silent, limit = time.monotonic() - last, timeout_seconds
+        else:
+            silent, limit = time.monotonic() - self.started, max(timeout_seconds, _START_SECONDS)
+        return silent if silent >= limit else None
 
 
 class ReusePortWorkers:
     """Runs ``count`` uvicorn workers, each on its own SO_REUSEPORT socket, and keeps them running.
 
     A worker that dies is replaced on the same socket (connections waiting in its queue are then
-    answered by the replacement). One that fails at start-up (uvicorn's exit status 3: the app or
-    its configuration is broken, and would fail again), or that dies within
-    ``_EARLY_DEATH_SECONDS`` of its start ``_EARLY_DEATHS`` times in a row, stops the service
-    with status 1. SIGTERM or SIGINT stops the workers gracefully: each finishes its requests and
-    flushes its outbox, within ``stop_seconds``."""
+    answered by the replacement). So is one whose event loop has not run for ``timeout_seconds``
+    (a request stuck in a blocking call, a deadlock: alive, but answering nobody), after its
+    threads' stacks are dumped to the log (SIGUSR1) for the post-mortem; it is then killed. One
+    that fails at start-up (uvicorn's exit status 3: the app or its configuration is broken, and
+    would fail again), or that dies within ``_EARLY_DEATH_SECONDS`` of its start
+    ``_EARLY_DEATHS`` times in a row, stops the service with status 1. SIGTERM or SIGINT stops
+    the workers gracefully: each finishes its requests and flushes its outbox, within
+    ``stop_seconds``."""
 
-    def __init__(self, config: uvicorn.Config, count: int, stop_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, count: int, stop_seconds: float, timeout_seconds: float
+    ) -> None:
         self.config, self.count, self.stop_seconds = config, count, stop_seconds
+        self.timeout_seconds = timeout_seconds
         self._signals: list[int] = []  # appended by the handler (no lock taken in a handler)
         self._context = multiprocessing.get_context("spawn")
 
-    def _start(self, sock: socket.socket) -> tuple[multiprocessing.process.BaseProcess, float]:
-        process = self._context.Process(target=_serve_worker, args=(self.config, sock), name="api-worker")
+    def _start(self, sock: socket.socket) -> _Worker:
+        heartbeat = self._context.RawValue("d", 0.0)
+        process = self._context.Process(
+            target=_serve_worker, args=(self.config, sock, heartbeat), name="api-worker"
+        )
         process.start()
-        return process, time.monotonic()
+        return _Worker(process, time.monotonic(), heartbeat)
 
-    def _replace(
-        self, workers: list[tuple[Any, float]], deaths: list[int], sockets: list[socket.socket]
-    ) -> int:
-        """Replace the dead workers; 1 when the service must stop, else 0."""
-        for index, (worker, started) in enumerate(workers):
-            if worker.is_alive() or self._signals:
+    def _stop_hung(self, worker: _Worker) -> None:
+        """Kill a worker whose event loop stopped, after it dumped its stacks (as far as it can)."""
+        silent = worker.silent_for(self.timeout_seconds)
+        if silent is None or self._signals or not worker.process.is_alive():
+            return
+        pid = worker.process.pid
+        log.error(
+            "api: worker %d has not run its event loop for %.0f s (api.worker_timeout_seconds: %g); "
+            "its threads' stacks follow, then it is killed",
+            pid,
+            silent,
+            self.timeout_seconds,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)  # faulthandler: a C-level handler, runs even if Python is stuck
+        worker.process.join(_STACK_DUMP_SECONDS)
+        worker.process.kill()
+        worker.process.join(_STACK_DUMP_SECONDS)
+        if worker.process.is_alive():  # in an uninterruptible wait (D state): reaped on a later pass
+            log.error("api: worker %d does not die of SIGKILL yet; checked again", pid)
+
+    def _replace(self, workers: list[_Worker], deaths: list[int], sockets: list[socket.socket]) -> int:
+        """Replace the dead and hung workers; 1 when the service must stop, else 0."""
+        for index, worker in enumerate(workers):
+            self._stop_hung(worker)
+            if worker.process.is_alive() or self._signals:
                 continue
-            if worker.exitcode == STARTUP_FAILURE:
-                log.error("api: worker %d failed to start (see above); stopping", worker.pid)
+            pid, exitcode = worker.process.pid, worker.process.exitcode
+            if exitcode == STARTUP_FAILURE:
+                log.error("api: worker %d failed to start (see above); stopping", pid)
                 return 1
-            deaths[index] = deaths[index] + 1 if time.monotonic() - started < _EARLY_DEATH_SECONDS else 1
+            # A worker killed before its first loop turn never started: an early death too.
+            early = time.monotonic() - worker.started < _EARLY_DEATH_SECONDS or not worker.heartbeat.value
+            deaths[index] = deaths[index] + 1 if early else 1
             if deaths[index] >= _EARLY_DEATHS:
-                log.error(
-                    "api: worker %d died %d times soon after starting; stopping", worker.pid, deaths[index]
-                )
+                log.error("api: worker %d died %d times soon after starting; stopping", pid, deaths[index])
                 return 1
             workers[index] = self._start(sockets[index])
             log.warning(
                 "api: worker %d exited with status %s; replaced by worker %d",
-                worker.pid,
-                worker.exitcode,
-                workers[index][0].pid,
+                pid,
+                exitcode,
+                workers[index].process.pid,
             )
         return 0
 
@@ -1186,20 +1270,21 @@ class ReusePortWorkers:
             signal.signal(sig, lambda number, _frame: self._signals.append(number))
         workers = [self._start(sock) for sock in sockets]
         deaths = [0] * len(workers)
-        log.info("api: workers %s", [worker.pid for worker, _ in workers])
+        log.info("api: workers %s", [worker.process.pid for worker in workers])
         status = 0
         while not self._signals and not status:
-            time.sleep(0.5)
+            time.sleep(0.5)  # the supervisor's watch interval (a worker's death has no event here)
             status = self._replace(workers, deaths, sockets)
-        for worker, _ in workers:
-            if worker.is_alive():
-                worker.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        processes = [worker.process for worker in workers]
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: uvicorn's graceful shutdown
         for sock in sockets:  # new connections are refused now, not queued for nobody
             sock.close()
         deadline = time.monotonic() + self.stop_seconds
-        for worker, _ in workers:
-            worker.join(max(deadline - time.monotonic(), 0.1))
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.1))
+            if process.is_alive():
+                process.kill()
+                process.join()
         return status

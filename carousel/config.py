@@ -857,6 +857,7 @@ class ApiConfig(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     workers: int = Field(ge=1, le=64)
+    worker_timeout_seconds: float = Field(ge=5, le=3600)
     keys: dict[str, ApiKeyConfig] = Field(min_length=1)
     default_similar: int = Field(ge=1, le=1000)
     max_similar: int = Field(ge=1, le=1000)
@@ -1173,6 +1174,20 @@ def load_config(
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         _set_path(data, key.strip(), _parse_scalar(value))
     return _validate(data)
+
+
+def mask_secrets(text: str, *more: str | None) -> str:
+    """``text`` with the secrets carousel reads from the environment (the Kafka SASL and Redis
+    passwords) and ``more`` (a password taken from a URL, say) replaced by ``***``: an error text
+    may quote a connection string or an AUTH command, and it is logged and raised."""
+    for secret in (
+        os.environ.get(KAFKA_SECRET_ENV["sasl.password"]),
+        os.environ.get(REDIS_PASSWORD_ENV),
+        *more,
+    ):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def masked_url(url: str) -> str:

@@ -55,4 +55,20 @@ def spark_reason(err: BaseException, limit: int = 400) -> str:
         line = found[-1].split(" SQLSTATE:")[0].split(". ")[0].strip().rstrip(".")
     else:
         line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return _clipped(line, limit)
+
+
+_PYTHON_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b: ")
+
+
+def telling_line(text: str, limit: int = 500) -> str:
+    """The telling line of a failure's text: a Python handler's exception line (the last ``Class:
+    message`` after a traceback, as a streaming query's failure quotes its Python worker's), else
+    the first non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if _PYTHON_ERROR_LINE.match(line)]
+    return _clipped(raised[-1] if raised else lines[0] if lines else "unknown error", limit)
+
+
+def _clipped(line: str, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -183,6 +183,10 @@ class OnlineState:
             results.append((state, answers, count))
         return results
 
+    def count(self, counter: str, ttl_ms: int) -> int:
+        """INCR ``counter`` (expiring ``ttl_ms`` later) in one round trip; its new value."""
+        return self._read_pipelined((), (), (counter,), ttl_ms)[2][0]
+
     def _read_pipelined(
         self,
         users: Sequence[str],

@@ -26,7 +26,7 @@ import redis
 import redis.cluster
 from redis.exceptions import RedisClusterException
 
-from carousel.config import OnlineStoreConfig, masked_url
+from carousel.config import OnlineStoreConfig, mask_secrets, masked_url
 
 START_COMMAND = "./spark-submit.sh online-store start"
 
@@ -108,10 +108,9 @@ def check_reachable(store_cfg: OnlineStoreConfig) -> None:
         connect(store_cfg).ping()
     except (redis.RedisError, RedisClusterException, OSError) as err:
         # The qualified class name: supervision.transient_errors matches it on a restart.
-        reason = f"{type(err).__module__}.{type(err).__name__}: {err}"
-        for secret in (store_cfg.credentials().get("password"), urlsplit(store_cfg.url).password):
-            if secret:
-                reason = reason.replace(secret, "***")
+        reason = mask_secrets(
+            f"{type(err).__module__}.{type(err).__name__}: {err}", urlsplit(store_cfg.url).password
+        )
         raise OnlineStoreError(
             f"the online store at {url} does not answer ({reason}). Start the local one with "
             f"`{START_COMMAND}`, or point online_store.url at a running Redis / Valkey"

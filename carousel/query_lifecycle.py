@@ -35,7 +35,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -264,6 +265,28 @@ def request_stop(spark: SparkSession, marker: str, reason: str) -> None:
     write_small_file(spark, marker, f"{datetime.now(UTC).isoformat()} {reason}\n")
 
 
+@contextmanager
+def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT call ``on_signal(signum)`` instead of ending the job;
+    the previous handlers are restored after it.
+
+    Python delivers signals to the main thread only: in another thread nothing is caught. The
+    handler runs between two bytecodes of whatever the main thread is doing (a Py4J call, a
+    sleep), so ``on_signal`` only records the request; the loop that polls it acts on it."""
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+
+    def _handler(signum: int, _frame: FrameType | None) -> None:
+        on_signal(signum)
+
+    previous = {sig: signal.signal(sig, _handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def await_query(
     spark: SparkSession,
     query: StreamingQuery,
@@ -290,40 +313,37 @@ def await_query(
         log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
     requested: list[str] = []
 
-    def _request_stop(signum: int, _frame: FrameType | None) -> None:
+    def _request_stop(signum: int) -> None:
         log.info("signal %d: stopping %s after its running micro-batch", signum, query.name)
         requested.append(f"signal {signum}")
 
-    # Python delivers signals to the main thread only (a caller in another thread gets none).
-    in_main = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
-    previous = {sig: signal.signal(sig, _request_stop) for sig in signals}
     try:
-        while query.isActive:
-            if lease is not None:
-                lease.renew_if_due()
-            if not requested and marker is not None and file_exists(spark, marker):
-                log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
-                requested.append(marker)
-            if requested:
-                stop_between_batches(query, stop_timeout_seconds)
-                break
-            try:
-                query.awaitTermination(poll_seconds)
-            except StreamingQueryException:
-                break  # reported below
-        if marker is not None and requested:
-            delete_file(spark, marker)
-        error = query.exception()
-        if error is not None and not requested:
-            summary = str(getattr(error, "_desc", None) or error).strip()
-            raise QueryFailedError(str(query.name), summary, failure_detail(query) or summary)
-        if error is not None:
-            log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, error)
-        log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
+        with stop_signals(_request_stop):
+            while query.isActive:
+                if lease is not None:
+                    lease.renew_if_due()
+                if not requested and marker is not None and file_exists(spark, marker):
+                    log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
+                    requested.append(marker)
+                if requested:
+                    stop_between_batches(query, stop_timeout_seconds)
+                    break
+                try:
+                    query.awaitTermination(poll_seconds)
+                except StreamingQueryException:
+                    break  # reported below
+            # Still under the handlers: a signal now is recorded, not the end of the process
+            # half-way through (the lease left behind, the stop request kept).
+            if marker is not None and requested:
+                delete_file(spark, marker)
+            error = query.exception()
+            if error is not None and not requested:
+                summary = str(getattr(error, "_desc", None) or error).strip()
+                raise QueryFailedError(str(query.name), summary, failure_detail(query) or summary)
+            if error is not None:
+                log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, error)
+            log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if lease is not None and not keep_lease:
             lease.release()
 

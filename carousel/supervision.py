@@ -25,20 +25,15 @@ during a backoff ends the job cleanly without a restart.
 from __future__ import annotations
 
 import logging
-import os
-import re
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
-from types import FrameType
 
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import KAFKA_SECRET_ENV, REDIS_PASSWORD_ENV, SupervisionConfig
-from carousel.errors import JobError
-from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query
+from carousel.config import SupervisionConfig, mask_secrets
+from carousel.errors import JobError, telling_line
+from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query, stop_signals
 from carousel.query_metrics import count_restart
 from carousel.storage import delete_file, file_exists
 
@@ -71,14 +66,11 @@ class _StopWatch:
     def wait(self, seconds: float, poll_seconds: float) -> bool:
         """Wait ``seconds``, renewing the lease (the job still runs); True as soon as a stop was
         asked for (the marker is then removed)."""
-        in_main = threading.current_thread() is threading.main_thread()
 
-        def _request_stop(signum: int, _frame: FrameType | None) -> None:
+        def _request_stop(signum: int) -> None:
             self.reason = f"signal {signum}"
 
-        signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
-        previous = {sig: signal.signal(sig, _request_stop) for sig in signals}
-        try:
+        with stop_signals(_request_stop):
             deadline = time.monotonic() + seconds
             while self.reason is None:
                 if self._lease is not None:
@@ -91,32 +83,7 @@ class _StopWatch:
                 if left <= 0:
                     break
                 time.sleep(min(poll_seconds, left))  # a timed wait with a stop check, not a sync
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         return self.reason is not None
-
-
-_PYTHON_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b: ")
-
-
-def _masked(text: str) -> str:
-    """``text`` with the Kafka and Redis passwords of the environment replaced by ``***`` (an error
-    text may quote a connection string; it is logged and raised)."""
-    for env in (KAFKA_SECRET_ENV["sasl.password"], REDIS_PASSWORD_ENV):
-        secret = os.environ.get(env)
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _reason_line(text: str, limit: int = 500) -> str:
-    """The telling line of a failure: a Python handler's exception line (the last ``Class: message``
-    after a traceback), else the first line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    raised = [line for line in lines if _PYTHON_ERROR_LINE.match(line)]
-    line = raised[-1] if raised else lines[0] if lines else "unknown error"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def supervise(
@@ -147,7 +114,7 @@ def supervise(
             except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
                 if last is None:
                     raise  # the first start: the job's own start-up error
-                summary = error_text = _masked(f"{type(err).__module__}.{type(err).__name__}: {err}")
+                summary = error_text = mask_secrets(f"{type(err).__module__}.{type(err).__name__}: {err}")
             else:
                 first_run = last is None or query is started
                 last, pending = query, None
@@ -163,11 +130,11 @@ def supervise(
                     )
                     return query
                 except QueryFailedError as err:
-                    summary, error_text = _masked(err.summary), _masked(err.detail)
+                    summary, error_text = mask_secrets(err.summary), mask_secrets(err.detail)
             if policy.healthy_after_seconds <= time.monotonic() - began:
                 restarts = 0  # it ran long enough since its last start: a new incident
             pattern = transient_reason(error_text, policy.transient_errors)
-            summary = _reason_line(summary)
+            summary = telling_line(summary)
             if pattern is None:
                 raise QueryGaveUpError(
                     f"{query_name} failed with a permanent error (not restarted): {summary}"

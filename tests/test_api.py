@@ -51,6 +51,7 @@ from streaming import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+WORKER_TIMEOUT_SECONDS = 12
 KEY = f"key-{uuid.uuid4().hex}"
 TIGHT_KEY = f"tight-{uuid.uuid4().hex}"
 KEY_ENV, TIGHT_ENV = "CAROUSEL_TEST_API_KEY", "CAROUSEL_TEST_API_TIGHT_KEY"
@@ -71,8 +72,8 @@ CAMPAIGNS: dict[str, dict[str, Any]] = {
 class Api:
     """The running service: its base URL and an httpx client with the test's key."""
 
-    def __init__(self, cfg: CarouselConfig, base: str) -> None:
-        self.cfg, self.base = cfg, base
+    def __init__(self, cfg: CarouselConfig, base: str, log_path: Path) -> None:
+        self.cfg, self.base, self.log_path = cfg, base, log_path
         self.http = httpx.Client(base_url=base, timeout=30)
 
     def get(self, path: str, key: str | None = KEY, **kwargs: Any) -> httpx.Response:
@@ -111,6 +112,8 @@ def api_config(tmp: Path, kafka_bootstrap: str, online_store_url: str) -> Carous
             "serving.refresh_seconds=0.001",
             f"api.port={free_port()}",
             "api.workers=2",
+            # Long enough for a loaded CI machine's slowest loop turn, short for the hang test.
+            f"api.worker_timeout_seconds={WORKER_TIMEOUT_SECONDS}",
             f"api.metrics_dir={tmp}/api-metrics",
         ]
     )
@@ -152,7 +155,7 @@ def api(
             start_new_session=True,
             env=env,
         )
-    service = Api(cfg, f"http://{cfg.api.host}:{cfg.api.port}")
+    service = Api(cfg, f"http://{cfg.api.host}:{cfg.api.port}", log_path)
 
     def ready() -> bool:
         assert process.poll() is None, "the API exited: " + log_path.read_text()[-3000:]
@@ -392,6 +395,45 @@ def test_connections_spread_over_the_workers_and_a_dead_worker_is_replaced(api: 
 
     wait_for(replaced, timeout=60, what="a new worker in place of the killed one", poll=0.5)
     wait_for(lambda: len(set(_workers_answering(api, 24))) == workers, timeout=60, what="both workers again")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:  # killed and reaped by the supervisor
+        return False
+    return True
+
+
+def test_a_worker_whose_event_loop_stopped_is_killed_and_replaced(api: Api) -> None:
+    # SIGSTOP: the process is alive, its socket accepts connections into its queue, but its event
+    # loop runs no more, as a worker stuck in a blocking call. Only the heartbeat tells.
+    workers = api.cfg.api.workers
+    wait_for(lambda: len(set(_workers_answering(api, 24))) == workers, timeout=60, what="every worker ready")
+    before = set(_workers_answering(api, 24))
+    victim = min(before)
+    stopped_at = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: not _running(victim),
+            timeout=WORKER_TIMEOUT_SECONDS + 60,
+            what=f"the supervisor to kill the hung worker {victim}",
+        )
+    finally:
+        if _running(victim):
+            os.kill(victim, signal.SIGCONT)
+    assert time.monotonic() - stopped_at >= WORKER_TIMEOUT_SECONDS - 1  # not before its timeout
+    log_text = api.log_path.read_text()
+    assert f"worker {victim} has not run its event loop for" in log_text, log_text[-3000:]
+
+    def replaced() -> bool:
+        # Logged once the replacement is started, just after the victim was reaped.
+        logged = f"worker {victim} exited with status -9; replaced by worker" in api.log_path.read_text()
+        answering = set(_workers_answering(api, 24))
+        return logged and victim not in answering and len(answering) == workers
+
+    wait_for(replaced, timeout=60, what="a new worker in place of the hung one", poll=0.5)
 
 
 def test_a_new_model_is_used_without_a_restart(spark: SparkSession, api: Api) -> None:

@@ -15,8 +15,8 @@ import pytest
 from pyspark.sql import SparkSession
 
 from carousel import cli
-from carousel.config import load_config
-from carousel.errors import JobError, one_line
+from carousel.config import load_config, mask_secrets
+from carousel.errors import JobError, one_line, telling_line
 from carousel.schemas import PROFILE_SCHEMA, PROFILES_TABLE
 from carousel.storage import ensure_table
 
@@ -68,6 +68,30 @@ def test_one_line_joins_a_listed_message():
     err = JobError("refused:\n  - first reason\n  - second reason")
     assert one_line(err) == "refused: first reason; second reason"
     assert one_line(JobError("plain")) == "plain"
+
+
+def test_the_telling_line_of_a_failure_is_the_python_handlers_exception() -> None:
+    # A streaming query's failure quotes its Python worker's traceback inside the JVM's text.
+    text = (
+        "[FOREACH_BATCH_USER_FUNCTION_ERROR] An error occurred in the user provided function\n"
+        "Traceback (most recent call last):\n"
+        '  File "serve.py", line 3, in handle\n'
+        "redis.exceptions.ConnectionError: Error 111 connecting to localhost:6379\n"
+        "\tat org.apache.spark.sql.execution.streaming.MicroBatchExecution.run(x.scala:1)\n"
+    )
+    assert telling_line(text) == "redis.exceptions.ConnectionError: Error 111 connecting to localhost:6379"
+    assert telling_line("\n  first line\nsecond line") == "first line"
+    assert telling_line("") == "unknown error"
+    assert telling_line("x" * 50, limit=10) == "xxxxxxx..."
+
+
+def test_secrets_from_the_environment_and_given_ones_are_masked(monkeypatch) -> None:
+    monkeypatch.setenv("CAROUSEL_REDIS_PASSWORD", "s3cr3t-redis")
+    monkeypatch.setenv("CAROUSEL_KAFKA_SASL_PASSWORD", "s3cr3t-kafka")
+    text = 'AUTH s3cr3t-redis failed; password="s3cr3t-kafka"; redis://:url-pw@host'
+    assert mask_secrets(text, "url-pw", None) == 'AUTH *** failed; password="***"; redis://:***@host'
+    monkeypatch.delenv("CAROUSEL_REDIS_PASSWORD")
+    assert mask_secrets("AUTH s3cr3t-redis", "") == "AUTH s3cr3t-redis"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from carousel.config import SupervisionConfig, load_config
 from carousel.online_store import OnlineStoreError
 from carousel.payloads import TemplateCheckError
 from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query, lease_holder, request_stop
-from carousel.supervision import QueryGaveUpError, _masked, backoff_seconds, supervise, transient_reason
+from carousel.supervision import QueryGaveUpError, backoff_seconds, supervise, transient_reason
 
 TRANSIENT = "redis.exceptions.ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused."
 
@@ -89,13 +89,6 @@ def test_transient_reason_and_backoff_are_pure() -> None:
     )
     assert transient_reason("[DELTA_SCHEMA_MISMATCH] a schema conflict", patterns) is None
     assert [backoff_seconds(n, 5, 120) for n in (1, 2, 3, 5, 6, 9)] == [5, 10, 20, 80, 120, 120]
-
-
-def test_passwords_from_the_environment_are_masked_in_error_text(monkeypatch) -> None:
-    monkeypatch.setenv("CAROUSEL_REDIS_PASSWORD", "s3cr3t-redis")
-    monkeypatch.setenv("CAROUSEL_KAFKA_SASL_PASSWORD", "s3cr3t-kafka")
-    text = 'AUTH s3cr3t-redis failed; password="s3cr3t-kafka";'
-    assert _masked(text) == 'AUTH *** failed; password="***";'
 
 
 def test_a_transient_failure_restarts_and_replays_the_batch(spark, tmp_path) -> None:
