@@ -70,5 +70,15 @@ def telling_line(text: str, limit: int = 500) -> str:
     return _clipped(raised[-1] if raised else lines[0] if lines else "unknown error", limit)
 
 
+def java_reason(err: BaseException, limit: int = 400) -> str:
+    """A Py4J error's Java exception as ``Class: message`` (its first line: the failed path and the
+    reason, without the Java stack), else the telling line of its text."""
+    java = getattr(err, "java_exception", None)  # py4j.protocol.Py4JJavaError
+    if java is None:
+        return telling_line(str(err), limit)
+    lines = str(java.toString()).strip().splitlines()
+    return _clipped(lines[0].strip() if lines else type(err).__name__, limit)
+
+
 def _clipped(line: str, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."

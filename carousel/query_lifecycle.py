@@ -39,14 +39,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+from py4j.protocol import Py4JJavaError
 from pyspark import SparkContext
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import CarouselConfig
+from carousel.errors import java_reason
 from carousel.storage import delete_file, file_exists, publish_small_file, read_text_file, write_small_file
 
 __all__ = [
@@ -68,6 +70,7 @@ STOP_MARKER_NAME = "_stop_requested"
 LEASE_NAME = "_running"
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _GATES: dict[str, BatchGate] = {}
 _GATES_LOCK = threading.Lock()
@@ -265,6 +268,40 @@ def request_stop(spark: SparkSession, marker: str, reason: str) -> None:
     write_small_file(spark, marker, f"{datetime.now(UTC).isoformat()} {reason}\n")
 
 
+class StorageChecks:
+    """The storage calls a running query's watch makes (its stop request, its lease): a failure is
+    logged once per outage and read as "nothing to do", then tried again at the next check.
+
+    Why: these are small files beside the checkpoint, read every few seconds for as long as the
+    query runs. A blip of the file system or object store (a throttled listing, a timeout) must
+    not end a healthy query, nor the job with a Java traceback; the query's own reads and writes
+    fail (and are supervised) if the storage is really gone. While the lease cannot be renewed it
+    ages: after ``lease_seconds`` a job that checks it no longer sees the query running."""
+
+    def __init__(self, query_name: str) -> None:
+        self._query_name = query_name
+        self._failing = False
+
+    def run(self, what: str, action: Callable[[], T], otherwise: T) -> T:
+        """``action()``; ``otherwise`` when the storage fails it (``what``: for the log)."""
+        try:
+            result = action()
+        except Py4JJavaError as err:  # a Hadoop IOException and its kin, through Py4J
+            if not self._failing:
+                log.warning(
+                    "%s: cannot %s (%s); the query runs on, and the storage is tried again at the next check",
+                    self._query_name,
+                    what,
+                    java_reason(err),
+                )
+            self._failing = True
+            return otherwise
+        if self._failing:
+            log.info("%s: the storage answers again (%s)", self._query_name, what)
+            self._failing = False
+        return result
+
+
 @contextmanager
 def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
     """Within the block, SIGTERM and SIGINT call ``on_signal(signum)`` instead of ending the job;
@@ -296,6 +333,7 @@ def await_query(
     lease: QueryLease | None = None,
     keep_lease: bool = False,
     clear_stale_stop: bool = True,
+    storage: StorageChecks | None = None,
 ) -> None:
     """Wait for ``query`` to end; a stop request at ``marker`` or SIGTERM/SIGINT stop it between batches.
 
@@ -307,9 +345,16 @@ def await_query(
     written while a restart starts is meant for the restarted query.
     Signal handlers only record the request (they must not block); this loop then stops the
     query with :func:`stop_between_batches` and removes the marker. A query that fails on its
-    own raises :class:`QueryFailedError`.
+    own raises :class:`QueryFailedError`. A storage failure of the stop check or the lease is
+    logged and tried again (:class:`StorageChecks`; ``storage``: the caller's, to log an outage
+    once across restarts).
     """
-    if clear_stale_stop and marker is not None and delete_file(spark, marker):
+    storage = storage or StorageChecks(str(query.name))
+    if (
+        clear_stale_stop
+        and marker is not None
+        and storage.run("remove a stale stop request", lambda: delete_file(spark, marker), False)
+    ):
         log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
     requested: list[str] = []
 
@@ -321,8 +366,12 @@ def await_query(
         with stop_signals(_request_stop):
             while query.isActive:
                 if lease is not None:
-                    lease.renew_if_due()
-                if not requested and marker is not None and file_exists(spark, marker):
+                    storage.run("renew its lease", lease.renew_if_due, None)
+                if (
+                    not requested
+                    and marker is not None
+                    and storage.run("check for a stop request", lambda: file_exists(spark, marker), False)
+                ):
                     log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
                     requested.append(marker)
                 if requested:
@@ -334,8 +383,8 @@ def await_query(
                     break  # reported below
             # Still under the handlers: a signal now is recorded, not the end of the process
             # half-way through (the lease left behind, the stop request kept).
-            if marker is not None and requested:
-                delete_file(spark, marker)
+            if marker is not None and requested:  # left behind on a failure: the next start clears it
+                storage.run("remove the stop request", lambda: delete_file(spark, marker), False)
             error = query.exception()
             if error is not None and not requested:
                 summary = str(getattr(error, "_desc", None) or error).strip()
@@ -345,7 +394,7 @@ def await_query(
             log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
     finally:
         if lease is not None and not keep_lease:
-            lease.release()
+            storage.run("remove its lease (it expires by itself)", lease.release, None)
 
 
 _STOPPABLE = ("ingest", "serve", "record-sends")

@@ -33,7 +33,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import SupervisionConfig, mask_secrets
 from carousel.errors import JobError, telling_line
-from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query, stop_signals
+from carousel.query_lifecycle import QueryFailedError, QueryLease, StorageChecks, await_query, stop_signals
 from carousel.query_metrics import count_restart
 from carousel.storage import delete_file, file_exists
 
@@ -59,8 +59,10 @@ def backoff_seconds(restart: int, initial: float, maximum: float) -> float:
 class _StopWatch:
     """What may end a backoff early: a stop request at ``marker`` or SIGTERM/SIGINT (main thread)."""
 
-    def __init__(self, spark: SparkSession, marker: str | None, lease: QueryLease | None) -> None:
-        self._spark, self._marker, self._lease = spark, marker, lease
+    def __init__(
+        self, spark: SparkSession, marker: str | None, lease: QueryLease | None, storage: StorageChecks
+    ) -> None:
+        self._spark, self._marker, self._lease, self._storage = spark, marker, lease, storage
         self.reason: str | None = None
 
     def wait(self, seconds: float, poll_seconds: float) -> bool:
@@ -72,12 +74,15 @@ class _StopWatch:
 
         with stop_signals(_request_stop):
             deadline = time.monotonic() + seconds
+            storage, spark, marker = self._storage, self._spark, self._marker
             while self.reason is None:
                 if self._lease is not None:
-                    self._lease.renew_if_due()
-                if self._marker is not None and file_exists(self._spark, self._marker):
-                    delete_file(self._spark, self._marker)
-                    self.reason = self._marker
+                    storage.run("renew its lease", self._lease.renew_if_due, None)
+                if marker is not None and storage.run(
+                    "check for a stop request", lambda: file_exists(spark, marker), False
+                ):
+                    storage.run("remove the stop request", lambda: delete_file(spark, marker), False)
+                    self.reason = marker
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -103,7 +108,8 @@ def supervise(
     otherwise the first start's own errors propagate as they are (a job that cannot start says
     why). A restart that fails to start with a transient error counts as a failed attempt.
     """
-    stop_watch = _StopWatch(spark, marker, lease)
+    storage = StorageChecks(query_name)
+    stop_watch = _StopWatch(spark, marker, lease, storage)
     restarts = 0
     last, pending = started, started  # the last query started; the one to await next, if started
     try:
@@ -127,6 +133,7 @@ def supervise(
                         lease=lease,
                         keep_lease=True,
                         clear_stale_stop=first_run,
+                        storage=storage,
                     )
                     return query
                 except QueryFailedError as err:
@@ -165,4 +172,4 @@ def supervise(
                 return last
     finally:
         if lease is not None:
-            lease.release()
+            storage.run("remove its lease (it expires by itself)", lease.release, None)

@@ -101,6 +101,35 @@ def test_a_transient_failure_restarts_and_replays_the_batch(spark, tmp_path) -> 
     assert not query.isActive and query.exception() is None
 
 
+def test_a_storage_outage_of_the_stop_check_and_the_lease_ends_neither_query_nor_job(
+    spark, tmp_path, caplog
+) -> None:
+    # The stop request and the lease on a file system Hadoop cannot reach: each check, renewal and
+    # removal fails with a Java exception through Py4J, as a storage blip does. The query still
+    # runs to its end, through a transient failure and its restart, and the outage is logged once.
+    handler = FlakyHandler([None, RuntimeError(TRANSIENT), None])
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    unreachable = "nofs://unreachable/checkpoint"
+    lease = QueryLease(spark, f"{unreachable}/_lease", "flaky", lease_seconds=30)
+    with caplog.at_level(logging.INFO, logger="carousel.query_lifecycle"):
+        query = supervise(
+            spark,
+            start,
+            policy(),
+            "flaky",
+            stop_timeout_seconds=30,
+            marker=f"{unreachable}/_stop",
+            lease=lease,
+        )
+    assert len(starts) == 2 and handler.calls == [0, 1, 1]
+    assert sorted(handler.handled) == list(range(6))
+    assert not query.isActive and query.exception() is None
+    outages = [r.getMessage() for r in caplog.records if "the storage is tried again" in r.getMessage()]
+    assert len(outages) == 1, outages
+    assert outages[0].startswith("flaky: cannot "), outages
+    assert "UnsupportedFileSystemException" in outages[0] and "Traceback" not in outages[0], outages
+
+
 def test_a_permanent_failure_is_not_restarted(spark, tmp_path) -> None:
     handler = FlakyHandler([ValueError("a bug in the handler")])
     start, starts = file_query_starter(spark, tmp_path, handler)
