@@ -33,7 +33,14 @@ from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import SupervisionConfig, mask_secrets
 from carousel.errors import JobError, telling_line
-from carousel.query_lifecycle import QueryFailedError, QueryLease, StorageChecks, await_query, stop_signals
+from carousel.query_lifecycle import (
+    QueryFailedError,
+    QueryLease,
+    StorageChecks,
+    await_query,
+    stop_between_batches,
+    stop_signals,
+)
 from carousel.query_metrics import count_restart
 from carousel.storage import delete_file, file_exists
 
@@ -57,7 +64,8 @@ def backoff_seconds(restart: int, initial: float, maximum: float) -> float:
 
 
 class _StopWatch:
-    """What may end a backoff early: a stop request at ``marker`` or SIGTERM/SIGINT (main thread)."""
+    """What may end a backoff early: a stop request at ``marker`` or SIGTERM/SIGINT (main thread;
+    :meth:`on_signal` is the supervisor's handler for the whole supervised run)."""
 
     def __init__(
         self, spark: SparkSession, marker: str | None, lease: QueryLease | None, storage: StorageChecks
@@ -65,29 +73,27 @@ class _StopWatch:
         self._spark, self._marker, self._lease, self._storage = spark, marker, lease, storage
         self.reason: str | None = None
 
+    def on_signal(self, signum: int) -> None:
+        self.reason = f"signal {signum}"
+
     def wait(self, seconds: float, poll_seconds: float) -> bool:
         """Wait ``seconds``, renewing the lease (the job still runs); True as soon as a stop was
-        asked for (the marker is then removed)."""
-
-        def _request_stop(signum: int) -> None:
-            self.reason = f"signal {signum}"
-
-        with stop_signals(_request_stop):
-            deadline = time.monotonic() + seconds
-            storage, spark, marker = self._storage, self._spark, self._marker
-            while self.reason is None:
-                if self._lease is not None:
-                    storage.run("renew its lease", self._lease.renew_if_due, None)
-                if marker is not None and storage.run(
-                    "check for a stop request", lambda: file_exists(spark, marker), False
-                ):
-                    storage.run("remove the stop request", lambda: delete_file(spark, marker), False)
-                    self.reason = marker
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(poll_seconds, left))  # a timed wait with a stop check, not a sync
+        asked for (the marker is then removed), or at once if one came before."""
+        deadline = time.monotonic() + seconds
+        storage, spark, marker = self._storage, self._spark, self._marker
+        while self.reason is None:
+            if self._lease is not None:
+                storage.run("renew its lease", self._lease.renew_if_due, None)
+            if marker is not None and storage.run(
+                "check for a stop request", lambda: file_exists(spark, marker), False
+            ):
+                storage.run("remove the stop request", lambda: delete_file(spark, marker), False)
+                self.reason = marker
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(poll_seconds, left))  # a timed wait with a stop check, not a sync
         return self.reason is not None
 
 
@@ -113,63 +119,71 @@ def supervise(
     restarts = 0
     last, pending = started, started  # the last query started; the one to await next, if started
     try:
-        while True:
-            began = time.monotonic()
-            try:
-                query = pending if pending is not None else start()
-            except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
-                if last is None:
-                    raise  # the first start: the job's own start-up error
-                summary = error_text = mask_secrets(f"{type(err).__module__}.{type(err).__name__}: {err}")
-            else:
-                first_run = last is None or query is started
-                last, pending = query, None
+        # One handler for the whole run: a signal while a restart starts (seconds for serve) is
+        # recorded, not Python's default (the process killed mid-start); await_query's own
+        # handlers take over while a query runs, and this one comes back after.
+        with stop_signals(stop_watch.on_signal):
+            while True:
+                began = time.monotonic()
                 try:
-                    await_query(
-                        spark,
-                        query,
-                        stop_timeout_seconds,
-                        marker,
-                        lease=lease,
-                        keep_lease=True,
-                        clear_stale_stop=first_run,
-                        storage=storage,
+                    query = pending if pending is not None else start()
+                except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried
+                    if last is None:
+                        raise  # the first start: the job's own start-up error
+                    summary = error_text = mask_secrets(f"{type(err).__module__}.{type(err).__name__}: {err}")
+                else:
+                    first_run = last is None or query is started
+                    last, pending = query, None
+                    if stop_watch.reason is not None:  # a signal came while it started
+                        log.info("%s: stop requested while it started (%s)", query_name, stop_watch.reason)
+                        stop_between_batches(query, stop_timeout_seconds)
+                        return query
+                    try:
+                        await_query(
+                            spark,
+                            query,
+                            stop_timeout_seconds,
+                            marker,
+                            lease=lease,
+                            keep_lease=True,
+                            clear_stale_stop=first_run,
+                            storage=storage,
+                        )
+                        return query
+                    except QueryFailedError as err:
+                        summary, error_text = mask_secrets(err.summary), mask_secrets(err.detail)
+                if policy.healthy_after_seconds <= time.monotonic() - began:
+                    restarts = 0  # it ran long enough since its last start: a new incident
+                pattern = transient_reason(error_text, policy.transient_errors)
+                summary = telling_line(summary)
+                if pattern is None:
+                    raise QueryGaveUpError(
+                        f"{query_name} failed with a permanent error (not restarted): {summary}"
                     )
-                    return query
-                except QueryFailedError as err:
-                    summary, error_text = mask_secrets(err.summary), mask_secrets(err.detail)
-            if policy.healthy_after_seconds <= time.monotonic() - began:
-                restarts = 0  # it ran long enough since its last start: a new incident
-            pattern = transient_reason(error_text, policy.transient_errors)
-            summary = telling_line(summary)
-            if pattern is None:
-                raise QueryGaveUpError(
-                    f"{query_name} failed with a permanent error (not restarted): {summary}"
+                restarts += 1
+                if restarts > policy.max_restarts:
+                    times = f"{restarts} time{'s' if restarts > 1 else ''}"
+                    raise QueryGaveUpError(
+                        f"{query_name} failed {times} in a row with transient errors, the last: {summary}; "
+                        f"gave up after {policy.max_restarts} restarts (supervision.max_restarts)"
+                    )
+                delay = backoff_seconds(restarts, policy.backoff_initial_seconds, policy.backoff_max_seconds)
+                log.warning(
+                    "%s failed with a transient error (%s): restart %d of at most %d in %.0f s; error: %s",
+                    query_name,
+                    pattern,
+                    restarts,
+                    policy.max_restarts,
+                    delay,
+                    summary,
                 )
-            restarts += 1
-            if restarts > policy.max_restarts:
-                times = f"{restarts} time{'s' if restarts > 1 else ''}"
-                raise QueryGaveUpError(
-                    f"{query_name} failed {times} in a row with transient errors, the last: {summary}; "
-                    f"gave up after {policy.max_restarts} restarts (supervision.max_restarts)"
-                )
-            delay = backoff_seconds(restarts, policy.backoff_initial_seconds, policy.backoff_max_seconds)
-            log.warning(
-                "%s failed with a transient error (%s): restart %d of at most %d in %.0f s; error: %s",
-                query_name,
-                pattern,
-                restarts,
-                policy.max_restarts,
-                delay,
-                summary,
-            )
-            count_restart(query_name, pattern)
-            if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
-                log.info(
-                    "%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason
-                )
-                assert last is not None  # a failure before any start was raised above
-                return last
+                count_restart(query_name, pattern)
+                if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
+                    log.info(
+                        "%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason
+                    )
+                    assert last is not None  # a failure before any start was raised above
+                    return last
     finally:
         if lease is not None:
             storage.run("remove its lease (it expires by itself)", lease.release, None)

@@ -10,10 +10,13 @@ in the end), give up after ``max_restarts`` and leave during a backoff when aske
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +237,64 @@ def test_a_stop_request_during_the_backoff_ends_without_a_restart(spark, tmp_pat
     assert not Path(marker).exists()
     assert "stop requested in the backoff" in caplog.text
     assert lease_holder(spark, lease.path, lease_seconds=30) is None  # released at the end
+
+
+@contextmanager
+def sigterm_kept_from_pytest() -> Iterator[list[int]]:
+    """SIGTERM recorded here instead of ending pytest, should the code under test not catch it
+    (the supervisor's handlers replace this one while they are installed)."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_the_backoff_ends_without_a_restart(spark, tmp_path, caplog) -> None:
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start, starts = file_query_starter(spark, tmp_path, handler)
+    caplog.set_level(logging.INFO, logger="carousel.supervision")
+
+    def send_sigterm_in_the_backoff() -> None:
+        wait_for(lambda: "restart 1 of at most" in caplog.text, 120, "the first failure's backoff")
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, where supervise waits
+
+    sender = threading.Thread(target=send_sigterm_in_the_backoff, daemon=True)
+    with sigterm_kept_from_pytest() as missed:
+        sender.start()
+        began = time.monotonic()
+        query = supervise(
+            spark,
+            start,
+            policy(backoff_initial_seconds=60, backoff_max_seconds=60),
+            "flaky",
+            stop_timeout_seconds=30,
+        )
+    sender.join(timeout=10)
+    assert not missed, "the SIGTERM reached the test's handler, not the supervisor's"
+    assert time.monotonic() - began < 50  # not the 60 s backoff waited out
+    assert len(starts) == 1 and not query.isActive
+    assert f"stop requested in the backoff (signal {int(signal.SIGTERM)})" in caplog.text
+
+
+def test_sigterm_while_a_restart_starts_stops_the_restarted_query(spark, tmp_path, caplog) -> None:
+    # Between the backoff and the query's own watch, a restart's start takes seconds (serve
+    # loads its lookups): a SIGTERM then must stop the job cleanly, not kill it mid-start.
+    handler = FlakyHandler([RuntimeError(TRANSIENT)])
+    start_query, starts = file_query_starter(spark, tmp_path, handler)
+    caplog.set_level(logging.INFO, logger="carousel.supervision")
+
+    def start() -> StreamingQuery:
+        if starts:  # the restart
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before the next bytecode, here
+        return start_query()
+
+    with sigterm_kept_from_pytest() as missed:
+        query = supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30)
+    assert not missed, "the SIGTERM reached the test's handler, not the supervisor's"
+    assert len(starts) == 2 and not query.isActive
+    assert f"stop requested while it started (signal {int(signal.SIGTERM)})" in caplog.text
 
 
 def test_await_query_reports_the_whole_cause_chain(spark, tmp_path) -> None:
