@@ -13,7 +13,10 @@ in ``conf/``; API keys from the environment variables that ``api.keys`` names.
 Outputs: HTTP answers (the payload contract of ``conf/payload_schemas/``, with the same
 deterministic payload ids), and one outbox record per answer on ``kafka.topics.sent``, which
 ``record-sends`` writes into ``sent_recommendations``: exclusions, reports and A/B assignment
-work the same for API traffic as for ``serve``.
+work the same for API traffic as for ``serve``. By default (``api.record_outbox``:
+online_store) the record is stored in the online store with the user's sends, in the same
+round trip, and relayed to the broker after the answer (a transactional outbox: the answer
+never waits for the broker, and no answered request goes unrecorded).
 
 Endpoints (OpenAPI at ``/openapi.json``, browsable at ``/docs``):
 
@@ -82,8 +85,8 @@ from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CampaignFilters, CarouselConfig, load_config
 from carousel.fastjson import compact_json
 from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups, held_lookups
-from carousel.online_state import Answer, OnlineState, StateRequest, UserState
-from carousel.online_store import OnlineStoreError, check_reachable, connect
+from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest, UserState
+from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
 from carousel.ranking import RankingRules
@@ -109,6 +112,8 @@ _RECOMMENDATIONS_PATH = re.compile(r"^/v1/users/([^/]+)/recommendations$")
 _INTEGER = TypeAdapter(int)
 _MICROS = 1_000_000
 _WINDOW_MS = 2000  # a rate-limit window's counter outlives its second, then expires
+_FORGET_SECONDS = 0.05  # relayed outbox entries are deleted from the store in batches this often
+_SWEEP_BATCH = 500  # outbox entries re-sent per sweep, at most
 _LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
 
 
@@ -189,6 +194,9 @@ class ApiAnswer:
     outbox: str  # the outbox record, JSON (recs.sent -> sent_recommendations)
     variant: str
     replayed: bool  # the same request id was answered before: the same answer again
+    # The outbox record's entry in the online store (api.record_outbox: online_store), relayed
+    # to the broker by the worker; None when it is not kept there.
+    outbox_entry: str | None = None
 
 
 def _text_parameter(
@@ -257,6 +265,7 @@ async def recommend(
     now_us: int,
     rate_counter: str | None = None,
     admit: Callable[[int], None] | None = None,
+    outbox_in_store: bool = False,
 ) -> ApiAnswer | None:
     """Rank, render and remember one request's answer (None: no eligible item).
 
@@ -266,8 +275,9 @@ async def recommend(
     The answer is written to the online store before it is returned: the user's recent sends
     (so the sent-within exclusions of ``serve`` and later requests see it) and the answer under
     the request id (so a retry gets the same payload). Recording the outbox record is the
-    caller's, after this returns. The frequency cap is not applied: a widget the user opened is
-    not an unsolicited message.
+    caller's, after this returns; with ``outbox_in_store`` the record is written with the state
+    (:class:`OutboxEntry`) and the caller relays it. The frequency cap is not applied: a widget
+    the user opened is not an unsolicited message.
     """
     campaign = spec.campaign(request.campaign)
     slots = spec.campaign_slots(request.campaign)
@@ -315,7 +325,8 @@ async def recommend(
         raise ApiError(500, "render_failed", f"campaign {request.campaign!r}: {err}") from None
     # A control-group user is shown the fallback but recorded as a hold-out (no items), as serve
     # records control: the report compares the arms against users who got no recommendation.
-    outbox = {**shown, "items": [], "model_version": None} if control else shown
+    outbox = compact_json({**shown, "items": [], "model_version": None} if control else shown)
+    entry_id = None
     if prior is None:
         if not control:
             items = [i["item_id"] for i in shown["items"]]
@@ -323,13 +334,15 @@ async def recommend(
         keep_since = now_us - spec.sends_keep_us
         state.prune_sends(keep_since)
         answers = {key: Answer(-1, -1, (shown,))} if request.replayable else {}
-        await store.write(state, answers, spec.recent_items, keep_since)
+        entry = OutboxEntry(user, shown["payload_id"], outbox) if outbox_in_store else None
+        entry_id = await store.write(state, answers, spec.recent_items, keep_since, entry)
     return ApiAnswer(
         payload=payload,
         payload_id=shown["payload_id"],
-        outbox=compact_json(outbox),
+        outbox=outbox,
         variant=shown["variant"],
         replayed=prior is not None,
+        outbox_entry=entry_id,
     )
 
 
@@ -339,7 +352,8 @@ class _PendingWrite:
     answers: Mapping[tuple[str, str], Answer]
     recent_items: int
     keep_sends_since_us: int
-    done: asyncio.Future[None]
+    outbox: OutboxEntry | None
+    done: asyncio.Future[str | None]  # the outbox entry's id
 
 
 class CoalescingStore:
@@ -396,14 +410,18 @@ class CoalescingStore:
         answers: Mapping[tuple[str, str], Answer],
         recent_items: int,
         keep_sends_since_us: int,
-    ) -> None:
-        """Write the state (when changed) and the answers; returns once they are stored."""
+        outbox: OutboxEntry | None = None,
+    ) -> str | None:
+        """Write the state (when changed), the answers and the outbox entry; returns once they are
+        stored, with the outbox entry's id (None without one)."""
         loop = self._on_loop()
-        pending = _PendingWrite(state, answers, recent_items, keep_sends_since_us, loop.create_future())
+        pending = _PendingWrite(
+            state, answers, recent_items, keep_sends_since_us, outbox, loop.create_future()
+        )
         self._writes.append(pending)
         if self._write_flush is None:
             self._write_flush = loop.call_soon(self._flush_writes)
-        await pending.done
+        return await pending.done
 
     def _flush_reads(self) -> None:
         batch, self._reads, self._read_flush = self._reads, [], None
@@ -431,12 +449,19 @@ class CoalescingStore:
                 first.append(pending)
                 seen.add(pending.state.user_id)
         answers = {key: answer for pending in batch for key, answer in pending.answers.items()}
+        with_outbox = [pending for pending in batch if pending.outbox is not None]
         try:
-            conflicts = set(self.state.write([pending.state for pending in first], answers))
+            found, ids = self.state.write_with_outbox(
+                [pending.state for pending in first], answers, [p.outbox for p in with_outbox if p.outbox]
+            )
         except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
             for pending in batch:
                 _fail(pending.done, err)
             return
+        conflicts = set(found)
+        entry_ids: dict[int, str] = {
+            id(pending): entry for pending, entry in zip(with_outbox, ids, strict=True)
+        }
         for pending in batch:
             if pending in again or pending.state.user_id in conflicts:
                 # Its version is stale (the first write of the user bumped it, or another
@@ -454,7 +479,7 @@ class CoalescingStore:
                     _fail(pending.done, err)
                     continue
             if not pending.done.done():
-                pending.done.set_result(None)
+                pending.done.set_result(entry_ids.get(id(pending)))
 
 
 def _fail(future: asyncio.Future[Any], err: Exception) -> None:
@@ -508,6 +533,12 @@ class ApiService:
         self.producer: Any = None
         self._delivery_poll: asyncio.TimerHandle | None = None
         self._delivery_loop: asyncio.AbstractEventLoop | None = None
+        # api.record_outbox: online_store. Entries the broker acknowledged, deleted from the store
+        # in one round trip every _FORGET_SECONDS; entries being re-sent by the sweep.
+        self._acknowledged: list[str] = []
+        self._forget: asyncio.TimerHandle | None = None
+        self._resending: set[str] = set()
+        self._sweep: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -529,13 +560,21 @@ class ApiService:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._delivery_poll is not None:
-            self._delivery_poll.cancel()
-            self._delivery_poll = None
+        for handle in (self._delivery_poll, self._forget, self._sweep):
+            if handle is not None:
+                handle.cancel()
+        self._delivery_poll = self._forget = self._sweep = None
         if self.producer is not None:
             left = self.producer.flush(self.cfg.api.record_timeout_ms / 1000)
             if left:
                 log.warning("api: %d outbox records were not acknowledged at shutdown", left)
+        self._forget_acknowledged()  # what the flush relayed leaves the store now
+
+    def start_sweeping(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Re-send, every third of ``api.outbox_orphan_seconds``, the outbox entries left in the
+        online store longer than that (api.record_outbox: online_store)."""
+        if self.cfg.api.record_outbox == "online_store" and not self._stopping.is_set():
+            self._sweep = loop.call_later(self.cfg.api.outbox_orphan_seconds / 3, self._sweep_outbox, loop)
 
     def _load_lookups(self) -> None:
         """Load the lookups (retrying while a table is missing), report ready, then keep them fresh.
@@ -583,6 +622,69 @@ class ApiService:
 
     def _count_delivery(self, err: Any) -> None:
         _metrics().outbox_records.labels("failed" if err is not None else "acknowledged").inc()
+
+    # -- the outbox kept in the online store (api.record_outbox: online_store) ---------------------
+    def _relay(self, user_id: str, payload_id: str, record: str, entry_id: str, loop: Any) -> bool:
+        """Queue a stored outbox entry for the broker; once acknowledged it is deleted from the
+        store. False when the producer cannot take it now (it stays stored for the sweep)."""
+
+        def relayed(err: Any, _msg: Any) -> None:
+            self._count_delivery(err)
+            self._resending.discard(entry_id)
+            if err is not None:  # still in the store: the sweep sends it again
+                log.warning("api: outbox record of payload %r not relayed yet (%s)", payload_id, err)
+                return
+            self._acknowledged.append(entry_id)
+            if self._forget is None and loop is not None and not loop.is_closed():
+                self._forget = loop.call_later(_FORGET_SECONDS, self._forget_acknowledged)
+
+        try:
+            self.producer.produce(
+                self.spec.sent_topic,
+                key=user_id.encode(),
+                value=record.encode(),
+                headers=[(PAYLOAD_ID_HEADER, payload_id.encode())],
+                on_delivery=relayed,
+            )
+        except (BufferError, KafkaException) as err:
+            log.warning("api: outbox record of payload %r kept in the online store (%s)", payload_id, err)
+            return False
+        return True
+
+    def _forget_acknowledged(self) -> None:
+        """Delete the acknowledged entries from the online store (one round trip)."""
+        self._forget = None
+        done, self._acknowledged = self._acknowledged, []
+        try:
+            self.store.state.forget_outbox(done)
+        except STORE_ERRORS as err:  # left there: re-sent by a sweep, a duplicate record-sends drops
+            log.warning(
+                "api: %d relayed outbox entries not deleted from the online store: %s", len(done), err
+            )
+
+    def _sweep_outbox(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Re-send the entries older than ``api.outbox_orphan_seconds``: their worker died before
+        relaying them, or the broker refused them. Any worker may send one again at the same time
+        as another: record-sends drops the duplicate (by payload id)."""
+        try:
+            before_ms = int(time.time() * 1000 - self.cfg.api.outbox_orphan_seconds * 1000)
+            found = self.store.state.outbox_older_than(before_ms, _SWEEP_BATCH)
+            resent = 0
+            for entry_id, entry in found:
+                if entry_id in self._resending:
+                    continue
+                if not self._relay(entry.user_id, entry.payload_id, entry.record, entry_id, loop):
+                    break
+                self._resending.add(entry_id)
+                resent += 1
+            if resent:
+                _metrics().outbox_records.labels("resent").inc(resent)
+                log.warning("api: re-sending %d outbox records left in the online store", resent)
+                self._watch_deliveries(loop)
+        except (*STORE_ERRORS, ValueError, KeyError) as err:  # tried again at the next sweep
+            log.warning("api: the outbox sweep failed: %s", err)
+        finally:
+            self.start_sweeping(loop)
 
     def _delivered_in_background(self, err: Any, msg: Any) -> None:
         """An outbox record nobody waits for: a refusal is logged (the answer was already given)."""
@@ -645,8 +747,9 @@ class ApiService:
             )
 
     async def record(self, user_id: str, answer: ApiAnswer) -> None:
-        """Put the answer's outbox record on the broker; returns once it is acknowledged (with
-        ``api.wait_for_outbox_ack``, else once it is queued).
+        """Put the answer's outbox record on the broker: with ``api.record_outbox`` online_store
+        it was stored with the state and is relayed now (returns at once); broker_ack returns
+        once the broker acknowledged it, background once it is queued.
 
         ``produce`` only queues the record; librdkafka sends it, and its delivery report runs in
         ``poll``. The worker polls on its own event loop, every ``api.outbox_poll_ms`` while
@@ -654,7 +757,16 @@ class ApiService:
         future directly. A poll thread instead costs a GIL hand-off per report: up to the
         interpreter's 5 ms switch interval while the loop is busy, on the answer's latency."""
         loop = asyncio.get_running_loop()
-        if not self.cfg.api.wait_for_outbox_ack:
+        mode = self.cfg.api.record_outbox
+        if mode == "online_store":
+            # Stored with the state: recorded already. A replay's record was stored with the
+            # original answer; relaying it again would only make a duplicate.
+            if answer.outbox_entry is not None and self._relay(
+                user_id, answer.payload_id, answer.outbox, answer.outbox_entry, loop
+            ):
+                self._watch_deliveries(loop)
+            return
+        if mode == "background":
             self._produce(user_id, answer, self._delivered_in_background)
             self._watch_deliveries(loop)
             return
@@ -703,6 +815,7 @@ async def answer_recommendations(
         time.time_ns() // 1000,
         service.rate_counter(name),
         partial(service.admit, name),
+        outbox_in_store=service.cfg.api.record_outbox == "online_store",
     )
     if answer is None:
         metrics.answers.labels(request.campaign, "no_items").inc()
@@ -890,6 +1003,7 @@ def create_app(cfg: CarouselConfig | None = None) -> _Front:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
         service.start()
+        service.start_sweeping(asyncio.get_running_loop())
         try:
             yield
         finally:

@@ -861,7 +861,11 @@ class ApiConfig(_Section):
     keys: dict[str, ApiKeyConfig] = Field(min_length=1)
     default_similar: int = Field(ge=1, le=1000)
     max_similar: int = Field(ge=1, le=1000)
-    wait_for_outbox_ack: bool
+    # online_store: the outbox record is stored with the user's state, relayed to the broker after
+    # the answer; broker_ack: the answer waits for the broker's acknowledgement; background:
+    # neither (README "Recommendations API").
+    record_outbox: Literal["online_store", "broker_ack", "background"]
+    outbox_orphan_seconds: float = Field(ge=1, le=3600)
     record_timeout_ms: int = Field(ge=100, le=120_000)
     outbox_linger_ms: int = Field(ge=0, le=1000)
     outbox_poll_ms: float = Field(gt=0, le=100)

@@ -220,28 +220,57 @@ class OnlineState:
         Returns the users whose hash another writer changed since :meth:`read`: nothing of theirs
         was written, and the caller re-reads and re-applies.
         """
+        return self.write_with_outbox(states, answers, ())[0]
+
+    def write_with_outbox(
+        self,
+        states: Iterable[UserState],
+        answers: Mapping[tuple[str, str], Answer] | None,
+        outbox: Sequence[OutboxEntry],
+    ) -> tuple[list[str], list[str]]:
+        """:meth:`write`, and ``outbox`` appended to the outbox stream in the same round trip;
+        (the users in conflict, the outbox entries' ids). On a single Redis the whole write is
+        one MULTI/EXEC when it carries outbox entries: the sends and their outbox records are
+        stored together or not at all (on a cluster the stream's node is written on its own)."""
         changed = [state for state in states if state.changed]
-        if not changed and not answers:
-            return []
-        try:
-            oks = self._execute_writes(changed, answers or {})
-        except NoScriptError:
-            # The server lost its script cache (a restart, SCRIPT FLUSH): load it again. A CAS that
-            # went through before the error now fails its version check and is re-applied.
+        if not changed and not answers and not outbox:
+            return [], []
+        # The outbox first: on a cluster its node is written before the users' (no transaction
+        # spans them), so a failure between the two leaves a record of an answer that was not
+        # given rather than an answer given and never recorded; the retry (same request id, same
+        # payload id) is then recorded as that one, and record-sends keeps one per payload id.
+        commands = [(self.outbox_key, "xadd", (entry.fields(),), {}) for entry in outbox]
+        commands += self._cas_commands(changed)
+        commands += [
+            (self.answered_key(user, event_id), "set", (answer.to_json(),), {"px": self.answered_ttl_ms})
+            for (user, event_id), answer in (answers or {}).items()
+        ]
+        replies = self._run_commands(commands, atomic=bool(outbox))
+        first_cas = len(outbox)
+        missing = [
+            i
+            for i, reply in enumerate(replies[first_cas : first_cas + len(changed)], start=first_cas)
+            if isinstance(reply, NoScriptError)
+        ]
+        if missing:
+            # The server lost its script cache (a restart, SCRIPT FLUSH): load it again and run
+            # those compare-and-sets once more (the rest of the write went through).
             self.client.script_load(_CAS_SCRIPT)
-            oks = self._execute_writes(changed, answers or {})
-        return [s.user_id for s, ok in zip(changed, oks, strict=True) if not ok]
+            for i, reply in zip(
+                missing, self._run_commands([commands[i] for i in missing], False), strict=True
+            ):
+                replies[i] = reply
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            raise failed
+        cas = replies[first_cas : first_cas + len(changed)]
+        conflicts = [s.user_id for s, ok in zip(changed, cas, strict=True) if not int(ok)]
+        return conflicts, [_text(reply) for reply in replies[:first_cas]]
 
-    def _execute_writes(
-        self, changed: Sequence[UserState], answers: Mapping[tuple[str, str], Answer]
-    ) -> list[bool]:
-        """Run the CAS scripts and the answer SETs pipelined; whether each CAS went through.
-
-        Redis Cluster's pipelines refuse scripts, so there the commands are grouped by the node
-        that owns each key's slot and each node gets one plain pipeline (still one round trip
-        per node)."""
-        # (key, command, arguments after the key, keyword arguments)
-        commands: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]] = [
+    def _cas_commands(
+        self, changed: Sequence[UserState]
+    ) -> list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]:
+        return [
             (
                 self.user_key(state.user_id),
                 "evalsha",
@@ -256,29 +285,73 @@ class OnlineState:
             )
             for state in changed
         ]
-        commands += [
-            (self.answered_key(user, event_id), "set", (answer.to_json(),), {"px": self.answered_ttl_ms})
-            for (user, event_id), answer in answers.items()
-        ]
+
+    def _run_commands(
+        self, commands: Sequence[tuple[str, str, tuple[Any, ...], dict[str, Any]]], atomic: bool
+    ) -> list[Any]:
+        """Run ``commands`` ((key, command, arguments after the key, keyword arguments)) pipelined;
+        their replies in order, an error in its command's place.
+
+        Redis Cluster's pipelines refuse scripts, so there the commands are grouped by the node
+        that owns each key's slot and each node gets one plain pipeline (still one round trip
+        per node). ``atomic``: one MULTI/EXEC on a single Redis."""
         if isinstance(self.client, RedisCluster):
             groups: dict[str, tuple[Any, list[int]]] = {}
             for position, (key, _, _, _) in enumerate(commands):
                 node = self.client.get_node_from_key(key)
                 groups.setdefault(node.name, (node.redis_connection, []))[1].append(position)
+            atomic = False
         else:
             groups = {"": (self.client, list(range(len(commands))))}
         replies: list[Any] = [None] * len(commands)
         for connection, positions in groups.values():
-            pipe = connection.pipeline(transaction=False)
+            pipe = connection.pipeline(transaction=atomic)
             for position in positions:
                 key, name, args, kwargs = commands[position]
                 if name == "evalsha":
                     pipe.evalsha(_CAS_SHA, 1, key, *args)
                 else:
-                    pipe.set(key, *args, **kwargs)
-            for position, reply in zip(positions, pipe.execute(), strict=True):
+                    getattr(pipe, name)(key, *args, **kwargs)
+            for position, reply in zip(positions, pipe.execute(raise_on_error=False), strict=True):
                 replies[position] = reply
-        return [bool(int(reply)) for reply in replies[: len(changed)]]
+        return replies
+
+    # -- the API's outbox ------------------------------------------------------------------------
+    @property
+    def outbox_key(self) -> str:
+        return f"{self.prefix}:api-outbox"
+
+    def forget_outbox(self, ids: Sequence[str]) -> None:
+        """Remove outbox entries the broker has acknowledged (XDEL; unknown ids are skipped)."""
+        if ids:
+            self.client.xdel(self.outbox_key, *ids)
+
+    def outbox_older_than(self, before_ms: int, count: int) -> list[tuple[str, OutboxEntry]]:
+        """Up to ``count`` outbox entries added before ``before_ms`` (Unix milliseconds: a stream
+        id is its Redis server's time of the XADD), oldest first."""
+        found = self.client.xrange(self.outbox_key, "-", f"{max(before_ms, 0)}", count=count)
+        return [(_text(entry_id), OutboxEntry.from_fields(fields)) for entry_id, fields in found]
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An answer's outbox record, kept in the online store until the broker has acknowledged it."""
+
+    user_id: str
+    payload_id: str
+    record: str  # the outbox record's JSON, as the broker gets it
+
+    def fields(self) -> dict[str, str]:
+        return {"u": self.user_id, "p": self.payload_id, "r": self.record}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[Any, Any]) -> OutboxEntry:
+        values = {_text(key): _text(value) for key, value in fields.items()}
+        return cls(values["u"], values["p"], values["r"])
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _state(user: str, reply: Sequence[bytes | None]) -> UserState:

@@ -101,12 +101,16 @@ def user_key(store_cfg_or_prefix: OnlineStoreConfig | str, kind: str, user_id: s
     return f"{prefix}:{kind}:{{{user_id}}}"
 
 
+# What a call to the online store may raise when the store (not the caller) fails.
+STORE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+
 def check_reachable(store_cfg: OnlineStoreConfig) -> None:
     """PING the store; raises :class:`OnlineStoreError` naming the url and how to start a local one."""
     url = masked_url(store_cfg.url)
     try:
         connect(store_cfg).ping()
-    except (redis.RedisError, RedisClusterException, OSError) as err:
+    except STORE_ERRORS as err:
         # The qualified class name: supervision.transient_errors matches it on a restart.
         reason = mask_secrets(
             f"{type(err).__module__}.{type(err).__name__}: {err}", urlsplit(store_cfg.url).password

@@ -45,6 +45,8 @@ from carousel.api import ApiAnswer, ApiError, ApiService, _metrics
 from carousel.broker import ensure_topics, free_port
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
 from carousel.experiments import assign_variant, trigger_payload_id
+from carousel.online_state import OnlineState, OutboxEntry
+from carousel.online_store import connect
 from carousel.payloads import validate_payload
 from carousel.schemas import CONTROL_VARIANT, SENT_RECOMMENDATIONS_TABLE
 from streaming import serve
@@ -52,6 +54,7 @@ from streaming import serve
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WORKER_TIMEOUT_SECONDS = 12
+ORPHAN_SECONDS = 3  # api.outbox_orphan_seconds: the sweep re-sends what is older
 KEY = f"key-{uuid.uuid4().hex}"
 TIGHT_KEY = f"tight-{uuid.uuid4().hex}"
 KEY_ENV, TIGHT_ENV = "CAROUSEL_TEST_API_KEY", "CAROUSEL_TEST_API_TIGHT_KEY"
@@ -114,6 +117,7 @@ def api_config(tmp: Path, kafka_bootstrap: str, online_store_url: str) -> Carous
             "api.workers=2",
             # Long enough for a loaded CI machine's slowest loop turn, short for the hang test.
             f"api.worker_timeout_seconds={WORKER_TIMEOUT_SECONDS}",
+            f"api.outbox_orphan_seconds={ORPHAN_SECONDS}",
             f"api.metrics_dir={tmp}/api-metrics",
         ]
     )
@@ -253,6 +257,9 @@ def test_answers_are_recorded_once_excluded_after_and_replayed_by_request_id(
     assert held.json()["variant"] == CONTROL_VARIANT
     assert items_of(held.json()) == [("t1", "trending"), ("t2", "trending"), ("a", "trending")]
 
+    # The answers left recorded in the online store (api.record_outbox: online_store); the
+    # workers relay them to the broker and delete them once acknowledged.
+    wait_for(lambda: outbox_left(cfg) == 0, timeout=60, what="the outbox records relayed to the broker")
     record_sends(spark, cfg)
     sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).where(F.col("campaign") == "widget")
     rows = sent.select("payload_id", "user_id", "variant", "item_id", "rank", "strategy")
@@ -266,6 +273,45 @@ def test_answers_are_recorded_once_excluded_after_and_replayed_by_request_id(
     ]
     expected.append((held.json()["payload_id"], control, CONTROL_VARIANT, None, None, None))
     assertDataFrameEqual(rows, spark.createDataFrame(expected, rows.schema))
+
+
+def outbox_left(cfg: CarouselConfig) -> int:
+    """Entries in the API's outbox stream in the online store (not yet acknowledged by the broker)."""
+    state = online_state(cfg)
+    try:
+        return int(state.client.xlen(state.outbox_key))
+    finally:
+        state.client.close()
+
+
+def online_state(cfg: CarouselConfig) -> OnlineState:
+    return OnlineState(connect(cfg.online_store), cfg.online_store.key_prefix, 0, 0)
+
+
+def test_an_outbox_record_left_in_the_online_store_is_re_sent(api: Api) -> None:
+    # A worker killed after storing an answer, before relaying its record, leaves the entry in
+    # the stream: a sweep (any worker's) sends it once it is older than api.outbox_orphan_seconds,
+    # then deletes it. Written here as that worker would have; no request relays it.
+    cfg = api.cfg
+    payload_id = f"p-orphan-{uuid.uuid4().hex[:8]}"
+    record = {"payload_id": payload_id, "user_id": "u-orphan", "campaign": "widget", "items": []}
+    state = online_state(cfg)
+    reader = TopicReader(cfg, cfg.kafka.topic("sent").name)
+    try:
+        _, (entry_id,) = state.write_with_outbox(
+            [], {}, [OutboxEntry("u-orphan", payload_id, json.dumps(record))]
+        )
+        reader.read_until(
+            lambda: any(m["payload_id"] == payload_id for m in reader.messages), 60, "the orphan re-sent"
+        )
+        wait_for(
+            lambda: not state.client.xrange(state.outbox_key, entry_id, entry_id), 30, "the entry deleted"
+        )
+    finally:
+        reader.close()
+        state.client.close()
+    assert [m for m in reader.messages if m["payload_id"] == payload_id][0] == record
+    assert "re-sending 1 outbox records left in the online store" in api.log_path.read_text()
 
 
 def test_only_a_named_request_keeps_its_answer_for_a_retry(api: Api, online_store_url: str) -> None:
@@ -481,10 +527,10 @@ def test_without_its_outbox_topic_the_service_refuses_to_start(api: Api, tmp_pat
     assert "Traceback" not in result.stderr
 
 
-def _service_without_a_broker(cfg: CarouselConfig, wait: bool) -> ApiService:
+def _service_without_a_broker(cfg: CarouselConfig, mode: str) -> ApiService:
     """An ApiService whose outbox producer points at a port where no broker listens."""
     kafka = cfg.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
-    api = cfg.api.model_copy(update={"wait_for_outbox_ack": wait, "record_timeout_ms": 300})
+    api = cfg.api.model_copy(update={"record_outbox": mode, "record_timeout_ms": 300})
     service = ApiService(cfg.model_copy(update={"kafka": kafka, "api": api}))
     service.start()
     return service
@@ -493,10 +539,10 @@ def _service_without_a_broker(cfg: CarouselConfig, wait: bool) -> ApiService:
 def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
     kafka_bootstrap: str, online_store_url: str, tmp_path: Path
 ) -> None:
-    # api.wait_for_outbox_ack=false: record() returns once the record is queued; the worker's
+    # api.record_outbox=background: record() returns once the record is queued; the worker's
     # event loop goes on polling the producer and counts the acknowledgement like a waited-for one.
     cfg = api_config(tmp_path, kafka_bootstrap, online_store_url)
-    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"wait_for_outbox_ack": False})})
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"record_outbox": "background"})})
     ensure_topics(cfg.kafka)
     _metrics()  # the collectors, registered once per process
 
@@ -530,16 +576,18 @@ def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
         reader.consumer.close()
         service.stop()
 
-    # With no broker at all: without the wait the answer still leaves; with it, 503.
-    for wait in (False, True):
-        service = _service_without_a_broker(cfg, wait)
+    # With no broker at all: in the background, or stored with the state (a relay pending), the
+    # answer still leaves; waiting for the broker's ack, 503.
+    stored = ApiAnswer("{}", "p-async", json.dumps(outbox), "default", replayed=False, outbox_entry="1-0")
+    for mode in ("background", "online_store", "broker_ack"):
+        service = _service_without_a_broker(cfg, mode)
         try:
-            if wait:
+            if mode == "broker_ack":
                 with pytest.raises(ApiError) as refused:
                     asyncio.run(service.record("u-async", answer))
                 assert (refused.value.status, refused.value.code) == (503, "not_recorded")
             else:
-                asyncio.run(service.record("u-async", answer))
+                asyncio.run(service.record("u-async", stored))
         finally:
             service.producer.purge()  # nothing to flush at stop: the records cannot be delivered
             service.stop()

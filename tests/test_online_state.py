@@ -12,7 +12,7 @@ import redis
 from carousel.api import CoalescingStore
 from carousel.broker import free_port
 from carousel.online_profile import OnlineProfile
-from carousel.online_state import Answer, OnlineState, StateRequest
+from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest
 from carousel.online_store import connect
 
 pytestmark = [pytest.mark.integration]
@@ -71,6 +71,36 @@ def test_a_lost_script_cache_is_reloaded(store: OnlineState) -> None:
     assert store.read(["u"])[0]["u"].version == "1"
 
 
+def test_outbox_entries_are_stored_with_the_state_listed_when_old_and_forgotten(store: OnlineState) -> None:
+    states, _ = store.read(["u1"])
+    states["u1"].record_send("p1", "widget", ["a"], 20)
+    first, second = OutboxEntry("u1", "p1", '{"payload_id": "p1"}'), OutboxEntry("u2", "p2", "{}")
+    conflicts, ids = store.write_with_outbox(states.values(), {}, [first, second])
+    assert conflicts == [] and len(ids) == 2 and store.read(["u1"])[0]["u1"].version == "1"
+    # A stale state is refused, and its outbox entry is stored all the same: the answer was given.
+    conflicts, (late,) = store.write_with_outbox(states.values(), {}, [OutboxEntry("u1", "p3", "{}")])
+    assert conflicts == ["u1"]
+    entry_ms = int(ids[0].split("-")[0])
+    assert store.outbox_older_than(entry_ms - 1, 10) == []  # none older than the first
+    assert store.outbox_older_than(entry_ms + 60_000, 10) == [
+        (ids[0], first),
+        (ids[1], second),
+        (late, OutboxEntry("u1", "p3", "{}")),
+    ]
+    assert store.outbox_older_than(entry_ms + 60_000, 1) == [(ids[0], first)]
+    store.forget_outbox(ids)
+    assert [entry_id for entry_id, _ in store.outbox_older_than(entry_ms + 60_000, 10)] == [late]
+
+
+def test_a_lost_script_cache_does_not_store_an_outbox_entry_twice(store: OnlineState) -> None:
+    states, _ = store.read(["u"])
+    states["u"].record_send("p1", "widget", ["a"], 20)
+    store.client.script_flush()
+    conflicts, ids = store.write_with_outbox(states.values(), {}, [OutboxEntry("u", "p1", "{}")])
+    assert conflicts == [] and store.read(["u"])[0]["u"].version == "1"
+    assert [entry_id for entry_id, _ in store.outbox_older_than(2**62, 10)] == ids  # one entry
+
+
 class CountedRoundTrips(OnlineState):
     """The real store, counting the API's read and write round trips."""
 
@@ -81,9 +111,9 @@ class CountedRoundTrips(OnlineState):
         self.reads += 1
         return super().read_each(requests, counter_ttl_ms)
 
-    def write(self, states: Any, answers: Any = None) -> list[str]:
+    def write_with_outbox(self, states: Any, answers: Any, outbox: Any) -> tuple[list[str], list[str]]:
         self.writes += 1
-        return super().write(states, answers)
+        return super().write_with_outbox(states, answers, outbox)
 
 
 def counted_store(make_config: Any) -> CountedRoundTrips:

@@ -19,7 +19,7 @@ import redis
 from support import wait_for
 
 from carousel.broker import free_port
-from carousel.online_state import Answer, OnlineState
+from carousel.online_state import Answer, OnlineState, OutboxEntry
 from carousel.online_store import connect
 
 pytestmark = [pytest.mark.integration]
@@ -132,3 +132,11 @@ def test_online_state_on_redis_cluster(cluster_url: str, make_config: Any) -> No
     slot = client.keyslot(store.user_key("user-7"))
     assert client.keyslot(store.answered_key("user-7", "t")) == slot
     assert len({client.keyslot(store.user_key(u)) for u in users}) > 1
+    # The API's outbox entries go to the stream's node in the same write as the users' keys.
+    for user in users:
+        again[user].record_send(f"p-{user}", "widget", ["a"], 1)
+    entries = [OutboxEntry(u, f"p-{u}", "{}") for u in users[:3]]
+    conflicts, ids = store.write_with_outbox(again.values(), {}, entries)
+    assert conflicts == [] and len(ids) == 3
+    assert store.outbox_older_than(2**62, 10) == list(zip(ids, entries, strict=True))
+    assert store.read(users)[0]["user-7"].sends == [["p-user-7", "widget", "a", 1]]
