@@ -16,7 +16,7 @@ deterministic payload ids), and one outbox record per answer on ``kafka.topics.s
 work the same for API traffic as for ``serve``. By default (``api.record_outbox``:
 online_store) the record is stored in the online store with the user's sends, in the same
 round trip, and relayed to the broker after the answer (a transactional outbox: the answer
-never waits for the broker, and no answered request goes unrecorded).
+never waits for the broker, and is not given unless its record is stored).
 
 Endpoints (OpenAPI at ``/openapi.json``, browsable at ``/docs``):
 
@@ -113,7 +113,10 @@ _INTEGER = TypeAdapter(int)
 _MICROS = 1_000_000
 _WINDOW_MS = 2000  # a rate-limit window's counter outlives its second, then expires
 _FORGET_SECONDS = 0.05  # relayed outbox entries are deleted from the store in batches this often
-_SWEEP_BATCH = 500  # outbox entries re-sent per sweep, at most
+_SWEEP_PAGE = 200  # outbox entries read per round trip by the sweep
+_SWEEP_BATCH = 2000  # entries a sweep looks at before it yields to the requests
+_SWEEP_AGAIN_SECONDS = 0.05  # the next sweep, when the last one left entries over
+_WARN_EVERY_SECONDS = 10.0
 _LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
 
 
@@ -362,7 +365,8 @@ class CoalescingStore:
     Each request awaits its read (and later its write); the first one queued schedules a flush on
     the event loop, which runs once the requests ready before it have queued theirs. Every read
     queued by then goes out in one pipelined round trip (:meth:`OnlineState.read_each`), every
-    write in one compare-and-set round trip (:meth:`OnlineState.write`). At low load that is one
+    write in one compare-and-set round trip (:meth:`OnlineState.write_with_outbox`, with the
+    answers' outbox entries). At low load that is one
     round trip per request, as before; when requests pile up (a burst, a slow Redis) they share
     one, so the time the loop spends blocked on Redis and in redis-py per request falls as the
     load rises instead of compounding the queue (measured: bench/README.md "API").
@@ -537,8 +541,13 @@ class ApiService:
         # in one round trip every _FORGET_SECONDS; entries being re-sent by the sweep.
         self._acknowledged: list[str] = []
         self._forget: asyncio.TimerHandle | None = None
-        self._resending: set[str] = set()
+        self._forget_loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: dict[str, int] = {}  # entry id -> its copies on their way to the broker
         self._sweep: asyncio.TimerHandle | None = None
+        self._sweeper = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.outbox_full: str | None = None  # why answers are refused (api.outbox_max_entries)
+        self._warned_at = -float("inf")  # relay warnings: at most one per _WARN_EVERY_SECONDS
+        self._unwarned = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -548,10 +557,18 @@ class ApiService:
                 "acks": "all",
                 "enable.idempotence": True,
                 "linger.ms": self.cfg.api.outbox_linger_ms,
-                # An answer waits for its record's acknowledgement: a small produce request
-                # must not wait for the broker's ACK of the one before (Nagle's algorithm).
+                # With broker_ack an answer waits for its record's acknowledgement: a small produce
+                # request must not wait for the broker's ACK of the one before (Nagle's algorithm).
                 "socket.nagle.disable": True,
                 "compression.type": self.cfg.kafka.producer.compression_type,
+                # online_store: a record's delivery report comes before the sweep would send it
+                # again (librdkafka's default waits 300 s), so a slow broker is not sent
+                # every record twice.
+                **(
+                    {"message.timeout.ms": max(round(self.cfg.api.outbox_orphan_seconds * 500), 1000)}
+                    if self.cfg.api.record_outbox == "online_store"
+                    else {}
+                ),
             }
         )
         thread = threading.Thread(target=self._load_lookups, name="api-lookups", daemon=True)
@@ -570,11 +587,15 @@ class ApiService:
                 log.warning("api: %d outbox records were not acknowledged at shutdown", left)
         self._forget_acknowledged()  # what the flush relayed leaves the store now
 
-    def start_sweeping(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Re-send, every third of ``api.outbox_orphan_seconds``, the outbox entries left in the
-        online store longer than that (api.record_outbox: online_store)."""
+    def start_sweeping(self, loop: asyncio.AbstractEventLoop, delay: float | None = None) -> None:
+        """Re-send, every third of ``api.outbox_orphan_seconds`` (or after ``delay``), the outbox
+        entries left in the online store longer than that (api.record_outbox: online_store)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self.cfg.api.record_outbox == "online_store" and not self._stopping.is_set():
-            self._sweep = loop.call_later(self.cfg.api.outbox_orphan_seconds / 3, self._sweep_outbox, loop)
+            wait = self.cfg.api.outbox_orphan_seconds / 3 if delay is None else delay
+            self._sweep = loop.call_later(wait, self._sweep_outbox, loop)
 
     def _load_lookups(self) -> None:
         """Load the lookups (retrying while a table is missing), report ready, then keep them fresh.
@@ -624,19 +645,38 @@ class ApiService:
         _metrics().outbox_records.labels("failed" if err is not None else "acknowledged").inc()
 
     # -- the outbox kept in the online store (api.record_outbox: online_store) ---------------------
-    def _relay(self, user_id: str, payload_id: str, record: str, entry_id: str, loop: Any) -> bool:
+    def _warn(self, message: str, *args: Any) -> None:
+        """A relay warning, at most one per ``_WARN_EVERY_SECONDS`` (a broker outage would
+        otherwise log one per answer); the ones left out are counted in the next."""
+        now = time.monotonic()
+        if now - self._warned_at < _WARN_EVERY_SECONDS:
+            self._unwarned += 1
+            return
+        skipped, self._unwarned, self._warned_at = self._unwarned, 0, now
+        log.warning("api: " + message + (f" (and {skipped} more like it)" if skipped else ""), *args)
+
+    def _relay(self, user_id: str, payload_id: str, record: str, entry_id: str, loop: Any) -> str:
         """Queue a stored outbox entry for the broker; once acknowledged it is deleted from the
-        store. False when the producer cannot take it now (it stays stored for the sweep)."""
+        store. "queued"; "full" when the producer's queue is ("refused" when it refuses this
+        record): the entry stays stored for the sweep."""
 
         def relayed(err: Any, _msg: Any) -> None:
             self._count_delivery(err)
-            self._resending.discard(entry_id)
+            left = self._in_flight.get(entry_id, 1) - 1
+            if left > 0:
+                self._in_flight[entry_id] = left
+            else:
+                self._in_flight.pop(entry_id, None)
             if err is not None:  # still in the store: the sweep sends it again
-                log.warning("api: outbox record of payload %r not relayed yet (%s)", payload_id, err)
+                self._warn(
+                    "outbox record of payload %r not relayed yet, kept for the sweep: %s", payload_id, err
+                )
                 return
             self._acknowledged.append(entry_id)
-            if self._forget is None and loop is not None and not loop.is_closed():
-                self._forget = loop.call_later(_FORGET_SECONDS, self._forget_acknowledged)
+            if (self._forget is None or self._forget_loop is not loop) and not self._stopping.is_set():
+                if loop is not None and not loop.is_closed():
+                    self._forget_loop = loop
+                    self._forget = loop.call_later(_FORGET_SECONDS, self._forget_acknowledged)
 
         try:
             self.producer.produce(
@@ -647,9 +687,12 @@ class ApiService:
                 on_delivery=relayed,
             )
         except (BufferError, KafkaException) as err:
-            log.warning("api: outbox record of payload %r kept in the online store (%s)", payload_id, err)
-            return False
-        return True
+            self._warn(
+                "outbox record of payload %r kept in the online store for the sweep: %s", payload_id, err
+            )
+            return "full" if isinstance(err, BufferError) else "refused"
+        self._in_flight[entry_id] = self._in_flight.get(entry_id, 0) + 1
+        return "queued"
 
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged entries from the online store (one round trip)."""
@@ -657,34 +700,67 @@ class ApiService:
         done, self._acknowledged = self._acknowledged, []
         try:
             self.store.state.forget_outbox(done)
-        except STORE_ERRORS as err:  # left there: re-sent by a sweep, a duplicate record-sends drops
-            log.warning(
-                "api: %d relayed outbox entries not deleted from the online store: %s", len(done), err
-            )
+        except STORE_ERRORS as err:  # kept for the next try (or a sweep re-sends them: duplicates dropped)
+            self._acknowledged = done + self._acknowledged
+            self._warn("%d relayed outbox entries not deleted from the online store yet: %s", len(done), err)
 
     def _sweep_outbox(self, loop: asyncio.AbstractEventLoop) -> None:
         """Re-send the entries older than ``api.outbox_orphan_seconds``: their worker died before
-        relaying them, or the broker refused them. Any worker may send one again at the same time
-        as another: record-sends drops the duplicate (by payload id)."""
+        relaying them, or the broker refused them or was down.
+
+        One worker at a time sweeps (a lease in the online store, renewed while it sweeps), paging
+        through the stream past the entries still on their way; a full page sweeps again at once,
+        so a backlog after an outage drains at the broker's pace. Each sweep also reads the
+        stream's length: above ``api.outbox_max_entries`` answers are refused (503) until it
+        falls, rather than filling the store that serve shares. A duplicate, as when the first
+        relay is acknowledged just after the sweep sent it again, is dropped by record-sends."""
+        again: float | None = None
         try:
-            before_ms = int(time.time() * 1000 - self.cfg.api.outbox_orphan_seconds * 1000)
-            found = self.store.state.outbox_older_than(before_ms, _SWEEP_BATCH)
-            resent = 0
-            for entry_id, entry in found:
-                if entry_id in self._resending:
-                    continue
-                if not self._relay(entry.user_id, entry.payload_id, entry.record, entry_id, loop):
+            state, api = self.store.state, self.cfg.api
+            backlog = state.outbox_length()
+            _metrics().outbox_backlog.set(backlog)
+            full = backlog >= api.outbox_max_entries
+            if full and self.outbox_full is None:
+                log.error(
+                    "api: %d outbox records wait for the broker (api.outbox_max_entries): refusing answers",
+                    backlog,
+                )
+            elif not full and self.outbox_full is not None:
+                log.warning("api: the outbox backlog is down to %d: answering again", backlog)
+            limit = api.outbox_max_entries
+            self.outbox_full = (
+                f"{backlog} outbox records wait for the broker (limit {limit})" if full else None
+            )
+            lease_ms = round(api.outbox_orphan_seconds * 1000 / 3) + 1000
+            if not backlog or not state.claim(state.outbox_key + ":sweeper", self._sweeper, lease_ms):
+                return
+            before_ms = state.server_time_ms() - round(api.outbox_orphan_seconds * 1000)
+            after, resent, seen, producer_full = None, 0, 0, False
+            while seen < _SWEEP_BATCH and not producer_full:
+                page = state.outbox_older_than(before_ms, _SWEEP_PAGE, after)
+                for entry_id, entry in page:
+                    after, seen = entry_id, seen + 1
+                    if entry is None:  # not an entry this service wrote: nothing to relay
+                        log.error("api: outbox entry %s is not an outbox record; deleted", entry_id)
+                        state.forget_outbox([entry_id])
+                    elif entry_id not in self._in_flight:
+                        outcome = self._relay(entry.user_id, entry.payload_id, entry.record, entry_id, loop)
+                        if outcome == "full":  # the next sweep goes on from the oldest
+                            producer_full = True
+                            break
+                        resent += outcome == "queued"
+                if len(page) < _SWEEP_PAGE:
                     break
-                self._resending.add(entry_id)
-                resent += 1
             if resent:
                 _metrics().outbox_records.labels("resent").inc(resent)
                 log.warning("api: re-sending %d outbox records left in the online store", resent)
                 self._watch_deliveries(loop)
+            if seen >= _SWEEP_BATCH and not producer_full:
+                again = _SWEEP_AGAIN_SECONDS  # more left over: on at once, between the requests
         except (*STORE_ERRORS, ValueError, KeyError) as err:  # tried again at the next sweep
             log.warning("api: the outbox sweep failed: %s", err)
         finally:
-            self.start_sweeping(loop)
+            self.start_sweeping(loop, again)
 
     def _delivered_in_background(self, err: Any, msg: Any) -> None:
         """An outbox record nobody waits for: a refusal is logged (the answer was already given)."""
@@ -761,9 +837,8 @@ class ApiService:
         if mode == "online_store":
             # Stored with the state: recorded already. A replay's record was stored with the
             # original answer; relaying it again would only make a duplicate.
-            if answer.outbox_entry is not None and self._relay(
-                user_id, answer.payload_id, answer.outbox, answer.outbox_entry, loop
-            ):
+            if answer.outbox_entry is not None:
+                self._relay(user_id, answer.payload_id, answer.outbox, answer.outbox_entry, loop)
                 self._watch_deliveries(loop)
             return
         if mode == "background":
@@ -806,6 +881,10 @@ async def answer_recommendations(
     Raises :class:`ApiError` for a refusal (401, 404, 422, 429, 503)."""
     name = service.authorize(api_key)
     check_request_id(request)
+    if service.outbox_full is not None:  # api.record_outbox: online_store, the broker far behind
+        raise ApiError(
+            503, "not_recorded", f"answers cannot be recorded: {service.outbox_full}", {"Retry-After": "5"}
+        )
     lookups = service.lookups()
     answer = await recommend(
         request,
@@ -871,6 +950,12 @@ class _Metrics:
             "Delta table version of the lookups held",
             ["table"],
             multiprocess_mode="max",
+        )
+        # One stream shared by every worker and instance: each sweep reads its length.
+        self.outbox_backlog = Gauge(
+            "carousel_api_outbox_backlog",
+            "Outbox records in the online store not yet acknowledged by the broker (at the last sweep)",
+            multiprocess_mode="mostrecent",
         )
 
     @staticmethod

@@ -865,7 +865,8 @@ class ApiConfig(_Section):
     # the answer; broker_ack: the answer waits for the broker's acknowledgement; background:
     # neither (README "Recommendations API").
     record_outbox: Literal["online_store", "broker_ack", "background"]
-    outbox_orphan_seconds: float = Field(ge=1, le=3600)
+    outbox_orphan_seconds: float = Field(ge=2, le=3600)
+    outbox_max_entries: int = Field(ge=1000)
     record_timeout_ms: int = Field(ge=100, le=120_000)
     outbox_linger_ms: int = Field(ge=0, le=1000)
     outbox_poll_ms: float = Field(gt=0, le=100)
@@ -880,6 +881,16 @@ class ApiConfig(_Section):
     @classmethod
     def _resolve(cls, value: str) -> str:
         return resolve_path(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "wait_for_outbox_ack" in data:
+            raise ValueError(
+                "api.wait_for_outbox_ack was replaced by api.record_outbox: true is broker_ack, false "
+                "is background, and the default is online_store (README 'Recommendations API')"
+            )
+        return data
 
     @model_validator(mode="after")
     def _similar_bounds(self) -> ApiConfig:

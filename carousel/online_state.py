@@ -14,6 +14,9 @@ every key of one user lives in one slot):
 * ``<prefix>:answered:{<user id>}:<trigger event id>`` - the answer given to a trigger (its Kafka
   coordinates and outbox records), kept ``serving.answered_ttl_hours``: a replayed batch re-sends
   the same answer, a trigger delivered again under a new offset is answered once.
+* ``<prefix>:api-outbox`` - a stream: the API's outbox records (``api.record_outbox``:
+  online_store) between the answer and the broker's acknowledgement; ``...:sweeper`` is the
+  lease of the worker re-sending the ones left over.
 
 The API (:mod:`carousel.api`) reads per request with :meth:`OnlineState.read_each`, the requests
 a worker has in flight sharing one round trip.
@@ -308,7 +311,11 @@ class OnlineState:
             pipe = connection.pipeline(transaction=atomic)
             for position in positions:
                 key, name, args, kwargs = commands[position]
-                if name == "evalsha":
+                if name == "evalsha" and atomic:
+                    # In a transaction a NOSCRIPT cannot be undone (EXEC runs the other commands
+                    # all the same): the script's text instead, cached by the server per SHA.
+                    pipe.eval(_CAS_SCRIPT, 1, key, *args)
+                elif name == "evalsha":
                     pipe.evalsha(_CAS_SHA, 1, key, *args)
                 else:
                     getattr(pipe, name)(key, *args, **kwargs)
@@ -321,16 +328,44 @@ class OnlineState:
     def outbox_key(self) -> str:
         return f"{self.prefix}:api-outbox"
 
+    def outbox_length(self) -> int:
+        """Entries in the outbox stream: records not yet acknowledged by the broker."""
+        return int(self.client.xlen(self.outbox_key))
+
     def forget_outbox(self, ids: Sequence[str]) -> None:
         """Remove outbox entries the broker has acknowledged (XDEL; unknown ids are skipped)."""
         if ids:
             self.client.xdel(self.outbox_key, *ids)
 
-    def outbox_older_than(self, before_ms: int, count: int) -> list[tuple[str, OutboxEntry]]:
-        """Up to ``count`` outbox entries added before ``before_ms`` (Unix milliseconds: a stream
-        id is its Redis server's time of the XADD), oldest first."""
-        found = self.client.xrange(self.outbox_key, "-", f"{max(before_ms, 0)}", count=count)
+    def outbox_older_than(
+        self, before_ms: int, count: int, after: str | None = None
+    ) -> list[tuple[str, OutboxEntry | None]]:
+        """Up to ``count`` outbox entries added before ``before_ms`` (Unix milliseconds of the
+        Redis server: a stream id is its time of the XADD; see :meth:`server_time_ms`), oldest
+        first, after the entry ``after`` if given (paging). An entry that cannot be read comes
+        with None."""
+        start = f"({after}" if after else "-"
+        found = self.client.xrange(self.outbox_key, start, f"{max(before_ms, 0)}", count=count)
         return [(_text(entry_id), OutboxEntry.from_fields(fields)) for entry_id, fields in found]
+
+    def claim(self, key: str, owner: str, ttl_ms: int) -> bool:
+        """Take (or renew) the lease ``key`` for ``owner`` for ``ttl_ms``; False while another
+        owner holds it."""
+        if self.client.set(key, owner, nx=True, px=ttl_ms):
+            return True
+        holder = self.client.get(key)
+        if holder is not None and _text(holder) == owner:
+            self.client.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    def server_time_ms(self) -> int:
+        """The Redis server's clock (stream ids are its time), in Unix milliseconds."""
+        reply = self.client.time()
+        if isinstance(reply, dict):  # a cluster answers per node: any one (NTP keeps them close)
+            reply = next(iter(reply.values()))
+        seconds, micros = reply
+        return int(seconds) * 1000 + int(micros) // 1000
 
 
 @dataclass(frozen=True)
@@ -345,8 +380,11 @@ class OutboxEntry:
         return {"u": self.user_id, "p": self.payload_id, "r": self.record}
 
     @classmethod
-    def from_fields(cls, fields: Mapping[Any, Any]) -> OutboxEntry:
+    def from_fields(cls, fields: Mapping[Any, Any]) -> OutboxEntry | None:
+        """The entry, or None when its fields are not an entry's (written by something else)."""
         values = {_text(key): _text(value) for key, value in fields.items()}
+        if not {"u", "p", "r"} <= values.keys():
+            return None
         return cls(values["u"], values["p"], values["r"])
 
 

@@ -41,7 +41,14 @@ from test_serve import (
     view,
 )
 
-from carousel.api import ApiAnswer, ApiError, ApiService, _metrics
+from carousel.api import (
+    ApiAnswer,
+    ApiError,
+    ApiService,
+    RecommendationRequest,
+    _metrics,
+    answer_recommendations,
+)
 from carousel.broker import ensure_topics, free_port
 from carousel.config import PROJECT_ROOT, CarouselConfig, load_config
 from carousel.experiments import assign_variant, trigger_payload_id
@@ -279,7 +286,7 @@ def outbox_left(cfg: CarouselConfig) -> int:
     """Entries in the API's outbox stream in the online store (not yet acknowledged by the broker)."""
     state = online_state(cfg)
     try:
-        return int(state.client.xlen(state.outbox_key))
+        return state.outbox_length()
     finally:
         state.client.close()
 
@@ -312,6 +319,42 @@ def test_an_outbox_record_left_in_the_online_store_is_re_sent(api: Api) -> None:
         state.client.close()
     assert [m for m in reader.messages if m["payload_id"] == payload_id][0] == record
     assert "re-sending 1 outbox records left in the online store" in api.log_path.read_text()
+
+
+def test_a_backlog_over_outbox_max_entries_refuses_answers(
+    kafka_bootstrap: str, online_store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker far behind: answers are refused (503) rather than filling the online store that
+    # serve shares; once the backlog falls below the limit, the next sweep lets them through.
+    monkeypatch.setenv(KEY_ENV, KEY)
+    cfg = api_config(tmp_path, kafka_bootstrap, online_store_url)
+    limits = {"outbox_max_entries": 1000, "outbox_orphan_seconds": 3600}  # nothing is old enough to re-send
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update=limits)})
+    ensure_topics(cfg.kafka)
+    service = ApiService(cfg)
+    service.start()
+    state = service.store.state
+    state.write_with_outbox([], {}, [OutboxEntry(f"u{n}", f"p{n}", "{}") for n in range(1000)])
+    request = RecommendationRequest("u1", "widget", "req-full")
+
+    async def sweep_then_ask() -> Any:
+        service._sweep_outbox(asyncio.get_running_loop())
+        return await answer_recommendations(service, _metrics(), request, KEY)
+
+    try:
+        with pytest.raises(ApiError) as refused:
+            asyncio.run(sweep_then_ask())
+        assert (refused.value.status, refused.value.code) == (503, "not_recorded")
+        assert "1000 outbox records wait for the broker (limit 1000)" in refused.value.reason
+        state.forget_outbox([entry_id for entry_id, _ in state.outbox_older_than(2**62, 10)])
+
+        async def sweep() -> None:
+            service._sweep_outbox(asyncio.get_running_loop())
+
+        asyncio.run(sweep())
+        assert service.outbox_full is None
+    finally:
+        service.stop()
 
 
 def test_only_a_named_request_keeps_its_answer_for_a_retry(api: Api, online_store_url: str) -> None:
@@ -588,6 +631,9 @@ def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
                 assert (refused.value.status, refused.value.code) == (503, "not_recorded")
             else:
                 asyncio.run(service.record("u-async", stored))
+                assert len(service.producer) >= 1  # queued for the broker (and librdkafka's own events)
+                if mode == "online_store":
+                    assert service._in_flight == {"1-0": 1}  # the sweep skips it while on its way
         finally:
             service.producer.purge()  # nothing to flush at stop: the records cannot be delivered
             service.stop()

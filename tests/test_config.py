@@ -63,6 +63,10 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("metrics.ports.serve=70000", "a port must be 0"),
         ("supervision.backoff_max_seconds=1", "backoff_max_seconds must be at least"),
         ("supervision.transient_errors=['', x]", "a blank pattern"),
+        ("api.wait_for_outbox_ack=true", "replaced by api.record_outbox: true is broker_ack"),
+        ("api.record_outbox=kafka", "api.record_outbox"),
+        ("api.outbox_max_entries=10", "api.outbox_max_entries"),
+        ("api.worker_timeout_seconds=1", "api.worker_timeout_seconds"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):

@@ -155,6 +155,41 @@ def test_requests_in_flight_share_one_read_and_one_write(make_config: Any) -> No
     assert sorted(answer.outbox[0]["payload_id"] for answer in answers.values()) == ["p1", "p2", "p3", "p4"]
 
 
+def test_each_write_in_a_flush_gets_its_own_outbox_entry(make_config: Any) -> None:
+    # One flush: u1 twice (the second state is stale and merged after), u2 with no entry (an
+    # answer not kept in the store), u3 in conflict with a writer that came first.
+    state = counted_store(make_config)
+    store = CoalescingStore(state, 2_000)
+    other = state.read(["u3"])[0]
+    other["u3"].record_send("p-other", "launch", ["x"], 1)
+    state.write(other.values())
+
+    async def answer(user: str, payload: str, stale: bool = False) -> str | None:
+        mine, _, _ = await store.read(StateRequest(user))
+        if stale:
+            mine.version = ""  # as read before the other writer's write
+        mine.record_send(payload, "widget", [f"item-{payload}"], 100)
+        entry = None if user == "u2" else OutboxEntry(user, payload, f'{{"payload_id": "{payload}"}}')
+        return await store.write(mine, {}, 5, 0, entry)
+
+    async def at_once() -> list[str | None]:
+        return list(
+            await asyncio.gather(
+                answer("u1", "p1"), answer("u1", "p2"), answer("u2", "p3"), answer("u3", "p4", True)
+            )
+        )
+
+    before = state.writes
+    ids = asyncio.run(at_once())
+    assert state.writes - before == 3  # the flush, then the merges of u1's second state and u3's
+    assert ids[2] is None and None not in (ids[0], ids[1], ids[3])
+    stored = {entry_id: entry.payload_id for entry_id, entry in state.outbox_older_than(2**62, 10) if entry}
+    assert {ids[0]: "p1", ids[1]: "p2", ids[3]: "p4"} == stored
+    users = state.read(["u1", "u3"])[0]
+    assert sorted(send[0] for send in users["u1"].sends) == ["p1", "p2"]
+    assert sorted(send[0] for send in users["u3"].sends) == ["p-other", "p4"]
+
+
 def test_each_request_gets_its_own_reads_from_a_mixed_flush(make_config: Any) -> None:
     state = counted_store(make_config)
     store = CoalescingStore(state, 2_000)
