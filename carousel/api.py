@@ -589,11 +589,14 @@ class ApiService:
 
     def start_sweeping(self, loop: asyncio.AbstractEventLoop, delay: float | None = None) -> None:
         """Re-send, every third of ``api.outbox_orphan_seconds`` (or after ``delay``), the outbox
-        entries left in the online store longer than that (api.record_outbox: online_store)."""
+        entries left in the online store longer than that (stored with api.record_outbox:
+        online_store)."""
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        if self.cfg.api.record_outbox == "online_store" and not self._stopping.is_set():
+        # In every mode: records a worker stored under online_store, before a switch to another
+        # mode, are still relayed (the sweep costs one XLEN when the stream is empty).
+        if not self._stopping.is_set():
             wait = self.cfg.api.outbox_orphan_seconds / 3 if delay is None else delay
             self._sweep = loop.call_later(wait, self._sweep_outbox, loop)
 

@@ -233,8 +233,10 @@ class OnlineState:
     ) -> tuple[list[str], list[str]]:
         """:meth:`write`, and ``outbox`` appended to the outbox stream in the same round trip;
         (the users in conflict, the outbox entries' ids). On a single Redis the whole write is
-        one MULTI/EXEC when it carries outbox entries: the sends and their outbox records are
-        stored together or not at all (on a cluster the stream's node is written on its own)."""
+        one MULTI/EXEC when it carries outbox entries: no reader, and no restart from the AOF,
+        sees the sends without their outbox records (a command that errors inside does not undo
+        the others: the error is raised). On a cluster the stream's node is written first, on
+        its own."""
         changed = [state for state in states if state.changed]
         if not changed and not answers and not outbox:
             return [], []
