@@ -84,7 +84,7 @@ from carousel.broker import BrokerError, wait_until_reachable
 from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CampaignFilters, CarouselConfig, load_config
 from carousel.fastjson import compact_json
-from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups, held_lookups
+from carousel.lookups import LookupSources, ServingLookupError, ServingLookups, current_lookups
 from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest, UserState
 from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
@@ -117,6 +117,8 @@ _SWEEP_PAGE = 200  # outbox entries read per round trip by the sweep
 _SWEEP_BATCH = 2000  # entries a sweep looks at before it yields to the requests
 _SWEEP_AGAIN_SECONDS = 0.05  # the next sweep, when the last one left entries over
 _WARN_EVERY_SECONDS = 10.0
+_FORGET_RETRY_SECONDS = 1.0  # a failed delete of relayed outbox entries is tried again after this
+_SWEEPER_SUFFIX = ":sweeper"  # the lease of the worker sweeping the outbox stream
 _LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
 
 
@@ -543,6 +545,10 @@ class ApiService:
         self._forget: asyncio.TimerHandle | None = None
         self._forget_loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: dict[str, int] = {}  # entry id -> its copies on their way to the broker
+        self._sweep_cursor: str | None = None  # where a sweep that left entries over goes on
+        # The lookups requests use: swapped by the loader thread once a new version's
+        # similar-items index is built (a reference assignment: atomic).
+        self._lookups: ServingLookups | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._sweeper = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.outbox_full: str | None = None  # why answers are refused (api.outbox_max_entries)
@@ -586,6 +592,10 @@ class ApiService:
             if left:
                 log.warning("api: %d outbox records were not acknowledged at shutdown", left)
         self._forget_acknowledged()  # what the flush relayed leaves the store now
+        try:  # the next worker sweeps at once, not after the lease expired
+            self.store.state.release(self.store.state.outbox_key + _SWEEPER_SUFFIX, self._sweeper)
+        except STORE_ERRORS as err:
+            log.warning("api: the outbox sweeper lease was not released (it expires by itself): %s", err)
 
     def start_sweeping(self, loop: asyncio.AbstractEventLoop, delay: float | None = None) -> None:
         """Re-send, every third of ``api.outbox_orphan_seconds`` (or after ``delay``), the outbox
@@ -606,7 +616,8 @@ class ApiService:
         The table versions are checked here, every ``serving.refresh_seconds``, and not on the
         event loop: on an object store each check is a listing round trip per table, which would
         stall every request in flight behind it. A later version is loaded by the reload thread
-        of :func:`current_lookups`; requests take the lookups held (:func:`held_lookups`)."""
+        of :func:`current_lookups`; requests get it from here once its similar-items index is
+        built (:meth:`lookups`), so no request builds one on the event loop."""
         interval = max(self.spec.sources.refresh_seconds, _LOOKUPS_CHECK_FLOOR_SECONDS)
         while not self._stopping.is_set():
             try:
@@ -617,20 +628,20 @@ class ApiService:
                 log.warning("api: %s (retrying)", self.not_ready)
                 self._stopping.wait(max(self.spec.sources.refresh_seconds, 1.0))
                 continue
+            self._lookups = lookups
             self.ready.set()
             log.info("api: ready (lookups at versions %s)", lookups.versions)
             break
         while not self._stopping.wait(interval):
             try:
                 fresh = current_lookups(self.spec.sources)
-                # A new version's similar-items index is built here rather than by a request.
-                fresh.lists(self.spec.similar_filters).index  # noqa: B018 - built on first access
-            except (ServingLookupError, OSError) as err:  # the lookups held still serve
+                fresh.lists(self.spec.similar_filters).index  # noqa: B018 - built here, not by a request
+            except Exception as err:  # noqa: BLE001 - any failure keeps what is held serving; next check
                 log.warning("api: the lookups' tables cannot be checked (serving what is held): %s", err)
                 continue
-            if fresh is not lookups:
+            if fresh is not self._lookups:
                 log.info("api: lookups at versions %s", fresh.versions)
-                lookups = fresh
+                self._lookups = fresh
 
     def _produce(self, user_id: str, answer: ApiAnswer, on_delivery: Callable[[Any, Any], None]) -> None:
         try:
@@ -703,9 +714,12 @@ class ApiService:
         done, self._acknowledged = self._acknowledged, []
         try:
             self.store.state.forget_outbox(done)
-        except STORE_ERRORS as err:  # kept for the next try (or a sweep re-sends them: duplicates dropped)
+        except STORE_ERRORS as err:  # kept, and tried again (the sweep skips them meanwhile)
             self._acknowledged = done + self._acknowledged
             self._warn("%d relayed outbox entries not deleted from the online store yet: %s", len(done), err)
+            loop = self._forget_loop
+            if loop is not None and not loop.is_closed() and not self._stopping.is_set():
+                self._forget = loop.call_later(_FORGET_RETRY_SECONDS, self._forget_acknowledged)
 
     def _sweep_outbox(self, loop: asyncio.AbstractEventLoop) -> None:
         """Re-send the entries older than ``api.outbox_orphan_seconds``: their worker died before
@@ -735,10 +749,13 @@ class ApiService:
                 f"{backlog} outbox records wait for the broker (limit {limit})" if full else None
             )
             lease_ms = round(api.outbox_orphan_seconds * 1000 / 3) + 1000
-            if not backlog or not state.claim(state.outbox_key + ":sweeper", self._sweeper, lease_ms):
+            if not backlog or not state.claim(state.outbox_key + _SWEEPER_SUFFIX, self._sweeper, lease_ms):
                 return
             before_ms = state.server_time_ms() - round(api.outbox_orphan_seconds * 1000)
-            after, resent, seen, producer_full = None, 0, 0, False
+            # Relayed, acknowledged, not deleted yet: not to be sent again.
+            settled = set(self._acknowledged)
+            after, resent, seen, producer_full = self._sweep_cursor, 0, 0, False
+            self._sweep_cursor = None
             while seen < _SWEEP_BATCH and not producer_full:
                 page = state.outbox_older_than(before_ms, _SWEEP_PAGE, after)
                 for entry_id, entry in page:
@@ -746,7 +763,7 @@ class ApiService:
                     if entry is None:  # not an entry this service wrote: nothing to relay
                         log.error("api: outbox entry %s is not an outbox record; deleted", entry_id)
                         state.forget_outbox([entry_id])
-                    elif entry_id not in self._in_flight:
+                    elif entry_id not in self._in_flight and entry_id not in settled:
                         outcome = self._relay(entry.user_id, entry.payload_id, entry.record, entry_id, loop)
                         if outcome == "full":  # the next sweep goes on from the oldest
                             producer_full = True
@@ -759,7 +776,9 @@ class ApiService:
                 log.warning("api: re-sending %d outbox records left in the online store", resent)
                 self._watch_deliveries(loop)
             if seen >= _SWEEP_BATCH and not producer_full:
-                again = _SWEEP_AGAIN_SECONDS  # more left over: on at once, between the requests
+                # More left over: on at once from here (between the requests), not from the oldest
+                # again, which may all still be on their way.
+                self._sweep_cursor, again = after, _SWEEP_AGAIN_SECONDS
         except (*STORE_ERRORS, ValueError, KeyError) as err:  # tried again at the next sweep
             log.warning("api: the outbox sweep failed: %s", err)
         finally:
@@ -793,7 +812,7 @@ class ApiService:
 
     # -- per request -----------------------------------------------------------------------------
     def lookups(self) -> ServingLookups:
-        held = held_lookups(self.spec.sources) if self.ready.is_set() else None
+        held = self._lookups if self.ready.is_set() else None
         if held is None:
             raise ApiError(503, "not_ready", self.not_ready, {"Retry-After": "1"})
         return held

@@ -893,6 +893,16 @@ class ApiConfig(_Section):
         return data
 
     @model_validator(mode="after")
+    def _outbox_timing(self) -> ApiConfig:
+        # The producer gives up on a record after half the orphan age (before the sweep sends
+        # it again); librdkafka refuses a message timeout not above linger.ms.
+        if self.record_outbox == "online_store" and self.outbox_linger_ms >= self.outbox_orphan_seconds * 500:
+            raise ValueError(
+                "api.outbox_linger_ms must be below half of api.outbox_orphan_seconds (in milliseconds)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _similar_bounds(self) -> ApiConfig:
         if self.default_similar > self.max_similar:
             raise ValueError(

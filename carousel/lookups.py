@@ -408,14 +408,6 @@ def current_lookups(sources: LookupSources, now: float | None = None) -> Serving
         return keep_out_of_gc(lookups)
 
 
-def held_lookups(sources: LookupSources) -> ServingLookups | None:
-    """The lookups this process holds for ``sources`` (None before the first load), without
-    asking their tables for a later version: for a caller that must never wait on storage (the
-    API's event loop), while another thread keeps them fresh with :func:`current_lookups`."""
-    held = _CACHE.current.get(sources.key)  # one dict read: atomic, no lock to wait for
-    return None if held is None else held[0]
-
-
 def _reload_in_background(
     sources: LookupSources, versions: dict[str, int | None], held: ServingLookups
 ) -> None:

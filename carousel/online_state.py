@@ -49,6 +49,14 @@ if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) else redis
 return 1
 """
 _CAS_SHA = hashlib.sha1(_CAS_SCRIPT.encode()).hexdigest()
+# A lease (KEYS[1]) renewed, or given up, only by the owner that holds it (ARGV[1]); atomic.
+_RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_SCRIPT = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 @dataclass
@@ -355,11 +363,11 @@ class OnlineState:
         owner holds it."""
         if self.client.set(key, owner, nx=True, px=ttl_ms):
             return True
-        holder = self.client.get(key)
-        if holder is not None and _text(holder) == owner:
-            self.client.pexpire(key, ttl_ms)
-            return True
-        return False
+        return bool(self.client.eval(_RENEW_SCRIPT, 1, key, owner, ttl_ms))  # only if still its own
+
+    def release(self, key: str, owner: str) -> None:
+        """Give up the lease ``key`` if ``owner`` still holds it."""
+        self.client.eval(_RELEASE_SCRIPT, 1, key, owner)
 
     def server_time_ms(self) -> int:
         """The Redis server's clock (stream ids are its time), in Unix milliseconds."""

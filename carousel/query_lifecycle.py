@@ -280,25 +280,25 @@ class StorageChecks:
 
     def __init__(self, query_name: str) -> None:
         self._query_name = query_name
-        self._failing = False
+        self._failing: set[str] = set()  # the kinds of call failing now (an outage each)
 
     def run(self, what: str, action: Callable[[], T], otherwise: T) -> T:
         """``action()``; ``otherwise`` when the storage fails it (``what``: for the log)."""
         try:
             result = action()
-        except Py4JJavaError as err:  # a Hadoop IOException and its kin, through Py4J
-            if not self._failing:
+        except (Py4JJavaError, OSError) as err:  # a Hadoop IOException through Py4J; a failed rename
+            if what not in self._failing:
                 log.warning(
                     "%s: cannot %s (%s); the query runs on, and the storage is tried again at the next check",
                     self._query_name,
                     what,
                     java_reason(err),
                 )
-            self._failing = True
+            self._failing.add(what)
             return otherwise
-        if self._failing:
+        if what in self._failing:
             log.info("%s: the storage answers again (%s)", self._query_name, what)
-            self._failing = False
+            self._failing.discard(what)
         return result
 
 
@@ -334,6 +334,7 @@ def await_query(
     keep_lease: bool = False,
     clear_stale_stop: bool = True,
     storage: StorageChecks | None = None,
+    requested: list[str] | None = None,
 ) -> None:
     """Wait for ``query`` to end; a stop request at ``marker`` or SIGTERM/SIGINT stop it between batches.
 
@@ -347,16 +348,12 @@ def await_query(
     query with :func:`stop_between_batches` and removes the marker. A query that fails on its
     own raises :class:`QueryFailedError`. A storage failure of the stop check or the lease is
     logged and tried again (:class:`StorageChecks`; ``storage``: the caller's, to log an outage
-    once across restarts).
+    once across restarts). ``requested``: the caller's record of stop requests, shared with its
+    own signal handler (the supervisor's), so a request made just before or after this watch is
+    not lost; this watch appends its own.
     """
     storage = storage or StorageChecks(str(query.name))
-    if (
-        clear_stale_stop
-        and marker is not None
-        and storage.run("remove a stale stop request", lambda: delete_file(spark, marker), False)
-    ):
-        log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
-    requested: list[str] = []
+    requested = [] if requested is None else requested
 
     def _request_stop(signum: int) -> None:
         log.info("signal %d: stopping %s after its running micro-batch", signum, query.name)
@@ -364,6 +361,12 @@ def await_query(
 
     try:
         with stop_signals(_request_stop):
+            if (
+                clear_stale_stop
+                and marker is not None
+                and storage.run("remove a stale stop request", lambda: delete_file(spark, marker), False)
+            ):
+                log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
             while query.isActive:
                 if lease is not None:
                     storage.run("renew its lease", lease.renew_if_due, None)

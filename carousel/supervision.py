@@ -71,10 +71,16 @@ class _StopWatch:
         self, spark: SparkSession, marker: str | None, lease: QueryLease | None, storage: StorageChecks
     ) -> None:
         self._spark, self._marker, self._lease, self._storage = spark, marker, lease, storage
-        self.reason: str | None = None
+        # Every stop request of the run, in order: the supervisor's handler, and await_query's
+        # watch (which shares this list) append to it.
+        self.requested: list[str] = []
+
+    @property
+    def reason(self) -> str | None:
+        return self.requested[0] if self.requested else None
 
     def on_signal(self, signum: int) -> None:
-        self.reason = f"signal {signum}"
+        self.requested.append(f"signal {signum}")
 
     def wait(self, seconds: float, poll_seconds: float) -> bool:
         """Wait ``seconds``, renewing the lease (the job still runs); True as soon as a stop was
@@ -88,7 +94,7 @@ class _StopWatch:
                 "check for a stop request", lambda: file_exists(spark, marker), False
             ):
                 storage.run("remove the stop request", lambda: delete_file(spark, marker), False)
-                self.reason = marker
+                self.requested.append(marker)
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -148,6 +154,7 @@ def supervise(
                             keep_lease=True,
                             clear_stale_stop=first_run,
                             storage=storage,
+                            requested=stop_watch.requested,
                         )
                         return query
                     except QueryFailedError as err:
