@@ -465,9 +465,7 @@ class CoalescingStore:
                 _fail(pending.done, err)
             return
         conflicts = set(found)
-        entry_ids: dict[int, str] = {
-            id(pending): entry for pending, entry in zip(with_outbox, ids, strict=True)
-        }
+        entry_ids = dict(zip(with_outbox, ids, strict=True))  # _PendingWrite hashes by identity
         for pending in batch:
             if pending in again or pending.state.user_id in conflicts:
                 # Its version is stale (the first write of the user bumped it, or another
@@ -485,7 +483,7 @@ class CoalescingStore:
                     _fail(pending.done, err)
                     continue
             if not pending.done.done():
-                pending.done.set_result(entry_ids.get(id(pending)))
+                pending.done.set_result(entry_ids.get(pending))
 
 
 def _fail(future: asyncio.Future[Any], err: Exception) -> None:
@@ -643,15 +641,22 @@ class ApiService:
                 log.info("api: lookups at versions %s", fresh.versions)
                 self._lookups = fresh
 
+    def _send(
+        self, user_id: str, payload_id: str, record: str, on_delivery: Callable[[Any, Any], None]
+    ) -> None:
+        """Queue one outbox record for ``kafka.topics.sent`` (keyed by user, with the payload id
+        header); raises BufferError or KafkaException when the producer cannot take it."""
+        self.producer.produce(
+            self.spec.sent_topic,
+            key=user_id.encode(),
+            value=record.encode(),
+            headers=[(PAYLOAD_ID_HEADER, payload_id.encode())],
+            on_delivery=on_delivery,
+        )
+
     def _produce(self, user_id: str, answer: ApiAnswer, on_delivery: Callable[[Any, Any], None]) -> None:
         try:
-            self.producer.produce(
-                self.spec.sent_topic,
-                key=user_id.encode(),
-                value=answer.outbox.encode(),
-                headers=[(PAYLOAD_ID_HEADER, answer.payload_id.encode())],
-                on_delivery=on_delivery,
-            )
+            self._send(user_id, answer.payload_id, answer.outbox, on_delivery)
         except (BufferError, KafkaException) as err:
             raise ApiError(503, "not_recorded", f"the outbox cannot take the answer: {err}") from None
 
@@ -693,13 +698,7 @@ class ApiService:
                     self._forget = loop.call_later(_FORGET_SECONDS, self._forget_acknowledged)
 
         try:
-            self.producer.produce(
-                self.spec.sent_topic,
-                key=user_id.encode(),
-                value=record.encode(),
-                headers=[(PAYLOAD_ID_HEADER, payload_id.encode())],
-                on_delivery=relayed,
-            )
+            self._send(user_id, payload_id, record, relayed)
         except (BufferError, KafkaException) as err:
             self._warn(
                 "outbox record of payload %r kept in the online store for the sweep: %s", payload_id, err
