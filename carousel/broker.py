@@ -5,8 +5,9 @@ and controller), bound to ``broker.host`` only, from the jars that ``make setup`
 Maven into ``.jars/kafka``, and create the topics the pipeline needs.
 
 Inputs: the ``broker`` section of the configuration (state folder, host, ports, heap, start
-timeout) for :func:`start`, :func:`stop`, :func:`status`; the ``kafka`` section (bootstrap servers,
-topics and partition counts) for :func:`ensure_topics`.
+timeout, any further listeners - TLS, SASL - and ``server_properties``) for :func:`start`,
+:func:`stop`, :func:`status`; the ``kafka`` section (bootstrap servers, topics and partition
+counts) for :func:`ensure_topics`.
 
 Outputs, all under ``broker.state_dir``: ``server.properties`` and ``log4j2.properties`` (rewritten
 on every start), ``cluster.id`` (created once), ``data/`` (the formatted KRaft storage and the topic
@@ -44,7 +45,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from carousel import local_process
-from carousel.config import PROJECT_ROOT, BrokerConfig, ConfigError, KafkaConfig, load_config
+from carousel.config import (
+    KAFKA_SECRET_ENV,
+    PROJECT_ROOT,
+    BrokerConfig,
+    ConfigError,
+    KafkaConfig,
+    load_config,
+)
 from carousel.session import SetupError
 
 log = logging.getLogger(__name__)
@@ -111,16 +119,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_properties(broker_cfg: BrokerConfig) -> dict[str, str]:
     """The broker's ``server.properties`` as a mapping (single node, KRaft combined mode)."""
     host, port, cport = broker_cfg.host, broker_cfg.port, broker_cfg.controller_port
+    extra = broker_cfg.extra_listeners
+    listeners = ",".join(
+        [f"PLAINTEXT://{host}:{port}", *(f"{name}://{host}:{lst.port}" for name, lst in extra.items())]
+    )
+    protocols = ",".join(
+        [
+            "CONTROLLER:PLAINTEXT",
+            "PLAINTEXT:PLAINTEXT",
+            *(f"{name}:{lst.protocol}" for name, lst in extra.items()),
+        ]
+    )
     return {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
         # A static voter set is the simplest single-node quorum: no --standalone format needed.
         "controller.quorum.voters": f"{NODE_ID}@{host}:{cport}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "listeners": f"{listeners},CONTROLLER://{host}:{cport}",
+        "advertised.listeners": listeners,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": str(_data_dir(broker_cfg)),
         "num.partitions": "1",
         "auto.create.topics.enable": "false",
@@ -146,6 +165,7 @@ def server_properties(broker_cfg: BrokerConfig) -> dict[str, str]:
         "num.recovery.threads.per.data.dir": "1",
         "log.cleaner.threads": "1",
         "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+        **broker_cfg.server_properties,
     }
 
 
@@ -281,36 +301,58 @@ def _topic_partitions(admin: AdminClient, timeout: float) -> dict[str, int]:
     }
 
 
+# Client errors that waiting does not cure: credentials or a TLS handshake refused.
+_REFUSED_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+
+
 def _wait_ready(
     settings: Mapping[str, str],
     timeout: float,
     alive: Callable[[], bool] | None = None,
 ) -> dict[str, int]:
-    """Poll until a metadata request succeeds; returns topic -> partition count."""
+    """Poll until a metadata request succeeds; returns topic -> partition count.
+
+    A refused authentication (SASL) or TLS handshake ends the wait at once with a
+    :class:`BrokerError` naming the client's reason: waiting longer would not change it."""
     bootstrap = settings["bootstrap.servers"]
     deadline = time.monotonic() + timeout
     first = bootstrap.split(",")[0]
     host, _, port = first.rpartition(":")
     admin: AdminClient | None = None
     last_error = "nothing tried yet"
+    # librdkafka tells why a connection failed only to the error callback; a metadata request
+    # fails with a bare "Broker transport failure".
+    client_errors: list[KafkaError] = []
     while True:
         if alive is not None and not alive():
             raise BrokerError(f"the broker process exited while waiting for {bootstrap}")
+        refused = next((e for e in client_errors if e.code() in _REFUSED_CODES), None)
+        if refused is not None:
+            raise BrokerError(f"Kafka at {bootstrap} refused the client: {refused.str()}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"Kafka at {bootstrap} did not answer within {timeout:.0f}s: {last_error}")
+            # The last connection's own reason, not the summary "n/n brokers are down".
+            told = [e for e in client_errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
+            reason = told[-1].str() if told else last_error
+            if admin is not None and not told:
+                reason += (
+                    f" (something listens on {first} but closes the client's connections: a listener "
+                    "wanting another security protocol or credentials - see "
+                    f"{', '.join(KAFKA_SECRET_ENV.values())} and kafka.tls)"
+                )
+            raise TimeoutError(f"Kafka at {bootstrap} did not answer within {timeout:.0f}s: {reason}")
         # A plain TCP check first: cheap, and spares us librdkafka's connection-refused log spam.
         if admin is None and not local_process.port_open(host, int(port)):
             last_error = f"nothing listens on {first}"
             time.sleep(POLL_SECONDS)
             continue
         if admin is None:
-            admin = AdminClient(dict(settings))
+            admin = AdminClient({**settings, "error_cb": client_errors.append})
         try:
             return _topic_partitions(admin, timeout=max(0.5, min(5.0, remaining)))
         except KafkaException as err:
             last_error = str(err)
-            time.sleep(POLL_SECONDS)
+            admin.poll(POLL_SECONDS)  # serves the error callback
 
 
 def wait_until_reachable(
@@ -401,9 +443,13 @@ def start(broker_cfg: BrokerConfig, jars_dir: str | Path | None = None) -> str:
         _pid_file(broker_cfg).unlink(missing_ok=True)  # stale: its process is gone
         local_process.refuse_taken_ports(
             broker_cfg.host,
-            (broker_cfg.port, broker_cfg.controller_port),
+            (
+                broker_cfg.port,
+                broker_cfg.controller_port,
+                *(lst.port for lst in broker_cfg.extra_listeners.values()),
+            ),
             broker_cfg.state_dir,
-            "choose other broker.port / broker.controller_port",
+            "choose other broker.port / broker.controller_port / extra listener ports",
             BrokerError,
         )
 

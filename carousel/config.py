@@ -6,13 +6,15 @@ validate the result into one immutable :class:`CarouselConfig`. Bad values fail 
 the key path and the reason. Relative local paths are resolved against the project root.
 
 Secrets are never read from YAML: Kafka credentials come from ``CAROUSEL_KAFKA_SECURITY_PROTOCOL``,
-``CAROUSEL_KAFKA_SASL_MECHANISM``, ``CAROUSEL_KAFKA_SASL_USERNAME`` and
-``CAROUSEL_KAFKA_SASL_PASSWORD``; AWS credentials from boto3's standard chain.
+``CAROUSEL_KAFKA_SASL_MECHANISM``, ``CAROUSEL_KAFKA_SASL_USERNAME``,
+``CAROUSEL_KAFKA_SASL_PASSWORD`` and ``CAROUSEL_KAFKA_SSL_KEY_PASSWORD`` (the passphrase of the
+client key for mTLS); AWS credentials from boto3's standard chain.
 :func:`describe` renders the config for the log with secrets masked.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -23,7 +25,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # spark-submit.sh exports CAROUSEL_HOME: under spark-submit this module is imported from the code zip.
 PROJECT_ROOT = Path(os.environ.get("CAROUSEL_HOME") or Path(__file__).resolve().parents[1])
@@ -37,6 +47,13 @@ KAFKA_SECRET_ENV = {
     "sasl.mechanism": "CAROUSEL_KAFKA_SASL_MECHANISM",
     "sasl.username": "CAROUSEL_KAFKA_SASL_USERNAME",
     "sasl.password": "CAROUSEL_KAFKA_SASL_PASSWORD",
+    "ssl.key.password": "CAROUSEL_KAFKA_SSL_KEY_PASSWORD",
+}
+# The JAAS login module of each SASL mechanism carousel writes a JAAS line for (Java clients).
+_JAAS_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
 }
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _INTERVAL = re.compile(r"^\d+(\.\d+)?\s+(millisecond|second|minute|hour)s?$")
@@ -162,21 +179,135 @@ class KafkaProducerConfig(_Section):
     batch_size_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
 
 
+# Client settings that kafka.tls writes for each client family: refused in the option maps.
+_TLS_OWNED_KEYS = frozenset(
+    {
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.key.location",
+        "ssl.truststore.type",
+        "ssl.truststore.location",
+        "ssl.keystore.type",
+        "ssl.keystore.location",
+        "ssl.endpoint.identification.algorithm",
+    }
+)
+_PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
+_PEM_PKCS8_KEYS = ("-----BEGIN PRIVATE KEY-----", "-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+
+# The DER of PBES2's object identifier (1.2.840.113549.1.5.13), the scheme of an encrypted key.
+_PBES2_OID = bytes.fromhex("06092a864886f70d01050d")
+
+
+def _pbes2_encrypted(pem_text: str) -> bool:
+    """Whether the PEM text's encrypted PKCS#8 key uses PBES2 (its algorithm identifier comes
+    first in EncryptedPrivateKeyInfo, so the OID is within the first few dozen bytes)."""
+    match = re.search(r"-----BEGIN ENCRYPTED PRIVATE KEY-----(.*?)-----END", pem_text, re.S)
+    if match is None:
+        return False
+    try:
+        der = base64.b64decode("".join(match.group(1).split()))
+    except ValueError:
+        return False
+    return _PBES2_OID in der[:32]
+
+
+class KafkaTlsConfig(_Section):
+    """TLS to the brokers, in PEM files that both client families read: librdkafka (the Python
+    producers, consumers and admin clients) and the Java client (Spark's Kafka source and sinks).
+
+    The protocol itself (SSL, or SASL_SSL) comes from ``CAROUSEL_KAFKA_SECURITY_PROTOCOL``. On a
+    cluster the files must be at the same path on the driver and every executor.
+    """
+
+    # The CA certificates (PEM) that signed the brokers' certificates; empty: the system's trust
+    # store (librdkafka) and the JVM's (Java).
+    ca_file: str = ""
+    # mTLS: one PEM file holding this client's certificate (chain) and its private key in PKCS#8
+    # ("BEGIN PRIVATE KEY" or "BEGIN ENCRYPTED PRIVATE KEY"; `openssl pkcs8 -topk8` converts an
+    # RSA key). An encrypted key's passphrase comes from CAROUSEL_KAFKA_SSL_KEY_PASSWORD.
+    client_pem_file: str = ""
+    # Check that the broker's certificate names the host connected to. Off only for a test
+    # cluster whose certificates do not name their hosts.
+    verify_hostname: bool = True
+
+    @field_validator("ca_file", "client_pem_file")
+    @classmethod
+    def _readable_pem(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        path = Path(resolve_path(value))
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+        if _PEM_CERTIFICATE not in text:
+            raise ValueError(f"{path} holds no PEM certificate ({_PEM_CERTIFICATE})")
+        if info.field_name == "client_pem_file" and not any(marker in text for marker in _PEM_PKCS8_KEYS):
+            hint = (
+                " (its key is not PKCS#8, which the Java client needs: convert it with "
+                "`openssl pkcs8 -topk8 -in client.key`)"
+                if "PRIVATE KEY-----" in text
+                else ""
+            )
+            raise ValueError(f"{path} holds no PKCS#8 private key beside the certificate{hint}")
+        if info.field_name == "client_pem_file" and _pbes2_encrypted(text):
+            raise ValueError(
+                f"{path}: its key is encrypted with PBES2 (openssl's default), which the Java client "
+                "(Spark's Kafka source and sinks) cannot read (JDK-8231581); encrypt it with "
+                "`openssl pkcs8 -topk8 -v1 PBE-SHA1-3DES -in client.key`"
+            )
+        return str(path)
+
+    def librdkafka_settings(self) -> dict[str, str]:
+        """These settings in librdkafka's names (the key's passphrase comes with the credentials)."""
+        settings: dict[str, str] = {}
+        if self.ca_file:
+            settings["ssl.ca.location"] = self.ca_file
+        if self.client_pem_file:
+            # librdkafka picks the certificates and the key out of the one file.
+            settings["ssl.certificate.location"] = self.client_pem_file
+            settings["ssl.key.location"] = self.client_pem_file
+        if not self.verify_hostname:
+            settings["ssl.endpoint.identification.algorithm"] = "none"
+        return settings
+
+    def java_settings(self) -> dict[str, str]:
+        """These settings in the Java client's names (its PEM trust and key stores)."""
+        settings: dict[str, str] = {}
+        if self.ca_file:
+            settings["ssl.truststore.type"] = "PEM"
+            settings["ssl.truststore.location"] = self.ca_file
+        if self.client_pem_file:
+            settings["ssl.keystore.type"] = "PEM"
+            settings["ssl.keystore.location"] = self.client_pem_file
+        if not self.verify_hostname:
+            settings["ssl.endpoint.identification.algorithm"] = ""
+        return settings
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = Field(min_length=1)
     topics: dict[str, TopicConfig]
     producer: KafkaProducerConfig = Field(default_factory=KafkaProducerConfig)
     # Further Java client settings for Spark's Kafka source and sinks, without the "kafka."
-    # prefix (e.g. request.timeout.ms, ssl.truststore.location). Not secrets: those come from
-    # the environment (CAROUSEL_KAFKA_*), so keys holding a password or a JAAS line are refused.
+    # prefix (e.g. request.timeout.ms, sasl.oauthbearer.token.endpoint.url). Not secrets: those
+    # come from the environment (CAROUSEL_KAFKA_*), so keys holding a password or a JAAS line
+    # are refused.
     client_options: dict[str, str] = Field(default_factory=dict)
+    # The same for the Python clients (librdkafka: the API's outbox producer, the simulator,
+    # topic creation), in librdkafka's names (e.g. socket.keepalive.enable, client.rack).
+    python_client_options: dict[str, str] = Field(default_factory=dict)
+    # TLS to the brokers (CAROUSEL_KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL), for both clients.
+    tls: KafkaTlsConfig = Field(default_factory=KafkaTlsConfig)
 
-    @field_validator("client_options", mode="before")
+    @field_validator("client_options", "python_client_options", mode="before")
     @classmethod
     def _options_as_text(cls, value: Any) -> Any:
         return _kafka_text_values(value)
 
-    @field_validator("client_options")
+    @field_validator("client_options", "python_client_options")
     @classmethod
     def _no_secrets_or_owned_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
@@ -190,6 +321,10 @@ class KafkaConfig(_Section):
                 raise ValueError(
                     f"{key!r}: credentials and the security protocol come from the environment "
                     f"({', '.join(KAFKA_SECRET_ENV.values())}), not from the configuration"
+                )
+            if key in _TLS_OWNED_KEYS:
+                raise ValueError(
+                    f"{key!r}: set kafka.tls (ca_file, client_pem_file, verify_hostname) instead"
                 )
         return value
 
@@ -211,8 +346,14 @@ class KafkaConfig(_Section):
         return {key: os.environ[env] for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
 
     def client_settings(self) -> dict[str, str]:
-        """Settings for confluent-kafka producers, consumers and admin clients."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.security_settings()}
+        """Settings for confluent-kafka producers, consumers and admin clients (librdkafka):
+        ``python_client_options``, the bootstrap servers, the credentials and ``tls``."""
+        return {
+            **self.python_client_options,
+            "bootstrap.servers": self.bootstrap_servers,
+            **self.security_settings(),
+            **self.tls.librdkafka_settings(),
+        }
 
     def producer_settings(self) -> dict[str, str | int]:
         """Producer settings from ``kafka.producer`` (librdkafka and the Java client agree)."""
@@ -227,23 +368,65 @@ class KafkaConfig(_Section):
         return {**self.spark_options(), **{f"kafka.{k}": str(v) for k, v in self.producer_settings().items()}}
 
     def spark_options(self) -> dict[str, str]:
-        """Options for Spark's Kafka source and sink (``kafka.``-prefixed client settings):
-        ``client_options``, the bootstrap servers and the security settings."""
+        """Options for Spark's Kafka source and sink (``kafka.``-prefixed Java client settings):
+        ``client_options``, the bootstrap servers, the credentials (as a JAAS line) and ``tls``."""
         options = {f"kafka.{key}": option for key, option in self.client_options.items()}
         options["kafka.bootstrap.servers"] = self.bootstrap_servers
         security = self.security_settings()
-        if "security.protocol" in security:
-            options["kafka.security.protocol"] = security["security.protocol"]
-        if "sasl.mechanism" in security:
-            options["kafka.sasl.mechanism"] = security["sasl.mechanism"]
+        for key in ("security.protocol", "sasl.mechanism", "ssl.key.password"):
+            if key in security:
+                options[f"kafka.{key}"] = security[key]
         if "sasl.username" in security:
-            module = "org.apache.kafka.common.security.plain.PlainLoginModule"
-            if security.get("sasl.mechanism", "PLAIN").startswith("SCRAM"):
-                module = "org.apache.kafka.common.security.scram.ScramLoginModule"
-            user = security["sasl.username"]
-            password = security.get("sasl.password", "")
-            options["kafka.sasl.jaas.config"] = f'{module} required username="{user}" password="{password}";'
+            options["kafka.sasl.jaas.config"] = jaas_config(
+                security.get("sasl.mechanism", "PLAIN"),
+                security["sasl.username"],
+                security.get("sasl.password", ""),
+            )
+        options.update({f"kafka.{key}": value for key, value in self.tls.java_settings().items()})
         return options
+
+
+def jaas_config(mechanism: str, username: str, password: str) -> str:
+    """The Java client's ``sasl.jaas.config`` line for ``mechanism`` (PLAIN or SCRAM-SHA-*).
+
+    Values are quoted with ``\\`` and ``\"`` escaped, as Kafka's JAAS parser reads them: a
+    password holding a quote or a backslash authenticates instead of breaking the line."""
+    module = _JAAS_MODULES.get(mechanism.upper())
+    if module is None:
+        raise ConfigError(
+            f"{KAFKA_SECRET_ENV['sasl.mechanism']}={mechanism}: carousel writes the JAAS line for "
+            f"{', '.join(_JAAS_MODULES)} only"
+        )
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return f"{module} required username={quoted(username)} password={quoted(password)};"
+
+
+class BrokerListenerConfig(_Section):
+    """A further listener of the embedded broker (its name is the key in ``extra_listeners``)."""
+
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+# server.properties keys the embedded broker writes itself (its node, quorum and listeners).
+_BROKER_OWNED_PROPERTIES = frozenset(
+    {
+        "process.roles",
+        "node.id",
+        "controller.quorum.voters",
+        "listeners",
+        "advertised.listeners",
+        "controller.listener.names",
+        "inter.broker.listener.name",
+        "listener.security.protocol.map",
+        "log.dirs",
+    }
+)
+# A secret's value in server.properties may only be a config provider's reference: ${env:NAME}.
+_CONFIG_PROVIDER_REFERENCE = re.compile(r"^\$\{[a-zA-Z0-9_.-]+:[^}]*\}$")
 
 
 class BrokerConfig(_Section):
@@ -253,16 +436,67 @@ class BrokerConfig(_Section):
     controller_port: int = Field(ge=1, le=65535)
     heap: str = Field(pattern=r"^\d+[mMgG]$")
     start_timeout_seconds: float = Field(gt=0)
+    # Further listeners beside the PLAINTEXT one on `port` (which start, stop and status use):
+    # NAME -> {port, protocol}, e.g. {SECURE: {port: 9094, protocol: SASL_SSL}} to try a secured
+    # setup locally. Their settings go in server_properties, per listener under
+    # listener.name.<name in lower case>.<setting>.
+    extra_listeners: dict[str, BrokerListenerConfig] = Field(default_factory=dict)
+    # Further server.properties (key stores, sasl.enabled.mechanisms, ssl.client.auth, ...).
+    # The keys carousel writes itself are refused, and so is a password unless its value is a
+    # config provider's reference (${env:NAME} with config.providers=env): none in YAML.
+    server_properties: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("state_dir")
     @classmethod
     def _resolve(cls, value: str) -> str:
         return resolve_path(value)
 
+    @field_validator("server_properties", mode="before")
+    @classmethod
+    def _properties_as_text(cls, value: Any) -> Any:
+        return _kafka_text_values(value)
+
+    @field_validator("server_properties")
+    @classmethod
+    def _settable_properties(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, setting in value.items():
+            if not re.fullmatch(r"[a-zA-Z0-9._-]+", key):
+                raise ValueError(f"{key!r} is not a server.properties key")
+            if key in _BROKER_OWNED_PROPERTIES or key.startswith("controller.quorum."):
+                raise ValueError(
+                    f"{key!r} is written by carousel (use broker.port, controller_port, extra_listeners)"
+                )
+            secret = re.search(r"password|secret", key) or "password=" in setting
+            if secret and not _CONFIG_PROVIDER_REFERENCE.match(setting):
+                raise ValueError(
+                    f"{key!r}: a secret in the configuration; give it as a config provider's reference "
+                    "(${env:NAME}, with config.providers=env) or use a PEM key store with an unencrypted key"
+                )
+        return value
+
+    @field_validator("extra_listeners")
+    @classmethod
+    def _listener_names(cls, value: dict[str, BrokerListenerConfig]) -> dict[str, BrokerListenerConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name) or name in ("PLAINTEXT", "CONTROLLER"):
+                raise ValueError(
+                    f"listener name {name!r}: upper-case letters, digits and '_', "
+                    "other than PLAINTEXT and CONTROLLER"
+                )
+        return value
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> BrokerConfig:
-        if self.port == self.controller_port:
-            raise ValueError("broker.port and broker.controller_port must differ")
+        ports = [
+            self.port,
+            self.controller_port,
+            *(listener.port for listener in self.extra_listeners.values()),
+        ]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                "broker.port, broker.controller_port and the extra listeners' ports "
+                f"must differ (got {ports})"
+            )
         return self
 
 
@@ -1127,15 +1361,20 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
     return base
 
 
-_FREE_FORM_MAPS = {("spark", "conf"), ("kafka", "client_options")}
+_FREE_FORM_MAPS = {
+    ("spark", "conf"),
+    ("kafka", "client_options"),
+    ("kafka", "python_client_options"),
+    ("broker", "server_properties"),
+}
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigError(f"bad key {dotted!r}: expected section.key")
-    # spark.conf, kafka.client_options and kafka.topics.<role>.configs hold free-form client
-    # keys, which contain dots themselves.
+    # spark.conf, the Kafka client option maps, broker.server_properties and
+    # kafka.topics.<role>.configs hold free-form client keys, which contain dots themselves.
     if tuple(parts[:2]) in _FREE_FORM_MAPS and len(parts) > 2:
         parts = [*parts[:2], ".".join(parts[2:])]
     elif parts[:2] == ["kafka", "topics"] and len(parts) > 4 and parts[3] == "configs":
@@ -1202,11 +1441,13 @@ def load_config(
 
 
 def mask_secrets(text: str, *more: str | None) -> str:
-    """``text`` with the secrets carousel reads from the environment (the Kafka SASL and Redis
-    passwords) and ``more`` (a password taken from a URL, say) replaced by ``***``: an error text
-    may quote a connection string or an AUTH command, and it is logged and raised."""
+    """``text`` with the secrets carousel reads from the environment (the Kafka SASL password, the
+    Kafka client key's passphrase and the Redis password) and ``more`` (a password taken from a
+    URL, say) replaced by ``***``: an error text may quote a connection string or an AUTH
+    command, and it is logged and raised."""
     for secret in (
         os.environ.get(KAFKA_SECRET_ENV["sasl.password"]),
+        os.environ.get(KAFKA_SECRET_ENV["ssl.key.password"]),
         os.environ.get(REDIS_PASSWORD_ENV),
         *more,
     ):

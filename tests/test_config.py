@@ -5,9 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from kafka_security_fixture import make_certificates
 from pydantic import ValidationError
 
-from carousel.config import PROJECT_ROOT, CarouselConfig, ConfigError, describe, load_config
+from carousel.broker import server_properties
+from carousel.config import (
+    KAFKA_SECRET_ENV,
+    PROJECT_ROOT,
+    CarouselConfig,
+    ConfigError,
+    describe,
+    jaas_config,
+    load_config,
+    mask_secrets,
+)
 
 
 def test_defaults_load_and_resolve_relative_paths():
@@ -57,6 +68,20 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("kafka.client_options.Request Timeout=1", "not a Kafka client setting name"),
         ("kafka.client_options.kafka.request.timeout.ms=1", "without the 'kafka.' prefix"),
         ("kafka.client_options.bootstrap.servers=h:1", "kafka.bootstrap_servers"),
+        ("kafka.client_options.ssl.truststore.location=/etc/ca.pem", "set kafka.tls"),
+        ("kafka.python_client_options.sasl.password=x", "credentials .* come from the environment"),
+        ("kafka.python_client_options.ssl.ca.location=/etc/ca.pem", "set kafka.tls"),
+        ("kafka.tls.ca_file=/nonexistent/ca.pem", "kafka.tls.ca_file.*cannot read"),
+        ("broker.server_properties.listeners=PLAINTEXT://:1", "written by carousel"),
+        ("broker.server_properties.ssl.keystore.password=x", "a secret in the configuration"),
+        (
+            "broker.server_properties.listener.name.s.plain.sasl.jaas.config='m required password=\"x\";'",
+            "a secret",
+        ),
+        ("broker.extra_listeners.secure={port: 9094, protocol: SASL_SSL}", "listener name"),
+        ("broker.extra_listeners.PLAINTEXT={port: 9094, protocol: SSL}", "listener name"),
+        ("broker.extra_listeners.SECURE={port: 9092, protocol: SASL_SSL}", "must differ"),
+        ("broker.extra_listeners.SECURE={port: 9094, protocol: TLS}", "protocol"),
         ("supervision.max_restarts=-1", "supervision.max_restarts"),
         ("metrics.ports.campaign=9470", "unknown jobs \\['campaign'\\]"),
         ("metrics.ports.serve=9464", "two jobs share a port"),
@@ -116,6 +141,88 @@ def test_secrets_come_from_the_environment_and_are_masked(monkeypatch):
     text = describe(cfg)
     assert "hunter2" not in text and "abc123" not in text and "s3cret-in-url" not in text
     assert "rediss://svc:***@redis.example:6380/0" in text
+
+
+def test_a_jaas_line_quotes_what_a_password_holds():
+    line = jaas_config("SCRAM-SHA-512", 'svc"1', 'a"b\\c')
+    module = "org.apache.kafka.common.security.scram.ScramLoginModule"
+    assert line == f'{module} required username="svc\\"1" password="a\\"b\\\\c";'
+    assert jaas_config("PLAIN", "u", "p").startswith(
+        "org.apache.kafka.common.security.plain.PlainLoginModule"
+    )
+    with pytest.raises(ConfigError, match="GSSAPI: carousel writes the JAAS line for PLAIN"):
+        jaas_config("GSSAPI", "u", "p")
+
+
+def test_tls_files_reach_both_client_families_and_bad_keys_are_refused(tmp_path, monkeypatch):
+    certificates = make_certificates(tmp_path / "tls")
+    monkeypatch.setenv(KAFKA_SECRET_ENV["ssl.key.password"], "key-pass")
+    cfg = load_config(
+        overrides=[
+            f"kafka.tls.ca_file={certificates.ca}",
+            f"kafka.tls.client_pem_file={certificates.client_pem}",
+            "kafka.tls.verify_hostname=false",
+            "kafka.python_client_options.client.rack=eu-1a",
+        ],
+        environ={},
+    )
+    ca, pem = str(certificates.ca), str(certificates.client_pem)
+    assert cfg.kafka.client_settings() == {
+        "bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "client.rack": "eu-1a",
+        "ssl.key.password": "key-pass",
+        "ssl.ca.location": ca,
+        "ssl.certificate.location": pem,
+        "ssl.key.location": pem,
+        "ssl.endpoint.identification.algorithm": "none",
+    }
+    spark = cfg.kafka.spark_options()
+    assert {k: v for k, v in spark.items() if k.startswith("kafka.ssl.")} == {
+        "kafka.ssl.key.password": "key-pass",
+        "kafka.ssl.truststore.type": "PEM",
+        "kafka.ssl.truststore.location": ca,
+        "kafka.ssl.keystore.type": "PEM",
+        "kafka.ssl.keystore.location": pem,
+        "kafka.ssl.endpoint.identification.algorithm": "",
+    }
+    assert "key-pass" not in describe(cfg)
+    assert mask_secrets("cannot decrypt with key-pass") == "cannot decrypt with ***"
+    for pem_file, reason in (
+        (certificates.client_rsa_pem, "not PKCS#8.*openssl pkcs8 -topk8"),
+        (certificates.client_pbes2_pem, "PBES2.*-v1 PBE-SHA1-3DES"),
+        (certificates.ca, "no PKCS#8 private key"),
+    ):
+        with pytest.raises(ConfigError, match=f"kafka.tls.client_pem_file.*{reason}"):
+            load_config(overrides=[f"kafka.tls.client_pem_file={pem_file}"], environ={})
+    key_only = tmp_path / "key-only.pem"
+    key_only.write_text((tmp_path / "tls" / "client.key").read_text())
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        load_config(overrides=[f"kafka.tls.ca_file={key_only}"], environ={})
+
+
+def test_the_embedded_broker_takes_further_listeners_and_properties():
+    cfg = load_config(
+        overrides=[
+            "broker.port=9092",
+            "broker.controller_port=9093",
+            "broker.extra_listeners.SECURE={port: 9094, protocol: SASL_SSL}",
+            "broker.server_properties.sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "broker.server_properties.ssl.keystore.password=${env:KEYSTORE_PASSWORD}",
+        ],
+        environ={},
+    )
+    properties = server_properties(cfg.broker)
+    assert (
+        properties["listeners"]
+        == "PLAINTEXT://127.0.0.1:9092,SECURE://127.0.0.1:9094,CONTROLLER://127.0.0.1:9093"
+    )
+    assert properties["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092,SECURE://127.0.0.1:9094"
+    assert (
+        properties["listener.security.protocol.map"]
+        == "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SECURE:SASL_SSL"
+    )
+    assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert properties["ssl.keystore.password"] == "${env:KEYSTORE_PASSWORD}"
 
 
 @pytest.mark.parametrize(
