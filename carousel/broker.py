@@ -52,6 +52,7 @@ from carousel.config import (
     ConfigError,
     KafkaConfig,
     load_config,
+    mask_secrets,
 )
 from carousel.session import SetupError
 
@@ -207,9 +208,13 @@ def _log4j2_properties(broker_cfg: BrokerConfig) -> str:
     )
 
 
+BACKSLASH = "\\"
+
+
 def _write_properties(path: Path, values: Mapping[str, str]) -> None:
     lines = ["# Written by carousel.broker on every start; edit conf/carousel.yaml instead."]
-    lines += [f"{key}={value}" for key, value in values.items()]
+    # A backslash is an escape in a properties file: written twice, it is read as one.
+    lines += [f"{key}={value.replace(BACKSLASH, BACKSLASH * 2)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -250,6 +255,7 @@ def _jvm_command(broker_cfg: BrokerConfig, jars_dir: Path, main_class: str) -> l
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={_state(broker_cfg) / 'log4j2.properties'}",
         f"-Dkafka.logs.dir={_logs_dir(broker_cfg)}",
+        *broker_cfg.jvm_options,
         "-cp",
         _classpath(jars_dir),
         main_class,
@@ -334,7 +340,8 @@ def _wait_ready(
             # The last connection's own reason, not the summary "n/n brokers are down".
             told = [e for e in client_errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
             reason = told[-1].str() if told else last_error
-            if admin is not None and not told:
+            secured = str(settings.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT"
+            if admin is not None and not told and secured:
                 reason += (
                     f" (something listens on {first} but closes the client's connections: a listener "
                     "wanting another security protocol or credentials - see "
@@ -347,12 +354,20 @@ def _wait_ready(
             time.sleep(POLL_SECONDS)
             continue
         if admin is None:
-            admin = AdminClient({**settings, "error_cb": client_errors.append})
+            try:
+                admin = AdminClient({**settings, "error_cb": client_errors.append})
+            except KafkaException as err:  # e.g. a key it cannot decrypt, a CA file it cannot read
+                raise BrokerError(
+                    f"cannot make a Kafka client for {bootstrap}: {mask_secrets(str(err))} (check kafka.tls, "
+                    f"{', '.join(KAFKA_SECRET_ENV.values())})"
+                ) from None
         try:
             return _topic_partitions(admin, timeout=max(0.5, min(5.0, remaining)))
         except KafkaException as err:
             last_error = str(err)
+            paused = time.monotonic()
             admin.poll(POLL_SECONDS)  # serves the error callback
+            time.sleep(max(0.0, POLL_SECONDS - (time.monotonic() - paused)))
 
 
 def wait_until_reachable(

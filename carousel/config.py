@@ -7,8 +7,9 @@ the key path and the reason. Relative local paths are resolved against the proje
 
 Secrets are never read from YAML: Kafka credentials come from ``CAROUSEL_KAFKA_SECURITY_PROTOCOL``,
 ``CAROUSEL_KAFKA_SASL_MECHANISM``, ``CAROUSEL_KAFKA_SASL_USERNAME``,
-``CAROUSEL_KAFKA_SASL_PASSWORD`` and ``CAROUSEL_KAFKA_SSL_KEY_PASSWORD`` (the passphrase of the
-client key for mTLS); AWS credentials from boto3's standard chain.
+``CAROUSEL_KAFKA_SASL_PASSWORD``, ``CAROUSEL_KAFKA_SSL_KEY_PASSWORD`` (the passphrase of the
+client key for mTLS) and ``CAROUSEL_KAFKA_OAUTH_CLIENT_SECRET`` (OAUTHBEARER); AWS credentials
+from boto3's standard chain.
 :func:`describe` renders the config for the log with secrets masked.
 """
 
@@ -48,7 +49,14 @@ KAFKA_SECRET_ENV = {
     "sasl.username": "CAROUSEL_KAFKA_SASL_USERNAME",
     "sasl.password": "CAROUSEL_KAFKA_SASL_PASSWORD",
     "ssl.key.password": "CAROUSEL_KAFKA_SSL_KEY_PASSWORD",
+    "sasl.oauthbearer.client.secret": "CAROUSEL_KAFKA_OAUTH_CLIENT_SECRET",
 }
+OAUTHBEARER = "OAUTHBEARER"
+# The Java client's login for OAUTHBEARER with OIDC client credentials (KIP-768).
+_OAUTH_LOGIN_MODULE = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule"
+_OAUTH_LOGIN_HANDLER = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginCallbackHandler"
+# The Java system property listing the OAuth URLs a Kafka client or broker may call.
+OAUTH_ALLOWED_URLS_PROPERTY = "org.apache.kafka.sasl.oauthbearer.allowed.urls"
 # The JAAS login module of each SASL mechanism carousel writes a JAAS line for (Java clients).
 _JAAS_MODULES = {
     "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
@@ -132,8 +140,8 @@ def _kafka_text_values(value: Any) -> Any:
 
 
 # Kafka client settings that hold secrets: refused in the configuration (they come from the
-# environment). Inline PEM keys end in ".key" (ssl.keystore.key).
-_KAFKA_SECRET_KEY = re.compile(r"password|secret|jaas|\.key$")
+# environment). Inline PEM keys end in ".key" (ssl.keystore.key) or "key.pem" (librdkafka).
+_KAFKA_SECRET_KEY = re.compile(r"password|secret|jaas|passphrase|\.key$|key\.pem$")
 
 
 class TopicConfig(_Section):
@@ -179,19 +187,18 @@ class KafkaProducerConfig(_Section):
     batch_size_bytes: int = Field(default=262_144, ge=1024, le=16 * 1024 * 1024)
 
 
-# Client settings that kafka.tls writes for each client family: refused in the option maps.
-_TLS_OWNED_KEYS = frozenset(
-    {
-        "ssl.ca.location",
-        "ssl.certificate.location",
-        "ssl.key.location",
-        "ssl.truststore.type",
-        "ssl.truststore.location",
-        "ssl.keystore.type",
-        "ssl.keystore.location",
-        "ssl.endpoint.identification.algorithm",
-    }
-)
+# The client settings each kafka.tls field writes, per client family: an option map may not set
+# them too (a JKS trust store in client_options, without kafka.tls.ca_file, stays possible).
+_TLS_JAVA_KEYS = {
+    "ca_file": ("ssl.truststore.type", "ssl.truststore.location"),
+    "client_pem_file": ("ssl.keystore.type", "ssl.keystore.location"),
+    "verify_hostname": ("ssl.endpoint.identification.algorithm",),
+}
+_TLS_LIBRDKAFKA_KEYS = {
+    "ca_file": ("ssl.ca.location",),
+    "client_pem_file": ("ssl.certificate.location", "ssl.key.location"),
+    "verify_hostname": ("ssl.endpoint.identification.algorithm",),
+}
 _PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
 _PEM_PKCS8_KEYS = ("-----BEGIN PRIVATE KEY-----", "-----BEGIN ENCRYPTED PRIVATE KEY-----")
 
@@ -255,10 +262,22 @@ class KafkaTlsConfig(_Section):
         if info.field_name == "client_pem_file" and _pbes2_encrypted(text):
             raise ValueError(
                 f"{path}: its key is encrypted with PBES2 (openssl's default), which the Java client "
-                "(Spark's Kafka source and sinks) cannot read (JDK-8231581); encrypt it with "
+                "(Spark's Kafka source and sinks) cannot read on Java 17, the JDK carousel is set up "
+                "with (Java 19+ can: JDK-8286428); encrypt it with "
                 "`openssl pkcs8 -topk8 -v1 PBE-SHA1-3DES -in client.key`"
             )
         return str(path)
+
+    def key_encrypted(self) -> bool:
+        """Whether the key in ``client_pem_file`` is encrypted (needs a passphrase)."""
+        try:
+            return "-----BEGIN ENCRYPTED PRIVATE KEY-----" in Path(self.client_pem_file).read_text(
+                errors="replace"
+            )
+        except OSError as err:
+            raise ConfigError(
+                f"kafka.tls.client_pem_file: cannot read {self.client_pem_file}: {err}"
+            ) from None
 
     def librdkafka_settings(self) -> dict[str, str]:
         """These settings in librdkafka's names (the key's passphrase comes with the credentials)."""
@@ -287,6 +306,18 @@ class KafkaTlsConfig(_Section):
         return settings
 
 
+class KafkaOAuthConfig(_Section):
+    """OAUTHBEARER with OIDC client credentials (CAROUSEL_KAFKA_SASL_MECHANISM=OAUTHBEARER): each
+    client fetches a token from the identity provider and refreshes it before it expires. The
+    client secret comes from CAROUSEL_KAFKA_OAUTH_CLIENT_SECRET."""
+
+    # The identity provider's token endpoint (https://idp.example/oauth2/token).
+    token_endpoint_url: str = Field(default="", pattern=r"^(https?://\S+)?$")
+    client_id: str = ""
+    # Space-separated scopes to ask for; empty: the provider's default.
+    scope: str = ""
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = Field(min_length=1)
     topics: dict[str, TopicConfig]
@@ -301,6 +332,8 @@ class KafkaConfig(_Section):
     python_client_options: dict[str, str] = Field(default_factory=dict)
     # TLS to the brokers (CAROUSEL_KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL), for both clients.
     tls: KafkaTlsConfig = Field(default_factory=KafkaTlsConfig)
+    # OAUTHBEARER (CAROUSEL_KAFKA_SASL_MECHANISM=OAUTHBEARER), for both clients.
+    oauth: KafkaOAuthConfig = Field(default_factory=KafkaOAuthConfig)
 
     @field_validator("client_options", "python_client_options", mode="before")
     @classmethod
@@ -322,11 +355,23 @@ class KafkaConfig(_Section):
                     f"{key!r}: credentials and the security protocol come from the environment "
                     f"({', '.join(KAFKA_SECRET_ENV.values())}), not from the configuration"
                 )
-            if key in _TLS_OWNED_KEYS:
-                raise ValueError(
-                    f"{key!r}: set kafka.tls (ca_file, client_pem_file, verify_hostname) instead"
-                )
         return value
+
+    @model_validator(mode="after")
+    def _tls_set_once(self) -> KafkaConfig:
+        tls_set = {
+            "ca_file": bool(self.tls.ca_file),
+            "client_pem_file": bool(self.tls.client_pem_file),
+            "verify_hostname": not self.tls.verify_hostname,
+        }
+        for options, name, owned in (
+            (self.client_options, "client_options", _TLS_JAVA_KEYS),
+            (self.python_client_options, "python_client_options", _TLS_LIBRDKAFKA_KEYS),
+        ):
+            clash = [key for field, keys in owned.items() if tls_set[field] for key in keys if key in options]
+            if clash:
+                raise ValueError(f"{name} {clash}: kafka.tls sets them already")
+        return self
 
     @field_validator("topics")
     @classmethod
@@ -342,18 +387,62 @@ class KafkaConfig(_Section):
             raise ConfigError(f"kafka.topics.{role} is not configured") from None
 
     def security_settings(self) -> dict[str, str]:
-        """Security settings from the environment (librdkafka / Java client key names agree)."""
-        return {key: os.environ[env] for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
+        """Security settings from the environment (librdkafka / Java client key names agree).
+
+        An encrypted ``kafka.tls.client_pem_file`` key without its passphrase, or a passphrase for
+        an unencrypted one, is a :class:`ConfigError`: the Java client refuses both, and
+        librdkafka only the first, with an OpenSSL message that names neither."""
+        settings = {key: os.environ[env] for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
+        if self.tls.client_pem_file:
+            encrypted = self.tls.key_encrypted()
+            if encrypted != ("ssl.key.password" in settings):
+                env = KAFKA_SECRET_ENV["ssl.key.password"]
+                raise ConfigError(
+                    f"kafka.tls.client_pem_file {self.tls.client_pem_file}: "
+                    + (
+                        f"its key is encrypted and {env} is not set"
+                        if encrypted
+                        else f"its key is not encrypted but {env} is set"
+                    )
+                )
+        return settings
 
     def client_settings(self) -> dict[str, str]:
         """Settings for confluent-kafka producers, consumers and admin clients (librdkafka):
         ``python_client_options``, the bootstrap servers, the credentials and ``tls``."""
-        return {
+        settings = {
             **self.python_client_options,
             "bootstrap.servers": self.bootstrap_servers,
             **self.security_settings(),
             **self.tls.librdkafka_settings(),
         }
+        if self.uses_oauth():
+            settings["sasl.oauthbearer.method"] = "oidc"
+            settings["sasl.oauthbearer.client.id"] = self.oauth.client_id
+            settings["sasl.oauthbearer.token.endpoint.url"] = self.oauth.token_endpoint_url
+            if self.oauth.scope:
+                settings["sasl.oauthbearer.scope"] = self.oauth.scope
+        return settings
+
+    def uses_oauth(self) -> bool:
+        """Whether the mechanism (from the environment) is OAUTHBEARER; then ``kafka.oauth`` and
+        the client secret must be set, or this is a :class:`ConfigError` naming what is missing."""
+        mechanism = os.environ.get(KAFKA_SECRET_ENV["sasl.mechanism"], "")
+        if mechanism.upper() != OAUTHBEARER:
+            return False
+        secret_env = KAFKA_SECRET_ENV["sasl.oauthbearer.client.secret"]
+        missing = [
+            name
+            for name, value in (
+                ("kafka.oauth.token_endpoint_url", self.oauth.token_endpoint_url),
+                ("kafka.oauth.client_id", self.oauth.client_id),
+                (secret_env, os.environ.get(secret_env)),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"{KAFKA_SECRET_ENV['sasl.mechanism']}={mechanism} needs {', '.join(missing)}")
+        return True
 
     def producer_settings(self) -> dict[str, str | int]:
         """Producer settings from ``kafka.producer`` (librdkafka and the Java client agree)."""
@@ -376,7 +465,18 @@ class KafkaConfig(_Section):
         for key in ("security.protocol", "sasl.mechanism", "ssl.key.password"):
             if key in security:
                 options[f"kafka.{key}"] = security[key]
-        if "sasl.username" in security:
+        if self.uses_oauth():
+            options["kafka.sasl.mechanism"] = OAUTHBEARER
+            options["kafka.sasl.login.callback.handler.class"] = _OAUTH_LOGIN_HANDLER
+            options["kafka.sasl.oauthbearer.token.endpoint.url"] = self.oauth.token_endpoint_url
+            login = {
+                "clientId": self.oauth.client_id,
+                "clientSecret": security["sasl.oauthbearer.client.secret"],
+            }
+            if self.oauth.scope:
+                login["scope"] = self.oauth.scope
+            options["kafka.sasl.jaas.config"] = _jaas_line(_OAUTH_LOGIN_MODULE, login)
+        elif "sasl.username" in security:
             options["kafka.sasl.jaas.config"] = jaas_config(
                 security.get("sasl.mechanism", "PLAIN"),
                 security["sasl.username"],
@@ -395,13 +495,17 @@ def jaas_config(mechanism: str, username: str, password: str) -> str:
     if module is None:
         raise ConfigError(
             f"{KAFKA_SECRET_ENV['sasl.mechanism']}={mechanism}: carousel writes the JAAS line for "
-            f"{', '.join(_JAAS_MODULES)} only"
+            f"{', '.join(_JAAS_MODULES)} (and {OAUTHBEARER}, from kafka.oauth) only"
         )
 
+    return _jaas_line(module, {"username": username, "password": password})
+
+
+def _jaas_line(module: str, options: Mapping[str, str]) -> str:
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return f"{module} required username={quoted(username)} password={quoted(password)};"
+    return f"{module} required " + " ".join(f"{key}={quoted(value)}" for key, value in options.items()) + ";"
 
 
 class BrokerListenerConfig(_Section):
@@ -421,6 +525,7 @@ _BROKER_OWNED_PROPERTIES = frozenset(
         "advertised.listeners",
         "controller.listener.names",
         "inter.broker.listener.name",
+        "security.inter.broker.protocol",
         "listener.security.protocol.map",
         "log.dirs",
     }
@@ -445,6 +550,17 @@ class BrokerConfig(_Section):
     # The keys carousel writes itself are refused, and so is a password unless its value is a
     # config provider's reference (${env:NAME} with config.providers=env): none in YAML.
     server_properties: dict[str, str] = Field(default_factory=dict)
+    # Further JVM options of the broker, e.g. -Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=...
+    # for an OAUTHBEARER listener that fetches its identity provider's keys.
+    jvm_options: list[str] = Field(default_factory=list)
+
+    @field_validator("jvm_options")
+    @classmethod
+    def _options_start_with_a_dash(cls, value: list[str]) -> list[str]:
+        bad = [option for option in value if not option.startswith("-") or "\n" in option]
+        if bad:
+            raise ValueError(f"JVM options start with '-': {bad}")
+        return value
 
     @field_validator("state_dir")
     @classmethod
@@ -466,11 +582,17 @@ class BrokerConfig(_Section):
                 raise ValueError(
                     f"{key!r} is written by carousel (use broker.port, controller_port, extra_listeners)"
                 )
-            secret = re.search(r"password|secret", key) or "password=" in setting
+            if "\n" in setting or "\r" in setting:
+                raise ValueError(f"{key!r}: a value on more than one line")
+            secret = re.search(r"password|secret|passphrase|\.key$", key) or re.search(
+                r"(password|secret|user_[\w-]+)\s*=", setting
+            )
             if secret and not _CONFIG_PROVIDER_REFERENCE.match(setting):
                 raise ValueError(
                     f"{key!r}: a secret in the configuration; give it as a config provider's reference "
-                    "(${env:NAME}, with config.providers=env) or use a PEM key store with an unencrypted key"
+                    "(${env:NAME}, with config.providers=env and config.providers.env.class="
+                    "org.apache.kafka.common.config.provider.EnvVarConfigProvider) "
+                    "or use a PEM key store with an unencrypted key"
                 )
         return value
 
@@ -1407,12 +1529,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return content
 
 
+def _shown_input(value: Any) -> str:
+    """What a validation message shows of the value refused: a whole map (client options, server
+    properties, Spark settings) only by its keys, since what was refused may be a secret."""
+    if isinstance(value, Mapping):
+        return f"got keys {sorted(map(str, value))}"
+    return f"got {value!r}"
+
+
 def _validate(data: dict[str, Any]) -> CarouselConfig:
     try:
         return CarouselConfig.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} ({_shown_input(e.get('input'))})"
             for e in err.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
@@ -1442,12 +1572,13 @@ def load_config(
 
 def mask_secrets(text: str, *more: str | None) -> str:
     """``text`` with the secrets carousel reads from the environment (the Kafka SASL password, the
-    Kafka client key's passphrase and the Redis password) and ``more`` (a password taken from a
-    URL, say) replaced by ``***``: an error text may quote a connection string or an AUTH
-    command, and it is logged and raised."""
+    OAuth client secret, the Kafka client key's passphrase and the Redis password) and ``more``
+    (a password taken from a URL, say) replaced by ``***``: an error text may quote a connection
+    string or an AUTH command, and it is logged and raised."""
     for secret in (
         os.environ.get(KAFKA_SECRET_ENV["sasl.password"]),
         os.environ.get(KAFKA_SECRET_ENV["ssl.key.password"]),
+        os.environ.get(KAFKA_SECRET_ENV["sasl.oauthbearer.client.secret"]),
         os.environ.get(REDIS_PASSWORD_ENV),
         *more,
     ):

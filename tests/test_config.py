@@ -8,6 +8,7 @@ import pytest
 from kafka_security_fixture import make_certificates
 from pydantic import ValidationError
 
+from carousel import broker
 from carousel.broker import server_properties
 from carousel.config import (
     KAFKA_SECRET_ENV,
@@ -68,9 +69,14 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("kafka.client_options.Request Timeout=1", "not a Kafka client setting name"),
         ("kafka.client_options.kafka.request.timeout.ms=1", "without the 'kafka.' prefix"),
         ("kafka.client_options.bootstrap.servers=h:1", "kafka.bootstrap_servers"),
-        ("kafka.client_options.ssl.truststore.location=/etc/ca.pem", "set kafka.tls"),
         ("kafka.python_client_options.sasl.password=x", "credentials .* come from the environment"),
-        ("kafka.python_client_options.ssl.ca.location=/etc/ca.pem", "set kafka.tls"),
+        ("kafka.python_client_options.ssl.key.pem=-----BEGIN", "credentials"),
+        ("broker.server_properties.security.inter.broker.protocol=SSL", "written by carousel"),
+        (
+            "broker.server_properties.listener.name.s.plain.sasl.jaas.config='m required user_alice=\"x\";'",
+            "a secret",
+        ),
+        ("broker.server_properties.ssl.keystore.key=-----BEGIN", "a secret"),
         ("kafka.tls.ca_file=/nonexistent/ca.pem", "kafka.tls.ca_file.*cannot read"),
         ("broker.server_properties.listeners=PLAINTEXT://:1", "written by carousel"),
         ("broker.server_properties.ssl.keystore.password=x", "a secret in the configuration"),
@@ -82,6 +88,8 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("broker.extra_listeners.PLAINTEXT={port: 9094, protocol: SSL}", "listener name"),
         ("broker.extra_listeners.SECURE={port: 9092, protocol: SASL_SSL}", "must differ"),
         ("broker.extra_listeners.SECURE={port: 9094, protocol: TLS}", "protocol"),
+        ("broker.jvm_options=[Xmx1g]", "JVM options start with"),
+        ("kafka.oauth.token_endpoint_url=idp.example/token", "kafka.oauth.token_endpoint_url"),
         ("supervision.max_restarts=-1", "supervision.max_restarts"),
         ("metrics.ports.campaign=9470", "unknown jobs \\['campaign'\\]"),
         ("metrics.ports.serve=9464", "two jobs share a port"),
@@ -194,13 +202,86 @@ def test_tls_files_reach_both_client_families_and_bad_keys_are_refused(tmp_path,
     ):
         with pytest.raises(ConfigError, match=f"kafka.tls.client_pem_file.*{reason}"):
             load_config(overrides=[f"kafka.tls.client_pem_file={pem_file}"], environ={})
+    # The key and its passphrase must go together: named before any client tries.
+    monkeypatch.delenv(KAFKA_SECRET_ENV["ssl.key.password"])
+    with pytest.raises(
+        ConfigError, match="its key is encrypted and CAROUSEL_KAFKA_SSL_KEY_PASSWORD is not set"
+    ):
+        cfg.kafka.client_settings()
+    plain_pem = tmp_path / "plain.pem"
+    plain_pem.write_text(
+        certificates.client_pem.read_text().split("-----BEGIN ENCRYPTED")[0]
+        + (tmp_path / "tls" / "client.key").read_text()
+    )
+    monkeypatch.setenv(KAFKA_SECRET_ENV["ssl.key.password"], "key-pass")
+    plain = load_config(overrides=[f"kafka.tls.client_pem_file={plain_pem}"], environ={})
+    with pytest.raises(
+        ConfigError, match="its key is not encrypted but CAROUSEL_KAFKA_SSL_KEY_PASSWORD is set"
+    ):
+        plain.kafka.spark_options()
     key_only = tmp_path / "key-only.pem"
     key_only.write_text((tmp_path / "tls" / "client.key").read_text())
     with pytest.raises(ConfigError, match="holds no PEM certificate"):
         load_config(overrides=[f"kafka.tls.ca_file={key_only}"], environ={})
 
 
-def test_the_embedded_broker_takes_further_listeners_and_properties():
+def test_oauthbearer_settings_for_both_client_families(monkeypatch):
+    monkeypatch.setenv(KAFKA_SECRET_ENV["security.protocol"], "SASL_SSL")
+    monkeypatch.setenv(KAFKA_SECRET_ENV["sasl.mechanism"], "OAUTHBEARER")
+    cfg = load_config(
+        overrides=["kafka.oauth.token_endpoint_url=https://idp.example/token", "kafka.oauth.client_id=app"],
+        environ={},
+    )
+    with pytest.raises(ConfigError, match="OAUTHBEARER needs CAROUSEL_KAFKA_OAUTH_CLIENT_SECRET"):
+        cfg.kafka.client_settings()
+    monkeypatch.setenv(KAFKA_SECRET_ENV["sasl.oauthbearer.client.secret"], 's"1')
+    settings = cfg.kafka.client_settings()
+    assert {k: v for k, v in settings.items() if k.startswith("sasl.")} == {
+        "sasl.mechanism": "OAUTHBEARER",
+        "sasl.oauthbearer.client.secret": 's"1',
+        "sasl.oauthbearer.method": "oidc",
+        "sasl.oauthbearer.client.id": "app",
+        "sasl.oauthbearer.token.endpoint.url": "https://idp.example/token",
+    }
+    options = cfg.kafka.spark_options()
+    assert options["kafka.sasl.login.callback.handler.class"].endswith(
+        "oauthbearer.OAuthBearerLoginCallbackHandler"
+    )
+    assert options["kafka.sasl.oauthbearer.token.endpoint.url"] == "https://idp.example/token"
+    module = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule"
+    assert options["kafka.sasl.jaas.config"] == f'{module} required clientId="app" clientSecret="s\\"1";'
+    assert 's"1' not in describe(cfg) and mask_secrets('secret s"1') == "secret ***"
+    bare = load_config(environ={})
+    with pytest.raises(ConfigError, match="needs kafka.oauth.token_endpoint_url, kafka.oauth.client_id"):
+        bare.kafka.spark_options()
+
+
+def test_a_refused_secret_is_not_repeated_in_the_message():
+    for override in (
+        "broker.server_properties.ssl.keystore.password=hunter2",
+        "kafka.python_client_options.sasl.password=hunter2",
+        "kafka.client_options.sasl.jaas.config=hunter2",
+    ):
+        with pytest.raises(ConfigError) as refused:
+            load_config(overrides=[override], environ={})
+        assert "hunter2" not in str(refused.value) and "got keys" in str(refused.value)
+
+
+def test_an_option_map_may_not_set_what_kafka_tls_sets(tmp_path):
+    certificates = make_certificates(tmp_path / "tls")
+    jks = load_config(
+        overrides=["kafka.client_options.ssl.truststore.location=/etc/kafka/ca.jks"], environ={}
+    )
+    assert jks.kafka.spark_options()["kafka.ssl.truststore.location"] == "/etc/kafka/ca.jks"
+    for override in (
+        "kafka.client_options.ssl.truststore.location=/etc/kafka/ca.jks",
+        "kafka.python_client_options.ssl.ca.location=/etc/ca.pem",
+    ):
+        with pytest.raises(ConfigError, match="kafka.tls sets them already"):
+            load_config(overrides=[f"kafka.tls.ca_file={certificates.ca}", override], environ={})
+
+
+def test_the_embedded_broker_takes_further_listeners_and_properties(tmp_path):
     cfg = load_config(
         overrides=[
             "broker.port=9092",
@@ -208,6 +289,8 @@ def test_the_embedded_broker_takes_further_listeners_and_properties():
             "broker.extra_listeners.SECURE={port: 9094, protocol: SASL_SSL}",
             "broker.server_properties.sasl.enabled.mechanisms=SCRAM-SHA-512",
             "broker.server_properties.ssl.keystore.password=${env:KEYSTORE_PASSWORD}",
+            "broker.server_properties.ssl.truststore.location=C:\\kafka\\ca.pem",
+            "broker.jvm_options=[-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=https://idp.example/keys]",
         ],
         environ={},
     )
@@ -223,6 +306,12 @@ def test_the_embedded_broker_takes_further_listeners_and_properties():
     )
     assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
     assert properties["ssl.keystore.password"] == "${env:KEYSTORE_PASSWORD}"
+    # Written to server.properties with the backslashes doubled, so that Java reads them back.
+    written = tmp_path / "server.properties"
+    broker._write_properties(written, properties)
+    assert "ssl.truststore.location=C:\\\\kafka\\\\ca.pem\n" in written.read_text()
+    command = broker._jvm_command(cfg.broker, broker.DEFAULT_JARS_DIR, "kafka.Kafka")
+    assert "-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=https://idp.example/keys" in command
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """A secured Kafka: the pipeline's clients authenticate from the configuration and the
-environment, against the embedded broker started with a TLS + SCRAM listener and an mTLS one.
+environment, against the embedded broker started with a TLS + SCRAM listener, an mTLS one and
+an OAUTHBEARER one (tokens from a small OAuth server in the test, checked by the broker).
 
 The certificates are made by the test with ``openssl`` (tests/kafka_security_fixture.py). What is
 exercised is carousel's own code: ``kafka.tls`` and the ``CAROUSEL_KAFKA_*`` credentials turned
@@ -23,7 +24,13 @@ from confluent_kafka.admin import (
     ScramMechanism,
     UserScramCredentialUpsertion,
 )
-from kafka_security_fixture import CLIENT_KEY_PASSWORD, TlsFiles, make_certificates, secured_broker_config
+from kafka_security_fixture import (
+    CLIENT_KEY_PASSWORD,
+    OAuthServer,
+    TlsFiles,
+    make_certificates,
+    secured_broker_config,
+)
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
@@ -41,34 +48,48 @@ pytestmark = pytest.mark.integration
 SCRAM_USER = "carousel-ingest"
 # A quote and a backslash: the Java client's JAAS line must escape both to authenticate.
 SCRAM_PASSWORD = 'pa"ss\\word-1'
+OAUTH_CLIENT_ID = "carousel-app"
+OAUTH_CLIENT_SECRET = 'oauth"secret\\1'
 
 
 class SecuredBroker:
-    def __init__(self, config_file: Path, tls: TlsFiles, ports: tuple[int, int, int, int]) -> None:
+    def __init__(
+        self, config_file: Path, tls: TlsFiles, ports: tuple[int, int, int, int, int], idp: OAuthServer
+    ) -> None:
         self.config_file = config_file
         self.tls = tls
-        self.plain, _, self.scram, self.mtls = ports
+        self.plain, _, self.scram, self.mtls, self.oauth = ports
+        self.idp = idp
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("secured-kafka")
     tls = make_certificates(folder / "tls")
-    ports = (broker.free_port(), broker.free_port(), broker.free_port(), broker.free_port())
-    assert len(set(ports)) == 4
-    config_file = secured_broker_config(folder / "broker.yaml", folder / "kafka", tls, ports)
-    broker_cfg = load_config([config_file], environ={}).broker
-    bootstrap = broker.start(broker_cfg)
-    try:
-        # The SCRAM user, made over the PLAINTEXT listener the embedded broker keeps for itself.
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        credential = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
-        upsert = UserScramCredentialUpsertion(SCRAM_USER, credential, SCRAM_PASSWORD.encode())
-        for future in admin.alter_user_scram_credentials([upsert]).values():
-            future.result(30)
-        yield SecuredBroker(config_file, tls, ports)
-    finally:
-        broker.stop(broker_cfg)
+    ports = (
+        broker.free_port(),
+        broker.free_port(),
+        broker.free_port(),
+        broker.free_port(),
+        broker.free_port(),
+    )
+    assert len(set(ports)) == 5
+    with OAuthServer(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET) as idp:
+        config_file = secured_broker_config(
+            folder / "broker.yaml", folder / "kafka", tls, ports, idp.jwks_url
+        )
+        broker_cfg = load_config([config_file], environ={}).broker
+        bootstrap = broker.start(broker_cfg)
+        try:
+            # The SCRAM user, made over the PLAINTEXT listener the embedded broker keeps for itself.
+            admin = AdminClient({"bootstrap.servers": bootstrap})
+            credential = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
+            upsert = UserScramCredentialUpsertion(SCRAM_USER, credential, SCRAM_PASSWORD.encode())
+            for future in admin.alter_user_scram_credentials([upsert]).values():
+                future.result(30)
+            yield SecuredBroker(config_file, tls, ports, idp)
+        finally:
+            broker.stop(broker_cfg)
 
 
 def _client_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
@@ -170,6 +191,45 @@ def test_mtls_client_authenticates_with_its_certificate(spark, secured, tmp_path
     assertDataFrameEqual(read, [Row(key=f"u-{i}") for i in range(5)])
 
 
+def _oauth_env(monkeypatch: pytest.MonkeyPatch, secret: str = OAUTH_CLIENT_SECRET) -> None:
+    _client_env(
+        monkeypatch,
+        **{
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER",
+            "sasl.oauthbearer.client.secret": secret,
+        },
+    )
+
+
+def _oauth_config(tmp_path: Path, secured: SecuredBroker) -> CarouselConfig:
+    return _config(
+        tmp_path,
+        secured,
+        secured.oauth,
+        f"kafka.oauth.token_endpoint_url={secured.idp.token_url}",
+        f"kafka.oauth.client_id={OAUTH_CLIENT_ID}",
+        "kafka.oauth.scope=kafka",
+    )
+
+
+def test_oauthbearer_clients_fetch_their_tokens_from_the_identity_provider(
+    spark, secured, tmp_path, monkeypatch
+):
+    _oauth_env(monkeypatch)
+    cfg = _oauth_config(tmp_path, secured)
+    before = secured.idp.tokens_issued
+    # librdkafka's OIDC login: topic creation and the simulator's producer.
+    broker.ensure_topics(cfg.kafka, roles=["events"])
+    topic = cfg.kafka.topic("events").name
+    sim.produce([sim.Record(f"u-{i}".encode(), b"{}", "valid") for i in range(3)], cfg.kafka, topic)
+    python_tokens = secured.idp.tokens_issued - before
+    # The Java client's OIDC login (its JAAS line carries the client secret, quoted).
+    read = _read_topic(spark, cfg, topic).select(F.col("key").cast("string").alias("key"))
+    assertDataFrameEqual(read, [Row(key=f"u-{i}") for i in range(3)])
+    assert python_tokens >= 1 and secured.idp.tokens_issued - before > python_tokens
+
+
 def test_clients_without_the_right_credentials_are_refused(spark, secured, tmp_path, monkeypatch):
     # A wrong SCRAM password: the Python clients and Spark's Java client are both refused.
     _scram_env(monkeypatch, password="not-the-password")
@@ -178,6 +238,23 @@ def test_clients_without_the_right_credentials_are_refused(spark, secured, tmp_p
         broker.wait_until_reachable(cfg.kafka.bootstrap_servers, 30, cfg.kafka.client_settings())
     with pytest.raises(Exception, match="SaslAuthenticationException|Authentication failed"):
         _read_topic(spark, cfg, cfg.kafka.topic("events").name).count()
+
+    # A wrong OAuth client secret: the identity provider gives no token.
+    _oauth_env(monkeypatch, secret="not-the-secret")
+    cfg = _oauth_config(tmp_path, secured)
+    with pytest.raises(
+        broker.BrokerError,
+        match="refused the client: Failed to acquire SASL OAUTHBEARER token.*invalid_client",
+    ):
+        broker.wait_until_reachable(cfg.kafka.bootstrap_servers, 10, cfg.kafka.client_settings())
+
+    # A wrong passphrase for the client's key: named before any connection.
+    _client_env(monkeypatch, **{"security.protocol": "SSL", "ssl.key.password": "bad-pass-7"})
+    cfg = _config(tmp_path, secured, secured.mtls, f"kafka.tls.client_pem_file={secured.tls.client_pem}")
+    named = r"cannot make a Kafka client .*ssl.key.location failed.*\(check kafka.tls"
+    with pytest.raises(broker.BrokerError, match=named) as refused:
+        broker.wait_until_reachable(cfg.kafka.bootstrap_servers, 10, cfg.kafka.client_settings())
+    assert "bad-pass-7" not in str(refused.value)
 
     # No credentials at all, and no client certificate on the mTLS listener.
     _client_env(monkeypatch, **{"security.protocol": "SSL"})
