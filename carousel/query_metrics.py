@@ -4,9 +4,10 @@ Role: each streaming job's ``main`` calls :func:`start_exporter`, which serves t
 metrics in Prometheus text format on ``metrics.host``:``metrics.ports.<job>`` and adds a
 listener to the session that turns each query progress into metrics. Inputs: Spark's query
 progress (rates, batch durations, the Kafka source's offsets behind the latest, the query's
-observed metrics: ``serve``'s outcome counts), plus counts the jobs report themselves (ingest's
-records by outcome and quarantine reason; the supervisor's restarts). Output: the series below,
-labelled by query name (``carousel_query_*``) and, for ingest, by outcome and reason.
+observed metrics: ``serve``'s outcome counts and payloads per channel), plus counts the jobs
+report themselves (ingest's records by outcome and quarantine reason; the supervisor's
+restarts). Output: the series below, labelled by query name (``carousel_query_*``) and, for
+ingest, by outcome and reason (``carousel_payloads``: by query and channel).
 
 Why a listener: Spark already measures every micro-batch; reading its progress costs nothing on
 the hot path (it arrives asynchronously on the driver). Ingest's quarantine reasons cost one
@@ -41,6 +42,7 @@ from pyspark.sql.streaming import StreamingQueryListener
 from carousel.config import MetricsConfig
 
 __all__ = [
+    "PAYLOADS_BY_CHANNEL",
     "REGISTRY",
     "MetricsExporter",
     "count_outcomes",
@@ -94,6 +96,14 @@ _QUARANTINED = Counter(
     "carousel_ingest_quarantined",
     "Records quarantined by ingest, by reason (values in the reason left out)",
     ["reason"],
+    registry=REGISTRY,
+)
+# The name of the observation whose columns are payloads written per channel (serve).
+PAYLOADS_BY_CHANNEL = "payloads_by_channel"
+_PAYLOADS = Counter(
+    "carousel_payloads",
+    "Payloads written to each channel's topic (what its senders receive), by query and channel",
+    ["query", "channel"],
     registry=REGISTRY,
 )
 _RESTARTS = Counter(
@@ -167,8 +177,13 @@ class _ProgressMetrics(StreamingQueryListener):
         ]
         if lags:
             _KAFKA_LAG.labels(name).set(sum(lags))
-        for row in progress.observedMetrics.values():
-            count_outcomes(name, {k: int(v) for k, v in row.asDict().items() if isinstance(v, int)})
+        for observation, row in progress.observedMetrics.items():
+            counts = {k: int(v) for k, v in row.asDict().items() if isinstance(v, int)}
+            if observation == PAYLOADS_BY_CHANNEL:
+                for channel, count in counts.items():
+                    _PAYLOADS.labels(name, channel).inc(count)
+            else:
+                count_outcomes(name, counts)
 
     def onQueryIdle(self, event: Any) -> None:  # noqa: N802
         # No new data: Spark sends no progress then, so the last busy batch's rates would stay.

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
 
@@ -56,9 +57,9 @@ from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import stop_marker
-from carousel.query_metrics import exported
+from carousel.query_metrics import PAYLOADS_BY_CHANNEL, exported
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
-from carousel.schemas import PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
+from carousel.schemas import CHANNELS, PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
 from carousel.storage import table_exists
 from carousel.supervision import supervise
@@ -106,13 +107,23 @@ def answered(records: DataFrame, spec: ServeSpec) -> DataFrame:
     return records.mapInArrow(partial(answer_batches, spec=spec), OUTPUT_DDL)
 
 
-def with_metrics(output: DataFrame) -> DataFrame:
-    """Observe the counts (``COUNTERS``) as the query's metrics, then keep only the Kafka rows."""
+def with_metrics(output: DataFrame, channel_topics: Mapping[str, str] | None = None) -> DataFrame:
+    """Observe the counts (``COUNTERS``) as the query's metrics, and the payloads written to each
+    of ``channel_topics`` (channel -> topic) as :data:`PAYLOADS_BY_CHANNEL`; then keep only the
+    Kafka rows."""
     metrics = [
         F.coalesce(F.sum(F.when(F.col("reason") == name, F.col("n"))), F.lit(0)).alias(name)
         for name in COUNTERS
     ]
-    return output.observe(METRICS_NAME, *metrics).where(F.col("kind") == "record")
+    observed = output.observe(METRICS_NAME, *metrics)
+    if channel_topics:
+        record = F.col("kind") == "record"
+        per_channel = [
+            F.coalesce(F.sum(F.when(record & (F.col("topic") == topic), F.lit(1))), F.lit(0)).alias(channel)
+            for channel, topic in channel_topics.items()
+        ]
+        observed = observed.observe(PAYLOADS_BY_CHANNEL, *per_channel)
+    return observed.where(F.col("kind") == "record")
 
 
 def kafka_rows(output: DataFrame) -> DataFrame:
@@ -254,7 +265,8 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
         check_key(spark, cfg, erasure_key)
     spec = ServeSpec.of(cfg, renderer, erasure_key)
     name = cfg.serving.query_name
-    output = with_metrics(answered(hot_path_records(source(spark, cfg), cfg), spec))
+    channel_topics = {c: cfg.kafka.topics[c].name for c in CHANNELS if c in cfg.kafka.topics}
+    output = with_metrics(answered(hot_path_records(source(spark, cfg), cfg), spec), channel_topics)
     writer = (
         kafka_rows(output)
         .writeStream.format("kafka")

@@ -687,6 +687,13 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
             lambda: scrape_metrics(metrics_port).get(payloads, 0) >= len(triggers), 60, "payloads on /metrics"
         )
         samples = scrape_metrics(metrics_port)
+        # Every payload went to the push topic (the campaign's channel), and none elsewhere.
+        by_channel = {
+            dict(labels)["channel"]: value
+            for (sample, labels), value in samples.items()
+            if sample == "carousel_payloads_total" and ("query", name) in labels
+        }
+        assert by_channel.pop("push") >= len(triggers) and set(by_channel.values()) <= {0}
         restarted_total = sum(
             value
             for (sample, labels), value in samples.items()
