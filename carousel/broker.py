@@ -211,10 +211,24 @@ def _log4j2_properties(broker_cfg: BrokerConfig) -> str:
 BACKSLASH = "\\"
 
 
+def _properties_text(value: str) -> str:
+    """``value`` as a properties file holds it: Java reads the file as ISO-8859-1 with backslash
+    escapes, so backslashes are doubled and anything beyond ASCII is written as \\uXXXX."""
+    escaped = value.replace(BACKSLASH, BACKSLASH * 2)
+    return "".join(
+        ch if ord(ch) < 128 else "".join(f"\\u{unit:04x}" for unit in _utf16_units(ch)) for ch in escaped
+    )
+
+
+def _utf16_units(ch: str) -> list[int]:
+    data = ch.encode("utf-16-be")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+
+
 def _write_properties(path: Path, values: Mapping[str, str]) -> None:
     lines = ["# Written by carousel.broker on every start; edit conf/carousel.yaml instead."]
     # A backslash is an escape in a properties file: written twice, it is read as one.
-    lines += [f"{key}={value.replace(BACKSLASH, BACKSLASH * 2)}" for key, value in values.items()]
+    lines += [f"{key}={_properties_text(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -309,6 +323,16 @@ def _topic_partitions(admin: AdminClient, timeout: float) -> dict[str, int]:
 
 # Client errors that waiting does not cure: credentials or a TLS handshake refused.
 _REFUSED_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+# librdkafka reports a failed OAUTHBEARER token fetch as an authentication error too; only an
+# answer of the identity provider ({"error": ...}) is a refusal, not failing to reach it.
+_TOKEN_FETCH_FAILED = "Failed to acquire SASL OAUTHBEARER token"
+
+
+def _refusal(error: KafkaError) -> bool:
+    text = error.str()
+    if _TOKEN_FETCH_FAILED in text:
+        return '"error"' in text
+    return error.code() in _REFUSED_CODES
 
 
 def _wait_ready(
@@ -332,7 +356,7 @@ def _wait_ready(
     while True:
         if alive is not None and not alive():
             raise BrokerError(f"the broker process exited while waiting for {bootstrap}")
-        refused = next((e for e in client_errors if e.code() in _REFUSED_CODES), None)
+        refused = next((e for e in client_errors if _refusal(e)), None)
         if refused is not None:
             raise BrokerError(f"Kafka at {bootstrap} refused the client: {refused.str()}")
         remaining = deadline - time.monotonic()

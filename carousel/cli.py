@@ -169,6 +169,7 @@ def config_from_args(
     """Load and log the configuration; a bad value exits with status 2 and the reason."""
     try:
         cfg = load_config(args.config, [*args.overrides, *extra_overrides])
+        cfg.kafka.check_credentials()  # the Kafka settings from the environment, named now
     except ConfigError as err:
         logging.getLogger(job).error("%s", err)
         raise SystemExit(2) from None

@@ -323,7 +323,7 @@ class KafkaConfig(_Section):
     topics: dict[str, TopicConfig]
     producer: KafkaProducerConfig = Field(default_factory=KafkaProducerConfig)
     # Further Java client settings for Spark's Kafka source and sinks, without the "kafka."
-    # prefix (e.g. request.timeout.ms, sasl.oauthbearer.token.endpoint.url). Not secrets: those
+    # prefix (e.g. request.timeout.ms, client.rack). Not secrets: those
     # come from the environment (CAROUSEL_KAFKA_*), so keys holding a password or a JAAS line
     # are refused.
     client_options: dict[str, str] = Field(default_factory=dict)
@@ -371,6 +371,16 @@ class KafkaConfig(_Section):
             clash = [key for field, keys in owned.items() if tls_set[field] for key in keys if key in options]
             if clash:
                 raise ValueError(f"{name} {clash}: kafka.tls sets them already")
+        if self.oauth.token_endpoint_url:
+            for options, name in (
+                (self.client_options, "client_options"),
+                (self.python_client_options, "python_client_options"),
+            ):
+                clash = [
+                    key for key in options if key.startswith(("sasl.oauthbearer.", "sasl.login.callback."))
+                ]
+                if clash:
+                    raise ValueError(f"{name} {clash}: kafka.oauth sets the OAUTHBEARER login already")
         return self
 
     @field_validator("topics")
@@ -393,6 +403,8 @@ class KafkaConfig(_Section):
         an unencrypted one, is a :class:`ConfigError`: the Java client refuses both, and
         librdkafka only the first, with an OpenSSL message that names neither."""
         settings = {key: os.environ[env] for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
+        if "sasl.mechanism" in settings:  # librdkafka takes only the upper-case names
+            settings["sasl.mechanism"] = settings["sasl.mechanism"].upper()
         if self.tls.client_pem_file:
             encrypted = self.tls.key_encrypted()
             if encrypted != ("ssl.key.password" in settings):
@@ -424,17 +436,25 @@ class KafkaConfig(_Section):
                 settings["sasl.oauthbearer.scope"] = self.oauth.scope
         return settings
 
+    def check_credentials(self) -> None:
+        """Raise :class:`ConfigError` now, naming what is missing or contradicts, rather than
+        when the first client is made: the key and its passphrase, and the OAuth settings."""
+        self.security_settings()
+        self.uses_oauth()
+
     def uses_oauth(self) -> bool:
-        """Whether the mechanism (from the environment) is OAUTHBEARER; then ``kafka.oauth`` and
-        the client secret must be set, or this is a :class:`ConfigError` naming what is missing."""
+        """Whether carousel logs in with OAUTHBEARER client credentials: the mechanism (from the
+        environment) is OAUTHBEARER and ``kafka.oauth.token_endpoint_url`` is set. Then the
+        client id and secret must be set too, or this is a :class:`ConfigError` naming them.
+        (OAUTHBEARER without a token endpoint is left to ``python_client_options``, e.g.
+        librdkafka's cloud metadata login.)"""
         mechanism = os.environ.get(KAFKA_SECRET_ENV["sasl.mechanism"], "")
-        if mechanism.upper() != OAUTHBEARER:
+        if mechanism.upper() != OAUTHBEARER or not self.oauth.token_endpoint_url:
             return False
         secret_env = KAFKA_SECRET_ENV["sasl.oauthbearer.client.secret"]
         missing = [
             name
             for name, value in (
-                ("kafka.oauth.token_endpoint_url", self.oauth.token_endpoint_url),
                 ("kafka.oauth.client_id", self.oauth.client_id),
                 (secret_env, os.environ.get(secret_env)),
             )
@@ -557,9 +577,12 @@ class BrokerConfig(_Section):
     @field_validator("jvm_options")
     @classmethod
     def _options_start_with_a_dash(cls, value: list[str]) -> list[str]:
-        bad = [option for option in value if not option.startswith("-") or "\n" in option]
-        if bad:
-            raise ValueError(f"JVM options start with '-': {bad}")
+        for option in value:
+            if not option.startswith("-") or "\n" in option or "\r" in option:
+                raise ValueError(f"a JVM option is one line starting with '-' (got {option[:40]!r})")
+            name = option.partition("=")[0]
+            if re.search(r"password|secret|passphrase", name, re.I):
+                raise ValueError(f"{name}: a secret in the configuration (and on the broker's command line)")
         return value
 
     @field_validator("state_dir")
@@ -1534,6 +1557,8 @@ def _shown_input(value: Any) -> str:
     properties, Spark settings) only by its keys, since what was refused may be a secret."""
     if isinstance(value, Mapping):
         return f"got keys {sorted(map(str, value))}"
+    if isinstance(value, str) and "://" in value:
+        return f"got {masked_url(value)!r}"
     return f"got {value!r}"
 
 
@@ -1601,7 +1626,9 @@ def describe(cfg: CarouselConfig) -> str:
     """One-line JSON of the effective configuration; credentials appear only as '***'."""
     data = cfg.model_dump()
     data["online_store"]["url"] = masked_url(cfg.online_store.url)
-    data["kafka"]["security"] = {k: "***" for k in cfg.kafka.security_settings()}
+    # What is set, read straight from the environment: describing never validates (the log line
+    # of a job that fails its checks is still written).
+    data["kafka"]["security"] = {key: "***" for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
     for key in list(data["spark"]["conf"]):
         if re.search(r"secret|password|token|credential", key, re.I):
             data["spark"]["conf"][key] = "***"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from carousel import broker
 from carousel.broker import server_properties
+from carousel.cli import config_from_args
 from carousel.config import (
     KAFKA_SECRET_ENV,
     PROJECT_ROOT,
@@ -88,7 +90,9 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("broker.extra_listeners.PLAINTEXT={port: 9094, protocol: SSL}", "listener name"),
         ("broker.extra_listeners.SECURE={port: 9092, protocol: SASL_SSL}", "must differ"),
         ("broker.extra_listeners.SECURE={port: 9094, protocol: TLS}", "protocol"),
-        ("broker.jvm_options=[Xmx1g]", "JVM options start with"),
+        ("broker.jvm_options=[Xmx1g]", "a JVM option is one line starting with '-'"),
+        ("broker.jvm_options=[-Djavax.net.ssl.keyStorePassword=x]", "a secret in the configuration"),
+        ("online_store.url=http://:hunter2@h:6379", "got 'http://:\\*\\*\\*@h:6379'"),
         ("kafka.oauth.token_endpoint_url=idp.example/token", "kafka.oauth.token_endpoint_url"),
         ("supervision.max_restarts=-1", "supervision.max_restarts"),
         ("metrics.ports.campaign=9470", "unknown jobs \\['campaign'\\]"),
@@ -251,9 +255,37 @@ def test_oauthbearer_settings_for_both_client_families(monkeypatch):
     module = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule"
     assert options["kafka.sasl.jaas.config"] == f'{module} required clientId="app" clientSecret="s\\"1";'
     assert 's"1' not in describe(cfg) and mask_secrets('secret s"1') == "secret ***"
-    bare = load_config(environ={})
-    with pytest.raises(ConfigError, match="needs kafka.oauth.token_endpoint_url, kafka.oauth.client_id"):
-        bare.kafka.spark_options()
+    no_client = load_config(
+        overrides=["kafka.oauth.token_endpoint_url=https://idp.example/token"], environ={}
+    )
+    with pytest.raises(ConfigError, match="OAUTHBEARER needs kafka.oauth.client_id$"):
+        no_client.kafka.spark_options()
+    # Without a token endpoint, OAUTHBEARER is left to python_client_options (a cloud login).
+    cloud = load_config(overrides=["kafka.python_client_options.sasl.oauthbearer.method=oidc"], environ={})
+    assert "sasl.oauthbearer.client.id" not in cloud.kafka.client_settings()
+    with pytest.raises(ConfigError, match="kafka.oauth sets the OAUTHBEARER login already"):
+        load_config(
+            overrides=[
+                "kafka.oauth.token_endpoint_url=https://idp.example/token",
+                "kafka.client_options.sasl.oauthbearer.token.endpoint.url=https://other/token",
+            ],
+            environ={},
+        )
+    # librdkafka takes the mechanism in upper case only.
+    monkeypatch.setenv(KAFKA_SECRET_ENV["sasl.mechanism"], "oauthbearer")
+    assert cfg.kafka.client_settings()["sasl.mechanism"] == "OAUTHBEARER"
+
+
+def test_a_job_with_contradicting_kafka_credentials_stops_at_start(tmp_path, monkeypatch, caplog):
+    certificates = make_certificates(tmp_path / "tls")
+    monkeypatch.delenv(KAFKA_SECRET_ENV["ssl.key.password"], raising=False)
+    args = argparse.Namespace(config=[], overrides=[f"kafka.tls.client_pem_file={certificates.client_pem}"])
+    cfg = load_config(overrides=args.overrides, environ={})
+    assert "client_pem_file" in describe(cfg)  # describing does not check
+    with pytest.raises(SystemExit) as stopped:
+        config_from_args(args, "ingest")
+    assert stopped.value.code == 2
+    assert "its key is encrypted and CAROUSEL_KAFKA_SSL_KEY_PASSWORD is not set" in caplog.text
 
 
 def test_a_refused_secret_is_not_repeated_in_the_message():
@@ -281,7 +313,7 @@ def test_an_option_map_may_not_set_what_kafka_tls_sets(tmp_path):
             load_config(overrides=[f"kafka.tls.ca_file={certificates.ca}", override], environ={})
 
 
-def test_the_embedded_broker_takes_further_listeners_and_properties(tmp_path):
+def test_the_embedded_broker_takes_further_listeners_and_properties(tmp_path, monkeypatch):
     cfg = load_config(
         overrides=[
             "broker.port=9092",
@@ -290,6 +322,7 @@ def test_the_embedded_broker_takes_further_listeners_and_properties(tmp_path):
             "broker.server_properties.sasl.enabled.mechanisms=SCRAM-SHA-512",
             "broker.server_properties.ssl.keystore.password=${env:KEYSTORE_PASSWORD}",
             "broker.server_properties.ssl.truststore.location=C:\\kafka\\ca.pem",
+            "broker.server_properties.sasl.kerberos.service.name=kafka-é",
             "broker.jvm_options=[-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=https://idp.example/keys]",
         ],
         environ={},
@@ -310,7 +343,12 @@ def test_the_embedded_broker_takes_further_listeners_and_properties(tmp_path):
     written = tmp_path / "server.properties"
     broker._write_properties(written, properties)
     assert "ssl.truststore.location=C:\\\\kafka\\\\ca.pem\n" in written.read_text()
-    command = broker._jvm_command(cfg.broker, broker.DEFAULT_JARS_DIR, "kafka.Kafka")
+    assert "sasl.kerberos.service.name=kafka-\\u00e9\n" in written.read_text()
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    (jars / "kafka_2.13-4.1.2.jar").touch()
+    monkeypatch.setattr(broker, "_java", lambda: "java")
+    command = broker._jvm_command(cfg.broker, jars, "kafka.Kafka")
     assert "-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=https://idp.example/keys" in command
 
 

@@ -248,6 +248,21 @@ def test_clients_without_the_right_credentials_are_refused(spark, secured, tmp_p
     ):
         broker.wait_until_reachable(cfg.kafka.bootstrap_servers, 10, cfg.kafka.client_settings())
 
+    # The identity provider out of reach: waited for, then named, not taken for a refusal.
+    _oauth_env(monkeypatch)
+    unreachable = f"http://127.0.0.1:{broker.free_port()}/token"
+    cfg = _config(
+        tmp_path,
+        secured,
+        secured.oauth,
+        f"kafka.oauth.token_endpoint_url={unreachable}",
+        f"kafka.oauth.client_id={OAUTH_CLIENT_ID}",
+    )
+    with pytest.raises(
+        TimeoutError, match="did not answer within 4s: Failed to acquire SASL OAUTHBEARER token"
+    ):
+        broker.wait_until_reachable(cfg.kafka.bootstrap_servers, 4, cfg.kafka.client_settings())
+
     # A wrong passphrase for the client's key: named before any connection.
     _client_env(monkeypatch, **{"security.protocol": "SSL", "ssl.key.password": "bad-pass-7"})
     cfg = _config(tmp_path, secured, secured.mtls, f"kafka.tls.client_pem_file={secured.tls.client_pem}")
