@@ -1402,7 +1402,8 @@ METRICS_JOBS = ("ingest", "serve", "record-sends")
 
 
 class MetricsConfig(_Section):
-    """Prometheus /metrics of the streaming jobs (carousel/query_metrics.py)."""
+    """Prometheus /metrics of the streaming jobs, and the batch jobs' metrics files
+    (carousel/query_metrics.py)."""
 
     enabled: bool = True
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -1410,6 +1411,19 @@ class MetricsConfig(_Section):
     ports: dict[str, int] = Field(
         default_factory=lambda: {"ingest": 9464, "serve": 9465, "record-sends": 9466}
     )
+    # Where the batch jobs (nightly) write their last run's metrics, carousel_<job>.prom, for
+    # node_exporter's textfile collector (--collector.textfile.directory); empty: none. A local
+    # folder of the machine the job's driver runs on.
+    textfile_dir: str = "./.state/metrics"
+
+    @field_validator("textfile_dir")
+    @classmethod
+    def _local_folder(cls, value: str) -> str:
+        if not value:
+            return value
+        if _URI.match(value):
+            raise ValueError("a local folder (node_exporter reads it), not a URI")
+        return resolve_path(value)
 
     @field_validator("ports")
     @classmethod

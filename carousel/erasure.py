@@ -81,7 +81,8 @@ def hash_key(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -> 
     if cfg.erasure.require_key_env:
         raise JobError(
             f"{ERASURE_KEY_ENV} is not set and erasure.require_key_env is true: the erased users' hash "
-            "key must come from the environment (the same value for forget-user, ingest and serve)"
+            "key must come from the environment (the same value for forget-user, ingest, serve, "
+            "record-sends and rebuild-online-store)"
         )
     path = key_file(cfg)
     if path in _KEYS:
@@ -174,7 +175,7 @@ def drop_erased(
     ``user_column``: the user id (a name, or a column such as ``F.col("event.user_id")``); rows
     with a NULL id are kept. ``time_column``: when given, only rows at or before the user's
     ``erased_at`` are dropped, and rows without a time (a user who comes back later is stored
-    again: the rule of ingest, serve and rebuild-online-store); default: every row of an erased
+    again: the rule of ingest, serve, record-sends and rebuild-online-store); default: every row of an erased
     id, whenever. Works on
     streaming frames (a stream-static join) and keeps the row order within each partition (no
     shuffle).

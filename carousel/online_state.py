@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,7 +336,7 @@ class OnlineState:
     # -- the API's outbox ------------------------------------------------------------------------
     @property
     def outbox_key(self) -> str:
-        return f"{self.prefix}:api-outbox"
+        return outbox_key(self.prefix)
 
     def outbox_length(self) -> int:
         """Entries in the outbox stream: records not yet acknowledged by the broker."""
@@ -376,6 +376,37 @@ class OnlineState:
             reply = next(iter(reply.values()))
         seconds, micros = reply
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+def outbox_key(prefix: str) -> str:
+    """The outbox stream of the deployment whose keys start with ``prefix``."""
+    return f"{prefix}:api-outbox"
+
+
+def remove_users_outbox_entries(client: Any, prefix: str, users: Collection[str], page: int = 1000) -> int:
+    """Delete the outbox entries of ``users`` (``forget-user``): records of answers not yet
+    relayed to the broker hold the user's id. Every entry of theirs goes, whenever it was sent
+    (stricter than the erasure rule, which keeps sends after ``erased_at``). One pass over the
+    stream, ``page`` entries at a time; returns how many were deleted. An entry relayed
+    meanwhile is already on the topic, where ``record-sends`` drops it (its user erased after
+    its ``sent_at``)."""
+    wanted, key, after, removed = set(users), outbox_key(prefix), "-", 0
+    while True:
+        found = client.xrange(key, after, "+", count=page)
+        if not found:
+            return removed
+        mine = [entry_id for entry_id, fields in found if _entry_user(fields) in wanted]
+        if mine:
+            removed += int(client.xdel(key, *mine))
+        after = f"({_text(found[-1][0])}"
+
+
+def _entry_user(fields: Mapping[Any, Any]) -> str | None:
+    try:
+        entry = OutboxEntry.from_fields(fields)
+    except UnicodeDecodeError:  # not an entry the API wrote
+        return None
+    return entry.user_id if entry is not None else None
 
 
 @dataclass(frozen=True)

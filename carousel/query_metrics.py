@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -35,7 +37,9 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     start_http_server,
+    write_to_textfile,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQueryListener
 
@@ -51,6 +55,7 @@ __all__ = [
     "exported",
     "quarantine_reason_kind",
     "start_exporter",
+    "write_job_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,6 +155,92 @@ def count_quarantined(reasons: Mapping[str, int]) -> None:
 
 def count_restart(query_name: str, pattern: str) -> None:
     _RESTARTS.labels(query_name, pattern).inc()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch jobs: the last run's metrics in a file, for node_exporter's textfile collector
+# ---------------------------------------------------------------------------------------------
+_LAST_SUCCESS = "carousel_job_last_success_timestamp_seconds"
+
+
+def write_job_metrics(
+    metrics: MetricsConfig,
+    job: str,
+    stage_seconds: Mapping[str, float],
+    counts: Mapping[str, float],
+    failed_stage: str | None = None,
+    now: float | None = None,
+) -> Path | None:
+    """Write a batch job's last run as Prometheus text, ``<metrics.textfile_dir>/carousel_<job>.prom``
+    (atomically: a temporary file renamed), for node_exporter's textfile collector; the path,
+    or None when switched off or the file could not be written (logged: metrics never fail a job).
+
+    Series, each labelled ``job``: ``carousel_job_last_run_timestamp_seconds``,
+    ``carousel_job_last_success_timestamp_seconds`` (kept from the previous file when this run
+    failed: alert on its age), ``carousel_job_success`` (1 or 0), ``carousel_job_stage_seconds``
+    (by ``stage``, the stages that ran), ``carousel_job_failed_stage`` (1, by ``stage``, when one
+    failed) and ``carousel_job_count`` (by ``what``: rows exported, users, items, table version).
+    """
+    if not metrics.enabled or not metrics.textfile_dir:
+        return None
+    try:
+        return _write_job_metrics(metrics.textfile_dir, job, stage_seconds, counts, failed_stage, now)
+    except Exception as err:  # noqa: BLE001 - metrics never fail the job they describe
+        log.warning("%s: cannot write its metrics to %s: %s", job, metrics.textfile_dir, err)
+        return None
+
+
+def _write_job_metrics(
+    folder: str,
+    job: str,
+    stage_seconds: Mapping[str, float],
+    counts: Mapping[str, float],
+    failed_stage: str | None,
+    now: float | None,
+) -> Path:
+    now = time.time() if now is None else now
+    path = Path(folder) / f"carousel_{job}.prom"
+    last_success = now if failed_stage is None else _previous_value(path, _LAST_SUCCESS, job)
+    registry = CollectorRegistry(auto_describe=True)
+
+    def gauge(name: str, documentation: str, *labels: str) -> Gauge:
+        return Gauge(name, documentation, ["job", *labels], registry=registry)
+
+    gauge("carousel_job_last_run_timestamp_seconds", "When the job's last run ended").labels(job).set(now)
+    if last_success is not None:
+        gauge(_LAST_SUCCESS, "When the job last succeeded").labels(job).set(last_success)
+    gauge("carousel_job_success", "1 if the last run succeeded, else 0").labels(job).set(
+        0 if failed_stage else 1
+    )
+    stages = gauge("carousel_job_stage_seconds", "Seconds each stage of the last run took", "stage")
+    for stage, seconds in stage_seconds.items():
+        stages.labels(job, stage).set(seconds)
+    if failed_stage:
+        gauge("carousel_job_failed_stage", "The stage the last run failed at", "stage").labels(
+            job, failed_stage
+        ).set(1)
+    counted = gauge("carousel_job_count", "What the last run produced", "what")
+    for what, value in counts.items():
+        counted.labels(job, what).set(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)
+    return path
+
+
+def _previous_value(path: Path, name: str, job: str) -> float | None:
+    """The value of ``name{job=...}`` in the metrics file at ``path``, if there is one."""
+    try:
+        text = path.read_text()
+    except (OSError, ValueError):  # absent, unreadable, or not text: no previous success known
+        return None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels.get("job") == job:
+                    return float(sample.value)
+    except ValueError:  # a damaged file: start again
+        return None
+    return None
 
 
 class _ProgressMetrics(StreamingQueryListener):

@@ -24,6 +24,8 @@ and host). Outputs, in this order, each step on its own:
    versions masked by ingest's MERGEs) is purged (``REORG ... APPLY (PURGE)``);
 3. the online store: every key ``<prefix>:<kind>:{<user id>}...`` (profile hash, answered
    triggers); one SCAN of the deployment's keys, or on a Redis Cluster only the users' hash-tag slots;
+   and their entries in the API's outbox stream (answers not yet relayed to the broker; one pass
+   over the stream);
 4. training snapshots (``export-training-data``) under ``<training.workspace>/snapshots``, the AWS
    Batch staging inputs (``<S3 base>/inputs``), ``erasure.snapshot_roots`` and ``--snapshots``,
    local or ``s3://``: each CSV file holding the users is rewritten without their rows, and the
@@ -76,6 +78,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig
 from carousel.erasure import check_key, hash_key, key_id, raw_user_id, user_hash_of
 from carousel.errors import JobError, one_line
+from carousel.online_state import remove_users_outbox_entries
 from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
@@ -343,7 +346,9 @@ def _user_condition(table: str, ids: Sequence[str]) -> Column:
 def record_erased(
     spark: SparkSession, cfg: CarouselConfig, hashes: Sequence[str], key: str, request_id: str, now: datetime
 ) -> StepResult:
-    """Add the users' hashes to ``erased_users`` (a MERGE: a hash already there stays as it was)."""
+    """Add the users' hashes to ``erased_users`` (a MERGE). A user erased before gets the later
+    ``erased_at`` and this request: what they did between the two erasures, still in a topic or
+    the outbox, stays out too (the rule keeps only what comes after the latest erasure)."""
     table = ensure(spark, cfg, ERASED_USERS_TABLE)
     source = spark.createDataFrame([(h, key_id(key), request_id, now) for h in hashes], ERASED_USERS_SCHEMA)
     already = table.toDF().where(F.col("user_hash").isin(list(hashes))).count()
@@ -353,11 +358,15 @@ def record_erased(
         lambda: (
             table.alias("t")
             .merge(source.alias("s"), "t.user_hash = s.user_hash")
+            .whenMatchedUpdate(
+                condition="s.erased_at > t.erased_at",
+                set={"erased_at": "s.erased_at", "request_id": "s.request_id"},
+            )
             .whenNotMatchedInsertAll()
             .execute()
         ),
     )
-    detail = f"{len(hashes) - already} users recorded, {already} already erased"
+    detail = f"{len(hashes) - already} users recorded, {already} already erased (erased_at moved to now)"
     log.info("%s: %s", ERASED_USERS_TABLE, detail)
     return StepResult(ERASED_USERS_TABLE, 0, detail)
 
@@ -441,11 +450,16 @@ def delete_user_keys(
 
 
 def erase_from_online_store(cfg: CarouselConfig, ids: Sequence[str]) -> StepResult:
+    """The users' keys, and their entries in the API's outbox stream (answers not yet relayed)."""
     store = cfg.online_store
     check_reachable(store)
-    deleted = delete_user_keys(connect(store), store.key_prefix, ids, store.cluster)
-    log.info("%s: %d keys deleted", ONLINE_STORE, deleted)
-    return StepResult(ONLINE_STORE, deleted, f"{deleted} keys deleted")
+    client = connect(store)
+    deleted = delete_user_keys(client, store.key_prefix, ids, store.cluster)
+    outbox = remove_users_outbox_entries(client, store.key_prefix, ids)
+    log.info("%s: %d keys deleted, %d outbox entries removed", ONLINE_STORE, deleted, outbox)
+    return StepResult(
+        ONLINE_STORE, deleted + outbox, f"{deleted} keys deleted, {outbox} outbox entries removed"
+    )
 
 
 def snapshot_roots(cfg: CarouselConfig, extra: Sequence[str] = ()) -> list[str]:

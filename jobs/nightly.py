@@ -26,10 +26,16 @@ from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig
 from carousel.errors import JobError
 from carousel.quality import DataQualityError
+from carousel.query_metrics import write_job_metrics
 from carousel.session import build_session
 from jobs import aws_batch, export_training_data, publish_recommendations, train
 
 log = logging.getLogger(__name__)
+
+
+JOB = "nightly"
+# What the metrics file counts of the snapshot: name -> the manifest's key.
+_SNAPSHOT_COUNTS = {"interactions": "rows", "users": "distinct_users", "items": "distinct_items"}
 
 
 class StepFailedError(JobError):
@@ -48,28 +54,48 @@ def run(
 
     ``force``: publish even when the quality gate judges the model worse than the live one.
     ``allow_smaller``: export even below ``training.snapshot_floor`` x the previous snapshot's rows.
+    Each run, whatever ends it, leaves its stage timings and counts in ``carousel_nightly.prom``
+    (:func:`carousel.query_metrics.write_job_metrics`).
     """
     timings: dict[str, float] = {}
-    started = time.perf_counter()
-    try:
-        snapshot = export_training_data.run(spark, cfg, end=end, allow_smaller=allow_smaller)
-    except (DataQualityError, JobError) as err:  # JobError: no events table, below the snapshot floor
-        raise StepFailedError(f"export/validate: {err}") from err
-    timings["export_validate"] = time.perf_counter() - started
+    counts: dict[str, float] = {}
+    stage, started = "export_validate", time.perf_counter()
 
-    started = time.perf_counter()
-    try:
-        model = train.run(cfg, snapshot["output"], runner=runner)
-    except (ValueError, FileNotFoundError, FloatingPointError, aws_batch.BatchJobError) as err:
-        raise StepFailedError(f"train: {err}") from err
-    timings["train"] = time.perf_counter() - started
+    def next_stage(name: str) -> None:
+        nonlocal stage, started
+        timings[stage] = time.perf_counter() - started
+        stage, started = name, time.perf_counter()
 
-    started = time.perf_counter()
     try:
-        version = publish_recommendations.run(spark, cfg, model["output"], force)
-    except publish_recommendations.PublishRefusedError as err:
-        raise StepFailedError(f"publish: {err}") from err
-    timings["publish"] = time.perf_counter() - started
+        try:
+            snapshot = export_training_data.run(spark, cfg, end=end, allow_smaller=allow_smaller)
+        except (DataQualityError, JobError) as err:  # JobError: no events table, below the snapshot floor
+            raise StepFailedError(f"export/validate: {err}") from err
+        counts.update(
+            {
+                what: snapshot[key]
+                for what, key in _SNAPSHOT_COUNTS.items()
+                if isinstance(snapshot.get(key), int)
+            }
+        )
+        next_stage("train")
+        try:
+            model = train.run(cfg, snapshot["output"], runner=runner)
+        except (ValueError, FileNotFoundError, FloatingPointError, aws_batch.BatchJobError) as err:
+            raise StepFailedError(f"train: {err}") from err
+        next_stage("publish")
+        try:
+            version = publish_recommendations.run(spark, cfg, model["output"], force)
+        except publish_recommendations.PublishRefusedError as err:
+            raise StepFailedError(f"publish: {err}") from err
+        timings[stage] = time.perf_counter() - started
+    except BaseException:
+        # Any failure (an unexpected one too, even an interrupt) leaves its stage in the metrics.
+        timings[stage] = time.perf_counter() - started
+        write_job_metrics(cfg.metrics, JOB, timings, counts, failed_stage=stage)
+        raise
+    counts["table_version"] = version
+    write_job_metrics(cfg.metrics, JOB, timings, counts)
     summary = {
         "snapshot": snapshot["output"],
         "interactions": snapshot.get("rows"),

@@ -6,6 +6,10 @@ row per item sent, one row with NULL item per control hold-out - for reports, ca
 exclusions and training. Inputs: the outbox topic (JSON, :data:`carousel.schemas.OUTBOX_SCHEMA`).
 Output: the Delta table ``sent_recommendations``.
 
+Erased users: a record of a user erased by ``forget-user`` at or after its ``sent_at`` (still in
+the topic, or in the API's outbox when the erasure ran) is dropped and counted, by the rule of
+:func:`carousel.erasure.drop_erased`: a user who comes back later is recorded again.
+
 Exactly once: a serve batch replayed after a kill emits the same outbox records again (same
 payload ids, same ``sent_at``); they are dropped by payload id within ``sent_log.dedupe_hours``
 (``dropDuplicatesWithinWatermark``, the state store), and every append carries Delta's
@@ -29,6 +33,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
+from carousel.erasure import ErasedUsers, check_key, erased_ids, with_erased_flag
 from carousel.query_lifecycle import gate_for, stop_marker
 from carousel.query_metrics import exported
 from carousel.schemas import (
@@ -45,6 +50,7 @@ from carousel.tables import ensure
 log = logging.getLogger(__name__)
 
 APP_ID_MARKER = "_carousel_app_id"
+_ERASED = "_erased"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,30 +89,41 @@ def sent_rows(outbox: DataFrame) -> DataFrame:
 # ---------------------------------------------------------------------------------------------
 # The micro-batch
 # ---------------------------------------------------------------------------------------------
-def record_batch(batch: DataFrame, batch_id: int, *, location: str, app_id: str) -> None:
-    """foreachBatch handler: append the batch's rows idempotently, log counts and lag."""
-    rows = sent_rows(batch).persist()
+def with_erased_column(rows: DataFrame, erased: ErasedUsers) -> DataFrame:
+    """``rows`` with a boolean ``_erased``: the row is of a user erased at or after its
+    ``sent_at`` (:func:`carousel.erasure.with_erased_flag`)."""
+    return with_erased_flag(rows, erased, "user_id", _ERASED, "sent_at")
+
+
+def record_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, location: str, app_id: str) -> None:
+    """foreachBatch handler: append the batch's rows idempotently (without erased users'), log
+    counts and lag."""
+    flagged = with_erased_column(sent_rows(batch), erased_ids(batch.sparkSession, cfg)).persist()
     try:
-        idempotent_append(rows, location, app_id, batch_id)
+        idempotent_append(flagged.where(~F.col(_ERASED)).drop(_ERASED), location, app_id, batch_id)
         now = datetime.now(UTC)
         lag = F.lit(now).cast("double") - F.col("sent_at").cast("double")
-        stats = rows.agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.countDistinct("payload_id").alias("payloads"),
-            F.percentile_approx(lag, 0.5).alias("p50"),
-            F.max(lag).alias("max"),
+        kept = ~F.col(_ERASED)
+        stats = flagged.agg(
+            F.count(F.when(kept, True)).alias("rows"),
+            F.countDistinct(F.when(kept, F.col("payload_id"))).alias("payloads"),
+            F.countDistinct(F.when(F.col(_ERASED), F.col("payload_id"))).alias("erased"),
+            F.percentile_approx(F.when(kept, lag), 0.5).alias("p50"),
+            F.max(F.when(kept, lag)).alias("max"),
         ).head()
-        if stats["rows"]:
+        if stats["rows"] or stats["erased"]:
             log.info(
-                "batch %d: %d payloads, %d rows recorded; lag p50 %.2fs, max %.2fs",
+                "batch %d: %d payloads, %d rows recorded, %d payloads of erased users dropped; "
+                "lag p50 %.2fs, max %.2fs",
                 batch_id,
                 stats["payloads"],
                 stats["rows"],
-                stats["p50"],
-                stats["max"],
+                stats["erased"],
+                stats["p50"] or 0.0,
+                stats["max"] or 0.0,
             )
     finally:
-        rows.unpersist()
+        flagged.unpersist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +135,9 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     name = cfg.sent_log.query_name
     checkpoint = cfg.storage.checkpoint(name)
     app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
+    # The erased users' hash key: made now when missing, and refused when the table's hashes were
+    # made with another (dropping nobody would record erased users again).
+    check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)
     raw = (
         spark.readStream.format("kafka")
         .options(**cfg.kafka.spark_options())
@@ -135,7 +155,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     writer = (
         outbox.writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(gate_for(name).wrap(partial(record_batch, location=location, app_id=app_id)))
+        .foreachBatch(gate_for(name).wrap(partial(record_batch, cfg=cfg, location=location, app_id=app_id)))
     )
     writer = (
         writer.trigger(availableNow=True)

@@ -44,6 +44,7 @@ import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -184,20 +185,46 @@ class TrendingRefresher:
 
 def run_totals(query: StreamingQuery) -> dict[str, int]:
     """The serving counters summed over the query's recent progress reports."""
-    totals = dict.fromkeys(COUNTERS, 0)
+    totals: dict[str, int] = {}
     for progress in query.recentProgress:
-        row = progress.observedMetrics.get(METRICS_NAME)
-        if row is not None:
-            for name in COUNTERS:
-                totals[name] += int(row[name] or 0)
-    return {name: n for name, n in totals.items() if n}
+        for name, count in (batch_counts(progress) or {}).items():
+            totals[name] = totals.get(name, 0) + count
+    return {name: totals[name] for name in COUNTERS if totals.get(name)}
+
+
+def batch_counts(progress: Any) -> dict[str, int] | None:
+    """The serving counters of one progress report (None: it has none)."""
+    row = progress.observedMetrics.get(METRICS_NAME)
+    if row is None:
+        return None
+    return {name: int(row[name]) for name in COUNTERS if row[name]}
 
 
 class ServeProgressLog(StreamingQueryListener):
-    """Logs each serving batch: its counts (observed metrics) and how long it took."""
+    """Logs each serving batch: its counts (observed metrics) and how long it took; and keeps
+    the counts per run of the query (a supervised restart is a new run) for the final totals."""
 
     def __init__(self, query_name: str) -> None:
         self.query_name = query_name
+        # run id -> batch id -> counters; written by Spark's listener thread.
+        self.by_run: dict[str, dict[int, dict[str, int]]] = {}
+
+    def totals(self, last: StreamingQuery) -> tuple[dict[str, int], int]:
+        """The counters over every run of the query (a supervised restart is a new run) and how
+        many runs there were. The listener's events arrive asynchronously: the ``last`` run's
+        recent progress fills in its final batches, whose events may still be on their way."""
+        runs = {run_id: dict(batches) for run_id, batches in list(self.by_run.items())}
+        final = runs.setdefault(str(last.runId), {})
+        for progress in last.recentProgress:
+            counts = batch_counts(progress)
+            if counts is not None:
+                final[int(progress.batchId)] = counts
+        totals: dict[str, int] = {}
+        for batches in runs.values():
+            for counts in batches.values():
+                for name, count in counts.items():
+                    totals[name] = totals.get(name, 0) + count
+        return {name: totals[name] for name in COUNTERS if totals.get(name)}, len(runs)
 
     def onQueryStarted(self, event: object) -> None:  # noqa: N802 - Spark's listener API
         pass
@@ -206,10 +233,10 @@ class ServeProgressLog(StreamingQueryListener):
         progress = event.progress  # type: ignore[attr-defined]
         if progress.name != self.query_name:
             return
-        row = progress.observedMetrics.get(METRICS_NAME)
-        if row is None or not row["records"]:
+        counts = batch_counts(progress)
+        if not counts or not counts.get("records"):
             return
-        counts = {name: row[name] for name in COUNTERS if row[name]}
+        self.by_run.setdefault(str(progress.runId), {})[int(progress.batchId)] = counts
         log.info(
             "batch %d: %s (%d ms)", progress.batchId, counts, progress.durationMs.get("triggerExecution", 0)
         )
@@ -316,5 +343,6 @@ def main(argv: list[str]) -> int:
             trending.stop()
             # Progress events reach the listener asynchronously: none may arrive once Python exits.
             spark.streams.removeListener(listener)
-    log.info("%s: totals of its last %d batches: %s", name, len(query.recentProgress), run_totals(query))
+    totals, runs = listener.totals(query)
+    log.info("%s: totals over %d run(s) (restarts start a new one): %s", name, runs, totals)
     return 0

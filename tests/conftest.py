@@ -8,6 +8,7 @@ folder, and the session is a real ``local[2]`` Spark.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,25 @@ from pyspark.sql import SparkSession
 from carousel import broker, online_store_server
 from carousel.config import CarouselConfig, load_config
 from carousel.session import build_session
+
+METRICS_DIR_ENV = "CAROUSEL__METRICS__TEXTFILE_DIR"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metrics_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The batch jobs' metrics files (metrics.textfile_dir) of this session, in a temporary
+    folder rather than the checkout's .state (through the environment: jobs run as subprocesses
+    see it too)."""
+    folder = tmp_path_factory.mktemp("metrics")
+    previous = os.environ.get(METRICS_DIR_ENV)
+    os.environ[METRICS_DIR_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(METRICS_DIR_ENV, None)
+        else:
+            os.environ[METRICS_DIR_ENV] = previous
 
 
 @pytest.fixture(scope="session")

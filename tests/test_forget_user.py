@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import redis
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from s3_fixture import S3_TEST_REGION, s3_bucket, s3_endpoint  # noqa: F401  (fixtures used by name)
@@ -42,7 +42,7 @@ from carousel.erasure import (
     user_hash_of,
     with_erased_flag,
 )
-from carousel.online_state import Answer, OnlineState
+from carousel.online_state import Answer, OnlineState, OutboxEntry, outbox_key, remove_users_outbox_entries
 from carousel.online_store import connect
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
@@ -196,6 +196,10 @@ def _online_state(cfg: CarouselConfig, now: datetime) -> None:
     assert store.write(states.values(), answers) == []
     # A key of no user (the API's rate counter): an erasure leaves it alone.
     connect(cfg.online_store).set(f"{cfg.online_store.key_prefix}:api-rate:default:1", 1)
+    # The API's outbox: an answer of each user not yet relayed to the broker.
+    for k, user in enumerate(USERS):
+        record = json.dumps({"payload_id": f"p-{k}-9", "user_id": user})
+        store.client.xadd(store.outbox_key, OutboxEntry(user, f"p-{k}-9", record).fields())
 
 
 def _snapshots(spark: SparkSession, cfg: CarouselConfig, bucket: str) -> list[str]:
@@ -239,7 +243,11 @@ def _store(cfg: CarouselConfig) -> dict[bytes, Any]:
     client = connect(cfg.online_store)
     values: dict[bytes, Any] = {}
     for key in client.scan_iter(match=f"{cfg.online_store.key_prefix}:*"):
-        values[key] = client.hgetall(key) if client.type(key) == b"hash" else client.get(key)
+        kind = client.type(key)
+        if kind == b"stream":  # the API's outbox: its entries' fields
+            values[key] = [fields for _, fields in client.xrange(key)]
+        else:
+            values[key] = client.hgetall(key) if kind == b"hash" else client.get(key)
     return values
 
 
@@ -368,7 +376,7 @@ def test_forget_user_erases_one_user_everywhere_and_leaves_the_others(
     assert second.removed() == {
         ERASED_USERS_TABLE: 0,
         **dict.fromkeys(erased_rows, 0),
-        forget_user.ONLINE_STORE: 2,
+        forget_user.ONLINE_STORE: 3,  # two keys and an outbox entry
         forget_user.SNAPSHOTS: 0,
     }
 
@@ -377,7 +385,7 @@ def test_forget_user_erases_one_user_everywhere_and_leaves_the_others(
     assert {t: r["rows_removed"] for t, r in audit.items()} == {
         ERASED_USERS_TABLE: 0,
         **erased_rows,
-        forget_user.ONLINE_STORE: 2,
+        forget_user.ONLINE_STORE: 3,
         forget_user.SNAPSHOTS: erased_in_snapshots,
     }
     assert {(r["request_id"], r["users"], r["requested_by"]) for r in audit.values()} == {
@@ -402,7 +410,11 @@ def test_forget_user_erases_one_user_everywhere_and_leaves_the_others(
     # No key or value of the store; the other users' keys are unchanged.
     store_after = _store(cfg)
     assert not any(mentions(k.decode()) or mentions(str(v)) for k, v in store_after.items())
-    assert store_after == {k: v for k, v in store_before.items() if k not in erased_keys}
+    outbox = outbox_key(cfg.online_store.key_prefix).encode()
+    assert any(mentions(str(fields)) for fields in store_before[outbox])
+    expected = {k: v for k, v in store_before.items() if k not in erased_keys}
+    expected[outbox] = [fields for fields in store_before[outbox] if fields[b"u"] != ERASED.encode()]
+    assert store_after == expected
     # No byte of any snapshot; the other users' rows are what they were; manifests agree with files.
     for uri in snapshots:
         assert not any(mentions(body.decode()) for body in _files(uri, cfg).values()), uri
@@ -596,3 +608,35 @@ def test_online_store_erasure_on_a_redis_cluster(cluster_url: str) -> None:  # n
     assert keys() == {
         k for k in before if forget_user.user_of_key(k.decode(), cfg.online_store.key_prefix) not in gone
     }
+
+
+@pytest.mark.integration
+def test_outbox_entries_of_erased_users_are_removed_page_by_page(online_store_url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(online_store_url)
+    key = outbox_key(prefix)
+    for n, user in enumerate(["u-1", "u-2", "u-1", "u-3", "u-1"]):
+        client.xadd(key, OutboxEntry(user, f"p-{n}", "{}").fields())
+    client.xadd(key, {"other": "x"})  # not an entry: kept
+    client.xadd(key, {"u": b"\xff", "p": "p-bytes", "r": "{}"})  # not UTF-8: kept, no failure
+    assert remove_users_outbox_entries(client, prefix, {"u-1", "u-3"}, page=1) == 4
+    assert [fields.get(b"p") for _, fields in client.xrange(key)] == [b"p-1", None, b"p-bytes"]
+
+
+@pytest.mark.integration
+def test_a_second_erasure_moves_the_users_erasure_time(spark: SparkSession, make_config: Any) -> None:
+    cfg = make_config()
+    key = erasure.hash_key(spark, cfg, create=True)
+    assert key is not None
+    user = user_hash_of("u-again", key)
+    first = datetime(2026, 1, 1, tzinfo=UTC)
+    forget_user.record_erased(spark, cfg, [user], key, "req-1", first)
+    forget_user.record_erased(spark, cfg, [user], key, "req-2", first + timedelta(days=3))
+    forget_user.record_erased(spark, cfg, [user], key, "req-0", first - timedelta(days=3))  # older: no change
+    recorded = _read(spark, cfg, ERASED_USERS_TABLE).select(
+        "user_hash", "request_id", F.col("erased_at").cast("long").alias("erased_at")
+    )
+    assertDataFrameEqual(
+        recorded,
+        [Row(user_hash=user, request_id="req-2", erased_at=int((first + timedelta(days=3)).timestamp()))],
+    )

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -717,3 +718,23 @@ def test_serve_restarts_through_an_online_store_and_a_broker_outage(
         by_id.setdefault(payload["payload_id"], items_of(payload))
         assert items_of(payload) == by_id[payload["payload_id"]]
     assert set(by_id) == {serve_payload_id(json.loads(v)["event_id"]) for _, v in triggers}
+
+
+def test_the_final_totals_count_every_run_of_a_restarted_query() -> None:
+    """serve's last log line sums every run (a supervised restart is a new run), each batch once:
+    the listener's events, and the last run's recent progress for the batches still on their way."""
+
+    def progress(run: str, batch: int, records: int) -> SimpleNamespace:
+        row = {name: 0 for name in COUNTERS} | {"records": records, "payloads": records}
+        return SimpleNamespace(
+            name="serve-q", runId=run, batchId=batch, observedMetrics={serve.METRICS_NAME: row}, durationMs={}
+        )
+
+    listener = serve.ServeProgressLog("serve-q")
+    for event in (progress("run-1", 0, 5), progress("run-1", 1, 7), progress("run-2", 2, 11)):
+        listener.onQueryProgress(SimpleNamespace(progress=event))
+    listener.onQueryProgress(SimpleNamespace(progress=SimpleNamespace(name="other")))  # another query
+    # The last run's own record holds its batch 2 (seen) and 3 (its event not delivered yet).
+    last = SimpleNamespace(runId="run-2", recentProgress=[progress("run-2", 2, 11), progress("run-2", 3, 13)])
+    totals, runs = listener.totals(last)  # type: ignore[arg-type]
+    assert (totals, runs) == ({"records": 36, "payloads": 36}, 2)

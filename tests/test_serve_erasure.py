@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
-from pyspark.sql import SparkSession
+from confluent_kafka import Producer
+from pyspark.sql import Row, SparkSession
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
 from support import produce
 from test_serve import TopicReader, build_shop, counts_of, items_of, serving_config, trigger, view
 
 from carousel import erasure
+from carousel.broker import ensure_topics
 from carousel.config import ERASURE_KEY_ENV, CarouselConfig
 from carousel.erasure import drop_erased_rows, erased_times, user_hash, user_hash_of
 from carousel.online_state import OnlineState
 from carousel.online_store import connect
+from carousel.schemas import SENT_RECOMMENDATIONS_TABLE
 from jobs import forget_user
-from streaming import serve
+from streaming import record_sends, serve
 
 KEY = "k\u00e9y-0f3a"  # not ASCII: the key's bytes are UTF-8 in both hashes
 T = 1_800_000_000_000_000  # an erased_at, epoch microseconds
@@ -176,3 +181,49 @@ def test_serve_drops_an_erased_users_events_until_their_erasure(
         query.stop()
         push.close()
         sent.close()
+
+
+@pytest.mark.integration
+def test_record_sends_drops_what_was_sent_to_a_user_before_their_erasure(
+    spark: SparkSession, make_config: Any
+) -> None:
+    """An outbox record still in the topic when its user is erased (``record-sends`` behind, or
+    an API answer relayed late) is not written back into ``sent_recommendations``; a send after
+    the erasure (the user came back) is."""
+    cfg = make_config(f"kafka.topics.sent.name=sent-{uuid.uuid4().hex[:10]}")
+    ensure_topics(cfg.kafka, roles=["sent"])
+    erased_at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def record(payload_id: str, user: str, sent_at: datetime) -> tuple[bytes, bytes]:
+        item = {"item_id": "i1", "rank": 1, "score": 0.5, "strategy": "model", "model_version": "m1"}
+        value = {
+            "payload_id": payload_id, "user_id": user, "campaign": "launch-push", "channel": "push",
+            "variant": "model", "trigger_event_id": f"e-{payload_id}", "trigger_event_type": "App Launched",
+            "run_id": None, "sent_at": sent_at.isoformat(), "model_version": "m1", "items": [item],
+        }  # fmt: skip
+        return user.encode(), json.dumps(value).encode()
+
+    records = [
+        record("p-before", "u-gone", erased_at - timedelta(minutes=5)),
+        record("p-kept", "u-kept", erased_at - timedelta(minutes=5)),
+        record("p-back", "u-gone", erased_at + timedelta(minutes=5)),
+    ]
+    producer = Producer(cfg.kafka.client_settings())
+    for key, value in records:
+        producer.produce(cfg.kafka.topic("sent").name, value=value, key=key)
+    assert producer.flush(30) == 0
+    key = erasure.hash_key(spark, cfg, create=True)
+    assert key is not None
+    forget_user.record_erased(spark, cfg, [user_hash_of("u-gone", key)], key, "req-1", erased_at)
+
+    query = record_sends.run(spark, cfg, available_now=True)
+    try:
+        query.processAllAvailable()
+    finally:
+        query.stop()
+    assert query.exception() is None
+    table = spark.read.format("delta").load(cfg.storage.table(SENT_RECOMMENDATIONS_TABLE))
+    assertDataFrameEqual(
+        table.select("payload_id", "user_id"),
+        [Row(payload_id="p-kept", user_id="u-kept"), Row(payload_id="p-back", user_id="u-gone")],
+    )

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import functions as F
 from s3_fixture import s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from support import store_event_records
@@ -51,12 +52,39 @@ def _live(spark, cfg):
     return spark.read.format("delta").load(cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE))
 
 
-def test_nightly_publishes_a_model_and_a_failed_run_changes_nothing(spark, tmp_path):
+def _job_metrics(folder: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The nightly's metrics file: (sample, sorted labels other than job) -> value."""
+    text = (folder / "carousel_nightly.prom").read_text()
+    return {
+        (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "job"))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("job") == "nightly"
+    }
+
+
+def test_nightly_publishes_a_model_and_a_failed_run_changes_nothing(spark, tmp_path, metrics_files):
     cfg = _config(tmp_path)
+    assert cfg.metrics.textfile_dir == str(metrics_files)
     _store_simulated_events(spark, cfg)
 
     summary = nightly.run(spark, cfg, end=END)
     manifest = json.loads(Path(summary["snapshot"], "manifest.json").read_text())
+    # Its metrics file: every stage's seconds, what it exported and published, a success.
+    metrics = _job_metrics(metrics_files)
+    stages = {
+        labels[0][1]: v for (name, labels), v in metrics.items() if name == "carousel_job_stage_seconds"
+    }
+    assert stages == pytest.approx(summary["seconds"], abs=0.06)
+    assert {labels[0][1]: v for (name, labels), v in metrics.items() if name == "carousel_job_count"} == {
+        "interactions": manifest["rows"],
+        "users": manifest["distinct_users"],
+        "items": manifest["distinct_items"],
+        "table_version": summary["table_version"],
+    }
+    succeeded_at = metrics[("carousel_job_last_success_timestamp_seconds", ())]
+    assert metrics[("carousel_job_success", ())] == 1
+    assert succeeded_at == metrics[("carousel_job_last_run_timestamp_seconds", ())]
     assert manifest["rows"] >= 3000 and manifest["range"]  # widened past 3 days to reach the minimum
     live = _live(spark, cfg)
     metadata = json.loads(Path(summary["model_output"], "metadata.json").read_text())
@@ -70,6 +98,11 @@ def test_nightly_publishes_a_model_and_a_failed_run_changes_nothing(spark, tmp_p
     # A run whose export finds nothing fails at export/validate and leaves the live version alone.
     with pytest.raises(nightly.StepFailedError, match="export/validate"):
         nightly.run(spark, cfg, end=END - timedelta(days=400))
+    failed = _job_metrics(metrics_files)
+    assert failed[("carousel_job_success", ())] == 0
+    assert failed[("carousel_job_failed_stage", (("stage", "export_validate"),))] == 1
+    assert failed[("carousel_job_last_success_timestamp_seconds", ())] == succeeded_at  # kept
+    assert failed[("carousel_job_last_run_timestamp_seconds", ())] > succeeded_at
     assert {r.model_version for r in _live(spark, cfg).select("model_version").distinct().collect()} == {
         summary["model_version"]
     }
