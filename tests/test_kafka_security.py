@@ -34,7 +34,7 @@ from kafka_security_fixture import (
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import read_table
+from support import finish, read_table
 
 from carousel import broker
 from carousel.config import KAFKA_SECRET_ENV, PROJECT_ROOT, CarouselConfig, load_config
@@ -149,12 +149,7 @@ def test_pipeline_over_sasl_ssl_with_scram(spark, secured, tmp_path, monkeypatch
     sim.produce(records, cfg.kafka, cfg.kafka.topic("events").name)
 
     # Ingest's Spark source: the Java client with the JAAS line and the PEM trust store.
-    query = ingest.run(spark, cfg, available_now=True)
-    try:
-        query.processAllAvailable()
-    finally:
-        query.stop()
-    assert query.exception() is None
+    finish(ingest.run(spark, cfg, available_now=True))
     valid_ids = [Row(event_id=json.loads(r.value)["event_id"]) for r in records if r.label == "valid"]
     assert valid_ids
     assertDataFrameEqual(read_table(spark, cfg, EVENTS_TABLE).select("event_id"), valid_ids)

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from pyspark.sql import Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from support import produce
+from support import finish, produce, read_table
 from test_serve import TopicReader, build_shop, counts_of, items_of, serving_config, trigger, view
 
 from carousel import erasure
@@ -216,14 +216,8 @@ def test_record_sends_drops_what_was_sent_to_a_user_before_their_erasure(
     assert key is not None
     forget_user.record_erased(spark, cfg, [user_hash_of("u-gone", key)], key, "req-1", erased_at)
 
-    query = record_sends.run(spark, cfg, available_now=True)
-    try:
-        query.processAllAvailable()
-    finally:
-        query.stop()
-    assert query.exception() is None
-    table = spark.read.format("delta").load(cfg.storage.table(SENT_RECOMMENDATIONS_TABLE))
+    finish(record_sends.run(spark, cfg, available_now=True))
     assertDataFrameEqual(
-        table.select("payload_id", "user_id"),
+        read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).select("payload_id", "user_id"),
         [Row(payload_id="p-kept", user_id="u-kept"), Row(payload_id="p-back", user_id="u-gone")],
     )
