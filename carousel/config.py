@@ -107,12 +107,70 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class S3Config(_Section):
+    """The S3 service behind ``s3a://`` locations (``s3://`` to boto3 and delta-rs), for every client:
+    Spark's S3A connector, delta-rs (serving lookups, ``summary``, ``carousel.portable``) and
+    boto3. Credentials never come from here: each client's standard AWS chain (environment,
+    shared config, instance or task role)."""
+
+    # An S3-compatible server (MinIO, Ceph, a test server): http(s)://host[:port]. Empty: AWS.
+    endpoint_url: str = ""
+    # Empty: each SDK's own resolution (AWS_REGION, the shared config, the instance's region).
+    region: str = ""
+    # bucket.host/key (virtual-hosted, AWS's default) or host/bucket/key (most S3-compatible servers).
+    path_style_access: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL of the S3 service, or empty for AWS")
+        if parts.username or parts.password:
+            # Keys in the URL would end up in logs and Spark's UI; they come from the AWS chain.
+            raise ValueError("must not hold credentials (they come from the standard AWS chain)")
+        if parts.path.strip("/") or parts.query:
+            raise ValueError("must be the service's address only, without a path or query")
+        return f"{parts.scheme}://{parts.netloc}"  # the scheme lower-cased: http: is checked below
+
+    def hadoop_settings(self) -> dict[str, str]:
+        """Spark's S3A connector settings (Hadoop names, without ``spark.hadoop.``)."""
+        settings: dict[str, str] = {}
+        if self.endpoint_url:
+            settings["fs.s3a.endpoint"] = self.endpoint_url
+            settings["fs.s3a.connection.ssl.enabled"] = str(self.endpoint_url.startswith("https:")).lower()
+        if self.region:
+            settings["fs.s3a.endpoint.region"] = self.region
+        if self.path_style_access:
+            settings["fs.s3a.path.style.access"] = "true"
+        return settings
+
+    def delta_rs_options(self) -> dict[str, str]:
+        """delta-rs's ``storage_options`` for ``s3://`` tables (credentials left to its AWS chain)."""
+        options: dict[str, str] = {}
+        if self.endpoint_url:
+            options["AWS_ENDPOINT_URL"] = self.endpoint_url
+            if self.endpoint_url.startswith("http:"):
+                options["AWS_ALLOW_HTTP"] = "true"
+        if self.region:
+            options["AWS_REGION"] = self.region
+        if self.path_style_access:
+            options["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "false"
+        return options
+
+
 class StorageConfig(_Section):
     root: str = Field(min_length=1)
+    s3: S3Config = S3Config()
 
     @field_validator("root")
     @classmethod
     def _resolve(cls, value: str) -> str:
+        if value.lower().startswith(("s3://", "s3n://")):
+            # Spark's Hadoop has no file system for these schemes; S3A reads the same objects.
+            raise ValueError("Spark reaches S3 through S3A: write s3a://bucket/prefix")
         return resolve_path(value)
 
     def table(self, name: str) -> str:
@@ -1644,7 +1702,8 @@ def describe(cfg: CarouselConfig) -> str:
     # of a job that fails its checks is still written).
     data["kafka"]["security"] = {key: "***" for key, env in KAFKA_SECRET_ENV.items() if os.environ.get(env)}
     for key in list(data["spark"]["conf"]):
-        if re.search(r"secret|password|token|credential", key, re.I):
+        # ...key: fs.s3a.encryption.key (an SSE-C key), fs.s3a.access.key (the key's id).
+        if re.search(r"secret|password|token|credential|\.key$", key, re.I):
             data["spark"]["conf"][key] = "***"
     return json.dumps(data, sort_keys=True, default=str)
 

@@ -41,7 +41,7 @@ from carousel.config import CampaignConfig, CampaignFilters, CarouselConfig, Ser
 from carousel.erasure import erased_times
 from carousel.experiments import arms
 from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
-from carousel.portable import read_table
+from carousel.portable import open_table, read_table
 from carousel.ranking import (
     FILTER_COLUMNS,
     MATRIX_COLUMNS,
@@ -81,6 +81,8 @@ class LookupSources:
     serving: ServingConfig
     campaigns: tuple[tuple[str, CampaignConfig], ...]
     erased: str | None = None  # the erased_users table; None: no erased set is read
+    # delta-rs's object store settings (storage.s3), as pairs: the sources stay hashable and plain.
+    storage_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, cfg: CarouselConfig, campaigns: tuple[tuple[str, CampaignConfig], ...]) -> LookupSources:
@@ -94,6 +96,7 @@ class LookupSources:
             serving=cfg.serving,
             campaigns=campaigns,
             erased=cfg.storage.table(ERASED_USERS_TABLE),
+            storage_options=tuple(sorted(cfg.storage.s3.delta_rs_options().items())),
         )
 
     # Derived once per worker (cached on first use), not per payload or batch.
@@ -109,7 +112,7 @@ class LookupSources:
         """Identifies these sources and settings (the per-process cache key)."""
         campaigns = (f"{name}={c.model_dump_json()}" for name, c in self.campaigns)
         settings = [self.serving.model_dump_json(), *campaigns]
-        tables = [self.catalog, self.matrix, self.trending, str(self.erased)]
+        tables = [self.catalog, self.matrix, self.trending, str(self.erased), str(self.storage_options)]
         return "|".join([*tables, str(self.refresh_seconds), *settings])
 
 
@@ -123,14 +126,9 @@ class ArmInputs:
     use_model: bool
 
 
-def _uri(location: str) -> str:
-    # delta-rs names S3 s3://, Spark's Hadoop connector s3a:// - the same objects.
-    return "s3://" + location[len("s3a://") :] if location.startswith("s3a://") else location
-
-
-def _open(location: str, version: int | None = None) -> DeltaTable | None:
+def _open(sources: LookupSources, location: str, version: int | None = None) -> DeltaTable | None:
     try:
-        return DeltaTable(_uri(location), version=version)
+        return open_table(location, version, dict(sources.storage_options))
     except TableNotFoundError:
         return None
 
@@ -228,13 +226,14 @@ class _Cache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.current: dict[str, tuple[ServingLookups, float]] = {}
-        self.tables: dict[str, DeltaTable | None] = {}
+        self.tables: dict[tuple[str, tuple[tuple[str, str], ...]], DeltaTable | None] = {}
         self.loading: dict[str, threading.Thread] = {}  # sources key -> its background reload
 
-    def latest_version(self, location: str) -> int | None:
-        table = self.tables.get(location)
+    def latest_version(self, sources: LookupSources, location: str) -> int | None:
+        key = (location, sources.storage_options)
+        table = self.tables.get(key)
         if table is None:
-            table = self.tables[location] = _open(location)
+            table = self.tables[key] = _open(sources, location)
             return None if table is None else table.version()
         table.update_incremental()
         return table.version()
@@ -255,7 +254,7 @@ def _pinned_models(sources: LookupSources) -> set[str]:
 def _trending(sources: LookupSources, versions: dict[str, int | None]) -> pa.Table:
     table = None
     if versions["trending"] is not None:
-        delta = _open(sources.trending, versions["trending"])
+        delta = _open(sources, sources.trending, versions["trending"])
         # A table written before segment trending has no segment column (its rows are overall).
         present = {f.name for f in delta.schema().fields} if delta is not None else set()
         table = _read(delta, tuple(c for c in TRENDING_COLUMNS if c in present or c != "segment"))
@@ -282,7 +281,8 @@ def _erased(
         return {}
     # Through delta-rs's query engine, which reads deletion vectors: a table someone gave them
     # must not stop serve from seeing erasures (the table is small: one row per erased user).
-    return erased_times(read_table(sources.erased, ERASED_COLUMNS, version=version))
+    options = dict(sources.storage_options)
+    return erased_times(read_table(sources.erased, ERASED_COLUMNS, version=version, storage_options=options))
 
 
 def load_lookups(
@@ -311,7 +311,7 @@ def load_lookups(
         )
         return lookups
     catalog = _read(
-        _open(sources.catalog, versions["catalog"]) if versions["catalog"] is not None else None,
+        _open(sources, sources.catalog, versions["catalog"]) if versions["catalog"] is not None else None,
         CATALOG_COLUMNS,
     )
     if catalog is None:
@@ -321,7 +321,7 @@ def load_lookups(
         )
     matrices: dict[str | None, pa.Table | None] = {None: None}
     if versions["matrix"] is not None:
-        live = _open(sources.matrix, versions["matrix"])
+        live = _open(sources, sources.matrix, versions["matrix"])
         matrices[None] = _read(live, MATRIX_COLUMNS)
         for model in _pinned_models(sources):
             at = published_version(live, model) if live is not None else None
@@ -331,7 +331,7 @@ def load_lookups(
                 )
                 matrices[model] = None
             else:
-                matrices[model] = _read(_open(sources.matrix, at), MATRIX_COLUMNS)
+                matrices[model] = _read(_open(sources, sources.matrix, at), MATRIX_COLUMNS)
     trending = _trending(sources, versions)
     erased = _erased(sources, versions, previous)
     lookups = ServingLookups(sources, dict(versions), catalog, matrices, trending, erased)
@@ -392,10 +392,10 @@ def current_lookups(sources: LookupSources, now: float | None = None) -> Serving
         if held is not None and now - held[1] < sources.refresh_seconds:
             return keep_out_of_gc(held[0])
         versions = {
-            "catalog": _CACHE.latest_version(sources.catalog),
-            "matrix": _CACHE.latest_version(sources.matrix),
-            "trending": _CACHE.latest_version(sources.trending),
-            "erased": _CACHE.latest_version(sources.erased) if sources.erased else None,
+            "catalog": _CACHE.latest_version(sources, sources.catalog),
+            "matrix": _CACHE.latest_version(sources, sources.matrix),
+            "trending": _CACHE.latest_version(sources, sources.trending),
+            "erased": _CACHE.latest_version(sources, sources.erased) if sources.erased else None,
         }
         if held is None:
             lookups = warm(load_lookups(sources, versions))

@@ -9,8 +9,9 @@ objects) go through boto3.
 
 Credentials come only from boto3's standard chain (environment, shared config, instance or task
 role); nothing here reads, logs or stores them. :func:`s3_client` takes the region and an optional
-S3-compatible endpoint (MinIO, a loopback test server) from ``training.aws_batch``, and so do
-:func:`batch_client` and :func:`aws_client` (AWS Batch, CloudWatch Logs) for the ``aws-batch`` runner.
+S3-compatible endpoint (MinIO, a loopback test server) from ``storage.s3`` (else
+``training.aws_batch``); :func:`batch_client` and :func:`aws_client` (AWS Batch, CloudWatch Logs)
+for the ``aws-batch`` runner take them from ``training.aws_batch``.
 
 Every S3 function takes an optional ``client``; without one a client is built from the standard
 chain and environment alone (``AWS_REGION``, ``AWS_ENDPOINT_URL``), so callers with a
@@ -69,23 +70,29 @@ def join(uri: str, *parts: str) -> str:
 
 
 def s3_client(cfg: CarouselConfig | None = None) -> BaseClient:
-    """A boto3 S3 client: region and endpoint from ``training.aws_batch``, credentials from boto3.
+    """A boto3 S3 client: the S3 service of ``storage.s3`` (the one Spark and delta-rs use), else
+    the region and endpoint of ``training.aws_batch``; credentials from boto3's chain.
 
-    An empty ``endpoint_url`` means AWS itself. With an explicit endpoint (S3-compatible servers)
-    path-style addressing is used, which those servers expect.
+    No endpoint means AWS itself. With an explicit endpoint (S3-compatible servers), or with
+    ``storage.s3.path_style_access``, path-style addressing is used, which those servers expect.
     """
     kwargs: dict[str, Any] = {}
     if cfg is not None:
-        aws = cfg.training.aws_batch
-        kwargs["region_name"] = aws.region
-        if aws.endpoint_url:
-            kwargs["endpoint_url"] = aws.endpoint_url
+        aws, s3 = cfg.training.aws_batch, cfg.storage.s3
+        kwargs["region_name"] = s3.region or aws.region
+        endpoint = s3.endpoint_url or aws.endpoint_url
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        # storage.s3 says its addressing; an endpoint of training.aws_batch alone means path style.
+        path_style = s3.path_style_access if s3.endpoint_url else bool(endpoint) or s3.path_style_access
+        if path_style:
             kwargs["config"] = Config(s3={"addressing_style": "path"}, retries={"mode": "standard"})
     return boto3.client("s3", **kwargs)
 
 
 def aws_client(cfg: CarouselConfig, service: str) -> BaseClient:
-    """A boto3 client of ``service`` with the same region, endpoint and credentials as :func:`s3_client`."""
+    """A boto3 client of ``service`` with ``training.aws_batch``'s region and endpoint (AWS Batch,
+    CloudWatch Logs); credentials from boto3's chain."""
     aws = cfg.training.aws_batch
     kwargs: dict[str, Any] = {"region_name": aws.region, "config": Config(retries={"mode": "standard"})}
     if aws.endpoint_url:

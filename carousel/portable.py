@@ -10,14 +10,19 @@ every table. Inputs: a table location (local path, ``s3://`` or Spark's ``s3a://
 columns, SQL filter and version. Output: a ``pyarrow.Table`` with the table's own Arrow schema
 (plain strings, not DataFusion's string views).
 
+    from carousel.config import load_config
     from carousel.portable import read_table
     profile = read_table("data/tables/user_profiles", where="user_id = 'u-42'")
     views = read_table("data/tables/events", ["user_id", "item_id"], "event_date >= '2026-11-01'")
+    # On S3: the configured service (storage.s3), credentials from the AWS chain.
+    cfg = load_config()
+    sent = read_table(cfg.storage.table("sent_recommendations"),
+                      storage_options=cfg.storage.s3.delta_rs_options())
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder
@@ -26,6 +31,16 @@ from deltalake import DeltaTable, QueryBuilder
 def delta_rs_uri(location: str) -> str:
     """``location`` as delta-rs names it: ``s3://`` where Spark's Hadoop connector says ``s3a://``."""
     return "s3://" + location[len("s3a://") :] if location.startswith("s3a://") else location
+
+
+def open_table(
+    location: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> DeltaTable:
+    """The delta-rs table at ``location`` (``s3a://`` read as ``s3://``), at ``version`` (default:
+    the latest). ``storage_options``: delta-rs's object store settings, normally
+    ``cfg.storage.s3.delta_rs_options()``; credentials come from its AWS chain."""
+    options = dict(storage_options) if storage_options else None
+    return DeltaTable(delta_rs_uri(location), version=version, storage_options=options)
 
 
 def _quoted(column: str) -> str:
@@ -37,11 +52,12 @@ def read_table(
     columns: Sequence[str] | None = None,
     where: str | None = None,
     version: int | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """The rows of the Delta table at ``location`` (deletion vectors applied) that match the SQL
     predicate ``where`` (DataFusion SQL), with ``columns`` (default: all), at ``version``
-    (default: the latest)."""
-    table = DeltaTable(delta_rs_uri(location), version=version)
+    (default: the latest). ``storage_options`` as for :func:`open_table`."""
+    table = open_table(location, version, storage_options)
     schema = pa.schema(table.schema().to_arrow())
     if columns is not None:
         schema = pa.schema([schema.field(name) for name in columns])

@@ -2,9 +2,10 @@
 
 Role: every job calls :func:`build_session` once, in ``main``; everything else receives the session
 (inside ``foreachBatch``: ``df.sparkSession``). The session loads Delta and the Kafka connector from
-the jars that ``make setup`` resolved with Maven into ``spark.jars_dir`` — nothing is downloaded at
-start. Under ``./spark-submit.sh`` the master and deploy options come from spark-submit; run
-directly (tests, notebooks) the master comes from the argument or ``spark.master`` in the config.
+the jars that ``make setup`` resolved with Maven into ``spark.jars_dir`` (and S3A for ``s3a://``
+roots, pointed at ``storage.s3``) — nothing is downloaded at start. Under ``./spark-submit.sh``
+the master and deploy options come from spark-submit; run directly (tests, notebooks) the master
+comes from the argument or ``spark.master`` in the config.
 """
 
 from __future__ import annotations
@@ -60,6 +61,25 @@ def _master(cfg: CarouselConfig, master: str | None) -> str:
     return master or cfg.spark.master
 
 
+def hadoop_settings(cfg: CarouselConfig) -> dict[str, str]:
+    """The Hadoop settings of the configuration: ``storage.s3`` for the S3A connector, then every
+    ``spark.hadoop.*`` of ``spark.conf`` (which wins), without the prefix."""
+    prefix = "spark.hadoop."
+    return {
+        **cfg.storage.s3.hadoop_settings(),
+        **{key[len(prefix) :]: value for key, value in cfg.spark.conf.items() if key.startswith(prefix)},
+    }
+
+
+def apply_storage_settings(spark: SparkSession, cfg: CarouselConfig) -> None:
+    """Give a running session the configuration's Hadoop settings (:func:`hadoop_settings`): a
+    session that was already running when asked for (``getOrCreate``) kept the ones it started
+    with, and its file systems (S3A's endpoint, ...) would not be the configured ones."""
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+    for key, value in hadoop_settings(cfg).items():
+        hadoop.set(key, value)
+
+
 def build_session(
     cfg: CarouselConfig,
     app_name: str,
@@ -97,12 +117,15 @@ def build_session(
         # every Python task here (an empty mapInArrow job: 82 ms over TCP, 40 ms over Unix
         # sockets; bench/README.md "Serving"). Executor and workers always share a host.
         PYTHON_UNIX_SOCKETS: "true",
+        # The S3 service of s3a:// locations (storage.s3); spark.conf may still override each key.
+        **{f"spark.hadoop.{key}": value for key, value in cfg.storage.s3.hadoop_settings().items()},
         **cfg.spark.conf,
         **(extra_conf or {}),
     }
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    apply_storage_settings(spark, cfg)
     spark.sparkContext.setLogLevel(os.environ.get("CAROUSEL_SPARK_LOG_LEVEL", "WARN"))
     log.info(
         "spark session %s on %s (Python workers: %s)",

@@ -238,12 +238,22 @@ def write_small_file(spark: SparkSession, path: str, text: str, overwrite: bool 
         out.close()
 
 
+# File systems of object stores, where a file appears whole when its writer closes it (one PUT)
+# and a rename is a copy and a delete: files there are written in place.
+_OBJECT_STORE_SCHEMES = frozenset({"s3a", "gs", "abfs", "abfss", "wasb", "wasbs"})
+
+
 def publish_small_file(spark: SparkSession, path: str, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: written beside it, then renamed into place
-    (a reader never sees half a file after a kill)."""
+    (a reader never sees half a file after a kill). On an object store the file is written in
+    place: its upload is already whole or nothing, and the delete-then-rename would leave a moment
+    with no file at all (a lease read then would say nobody holds it)."""
+    fs, hadoop_path = _hadoop_file(spark, path)
+    if str(fs.getScheme()).lower() in _OBJECT_STORE_SCHEMES:
+        write_small_file(spark, path, text, overwrite=True)
+        return
     staged = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     write_small_file(spark, staged, text)
-    fs, hadoop_path = _hadoop_file(spark, path)
     fs.delete(hadoop_path, False)
     if not fs.rename(_hadoop_file(spark, staged)[1], hadoop_path):
         raise OSError(f"cannot rename {staged} to {path}")

@@ -87,6 +87,9 @@ def training_overrides(cfg: CarouselConfig) -> list[str]:
     pairs.append(f"training.aws_batch.region={aws.region}")
     if aws.endpoint_url:
         pairs.append(f"training.aws_batch.endpoint_url={aws.endpoint_url}")
+    # The staging client (objectstore.s3_client) prefers storage.s3: the container's must too.
+    s3 = cfg.storage.s3
+    pairs += [f"storage.s3.{key}={value}" for key, value in s3.model_dump().items() if value]
     return pairs
 
 

@@ -54,6 +54,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from botocore.client import BaseClient
+
+from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args, setup_logging
 from carousel.config import CarouselConfig, KafkaConfig, SimulatorConfig
 from carousel.schemas import (
@@ -994,8 +997,9 @@ def produce(
     return dict(sorted(counts.items()))
 
 
-def write_outputs(world: World, out_dir: str | Path) -> dict[str, str]:
-    """Write ``catalog.csv`` and ``planted.json`` under ``out_dir`` (a folder or an s3/s3a URI)."""
+def write_outputs(world: World, out_dir: str | Path, client: BaseClient | None = None) -> dict[str, str]:
+    """Write ``catalog.csv`` and ``planted.json`` under ``out_dir`` (a folder or an s3/s3a URI,
+    written with ``client``: :func:`carousel.objectstore.s3_client` of the configuration)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
@@ -1034,28 +1038,15 @@ def write_outputs(world: World, out_dir: str | Path) -> dict[str, str]:
         "planted.json": json.dumps(world.planted_neighbours(), indent=1, sort_keys=True) + "\n",
     }
     target = str(out_dir)
-    written: dict[str, str] = {}
-    scheme, sep, rest = target.partition("://")
-    if sep and scheme in ("s3", "s3a", "s3n"):
-        import boto3
-
-        bucket, _, prefix = rest.partition("/")
-        client = boto3.client("s3")
-        for name, text in files.items():
-            key = "/".join(p for p in (prefix.strip("/"), name) if p)
-            client.put_object(Bucket=bucket, Key=key, Body=text.encode())
-            written[name] = f"{scheme}://{bucket}/{key}"
-    elif sep and scheme != "file":
+    scheme, sep, _ = target.partition("://")
+    if sep and not objectstore.is_s3(target) and scheme != "file":
         raise ValueError(f"cannot write simulator outputs to {target!r}: only local folders and s3 URIs")
-    else:
-        folder = Path(rest if sep else target)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            path = folder / name
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-            written[name] = str(path)
+    written: dict[str, str] = {}
+    for name, text in files.items():
+        # On S3 through the configured service (storage.s3); locally written whole, then renamed.
+        uri = objectstore.join(target, name)
+        objectstore.write_text(uri, text, client=client)
+        written[name] = uri if objectstore.is_s3(target) else str(objectstore.local_path(uri))
     log.info("wrote %s", ", ".join(written.values()))
     return written
 
@@ -1096,7 +1087,9 @@ def run(
 
     started = time.monotonic()
     world = build_world(sim)
-    outputs = write_outputs(world, out_dir)
+    outputs = write_outputs(
+        world, out_dir, objectstore.s3_client(cfg) if objectstore.is_s3(str(out_dir)) else None
+    )
     records = stream_records(world, sim, n_records, end_time, seed)
     log.info(
         "simulating %d records (bad %.2f%%, duplicates %.2f%%) for %d users and %d items over %s days "

@@ -25,7 +25,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
-from carousel.portable import delta_rs_uri
+from carousel.portable import open_table
 from carousel.schemas import (
     CAMPAIGN_RUNS_TABLE,
     CATALOG_TABLE,
@@ -81,10 +81,18 @@ class TableSummary:
     figure_counts: str = ""
 
 
-def summarise(location: str, stage: str, table: str, figure_sql: str, counts: str) -> TableSummary:
-    """One table's rows, version and figure; ``exists`` False when there is no Delta table there."""
+def summarise(
+    location: str,
+    stage: str,
+    table: str,
+    figure_sql: str,
+    counts: str,
+    storage_options: dict[str, str] | None = None,
+) -> TableSummary:
+    """One table's rows, version and figure; ``exists`` False when there is no Delta table there.
+    ``storage_options``: delta-rs's object store settings (``storage.s3``)."""
     try:
-        delta = DeltaTable(delta_rs_uri(location))
+        delta = open_table(location, storage_options=storage_options)
     except TableNotFoundError:
         return TableSummary(stage, table, exists=False, figure_counts=counts)
     try:
@@ -104,8 +112,9 @@ def _first_row(delta: DeltaTable, sql: str) -> dict[str, Any]:
 
 def run(cfg: CarouselConfig) -> list[TableSummary]:
     """A summary of each table of :data:`STAGES` under ``cfg.storage.root``, in pipeline order."""
+    options = cfg.storage.s3.delta_rs_options()
     return [
-        summarise(cfg.storage.table(table), stage, table, figure_sql, counts)
+        summarise(cfg.storage.table(table), stage, table, figure_sql, counts, options)
         for stage, table, figure_sql, counts in STAGES
     ]
 

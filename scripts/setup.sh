@@ -2,7 +2,8 @@
 # Installs everything carousel needs, idempotently, from the project's own files:
 #   - a Python 3.11 virtualenv (.venv) with the pinned packages of pyproject.toml (incl. dev tools);
 #   - the JVM jars, resolved by Maven from jvm/pom.xml (Maven Central only, jvm/settings.xml):
-#       .jars/spark  Delta Lake + the Spark Kafka connector (loaded by every SparkSession)
+#       .jars/spark  Delta Lake + the Spark Kafka connector + S3A (loaded by every SparkSession;
+#                    hadoop-aws checked against the Hadoop pyspark bundles)
 #       .jars/kafka  the Apache Kafka broker (KRaft) used by the demo and the tests;
 #       .jars/spark-log4j  log4j for Spark, put in place of the one pyspark bundles;
 #   - checks that the pip delta-spark and the delta-spark jar are one version;
@@ -65,13 +66,24 @@ jar_delta="${jar_delta%.jar}"
 [[ "$pip_delta" == "$jar_delta" ]] \
   || die "delta-spark drift: pip package $pip_delta (pyproject.toml) but jar $jar_delta (jvm/pom.xml delta.version); pin both to one version"
 
+# S3A's hadoop-aws must be the Hadoop release pyspark bundles (hadoop-client-api): S3A uses that
+# release's internal classes, and a mismatch fails only when a job first opens an s3a:// path.
+pyspark_jars="$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("pyspark").submodule_search_locations[0])')/jars"
+hadoop_api=("$pyspark_jars"/hadoop-client-api-*.jar)
+aws_jars=(.jars/spark/hadoop-aws-*.jar)
+[[ ${#hadoop_api[@]} -eq 1 && -f "${hadoop_api[0]}" ]] || die "expected one hadoop-client-api jar in $pyspark_jars"
+[[ ${#aws_jars[@]} -eq 1 && -f "${aws_jars[0]}" ]] || die "expected one hadoop-aws jar in .jars/spark"
+pyspark_hadoop="${hadoop_api[0]##*-}"; pyspark_hadoop="${pyspark_hadoop%.jar}"
+jar_hadoop_aws="${aws_jars[0]##*-}"; jar_hadoop_aws="${jar_hadoop_aws%.jar}"
+[[ "$pyspark_hadoop" == "$jar_hadoop_aws" ]] \
+  || die "hadoop-aws drift: pyspark bundles Hadoop $pyspark_hadoop but jvm/pom.xml hadoop.version gives hadoop-aws $jar_hadoop_aws; set hadoop.version to $pyspark_hadoop"
+
 # --- Spark's log4j -----------------------------------------------------------------------------
 # pyspark's wheel bundles its own log4j in pyspark/jars (2.24.3 in pyspark 4.1.3, with known CVEs).
 # Every Spark JVM started from this virtualenv (driver, local executors, standalone master and
 # workers) loads pyspark/jars/*, so each bundled log4j jar is replaced by the same artifact at the
 # pom's log4j2.version (.jars/spark-log4j): one log4j on the classpath, never two. Checked on every
 # run, so a reinstalled pyspark is patched again.
-pyspark_jars="$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("pyspark").submodule_search_locations[0])')/jars"
 for jar in "$pyspark_jars"/log4j-*.jar; do
   [[ -e "$jar" ]] || die "no log4j jars in $pyspark_jars: is pyspark installed?"
   name="$(basename "$jar")"

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from pyspark.sql import SparkSession
+from s3_fixture import set_test_aws_environment
 
 from carousel import broker, online_store_server
 from carousel.config import CarouselConfig, load_config
@@ -45,6 +46,10 @@ def metrics_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     root = tmp_path_factory.mktemp("spark")
     cfg = load_config(overrides=[f"storage.root={root}/data"])
+    # The JVM and its Python workers keep the environment they start with: the test S3 server's
+    # dummy credentials for the tables some tests keep on S3 (tests/test_s3_storage.py).
+    aws_environment = pytest.MonkeyPatch()
+    set_test_aws_environment(aws_environment)
     session = build_session(
         cfg,
         "carousel-tests",
@@ -58,8 +63,11 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
             "spark.databricks.delta.snapshotPartitions": "2",
         },
     )
-    yield session
-    session.stop()
+    try:
+        yield session
+    finally:
+        session.stop()
+        aws_environment.undo()
 
 
 @pytest.fixture(scope="session")

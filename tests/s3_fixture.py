@@ -17,6 +17,16 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 S3_TEST_REGION = "us-east-1"
+# Dummy credentials the test server accepts, and no shared config or credentials files, so that
+# nothing ever reaches a real account. The Spark JVM and its Python workers read the environment
+# once, when they start: conftest's spark fixture sets these before it starts them.
+TEST_AWS_ENVIRONMENT: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "carousel-test-key",
+    "AWS_SECRET_ACCESS_KEY": "carousel-test-secret",
+    "AWS_DEFAULT_REGION": S3_TEST_REGION,
+    "AWS_CONFIG_FILE": "/nonexistent/carousel-test-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/carousel-test-aws-credentials",
+}
 
 
 def _free_port() -> int:
@@ -25,18 +35,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def set_test_aws_environment(env: pytest.MonkeyPatch) -> None:
+    """:data:`TEST_AWS_ENVIRONMENT` in the environment, without session tokens or profiles."""
+    for name, value in TEST_AWS_ENVIRONMENT.items():
+        env.setenv(name, value)
+    env.delenv("AWS_SESSION_TOKEN", raising=False)
+    env.delenv("AWS_PROFILE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """Endpoint URL of a moto S3 server on 127.0.0.1, for the whole test session."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "carousel-test-key")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "carousel-test-secret")
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        env.setenv("AWS_DEFAULT_REGION", S3_TEST_REGION)
-        # Never reach real accounts: no shared config or credentials files.
-        env.setenv("AWS_CONFIG_FILE", "/nonexistent/carousel-test-aws-config")
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/carousel-test-aws-credentials")
+        set_test_aws_environment(env)
         port = _free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()

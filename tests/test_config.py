@@ -147,11 +147,13 @@ def test_secrets_come_from_the_environment_and_are_masked(monkeypatch):
     monkeypatch.setenv("CAROUSEL_KAFKA_SASL_USERNAME", "svc")
     monkeypatch.setenv("CAROUSEL_KAFKA_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("CAROUSEL__SPARK__CONF__SPARK.HADOOP.FS.S3A.SECRET.KEY", "abc123")
+    monkeypatch.setenv("CAROUSEL__SPARK__CONF__SPARK.HADOOP.FS.S3A.ENCRYPTION.KEY", "sse-c-key")
     cfg = load_config(overrides=["online_store.url=rediss://svc:s3cret-in-url@redis.example:6380/0"])
     assert cfg.kafka.client_settings()["sasl.password"] == "hunter2"
     assert 'password="hunter2"' in cfg.kafka.spark_options()["kafka.sasl.jaas.config"]
     text = describe(cfg)
     assert "hunter2" not in text and "abc123" not in text and "s3cret-in-url" not in text
+    assert "sse-c-key" not in text
     assert "rediss://svc:***@redis.example:6380/0" in text
 
 
@@ -390,3 +392,75 @@ def test_price_range_and_channel_topics_are_checked():
     del data["kafka"]["topics"]["push"]
     with pytest.raises(ValidationError, match="no kafka.topics entry"):
         CarouselConfig.model_validate(data)
+
+
+def test_one_s3_setting_for_spark_delta_rs_and_boto3():
+    from carousel.objectstore import s3_client
+    from carousel.session import hadoop_settings
+
+    aws = load_config()
+    assert aws.storage.s3.hadoop_settings() == {} and aws.storage.s3.delta_rs_options() == {}
+    cfg = load_config(
+        overrides=[
+            "storage.root=s3a://lake/carousel",
+            "storage.s3.endpoint_url=http://minio.internal:9000/",
+            "storage.s3.region=eu-west-1",
+            "storage.s3.path_style_access=true",
+            "spark.conf.spark.hadoop.fs.s3a.connection.maximum=200",
+            "spark.conf.spark.hadoop.fs.s3a.path.style.access=false",  # spark.conf wins
+        ]
+    )
+    assert hadoop_settings(cfg) == {
+        "fs.s3a.endpoint": "http://minio.internal:9000",
+        "fs.s3a.connection.ssl.enabled": "false",
+        "fs.s3a.endpoint.region": "eu-west-1",
+        "fs.s3a.path.style.access": "false",
+        "fs.s3a.connection.maximum": "200",
+    }
+    assert cfg.storage.s3.delta_rs_options() == {
+        "AWS_ENDPOINT_URL": "http://minio.internal:9000",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_REGION": "eu-west-1",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false",
+    }
+    client = s3_client(cfg)
+    assert client.meta.endpoint_url == "http://minio.internal:9000"
+    assert client.meta.region_name == "eu-west-1"
+    tls = load_config(overrides=["storage.s3.endpoint_url=https://s3.internal"]).storage.s3
+    assert tls.hadoop_settings()["fs.s3a.connection.ssl.enabled"] == "true"
+    assert "AWS_ALLOW_HTTP" not in tls.delta_rs_options()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        ("minio.internal:9000", "http:// or https:// URL"),
+        ("ftp://minio.internal", "http:// or https:// URL"),
+        ("http://key:secret@minio.internal", "must not hold credentials"),
+        ("http://minio.internal/lake", "without a path"),
+    ],
+)
+def test_a_bad_s3_endpoint_is_refused_at_start(endpoint, reason):
+    with pytest.raises(ConfigError, match=f"storage.s3.endpoint_url: .*{reason}") as refused:
+        load_config(overrides=[f"storage.s3.endpoint_url={endpoint}"])
+    assert "secret" not in str(refused.value)
+
+
+def test_s3_roots_are_refused_and_the_endpoint_scheme_is_normalised():
+    with pytest.raises(ConfigError, match="storage.root: .*write s3a://bucket/prefix"):
+        load_config(overrides=["storage.root=s3://lake/carousel"])
+    # An upper-case scheme is the same service (delta-rs is still allowed plain HTTP).
+    upper = load_config(overrides=["storage.s3.endpoint_url=HTTP://minio:9000"]).storage.s3
+    assert upper.delta_rs_options()["AWS_ALLOW_HTTP"] == "true"
+
+
+def test_the_batch_container_reaches_the_s3_service_of_the_staging():
+    from carousel.objectstore import s3_client
+    from jobs.aws_batch import training_overrides
+
+    cfg = load_config(overrides=["storage.s3.endpoint_url=http://minio:9000", "storage.s3.region=eu-west-1"])
+    assert {"storage.s3.endpoint_url=http://minio:9000", "storage.s3.region=eu-west-1"} <= set(
+        training_overrides(cfg)
+    )
+    # Virtual-hosted addressing unless storage.s3 asks for path style.
+    assert s3_client(cfg).meta.config.s3 is None

@@ -88,3 +88,11 @@ def test_running_spark_loads_the_patched_log4j(spark):
         match = re.search(r"log4j-[a-z]+-(\d+(?:\.\d+)+)\.jar$", location)
         assert match, f"{class_name} loaded from {location}"
         assert _version(match.group(1)) >= MIN_LOG4J, f"{class_name} loaded from {location}"
+
+
+def test_hadoop_aws_matches_the_hadoop_pyspark_bundles():
+    # S3A uses its Hadoop release's internals: hadoop-aws at another release fails at the first s3a:// path.
+    bundled = _jar_versions(_pyspark_jars_dir(), "hadoop-client-api-*.jar")
+    resolved = _jar_versions(SPARK_JARS_DIR, "hadoop-aws-*.jar")
+    assert resolved == {"hadoop-aws": bundled["hadoop-client-api"]}, (bundled, resolved)
+    assert _pom_property("hadoop.version") == bundled["hadoop-client-api"]
