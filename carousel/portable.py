@@ -6,8 +6,10 @@ vectors (every ingest micro-batch MERGEs into it; README "Reading tables without
 figures), and ``deltalake`` 1.6's ``DeltaTable.to_pyarrow_table`` / ``to_pyarrow_dataset`` /
 ``to_pandas`` refuse a table with that reader feature. Its DataFusion engine
 (``deltalake.QueryBuilder``) reads deletion vectors, so :func:`read_table` goes through it for
-every table. Inputs: a table location (local path, ``s3://`` or Spark's ``s3a://``), optional
-columns, SQL filter and version. Output: a ``pyarrow.Table`` with the table's own Arrow schema
+a table with that feature and for any SQL filter; a whole table without it is read by the Arrow
+reader, which also works on S3 where the DataFusion reader stalls (README "Tables on S3").
+Inputs: a table location (local path, ``s3://`` or Spark's ``s3a://``), optional columns, SQL
+filter, version and delta-rs storage options. Output: a ``pyarrow.Table`` with the table's own Arrow schema
 (plain strings, not DataFusion's string views).
 
     from carousel.config import load_config
@@ -26,6 +28,9 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder
+
+# The reader feature delta-rs's Arrow reader (to_pyarrow_table) refuses.
+DELETION_VECTORS = "deletionVectors"
 
 
 def delta_rs_uri(location: str) -> str:
@@ -61,6 +66,10 @@ def read_table(
     schema = pa.schema(table.schema().to_arrow())
     if columns is not None:
         schema = pa.schema([schema.field(name) for name in columns])
+    if not where and DELETION_VECTORS not in (table.protocol().reader_features or ()):
+        # The whole table without deletion vectors: delta-rs's Arrow reader. Its DataFusion
+        # reader stalls on data files in S3 (README "Tables on S3"); serve reads erasures here.
+        return table.to_pyarrow_table(columns=list(schema.names)).cast(schema)
     query = f"SELECT {', '.join(_quoted(name) for name in schema.names)} FROM t"
     if where:
         query += f" WHERE {where}"

@@ -24,7 +24,7 @@ from test_serve import TopicReader, trigger
 from carousel import objectstore
 from carousel.broker import ensure_topics
 from carousel.config import CarouselConfig
-from carousel.portable import open_table
+from carousel.portable import read_table as read_without_spark
 from carousel.schemas import (
     CATALOG_TABLE,
     EVENTS_TABLE,
@@ -134,12 +134,10 @@ def test_the_pipeline_runs_with_every_table_on_s3(spark, make_config, tmp_path, 
     sent = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     assert {r.payload_id for r in sent.select("payload_id").distinct().collect()} == {payload["payload_id"]}
 
-    # The same rows through delta-rs (no JVM), with the same storage.s3 settings. (Through
-    # delta-rs's Arrow reader: its DataFusion reader, carousel.portable.read_table, stalls on
-    # the test server's data files; README "Tables on S3".)
-    without_spark = open_table(
+    # The same rows through delta-rs (no JVM), with the same storage.s3 settings.
+    without_spark = read_without_spark(
         cfg.storage.table(SENT_RECOMMENDATIONS_TABLE), storage_options=cfg.storage.s3.delta_rs_options()
-    ).to_pyarrow_table()
+    )
     assertDataFrameEqual(spark.createDataFrame(without_spark.to_pandas(), sent.schema), sent)
 
     # Everything the jobs wrote is in the bucket: tables, the queries' checkpoints, reports.
