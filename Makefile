@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start bench-classify bench-update eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start bench-classify bench-update bench-outage eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -36,6 +36,9 @@ bench-cold-start: setup  ## 100k-item catalog + 1,000 new products: item-list bu
 
 bench-upkeep: setup  ## 1M profiles: MERGE cost with/without deletion vectors; files and lookup time before/after maintain
 	@.venv/bin/python -m bench.table_upkeep_bench
+
+bench-outage: setup  ## ingest + serve under steady traffic while the broker and the online store are stopped and restarted
+	@.venv/bin/python -m bench.outage_bench
 
 bench-classify: setup  ## the event classifier (ingest's and serve's validation) vs a plain JSON parse, 500k records
 	@.venv/bin/python -m bench.classify_bench

@@ -46,41 +46,52 @@ done
 if [[ $# -eq 0 ]]; then exec "$PY" -m carousel.cli --help; fi
 job="$1"
 
-info="$("$PY" -m carousel.cli --launch-info "$@")"
+# Where the driver runs: here (client, the default) or on a cluster node (cluster: YARN, Kubernetes).
+# Read from the command line only (--deploy-mode, --conf spark.submit.deployMode=...), not from a
+# --properties-file or spark-defaults.conf.
+deploy_mode=client
+previous=""
+for arg in "${spark_args[@]+"${spark_args[@]}"}"; do
+  case "$previous|$arg" in
+    "--deploy-mode|"*) deploy_mode="$arg" ;;
+    "--conf|spark.submit.deployMode="* | "-c|spark.submit.deployMode="*) deploy_mode="${arg#*=}" ;;
+    *"|--deploy-mode="* | *"|--conf=spark.submit.deployMode="*) deploy_mode="${arg##*=}" ;;
+  esac
+  previous="$arg"
+done
+
+# The launcher, the session settings from config, the job's arguments, and the code zip for the
+# executors (and a cluster-mode driver): the project's packages and conf/, plus in cluster mode the
+# --config files and template folders given here (carousel/launch.py).
+info="$("$PY" -m carousel.cli --launch-info --deploy-mode "$deploy_mode" --code-dir "$ROOT/dist" "$@")"
 eval "$info"
 case "$CAROUSEL_JOB_KIND" in
   unknown) exec "$PY" -m carousel.cli "$@" ;;   # prints the usage and fails
   python)  exec "$PY" -m carousel.cli "$@" ;;
 esac
 
-# Ship the code: one zip of the project's packages for the executors (and a cluster-mode driver).
-mkdir -p "$ROOT/dist"
-code_zip="$ROOT/dist/carousel-code.zip"
-"$PY" - "$ROOT" "$code_zip" <<'PYZIP'
-import pathlib, sys, zipfile
-root, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-tmp = target.with_suffix(".tmp")
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-    for package in ("carousel", "jobs", "streaming", "models"):
-        for path in sorted((root / package).rglob("*.py")):
-            zf.write(path, path.relative_to(root).as_posix())
-tmp.replace(target)
-PYZIP
-
 has_master=0
 for arg in "${spark_args[@]+"${spark_args[@]}"}"; do [[ "$arg" == "--master" || "$arg" == --master=* ]] && has_master=1; done
 defaults=()
 [[ $has_master -eq 0 ]] && defaults+=(--master "$CAROUSEL_MASTER")
-# Executors on this machine (local, standalone) use the project's interpreter unless told otherwise.
-export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$PY}"
-export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$PY}"
+driver_options=()
+if [[ "$deploy_mode" == client ]]; then
+  # Executors on this machine (local, standalone) use the project's interpreter unless told otherwise.
+  export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$PY}"
+  export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$PY}"
+  driver_options+=(--conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties")
+fi
+# In cluster mode the cluster's Python (spark.pyspark.python, the image) and log4j set-up apply, and
+# the job's arguments are the launcher's (pointing at the files it shipped); here they are as typed.
+job_args=("$@")
+[[ "$deploy_mode" == client ]] || job_args=("${CAROUSEL_JOB_ARGS[@]}")
 
 exec "$VENV/bin/spark-submit" \
   "${defaults[@]+"${defaults[@]}"}" \
   --driver-memory "$CAROUSEL_DRIVER_MEMORY" \
   --jars "$CAROUSEL_JARS" \
-  --py-files "$code_zip" \
+  --py-files "$CAROUSEL_CODE_ZIP" \
   --conf "spark.ui.showConsoleProgress=false" \
-  --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties" \
+  "${driver_options[@]+"${driver_options[@]}"}" \
   "${spark_args[@]+"${spark_args[@]}"}" \
-  "$ROOT/carousel/cli.py" "$@"
+  "$ROOT/carousel/cli.py" "${job_args[@]}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import shlex
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,39 +218,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _launch_info(argv: Sequence[str]) -> str:
-    """Shell assignments for spark-submit.sh: which launcher, and the session settings from config."""
-    job = JOBS.get(argv[0]) if argv else None
-    if job is None:
-        return "CAROUSEL_JOB_KIND=unknown"
-    if not job.spark:
-        return "CAROUSEL_JOB_KIND=python"
-    parser = add_config_args(argparse.ArgumentParser(add_help=False))
-    known, _ = parser.parse_known_args(list(argv[1:]))
-    try:
-        cfg = load_config(known.config, known.overrides)
-    except ConfigError as err:
-        print(f"carousel: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    from carousel.session import spark_jars  # imported late: pyspark is slow to import
-
-    return "\n".join(
-        [
-            "CAROUSEL_JOB_KIND=spark",
-            f"CAROUSEL_MASTER={shlex.quote(cfg.spark.master)}",
-            f"CAROUSEL_DRIVER_MEMORY={shlex.quote(cfg.spark.driver_memory)}",
-            f"CAROUSEL_JARS={shlex.quote(','.join(spark_jars(cfg)))}",
-        ]
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] == "--launch-info":  # used by spark-submit.sh to pick the launcher and its settings
-        print(_launch_info(argv[1:]))
+        from carousel.launch import launch_info  # imported late: it imports this module
+
+        try:
+            print(launch_info(argv[1:], os.environ))
+        except ConfigError as err:
+            print(f"carousel: {err}", file=sys.stderr)
+            return 2
         return 0
     name, rest = argv[0], argv[1:]
     if name not in JOBS:

@@ -3,7 +3,9 @@
 Role: load ``conf/carousel.yaml`` (the defaults), overlay any ``--config FILE`` given, then
 ``CAROUSEL__SECTION__KEY`` environment variables, then ``--set section.key=value`` flags, and
 validate the result into one immutable :class:`CarouselConfig`. Bad values fail at start with
-the key path and the reason. Relative local paths are resolved against the project root.
+the key path and the reason. Relative local paths are resolved against the project root: the
+checkout, or, for code run from the shipped code zip on another node (a cluster-mode driver),
+the zip's ``conf/`` unpacked on that node (:func:`_unpacked_home`).
 
 Secrets are never read from YAML: Kafka credentials come from ``CAROUSEL_KAFKA_SECURITY_PROTOCOL``,
 ``CAROUSEL_KAFKA_SASL_MECHANISM``, ``CAROUSEL_KAFKA_SASL_USERNAME``,
@@ -16,10 +18,15 @@ from boto3's standard chain.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import stat
+import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,8 +43,66 @@ from pydantic import (
     model_validator,
 )
 
-# spark-submit.sh exports CAROUSEL_HOME: under spark-submit this module is imported from the code zip.
-PROJECT_ROOT = Path(os.environ.get("CAROUSEL_HOME") or Path(__file__).resolve().parents[1])
+# Written last into an unpacked conf/ folder: the folder is complete.
+_UNPACKED_MARKER = ".carousel-unpacked"
+
+
+def _usable_home(home: Path) -> bool:
+    """``home`` is a complete unpacked ``conf/`` of this user's: a real folder (not a link), owned
+    by this user, with the marker written last."""
+    try:
+        info = os.lstat(home)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and (home / _UNPACKED_MARKER).is_file()
+
+
+def _unpacked_home(archive: Path) -> Path:
+    """A folder holding the ``conf/`` of the code zip ``archive`` this module was imported from.
+
+    A driver in ``--deploy-mode cluster`` (and an executor) runs on a node without the project's
+    folder: the launcher ships ``conf/`` (defaults, templates, payload schemas and any submitted
+    ``--config`` files) inside the code zip. It is unpacked once per user, node and zip content,
+    into ``$TMPDIR/carousel-home-<uid>-<digest>``, made private (0700), marked complete last and
+    moved into place whole: concurrent Python workers see it complete or not at all, and a folder
+    of that name that is not this user's own complete copy (another user's, a link, one a tmp
+    cleaner emptied) is never trusted; a private copy is used then. Where unpacking is
+    impossible, the zip's path is returned: the old behaviour, enough for code that reads no
+    project file."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = sorted(
+                (i for i in bundle.infolist() if i.filename.startswith("conf/")), key=lambda i: i.filename
+            )
+            digest = hashlib.sha256(repr([(i.filename, i.CRC, i.file_size) for i in members]).encode())
+            home = Path(tempfile.gettempdir()) / f"carousel-home-{os.getuid()}-{digest.hexdigest()[:16]}"
+            if _usable_home(home):
+                return home
+            staging = Path(tempfile.mkdtemp(prefix=f"{home.name}-", dir=home.parent))
+            bundle.extractall(staging, members=members)
+            (staging / _UNPACKED_MARKER).write_text(f"{archive}\n")
+            try:
+                staging.rename(home)
+            except OSError:  # a folder of that name exists: another process's copy, or not ours
+                if _usable_home(home):
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return home
+                return staging
+            return home
+    except (OSError, zipfile.BadZipFile):
+        return archive
+
+
+def _project_root() -> Path:
+    # spark-submit.sh exports CAROUSEL_HOME; a source checkout is its own root; under spark-submit
+    # on another node (a cluster-mode driver, an executor) this module comes from the code zip.
+    if os.environ.get("CAROUSEL_HOME"):
+        return Path(os.environ["CAROUSEL_HOME"])
+    source = Path(__file__).resolve().parents[1]
+    return _unpacked_home(source) if zipfile.is_zipfile(source) else source
+
+
+PROJECT_ROOT = _project_root()
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "conf" / "carousel.yaml"
 ENV_PREFIX = "CAROUSEL__"
 # The online store's password (Redis AUTH); a username, for Redis ACLs, is optional.
@@ -1612,6 +1677,16 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def config_file_path(file: str | Path) -> Path:
+    """Where ``--config FILE`` is read from: as given (a relative path from the working folder),
+    else, for a relative path missing there, under the project root, where cluster deploy mode
+    ships the submitted files (``conf/submitted/``)."""
+    path = Path(file).expanduser()
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text()) or {}
@@ -1653,7 +1728,7 @@ def load_config(
     """Load defaults, then each file, then ``CAROUSEL__A__B`` env vars, then ``a.b=value`` overrides."""
     data = _read_yaml(DEFAULT_CONFIG_FILE)
     for file in config_files:
-        _deep_merge(data, _read_yaml(Path(file)))
+        _deep_merge(data, _read_yaml(config_file_path(file)))
     environ = os.environ if environ is None else environ
     for key, value in sorted(environ.items()):
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):

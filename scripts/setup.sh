@@ -9,6 +9,10 @@
 #   - checks that the pip delta-spark and the delta-spark jar are one version;
 #   - redis-server for the embedded online store (apt-get when run as root, else the command to run).
 # Re-running is cheap: each step is skipped while the file it depends on is unchanged.
+#
+# For an image (the Dockerfile: AWS Batch training), two switches:
+#   CAROUSEL_SETUP_EXTRAS   the pip extras installed beside the package (default: dev,bench; empty: none)
+#   CAROUSEL_SETUP_ONLINE_STORE=skip   no redis-server (an image that only trains needs none)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,12 +31,15 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.s
 command -v mvn >/dev/null || die "Apache Maven is required to resolve the JVM jars"
 
 # --- Python ----------------------------------------------------------------------------------
+extras="${CAROUSEL_SETUP_EXTRAS-dev,bench}"
+[[ "$extras" =~ ^[a-z,]*$ ]] || die "CAROUSEL_SETUP_EXTRAS must be a comma-separated list of extras, got '$extras'"
 py_stamp=".venv/.carousel-deps-$(digest pyproject.toml)"
+[[ "$extras" == "dev,bench" ]] || py_stamp="$py_stamp-extras-${extras//,/-}"
 if [[ ! -f "$py_stamp" ]]; then
-  say "creating the virtualenv and installing the pinned Python packages"
+  say "creating the virtualenv and installing the pinned Python packages${extras:+ (with $extras)}"
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev,bench]"
+  .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
   rm -f .venv/.carousel-deps-*
   touch "$py_stamp"
 else
@@ -112,7 +119,9 @@ find_redis_server() {
   done
   return 1
 }
-if redis_server="$(find_redis_server)"; then
+if [[ "${CAROUSEL_SETUP_ONLINE_STORE:-}" == skip ]]; then
+  say "online store server: skipped (CAROUSEL_SETUP_ONLINE_STORE=skip)"
+elif redis_server="$(find_redis_server)"; then
   say "online store server present: $redis_server"
 elif [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
   say "installing redis-server (Debian package) for the embedded online store"

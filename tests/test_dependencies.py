@@ -96,3 +96,28 @@ def test_hadoop_aws_matches_the_hadoop_pyspark_bundles():
     resolved = _jar_versions(SPARK_JARS_DIR, "hadoop-aws-*.jar")
     assert resolved == {"hadoop-aws": bundled["hadoop-client-api"]}, (bundled, resolved)
     assert _pom_property("hadoop.version") == bundled["hadoop-client-api"]
+
+
+def test_training_image_is_built_by_the_projects_own_set_up():
+    """The AWS Batch image (Dockerfile) cannot be built here (no Docker): check what makes it the
+    project's image. Its Python is the one pyproject.toml requires, its Java what Spark 4 needs,
+    the venv and jars come from scripts/setup.sh (the same pins and version checks), and the
+    runner's relative ``./spark-submit.sh`` command runs from its WORKDIR with no ENTRYPOINT."""
+    from packaging.specifiers import SpecifierSet
+
+    from jobs.aws_batch import container_command
+
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
+    base = re.search(r"^ARG PYTHON_IMAGE=python:(\d+\.\d+)-", dockerfile, re.M)
+    requires = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert base and SpecifierSet(requires).contains(f"{base.group(1)}.0"), (base, requires)
+    assert all(int(v) >= 17 for v in re.findall(r"openjdk-(\d+)-", dockerfile)), "Spark 4 needs Java 17+"
+    assert "scripts/setup.sh" in dockerfile and "CAROUSEL_SETUP_ONLINE_STORE=skip" in dockerfile
+    workdirs = {line.split()[1] for line in lines if line.startswith("WORKDIR")}
+    assert len(workdirs) == 1, workdirs
+    assert container_command("s3://b/in", "s3://b/out", "item2vec", [])[0] == "./spark-submit.sh"
+    assert not any(line.startswith("ENTRYPOINT") for line in lines)
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    for local_output in (".venv", ".jars", ".state", "data", "dist"):  # made inside the image, never copied
+        assert local_output in ignored, local_output

@@ -1,0 +1,228 @@
+"""What ``./spark-submit.sh`` settles before it calls spark-submit: the job's launcher, the session
+settings from config, the code zip, and, in cluster deploy mode, what must travel with the driver.
+
+Role: ``python -m carousel.cli --launch-info [--deploy-mode client|cluster] [--code-dir DIR] <job>
+[job args]`` prints shell assignments that spark-submit.sh evaluates (``CAROUSEL_JOB_KIND``, the
+master, driver memory, jars, ``CAROUSEL_JOB_ARGS``, the job's arguments as a bash array, and
+``CAROUSEL_CODE_ZIP``).
+For a Spark job it also writes the code zip (``--py-files``): the project's packages and its
+``conf/`` folder (defaults, templates, payload schemas), so the code on any node finds its
+configuration (:func:`carousel.config._unpacked_home`).
+
+In ``--deploy-mode cluster`` the driver starts on a cluster node, without this machine's files:
+the ``--config`` files given, and a templates or payload-schema folder configured outside
+``conf/``, go into the zip under ``conf/submitted/`` and the job's arguments are rewritten to
+read them there. What cannot travel safely is named (never its value) on stderr: ``CAROUSEL__*``
+settings and secrets in this machine's environment (give them to the driver through the
+cluster manager: ``spark.yarn.appMasterEnv.NAME``, ``spark.kubernetes.driverEnv.NAME`` or its
+secrets), and a storage root on a local disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shlex
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carousel.cli import JOBS, add_config_args
+from carousel.config import (
+    ENV_PREFIX,
+    KAFKA_SECRET_ENV,
+    PROJECT_ROOT,
+    REDIS_PASSWORD_ENV,
+    REDIS_USERNAME_ENV,
+    CarouselConfig,
+    ConfigError,
+    config_file_path,
+    load_config,
+)
+
+# The project's Python packages, shipped to the executors (and a cluster-mode driver).
+CODE_PACKAGES = ("carousel", "jobs", "streaming", "models")
+# Where cluster deploy mode puts the files it ships from this machine, under the project root.
+SUBMITTED = "conf/submitted"
+DEPLOY_MODES = ("client", "cluster")
+CODE_ZIP_PREFIX = "carousel-code-"
+# dist/ keeps the newest zips and any used within a week (see write_code_zip).
+KEEP_ZIPS = 20
+STALE_ZIP_S = 7 * 86_400.0
+_SECRET_ENV = (*KAFKA_SECRET_ENV.values(), REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV)
+
+
+@dataclass(frozen=True)
+class ClusterLaunch:
+    """A job's arguments as a cluster-mode driver gets them, the files shipped for them (name in
+    the zip -> file here), and warnings about what stays behind."""
+
+    args: list[str]
+    shipped: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def code_zip_members(root: Path, shipped: Mapping[str, Path] | None = None) -> dict[str, Path]:
+    """Name in the zip -> file: every ``*.py`` of :data:`CODE_PACKAGES`, every file under ``conf/``
+    (but an earlier launch's ``conf/submitted``), then ``shipped``."""
+    members: dict[str, Path] = {}
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            members[path.relative_to(root).as_posix()] = path
+    for path in sorted((root / "conf").rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and not name.startswith(f"{SUBMITTED}/"):
+            members[name] = path
+    members.update(shipped or {})
+    return members
+
+
+def write_code_zip(folder: Path, members: Mapping[str, Path]) -> Path:
+    """The zip of ``members`` in ``folder``, named by their content: launches with different code
+    or submitted files (two cluster-mode jobs started together) never ship each other's zip, and
+    one is never replaced while a job reads it. Written whole, under a temporary name first
+    (readable by all, as the zip before it was), and touched when reused.
+
+    The newest :data:`KEEP_ZIPS` zips are kept, and any used within :data:`STALE_ZIP_S`: a job
+    whose executors fetch ``--py-files`` from the driver (client mode on a cluster) must not run
+    longer than that while :data:`KEEP_ZIPS` other launches with other code happen."""
+    digest = hashlib.sha256()
+    for name, path in members.items():
+        digest.update(f"{name}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\0".encode())
+    target = folder / f"{CODE_ZIP_PREFIX}{digest.hexdigest()[:16]}.zip"
+    folder.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        os.utime(target)
+    else:
+        descriptor, staging = tempfile.mkstemp(prefix=f"{CODE_ZIP_PREFIX}staging-", suffix=".tmp", dir=folder)
+        try:
+            os.fchmod(descriptor, 0o644)
+            with (
+                os.fdopen(descriptor, "wb") as out,
+                zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bundle,
+            ):
+                for name, path in members.items():
+                    bundle.write(path, name)
+            Path(staging).replace(target)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+    _prune_zips(folder, target)
+    return target
+
+
+def _prune_zips(folder: Path, current: Path) -> None:
+    """Remove the zips (and staging files a killed launch left) beyond the newest :data:`KEEP_ZIPS`
+    that were not used within :data:`STALE_ZIP_S`."""
+    found = []
+    for path in folder.glob(f"{CODE_ZIP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):  # another launch removed it first
+            found.append((path.stat().st_mtime, path))
+    stale = time.time() - STALE_ZIP_S
+    for mtime, path in sorted(found, reverse=True)[KEEP_ZIPS:]:
+        if path != current and mtime < stale:
+            path.unlink(missing_ok=True)
+
+
+def _folder_members(folder: Path, under: str) -> dict[str, Path]:
+    return {
+        f"{under}/{path.relative_to(folder).as_posix()}": path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def cluster_launch(
+    argv: Sequence[str], cfg: CarouselConfig, environ: Mapping[str, str], root: Path = PROJECT_ROOT
+) -> ClusterLaunch:
+    """The job arguments ``argv`` (job name first) rewritten for a driver on a cluster node: each
+    ``--config FILE`` shipped as ``conf/submitted/<n>-<name>``, and a templates or payload-schema
+    folder outside ``root/conf`` shipped and set with ``--set``; warnings name what stays here."""
+    # The job's own options stay as given (argparse keeps their order); the configuration flags,
+    # however spelt (argparse takes "--conf" for "--config"), are read the way the job reads them
+    # and given again: files then --set values, the order load_config applies them in anyway.
+    known, others = _config_parser().parse_known_args(list(argv[1:]))
+    shipped: dict[str, Path] = {}
+    flags: list[str] = []
+    for file in known.config:
+        name = f"{SUBMITTED}/{len(shipped) + 1}-{Path(file).name}"
+        shipped[name] = config_file_path(file).resolve()
+        flags += ["--config", name]
+    flags += [arg for item in known.overrides for arg in ("--set", item)]
+    conf_dir = (root / "conf").resolve()
+    for key, value, under in (
+        ("serving.templates_dir", cfg.serving.templates_dir, f"{SUBMITTED}/templates"),
+        ("serving.payload_schemas_dir", cfg.serving.payload_schemas_dir, f"{SUBMITTED}/payload_schemas"),
+    ):
+        folder = Path(value).resolve()
+        if folder.is_relative_to(conf_dir):
+            continue
+        if "://" in value or not folder.is_dir():
+            raise ConfigError(f"{key} {value} is not a folder on this machine: cluster deploy mode ships it")
+        shipped.update(_folder_members(folder, under))
+        flags += ["--set", f"{key}={under}"]
+    # Before a "--", after which the job would read them as positional values.
+    cut = others.index("--") if "--" in others else len(others)
+    args = [argv[0], *others[:cut], *flags, *others[cut:]]
+    warnings = []
+    left = sorted(k for k in environ if (k.startswith(ENV_PREFIX) or k in _SECRET_ENV) and environ[k])
+    if left:
+        warnings.append(
+            "cluster deploy mode: these settings in this machine's environment do not reach the "
+            f"driver: {', '.join(left)}; give them to it through the cluster manager "
+            "(spark.yarn.appMasterEnv.NAME, spark.kubernetes.driverEnv.NAME or its secrets)"
+        )
+    if "://" not in cfg.storage.root:
+        warnings.append(
+            f"cluster deploy mode: storage.root {cfg.storage.root} is a local path, read on the node "
+            "the driver lands on; use a shared store (s3a://, hdfs://, abfss://) or a mount every node has"
+        )
+    return ClusterLaunch(args, shipped, warnings)
+
+
+def _config_parser() -> argparse.ArgumentParser:
+    return add_config_args(argparse.ArgumentParser(add_help=False))
+
+
+def _assignments(cfg: CarouselConfig, args: Sequence[str], code_zip: Path | None) -> list[str]:
+    from carousel.session import spark_jars  # imported late: pyspark is slow to import
+
+    return [
+        "CAROUSEL_JOB_KIND=spark",
+        f"CAROUSEL_MASTER={shlex.quote(cfg.spark.master)}",
+        f"CAROUSEL_DRIVER_MEMORY={shlex.quote(cfg.spark.driver_memory)}",
+        f"CAROUSEL_JARS={shlex.quote(','.join(spark_jars(cfg)))}",
+        f"CAROUSEL_JOB_ARGS=({' '.join(shlex.quote(a) for a in args)})",
+        f"CAROUSEL_CODE_ZIP={shlex.quote(str(code_zip or ''))}",
+    ]
+
+
+def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PROJECT_ROOT) -> str:
+    """Shell assignments for spark-submit.sh. ``argv``: ``[--deploy-mode M] [--code-dir DIR] <job>
+    [job args]``, with the code zip written to ``DIR``; a bad configuration raises
+    :class:`ConfigError`."""
+    rest, deploy_mode, code_dir = list(argv), "client", None
+    while rest and rest[0] in ("--deploy-mode", "--code-dir") and len(rest) >= 2:
+        option, value = rest.pop(0), rest.pop(0)
+        if option == "--deploy-mode":
+            deploy_mode = value
+        else:
+            code_dir = Path(value)
+    if deploy_mode not in DEPLOY_MODES:
+        raise ConfigError(f"--deploy-mode must be one of {list(DEPLOY_MODES)}, got {deploy_mode!r}")
+    if not rest or rest[0] not in JOBS:
+        return "CAROUSEL_JOB_KIND=unknown"
+    if not JOBS[rest[0]].spark:
+        return "CAROUSEL_JOB_KIND=python"
+    known, _ = _config_parser().parse_known_args(rest[1:])
+    cfg = load_config(known.config, known.overrides, environ)
+    launch = cluster_launch(rest, cfg, environ, root) if deploy_mode == "cluster" else ClusterLaunch(rest)
+    for warning in launch.warnings:
+        print(f"carousel: {warning}", file=sys.stderr)
+    code_zip = None if code_dir is None else write_code_zip(code_dir, code_zip_members(root, launch.shipped))
+    return "\n".join(_assignments(cfg, launch.args, code_zip))
