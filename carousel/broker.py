@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 DEFAULT_JARS_DIR = PROJECT_ROOT / ".jars" / "kafka"
 NODE_ID = 1
 POLL_SECONDS = 0.2
+# The client errors kept while waiting for the broker (the newest; see _wait_ready).
+CLIENT_ERRORS_KEPT = 64
 LOG_TAIL_LINES = 40
 # Everything this module ever writes into the state folder; `reset` refuses to delete a folder
 # holding anything else, so a mistyped state_dir cannot wipe unrelated files.
@@ -227,7 +230,6 @@ def _utf16_units(ch: str) -> list[int]:
 
 def _write_properties(path: Path, values: Mapping[str, str]) -> None:
     lines = ["# Written by carousel.broker on every start; edit conf/carousel.yaml instead."]
-    # A backslash is an escape in a properties file: written twice, it is read as one.
     lines += [f"{key}={_properties_text(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
 
@@ -351,8 +353,9 @@ def _wait_ready(
     admin: AdminClient | None = None
     last_error = "nothing tried yet"
     # librdkafka tells why a connection failed only to the error callback; a metadata request
-    # fails with a bare "Broker transport failure".
-    client_errors: list[KafkaError] = []
+    # fails with a bare "Broker transport failure". The latest are enough (each is checked once
+    # per poll), and a long wait does not pile up hundreds.
+    client_errors: deque[KafkaError] = deque(maxlen=CLIENT_ERRORS_KEPT)
     while True:
         if alive is not None and not alive():
             raise BrokerError(f"the broker process exited while waiting for {bootstrap}")

@@ -20,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import redis
 import redis.cluster
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
 from carousel.config import OnlineStoreConfig, mask_secrets, masked_url
 
@@ -103,6 +106,26 @@ def user_key(store_cfg_or_prefix: OnlineStoreConfig | str, kind: str, user_id: s
 
 # What a call to the online store may raise when the store (not the caller) fails.
 STORE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+
+def ping_check(store_cfg: OnlineStoreConfig, timeout_seconds: float) -> Callable[[], object]:
+    """A quick PING for a supervisor's probe (:func:`carousel.supervision.dependency_probe`): its
+    own client, ``timeout_seconds`` per call and no retries, so a store that is down or hung is
+    told in about that time (the serving client retries, which is right for serving, not for a
+    probe). It raises while the store does not answer."""
+    if store_cfg.cluster:  # the cluster client reaches its seed node at construction
+        quick = store_cfg.model_copy(update={"socket_timeout_seconds": timeout_seconds})
+        return lambda: connect(quick).ping()
+    options: dict[str, object] = {
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+        **store_cfg.credentials(),
+    }
+    if store_cfg.tls_ca_file and urlsplit(store_cfg.url).scheme == "rediss":
+        options["ssl_ca_certs"] = store_cfg.tls_ca_file
+    client = redis.Redis.from_url(store_cfg.url, **options)
+    return client.ping
 
 
 def check_reachable(store_cfg: OnlineStoreConfig) -> None:

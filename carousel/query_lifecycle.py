@@ -48,7 +48,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import CarouselConfig
-from carousel.errors import java_reason
+from carousel.errors import java_reason, one_line
 from carousel.storage import delete_file, file_exists, publish_small_file, read_text_file, write_small_file
 
 __all__ = [
@@ -98,6 +98,18 @@ def failure_detail(query: StreamingQuery) -> str:
 
 class StopRequestedError(RuntimeError):
     """A micro-batch refused to start because its query is stopping (Spark replays it next start)."""
+
+
+class _RefusedBatchFilter(logging.Filter):
+    """Drops py4j's ERROR record (with a Python traceback) of a micro-batch refused because its
+    query is stopping: a clean stop is logged once, as what it is (:func:`await_query`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StopRequestedError))
+
+
+# py4j logs every exception a Python callback (a foreachBatch handler) raises, before Spark sees it.
+logging.getLogger("py4j.clientserver").addFilter(_RefusedBatchFilter())
 
 
 class BatchGate:
@@ -392,8 +404,10 @@ def await_query(
             if error is not None and not requested:
                 summary = str(getattr(error, "_desc", None) or error).strip()
                 raise QueryFailedError(str(query.name), summary, failure_detail(query) or summary)
-            if error is not None:
-                log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, error)
+            if error is not None and StopRequestedError.__name__ in str(error):
+                log.info("%s stopped; the micro-batch it did not start runs at the next start", query.name)
+            elif error is not None:
+                log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, one_line(error))
             log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
     finally:
         if lease is not None and not keep_lease:

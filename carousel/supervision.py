@@ -14,7 +14,12 @@ is lost or applied twice. The supervisor restarts a query that failed with an er
 be transient (``supervision.transient_errors``, matched against the error's text, which names
 the Java and Python exception classes of the whole cause chain), after a backoff that doubles
 from ``backoff_initial_seconds`` up to ``backoff_max_seconds``, at most ``max_restarts`` times in
-a row; a query that then runs for ``healthy_after_seconds`` has its count reset. Any other
+a row; a query that then runs for ``healthy_after_seconds`` has its count reset. While it waits,
+the query's dependencies (the broker; for ``serve`` also the online store) are checked every
+second: one seen down that answers again ends the backoff, so the query is back about a second
+after the broker or the store, however long the backoff had grown; one still down when the
+backoff is over is waited for, up to ``backoff_max_seconds``, instead of a restart that would
+only fail and use up an attempt. Any other
 failure (a schema conflict, a bug, a bad configuration) is permanent: the job exits non-zero at
 once with the reason, since restarting would only fail again. A stop request or SIGTERM/SIGINT
 during a backoff ends the job cleanly without a restart.
@@ -26,12 +31,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import SupervisionConfig, mask_secrets
+from carousel.config import KafkaConfig, SupervisionConfig, mask_secrets
 from carousel.errors import JobError, telling_line
 from carousel.query_lifecycle import (
     QueryFailedError,
@@ -44,9 +49,24 @@ from carousel.query_lifecycle import (
 from carousel.query_metrics import count_restart
 from carousel.storage import delete_file, file_exists
 
-__all__ = ["QueryGaveUpError", "backoff_seconds", "supervise", "transient_reason"]
+__all__ = [
+    "QueryGaveUpError",
+    "backoff_seconds",
+    "dependency_probe",
+    "kafka_check",
+    "supervise",
+    "transient_reason",
+]
 
 log = logging.getLogger(__name__)
+
+# While a backoff waits, its dependencies are checked this often, each check for at most
+# PROBE_TIMEOUT_SECONDS; a restart comes no sooner than MIN_BACKOFF_SECONDS after the failure.
+PROBE_POLL_SECONDS = 1.0
+PROBE_TIMEOUT_SECONDS = 2.0
+MIN_BACKOFF_SECONDS = 1.0
+# A dependency counts as back once this many checks in a row found it answering.
+PROBE_OK_IN_A_ROW = 2
 
 
 class QueryGaveUpError(JobError):
@@ -82,12 +102,42 @@ class _StopWatch:
     def on_signal(self, signum: int) -> None:
         self.requested.append(f"signal {signum}")
 
-    def wait(self, seconds: float, poll_seconds: float) -> bool:
+    def wait(
+        self,
+        seconds: float,
+        poll_seconds: float,
+        probe: Callable[[], str | None] | None = None,
+        longest: float = 0.0,
+    ) -> bool:
         """Wait ``seconds``, renewing the lease (the job still runs); True as soon as a stop was
-        asked for (the marker is then removed), or at once if one came before."""
-        deadline = time.monotonic() + seconds
+        asked for (the marker is then removed), or at once if one came before.
+
+        With ``probe`` (:func:`dependency_probe`), the wait ends (False) once a dependency seen
+        down during it answers again: the restart comes when the broker or the online store is
+        back, not at the end of a backoff that grew while it was away. A dependency still down
+        when ``seconds`` are over extends the wait, up to ``longest`` in all: a restart into a
+        dependency known to be down would only fail and use up an attempt. A failure whose
+        dependencies all answer (a Delta conflict) waits its backoff, no more."""
+        started = time.monotonic()
+        deadline = started + seconds
         storage, spark, marker = self._storage, self._spark, self._marker
+        down: str | None = None
+        was_down: str | None = None
+        extended = False
+        answering = 0  # probes in a row that found every dependency answering
+        next_probe = started
         while self.reason is None:
+            if probe is not None and time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + PROBE_POLL_SECONDS
+                down = probe()
+                answering = 0 if down is not None else answering + 1
+                was_down = down or was_down
+                # Twice in a row: a dependency that answers once and falls over again (a
+                # crash-looping store) does not use up the restarts in seconds.
+                back = was_down is not None and answering >= PROBE_OK_IN_A_ROW
+                if back and time.monotonic() - started >= MIN_BACKOFF_SECONDS and self.reason is None:
+                    log.info("%s answers again: restarting now", was_down)
+                    return False
             if self._lease is not None:
                 storage.run("renew its lease", self._lease.renew_if_due, None)
             if marker is not None and storage.run(
@@ -97,10 +147,46 @@ class _StopWatch:
                 self.requested.append(marker)
                 break
             left = deadline - time.monotonic()
+            if left <= 0 and down is not None and not extended and longest > seconds:
+                log.info("%s still does not answer: waiting for it (at most %.0f s in all)", down, longest)
+                extended, deadline = True, started + longest
+                left = deadline - time.monotonic()
             if left <= 0:
                 break
             time.sleep(min(poll_seconds, left))  # a timed wait with a stop check, not a sync
         return self.reason is not None
+
+
+def dependency_probe(checks: Mapping[str, Callable[[], object]]) -> Callable[[], str | None]:
+    """A probe for :func:`supervise`: the name of the first dependency whose check raises (it
+    does not answer), or None when every one answers. ``checks``: name -> a quick call that
+    raises when that dependency is down (:func:`kafka_check`, ``online_store.check_reachable``)."""
+
+    def probe() -> str | None:
+        for name, check in checks.items():
+            try:
+                check()
+            except Exception:  # noqa: BLE001 - any failure of the check means "not answering"
+                return name
+        return None
+
+    return probe
+
+
+def kafka_check(kafka: KafkaConfig) -> Callable[[], object]:
+    """A check that raises while the Kafka cluster does not answer a metadata request (from any
+    of its bootstrap servers). One admin client serves every check; librdkafka's own connection
+    logs are off (a probe of a broker that is down would log each reconnect)."""
+    from confluent_kafka.admin import AdminClient  # imported late: only supervised jobs need it
+
+    client: list[AdminClient] = []
+
+    def check() -> object:
+        if not client:
+            client.append(AdminClient({**kafka.client_settings(), "log_level": 0}))
+        return client[0].list_topics(timeout=PROBE_TIMEOUT_SECONDS)
+
+    return check
 
 
 def supervise(
@@ -112,9 +198,13 @@ def supervise(
     marker: str | None = None,
     lease: QueryLease | None = None,
     started: StreamingQuery | None = None,
+    probe: Callable[[], str | None] | None = None,
 ) -> StreamingQuery:
     """Run the query that ``start`` starts until it is stopped or finishes; restart it on transient
     errors. Returns the last query started (for its progress).
+
+    ``probe``: the query's dependencies (:func:`dependency_probe`); a backoff ends early once one
+    seen down answers again (:meth:`_StopWatch.wait`).
 
     ``started``: the first run, already started by the caller (who handled its start's errors);
     otherwise the first start's own errors propagate as they are (a job that cannot start says
@@ -185,7 +275,8 @@ def supervise(
                     summary,
                 )
                 count_restart(query_name, pattern)
-                if stop_watch.wait(delay, poll_seconds=min(2.0, max(0.05, delay / 10))):
+                poll = min(2.0, max(0.05, delay / 10))  # the stop check's; probes: once a second
+                if stop_watch.wait(delay, poll, probe, longest=max(delay, policy.backoff_max_seconds)):
                     log.info(
                         "%s: stop requested in the backoff (%s): not restarted", query_name, stop_watch.reason
                     )

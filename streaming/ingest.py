@@ -74,7 +74,7 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import delta_transaction, idempotent_append, read_or_create_marker
-from carousel.supervision import supervise
+from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
 
@@ -563,5 +563,6 @@ def main(argv: list[str]) -> int:
             cfg.ingest.stop_timeout_seconds,
             stop_marker(cfg, name),
             lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
+            probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
         )
     return 0

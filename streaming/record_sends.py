@@ -44,7 +44,7 @@ from carousel.schemas import (
 )
 from carousel.session import build_session
 from carousel.storage import idempotent_append, read_or_create_marker
-from carousel.supervision import supervise
+from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 
 log = logging.getLogger(__name__)
@@ -183,5 +183,6 @@ def main(argv: list[str]) -> int:
             name,
             cfg.sent_log.stop_timeout_seconds,
             stop_marker(cfg, name),
+            probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
         )
     return 0

@@ -55,7 +55,7 @@ from carousel.config import CampaignConfig, CarouselConfig
 from carousel.delivery import ServingInputError, compute_trending, read_catalog
 from carousel.erasure import check_key, hash_key
 from carousel.errors import one_line
-from carousel.online_store import OnlineStoreError, check_reachable
+from carousel.online_store import OnlineStoreError, check_reachable, ping_check
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import stop_marker
 from carousel.query_metrics import PAYLOADS_BY_CHANNEL, exported
@@ -63,7 +63,7 @@ from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import CHANNELS, PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
 from carousel.storage import table_exists
-from carousel.supervision import supervise
+from carousel.supervision import PROBE_TIMEOUT_SECONDS, dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 from streaming.ingest import classify_records
 
@@ -338,6 +338,12 @@ def main(argv: list[str]) -> int:
                 cfg.serving.stop_timeout_seconds,
                 stop_marker(cfg, name),
                 started=query,
+                probe=dependency_probe(
+                    {
+                        "Kafka": kafka_check(cfg.kafka),
+                        "the online store": ping_check(cfg.online_store, PROBE_TIMEOUT_SECONDS),
+                    }
+                ),
             )
         finally:
             trending.stop()

@@ -7,6 +7,7 @@ stop must wait for the handler to return and Spark must record that batch as com
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -68,6 +69,24 @@ def test_a_closed_gate_refuses_new_batches_and_reopens() -> None:
     finally:
         release.set()
         runner.join(30)
+
+
+def test_py4j_does_not_log_a_batch_refused_at_stop_as_an_error(caplog) -> None:
+    """py4j logs each exception a Python callback raises with its traceback; a micro-batch refused
+    because the query is stopping is a clean stop, not an ERROR. Other errors still are."""
+    py4j_log = logging.getLogger("py4j.clientserver")
+    with caplog.at_level(logging.ERROR, logger="py4j.clientserver"):
+        for error in (
+            StopRequestedError("micro-batch 7 not started: the query is stopping"),
+            OSError("disk"),
+        ):
+            try:
+                raise error
+            except (StopRequestedError, OSError):
+                py4j_log.exception(
+                    "There was an exception while executing the Python Proxy on the Python Side."
+                )
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [error]  # the OSError only
 
 
 def test_stop_waits_for_the_running_micro_batch(spark, tmp_path) -> None:

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,26 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 from support import wait_for
 
+from carousel import broker, online_store_server
 from carousel.config import SupervisionConfig, load_config
-from carousel.online_store import OnlineStoreError
+from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import TemplateCheckError
-from carousel.query_lifecycle import QueryFailedError, QueryLease, await_query, lease_holder, request_stop
-from carousel.supervision import QueryGaveUpError, backoff_seconds, supervise, transient_reason
+from carousel.query_lifecycle import (
+    QueryFailedError,
+    QueryLease,
+    StorageChecks,
+    await_query,
+    lease_holder,
+    request_stop,
+)
+from carousel.supervision import (
+    QueryGaveUpError,
+    _StopWatch,
+    backoff_seconds,
+    dependency_probe,
+    supervise,
+    transient_reason,
+)
 
 TRANSIENT = "redis.exceptions.ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused."
 
@@ -309,3 +325,61 @@ def test_await_query_reports_the_whole_cause_chain(spark, tmp_path) -> None:
         await_query(spark, start(), stop_timeout_seconds=30)
     assert "Traceback" in info.value.summary  # the outer message: a Python handler's traceback
     assert TRANSIENT in info.value.detail  # the Python handler's own exception, class name and all
+
+
+def test_a_backoff_ends_once_the_dependency_seen_down_answers_again(spark, tmp_path, caplog) -> None:
+    """The online store is down when the query fails: the supervisor, in a 60 s backoff, checks
+    it every second and restarts the query about a second after it answers again (the store is
+    started 2 s after the failure), not at the end of the backoff."""
+    port = broker.free_port()
+    store_cfg = load_config(
+        overrides=[
+            f"online_store.state_dir={tmp_path / 'redis'}",
+            f"online_store.port={port}",
+            f"online_store.url=redis://127.0.0.1:{port}/0",
+        ]
+    ).online_store
+    back = threading.Timer(2.0, online_store_server.start, args=(store_cfg,))  # the scenario's timing
+    failed_at: list[float] = []
+
+    class StoreDown(FlakyHandler):
+        def __call__(self, batch: Any, batch_id: int) -> None:
+            if not failed_at and batch_id == 1:
+                failed_at.append(time.monotonic())
+                back.start()
+            super().__call__(batch, batch_id)
+
+    handler = StoreDown([None, RuntimeError(TRANSIENT), None])
+    start_query, starts = file_query_starter(spark, tmp_path, handler)
+    restarted_at: list[float] = []
+
+    def start() -> StreamingQuery:
+        restarted_at.append(time.monotonic())
+        return start_query()
+
+    probe = dependency_probe({"the online store": partial(check_reachable, store_cfg)})
+    try:
+        with caplog.at_level(logging.INFO, logger="carousel.supervision"):
+            supervise(
+                spark,
+                start,
+                policy(backoff_initial_seconds=60, backoff_max_seconds=60),
+                "flaky",
+                stop_timeout_seconds=30,
+                probe=probe,
+            )
+    finally:
+        back.cancel()
+        online_store_server.stop(store_cfg)
+    assert len(starts) == 2 and sorted(handler.handled) == list(range(6))
+    assert 2.0 <= restarted_at[1] - failed_at[0] < 30, restarted_at[1] - failed_at[0]
+    assert "the online store answers again: restarting now" in caplog.text
+    # Every dependency answering (a Delta conflict, say): the backoff is waited in full.
+    watch = _StopWatch(spark, None, None, StorageChecks("flaky"))
+    waited = time.monotonic()
+    assert watch.wait(0.5, poll_seconds=0.1, probe=lambda: None, longest=5.0) is False
+    assert 0.5 <= time.monotonic() - waited < 5.0
+    # A dependency still down when the backoff is over: waited for, up to `longest`, no more.
+    waited = time.monotonic()
+    assert watch.wait(0.2, poll_seconds=0.1, probe=lambda: "Kafka", longest=1.0) is False
+    assert 1.0 <= time.monotonic() - waited < 5.0
