@@ -163,6 +163,20 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 # Settings for an outage test: the Kafka clients give up within seconds (their defaults wait a
 # minute a call) and the supervisor restarts soon and often enough to outlast the outage.
+# A nightly small enough for a test: ~12,000 simulated events of 300 users and 60 items, a
+# 2-epoch model of 16 dimensions, 5 neighbours per item.
+SMALL_NIGHTLY = (
+    "training.min_interactions=3000",
+    "training.lookback_days=3",
+    "training.widen_step_days=3",
+    "training.top_k=5",
+    "training.model.embedding_dim=16",
+    "training.model.epochs=2",
+    "simulator.users=300",
+    "simulator.items=60",
+    "simulator.days=12",
+)
+
 OUTAGE_SETTINGS = (
     "kafka.client_options.default.api.timeout.ms=3000",
     "kafka.client_options.request.timeout.ms=2000",

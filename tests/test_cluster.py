@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from pyspark.testing import assertDataFrameEqual
-from support import produce, read_table, store_event_records
+from support import SMALL_NIGHTLY, produce, read_table, store_event_records
 from test_serve import TopicReader, trigger, view
 
 from bench.standalone import LOOPBACK
@@ -67,19 +67,7 @@ def test_cluster_mode_writes_what_local_mode_writes(spark, make_config, tmp_path
         f"kafka.topics.events.name={local_cfg.kafka.topic('events').name}",
         "spark.shuffle_partitions=2",
     ]
-    command = [
-        str(PROJECT_ROOT / "spark-submit.sh"),
-        "--master", master_url,
-        "--total-executor-cores", "1",
-        "--executor-memory", "1g",
-        "--driver-memory", "1g",
-        "ingest", "--available-now",
-        *[arg for item in overrides for arg in ("--set", item)],
-    ]  # fmt: skip
-    submitted = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, **LOOPBACK}
-    )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    _submit(master_url, tmp_path / "ingest-driver", "ingest", "--available-now", sets=overrides)
 
     # The executor ran on the worker with the project's code shipped to it.
     shipped = list(work_dir.glob("app-*/*/carousel-code-*.zip"))
@@ -132,16 +120,8 @@ def test_nightly_and_serve_on_the_cluster(spark, make_config, tmp_path, standalo
     master_url, work_dir = standalone_cluster
     suffix = uuid.uuid4().hex[:8]
     sets = [
-        "simulator.users=300",
-        "simulator.items=60",
-        "simulator.days=12",
+        *SMALL_NIGHTLY,
         f"training.workspace={tmp_path}/training",
-        "training.min_interactions=3000",
-        "training.lookback_days=3",
-        "training.widen_step_days=3",
-        "training.top_k=5",
-        "training.model.embedding_dim=16",
-        "training.model.epochs=2",
         *[f"kafka.topics.{role}.name={role}-{suffix}" for role in ("push", "in_app", "sent", "dead_letter")],
         "serving.starting_offsets=earliest",
         "spark.shuffle_partitions=2",

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from support import wait_for
 
 from carousel import broker, online_store_server
 from carousel.config import SupervisionConfig, load_config
-from carousel.online_store import OnlineStoreError, check_reachable
+from carousel.online_store import OnlineStoreError, ping_check
 from carousel.payloads import TemplateCheckError
 from carousel.query_lifecycle import (
     QueryFailedError,
@@ -39,6 +38,7 @@ from carousel.query_lifecycle import (
     request_stop,
 )
 from carousel.supervision import (
+    PROBE_TIMEOUT_SECONDS,
     QueryGaveUpError,
     _StopWatch,
     backoff_seconds,
@@ -357,7 +357,7 @@ def test_a_backoff_ends_once_the_dependency_seen_down_answers_again(spark, tmp_p
         restarted_at.append(time.monotonic())
         return start_query()
 
-    probe = dependency_probe({"the online store": partial(check_reachable, store_cfg)})
+    probe = dependency_probe({"the online store": ping_check(store_cfg, PROBE_TIMEOUT_SECONDS)})
     try:
         with caplog.at_level(logging.INFO, logger="carousel.supervision"):
             supervise(

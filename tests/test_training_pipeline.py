@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pyspark.sql import functions as F
 from s3_fixture import s3_bucket, s3_endpoint  # noqa: F401 - fixtures
-from support import store_event_records
+from support import SMALL_NIGHTLY, store_event_records
 
 from carousel import objectstore
 from carousel.config import load_config
@@ -27,15 +27,7 @@ def _config(root: Path, *extra: str):
         overrides=[
             f"storage.root={root}/data",
             f"training.workspace={root}/training",
-            "training.min_interactions=3000",
-            "training.lookback_days=3",
-            "training.widen_step_days=3",
-            "training.top_k=5",
-            "training.model.embedding_dim=16",
-            "training.model.epochs=2",
-            "simulator.users=300",
-            "simulator.items=60",
-            "simulator.days=12",
+            *SMALL_NIGHTLY,
             *extra,
         ]
     )
