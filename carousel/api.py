@@ -49,6 +49,7 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import hmac
 import json
 import logging
@@ -90,7 +91,7 @@ from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachabl
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
 from carousel.ranking import RankingRules
-from carousel.realtime import rank_campaign, render_request, retry_conflicts, sends_keep_micros
+from carousel.realtime import micros_to_iso, rank_campaign, render_request, retry_conflicts, sends_keep_micros
 from carousel.schemas import (
     CONTROL_VARIANT,
     PAYLOAD_ID_HEADER,
@@ -119,7 +120,17 @@ _SWEEP_AGAIN_SECONDS = 0.05  # the next sweep, when the last one left entries ov
 _WARN_EVERY_SECONDS = 10.0
 _FORGET_RETRY_SECONDS = 1.0  # a failed delete of relayed outbox entries is tried again after this
 _SWEEPER_SUFFIX = ":sweeper"  # the lease of the worker sweeping the outbox stream
+# An outbox entry this close to sent_log.dedupe_hours is dead-lettered, not relayed: record-sends
+# reads it seconds to minutes later, by when it would be over the window.
+_EXPIRY_MARGIN_SECONDS = 600
 _LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
+# CPython's third collection threshold in a worker: a full collection walks every tracked object
+# outside the frozen lookups (the caches of candidate lists and rendered blocks among them) and
+# stops the event loop for 10-40 ms. With the default (10) one came every ~3 s at 1,000 requests/s,
+# set off by the requests in flight that each collection promotes and that die just after; after
+# 1,000 collections of the middle generation it comes every few tens of seconds, and cyclic
+# garbage is still collected (bench/README.md "API").
+_GC_FULL_AFTER = 1000
 
 
 class ErrorBody(BaseModel):
@@ -147,6 +158,7 @@ class ApiSpec:
     sources: LookupSources
     renderer: PayloadRenderer
     sent_topic: str
+    dead_letter_topic: str
     recent_items: int
     sends_keep_us: int
     similar_filters: CampaignFilters
@@ -159,6 +171,7 @@ class ApiSpec:
             sources=LookupSources.of(cfg, enabled),
             renderer=renderer,
             sent_topic=cfg.kafka.topic("sent").name,
+            dead_letter_topic=cfg.kafka.topic("dead_letter").name,
             recent_items=cfg.profiles.recent_items,
             sends_keep_us=sends_keep_micros(cfg),
             similar_filters=CampaignFilters(),
@@ -351,6 +364,42 @@ async def recommend(
     )
 
 
+class LoopTimer:
+    """One call pending on an event loop at a time, scheduled on the loop that asks for it.
+
+    A call left pending on another loop (a closed one: a test's earlier ``asyncio.run``) never
+    runs: asking on a new loop schedules it there, whatever was pending on the old one."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        self._handle: asyncio.Handle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop of the last call scheduled
+
+    @property
+    def pending(self) -> bool:
+        return self._handle is not None
+
+    def schedule(self, loop: asyncio.AbstractEventLoop, delay: float | None = None) -> None:
+        """Call it after ``delay`` seconds (None: at the loop's next turn), unless a call is
+        already pending on ``loop``."""
+        if self._handle is not None and self.loop is loop:
+            return
+        self.loop = loop
+        self._handle = (
+            loop.call_soon(self._run, loop) if delay is None else loop.call_later(delay, self._run, loop)
+        )
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is self.loop:  # not a call left on an older loop that still runs
+            self._handle = None
+        self._callback()
+
+
 @dataclass(eq=False)  # compared by identity
 class _PendingWrite:
     state: UserState
@@ -384,30 +433,25 @@ class CoalescingStore:
         self.counter_ttl_ms = counter_ttl_ms
         self._reads: list[tuple[StateRequest, asyncio.Future[Any]]] = []
         self._writes: list[_PendingWrite] = []
-        # The flush scheduled for each queue and its loop: a flush left on a closed loop (a
-        # test's earlier asyncio.run) never runs, and the next request schedules its own.
-        self._read_flush: asyncio.Handle | None = None
-        self._write_flush: asyncio.Handle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_flush = LoopTimer(self._flush_reads)
+        self._write_flush = LoopTimer(self._flush_writes)
 
     @property
     def prefix(self) -> str:
         return self.state.prefix
 
-    def _on_loop(self) -> asyncio.AbstractEventLoop:
+    def _on_loop(self, flush: LoopTimer, queue: list[Any]) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # queued on another loop: nobody there waits any more
-            self._loop, self._reads, self._writes = loop, [], []
-            self._read_flush = self._write_flush = None
+        if flush.loop is not loop:  # queued on another loop: nobody there waits any more
+            queue.clear()
+        flush.schedule(loop)
         return loop
 
     async def read(self, request: StateRequest) -> tuple[UserState, dict[tuple[str, str], Answer], int]:
         """The request's state, the answers to its triggers and its counter's new value."""
-        loop = self._on_loop()
+        loop = self._on_loop(self._read_flush, self._reads)
         future: asyncio.Future[Any] = loop.create_future()
         self._reads.append((request, future))
-        if self._read_flush is None:
-            self._read_flush = loop.call_soon(self._flush_reads)
         return await future
 
     async def write(
@@ -420,17 +464,15 @@ class CoalescingStore:
     ) -> str | None:
         """Write the state (when changed), the answers and the outbox entry; returns once they are
         stored, with the outbox entry's id (None without one)."""
-        loop = self._on_loop()
+        loop = self._on_loop(self._write_flush, self._writes)
         pending = _PendingWrite(
             state, answers, recent_items, keep_sends_since_us, outbox, loop.create_future()
         )
         self._writes.append(pending)
-        if self._write_flush is None:
-            self._write_flush = loop.call_soon(self._flush_writes)
         return await pending.done
 
     def _flush_reads(self) -> None:
-        batch, self._reads, self._read_flush = self._reads, [], None
+        batch, self._reads = self._reads, []
         try:
             results = self.state.read_each([request for request, _ in batch], self.counter_ttl_ms)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
@@ -444,7 +486,7 @@ class CoalescingStore:
                 future.set_result(result)
 
     def _flush_writes(self) -> None:
-        batch, self._writes, self._write_flush = self._writes, [], None
+        batch, self._writes = self._writes, []
         first: list[_PendingWrite] = []
         again: set[_PendingWrite] = set()
         seen: set[str] = set()
@@ -484,6 +526,38 @@ class CoalescingStore:
                     continue
             if not pending.done.done():
                 pending.done.set_result(entry_ids.get(pending))
+
+
+def outbox_entry_time_ms(entry_id: str) -> int:
+    """When an outbox entry was stored: its stream id's first part (the Redis server's clock at the
+    XADD, in Unix milliseconds)."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def expired_outbox_letter(entry: OutboxEntry, reason: str, failed_at_us: int) -> str:
+    """The dead letter of an outbox record too old to be recorded: the fields of serve's dead
+    letters (taken from the record where it has them) and the record itself, to replay by hand."""
+    try:
+        record = json.loads(entry.record)
+    except ValueError:
+        record = None
+    fields: Mapping[str, Any] = record if isinstance(record, dict) else {}
+    items = fields.get("items")
+    return compact_json(
+        {
+            "payload_id": entry.payload_id,
+            "campaign": fields.get("campaign"),
+            "channel": fields.get("channel"),
+            "user_id": entry.user_id,
+            "trigger_event_id": fields.get("trigger_event_id"),
+            "items": [i.get("item_id") for i in items if isinstance(i, dict)]
+            if isinstance(items, list)
+            else [],
+            "reason": reason,
+            "failed_at": micros_to_iso(failed_at_us),
+            "outbox_record": entry.record,
+        }
+    )
 
 
 def _fail(future: asyncio.Future[Any], err: Exception) -> None:
@@ -535,13 +609,11 @@ class ApiService:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.producer: Any = None
-        self._delivery_poll: asyncio.TimerHandle | None = None
-        self._delivery_loop: asyncio.AbstractEventLoop | None = None
+        self._delivery_poll = LoopTimer(self._poll_deliveries)
         # api.record_outbox: online_store. Entries the broker acknowledged, deleted from the store
         # in one round trip every _FORGET_SECONDS; entries being re-sent by the sweep.
         self._acknowledged: list[str] = []
-        self._forget: asyncio.TimerHandle | None = None
-        self._forget_loop: asyncio.AbstractEventLoop | None = None
+        self._forget = LoopTimer(self._forget_acknowledged)
         self._in_flight: dict[str, int] = {}  # entry id -> its copies on their way to the broker
         self._sweep_cursor: str | None = None  # where a sweep that left entries over goes on
         # The lookups requests use: swapped by the loader thread once a new version's
@@ -560,7 +632,7 @@ class ApiService:
                 **self.cfg.kafka.client_settings(),
                 "acks": "all",
                 "enable.idempotence": True,
-                "linger.ms": self.cfg.api.outbox_linger_ms,
+                "linger.ms": self.cfg.api.linger_ms,
                 # With broker_ack an answer waits for its record's acknowledgement: a small produce
                 # request must not wait for the broker's ACK of the one before (Nagle's algorithm).
                 "socket.nagle.disable": True,
@@ -581,10 +653,11 @@ class ApiService:
 
     def stop(self) -> None:
         self._stopping.set()
-        for handle in (self._delivery_poll, self._forget, self._sweep):
-            if handle is not None:
-                handle.cancel()
-        self._delivery_poll = self._forget = self._sweep = None
+        self._delivery_poll.cancel()
+        self._forget.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self.producer is not None:
             left = self.producer.flush(self.cfg.api.record_timeout_ms / 1000)
             if left:
@@ -642,12 +715,17 @@ class ApiService:
                 self._lookups = fresh
 
     def _send(
-        self, user_id: str, payload_id: str, record: str, on_delivery: Callable[[Any, Any], None]
+        self,
+        user_id: str,
+        payload_id: str,
+        record: str,
+        on_delivery: Callable[[Any, Any], None],
+        topic: str | None = None,
     ) -> None:
-        """Queue one outbox record for ``kafka.topics.sent`` (keyed by user, with the payload id
-        header); raises BufferError or KafkaException when the producer cannot take it."""
+        """Queue one outbox record for ``kafka.topics.sent`` (or ``topic``; keyed by user, with the
+        payload id header); raises BufferError or KafkaException when the producer cannot take it."""
         self.producer.produce(
-            self.spec.sent_topic,
+            topic or self.spec.sent_topic,
             key=user_id.encode(),
             value=record.encode(),
             headers=[(PAYLOAD_ID_HEADER, payload_id.encode())],
@@ -674,10 +752,13 @@ class ApiService:
         skipped, self._unwarned, self._warned_at = self._unwarned, 0, now
         log.warning("api: " + message + (f" (and {skipped} more like it)" if skipped else ""), *args)
 
-    def _relay(self, user_id: str, payload_id: str, record: str, entry_id: str, loop: Any) -> str:
-        """Queue a stored outbox entry for the broker; once acknowledged it is deleted from the
-        store. "queued"; "full" when the producer's queue is ("refused" when it refuses this
-        record): the entry stays stored for the sweep."""
+    def _relay(
+        self, user_id: str, payload_id: str, record: str, entry_id: str, loop: Any, topic: str | None = None
+    ) -> str:
+        """Queue a stored outbox entry for the broker (the outbox topic, or ``topic``: its dead
+        letter); once acknowledged it is deleted from the store. "queued"; "full" when the
+        producer's queue is ("refused" when it refuses this record): the entry stays stored for
+        the sweep."""
 
         def relayed(err: Any, _msg: Any) -> None:
             self._count_delivery(err)
@@ -692,13 +773,11 @@ class ApiService:
                 )
                 return
             self._acknowledged.append(entry_id)
-            if (self._forget is None or self._forget_loop is not loop) and not self._stopping.is_set():
-                if loop is not None and not loop.is_closed():
-                    self._forget_loop = loop
-                    self._forget = loop.call_later(_FORGET_SECONDS, self._forget_acknowledged)
+            if loop is not None and not loop.is_closed() and not self._stopping.is_set():
+                self._forget.schedule(loop, _FORGET_SECONDS)
 
         try:
-            self._send(user_id, payload_id, record, relayed)
+            self._send(user_id, payload_id, record, relayed, topic)
         except (BufferError, KafkaException) as err:
             self._warn(
                 "outbox record of payload %r kept in the online store for the sweep: %s", payload_id, err
@@ -709,16 +788,15 @@ class ApiService:
 
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged entries from the online store (one round trip)."""
-        self._forget = None
         done, self._acknowledged = self._acknowledged, []
         try:
             self.store.state.forget_outbox(done)
         except STORE_ERRORS as err:  # kept, and tried again (the sweep skips them meanwhile)
             self._acknowledged = done + self._acknowledged
             self._warn("%d relayed outbox entries not deleted from the online store yet: %s", len(done), err)
-            loop = self._forget_loop
+            loop = self._forget.loop
             if loop is not None and not loop.is_closed() and not self._stopping.is_set():
-                self._forget = loop.call_later(_FORGET_RETRY_SECONDS, self._forget_acknowledged)
+                self._forget.schedule(loop, _FORGET_RETRY_SECONDS)
 
     def _sweep_outbox(self, loop: asyncio.AbstractEventLoop) -> None:
         """Re-send the entries older than ``api.outbox_orphan_seconds``: their worker died before
@@ -729,7 +807,11 @@ class ApiService:
         so a backlog after an outage drains at the broker's pace. Each sweep also reads the
         stream's length: above ``api.outbox_max_entries`` answers are refused (503) until it
         falls, rather than filling the store that serve shares. A duplicate, as when the first
-        relay is acknowledged just after the sweep sent it again, is dropped by record-sends."""
+        relay is acknowledged just after the sweep sent it again, is dropped by record-sends.
+
+        An entry older than ``sent_log.dedupe_hours`` (a broker down for longer than that) goes
+        to ``kafka.topics.dead_letter`` instead, with the reason and the record: record-sends
+        would drop it as later than its deduplication window, without a trace."""
         again: float | None = None
         try:
             state, api = self.store.state, self.cfg.api
@@ -750,10 +832,14 @@ class ApiService:
             lease_ms = round(api.outbox_orphan_seconds * 1000 / 3) + 1000
             if not backlog or not state.claim(state.outbox_key + _SWEEPER_SUFFIX, self._sweeper, lease_ms):
                 return
-            before_ms = state.server_time_ms() - round(api.outbox_orphan_seconds * 1000)
+            now_ms = state.server_time_ms()
+            before_ms = now_ms - round(api.outbox_orphan_seconds * 1000)
+            expired_before_ms = (
+                now_ms - round(self.cfg.sent_log.dedupe_hours * 3_600_000) + _EXPIRY_MARGIN_SECONDS * 1000
+            )
             # Relayed, acknowledged, not deleted yet: not to be sent again.
             settled = set(self._acknowledged)
-            after, resent, seen, producer_full = self._sweep_cursor, 0, 0, False
+            after, resent, expired, seen, producer_full = self._sweep_cursor, 0, 0, 0, False
             self._sweep_cursor = None
             while seen < _SWEEP_BATCH and not producer_full:
                 page = state.outbox_older_than(before_ms, _SWEEP_PAGE, after)
@@ -763,16 +849,33 @@ class ApiService:
                         log.error("api: outbox entry %s is not an outbox record; deleted", entry_id)
                         state.forget_outbox([entry_id])
                     elif entry_id not in self._in_flight and entry_id not in settled:
-                        outcome = self._relay(entry.user_id, entry.payload_id, entry.record, entry_id, loop)
+                        late = outbox_entry_time_ms(entry_id) < expired_before_ms
+                        if late:
+                            record = expired_outbox_letter(entry, self._expired_reason(), now_ms * 1000)
+                            topic = self.spec.dead_letter_topic
+                        else:
+                            record, topic = entry.record, None
+                        outcome = self._relay(entry.user_id, entry.payload_id, record, entry_id, loop, topic)
                         if outcome == "full":  # the next sweep goes on from the oldest
                             producer_full = True
                             break
-                        resent += outcome == "queued"
+                        expired += late and outcome == "queued"
+                        resent += not late and outcome == "queued"
                 if len(page) < _SWEEP_PAGE:
                     break
             if resent:
                 _metrics().outbox_records.labels("resent").inc(resent)
                 log.warning("api: re-sending %d outbox records left in the online store", resent)
+            if expired:
+                _metrics().outbox_records.labels("dead_lettered").inc(expired)
+                log.error(
+                    "api: %d outbox records left in the online store are too old to record (%s): "
+                    "queued for %s instead",
+                    expired,
+                    self._expired_reason(),
+                    self.spec.dead_letter_topic,
+                )
+            if resent or expired:
                 self._watch_deliveries(loop)
             if seen >= _SWEEP_BATCH and not producer_full:
                 # More left over: on at once from here (between the requests), not from the oldest
@@ -783,6 +886,13 @@ class ApiService:
         finally:
             self.start_sweeping(loop, again)
 
+    def _expired_reason(self) -> str:
+        hours = self.cfg.sent_log.dedupe_hours
+        return (
+            f"older than sent_log.dedupe_hours ({hours:g} h, less {_EXPIRY_MARGIN_SECONDS // 60} minutes): "
+            "record-sends would drop it as later than its deduplication window"
+        )
+
     def _delivered_in_background(self, err: Any, msg: Any) -> None:
         """An outbox record nobody waits for: a refusal is logged (the answer was already given)."""
         self._count_delivery(err)
@@ -792,21 +902,16 @@ class ApiService:
 
     def _watch_deliveries(self, loop: asyncio.AbstractEventLoop) -> None:
         """Poll the producer on the event loop while it holds records (see :meth:`record`)."""
-        # A poll pending on another loop (a test's earlier asyncio.run) will never run.
-        if self._delivery_poll is None or self._delivery_loop is not loop:
-            self._delivery_loop = loop
-            self._delivery_poll = loop.call_later(
-                self.cfg.api.outbox_poll_ms / 1000, self._poll_deliveries, loop
-            )
+        self._delivery_poll.schedule(loop, self.cfg.api.poll_ms / 1000)
 
-    def _poll_deliveries(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._delivery_poll = None
+    def _poll_deliveries(self) -> None:
+        loop = self._delivery_poll.loop
         try:
             self.producer.poll(0)  # runs the delivery callbacks that are due, here on the loop
         except Exception:  # a callback raised: logged; the other records are still watched
             log.exception("api: a delivery report of the outbox could not be handled")
         finally:
-            if len(self.producer):  # records queued, in flight or with callbacks to run
+            if len(self.producer) and loop is not None:  # records queued, in flight or with callbacks
                 self._watch_deliveries(loop)
 
     # -- per request -----------------------------------------------------------------------------
@@ -1108,6 +1213,8 @@ def create_app(cfg: CarouselConfig | None = None) -> _Front:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, _GC_FULL_AFTER)
         service.start()
         service.start_sweeping(asyncio.get_running_loop())
         try:
@@ -1273,14 +1380,16 @@ def main(argv: list[str]) -> int:
     except (OnlineStoreError, TemplateCheckError, TimeoutError, BrokerError) as err:
         log.error("api cannot start: %s", err)
         return 1
-    if kafka.topic("sent").name not in topics:
-        log.error(
-            "api cannot start: the outbox topic %r does not exist on %s; create the topics with "
-            "`./spark-submit.sh broker topics`",
-            kafka.topic("sent").name,
-            kafka.bootstrap_servers,
-        )
-        return 1
+    for role, what in (("sent", "outbox"), ("dead_letter", "dead-letter")):
+        if kafka.topic(role).name not in topics:
+            log.error(
+                "api cannot start: the %s topic %r does not exist on %s; create the topics with "
+                "`./spark-submit.sh broker topics`",
+                what,
+                kafka.topic(role).name,
+                kafka.bootstrap_servers,
+            )
+            return 1
     _prepare_metrics_dir(cfg.api.metrics_dir)
     os.environ[ARGS_ENV] = json.dumps({"config": args.config, "overrides": [*args.overrides, *extra]})
     keys = sorted(cfg.api.secrets())

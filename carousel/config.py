@@ -1353,6 +1353,19 @@ class ApiKeyConfig(_Section):
     requests_per_second: float = Field(gt=0)
 
 
+# The outbox producer's linger.ms per api.record_outbox mode, when api.outbox_linger_ms is not set.
+# With online_store nothing waits for the broker (the record is relayed after the answer), so
+# records are batched longer: fewer, larger produce requests halved the broker's CPU at 1,000
+# answers/s on 2 cores, and the answers' p99 went from 33-36 ms to 18-32 ms (bench/README.md
+# "API"). An answer that waits for its record (broker_ack), or a record lost with a killed worker
+# (background), keeps the short one.
+OUTBOX_LINGER_MS: dict[str, int] = {"online_store": 50, "broker_ack": 5, "background": 5}
+# How often a worker's event loop polls the outbox producer for delivery reports while records are
+# out (api.outbox_poll_ms unset): only a broker_ack answer waits for its report; with the other
+# modes a report only deletes the relayed entry, so the loop is not woken every millisecond.
+OUTBOX_POLL_MS: dict[str, float] = {"online_store": 10, "broker_ack": 1, "background": 10}
+
+
 class ApiConfig(_Section):
     """The recommendations API (``./spark-submit.sh api``)."""
 
@@ -1370,8 +1383,10 @@ class ApiConfig(_Section):
     outbox_orphan_seconds: float = Field(ge=2, le=3600)
     outbox_max_entries: int = Field(ge=1000)
     record_timeout_ms: int = Field(ge=100, le=120_000)
-    outbox_linger_ms: int = Field(ge=0, le=1000)
-    outbox_poll_ms: float = Field(gt=0, le=100)
+    # None: the default of the record_outbox mode (:data:`OUTBOX_LINGER_MS`); see linger_ms.
+    outbox_linger_ms: int | None = Field(default=None, ge=0, le=1000)
+    # None: the default of the record_outbox mode (:data:`OUTBOX_POLL_MS`); see poll_ms.
+    outbox_poll_ms: float | None = Field(default=None, gt=0, le=100)
     metrics_dir: str = Field(min_length=1)
 
     @field_validator("keys")
@@ -1398,7 +1413,7 @@ class ApiConfig(_Section):
     def _outbox_timing(self) -> ApiConfig:
         # The producer gives up on a record after half the orphan age (before the sweep sends
         # it again); librdkafka refuses a message timeout not above linger.ms.
-        if self.record_outbox == "online_store" and self.outbox_linger_ms >= self.outbox_orphan_seconds * 500:
+        if self.record_outbox == "online_store" and self.linger_ms >= self.outbox_orphan_seconds * 500:
             raise ValueError(
                 "api.outbox_linger_ms must be below half of api.outbox_orphan_seconds (in milliseconds)"
             )
@@ -1411,6 +1426,21 @@ class ApiConfig(_Section):
                 f"default_similar ({self.default_similar}) exceeds max_similar ({self.max_similar})"
             )
         return self
+
+    @property
+    def poll_ms(self) -> float:
+        """How often a worker polls the outbox producer for delivery reports while records are out:
+        ``outbox_poll_ms``, else the mode's default."""
+        return self.outbox_poll_ms if self.outbox_poll_ms is not None else OUTBOX_POLL_MS[self.record_outbox]
+
+    @property
+    def linger_ms(self) -> int:
+        """The outbox producer's ``linger.ms``: ``outbox_linger_ms``, else the mode's default."""
+        return (
+            self.outbox_linger_ms
+            if self.outbox_linger_ms is not None
+            else OUTBOX_LINGER_MS[self.record_outbox]
+        )
 
     def secrets(self) -> dict[str, str]:
         """key name -> secret, for the keys whose environment variable is set (never logged)."""

@@ -111,6 +111,13 @@ _PAYLOADS = Counter(
     ["query", "channel"],
     registry=REGISTRY,
 )
+_LATE_ROWS = Counter(
+    "carousel_query_late_rows_dropped",
+    "Rows a stateful operator dropped as older than the query's watermark (record-sends: outbox "
+    "records sent more than sent_log.dedupe_hours before the newest it has seen)",
+    ["query"],
+    registry=REGISTRY,
+)
 _RESTARTS = Counter(
     "carousel_query_restarts",
     "Supervised restarts after a transient failure, by the error pattern matched",
@@ -268,6 +275,15 @@ class _ProgressMetrics(StreamingQueryListener):
         ]
         if lags:
             _KAFKA_LAG.labels(name).set(sum(lags))
+        late = sum(int(op.numRowsDroppedByWatermark or 0) for op in progress.stateOperators)
+        if late:  # logged before counted: whoever sees the count finds the line
+            log.warning(
+                "%s: %d rows dropped as older than the watermark in batch %d (not written anywhere)",
+                name,
+                late,
+                progress.batchId,
+            )
+            _LATE_ROWS.labels(name).inc(late)
         for observation, row in progress.observedMetrics.items():
             counts = {k: int(v) for k, v in row.asDict().items() if isinstance(v, int)}
             if observation == PAYLOADS_BY_CHANNEL:

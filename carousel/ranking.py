@@ -457,7 +457,7 @@ class ItemLists:
         self.explore_items = explore_items if explore_items is not None else np.array([], np.int32)
         self.explore_scores = explore_scores if explore_scores is not None else np.array([], np.float32)
         self._index: dict[str, int] | None = None
-        self._candidates: OrderedDict[int, list[tuple[str, float, str | None]]] = OrderedDict()
+        self._candidates: OrderedDict[int, tuple[tuple[str, float, str | None], ...]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_index": None, "_candidates": OrderedDict()}
@@ -472,17 +472,20 @@ class ItemLists:
             self._index = {item: code for code, item in enumerate(self.ids)}
         return self._index
 
-    def candidates(self, code: int) -> list[tuple[str, float, str | None]]:
-        """(item id, relative score, model version) of one item's list (shared: do not modify).
+    def candidates(self, code: int) -> tuple[tuple[str, float, str | None], ...]:
+        """(item id, relative score, model version) of one item's list.
 
         Kept once built, within a bound: the same popular items seed thousands of requests, and
-        turning a list's arrays into Python objects was a quarter of a campaign's ranking time."""
+        turning a list's arrays into Python objects was a quarter of a campaign's ranking time.
+        Tuples of strings and numbers, not lists: the garbage collector stops tracking them, so a
+        full collection in a long-lived worker does not walk the whole cache (in the API it was
+        20-40 ms every few seconds, the tail of its latency)."""
         built = self._candidates.get(code)
         if built is not None:
             return built
         start, end = int(self.offsets[code]), int(self.offsets[code + 1])
         ids, versions = self.ids, self.versions
-        built = [
+        built = tuple(
             (ids[rec], rel, versions[ver])
             for rec, rel, ver in zip(
                 self.recs[start:end].tolist(),
@@ -490,7 +493,7 @@ class ItemLists:
                 self.version_codes[start:end].tolist(),
                 strict=True,
             )
-        ]
+        )
         if len(self._candidates) >= _CANDIDATES_CACHE_SIZE:
             # popitem, not del of next(iter()): a dict's first key is found by skipping the slots
             # of every key deleted before it, which made each eviction slower than the last.

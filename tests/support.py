@@ -31,9 +31,13 @@ ISO_WITH_OFFSET = re.compile(
 
 
 def produce(
-    cfg: CarouselConfig, records: Iterable[tuple[bytes | None, bytes | None]], timeout: float = 60
+    cfg: CarouselConfig,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    timeout: float = 60,
+    role: str = "events",
 ) -> int:
-    """Produce (key, value) records to the events topic and wait until every one is acknowledged."""
+    """Produce (key, value) records to the topic of ``role`` (the events topic) and wait until every
+    one is acknowledged."""
     producer = Producer({**cfg.kafka.client_settings(), "linger.ms": 5, "enable.idempotence": True})
     errors: list[str] = []
 
@@ -45,9 +49,7 @@ def produce(
     for key, value in records:
         while True:
             try:
-                producer.produce(
-                    cfg.kafka.topic("events").name, value=value, key=key, on_delivery=on_delivery
-                )
+                producer.produce(cfg.kafka.topic(role).name, value=value, key=key, on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)

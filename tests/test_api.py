@@ -357,6 +357,77 @@ def test_a_backlog_over_outbox_max_entries_refuses_answers(
         service.stop()
 
 
+def test_an_outbox_record_older_than_the_dedupe_window_goes_to_the_dead_letter_topic(
+    kafka_bootstrap: str, online_store_url: str, tmp_path: Path
+) -> None:
+    # A broker down for longer than sent_log.dedupe_hours: record-sends would drop such a record
+    # as late, without a trace. The sweep dead-letters it (reason and record) and deletes it; a
+    # younger orphan in the same sweep is relayed as usual.
+    cfg = api_config(tmp_path, kafka_bootstrap, online_store_url)
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"outbox_orphan_seconds": 2})})
+    ensure_topics(cfg.kafka)
+    _metrics()  # the collectors, registered once per process
+
+    def outcomes() -> dict[str, float]:
+        return {
+            outcome: REGISTRY.get_sample_value("carousel_api_outbox_records_total", {"outcome": outcome})
+            or 0.0
+            for outcome in ("resent", "dead_lettered")
+        }
+
+    before = outcomes()
+    service = ApiService(cfg)
+    service.start()
+    state = service.store.state
+    now_ms = state.server_time_ms()
+    old = {"payload_id": "p-old", "user_id": "u-old", "campaign": "widget", "items": [{"item_id": "a"}]}
+    young = {"payload_id": "p-young", "user_id": "u-young", "campaign": "widget", "items": []}
+    state.client.xadd(
+        state.outbox_key,
+        OutboxEntry("u-old", "p-old", json.dumps(old)).fields(),
+        id=f"{now_ms - 25 * 3_600_000}-0",
+    )
+    state.client.xadd(
+        state.outbox_key,
+        OutboxEntry("u-young", "p-young", json.dumps(young)).fields(),
+        id=f"{now_ms - 60_000}-0",
+    )
+    letters = TopicReader(cfg, cfg.kafka.topic("dead_letter").name)
+    sent = TopicReader(cfg, cfg.kafka.topic("sent").name)
+
+    async def sweep_until_settled() -> None:
+        service._sweep_outbox(asyncio.get_running_loop())
+        deadline = time.monotonic() + 30
+        while service._delivery_poll.pending or service._forget.pending:
+            assert time.monotonic() < deadline, "the swept records were not acknowledged and deleted"
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(sweep_until_settled())
+        (letter,) = letters.read(1)
+        (relayed,) = sent.read(1)
+        assert state.outbox_length() == 0
+    finally:
+        letters.close()
+        sent.close()
+        service.stop()
+    assert relayed == young
+    assert letter.pop("failed_at")
+    assert json.loads(letter.pop("outbox_record")) == old
+    assert letter == {
+        "payload_id": "p-old",
+        "campaign": "widget",
+        "channel": None,
+        "user_id": "u-old",
+        "trigger_event_id": None,
+        "items": ["a"],
+        "reason": "older than sent_log.dedupe_hours (24 h, less 10 minutes): record-sends would drop it "
+        "as later than its deduplication window",
+    }
+    after = outcomes()
+    assert (after["resent"] - before["resent"], after["dead_lettered"] - before["dead_lettered"]) == (1, 1)
+
+
 def test_only_a_named_request_keeps_its_answer_for_a_retry(api: Api, online_store_url: str) -> None:
     # A random request id can never come again: nothing is kept under it. The send itself is kept
     # (the user's recent sends), so exclusions hold either way.
@@ -608,7 +679,7 @@ def test_without_waiting_for_the_ack_the_outbox_record_still_arrives(
             assert time.monotonic() < deadline, "no delivery report counted within 30 s"
             await asyncio.sleep(0.01)
         # Nothing outstanding: the loop stops polling the producer (an idle worker costs nothing).
-        while service._delivery_poll is not None:
+        while service._delivery_poll.pending:
             assert time.monotonic() < deadline, "the delivery poll went on with nothing outstanding"
             await asyncio.sleep(0.01)
 

@@ -87,8 +87,8 @@ def test_a_new_product_gets_a_content_list_and_is_explored_from_its_kind(spark: 
     assert own[0][0] == "a" and own[0][1] == 1.0
     assert {version for _, _, version in own} == {CONTENT_LISTS_VERSION}
     # Known products keep their model lists; the inactive n3 gets none.
-    assert lists.candidates(index["a"]) == [("b", 1.0, "m1"), ("c", 0.0, "m1")]
-    assert lists.candidates(index["n3"]) == []
+    assert lists.candidates(index["a"]) == (("b", 1.0, "m1"), ("c", 0.0, "m1"))
+    assert lists.candidates(index["n3"]) == ()
     # Exploration: from a to n1 (same category), from d to n2; never across categories.
     assert [item for item, _ in lists.explorations(index["a"])] == ["n1"]
     assert [item for item, _ in lists.explorations(index["d"])] == ["n2"]

@@ -111,6 +111,23 @@ def test_bad_values_are_rejected_with_the_key(override, message):
         load_config(overrides=[override], environ={})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "linger_ms"),
+    [
+        ([], 50),  # online_store: the relay runs after the answer, nothing waits for it
+        (["api.record_outbox=broker_ack"], 5),  # the answer waits for the broker
+        (["api.record_outbox=background"], 5),
+        (["api.record_outbox=broker_ack", "api.outbox_linger_ms=0"], 0),
+        (["api.outbox_linger_ms=20"], 20),
+    ],
+)
+def test_the_outbox_linger_and_poll_default_to_the_recording_modes(overrides, linger_ms):
+    api = load_config(overrides=overrides, environ={}).api
+    assert api.linger_ms == linger_ms
+    # Only a broker_ack answer waits for its delivery report.
+    assert api.poll_ms == (1 if api.record_outbox == "broker_ack" else 10)
+
+
 def test_kafka_client_options_reach_sparks_source_and_sink_with_their_dots():
     cfg = load_config(
         overrides=["kafka.client_options.request.timeout.ms=3000", "kafka.client_options.client.rack=eu-1a"],

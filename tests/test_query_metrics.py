@@ -8,16 +8,17 @@ batch durations and the Kafka lag.
 
 from __future__ import annotations
 
+import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import event_json, produce, wait_for
+from support import event_json, finish, produce, wait_for
 from support import scrape_metrics as scrape
 
 from carousel.broker import ensure_topics, free_port
 from carousel.query_metrics import REGISTRY, count_restart, quarantine_reason_kind, start_exporter
-from streaming import ingest
+from streaming import ingest, record_sends
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,47 @@ def test_a_running_ingest_is_scraped_with_its_counts(spark, make_config) -> None
             query.stop()
         exporter.stop()
     assert start_exporter(spark, cfg.metrics.model_copy(update={"enabled": False}), "ingest") is None
+
+
+def test_outbox_records_later_than_the_dedupe_window_are_counted_and_logged(
+    spark, make_config, caplog: pytest.LogCaptureFixture
+) -> None:
+    # record-sends drops an outbox record sent more than sent_log.dedupe_hours before the newest
+    # it has seen (its watermark): Spark writes it nowhere, so the listener counts and logs it.
+    name = f"record-sends-late-{uuid.uuid4().hex[:6]}"
+    cfg = make_config(
+        f"sent_log.query_name={name}",
+        f"kafka.topics.sent.name=sent-{name}",
+        f"metrics.ports.record-sends={free_port()}",
+    )
+    ensure_topics(cfg.kafka)
+    now = datetime.now(UTC)
+
+    def outbox(payload_id: str, sent_at: datetime) -> tuple[bytes, bytes]:
+        return b"u1", event_json(
+            payload_id=payload_id,
+            user_id="u1",
+            campaign="launch",
+            channel="push",
+            variant="default",
+            sent_at=sent_at.isoformat(),
+            items=[{"item_id": "a", "rank": 1, "strategy": "model"}],
+        )
+
+    def late_rows() -> float:
+        return REGISTRY.get_sample_value("carousel_query_late_rows_dropped_total", {"query": name}) or 0.0
+
+    exporter = start_exporter(spark, cfg.metrics, "record-sends")
+    assert exporter is not None
+    try:
+        produce(cfg, [outbox("p-now", now)], role="sent")
+        finish(record_sends.run(spark, cfg, available_now=True))
+        with caplog.at_level(logging.WARNING, logger="carousel.query_metrics"):
+            produce(cfg, [outbox("p-late", now - timedelta(hours=25))], role="sent")
+            finish(record_sends.run(spark, cfg, available_now=True))
+            wait_for(lambda: late_rows() == 1, 60, "the late row counted")
+    finally:
+        exporter.stop()
+    assert any(
+        f"{name}: 1 rows dropped as older than the watermark" in r.getMessage() for r in caplog.records
+    )

@@ -427,9 +427,9 @@ def test_tied_and_single_item_lists_still_rank_their_items(
     camp = campaign(filters={"in_stock_only": False})
     built = item_lists(matrix(spark, lists), shop["catalog"], camp.filters)
     assert [built.candidates(built.index[seed]) for seed in ("a", "d", "t1")] == [
-        [("b", 1.0, "m1"), ("c", 1.0, "m1")],
-        [("e", 1.0, "m1")],
-        [("t2", 1.0, "m1")],
+        (("b", 1.0, "m1"), ("c", 1.0, "m1")),
+        (("e", 1.0, "m1"),),
+        (("t2", 1.0, "m1"),),
     ]
     weights = request_seeds(
         {"recent_views": [{"item_id": i} for i in ("a", "d", "t1")]}, RankingRules.of(camp, SERVING)
