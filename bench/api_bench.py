@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             TrendingRefresher(spark, cfg).refresh()
             spark.stop()  # no idle JVM beside the service
             state.spark = None
+            # PySpark's SIGINT handler cancels the session's jobs, and raises once it is stopped:
+            # Ctrl-C must stop the bench (its finally blocks stop the service, store and broker).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             service = Service(
                 [*head, *args.overrides, *required], args.config, args.workers, workdir / "api.log"
             )

@@ -160,7 +160,7 @@ class _StopWatch:
 def dependency_probe(checks: Mapping[str, Callable[[], object]]) -> Callable[[], str | None]:
     """A probe for :func:`supervise`: the name of the first dependency whose check raises (it
     does not answer), or None when every one answers. ``checks``: name -> a quick call that
-    raises when that dependency is down (:func:`kafka_check`, ``online_store.check_reachable``)."""
+    raises when that dependency is down (:func:`kafka_check`, :func:`carousel.online_store.ping_check`)."""
 
     def probe() -> str | None:
         for name, check in checks.items():
