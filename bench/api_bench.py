@@ -166,6 +166,19 @@ class Service:
                     time.sleep(0.2)
         return time.monotonic() - started
 
+    def worker_latency_buckets(self, endpoint: str) -> dict[float, float]:
+        """The workers' own latency histogram of ``endpoint`` (``carousel_api_request_seconds``,
+        from the request reaching the app to its answer): cumulative count per upper bound."""
+        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10) as http:
+            text = http.get("/metrics").text
+        prefix = f'carousel_api_request_seconds_bucket{{endpoint="{endpoint}",le="'
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                bound, _, count = line[len(prefix) :].partition('"} ')
+                buckets[float(bound)] = buckets.get(float(bound), 0.0) + float(count)
+        return buckets
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -183,15 +196,32 @@ def measure(
     broker_pid = broker.status(cfg.broker)["pid"]
     service_before, redis_before = tree_cpu_seconds(service.process.pid), redis_cpu_seconds(cfg)
     broker_before = tree_cpu_seconds(broker_pid) if broker_pid else 0.0
+    endpoint = path_of.__name__
+    buckets_before = service.worker_latency_buckets(endpoint)
     figures = run_phase(
         "127.0.0.1", service.port, path_of, {"X-API-Key": service.key}, rate, duration, connections
     )
+    figures.update(worker_shares(buckets_before, service.worker_latency_buckets(endpoint)))
     wall = figures["wall_s"] or 1.0
     figures["service_cpu_cores"] = round((tree_cpu_seconds(service.process.pid) - service_before) / wall, 3)
     figures["redis_cpu_cores"] = round((redis_cpu_seconds(cfg) - redis_before) / wall, 3)
     if broker_pid:
         figures["broker_cpu_cores"] = round((tree_cpu_seconds(broker_pid) - broker_before) / wall, 3)
     return figures
+
+
+def worker_shares(before: dict[float, float], after: dict[float, float]) -> dict[str, float | None]:
+    """Of a phase's requests, the shares that took over 10 and over 20 ms *in the worker* (from the
+    workers' histogram): set beside the generator's percentiles, they say whether a slow answer
+    was slow in the app or waited before it (in the socket, for the event loop or a core)."""
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    shares: dict[str, float | None] = {}
+    for bound in (0.01, 0.02):
+        within = after.get(bound, 0.0) - before.get(bound, 0.0)
+        shares[f"worker_over_{bound * 1000:g}ms_share"] = (
+            round((total - within) / total, 5) if total and bound in after else None
+        )
+    return shares
 
 
 def goals(phases: list[dict[str, Any]]) -> dict[str, Any]:

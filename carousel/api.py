@@ -91,7 +91,13 @@ from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachabl
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
 from carousel.ranking import RankingRules
-from carousel.realtime import micros_to_iso, rank_campaign, render_request, retry_conflicts, sends_keep_micros
+from carousel.realtime import (
+    dead_letter,
+    rank_campaign,
+    render_request,
+    retry_conflicts,
+    sends_keep_micros,
+)
 from carousel.schemas import (
     CONTROL_VARIANT,
     PAYLOAD_ID_HEADER,
@@ -535,29 +541,14 @@ def outbox_entry_time_ms(entry_id: str) -> int:
 
 
 def expired_outbox_letter(entry: OutboxEntry, reason: str, failed_at_us: int) -> str:
-    """The dead letter of an outbox record too old to be recorded: the fields of serve's dead
-    letters (taken from the record where it has them) and the record itself, to replay by hand."""
+    """The dead letter of an outbox record too old to be recorded (:func:`dead_letter`, with the
+    record itself to replay by hand); a record that is not a JSON object gives its fields as None."""
     try:
         record = json.loads(entry.record)
     except ValueError:
         record = None
     fields: Mapping[str, Any] = record if isinstance(record, dict) else {}
-    items = fields.get("items")
-    return compact_json(
-        {
-            "payload_id": entry.payload_id,
-            "campaign": fields.get("campaign"),
-            "channel": fields.get("channel"),
-            "user_id": entry.user_id,
-            "trigger_event_id": fields.get("trigger_event_id"),
-            "items": [i.get("item_id") for i in items if isinstance(i, dict)]
-            if isinstance(items, list)
-            else [],
-            "reason": reason,
-            "failed_at": micros_to_iso(failed_at_us),
-            "outbox_record": entry.record,
-        }
-    )
+    return dead_letter(entry.user_id, entry.payload_id, fields, reason, failed_at_us, entry.record)
 
 
 def _fail(future: asyncio.Future[Any], err: Exception) -> None:
@@ -839,6 +830,7 @@ class ApiService:
             )
             # Relayed, acknowledged, not deleted yet: not to be sent again.
             settled = set(self._acknowledged)
+            expired_reason = self._expired_reason()
             after, resent, expired, seen, producer_full = self._sweep_cursor, 0, 0, 0, False
             self._sweep_cursor = None
             while seen < _SWEEP_BATCH and not producer_full:
@@ -851,7 +843,7 @@ class ApiService:
                     elif entry_id not in self._in_flight and entry_id not in settled:
                         late = outbox_entry_time_ms(entry_id) < expired_before_ms
                         if late:
-                            record = expired_outbox_letter(entry, self._expired_reason(), now_ms * 1000)
+                            record = expired_outbox_letter(entry, expired_reason, now_ms * 1000)
                             topic = self.spec.dead_letter_topic
                         else:
                             record, topic = entry.record, None
@@ -872,7 +864,7 @@ class ApiService:
                     "api: %d outbox records left in the online store are too old to record (%s): "
                     "queued for %s instead",
                     expired,
-                    self._expired_reason(),
+                    expired_reason,
                     self.spec.dead_letter_topic,
                 )
             if resent or expired:

@@ -280,6 +280,36 @@ def render_request(
     }
 
 
+def dead_letter(
+    user_id: str,
+    payload_id: str,
+    record: Mapping[str, Any],
+    reason: str,
+    failed_at_us: int,
+    outbox_record: str | None = None,
+) -> str:
+    """A payload's dead letter (``kafka.topics.dead_letter``), JSON: its id, user, campaign,
+    channel, trigger and items (from its outbox ``record``, None where it lacks them), the reason
+    and when; ``outbox_record`` (the record as stored) is carried along to replay by hand.
+
+    The one shape of every dead letter: serve's and the API's unrenderable payloads, and the API's
+    outbox records too old to be recorded."""
+    items = record.get("items")
+    letter: dict[str, Any] = {
+        "payload_id": payload_id,
+        "campaign": record.get("campaign"),
+        "channel": record.get("channel"),
+        "user_id": user_id,
+        "trigger_event_id": record.get("trigger_event_id"),
+        "items": [i.get("item_id") for i in items if isinstance(i, dict)] if isinstance(items, list) else [],
+        "reason": reason,
+        "failed_at": micros_to_iso(failed_at_us),
+    }
+    if outbox_record is not None:
+        letter["outbox_record"] = outbox_record
+    return compact_json(letter)
+
+
 def deliver(
     record: Mapping[str, Any],
     trigger: Mapping[str, Any],
@@ -308,17 +338,8 @@ def deliver(
                 f"({spec.max_payload_bytes})"
             )
     except (PayloadError, ValueError) as err:
-        letter = {
-            "payload_id": payload_id,
-            "campaign": record["campaign"],
-            "channel": record["channel"],
-            "user_id": user,
-            "trigger_event_id": record["trigger_event_id"],
-            "items": [i["item_id"] for i in record["items"]],
-            "reason": str(err),
-            "failed_at": micros_to_iso(time.time_ns() // 1000),
-        }
-        out.emit(spec.dead_letter_topic, user, compact_json(letter), payload_id)
+        letter = dead_letter(user, payload_id, record, str(err), time.time_ns() // 1000)
+        out.emit(spec.dead_letter_topic, user, letter, payload_id)
         out.counts["dead_letter"] += 1
         return
     out.emit(spec.topic(record["channel"]), user, value, payload_id)
