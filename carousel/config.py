@@ -172,6 +172,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def aws_service_url(value: str, service: str) -> str:
+    """An AWS-compatible service's address setting (``endpoint_url``): empty for AWS itself, else
+    http(s)://host[:port] without credentials, path or query; the scheme lower-cased."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL of the {service} service, or empty for AWS")
+    if parts.username or parts.password:
+        # Keys in the URL would end up in logs and Spark's UI; they come from the AWS chain.
+        raise ValueError("must not hold credentials (they come from the standard AWS chain)")
+    if parts.path.strip("/") or parts.query:
+        raise ValueError("must be the service's address only, without a path or query")
+    return f"{parts.scheme}://{parts.netloc}"  # urlsplit lower-cases the scheme: http: is checked later
+
+
 class S3Config(_Section):
     """The S3 service behind ``s3a://`` locations (``s3://`` to boto3 and delta-rs), for every client:
     Spark's S3A connector, delta-rs (serving lookups, ``summary``, ``carousel.portable``) and
@@ -188,17 +204,7 @@ class S3Config(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not value:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL of the S3 service, or empty for AWS")
-        if parts.username or parts.password:
-            # Keys in the URL would end up in logs and Spark's UI; they come from the AWS chain.
-            raise ValueError("must not hold credentials (they come from the standard AWS chain)")
-        if parts.path.strip("/") or parts.query:
-            raise ValueError("must be the service's address only, without a path or query")
-        return f"{parts.scheme}://{parts.netloc}"  # the scheme lower-cased: http: is checked below
+        return aws_service_url(value, "S3")
 
     def hadoop_settings(self) -> dict[str, str]:
         """Spark's S3A connector settings (Hadoop names, without ``spark.hadoop.``)."""
@@ -954,11 +960,17 @@ class AwsBatchConfig(_Section):
     job_definition: str = Field(min_length=1)
     poll_seconds: float = Field(gt=0)
     timeout_minutes: int = Field(ge=1)
+    # An AWS Batch-compatible API (a test server): http(s)://host[:port]. Empty: AWS.
     endpoint_url: str = ""
     # S3 prefix for inputs and outputs of Batch runs while training.workspace is local.
     staging: str = ""
     # Keep the uploaded input and the downloaded output under the S3 base after a run (debugging).
     keep_staged: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return aws_service_url(value, "AWS Batch")
 
     @field_validator("staging")
     @classmethod

@@ -44,6 +44,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQueryListener
 
 from carousel.config import MetricsConfig
+from carousel.schemas import QUARANTINE_EVENT_TIME, QUARANTINE_TOO_EARLY, QUARANTINE_VALUED_REASONS
 
 __all__ = [
     "PAYLOADS_BY_CHANNEL",
@@ -125,25 +126,17 @@ _RESTARTS = Counter(
     registry=REGISTRY,
 )
 
-# Reasons that carry a value from the record: the label keeps the text before it.
-_VALUED_REASONS = (
-    "unknown event type",
-    "unknown source",
-    "unparseable event_time",
-    "missing item_id for item event",
-    "record larger than",
-)
-
 
 def quarantine_reason_kind(reason: str) -> str:
     """A quarantine reason without the record's own values, for a label of bounded cardinality:
     ``unknown event type 'Foo'`` -> ``unknown event type``; ``event_time '1999-...' is before
     2000-01-01T00:00:00Z`` -> ``event_time too early``. Field names are kept (a fixed set)."""
-    for prefix in _VALUED_REASONS:
+    for prefix in QUARANTINE_VALUED_REASONS:
         if reason.startswith(prefix):
             return prefix
-    if reason.startswith("event_time "):
-        return "event_time too early" if " is before " in reason else "event_time too far ahead"
+    if reason.startswith(f"{QUARANTINE_EVENT_TIME} "):
+        too_early = f" {QUARANTINE_TOO_EARLY} " in reason
+        return f"{QUARANTINE_EVENT_TIME} too early" if too_early else f"{QUARANTINE_EVENT_TIME} too far ahead"
     return reason
 
 

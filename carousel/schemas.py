@@ -187,6 +187,24 @@ PROFILE_SCHEMA = StructType(
 # Columns that depend on when the profile was written, not on the events: left out of equality checks.
 PROFILE_VOLATILE_COLUMNS: tuple[str, ...] = ("updated_at",)
 
+# The quarantine table's reasons that quote a value from the record, declared once: ingest writes
+# "<reason> '<value>'..." and the metrics label a reason by the text before the value.
+QUARANTINE_UNKNOWN_EVENT_TYPE = "unknown event type"
+QUARANTINE_UNKNOWN_SOURCE = "unknown source"
+QUARANTINE_UNPARSEABLE_EVENT_TIME = "unparseable event_time"
+QUARANTINE_MISSING_ITEM_ID = "missing item_id for item event"
+QUARANTINE_TOO_LARGE = "record larger than"
+QUARANTINE_VALUED_REASONS: tuple[str, ...] = (
+    QUARANTINE_UNKNOWN_EVENT_TYPE,
+    QUARANTINE_UNKNOWN_SOURCE,
+    QUARANTINE_UNPARSEABLE_EVENT_TIME,
+    QUARANTINE_MISSING_ITEM_ID,
+    QUARANTINE_TOO_LARGE,
+)
+# "event_time '<value>' is before <min>" (too early) or "... is more than <n>s after ..." (ahead).
+QUARANTINE_EVENT_TIME = "event_time"
+QUARANTINE_TOO_EARLY = "is before"
+
 QUARANTINE_SCHEMA = StructType(
     [
         StructField("raw_value", StringType()),

@@ -66,8 +66,15 @@ from carousel.schemas import (
     ITEM_EVENT_TYPES,
     OPTIONAL_ATTRIBUTE_FIELDS,
     PROFILES_TABLE,
+    QUARANTINE_EVENT_TIME,
+    QUARANTINE_MISSING_ITEM_ID,
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
+    QUARANTINE_TOO_EARLY,
+    QUARANTINE_TOO_LARGE,
+    QUARANTINE_UNKNOWN_EVENT_TYPE,
+    QUARANTINE_UNKNOWN_SOURCE,
+    QUARANTINE_UNPARSEABLE_EVENT_TIME,
     REQUIRED_EVENT_FIELDS,
     SOURCES,
     USER_ATTRIBUTES_SCHEMA,
@@ -207,24 +214,32 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
     checks += [
         (
             event_type.isNotNull() & ~event_type.isin(*EVENT_TYPES),
-            F.concat(F.lit("unknown event type "), _quoted(event_type)),
+            F.concat(F.lit(f"{QUARANTINE_UNKNOWN_EVENT_TYPE} "), _quoted(event_type)),
         ),
         (
             typed["source"].isNotNull() & (source != "") & ~source.isin(*SOURCES),
-            F.concat(F.lit("unknown source "), _quoted(typed["source"])),
+            F.concat(F.lit(f"{QUARANTINE_UNKNOWN_SOURCE} "), _quoted(typed["source"])),
         ),
         (
             (time_text != "") & event_time.isNull(),
-            F.concat(F.lit("unparseable event_time "), _quoted(time_text), F.lit(" (ISO-8601 with offset)")),
+            F.concat(
+                F.lit(f"{QUARANTINE_UNPARSEABLE_EVENT_TIME} "),
+                _quoted(time_text),
+                F.lit(" (ISO-8601 with offset)"),
+            ),
         ),
         (
             event_time < min_time,
-            F.concat(F.lit("event_time "), _quoted(time_text), F.lit(f" is before {ingest.min_event_time}")),
+            F.concat(
+                F.lit(f"{QUARANTINE_EVENT_TIME} "),
+                _quoted(time_text),
+                F.lit(f" {QUARANTINE_TOO_EARLY} {ingest.min_event_time}"),
+            ),
         ),
         (
             event_time > latest_allowed,
             F.concat(
-                F.lit("event_time "),
+                F.lit(f"{QUARANTINE_EVENT_TIME} "),
                 _quoted(time_text),
                 F.lit(f" is more than {ingest.max_future_skew_seconds}s after the record was received"),
             ),
@@ -232,7 +247,7 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
         (
             event_type.isin(*ITEM_EVENT_TYPES)
             & (typed["item_id"].isNull() | (F.trim(typed["item_id"]) == "")),
-            F.concat(F.lit("missing item_id for item event "), _quoted(event_type)),
+            F.concat(F.lit(f"{QUARANTINE_MISSING_ITEM_ID} "), _quoted(event_type)),
         ),
     ]
     content_reasons = _reasons_of(checks)
@@ -243,7 +258,7 @@ def classify_records(raw: DataFrame, ingest: IngestConfig) -> DataFrame:
         F.when(F.col("raw_value").isNull() | (F.col("raw_value") == ""), F.array(F.lit("empty Kafka value")))
         .when(
             F.octet_length("raw_value") > ingest.max_record_bytes,
-            F.array(F.lit(f"record larger than {ingest.max_record_bytes} bytes")),
+            F.array(F.lit(f"{QUARANTINE_TOO_LARGE} {ingest.max_record_bytes} bytes")),
         )
         .when(~F.col("_json_ok"), F.array(F.lit("malformed JSON")))
         .when(~F.ltrim("raw_value").startswith("{"), F.array(F.lit("not a JSON object")))

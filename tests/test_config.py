@@ -457,9 +457,10 @@ def test_one_s3_setting_for_spark_delta_rs_and_boto3():
         ("http://minio.internal/lake", "without a path"),
     ],
 )
-def test_a_bad_s3_endpoint_is_refused_at_start(endpoint, reason):
-    with pytest.raises(ConfigError, match=f"storage.s3.endpoint_url: .*{reason}") as refused:
-        load_config(overrides=[f"storage.s3.endpoint_url={endpoint}"])
+@pytest.mark.parametrize("setting", ["storage.s3.endpoint_url", "training.aws_batch.endpoint_url"])
+def test_a_bad_aws_endpoint_is_refused_at_start(setting, endpoint, reason):
+    with pytest.raises(ConfigError, match=f"{setting}: .*{reason}") as refused:
+        load_config(overrides=[f"{setting}={endpoint}"])
     assert "secret" not in str(refused.value)
 
 
@@ -469,6 +470,8 @@ def test_s3_roots_are_refused_and_the_endpoint_scheme_is_normalised():
     # An upper-case scheme is the same service (delta-rs is still allowed plain HTTP).
     upper = load_config(overrides=["storage.s3.endpoint_url=HTTP://minio:9000"]).storage.s3
     assert upper.delta_rs_options()["AWS_ALLOW_HTTP"] == "true"
+    batch = load_config(overrides=["training.aws_batch.endpoint_url=HTTP://batch.internal:5000/"])
+    assert batch.training.aws_batch.endpoint_url == "http://batch.internal:5000"
 
 
 def test_the_batch_container_reaches_the_s3_service_of_the_staging():
