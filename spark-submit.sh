@@ -31,7 +31,7 @@ spark_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help|help) exec "$PY" -m carousel.cli --help ;;
-    --verbose|-v|--supervise) spark_args+=("$1"); shift ;;
+    --verbose|-v|--supervise|--load-spark-defaults) spark_args+=("$1"); shift ;;
     -*)
       if [[ "$spark_opts_with_value" == *" $1 "* && $# -ge 2 ]]; then
         spark_args+=("$1" "$2"); shift 2
@@ -46,29 +46,23 @@ done
 if [[ $# -eq 0 ]]; then exec "$PY" -m carousel.cli --help; fi
 job="$1"
 
-# Where the driver runs: here (client, the default) or on a cluster node (cluster: YARN, Kubernetes).
-# Read from the command line only (--deploy-mode, --conf spark.submit.deployMode=...), not from a
-# --properties-file or spark-defaults.conf.
-deploy_mode=client
-previous=""
-for arg in "${spark_args[@]+"${spark_args[@]}"}"; do
-  case "$previous|$arg" in
-    "--deploy-mode|"*) deploy_mode="$arg" ;;
-    "--conf|spark.submit.deployMode="* | "-c|spark.submit.deployMode="*) deploy_mode="${arg#*=}" ;;
-    *"|--deploy-mode="* | *"|--conf=spark.submit.deployMode="*) deploy_mode="${arg##*=}" ;;
-  esac
-  previous="$arg"
-done
-
 # The launcher, the session settings from config, the job's arguments, and the code zip for the
 # executors (and a cluster-mode driver): the project's packages and conf/, plus in cluster mode the
-# --config files and template folders given here (carousel/launch.py).
-info="$("$PY" -m carousel.cli --launch-info --deploy-mode "$deploy_mode" --code-dir "$ROOT/dist" "$@")"
+# --config files and template folders given here; and where the driver runs (CAROUSEL_DEPLOY_MODE:
+# client, the default, or cluster on YARN or Kubernetes), read from the spark-submit options as
+# spark-submit reads them: --deploy-mode, --conf, --properties-file, spark-defaults.conf,
+# DEPLOY_MODE (carousel/launch.py).
+info="$("$PY" -m carousel.cli --launch-info --spark-args "${#spark_args[@]}" "${spark_args[@]+"${spark_args[@]}"}" \
+  --code-dir "$ROOT/dist" "$@")"
 eval "$info"
 case "$CAROUSEL_JOB_KIND" in
   unknown) exec "$PY" -m carousel.cli "$@" ;;   # prints the usage and fails
   python)  exec "$PY" -m carousel.cli "$@" ;;
 esac
+deploy_mode="$CAROUSEL_DEPLOY_MODE"
+# pyspark's spark-submit looks for its Spark with PYSPARK_DRIVER_PYTHON or python3, which may not
+# have pyspark (nothing sets them in cluster mode): the project's interpreter's Spark.
+export SPARK_HOME="${SPARK_HOME:-$CAROUSEL_SPARK_HOME}"
 
 has_master=0
 for arg in "${spark_args[@]+"${spark_args[@]}"}"; do [[ "$arg" == "--master" || "$arg" == --master=* ]] && has_master=1; done

@@ -1,10 +1,10 @@
 """What ``./spark-submit.sh`` settles before it calls spark-submit: the job's launcher, the session
 settings from config, the code zip, and, in cluster deploy mode, what must travel with the driver.
 
-Role: ``python -m carousel.cli --launch-info [--deploy-mode client|cluster] [--code-dir DIR] <job>
-[job args]`` prints shell assignments that spark-submit.sh evaluates (``CAROUSEL_JOB_KIND``, the
-master, driver memory, jars, ``CAROUSEL_JOB_ARGS``, the job's arguments as a bash array, and
-``CAROUSEL_CODE_ZIP``).
+Role: ``python -m carousel.cli --launch-info [--spark-args N ARG...] [--deploy-mode client|cluster]
+[--code-dir DIR] <job> [job args]`` prints shell assignments that spark-submit.sh evaluates
+(``CAROUSEL_JOB_KIND``, the master, driver memory, jars, ``CAROUSEL_JOB_ARGS``, the job's arguments
+as a bash array, ``CAROUSEL_CODE_ZIP``, ``CAROUSEL_DEPLOY_MODE`` and ``CAROUSEL_SPARK_HOME``).
 For a Spark job it also writes the code zip (``--py-files``): the project's packages and its
 ``conf/`` folder (defaults, templates, payload schemas), so the code on any node finds its
 configuration (:func:`carousel.config._unpacked_home`).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import os
 import shlex
 import sys
@@ -51,6 +52,7 @@ CODE_PACKAGES = ("carousel", "jobs", "streaming", "models")
 # Where cluster deploy mode puts the files it ships from this machine, under the project root.
 SUBMITTED = "conf/submitted"
 DEPLOY_MODES = ("client", "cluster")
+_DEPLOY_MODE_KEY = "spark.submit.deployMode"
 CODE_ZIP_PREFIX = "carousel-code-"
 # dist/ keeps the newest zips and any used within a week (see write_code_zip).
 KEEP_ZIPS = 20
@@ -202,27 +204,132 @@ def _assignments(cfg: CarouselConfig, args: Sequence[str], code_zip: Path | None
     ]
 
 
+def java_properties(text: str) -> dict[str, str]:
+    """A Java properties file's entries, as spark-submit reads ``--properties-file`` and
+    ``spark-defaults.conf``: ``#``/``!`` comments, ``key=value``, ``key: value`` or ``key value``,
+    a trailing backslash continuing the line; values trimmed (as Spark trims them)."""
+    entries: dict[str, str] = {}
+    lines = iter(text.splitlines())
+    for raw in lines:
+        line = raw.lstrip()
+        if not line or line[0] in "#!":
+            continue
+        while (len(line) - len(line.rstrip("\\"))) % 2:  # an odd number of backslashes: continued
+            line = line[:-1] + next(lines, "").lstrip()
+        end = next((i for i, ch in enumerate(line) if ch in "=: \t"), len(line))
+        key, value = line[:end], line[end:].lstrip(" \t")
+        if value[:1] in ("=", ":"):
+            value = value[1:]
+        entries[key] = value.strip()
+    return entries
+
+
+def spark_home(environ: Mapping[str, str]) -> Path:
+    """The Spark that spark-submit runs: ``SPARK_HOME``, else this interpreter's pyspark (what
+    pyspark's find-spark-home would find, were it run with this interpreter: it runs
+    ``PYSPARK_DRIVER_PYTHON`` or ``python3``, which may not have pyspark)."""
+    if environ.get("SPARK_HOME"):
+        return Path(environ["SPARK_HOME"])
+    found = importlib.util.find_spec("pyspark")
+    if found is None or found.origin is None:
+        raise ConfigError("pyspark is not installed for this interpreter: run 'make setup'")
+    return Path(found.origin).parent
+
+
+def spark_defaults_file(environ: Mapping[str, str]) -> Path | None:
+    """The ``spark-defaults.conf`` spark-submit reads: under ``SPARK_CONF_DIR``, else under
+    :func:`spark_home`'s ``conf/``; None when there is none."""
+    conf_dir = environ.get("SPARK_CONF_DIR")
+    path = (Path(conf_dir) if conf_dir else spark_home(environ) / "conf") / "spark-defaults.conf"
+    return path if path.is_file() else None
+
+
+def submitted_deploy_mode(spark_args: Sequence[str], environ: Mapping[str, str]) -> str:
+    """The deploy mode spark-submit will use for these options (the ones before the job), by its
+    own precedence: ``--deploy-mode``; else ``spark.submit.deployMode`` from ``--conf`` (the last),
+    then from ``--properties-file``, then from ``spark-defaults.conf`` (read only without a
+    properties file, or with ``--load-spark-defaults``); else ``DEPLOY_MODE``; else client.
+    A value that is not client or cluster raises :class:`ConfigError` naming where it came from."""
+    flag, conf, properties_file, load_defaults = None, None, None, False
+    args = list(spark_args)
+    while args:
+        option = args.pop(0)
+        name, has_value, inline = option.partition("=")
+        if name == "--load-spark-defaults":
+            load_defaults = True
+            continue
+        if name not in ("--deploy-mode", "--conf", "-c", "--properties-file"):
+            continue
+        if has_value:
+            value = inline
+        elif args:
+            value = args.pop(0)
+        else:
+            continue
+        if name == "--deploy-mode":
+            flag = value
+        elif name == "--properties-file":
+            properties_file = value
+        else:
+            key, _, setting = value.partition("=")
+            if key.strip() == _DEPLOY_MODE_KEY:
+                conf = setting.strip()
+    found: list[tuple[str | None, str]] = [
+        (flag, "--deploy-mode"),
+        (conf, f"--conf {_DEPLOY_MODE_KEY}"),
+    ]
+    files = [Path(properties_file)] if properties_file else []
+    if not properties_file or load_defaults:
+        defaults = spark_defaults_file(environ)
+        files += [defaults] if defaults else []
+    for path in files:
+        try:
+            entries = java_properties(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError as err:
+            raise ConfigError(f"cannot read the Spark properties file {path}: {err.strerror}") from None
+        found.append((entries.get(_DEPLOY_MODE_KEY), f"{_DEPLOY_MODE_KEY} in {path}"))
+    found.append((environ.get("DEPLOY_MODE"), "DEPLOY_MODE in the environment"))
+    for value, where in found:
+        if value is not None:
+            if value not in DEPLOY_MODES:
+                raise ConfigError(f"{where} must be one of {list(DEPLOY_MODES)}, got {value!r}")
+            return value
+    return "client"
+
+
 def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PROJECT_ROOT) -> str:
-    """Shell assignments for spark-submit.sh. ``argv``: ``[--deploy-mode M] [--code-dir DIR] <job>
-    [job args]``, with the code zip written to ``DIR``; a bad configuration raises
-    :class:`ConfigError`."""
-    rest, deploy_mode, code_dir = list(argv), "client", None
-    while rest and rest[0] in ("--deploy-mode", "--code-dir") and len(rest) >= 2:
+    """Shell assignments for spark-submit.sh. ``argv``: ``[--spark-args N ARG...] [--deploy-mode M]
+    [--code-dir DIR] <job> [job args]``: the N spark-submit options given before the job (their
+    deploy mode, :func:`submitted_deploy_mode`, unless ``--deploy-mode`` says it), with the code zip
+    written to ``DIR``; a bad configuration raises :class:`ConfigError`."""
+    rest, deploy_mode, code_dir, spark_args = list(argv), None, None, []
+    while rest and rest[0] in ("--deploy-mode", "--code-dir", "--spark-args") and len(rest) >= 2:
         option, value = rest.pop(0), rest.pop(0)
         if option == "--deploy-mode":
             deploy_mode = value
+        elif option == "--spark-args":
+            count = int(value)
+            spark_args, rest = rest[:count], rest[count:]
         else:
             code_dir = Path(value)
-    if deploy_mode not in DEPLOY_MODES:
-        raise ConfigError(f"--deploy-mode must be one of {list(DEPLOY_MODES)}, got {deploy_mode!r}")
     if not rest or rest[0] not in JOBS:
         return "CAROUSEL_JOB_KIND=unknown"
     if not JOBS[rest[0]].spark:
         return "CAROUSEL_JOB_KIND=python"
+    if deploy_mode is None:
+        deploy_mode = submitted_deploy_mode(spark_args, environ)
+    if deploy_mode not in DEPLOY_MODES:
+        raise ConfigError(f"--deploy-mode must be one of {list(DEPLOY_MODES)}, got {deploy_mode!r}")
     known, _ = _config_parser().parse_known_args(rest[1:])
     cfg = load_config(known.config, known.overrides, environ)
     launch = cluster_launch(rest, cfg, environ, root) if deploy_mode == "cluster" else ClusterLaunch(rest)
     for warning in launch.warnings:
         print(f"carousel: {warning}", file=sys.stderr)
     code_zip = None if code_dir is None else write_code_zip(code_dir, code_zip_members(root, launch.shipped))
-    return "\n".join(_assignments(cfg, launch.args, code_zip))
+    return "\n".join(
+        [
+            *_assignments(cfg, launch.args, code_zip),
+            f"CAROUSEL_DEPLOY_MODE={deploy_mode}",
+            f"CAROUSEL_SPARK_HOME={shlex.quote(str(spark_home(environ)))}",
+        ]
+    )

@@ -28,7 +28,9 @@ from carousel.launch import (
     STALE_ZIP_S,
     cluster_launch,
     code_zip_members,
+    java_properties,
     launch_info,
+    submitted_deploy_mode,
     write_code_zip,
 )
 from carousel.session import spark_jars
@@ -209,6 +211,107 @@ def test_client_launch_keeps_the_arguments(tmp_path):
     assert Path(values["CAROUSEL_CODE_ZIP"]).parent == tmp_path / "dist"
     assert launch_info(["simulate"], {}) == "CAROUSEL_JOB_KIND=python"
     assert launch_info(["no-such-job"], {}) == "CAROUSEL_JOB_KIND=unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# The deploy mode, read from the spark-submit options as spark-submit reads it
+# ---------------------------------------------------------------------------------------------
+def test_java_properties_are_read_as_spark_submit_reads_them():
+    text = (
+        "# a comment\n! another\n\n"
+        "spark.submit.deployMode cluster\n"
+        "spark.master=yarn\n"
+        "  spark.app.name : nightly  \n"
+        "spark.driver.extraJavaOptions = -Da=1 \\\n    -Db=2\n"
+        "spark.flag\n"
+    )
+    assert java_properties(text) == {
+        "spark.submit.deployMode": "cluster",
+        "spark.master": "yarn",
+        "spark.app.name": "nightly",
+        "spark.driver.extraJavaOptions": "-Da=1 -Db=2",
+        "spark.flag": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "files", "environ", "expected"),
+    [
+        ([], {}, {}, "client"),
+        ([], {"defaults": "cluster"}, {}, "cluster"),
+        ([], {"defaults": "cluster"}, {"DEPLOY_MODE": "client"}, "cluster"),
+        ([], {}, {"DEPLOY_MODE": "cluster"}, "cluster"),
+        # A properties file replaces spark-defaults.conf, unless --load-spark-defaults adds it back.
+        (["--properties-file", "{props}"], {"props": None, "defaults": "cluster"}, {}, "client"),
+        (
+            ["--properties-file", "{props}", "--load-spark-defaults"],
+            {"props": None, "defaults": "cluster"},
+            {},
+            "cluster",
+        ),
+        (["--properties-file={props}"], {"props": "cluster", "defaults": "client"}, {}, "cluster"),
+        (
+            ["--properties-file", "{props}", "--load-spark-defaults"],
+            {"props": "client", "defaults": "cluster"},
+            {},
+            "client",
+        ),
+        # --conf before the files, --deploy-mode before all.
+        (["--conf", "spark.submit.deployMode=client"], {"defaults": "cluster"}, {}, "client"),
+        (
+            ["-c", "spark.submit.deployMode=cluster", "--conf=spark.submit.deployMode=client"],
+            {},
+            {},
+            "client",
+        ),
+        (["--deploy-mode", "cluster", "--conf", "spark.submit.deployMode=client"], {}, {}, "cluster"),
+        (["--master", "yarn", "--deploy-mode=client"], {"defaults": "cluster"}, {}, "client"),
+    ],
+)
+def test_the_deploy_mode_comes_from_the_options_the_files_or_the_environment(
+    tmp_path, options, files, environ, expected
+):
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    props = tmp_path / "job.properties"
+    for name, mode in files.items():
+        path = props if name == "props" else conf_dir / "spark-defaults.conf"
+        path.write_text("spark.executor.cores 2\n" + (f"spark.submit.deployMode={mode}\n" if mode else ""))
+    args = [option.format(props=props) for option in options]
+    assert submitted_deploy_mode(args, {"SPARK_CONF_DIR": str(conf_dir), **environ}) == expected
+
+
+def test_a_bad_deploy_mode_is_refused_naming_where_it_came_from(tmp_path):
+    props = tmp_path / "job.properties"
+    props.write_text("spark.submit.deployMode sideways\n")
+    with pytest.raises(ConfigError, match=f"spark.submit.deployMode in {props} must be one of .*'sideways'"):
+        submitted_deploy_mode(["--properties-file", str(props)], {"SPARK_CONF_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="cannot read the Spark properties file"):
+        submitted_deploy_mode(["--properties-file", str(tmp_path / "missing")], {})
+
+
+def test_spark_submit_sh_takes_the_deploy_mode_from_a_properties_file(tmp_path):
+    """The wrapper passes its spark-submit options to the launcher: a properties file that says
+    cluster makes the launcher prepare a cluster launch, and spark-submit, reading the same file,
+    refuses cluster mode on a local master, as it would not if they disagreed."""
+    props = tmp_path / "job.properties"
+    props.write_text("spark.submit.deployMode=cluster\n")
+    environ = {**os.environ, "SPARK_CONF_DIR": str(tmp_path)}
+    submit = PROJECT_ROOT / "spark-submit.sh"
+    ran = subprocess.run(
+        [str(submit), "--master", "local[1]", "--properties-file", str(props), "maintain"],
+        capture_output=True, text=True, env=environ, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode != 0
+    assert "cluster deploy mode: storage.root" in ran.stderr  # the launcher's cluster launch
+    assert "Cluster deploy mode is not compatible with master" in ran.stderr  # spark-submit's own
+    props.write_text("spark.submit.deployMode=sideways\n")
+    ran = subprocess.run(
+        [str(submit), "--properties-file", str(props), "maintain"],
+        capture_output=True, text=True, env=environ, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 2
+    assert f"carousel: spark.submit.deployMode in {props} must be one of ['client', 'cluster']" in ran.stderr
 
 
 def test_a_relative_config_file_missing_here_is_read_from_the_project_root(tmp_path, monkeypatch):
