@@ -25,7 +25,8 @@ trigger without a payload is infinitely late) of the triggers sent in it, but it
 flight when the next fault came); per outage, serve's
 ``recovered_s`` (from the component's restart until every later second of triggers has p99 under
 the goal: 1 s, or twice the baseline p99 when that is higher) and ingest's (until a micro-batch has
-completed after the restart and its Kafka lag is back to the baseline's largest); supervised
+completed after the restart and its Kafka lag is back to the baseline's largest), null when that
+did not happen within the window ("not within the window"); supervised
 restarts per job (/metrics and logs). At the end, the counts that must hold: every event produced
 is in the ``events`` table once (missing, duplicated), nothing quarantined, every trigger answered;
 payload records delivered twice (a replayed batch, the same payload id) are counted, not failed.
@@ -521,6 +522,10 @@ def _fmt(value: Any, unit: str = " s") -> str:
     return "-" if value is None else f"{value}{unit}"
 
 
+def _recovery(seconds: float | None) -> str:
+    return "not within the window" if seconds is None else f"in {seconds} s"
+
+
 def print_summary(results: dict[str, Any]) -> None:
     common.print_header(results, "outage soak")
     soak = results.get("soak", {})
@@ -537,8 +542,8 @@ def print_summary(results: dict[str, Any]) -> None:
         latency, after = outage["latency"], outage["after_recovery"]
         print(
             f"{outage['component']:>12} down {outage['down_s']} s: first payload "
-            f"{_fmt(outage['first_payload_after_restart_s'])} after its restart, serve recovered in "
-            f"{_fmt(outage['serve_recovered_s'])}, ingest in {_fmt(outage['ingest_recovered_s'])}; "
+            f"{_fmt(outage['first_payload_after_restart_s'])} after its restart, serve recovered "
+            f"{_recovery(outage['serve_recovered_s'])}, ingest {_recovery(outage['ingest_recovered_s'])}; "
             f"p99 during+after {_fmt(latency['p99_s'])}, after recovery {_fmt(after['p99_s'])} "
             f"({_fmt(outage['p99_after_recovery_vs_baseline'], 'x')} baseline); "
             f"jobs alive {outage['jobs_alive']}"

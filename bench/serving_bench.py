@@ -766,7 +766,7 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{_fmt(cold['first_payload_s'])}; "
             f"after SIGKILL, restart -> query started {_fmt(restart['query_started_s'])}, first payload "
             f"{_fmt(restart['first_payload_s'])}, p99 < {recovery['caught_up_goal_s']} s again after "
-            f"{_fmt(restart['caught_up_s'])}; "
+            f"{_fmt(restart['caught_up_s']) if restart.get('recovered', True) else 'not within the window'}; "
             f"lost {recovery['lost_triggers']}, payloads twice {recovery['duplicate_payloads']}"
         )
     elif recovery:

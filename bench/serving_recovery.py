@@ -175,7 +175,9 @@ def _wait_steady(
 def caught_up_after(
     sent: dict[str, float], received: dict[str, float], since: float, until: float, goal_s: float
 ) -> dict[str, Any]:
-    """Per second of send time from ``since``: where the last second with p99 >= ``goal_s`` ends."""
+    """Per second of send time from ``since``: where the last second with p99 >= ``goal_s`` ends
+    (``caught_up_s``), or None, with ``recovered`` false, when that is the window's last second:
+    the window ended before the latency came back under the goal, which no number of seconds says."""
     buckets: dict[int, list[float]] = {}
     for key, at in sent.items():
         if since <= at < until:
@@ -183,8 +185,10 @@ def caught_up_after(
             buckets.setdefault(int(at - since), []).append(latency)
     worst = {second: percentile(sorted(v), 0.99) for second, v in sorted(buckets.items())}
     bad = [second for second, p99 in worst.items() if p99 is None or p99 >= goal_s]
+    recovered = not bad or max(bad) < max(worst)
     return {
-        "caught_up_s": (max(bad) + 1) if bad else 0,
+        "caught_up_s": ((max(bad) + 1) if bad else 0) if recovered else None,
+        "recovered": recovered,
         "p99_per_second": [worst[s] for s in sorted(worst)],
     }
 
