@@ -80,8 +80,11 @@ fi
 job_args=("$@")
 [[ "$deploy_mode" == client ]] || job_args=("${CAROUSEL_JOB_ARGS[@]}")
 
+# The deploy mode the launcher prepared for, said outright: spark-submit also reads DEPLOY_MODE from
+# a spark-env.sh, which the launcher does not see.
 exec "$VENV/bin/spark-submit" \
   "${defaults[@]+"${defaults[@]}"}" \
+  --deploy-mode "$deploy_mode" \
   --driver-memory "$CAROUSEL_DRIVER_MEMORY" \
   --jars "$CAROUSEL_JARS" \
   --py-files "$CAROUSEL_CODE_ZIP" \

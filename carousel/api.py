@@ -90,7 +90,7 @@ from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest
 from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect
 from carousel.payloads import PayloadError, PayloadRenderer, TemplateCheckError, check_templates, payload_json
 from carousel.payloads import render_payload as render_channel_payload
-from carousel.ranking import RankingRules
+from carousel.ranking import RankingRules, newest_model_version
 from carousel.realtime import (
     dead_letter,
     rank_campaign,
@@ -542,7 +542,7 @@ def outbox_entry_time_ms(entry_id: str) -> int:
 
 def expired_outbox_letter(entry: OutboxEntry, reason: str, failed_at_us: int) -> str:
     """The dead letter of an outbox record too old to be recorded (:func:`dead_letter`, with the
-    record itself to replay by hand); a record that is not a JSON object gives its fields as None."""
+    record itself to replay by hand); of a record that is not a JSON object, only the ids are known."""
     try:
         record = json.loads(entry.record)
     except ValueError:
@@ -563,10 +563,9 @@ def similar_items(item_id: str, n: int, lookups: ServingLookups, filters: Campai
     if code is None:
         raise ApiError(404, "unknown_item", f"no product {item_id!r} in the catalog")
     candidates = lists.candidates(code)[:n]
-    versions = [version for _, _, version in candidates if version is not None]
     return {
         "item_id": item_id,
-        "model_version": max(versions) if versions else None,
+        "model_version": newest_model_version(version for _, _, version in candidates),
         "items": [
             {"item_id": item, "rank": rank, "score": score, **lookups.item_fields(item)}
             for rank, (item, score, _) in enumerate(candidates, start=1)

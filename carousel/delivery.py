@@ -34,7 +34,13 @@ from carousel.config import CampaignConfig, CarouselConfig
 from carousel.errors import JobError
 from carousel.experiments import variant_column
 from carousel.payloads import CATALOG_ITEM_FIELDS, CatalogItems
-from carousel.ranking import RANKED_ITEMS_TYPE, REQUEST_COLUMNS, rank_recommendations, trending_items
+from carousel.ranking import (
+    RANKED_ITEMS_TYPE,
+    REQUEST_COLUMNS,
+    newest_model_version_column,
+    rank_recommendations,
+    trending_items,
+)
 from carousel.schemas import (
     CATALOG_SCHEMA,
     CATALOG_TABLE,
@@ -252,7 +258,7 @@ def ranked_requests(
         F.lit(None).cast("string").alias("trigger_event_id"),
         F.lit(None).cast("string").alias("trigger_event_type"),
         F.lit(run_id).alias("run_id"),
-        F.array_max("items.model_version").alias("model_version"),
+        newest_model_version_column(F.col("items.model_version")).alias("model_version"),
         F.lit(sent_at).alias("created_at"),
         "user",
         "items",
@@ -295,7 +301,7 @@ def stored_requests(stored: DataFrame, users: DataFrame, template: str) -> DataF
     grouped = stored.groupBy("payload_id", "user_id", "campaign", "channel", "variant", "run_id").agg(
         F.first("trigger_event_id", ignorenulls=True).alias("trigger_event_id"),
         F.max("sent_at").alias("created_at"),
-        F.max("model_version").alias("model_version"),
+        newest_model_version_column(F.collect_list("model_version")).alias("model_version"),
         F.array_sort(F.collect_list(F.when(F.col("item_id").isNotNull(), item))).alias("items"),
     )
     return grouped.join(users, "payload_id", "left").select(

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -206,22 +207,43 @@ def _assignments(cfg: CarouselConfig, args: Sequence[str], code_zip: Path | None
 
 def java_properties(text: str) -> dict[str, str]:
     """A Java properties file's entries, as spark-submit reads ``--properties-file`` and
-    ``spark-defaults.conf``: ``#``/``!`` comments, ``key=value``, ``key: value`` or ``key value``,
-    a trailing backslash continuing the line; values trimmed (as Spark trims them)."""
+    ``spark-defaults.conf`` (``java.util.Properties.load``): ``#``/``!`` comments, ``key=value``,
+    ``key: value`` or ``key value``, a line ending in an odd number of backslashes continued on the
+    next, the escapes (``\\t``, ``\\uXXXX``, ``\\=``...) read; values trimmed, as Spark trims them."""
     entries: dict[str, str] = {}
-    lines = iter(text.splitlines())
+    lines = iter(re.split(r"\r\n|\r|\n", text))
     for raw in lines:
-        line = raw.lstrip()
+        line = raw.lstrip(_PROPERTY_BLANKS)
         if not line or line[0] in "#!":
             continue
         while (len(line) - len(line.rstrip("\\"))) % 2:  # an odd number of backslashes: continued
-            line = line[:-1] + next(lines, "").lstrip()
-        end = next((i for i, ch in enumerate(line) if ch in "=: \t"), len(line))
-        key, value = line[:end], line[end:].lstrip(" \t")
+            line = line[:-1] + next(lines, "").lstrip(_PROPERTY_BLANKS)
+        end, escaped = len(line), False
+        for position, char in enumerate(line):
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char in "=:" or char in _PROPERTY_BLANKS:
+                end = position
+                break
+        value = line[end:].lstrip(_PROPERTY_BLANKS)
         if value[:1] in ("=", ":"):
             value = value[1:]
-        entries[key] = value.strip()
+        entries[_unescape(line[:end])] = _unescape(value.lstrip(_PROPERTY_BLANKS)).strip()
     return entries
+
+
+_PROPERTY_BLANKS = " \t\f"
+_PROPERTY_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(text: str) -> str:
+    return re.sub(
+        r"\\(u[0-9a-fA-F]{4}|.)",
+        lambda m: chr(int(m[1][1:], 16)) if len(m[1]) == 5 else _PROPERTY_ESCAPES.get(m[1], m[1]),
+        text,
+    )
 
 
 def spark_home(environ: Mapping[str, str]) -> Path:
@@ -233,7 +255,10 @@ def spark_home(environ: Mapping[str, str]) -> Path:
     found = importlib.util.find_spec("pyspark")
     if found is None or found.origin is None:
         raise ConfigError("pyspark is not installed for this interpreter: run 'make setup'")
-    return Path(found.origin).parent
+    package = Path(found.origin).parent
+    # A Spark that pyspark's install downloaded (PYSPARK_HADOOP_VERSION) comes first, as there.
+    downloaded = package / "spark-distribution"
+    return downloaded if downloaded.is_dir() else package
 
 
 def spark_defaults_file(environ: Mapping[str, str]) -> Path | None:
@@ -272,8 +297,8 @@ def submitted_deploy_mode(spark_args: Sequence[str], environ: Mapping[str, str])
             properties_file = value
         else:
             key, _, setting = value.partition("=")
-            if key.strip() == _DEPLOY_MODE_KEY:
-                conf = setting.strip()
+            if key == _DEPLOY_MODE_KEY:  # as spark-submit splits it: nothing trimmed
+                conf = setting
     found: list[tuple[str | None, str]] = [
         (flag, "--deploy-mode"),
         (conf, f"--conf {_DEPLOY_MODE_KEY}"),

@@ -58,9 +58,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,6 +85,7 @@ from carousel.config import (
 from carousel.content import content_neighbours, tfidf_matrix
 from carousel.schemas import (
     CATALOG_PROPERTY_COLUMNS,
+    MODEL_VERSION_TIME_PATTERN,
     PUSH,
     STRATEGY_MODEL,
     STRATEGY_NEW_ITEM,
@@ -95,6 +97,34 @@ from carousel.schemas import (
 
 # The model version of a new product's content list (carousel.content): what sent rows report.
 CONTENT_LISTS_VERSION = "content-tfidf"
+_MODEL_VERSION_TIME = re.compile(MODEL_VERSION_TIME_PATTERN)
+
+
+def model_version_key(version: str) -> tuple[str, str]:
+    """A model version's place in time: (its fit time, or '' when it has none; the version)."""
+    found = _MODEL_VERSION_TIME.search(version)
+    return (found.group(1) if found else "", version)
+
+
+def newest_model_version(versions: Iterable[str | None]) -> str | None:
+    """The newest of a payload's or an item's model versions (:func:`model_version_key`); None
+    when none has one. The one rule for serve, the API and campaigns
+    (:func:`newest_model_version_column` in Spark)."""
+    known = [version for version in versions if version is not None]
+    return max(known, key=model_version_key) if known else None
+
+
+def newest_model_version_column(versions: Column) -> Column:
+    """:func:`newest_model_version` of an array column of versions."""
+    keyed = F.transform(
+        versions,
+        lambda version: F.struct(
+            F.regexp_extract(version, MODEL_VERSION_TIME_PATTERN, 1).alias("time"), version.alias("version")
+        ),
+    )
+    return F.array_max(F.filter(keyed, lambda entry: entry["version"].isNotNull()))["version"]
+
+
 # Columns a request frame must carry (more are allowed and ignored).
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id",
@@ -904,9 +934,10 @@ def rank_request(
                     continue
                 scores[item] = scores.get(item, 0.0) + weight * relative
                 known = versions.get(item)
-                versions[item] = (
-                    version if known is None or (version is not None and version > known) else known
-                )
+                if known is None:
+                    versions[item] = version
+                elif version is not None and version != known:  # rare: lists of two models
+                    versions[item] = newest_model_version((known, version))
         explored = (
             _explore(request.get("request_id"), seeds, excluded, scores, lists, rules)
             if rules.exploration_slots

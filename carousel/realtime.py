@@ -53,7 +53,7 @@ from carousel.lookups import LookupSources, ServingLookups, current_lookups
 from carousel.online_state import Answer, OnlineState, UserState
 from carousel.online_store import connect
 from carousel.payloads import PayloadError, PayloadRenderer, payload_json, render_payload
-from carousel.ranking import rank_request
+from carousel.ranking import newest_model_version, rank_request
 from carousel.schemas import CONTROL_VARIANT
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ def rank_campaign(
         {"item_id": item, "rank": rank, "score": score, "strategy": strategy, "model_version": version}
         for item, rank, score, strategy, version in ranked
     ]
-    versions = [i["model_version"] for i in record["items"] if i["model_version"] is not None]
-    record["model_version"] = max(versions) if versions else None
+    record["model_version"] = newest_model_version(i["model_version"] for i in record["items"])
     return record
 
 
@@ -292,8 +291,8 @@ def dead_letter(
     channel, trigger and items (from its outbox ``record``, None where it lacks them), the reason
     and when; ``outbox_record`` (the record as stored) is carried along to replay by hand.
 
-    The one shape of every dead letter: serve's and the API's unrenderable payloads, and the API's
-    outbox records too old to be recorded."""
+    The one shape of every dead letter: serve's unrenderable payloads and the API's outbox records
+    too old to be recorded."""
     items = record.get("items")
     letter: dict[str, Any] = {
         "payload_id": payload_id,

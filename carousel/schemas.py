@@ -205,6 +205,12 @@ QUARANTINE_VALUED_REASONS: tuple[str, ...] = (
 QUARANTINE_EVENT_TIME = "event_time"
 QUARANTINE_TOO_EARLY = "is before"
 
+# A trained model's version: "<model name>-<UTC fit time>-<12 hex digits of its parameters and
+# data>" (models.base). Of several, the newest is by fit time, not by text: names do not sort in
+# time (item2vec < next-item2vec), nor do versions without a fit time (content-tfidf).
+MODEL_VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+MODEL_VERSION_TIME_PATTERN = r"-(\d{8}T\d{6}Z)-[0-9a-f]{12}$"
+
 QUARANTINE_SCHEMA = StructType(
     [
         StructField("raw_value", StringType()),

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from carousel.config import ModelConfig
+from carousel.schemas import MODEL_VERSION_TIME_FORMAT
 from models.interactions import Sequences, user_sequences
 
 __all__ = ["ItemToItemModel", "NotFittedError", "data_fingerprint"]
@@ -124,7 +125,7 @@ class ItemToItemModel(abc.ABC):
         """``<name>-<UTC fit time>-<hash of the hyperparameters and the data>``."""
         self._require_fitted()
         assert self.fitted_at is not None
-        stamp = self.fitted_at.strftime("%Y%m%dT%H%M%SZ")
+        stamp = self.fitted_at.strftime(MODEL_VERSION_TIME_FORMAT)
         config = json.dumps(self.params, sort_keys=True, default=str)
         digest = hashlib.sha256(f"{config}|{self._fingerprint}".encode()).hexdigest()[:12]
         return f"{self.name.replace('_', '-')}-{stamp}-{digest}"

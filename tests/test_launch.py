@@ -224,6 +224,7 @@ def test_java_properties_are_read_as_spark_submit_reads_them():
         "  spark.app.name : nightly  \n"
         "spark.driver.extraJavaOptions = -Da=1 \\\n    -Db=2\n"
         "spark.flag\n"
+        "spark.escaped\\=key\fclu\\u0073ter\\\\\r\n"
     )
     assert java_properties(text) == {
         "spark.submit.deployMode": "cluster",
@@ -231,6 +232,7 @@ def test_java_properties_are_read_as_spark_submit_reads_them():
         "spark.app.name": "nightly",
         "spark.driver.extraJavaOptions": "-Da=1 -Db=2",
         "spark.flag": "",
+        "spark.escaped=key": "cluster\\",
     }
 
 

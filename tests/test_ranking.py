@@ -15,6 +15,8 @@ from carousel.ranking import (
     RankingRules,
     fallback_lists,
     item_lists,
+    newest_model_version,
+    newest_model_version_column,
     rank_recommendations,
     rank_request,
     request_seeds,
@@ -23,6 +25,7 @@ from carousel.ranking import (
 from carousel.schemas import (
     CATALOG_SCHEMA,
     ITEM_RECOMMENDATIONS_SCHEMA,
+    MODEL_VERSION_TIME_FORMAT,
     PROFILE_SCHEMA,
     SENT_RECOMMENDATIONS_SCHEMA,
 )
@@ -441,3 +444,51 @@ def test_tied_and_single_item_lists_still_rank_their_items(
         ("e", pytest.approx(weights["d"])),
         ("t2", pytest.approx(weights["t1"])),
     ]
+
+
+# The fit times of two models: the older one's name sorts after the newer one's.
+OLDER = f"next-item2vec-{datetime(2026, 12, 4, 3, 0, tzinfo=UTC):{MODEL_VERSION_TIME_FORMAT}}-0123456789ab"
+NEWER = f"item2vec-{datetime(2026, 12, 5, 3, 0, tzinfo=UTC):{MODEL_VERSION_TIME_FORMAT}}-ba9876543210"
+
+
+@pytest.mark.parametrize(
+    ("versions", "newest"),
+    [
+        ([OLDER, NEWER], NEWER),
+        ([NEWER, OLDER, None], NEWER),
+        (["content-tfidf", OLDER], OLDER),  # a version without a fit time is never the newest
+        (["content-tfidf", None], "content-tfidf"),
+        ([None, None], None),
+        ([], None),
+    ],
+)
+def test_the_newest_model_version_is_by_fit_time_in_python_and_in_spark(
+    spark: SparkSession, versions: list[str | None], newest: str | None
+) -> None:
+    assert newest_model_version(versions) == newest
+    frame = spark.createDataFrame([(versions,)], "versions array<string>")
+    assertDataFrameEqual(
+        frame.select(newest_model_version_column(frame["versions"]).alias("newest")),
+        spark.createDataFrame([(newest,)], "newest string"),
+    )
+
+
+def test_an_item_in_the_lists_of_two_models_names_the_newest(
+    spark: SparkSession, shop: dict[str, DataFrame]
+) -> None:
+    camp = campaign(channel="email", items=10, fallback="none", filters={"in_stock_only": False})
+    rules = RankingRules.of(camp, SERVING)
+    two_models = matrix(spark, {"a": [("b", 0.9), ("e", 0.3)]}, OLDER).unionByName(
+        matrix(spark, {"d": [("e", 0.5), ("b", 0.25), ("t1", 0.2)]}, NEWER)
+    )
+    lists = item_lists(two_models, shop["catalog"], camp.filters)
+    at = micros(NOW)
+    request = {
+        "request_id": "r",
+        "requested_at": at,
+        "trigger_item_id": None,
+        "recent_views": [{"item_id": "a", "event_time": at - 1}, {"item_id": "d", "event_time": at - 2}],
+        "recent_purchases": None,
+    }
+    ranked = rank_request(request, lists, fallback_lists(shop["trending"], lists, rules), rules)
+    assert {item: version for item, _, _, _, version in ranked} == {"b": NEWER, "e": NEWER, "t1": NEWER}
