@@ -242,7 +242,7 @@ def goals(phases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    common.print_header(results, "carousel API benchmark")
+    common.print_header(results, "API")
     store = results.get("store", {}).get("rebuild", {})
     if store:
         print(f"online store: {store['counts']['profiles']:,} users rebuilt in {store['seconds']} s")
