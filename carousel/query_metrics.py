@@ -248,9 +248,25 @@ class _ProgressMetrics(StreamingQueryListener):
 
     def __init__(self) -> None:
         self._names: dict[str, str] = {}  # query id -> name (idle events carry only the id)
+        self._started: set[str] = set()  # started, and their termination not delivered yet
+        self._delivered = threading.Condition()
+
+    @property
+    def started(self) -> set[str]:
+        """The ids of the queries whose start this listener got and whose termination it has not."""
+        with self._delivered:
+            return set(self._started)
+
+    def wait_terminated(self, still_active: set[str], timeout_seconds: float) -> bool:
+        """Wait until every query it saw start, but ``still_active``, has had its termination
+        delivered here (Spark delivers events on its own thread, in order); False at the deadline."""
+        with self._delivered:
+            return self._delivered.wait_for(lambda: self._started <= still_active, timeout_seconds)
 
     def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's listener API
         self._names[str(event.id)] = str(event.name or event.id)
+        with self._delivered:
+            self._started.add(str(event.id))
 
     def onQueryProgress(self, event: Any) -> None:  # noqa: N802
         progress = event.progress
@@ -291,6 +307,9 @@ class _ProgressMetrics(StreamingQueryListener):
 
     def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
         self._at_rest(str(event.id))
+        with self._delivered:
+            self._started.discard(str(event.id))
+            self._delivered.notify_all()
 
     def _at_rest(self, query_id: str) -> None:
         name = self._names.get(query_id)
@@ -307,6 +326,10 @@ def _number(value: Any) -> float:
     return number if number == number else 0.0  # NaN (no rows in the batch): 0
 
 
+# How long stopping the exporter waits for Spark to deliver the end of the ended queries.
+_DRAIN_SECONDS = 10.0
+
+
 class MetricsExporter:
     """The running /metrics server and the session's progress listener; :meth:`stop` ends both."""
 
@@ -315,8 +338,20 @@ class MetricsExporter:
         self._listener = _ProgressMetrics()
         spark.streams.addListener(self._listener)
 
+    @property
+    def queries_running(self) -> set[str]:
+        """Ids of the queries whose termination the listener has not had yet."""
+        return self._listener.started
+
     def stop(self) -> None:
+        """Stop serving and listening, once the listener has had the end of each query that has
+        ended: Spark delivers its events on a thread of its own, and one delivered while the job's
+        Python side exits fails in the JVM's log ("Listener ... threw an exception ... Error while
+        sending a command"), as after an ``--available-now`` ingest that ended on its own."""
         try:
+            active = {str(query.id) for query in self._spark.streams.active}
+            if not self._listener.wait_terminated(active, _DRAIN_SECONDS):
+                log.warning("metrics: the end of a query was not delivered within %.0f s", _DRAIN_SECONDS)
             self._spark.streams.removeListener(self._listener)
         finally:
             self._server.shutdown()

@@ -127,6 +127,26 @@ def test_a_running_ingest_is_scraped_with_its_counts(spark, make_config) -> None
     assert start_exporter(spark, cfg.metrics.model_copy(update={"enabled": False}), "ingest") is None
 
 
+def test_stopping_the_exporter_waits_for_the_end_of_a_query_that_ended_on_its_own(spark, make_config) -> None:
+    """An ``--available-now`` ingest ends by itself; its last events reach the listener on Spark's
+    own thread, after ``awaitTermination`` returned. Stopping the exporter waits for them: one
+    delivered while the job's Python side exits is an error in the JVM's log."""
+    port = free_port()
+    cfg = make_config(f"ingest.query_name=ingest-ends-{uuid.uuid4().hex[:6]}", f"metrics.ports.ingest={port}")
+    ensure_topics(cfg.kafka)
+    now = datetime.now(UTC).isoformat()
+    launched = event_json(event_id="e1", user_id="u1", event_type="App Launched", event_time=now)
+    produce(cfg, [(b"u1", launched)])
+    exporter = start_exporter(spark, cfg.metrics, "ingest")
+    assert exporter is not None
+    try:
+        query = ingest.run(spark, cfg, available_now=True)
+        query.awaitTermination()
+    finally:
+        exporter.stop()
+    assert exporter.queries_running == set()
+
+
 def test_outbox_records_later_than_the_dedupe_window_are_counted_and_logged(
     spark, make_config, caplog: pytest.LogCaptureFixture
 ) -> None:
