@@ -47,6 +47,8 @@ from carousel.config import MetricsConfig
 from carousel.schemas import QUARANTINE_EVENT_TIME, QUARANTINE_TOO_EARLY, QUARANTINE_VALUED_REASONS
 
 __all__ = [
+    "EndTrackingListener",
+    "remove_listener",
     "PAYLOADS_BY_CHANNEL",
     "REGISTRY",
     "MetricsExporter",
@@ -243,30 +245,80 @@ def _previous_value(path: Path, name: str, job: str) -> float | None:
     return None
 
 
-class _ProgressMetrics(StreamingQueryListener):
+# How long removing a listener waits for Spark to deliver the end of the runs that ended.
+_END_DELIVERY_SECONDS = 10.0
+
+
+class EndTrackingListener(StreamingQueryListener):
+    """A listener that knows the query runs it saw start and not end yet, so that it is removed
+    (:func:`remove_listener`) only once Spark has delivered the end of those that have ended.
+
+    Spark delivers events on a thread of its own, after ``awaitTermination`` has returned: an
+    event delivered while the job's Python side exits fails in the JVM's log ("Listener ... threw
+    an exception ... Error while sending a command"), as after an ``--available-now`` run.
+    Subclasses put their own handling in :meth:`query_started` and :meth:`query_terminated`."""
+
+    def __init__(self) -> None:
+        self._open_runs: set[str] = set()  # run ids: a supervised restart keeps the query id
+        self._ended = threading.Condition()
+
+    @property
+    def open_runs(self) -> set[str]:
+        """The run ids whose start was delivered here and whose end was not."""
+        with self._ended:
+            return set(self._open_runs)
+
+    def wait_ended(self, running: set[str], timeout_seconds: float) -> bool:
+        """Wait until every open run but ``running`` has had its end delivered; False at the deadline."""
+        with self._ended:
+            return self._ended.wait_for(lambda: self._open_runs <= running, timeout_seconds)
+
+    def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's listener API
+        with self._ended:
+            self._open_runs.add(str(event.runId))
+        self.query_started(event)
+
+    def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
+        try:
+            self.query_terminated(event)
+        finally:
+            with self._ended:
+                self._open_runs.discard(str(event.runId))
+                self._ended.notify_all()
+
+    def query_started(self, event: Any) -> None:
+        """A query started (after the run is counted open)."""
+
+    def query_terminated(self, event: Any) -> None:
+        """A query ended (before the run is counted ended)."""
+
+
+def remove_listener(
+    spark: SparkSession, listener: EndTrackingListener, timeout_seconds: float = _END_DELIVERY_SECONDS
+) -> None:
+    """Remove ``listener`` once Spark has delivered the end of every run that is no longer active
+    (at most ``timeout_seconds``); at once when the session's context has stopped, which drops them."""
+    if not spark.sparkContext._jsc.sc().isStopped():  # noqa: SLF001 - pyspark has no public check
+        running = {str(query.runId) for query in spark.streams.active}
+        if not listener.wait_ended(running, timeout_seconds):
+            log.warning(
+                "the end of query runs %s was not delivered to %s within %.0f s",
+                sorted(listener.open_runs - running),
+                type(listener).__name__,
+                timeout_seconds,
+            )
+    spark.streams.removeListener(listener)
+
+
+class _ProgressMetrics(EndTrackingListener):
     """Turns each query progress of the session into the ``carousel_query_*`` series."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._names: dict[str, str] = {}  # query id -> name (idle events carry only the id)
-        self._started: set[str] = set()  # started, and their termination not delivered yet
-        self._delivered = threading.Condition()
 
-    @property
-    def started(self) -> set[str]:
-        """The ids of the queries whose start this listener got and whose termination it has not."""
-        with self._delivered:
-            return set(self._started)
-
-    def wait_terminated(self, still_active: set[str], timeout_seconds: float) -> bool:
-        """Wait until every query it saw start, but ``still_active``, has had its termination
-        delivered here (Spark delivers events on its own thread, in order); False at the deadline."""
-        with self._delivered:
-            return self._delivered.wait_for(lambda: self._started <= still_active, timeout_seconds)
-
-    def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's listener API
+    def query_started(self, event: Any) -> None:
         self._names[str(event.id)] = str(event.name or event.id)
-        with self._delivered:
-            self._started.add(str(event.id))
 
     def onQueryProgress(self, event: Any) -> None:  # noqa: N802
         progress = event.progress
@@ -305,11 +357,8 @@ class _ProgressMetrics(StreamingQueryListener):
         # No new data: Spark sends no progress then, so the last busy batch's rates would stay.
         self._at_rest(str(event.id))
 
-    def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
+    def query_terminated(self, event: Any) -> None:
         self._at_rest(str(event.id))
-        with self._delivered:
-            self._started.discard(str(event.id))
-            self._delivered.notify_all()
 
     def _at_rest(self, query_id: str) -> None:
         name = self._names.get(query_id)
@@ -326,10 +375,6 @@ def _number(value: Any) -> float:
     return number if number == number else 0.0  # NaN (no rows in the batch): 0
 
 
-# How long stopping the exporter waits for Spark to deliver the end of the ended queries.
-_DRAIN_SECONDS = 10.0
-
-
 class MetricsExporter:
     """The running /metrics server and the session's progress listener; :meth:`stop` ends both."""
 
@@ -339,20 +384,15 @@ class MetricsExporter:
         spark.streams.addListener(self._listener)
 
     @property
-    def queries_running(self) -> set[str]:
-        """Ids of the queries whose termination the listener has not had yet."""
-        return self._listener.started
+    def open_runs(self) -> set[str]:
+        """The query runs whose end the listener has not had yet."""
+        return self._listener.open_runs
 
     def stop(self) -> None:
-        """Stop serving and listening, once the listener has had the end of each query that has
-        ended: Spark delivers its events on a thread of its own, and one delivered while the job's
-        Python side exits fails in the JVM's log ("Listener ... threw an exception ... Error while
-        sending a command"), as after an ``--available-now`` ingest that ended on its own."""
+        """Stop serving, and listening once the listener has had the end of each run that ended
+        (:func:`remove_listener`)."""
         try:
-            active = {str(query.id) for query in self._spark.streams.active}
-            if not self._listener.wait_terminated(active, _DRAIN_SECONDS):
-                log.warning("metrics: the end of a query was not delivered within %.0f s", _DRAIN_SECONDS)
-            self._spark.streams.removeListener(self._listener)
+            remove_listener(self._spark, self._listener)
         finally:
             self._server.shutdown()
             self._server.server_close()

@@ -48,7 +48,7 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import DataStreamWriter, StreamingQuery, StreamingQueryListener
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
@@ -58,7 +58,7 @@ from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable, ping_check
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import stop_marker
-from carousel.query_metrics import PAYLOADS_BY_CHANNEL, exported
+from carousel.query_metrics import PAYLOADS_BY_CHANNEL, EndTrackingListener, exported, remove_listener
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import CHANNELS, PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
 from carousel.session import build_session
@@ -200,11 +200,12 @@ def batch_counts(progress: Any) -> dict[str, int] | None:
     return {name: int(row[name]) for name in COUNTERS if row[name]}
 
 
-class ServeProgressLog(StreamingQueryListener):
+class ServeProgressLog(EndTrackingListener):
     """Logs each serving batch: its counts (observed metrics) and how long it took; and keeps
     the counts per run of the query (a supervised restart is a new run) for the final totals."""
 
     def __init__(self, query_name: str) -> None:
+        super().__init__()
         self.query_name = query_name
         # run id -> batch id -> counters; written by Spark's listener thread.
         self.by_run: dict[str, dict[int, dict[str, int]]] = {}
@@ -226,9 +227,6 @@ class ServeProgressLog(StreamingQueryListener):
                     totals[name] = totals.get(name, 0) + count
         return {name: totals[name] for name in COUNTERS if totals.get(name)}, len(runs)
 
-    def onQueryStarted(self, event: object) -> None:  # noqa: N802 - Spark's listener API
-        pass
-
     def onQueryProgress(self, event: object) -> None:  # noqa: N802
         progress = event.progress  # type: ignore[attr-defined]
         if progress.name != self.query_name:
@@ -242,9 +240,6 @@ class ServeProgressLog(StreamingQueryListener):
         )
 
     def onQueryIdle(self, event: object) -> None:  # noqa: N802
-        pass
-
-    def onQueryTerminated(self, event: object) -> None:  # noqa: N802
         pass
 
 
@@ -325,7 +320,7 @@ def main(argv: list[str]) -> int:
         try:
             query = start()
         except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
-            spark.streams.removeListener(listener)
+            remove_listener(spark, listener)
             log.error("serve cannot start: %s", one_line(err))
             return 1
         trending = TrendingRefresher(spark, cfg).start()
@@ -348,7 +343,7 @@ def main(argv: list[str]) -> int:
         finally:
             trending.stop()
             # Progress events reach the listener asynchronously: none may arrive once Python exits.
-            spark.streams.removeListener(listener)
+            remove_listener(spark, listener)
     totals, runs = listener.totals(query)
     log.info("%s: totals over %d run(s) (restarts start a new one): %s", name, runs, totals)
     return 0

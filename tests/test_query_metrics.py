@@ -144,7 +144,7 @@ def test_stopping_the_exporter_waits_for_the_end_of_a_query_that_ended_on_its_ow
         query.awaitTermination()
     finally:
         exporter.stop()
-    assert exporter.queries_running == set()
+    assert exporter.open_runs == set()
 
 
 def test_outbox_records_later_than_the_dedupe_window_are_counted_and_logged(
