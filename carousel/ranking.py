@@ -110,8 +110,10 @@ def newest_model_version(versions: Iterable[str | None]) -> str | None:
     """The newest of a payload's or an item's model versions (:func:`model_version_key`); None
     when none has one. The one rule for serve, the API and campaigns
     (:func:`newest_model_version_column` in Spark)."""
-    known = [version for version in versions if version is not None]
-    return max(known, key=model_version_key) if known else None
+    known = {version for version in versions if version is not None}
+    if len(known) <= 1:  # the common case: one model's lists
+        return next(iter(known), None)
+    return max(known, key=model_version_key)
 
 
 def newest_model_version_column(versions: Column) -> Column:

@@ -209,7 +209,7 @@ QUARANTINE_TOO_EARLY = "is before"
 # data>" (models.base). Of several, the newest is by fit time, not by text: names do not sort in
 # time (item2vec < next-item2vec), nor do versions without a fit time (content-tfidf).
 MODEL_VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-MODEL_VERSION_TIME_PATTERN = r"-(\d{8}T\d{6}Z)-[0-9a-f]{12}$"
+MODEL_VERSION_TIME_PATTERN = r"-([0-9]{8}T[0-9]{6}Z)-[0-9a-f]{12}$"  # [0-9]: Java's and Python's alike
 
 QUARANTINE_SCHEMA = StructType(
     [
