@@ -22,40 +22,19 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CAROUSEL_HOME="$ROOT"
 
-# spark-submit options that take a value; the first other word is the job name.
-spark_opts_with_value=" --master --deploy-mode --conf -c --name --jars --packages --exclude-packages \
-  --repositories --py-files --files --archives --properties-file --driver-memory --driver-java-options \
-  --driver-library-path --driver-class-path --driver-cores --executor-memory --executor-cores \
-  --total-executor-cores --num-executors --queue --principal --keytab --proxy-user --class "
-spark_args=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help|help) exec "$PY" -m carousel.cli --help ;;
-    --verbose|-v|--supervise|--load-spark-defaults) spark_args+=("$1"); shift ;;
-    -*)
-      if [[ "$spark_opts_with_value" == *" $1 "* && $# -ge 2 ]]; then
-        spark_args+=("$1" "$2"); shift 2
-      elif [[ "$1" == --*=* ]]; then
-        spark_args+=("$1"); shift
-      else
-        echo "unknown spark-submit option '$1' (see ./spark-submit.sh --help)" >&2; exit 2
-      fi ;;
-    *) break ;;
-  esac
-done
-if [[ $# -eq 0 ]]; then exec "$PY" -m carousel.cli --help; fi
-job="$1"
-
-# The launcher, the session settings from config, the job's arguments, and the code zip for the
-# executors (and a cluster-mode driver): the project's packages and conf/, plus in cluster mode the
-# --config files and template folders given here; and where the driver runs (CAROUSEL_DEPLOY_MODE:
-# client, the default, or cluster on YARN or Kubernetes), read from the spark-submit options as
-# spark-submit reads them: --deploy-mode, --conf, --properties-file, spark-defaults.conf,
-# DEPLOY_MODE (carousel/launch.py).
-info="$("$PY" -m carousel.cli --launch-info --spark-args "${#spark_args[@]}" "${spark_args[@]+"${spark_args[@]}"}" \
-  --code-dir "$ROOT/dist" "$@")"
+# The launcher reads the words as typed: how many are spark-submit options before the job (read as
+# spark-submit's own parser reads them; an unknown one is refused), the session settings from config,
+# the job's arguments, and the code zip for the executors (and a cluster-mode driver): the project's
+# packages and conf/, plus in cluster mode the --config files and template folders given here; and
+# where the driver runs (CAROUSEL_DEPLOY_MODE: client, the default, or cluster on YARN or Kubernetes),
+# read from the spark-submit options as spark-submit reads them: --deploy-mode, --conf,
+# --properties-file, spark-defaults.conf, DEPLOY_MODE (carousel/launch.py).
+info="$("$PY" -m carousel.cli --launch-info --code-dir "$ROOT/dist" "$@")"
 eval "$info"
+spark_args=("${@:1:$CAROUSEL_SPARK_ARG_COUNT}")
+shift "$CAROUSEL_SPARK_ARG_COUNT"
 case "$CAROUSEL_JOB_KIND" in
+  help)    exec "$PY" -m carousel.cli --help ;;
   unknown) exec "$PY" -m carousel.cli "$@" ;;   # prints the usage and fails
   python)  exec "$PY" -m carousel.cli "$@" ;;
 esac
@@ -64,10 +43,8 @@ deploy_mode="$CAROUSEL_DEPLOY_MODE"
 # have pyspark (nothing sets them in cluster mode): the project's interpreter's Spark.
 export SPARK_HOME="${SPARK_HOME:-$CAROUSEL_SPARK_HOME}"
 
-has_master=0
-for arg in "${spark_args[@]+"${spark_args[@]}"}"; do [[ "$arg" == "--master" || "$arg" == --master=* ]] && has_master=1; done
 defaults=()
-[[ $has_master -eq 0 ]] && defaults+=(--master "$CAROUSEL_MASTER")
+[[ $CAROUSEL_MASTER_GIVEN -eq 0 ]] && defaults+=(--master "$CAROUSEL_MASTER")
 driver_options=()
 if [[ "$deploy_mode" == client ]]; then
   # Executors on this machine (local, standalone) use the project's interpreter unless told otherwise.

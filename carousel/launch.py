@@ -1,10 +1,11 @@
 """What ``./spark-submit.sh`` settles before it calls spark-submit: the job's launcher, the session
 settings from config, the code zip, and, in cluster deploy mode, what must travel with the driver.
 
-Role: ``python -m carousel.cli --launch-info [--spark-args N ARG...] [--deploy-mode client|cluster]
-[--code-dir DIR] <job> [job args]`` prints shell assignments that spark-submit.sh evaluates
-(``CAROUSEL_JOB_KIND``, the master, driver memory, jars, ``CAROUSEL_JOB_ARGS``, the job's arguments
-as a bash array, ``CAROUSEL_CODE_ZIP``, ``CAROUSEL_DEPLOY_MODE`` and ``CAROUSEL_SPARK_HOME``).
+Role: ``python -m carousel.cli --launch-info [--code-dir DIR] [spark-submit options] <job> [job args]``
+prints shell assignments that spark-submit.sh evaluates (``CAROUSEL_SPARK_ARG_COUNT``, how many of
+the words are spark-submit options, read as spark-submit reads them; ``CAROUSEL_JOB_KIND``, the
+master, driver memory, jars, ``CAROUSEL_JOB_ARGS``, the job's arguments as a bash array,
+``CAROUSEL_CODE_ZIP``, ``CAROUSEL_DEPLOY_MODE`` and ``CAROUSEL_SPARK_HOME``).
 For a Spark job it also writes the code zip (``--py-files``): the project's packages and its
 ``conf/`` folder (defaults, templates, payload schemas), so the code on any node finds its
 configuration (:func:`carousel.config._unpacked_home`).
@@ -54,6 +55,22 @@ CODE_PACKAGES = ("carousel", "jobs", "streaming", "models")
 SUBMITTED = "conf/submitted"
 DEPLOY_MODES = ("client", "cluster")
 _DEPLOY_MODE_KEY = "spark.submit.deployMode"
+# spark-submit's options, as its parser (org.apache.spark.launcher.SparkSubmitOptionParser, Spark
+# 4.1) declares them: those that take a value (the next word, or after '=' in --name=value) and
+# the switches. The first word that is neither is the application: here, the job's name.
+SPARK_SUBMIT_OPTIONS_WITH_VALUE = frozenset(
+    """--archives --class --conf -c --deploy-mode --driver-class-path --driver-cores
+    --driver-default-class-path --driver-java-options --driver-library-path --driver-memory
+    --executor-cores --executor-memory --files --jars --keytab --kill --master --remote --name
+    --num-executors --packages --exclude-packages --principal --properties-file --proxy-user
+    --py-files --queue --repositories --status --total-executor-cores""".split()
+)
+SPARK_SUBMIT_SWITCHES = frozenset(
+    "--help -h --supervise --usage-error --verbose -v --version --load-spark-defaults".split()
+)
+_INLINE_VALUE = re.compile(r"(--[^=]+)=(.+)")
+# spark-submit's actions that submit nothing (the wrapper always submits a job).
+_NOT_A_SUBMISSION = ("--kill", "--status", "--version", "--usage-error")
 CODE_ZIP_PREFIX = "carousel-code-"
 # dist/ keeps the newest zips and any used within a week (see write_code_zip).
 KEEP_ZIPS = 20
@@ -269,6 +286,30 @@ def spark_defaults_file(environ: Mapping[str, str]) -> Path | None:
     return path if path.is_file() else None
 
 
+def submit_options(words: Sequence[str]) -> tuple[list[tuple[str, str | None]], int]:
+    """The spark-submit options at the head of ``words``, as spark-submit's parser reads them:
+    (name, value) pairs, the value None for a switch, and how many words they take; they end at
+    the first word that is not an option (the job). An unknown option, or one missing its value,
+    raises :class:`ConfigError` (spark-submit would refuse it too)."""
+    options: list[tuple[str, str | None]] = []
+    rest = list(words)
+    while rest and rest[0].startswith("-"):
+        word = rest.pop(0)
+        inline = _INLINE_VALUE.fullmatch(word)  # spark-submit's own pattern, on every option
+        name, value = (inline.group(1), inline.group(2)) if inline else (word, None)
+        if name in SPARK_SUBMIT_OPTIONS_WITH_VALUE:
+            if value is None:
+                if not rest:
+                    raise ConfigError(f"spark-submit option {name} needs a value")
+                value = rest.pop(0)
+            options.append((name, value))
+        elif name in SPARK_SUBMIT_SWITCHES:
+            options.append((name, None))  # a value given to a switch is ignored, as spark-submit does
+        else:
+            raise ConfigError(f"unknown spark-submit option {name!r} (see ./spark-submit.sh --help)")
+    return options, len(words) - len(rest)
+
+
 def submitted_deploy_mode(spark_args: Sequence[str], environ: Mapping[str, str]) -> str:
     """The deploy mode spark-submit will use for these options (the ones before the job), by its
     own precedence: ``--deploy-mode``; else ``spark.submit.deployMode`` from ``--conf`` (the last),
@@ -276,26 +317,16 @@ def submitted_deploy_mode(spark_args: Sequence[str], environ: Mapping[str, str])
     properties file, or with ``--load-spark-defaults``); else ``DEPLOY_MODE``; else client.
     A value that is not client or cluster raises :class:`ConfigError` naming where it came from."""
     flag, conf, properties_file, load_defaults = None, None, None, False
-    args = list(spark_args)
-    while args:
-        option = args.pop(0)
-        name, has_value, inline = option.partition("=")
+    for name, value in submit_options(spark_args)[0]:
         if name == "--load-spark-defaults":
             load_defaults = True
-            continue
-        if name not in ("--deploy-mode", "--conf", "-c", "--properties-file"):
-            continue
-        if has_value:
-            value = inline
-        elif args:
-            value = args.pop(0)
-        else:
+        if value is None:
             continue
         if name == "--deploy-mode":
             flag = value
         elif name == "--properties-file":
             properties_file = value
-        else:
+        elif name in ("--conf", "-c"):
             key, _, setting = value.partition("=")
             if key == _DEPLOY_MODE_KEY:  # as spark-submit splits it: nothing trimmed
                 conf = setting
@@ -323,28 +354,35 @@ def submitted_deploy_mode(spark_args: Sequence[str], environ: Mapping[str, str])
 
 
 def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PROJECT_ROOT) -> str:
-    """Shell assignments for spark-submit.sh. ``argv``: ``[--spark-args N ARG...] [--deploy-mode M]
-    [--code-dir DIR] <job> [job args]``: the N spark-submit options given before the job (their
-    deploy mode, :func:`submitted_deploy_mode`, unless ``--deploy-mode`` says it), with the code zip
-    written to ``DIR``; a bad configuration raises :class:`ConfigError`."""
-    rest, deploy_mode, code_dir, spark_args = list(argv), None, None, []
-    while rest and rest[0] in ("--deploy-mode", "--code-dir", "--spark-args") and len(rest) >= 2:
-        option, value = rest.pop(0), rest.pop(0)
-        if option == "--deploy-mode":
-            deploy_mode = value
-        elif option == "--spark-args":
-            count = int(value)
-            spark_args, rest = rest[:count], rest[count:]
-        else:
-            code_dir = Path(value)
-    if not rest or rest[0] not in JOBS:
-        return "CAROUSEL_JOB_KIND=unknown"
+    """Shell assignments for spark-submit.sh. ``argv``: ``[--code-dir DIR] [spark-submit options]
+    <job> [job args]``, the words as typed: how many are spark-submit options
+    (``CAROUSEL_SPARK_ARG_COUNT``, :func:`submit_options`), whether they name a master, the kind of
+    job (help, unknown, python or spark) and, for a Spark job, its launch in the deploy mode the
+    options give (:func:`submitted_deploy_mode`), with the code zip written to ``DIR``; a bad option
+    or configuration raises :class:`ConfigError`."""
+    rest, code_dir = list(argv), None
+    if len(rest) >= 2 and rest[0] == "--code-dir":  # the wrapper's own, once: a user's is refused
+        code_dir = Path(rest[1])
+        rest = rest[2:]
+    options, count = submit_options(rest)
+    action = next((name for name, _ in options if name in _NOT_A_SUBMISSION), None)
+    if action is not None:
+        raise ConfigError(
+            f"spark-submit's {action} submits no job: run {spark_home(environ) / 'bin' / 'spark-submit'} "
+            f"{action} ... itself"
+        )
+    spark_args, rest = rest[:count], rest[count:]
+    head = [
+        f"CAROUSEL_SPARK_ARG_COUNT={count}",
+        f"CAROUSEL_MASTER_GIVEN={int(any(name == '--master' for name, _ in options))}",
+    ]
+    if not rest or rest[0] == "help" or any(name in ("--help", "-h") for name, _ in options):
+        return "\n".join([*head, "CAROUSEL_JOB_KIND=help"])
+    if rest[0] not in JOBS:
+        return "\n".join([*head, "CAROUSEL_JOB_KIND=unknown"])
     if not JOBS[rest[0]].spark:
-        return "CAROUSEL_JOB_KIND=python"
-    if deploy_mode is None:
-        deploy_mode = submitted_deploy_mode(spark_args, environ)
-    if deploy_mode not in DEPLOY_MODES:
-        raise ConfigError(f"--deploy-mode must be one of {list(DEPLOY_MODES)}, got {deploy_mode!r}")
+        return "\n".join([*head, "CAROUSEL_JOB_KIND=python"])
+    deploy_mode = submitted_deploy_mode(spark_args, environ)
     known, _ = _config_parser().parse_known_args(rest[1:])
     cfg = load_config(known.config, known.overrides, environ)
     launch = cluster_launch(rest, cfg, environ, root) if deploy_mode == "cluster" else ClusterLaunch(rest)
@@ -353,6 +391,7 @@ def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PR
     code_zip = None if code_dir is None else write_code_zip(code_dir, code_zip_members(root, launch.shipped))
     return "\n".join(
         [
+            *head,
             *_assignments(cfg, launch.args, code_zip),
             f"CAROUSEL_DEPLOY_MODE={deploy_mode}",
             f"CAROUSEL_SPARK_HOME={shlex.quote(str(spark_home(environ)))}",

@@ -30,6 +30,7 @@ from carousel.launch import (
     code_zip_members,
     java_properties,
     launch_info,
+    submit_options,
     submitted_deploy_mode,
     write_code_zip,
 )
@@ -201,16 +202,94 @@ def test_client_launch_keeps_the_arguments(tmp_path):
     prod = tmp_path / "prod.yaml"
     prod.write_text("spark: {shuffle_partitions: 3}\n")
     text = launch_info(
-        ["--deploy-mode", "client", "--code-dir", str(tmp_path / "dist"), "ingest", "--config", str(prod)],
+        ["--code-dir", str(tmp_path / "dist"), "--deploy-mode", "client", "ingest", "--config", str(prod)],
         {"CAROUSEL__SPARK__MASTER": "local[1]"},
     )
     values = _assignments(text)
     assert values["CAROUSEL_JOB_KIND"] == "spark"
+    assert values["CAROUSEL_SPARK_ARG_COUNT"] == "2"
+    assert values["CAROUSEL_MASTER_GIVEN"] == "0"
+    assert values["CAROUSEL_DEPLOY_MODE"] == "client"
     assert values["CAROUSEL_MASTER"] == "'local[1]'"  # the environment applies on this machine
     assert values["CAROUSEL_JOB_ARGS"] == f"(ingest --config {prod})"
     assert Path(values["CAROUSEL_CODE_ZIP"]).parent == tmp_path / "dist"
-    assert launch_info(["simulate"], {}) == "CAROUSEL_JOB_KIND=python"
-    assert launch_info(["no-such-job"], {}) == "CAROUSEL_JOB_KIND=unknown"
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["simulate", "--help"], {"CAROUSEL_SPARK_ARG_COUNT": "0", "CAROUSEL_JOB_KIND": "python"}),
+        (
+            ["--master=yarn", "-v", "simulate"],
+            {"CAROUSEL_SPARK_ARG_COUNT": "2", "CAROUSEL_JOB_KIND": "python"},
+        ),
+        (
+            ["--name", "no-such-job", "no-such-job"],
+            {"CAROUSEL_SPARK_ARG_COUNT": "2", "CAROUSEL_JOB_KIND": "unknown"},
+        ),
+        ([], {"CAROUSEL_SPARK_ARG_COUNT": "0", "CAROUSEL_JOB_KIND": "help"}),
+        (["--master", "local[1]", "--help"], {"CAROUSEL_SPARK_ARG_COUNT": "3", "CAROUSEL_JOB_KIND": "help"}),
+        (["help"], {"CAROUSEL_SPARK_ARG_COUNT": "0", "CAROUSEL_JOB_KIND": "help"}),
+    ],
+)
+def test_the_launcher_counts_the_spark_submit_options_before_the_job(words, expected):
+    values = _assignments(launch_info(words, {}))
+    assert values == {
+        "CAROUSEL_MASTER_GIVEN": str(int(any(w.startswith("--master") for w in words))),
+        **expected,
+    }
+
+
+@pytest.mark.parametrize(
+    ("words", "options", "count"),
+    [
+        # A value that reads like an option is a value, as spark-submit's parser takes it.
+        (
+            ["--name", "--conf", "--deploy-mode", "cluster", "ingest"],
+            [("--name", "--conf"), ("--deploy-mode", "cluster")],
+            4,
+        ),
+        (
+            ["--conf=spark.a=--deploy-mode", "-c", "--master", "serve", "x"],
+            [("--conf", "spark.a=--deploy-mode"), ("-c", "--master")],
+            3,
+        ),
+        (
+            ["--supervise", "--load-spark-defaults", "--queue", "q", "api"],
+            [("--supervise", None), ("--load-spark-defaults", None), ("--queue", "q")],
+            4,
+        ),
+        (["ingest", "--master", "yarn"], [], 0),
+        # spark-submit splits "--name=value" on every option, a switch's value ignored.
+        (["--verbose=true", "--name=a=b", "job"], [("--verbose", None), ("--name", "a=b")], 2),
+    ],
+)
+def test_spark_submit_options_are_read_as_spark_submit_reads_them(words, options, count):
+    assert submit_options(words) == (options, count)
+
+
+def test_an_unknown_spark_submit_option_or_one_without_its_value_is_refused():
+    with pytest.raises(ConfigError, match="unknown spark-submit option '--mastr'"):
+        submit_options(["--mastr", "yarn", "ingest"])
+    with pytest.raises(ConfigError, match="unknown spark-submit option '-c=spark.a=1'"):
+        submit_options(["-c=spark.a=1", "ingest"])  # spark-submit splits '=' off '--' options only
+    with pytest.raises(ConfigError, match="spark-submit option --master needs a value"):
+        submit_options(["--master"])
+    with pytest.raises(ConfigError, match="unknown spark-submit option '--mastr'"):
+        submit_options(["--mastr=yarn", "ingest"])  # named as spark-submit names it
+    with pytest.raises(ConfigError, match="unknown spark-submit option '--code-dir'"):
+        launch_info(["--code-dir", "dist", "--code-dir", "elsewhere", "simulate"], {})  # the launcher's only
+    with pytest.raises(ConfigError, match="spark-submit's --kill submits no job: run .*spark-submit --kill"):
+        launch_info(["--code-dir", "dist", "--kill", "driver-1"], {})
+
+
+def test_an_option_value_that_reads_like_an_option_does_not_set_the_deploy_mode():
+    args = ["--name", "--deploy-mode", "--conf", "spark.submit.deployMode=cluster"]
+    assert submitted_deploy_mode(args, {}) == "cluster"
+    assert (
+        submitted_deploy_mode(["--name", "--deploy-mode", "--verbose"], {"DEPLOY_MODE": "cluster"})
+        == "cluster"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +395,24 @@ def test_spark_submit_sh_takes_the_deploy_mode_from_a_properties_file(tmp_path):
     assert f"carousel: spark.submit.deployMode in {props} must be one of ['client', 'cluster']" in ran.stderr
 
 
+def test_spark_submit_sh_reads_the_options_before_the_job_as_spark_submit_does():
+    """The wrapper takes its split of the words from the launcher: an option's value that reads
+    like an option stays a value, an unknown option is refused with its name, --help after options
+    prints the usage, and a Python job gets its own arguments."""
+    submit = str(PROJECT_ROOT / "spark-submit.sh")
+
+    def run(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([submit, *words], capture_output=True, text=True, timeout=120)
+
+    refused = run("--mastr", "yarn", "ingest")
+    assert refused.returncode == 2
+    assert "carousel: unknown spark-submit option '--mastr'" in refused.stderr
+    usage = run("--name", "--master", "--help")
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: ./spark-submit.sh")
+    job_help = run("--name", "--verbose", "-v", "simulate", "--help")
+    assert job_help.returncode == 0 and job_help.stdout.startswith("usage: simulate")
+
+
 def test_a_relative_config_file_missing_here_is_read_from_the_project_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert config_module.config_file_path("conf/carousel.yaml") == PROJECT_ROOT / "conf/carousel.yaml"
@@ -342,8 +439,8 @@ def _driver_environment(node_tmp: Path) -> dict[str, str]:
 def _cluster_launch(tmp_path: Path, job_args: list[str]) -> tuple[Path, list[str]]:
     """The zip and job arguments ``./spark-submit.sh --deploy-mode cluster`` would submit."""
     info = subprocess.run(
-        [sys.executable, "-m", "carousel.cli", "--launch-info", "--deploy-mode", "cluster"]
-        + ["--code-dir", str(tmp_path / "dist"), *job_args],
+        [sys.executable, "-m", "carousel.cli", "--launch-info", "--code-dir", str(tmp_path / "dist")]
+        + ["--deploy-mode", "cluster", *job_args],
         capture_output=True, text=True, check=True, cwd=PROJECT_ROOT,
         env={**os.environ, "CAROUSEL_HOME": str(PROJECT_ROOT)},
     )  # fmt: skip
