@@ -25,6 +25,7 @@ from delta.exceptions import (
     ProtocolChangedException,
 )
 from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
@@ -147,7 +148,20 @@ def converge_table(
 
 
 def table_exists(spark: SparkSession, location: str) -> bool:
-    return DeltaTable.isDeltaTable(spark, location)
+    """Whether a Delta table (one commit at least) is at ``location`` now.
+
+    ``DeltaTable.isDeltaTable`` answers from the session's cached log of the path, which it does not
+    bring up to date: asked while another process was creating the table (its ``_delta_log``
+    folder there, no commit yet), it keeps answering False after the first commit, until something
+    reads the table (seen with Delta 4.4: a test polling for a table that a job created waited
+    300 s on it). So a False is checked once more by loading the table, which updates the log."""
+    if DeltaTable.isDeltaTable(spark, location):
+        return True
+    try:
+        spark.read.format("delta").load(location)
+    except AnalysisException:  # no table there (no folder, no log, or a log without a commit)
+        return False
+    return True
 
 
 def latest_version(spark: SparkSession, location: str) -> int:

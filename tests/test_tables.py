@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import deltalake
+import pyarrow as pa
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from carousel.config import load_config
 from carousel.schemas import PROFILES_TABLE, TABLES
-from carousel.storage import latest_version
+from carousel.storage import latest_version, table_exists
 from carousel.tables import ensure, table_properties
 
 
@@ -64,3 +66,17 @@ def test_ensure_changes_nothing_on_a_table_that_has_its_settings(spark: SparkSes
     ensure(spark, longer, PROFILES_TABLE)
     properties = _settings(spark, cfg.storage.table(PROFILES_TABLE))["properties"]
     assert properties["delta.logRetentionDuration"] == "interval 60 days"
+
+
+def test_a_table_created_after_a_check_that_saw_its_empty_log_is_found(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Another writer (delta-rs here, another job in production) creates the table after a check
+    that saw its ``_delta_log`` folder without a commit: Delta's cached log said no table until
+    something read it; :func:`table_exists` says there is one."""
+    location = str(tmp_path / "created-elsewhere")
+    (tmp_path / "created-elsewhere" / "_delta_log").mkdir(parents=True)
+    assert not table_exists(spark, location)
+    deltalake.write_deltalake(location, pa.table({"a": [1, 2]}))
+    assert table_exists(spark, location)
+    assert not table_exists(spark, str(tmp_path / "nothing-here"))
