@@ -21,7 +21,9 @@ every key of one user lives in one slot):
 The API (:mod:`carousel.api`) reads per request with :meth:`OnlineState.read_each`, the requests
 a worker has in flight sharing one round trip.
 
-Reads are one pipelined round trip per micro-batch. Writes are one pipelined round trip too;
+Reads are one pipelined round trip per micro-batch (:func:`exchange`: the commands in one write,
+the replies read in order, without redis-py's per-command pipeline bookkeeping). Writes are one
+pipelined round trip too;
 each user's hash is written by a compare-and-set on ``v`` (a three-line Lua script, no business
 logic in Redis), so a concurrent writer - ``rebuild-online-store`` merging Delta profiles while
 ``serve`` runs - is never overwritten: the loser re-reads and re-applies its (idempotent) changes.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from carousel.fastjson import compact_json
 from carousel.online_profile import OnlineProfile
@@ -209,15 +211,20 @@ class OnlineState:
         INCRed (and set to expire); the raw replies in the order asked."""
         if not (users or triggers or counters):
             return [], [], []
-        pipe = self.client.pipeline(transaction=False)
-        for user in users:
-            pipe.hmget(self.user_key(user), "v", "p", "s")
-        for user, event_id in triggers:
-            pipe.get(self.answered_key(user, event_id))
+        commands: list[tuple[Any, ...]] = [("HMGET", self.user_key(user), "v", "p", "s") for user in users]
+        commands += [("GET", self.answered_key(user, event_id)) for user, event_id in triggers]
         for counter in counters:
-            pipe.incr(counter)
-            pipe.pexpire(counter, counter_ttl_ms)
-        replies = pipe.execute()
+            commands += [("INCR", counter), ("PEXPIRE", counter, counter_ttl_ms)]
+        if isinstance(self.client, RedisCluster):  # routed by each key's slot
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = pipe.execute()
+        else:
+            replies = exchange(self.client, commands)
+            failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+            if failed is not None:
+                raise failed
         n_users, n_triggers = len(users), len(triggers)
         counts = [int(reply) for reply in replies[n_users + n_triggers :: 2]]  # INCR, PEXPIRE, ...
         return replies[:n_users], replies[n_users : n_users + n_triggers], counts
@@ -252,11 +259,16 @@ class OnlineState:
         # spans them), so a failure between the two leaves a record of an answer that was not
         # given rather than an answer given and never recorded; the retry (same request id, same
         # payload id) is then recorded as that one, and record-sends keeps one per payload id.
-        commands = [(self.outbox_key, "xadd", (entry.fields(),), {}) for entry in outbox]
+        commands = [
+            (self.outbox_key, ("XADD", self.outbox_key, "*", *_pairs(entry.fields()))) for entry in outbox
+        ]
         commands += self._cas_commands(changed)
         commands += [
-            (self.answered_key(user, event_id), "set", (answer.to_json(),), {"px": self.answered_ttl_ms})
-            for (user, event_id), answer in (answers or {}).items()
+            (key, ("SET", key, answer.to_json(), "PX", self.answered_ttl_ms))
+            for key, answer in (
+                (self.answered_key(user, event_id), answer)
+                for (user, event_id), answer in (answers or {}).items()
+            )
         ]
         replies = self._run_commands(commands, atomic=bool(outbox))
         first_cas = len(outbox)
@@ -280,37 +292,35 @@ class OnlineState:
         conflicts = [s.user_id for s, ok in zip(changed, cas, strict=True) if not int(ok)]
         return conflicts, [_text(reply) for reply in replies[:first_cas]]
 
-    def _cas_commands(
-        self, changed: Sequence[UserState]
-    ) -> list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]:
+    def _cas_commands(self, changed: Sequence[UserState]) -> list[tuple[str, tuple[Any, ...]]]:
         return [
             (
-                self.user_key(state.user_id),
-                "evalsha",
+                key,
                 (
+                    "EVALSHA",
+                    _CAS_SHA,
+                    1,
+                    key,
                     state.version,
                     str(int(state.version or 0) + 1),
                     state.profile.to_json(),
                     compact_json(state.sends),
                     self.profile_ttl_ms,
                 ),
-                {},
             )
-            for state in changed
+            for key, state in ((self.user_key(state.user_id), state) for state in changed)
         ]
 
-    def _run_commands(
-        self, commands: Sequence[tuple[str, str, tuple[Any, ...], dict[str, Any]]], atomic: bool
-    ) -> list[Any]:
-        """Run ``commands`` ((key, command, arguments after the key, keyword arguments)) pipelined;
-        their replies in order, an error in its command's place.
+    def _run_commands(self, commands: Sequence[tuple[str, tuple[Any, ...]]], atomic: bool) -> list[Any]:
+        """Run ``commands`` ((key, the command's words)) pipelined; their replies in order, an
+        error in its command's place.
 
-        Redis Cluster's pipelines refuse scripts, so there the commands are grouped by the node
-        that owns each key's slot and each node gets one plain pipeline (still one round trip
-        per node). ``atomic``: one MULTI/EXEC on a single Redis."""
+        On Redis Cluster the commands are grouped by the node that owns each key's slot and each
+        node gets one plain pipeline (still one round trip per node; a cluster pipeline refuses
+        scripts). ``atomic``: one MULTI/EXEC on a single Redis."""
         if isinstance(self.client, RedisCluster):
             groups: dict[str, tuple[Any, list[int]]] = {}
-            for position, (key, _, _, _) in enumerate(commands):
+            for position, (key, _) in enumerate(commands):
                 node = self.client.get_node_from_key(key)
                 groups.setdefault(node.name, (node.redis_connection, []))[1].append(position)
             atomic = False
@@ -318,18 +328,15 @@ class OnlineState:
             groups = {"": (self.client, list(range(len(commands))))}
         replies: list[Any] = [None] * len(commands)
         for connection, positions in groups.values():
-            pipe = connection.pipeline(transaction=atomic)
-            for position in positions:
-                key, name, args, kwargs = commands[position]
-                if name == "evalsha" and atomic:
-                    # In a transaction a NOSCRIPT cannot be undone (EXEC runs the other commands
-                    # all the same): the script's text instead, cached by the server per SHA.
-                    pipe.eval(_CAS_SCRIPT, 1, key, *args)
-                elif name == "evalsha":
-                    pipe.evalsha(_CAS_SHA, 1, key, *args)
-                else:
-                    getattr(pipe, name)(key, *args, **kwargs)
-            for position, reply in zip(positions, pipe.execute(raise_on_error=False), strict=True):
+            words = [commands[position][1] for position in positions]
+            if atomic:
+                # In a transaction a NOSCRIPT cannot be undone (EXEC runs the other commands all
+                # the same): the script's text instead, cached by the server per SHA.
+                words = [("EVAL", _CAS_SCRIPT, *w[2:]) if w[0] == "EVALSHA" else w for w in words]
+                got = _transaction_replies(exchange(connection, [("MULTI",), *words, ("EXEC",)]))
+            else:
+                got = exchange(connection, words)
+            for position, reply in zip(positions, got, strict=True):
                 replies[position] = reply
         return replies
 
@@ -376,6 +383,57 @@ class OnlineState:
             reply = next(iter(reply.values()))
         seconds, micros = reply
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+def exchange(client: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``commands`` (each a command's words) sent in one write on one of ``client``'s pooled
+    connections, and their replies read in order, an error reply (:class:`ResponseError`) in its
+    command's place.
+
+    What redis-py's pipeline does, without its per-command bookkeeping (command objects, response
+    callbacks, observability hooks): about half its CPU per round trip, on the API's request
+    path (bench/README.md "API"). The replies are Redis's own: HMGET a list, GET bytes or None,
+    INCR, PEXPIRE and EVAL integers, SET and MULTI ``b"OK"``, XADD the id. A connection or
+    timeout error is retried by the client's retry policy on a fresh connection, as redis-py
+    retries a pipeline."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+
+    def send_and_read() -> list[Any]:
+        connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as err:
+                replies.append(err)
+        return replies
+
+    try:
+        return connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
+    finally:
+        pool.release(connection)
+
+
+def _transaction_replies(replies: Sequence[Any]) -> list[Any]:
+    """The replies of the commands between a MULTI and its EXEC, from :func:`exchange`'s replies to
+    all of them: EXEC's array, or, when the transaction was refused (a command refused as it was
+    queued: EXECABORT), each command's own refusal, or EXEC's in the place of the others."""
+    queued, executed = replies[1:-1], replies[-1]
+    if isinstance(replies[0], Exception):
+        raise replies[0]
+    if isinstance(executed, Exception):
+        refused = next((reply for reply in queued if isinstance(reply, Exception)), None)
+        if refused is not None:  # EXECABORT: say why in the place of each discarded command
+            executed = type(executed)(f"{executed} ({refused})")
+        return [reply if isinstance(reply, Exception) else executed for reply in queued]
+    if executed is None or len(executed) != len(queued):
+        raise ResponseError(f"the transaction was not run as sent (EXEC replied {executed!r})")
+    return list(executed)
+
+
+def _pairs(fields: Mapping[str, Any]) -> list[Any]:
+    return [word for pair in fields.items() for word in pair]
 
 
 def outbox_key(prefix: str) -> str:

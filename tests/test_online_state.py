@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from carousel.api import CoalescingStore
 from carousel.broker import free_port
 from carousel.online_profile import OnlineProfile
-from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest
+from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest, exchange
 from carousel.online_store import connect
 
 pytestmark = [pytest.mark.integration]
@@ -60,6 +62,71 @@ def test_a_concurrent_writer_is_never_overwritten(store: OnlineState) -> None:
     assert store.write(serve_view.values()) == ["u"]  # stale version: refused, reported
     fresh = store.read(["u"])[0]["u"]
     assert [item for item, _ in fresh.profile.views] == ["from-delta"]
+
+
+def test_an_exchange_reads_every_reply_in_order_an_error_in_its_place(store: OnlineState) -> None:
+    client = store.client
+    client.set("x-text", "a")
+    replies = exchange(
+        client, [("GET", "x-text"), ("INCR", "x-text"), ("HMGET", "x-none", "v"), ("INCR", "x-n")]
+    )
+    assert replies[0] == b"a" and replies[2] == [None] and replies[3] == 1
+    assert isinstance(replies[1], redis.exceptions.ResponseError) and "not an integer" in str(replies[1])
+    # The connection was left with nothing unread: the next exchange gets its own replies.
+    assert exchange(client, [("GET", "x-n")]) == [b"1"]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_connection_the_server_dropped_is_retried_by_the_clients_policy(
+    store: OnlineState, monkeypatch, retries: int
+) -> None:
+    """The server drops the pooled connection after the pool handed it out: with no retries (the
+    project's client) the exchange raises and the next one gets a fresh connection; with one, the
+    client's retry policy sends it again on a fresh connection."""
+    options = store.client.connection_pool.connection_kwargs
+    where = {"host": options["host"], "port": options["port"], "password": options.get("password")}
+    client = redis.Redis(**where, retry=Retry(NoBackoff(), retries))
+    killer = redis.Redis(**where)
+    pool = client.connection_pool
+    [pooled] = exchange(client, [("CLIENT", "ID")])
+    handed_out = pool.get_connection
+    kills: list[int] = []
+
+    def lost_once_handed_out() -> Any:
+        connection = handed_out()
+        if not kills:
+            kills.append(killer.client_kill_filter(_id=pooled))
+        return connection
+
+    monkeypatch.setattr(pool, "get_connection", lost_once_handed_out)
+    commands = [("SET", "x-after", "1"), ("GET", "x-after"), ("CLIENT", "ID")]
+    try:
+        if retries:
+            replies = exchange(client, commands)
+        else:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                exchange(client, commands)
+            replies = exchange(client, commands)
+    finally:
+        killer.close()
+        client.close()
+    assert kills == [1]
+    assert replies[:2] == [b"OK", b"1"] and replies[2] != pooled
+
+
+def test_a_refused_transaction_runs_none_of_its_commands(store: OnlineState, monkeypatch) -> None:
+    """A command refused as it is queued (here an unknown one) aborts the whole MULTI/EXEC: the
+    write raises and the outbox entry and state queued with it are not stored."""
+    states, _ = store.read(["u"])
+    states["u"].profile.apply(view("a", 1), 5)
+    states["u"].changed = True
+    entry = OutboxEntry("u", "p1", '{"payload_id": "p1"}')
+    original = store._cas_commands
+    monkeypatch.setattr(store, "_cas_commands", lambda changed: [*original(changed), ("k", ("NO-SUCH", "k"))])
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        store.write_with_outbox(states.values(), {}, [entry])
+    assert store.outbox_length() == 0
+    assert store.read(["u"])[0]["u"].version == ""
 
 
 def test_a_lost_script_cache_is_reloaded(store: OnlineState) -> None:
