@@ -834,7 +834,7 @@ class SparkConfig(_Section):
         return value
 
 
-class _StreamingQuerySection(_Section):
+class StreamingQuerySection(_Section):
     """What every streaming query is configured with."""
 
     query_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9._-]+$")
@@ -846,6 +846,10 @@ class _StreamingQuerySection(_Section):
     # On a stop request (./spark-submit.sh stop) or SIGTERM/SIGINT to the driver, the running
     # micro-batch may finish for this long before it is interrupted.
     stop_timeout_seconds: float = Field(gt=0)
+    # While it runs the query renews a lease beside its checkpoint every third of this; jobs that
+    # must not run beside it (rebuild-profiles; on S3, every job writing its tables) refuse while
+    # the lease is younger than this. A killed driver's lease counts for this long.
+    lease_seconds: float = Field(ge=3)
 
     @field_validator("trigger_interval")
     @classmethod
@@ -883,15 +887,12 @@ class _StreamingQuerySection(_Section):
         return value
 
 
-class IngestConfig(_StreamingQuerySection):
+class IngestConfig(StreamingQuerySection):
     min_event_time: str
     max_future_skew_seconds: int = Field(ge=0)
     max_record_bytes: int = Field(ge=64)
     # An event id is stored once within this many days of ingest time (the dedupe state's horizon).
     dedupe_horizon_days: float = Field(gt=0, le=366)
-    # A running ingest renews a lease beside its checkpoint every third of this; jobs that must
-    # not run beside it (rebuild-profiles) refuse while the lease is younger than this.
-    lease_seconds: float = Field(ge=3)
 
     @field_validator("min_event_time")
     @classmethod
@@ -1112,7 +1113,7 @@ class FrequencyCapConfig(_Section):
     window_hours: float = Field(gt=0)
 
 
-class SentLogConfig(_StreamingQuerySection):
+class SentLogConfig(StreamingQuerySection):
     """The outbox query (``./spark-submit.sh record-sends``): ``recs.sent`` -> Delta sent_recommendations."""
 
     # A replayed serve batch re-emits its outbox records; they are dropped within this horizon.
@@ -1136,7 +1137,7 @@ class ColdStartConfig(_Section):
     max_new_items: int = Field(ge=1)
 
 
-class ServingConfig(_StreamingQuerySection):
+class ServingConfig(StreamingQuerySection):
     """The real-time serving query (``./spark-submit.sh serve``) and the ranking shared with campaigns."""
 
     # How many of the user's most recent viewed/purchased items seed the candidates, and how much

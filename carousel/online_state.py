@@ -222,9 +222,7 @@ class OnlineState:
             replies = pipe.execute()
         else:
             replies = exchange(self.client, commands)
-            failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
-            if failed is not None:
-                raise failed
+            _raise_first_error(replies)
         n_users, n_triggers = len(users), len(triggers)
         counts = [int(reply) for reply in replies[n_users + n_triggers :: 2]]  # INCR, PEXPIRE, ...
         return replies[:n_users], replies[n_users : n_users + n_triggers], counts
@@ -285,9 +283,7 @@ class OnlineState:
                 missing, self._run_commands([commands[i] for i in missing], False), strict=True
             ):
                 replies[i] = reply
-        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
-        if failed is not None:
-            raise failed
+        _raise_first_error(replies)
         cas = replies[first_cas : first_cas + len(changed)]
         conflicts = [s.user_id for s, ok in zip(changed, cas, strict=True) if not int(ok)]
         return conflicts, [_text(reply) for reply in replies[:first_cas]]
@@ -413,6 +409,13 @@ def exchange(client: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
         return connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
     finally:
         pool.release(connection)
+
+
+def _raise_first_error(replies: Sequence[Any]) -> None:
+    """Raise the first error reply of a round trip, if any (the others' replies are then moot)."""
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is not None:
+        raise failed
 
 
 def _transaction_replies(replies: Sequence[Any]) -> list[Any]:

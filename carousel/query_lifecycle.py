@@ -16,6 +16,11 @@ callback's traceback; Spark's stream thread can even die of a ``StackOverflowErr
 against a pattern). The handler is our own code, so its start and end are known exactly: the gate
 lets a stop wait for the running handler and keeps the next one from starting.
 
+While it runs, each always-on query keeps a *lease* beside its checkpoint (:class:`QueryLease`).
+Jobs that must not commit beside it read it: ``rebuild-profiles`` always, and on S3 with Delta's
+single-driver log store every job that commits to the query's tables (:func:`busy_tables`,
+:func:`refuse_beside_running_writers`: ``maintain``, ``forget-user``, ``campaign``).
+
 Under ``spark-submit`` the driver's Python process is a child of the ``SparkSubmit`` JVM, and a
 SIGTERM or SIGINT to that JVM shuts Spark down at once (its shutdown hooks): the running batch is
 cut and replayed on the next start. Use the stop request for a clean stop.
@@ -35,8 +40,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
@@ -47,20 +53,34 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from carousel.config import CarouselConfig
-from carousel.errors import java_reason, one_line
+from carousel.config import CarouselConfig, StreamingQuerySection
+from carousel.errors import JobError, java_reason, one_line
+from carousel.schemas import (
+    EVENTS_TABLE,
+    INGEST_LOG_TABLE,
+    PROFILES_TABLE,
+    QUARANTINE_TABLE,
+    SENT_RECOMMENDATIONS_TABLE,
+    TRENDING_TABLE,
+)
 from carousel.storage import delete_file, file_exists, publish_small_file, read_text_file, write_small_file
 
 __all__ = [
     "BatchGate",
     "QueryFailedError",
     "QueryLease",
+    "RunningWriter",
     "StopRequestedError",
     "await_query",
+    "busy_tables",
     "gate_for",
     "lease_holder",
     "lease_path",
+    "query_lease",
+    "refuse_beside_running_writers",
     "request_stop",
+    "running_writers",
+    "single_driver_commits",
     "stop_between_batches",
     "stop_main",
     "stop_marker",
@@ -275,6 +295,109 @@ def lease_holder(
     return holder if age < lease_seconds else None
 
 
+def always_on_queries(cfg: CarouselConfig) -> dict[str, tuple[StreamingQuerySection, frozenset[str]]]:
+    """Each always-on job (as ``./spark-submit.sh stop`` names it) -> its query's configuration and
+    the Delta tables it commits to."""
+    return {
+        "ingest": (
+            cfg.ingest,
+            frozenset({EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE}),
+        ),
+        "serve": (cfg.serving, frozenset({TRENDING_TABLE})),  # its trending refresher
+        "record-sends": (cfg.sent_log, frozenset({SENT_RECOMMENDATIONS_TABLE})),
+    }
+
+
+def query_lease(spark: SparkSession, cfg: CarouselConfig, job: str) -> QueryLease:
+    """The lease the always-on ``job`` (``ingest``, ``serve``, ``record-sends``) keeps while it runs."""
+    section = always_on_queries(cfg)[job][0]
+    return QueryLease(spark, lease_path(cfg, section.query_name), section.query_name, section.lease_seconds)
+
+
+# Delta's default log store for s3a:// (and s3://) paths: a commit is atomic within one driver
+# only, as S3 has no put-if-absent rename. The delegating store (Delta's default class) hands
+# s3a to it too; spark.delta.logStore.s3a.impl (or .class) naming another lifts the rule.
+_SINGLE_DRIVER_LOG_STORES = frozenset({"S3SingleDriverLogStore", "DelegatingLogStore"})
+# Where Delta reads the log store from (LogStoreProvider), with and without the "spark." prefix.
+_LOG_STORE_KEYS = (
+    "spark.delta.logStore.s3a.impl",
+    "delta.logStore.s3a.impl",
+    "spark.delta.logStore.class",
+    "delta.logStore.class",
+)
+
+
+def single_driver_commits(root: str, conf: Callable[[str], str | None]) -> bool:
+    """True where Delta commits to one table are safe from one Spark driver at a time only: the
+    storage ``root`` is on S3 (``s3a://``) and its log store is Delta's default for S3
+    (``S3SingleDriverLogStore``: two drivers committing the same version can each "win"). A
+    multi-writer log store (``S3DynamoDBLogStore``, or any other set in
+    ``spark.delta.logStore.s3a.impl`` / ``spark.delta.logStore.class``) lifts it; on a local file
+    system, HDFS, ABFS or GCS the storage itself lets one commit of a version win. ``conf`` reads
+    the session's Spark setting of that name (None when unset)."""
+    if not root.lower().startswith("s3a://"):
+        return False
+    store = next((value.strip() for key in _LOG_STORE_KEYS if (value := conf(key)) and value.strip()), "")
+    return not store or store.rsplit(".", 1)[-1] in _SINGLE_DRIVER_LOG_STORES
+
+
+@dataclass(frozen=True)
+class RunningWriter:
+    """An always-on query that runs now (its lease is live) and commits to some of the tables asked
+    about (``tables``); ``holder``: its lease (host, pid, renewed_at)."""
+
+    job: str
+    query: str
+    holder: Mapping[str, Any]
+    tables: frozenset[str]
+
+    def reason(self) -> str:
+        return (
+            f"{self.job} ({self.query}) is running on {self.holder.get('host')} (pid "
+            f"{self.holder.get('pid')}, lease renewed {self.holder.get('renewed_at')}) and commits to "
+            f"{', '.join(sorted(self.tables))}: on s3a:// with Delta's single-driver log store, two "
+            "drivers' commits to one table can overwrite each other; stop it first "
+            f"(./spark-submit.sh stop {self.job}) or configure a multi-writer log store (README: "
+            "'One writer per table at a time')"
+        )
+
+
+def running_writers(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]) -> list[RunningWriter]:
+    """The always-on queries running now that commit to any of ``tables``, where this job's
+    commits beside theirs could be lost (:func:`single_driver_commits`); empty elsewhere, without
+    reading anything. A lease (:class:`QueryLease`) older than its query's ``lease_seconds``
+    counts as stopped."""
+    if not single_driver_commits(cfg.storage.root, lambda key: spark.conf.get(key, None)):
+        return []
+    asked = frozenset(tables)
+    writers = []
+    for job, (section, written) in always_on_queries(cfg).items():
+        shared = written & asked
+        if not shared:
+            continue
+        holder = lease_holder(spark, lease_path(cfg, section.query_name), section.lease_seconds)
+        if holder is not None:
+            writers.append(RunningWriter(job, section.query_name, holder, shared))
+    return writers
+
+
+def busy_tables(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]) -> dict[str, str]:
+    """Each of ``tables`` that a running always-on query commits to (:func:`running_writers`) ->
+    why another job must not commit to it now."""
+    writers = running_writers(spark, cfg, tables)
+    return {table: writer.reason() for writer in writers for table in writer.tables}
+
+
+def refuse_beside_running_writers(
+    spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str], refused: str
+) -> None:
+    """Raise :class:`JobError` (``refused``: what is not done, then why) naming the always-on
+    queries (:func:`running_writers`) that commit to any of ``tables`` now, on S3."""
+    writers = running_writers(spark, cfg, tables)
+    if writers:
+        raise JobError(f"{refused}: " + "; ".join(w.reason() for w in writers))
+
+
 def request_stop(spark: SparkSession, marker: str, reason: str) -> None:
     """Ask the query watching ``marker`` to stop between micro-batches (any Hadoop file system)."""
     write_small_file(spark, marker, f"{datetime.now(UTC).isoformat()} {reason}\n")
@@ -414,7 +537,7 @@ def await_query(
             storage.run("remove its lease (it expires by itself)", lease.release, None)
 
 
-_STOPPABLE = ("ingest", "serve", "record-sends")
+_STOPPABLE = ("ingest", "serve", "record-sends")  # always_on_queries' jobs
 
 
 def stop_main(argv: list[str]) -> int:
@@ -427,11 +550,7 @@ def stop_main(argv: list[str]) -> int:
     parser.add_argument("--reason", default="requested by ./spark-submit.sh stop", help="kept in the marker")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "stop")
-    name = {
-        "ingest": cfg.ingest.query_name,
-        "serve": cfg.serving.query_name,
-        "record-sends": cfg.sent_log.query_name,
-    }[args.query]
+    name = always_on_queries(cfg)[args.query][0].query_name
     marker = stop_marker(cfg, name)
     spark = build_session(cfg, "carousel-stop")
     try:

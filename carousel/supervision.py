@@ -199,6 +199,7 @@ def supervise(
     lease: QueryLease | None = None,
     started: StreamingQuery | None = None,
     probe: Callable[[], str | None] | None = None,
+    keep_lease: bool = False,
 ) -> StreamingQuery:
     """Run the query that ``start`` starts until it is stopped or finishes; restart it on transient
     errors. Returns the last query started (for its progress).
@@ -209,9 +210,14 @@ def supervise(
     ``started``: the first run, already started by the caller (who handled its start's errors);
     otherwise the first start's own errors propagate as they are (a job that cannot start says
     why). A restart that fails to start with a transient error counts as a failed attempt.
+
+    ``lease``: written before the first start (a query's start commits: its tables' creation), and
+    removed at the end unless ``keep_lease`` (the caller still commits after: it removes it).
     """
     storage = StorageChecks(query_name)
     stop_watch = _StopWatch(spark, marker, lease, storage)
+    if lease is not None:
+        storage.run("renew its lease", lease.renew_if_due, None)
     restarts = 0
     last, pending = started, started  # the last query started; the one to await next, if started
     try:
@@ -283,5 +289,5 @@ def supervise(
                     assert last is not None  # a failure before any start was raised above
                     return last
     finally:
-        if lease is not None:
+        if lease is not None and not keep_lease:
             storage.run("remove its lease (it expires by itself)", lease.release, None)

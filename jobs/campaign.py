@@ -60,6 +60,7 @@ from carousel.experiments import run_payload_id_column
 from carousel.faults import injected, kill_job
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import check_templates, render_payloads
+from carousel.query_lifecycle import refuse_beside_running_writers
 from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
     CAMPAIGN_RUNS_TABLE,
@@ -80,6 +81,10 @@ from carousel.storage import (
 from jobs.rebuild_online_store import merge_frame
 
 log = logging.getLogger(__name__)
+
+
+# The Delta tables a run commits to (besides the tables' creation).
+_WRITTEN_TABLES = (SENT_RECOMMENDATIONS_TABLE, CAMPAIGN_RUNS_TABLE)
 
 
 class CampaignError(JobError):
@@ -372,6 +377,11 @@ def run(
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
+    # On S3 only: one driver commits to a table at a time, and record-sends appends to the same
+    # sent_recommendations (README: 'One writer per table at a time'). Checked again before the append.
+    refuse_beside_running_writers(
+        spark, cfg, _WRITTEN_TABLES, f"campaign {campaign_name}: not started, nothing written"
+    )
     default_id = run_id is None and now is None
     if default_id:
         now = clock()
@@ -425,6 +435,13 @@ def run(
             counts.control,
         )
         sent = sent_rows(ranked)
+        refuse_beside_running_writers(
+            spark,
+            cfg,
+            _WRITTEN_TABLES,
+            f"campaign {campaign_name} run {run_id}: nothing recorded or sent (run it again with "
+            f"--run-id {run_id} once that has stopped)",
+        )
         idempotent_append(sent, sent_location, app_id, 0)
     else:
         # Recorded by an attempt that did not finish: send exactly what it recorded.

@@ -80,6 +80,7 @@ from carousel.erasure import check_key, hash_key, key_id, raw_user_id, user_hash
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
 from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key
+from carousel.query_lifecycle import refuse_beside_running_writers
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
     ERASED_USERS_TABLE,
@@ -375,7 +376,11 @@ def erase_from_table(
     spark: SparkSession, cfg: CarouselConfig, table: str, ids: Sequence[str], tag: str
 ) -> StepResult:
     """Delete the users' rows from ``table`` (one commit per ``erasure.ids_per_delete`` ids), then
-    purge deletion vectors that may still mask older versions of their rows."""
+    purge deletion vectors that may still mask older versions of their rows. On S3, a table that a
+    running query commits to is left alone (:class:`JobError`: one driver commits at a time)."""
+    refuse_beside_running_writers(
+        spark, cfg, [table], "not erased (run forget-user again for these users once it has stopped)"
+    )
     location = cfg.storage.table(table)
     if not table_exists(spark, location):
         log.info("%s: no table at %s, nothing to erase", table, location)

@@ -48,6 +48,7 @@ from pyspark.sql.types import DateType
 from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig, ConfigError
 from carousel.errors import JobError, one_line
+from carousel.query_lifecycle import busy_tables
 from carousel.schemas import EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE, TABLES, TableSpec
 from carousel.session import build_session
 from carousel.storage import deletion_vector_count, quoted_location, table_exists, with_commit_retries
@@ -220,6 +221,13 @@ def run(
         spec = TABLES[name]
         if not table_exists(spark, cfg.storage.table(name)):
             log.info("%s: no table at %s, nothing to maintain", name, cfg.storage.table(name))
+            continue
+        # On S3 only: one driver commits to a table at a time (checked as each table's turn comes).
+        busy = busy_tables(spark, cfg, [name])
+        if name in busy:
+            report = TableReport(name, error=f"not maintained: {busy[name]}")
+            log.error("%s: %s", name, report.error)
+            reports.append(report)
             continue
         try:
             report = maintain_table(spark, cfg, spec, now, vacuum=vacuum)

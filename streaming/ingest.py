@@ -51,7 +51,7 @@ from carousel.config import CarouselConfig, IngestConfig
 from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.errors import one_line
 from carousel.faults import injected, kill_job
-from carousel.query_lifecycle import QueryLease, gate_for, lease_path, stop_marker
+from carousel.query_lifecycle import gate_for, query_lease, stop_marker
 from carousel.query_metrics import count_outcomes, count_quarantined, exported
 from carousel.schemas import (
     DEVICE_SCHEMA,
@@ -577,7 +577,7 @@ def main(argv: list[str]) -> int:
             name,
             cfg.ingest.stop_timeout_seconds,
             stop_marker(cfg, name),
-            lease=QueryLease(spark, lease_path(cfg, name), name, cfg.ingest.lease_seconds),
+            lease=query_lease(spark, cfg, "ingest"),
             probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
         )
     return 0

@@ -34,7 +34,7 @@ from pyspark.sql.streaming import StreamingQuery
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.erasure import ErasedUsers, check_key, erased_ids, with_erased_flag
-from carousel.query_lifecycle import gate_for, stop_marker
+from carousel.query_lifecycle import gate_for, query_lease, stop_marker
 from carousel.query_metrics import exported
 from carousel.schemas import (
     OUTBOX_SCHEMA,
@@ -183,6 +183,7 @@ def main(argv: list[str]) -> int:
             name,
             cfg.sent_log.stop_timeout_seconds,
             stop_marker(cfg, name),
+            lease=query_lease(spark, cfg, "record-sends"),
             probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
         )
     return 0

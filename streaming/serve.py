@@ -57,7 +57,7 @@ from carousel.erasure import check_key, hash_key
 from carousel.errors import one_line
 from carousel.online_store import OnlineStoreError, check_reachable, ping_check
 from carousel.payloads import TemplateCheckError, check_templates
-from carousel.query_lifecycle import stop_marker
+from carousel.query_lifecycle import StorageChecks, query_lease, stop_marker
 from carousel.query_metrics import PAYLOADS_BY_CHANNEL, EndTrackingListener, exported, remove_listener
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import CHANNELS, PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
@@ -179,8 +179,11 @@ class TrendingRefresher:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_seconds: float) -> None:
+        """Stop refreshing; wait up to ``timeout_seconds`` for a refresh running now to commit."""
         self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout_seconds)
 
 
 def run_totals(query: StreamingQuery) -> dict[str, int]:
@@ -315,12 +318,16 @@ def main(argv: list[str]) -> int:
     listener = ServeProgressLog(name)
     spark.streams.addListener(listener)
     start = partial(run, spark, cfg, available_now=args.available_now)
+    # Held from before the first start (it commits trending_items) until the refresher has stopped.
+    lease, storage = query_lease(spark, cfg, "serve"), StorageChecks(name)
+    storage.run("renew its lease", lease.renew_if_due, None)
     # The exporter before the first start: it sees the first batch's progress.
     with exported(spark, cfg.metrics, "serve"):
         try:
             query = start()
         except (OnlineStoreError, ServingInputError, TemplateCheckError) as err:
             remove_listener(spark, listener)
+            storage.run("remove its lease (it expires by itself)", lease.release, None)
             log.error("serve cannot start: %s", one_line(err))
             return 1
         trending = TrendingRefresher(spark, cfg).start()
@@ -332,6 +339,8 @@ def main(argv: list[str]) -> int:
                 name,
                 cfg.serving.stop_timeout_seconds,
                 stop_marker(cfg, name),
+                lease=lease,
+                keep_lease=True,
                 started=query,
                 probe=dependency_probe(
                     {
@@ -341,7 +350,8 @@ def main(argv: list[str]) -> int:
                 ),
             )
         finally:
-            trending.stop()
+            trending.stop(cfg.serving.stop_timeout_seconds)
+            storage.run("remove its lease (it expires by itself)", lease.release, None)
             # Progress events reach the listener asynchronously: none may arrive once Python exits.
             remove_listener(spark, listener)
     totals, runs = listener.totals(query)

@@ -383,3 +383,20 @@ def test_a_backoff_ends_once_the_dependency_seen_down_answers_again(spark, tmp_p
     waited = time.monotonic()
     assert watch.wait(0.2, poll_seconds=0.1, probe=lambda: "Kafka", longest=1.0) is False
     assert 1.0 <= time.monotonic() - waited < 5.0
+
+
+def test_the_lease_is_held_before_the_first_start_and_removed_when_it_fails(spark, tmp_path) -> None:
+    """A query's start commits (its tables' creation): jobs checking the lease must see it running
+    from before then. A start that fails still removes it."""
+    lease = QueryLease(spark, str(tmp_path / "lease"), "starting", lease_seconds=30)
+    seen_at_start: list[object] = []
+
+    def start() -> StreamingQuery:
+        seen_at_start.append(lease_holder(spark, lease.path, lease_seconds=30))
+        raise TemplateCheckError("a bad template: the job's own start-up error")
+
+    with pytest.raises(TemplateCheckError):
+        supervise(spark, start, policy(), "starting", stop_timeout_seconds=30, lease=lease)
+    assert len(seen_at_start) == 1 and seen_at_start[0] is not None
+    assert seen_at_start[0]["query"] == "starting"
+    assert lease_holder(spark, lease.path, lease_seconds=30) is None
