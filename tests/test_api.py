@@ -364,7 +364,10 @@ def test_an_outbox_record_older_than_the_dedupe_window_goes_to_the_dead_letter_t
     # as late, without a trace. The sweep dead-letters it (reason and record) and deletes it; a
     # younger orphan in the same sweep is relayed as usual.
     cfg = api_config(tmp_path, kafka_bootstrap, online_store_url)
-    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"outbox_orphan_seconds": 2})})
+    # 20 s: both records below are orphans (the younger is 60 s old), and the producer's delivery
+    # timeout (half of it) outlasts a loaded machine's first produce to a new topic; at 2 s (1 s)
+    # the dead letter timed out in a loaded run and stayed for the next sweep.
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"outbox_orphan_seconds": 20})})
     ensure_topics(cfg.kafka)
     _metrics()  # the collectors, registered once per process
 

@@ -105,3 +105,5 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
     assert busy_tables(spark, cfg, [EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE]) == {}
     (events,) = maintain.run(spark, cfg, [EVENTS_TABLE], vacuum=False)
     assert events.table == EVENTS_TABLE and events.error is None
+    again = forget_user.run(spark, cfg, ["user-1"], online_store=False)
+    assert again.failed == []
