@@ -18,7 +18,8 @@ state folders, free ports) and the scaled shop of :mod:`bench.shop_data` (built,
    recommendations?campaign=--campaign``, each for ``--duration`` s, after ``--warmup`` s of
    recommendations at the lowest rate. The open-loop generator (:mod:`bench.api_load`) measures
    each request from its due time. Per phase: p50/p95/p99/max, the achieved rate, the statuses,
-   and the CPU of the generator, of the service's processes and of Redis.
+   the CPU of the generator, of the service's processes and of Redis, and the store's round
+   trips per request (``rt/req``: Redis's ``total_reads_processed`` over the phase).
 
 Goals (the issue's): p99 < 20 ms at 1,000 requests/s, and the highest rate with p99 < 50 ms.
 Figures are printed and written to ``--output`` (default ``bench/results/api.json``); nothing is
@@ -123,6 +124,15 @@ def redis_cpu_seconds(cfg: CarouselConfig) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def redis_reads(cfg: CarouselConfig) -> int:
+    """Read events Redis has processed (``total_reads_processed``): about one per client round trip."""
+    client = serving_store._client(cfg)
+    try:
+        return int(client.info("stats")["total_reads_processed"])
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The service
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +205,7 @@ def measure(
     """One phase, with the CPU of the service, of Redis and of the broker over it."""
     broker_pid = broker.status(cfg.broker)["pid"]
     service_before, redis_before = tree_cpu_seconds(service.process.pid), redis_cpu_seconds(cfg)
+    reads_before = redis_reads(cfg)
     broker_before = tree_cpu_seconds(broker_pid) if broker_pid else 0.0
     endpoint = path_of.__name__
     buckets_before = service.worker_latency_buckets(endpoint)
@@ -205,6 +216,9 @@ def measure(
     wall = figures["wall_s"] or 1.0
     figures["service_cpu_cores"] = round((tree_cpu_seconds(service.process.pid) - service_before) / wall, 3)
     figures["redis_cpu_cores"] = round((redis_cpu_seconds(cfg) - redis_before) / wall, 3)
+    # The store's round trips per request (the bench's own INFO calls included: 2 per phase).
+    reads = redis_reads(cfg) - reads_before
+    figures["redis_reads_per_request"] = round(reads / max(figures["requests"], 1), 3)
     if broker_pid:
         figures["broker_cpu_cores"] = round((tree_cpu_seconds(broker_pid) - broker_before) / wall, 3)
     return figures
@@ -249,7 +263,7 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"service ready in {results.get('ready_s')} s with {results['settings']['workers']} workers")
     print(
         f"{'endpoint':<16}{'rate/s':>8}{'achieved':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'statuses':>22}{'gen cpu':>9}{'api cpu':>9}{'redis':>7}{'broker':>8}"
+        f"{'statuses':>22}{'gen cpu':>9}{'api cpu':>9}{'redis':>7}{'broker':>8}{'rt/req':>8}"
     )
     for phase in results.get("phases", []):
         statuses = ",".join(f"{k}:{v}" for k, v in phase["statuses"].items()) + (
@@ -259,7 +273,7 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{phase['endpoint']:<16}{phase['rate']:>8g}{phase['achieved_per_s']:>10}{phase['p50_ms']:>9}"
             f"{phase['p95_ms']:>9}{phase['p99_ms']:>9}{phase['max_ms']:>9}{statuses:>22}"
             f"{phase['generator_cpu_cores']:>9}{phase['service_cpu_cores']:>9}{phase['redis_cpu_cores']:>7}"
-            f"{phase.get('broker_cpu_cores', '-'):>8}"
+            f"{phase.get('broker_cpu_cores', '-'):>8}{phase.get('redis_reads_per_request', '-'):>8}"
         )
     print("goals:", json.dumps(results.get("goals", {})))
     common.print_footer(results)
