@@ -441,6 +441,9 @@ class CoalescingStore:
         self._writes: list[_PendingWrite] = []
         self._read_flush = LoopTimer(self._flush_reads)
         self._write_flush = LoopTimer(self._flush_writes)
+        # Outbox entries the broker has acknowledged (api.record_outbox: online_store): deleted
+        # from the store with the next write's round trip, or by the service's timer if none comes.
+        self.acknowledged: list[str] = []
 
     @property
     def prefix(self) -> str:
@@ -504,11 +507,17 @@ class CoalescingStore:
                 seen.add(pending.state.user_id)
         answers = {key: answer for pending in batch for key, answer in pending.answers.items()}
         with_outbox = [pending for pending in batch if pending.outbox is not None]
+        # The relayed entries the broker acknowledged ride along (no round trip of their own).
+        forget, self.acknowledged = self.acknowledged, []
         try:
             found, ids = self.state.write_with_outbox(
-                [pending.state for pending in first], answers, [p.outbox for p in with_outbox if p.outbox]
+                [pending.state for pending in first],
+                answers,
+                [p.outbox for p in with_outbox if p.outbox],
+                forget,
             )
         except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
+            self.acknowledged = forget + self.acknowledged  # deleted later (the sweep skips them)
             for pending in batch:
                 _fail(pending.done, err)
             return
@@ -600,9 +609,9 @@ class ApiService:
         self._threads: list[threading.Thread] = []
         self.producer: Any = None
         self._delivery_poll = LoopTimer(self._poll_deliveries)
-        # api.record_outbox: online_store. Entries the broker acknowledged, deleted from the store
-        # in one round trip every _FORGET_SECONDS; entries being re-sent by the sweep.
-        self._acknowledged: list[str] = []
+        # api.record_outbox: online_store. Entries the broker acknowledged (store.acknowledged) go
+        # with the next write's round trip, or in one of their own after _FORGET_SECONDS when no
+        # write came; entries being re-sent by the sweep.
         self._forget = LoopTimer(self._forget_acknowledged)
         self._in_flight: dict[str, int] = {}  # entry id -> its copies on their way to the broker
         self._sweep_cursor: str | None = None  # where a sweep that left entries over goes on
@@ -762,7 +771,7 @@ class ApiService:
                     "outbox record of payload %r not relayed yet, kept for the sweep: %s", payload_id, err
                 )
                 return
-            self._acknowledged.append(entry_id)
+            self.store.acknowledged.append(entry_id)
             if loop is not None and not loop.is_closed() and not self._stopping.is_set():
                 self._forget.schedule(loop, _FORGET_SECONDS)
 
@@ -777,12 +786,15 @@ class ApiService:
         return "queued"
 
     def _forget_acknowledged(self) -> None:
-        """Delete the acknowledged entries from the online store (one round trip)."""
-        done, self._acknowledged = self._acknowledged, []
+        """Delete the acknowledged entries that no write has taken along from the online store (one
+        round trip; none when writes took them all)."""
+        done, self.store.acknowledged = self.store.acknowledged, []
+        if not done:
+            return
         try:
             self.store.state.forget_outbox(done)
         except STORE_ERRORS as err:  # kept, and tried again (the sweep skips them meanwhile)
-            self._acknowledged = done + self._acknowledged
+            self.store.acknowledged = done + self.store.acknowledged
             self._warn("%d relayed outbox entries not deleted from the online store yet: %s", len(done), err)
             loop = self._forget.loop
             if loop is not None and not loop.is_closed() and not self._stopping.is_set():
@@ -828,7 +840,7 @@ class ApiService:
                 now_ms - round(self.cfg.sent_log.dedupe_hours * 3_600_000) + _EXPIRY_MARGIN_SECONDS * 1000
             )
             # Relayed, acknowledged, not deleted yet: not to be sent again.
-            settled = set(self._acknowledged)
+            settled = set(self.store.acknowledged)
             expired_reason = self._expired_reason()
             after, resent, expired, seen, producer_full = self._sweep_cursor, 0, 0, 0, False
             self._sweep_cursor = None

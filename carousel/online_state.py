@@ -243,15 +243,17 @@ class OnlineState:
         states: Iterable[UserState],
         answers: Mapping[tuple[str, str], Answer] | None,
         outbox: Sequence[OutboxEntry],
+        forget: Sequence[str] = (),
     ) -> tuple[list[str], list[str]]:
         """:meth:`write`, and ``outbox`` appended to the outbox stream in the same round trip;
         (the users in conflict, the outbox entries' ids). On a single Redis the whole write is
         one MULTI/EXEC when it carries outbox entries: no reader, and no restart from the AOF,
         sees the sends without their outbox records (a command that errors inside does not undo
         the others: the error is raised). On a cluster the stream's node is written first, on
-        its own."""
+        its own. ``forget``: outbox entries the broker has acknowledged, removed in the same
+        round trip (:meth:`forget_outbox` without a round trip of its own)."""
         changed = [state for state in states if state.changed]
-        if not changed and not answers and not outbox:
+        if not changed and not answers and not outbox and not forget:
             return [], []
         # The outbox first: on a cluster its node is written before the users' (no transaction
         # spans them), so a failure between the two leaves a record of an answer that was not
@@ -268,6 +270,8 @@ class OnlineState:
                 for (user, event_id), answer in (answers or {}).items()
             )
         ]
+        if forget:  # last: the replies before it keep their places
+            commands.append((self.outbox_key, ("XDEL", self.outbox_key, *forget)))
         replies = self._run_commands(commands, atomic=bool(outbox))
         first_cas = len(outbox)
         missing = [

@@ -14,7 +14,7 @@ from redis.retry import Retry
 from carousel.api import CoalescingStore
 from carousel.broker import free_port
 from carousel.online_profile import OnlineProfile
-from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest, exchange
+from carousel.online_state import Answer, OnlineState, OutboxEntry, StateRequest, UserState, exchange
 from carousel.online_store import connect
 
 pytestmark = [pytest.mark.integration]
@@ -178,9 +178,11 @@ class CountedRoundTrips(OnlineState):
         self.reads += 1
         return super().read_each(requests, counter_ttl_ms)
 
-    def write_with_outbox(self, states: Any, answers: Any, outbox: Any) -> tuple[list[str], list[str]]:
+    def write_with_outbox(
+        self, states: Any, answers: Any, outbox: Any, forget: Any = ()
+    ) -> tuple[list[str], list[str]]:
         self.writes += 1
-        return super().write_with_outbox(states, answers, outbox)
+        return super().write_with_outbox(states, answers, outbox, forget)
 
 
 def counted_store(make_config: Any) -> CountedRoundTrips:
@@ -255,6 +257,41 @@ def test_each_write_in_a_flush_gets_its_own_outbox_entry(make_config: Any) -> No
     users = state.read(["u1", "u3"])[0]
     assert sorted(send[0] for send in users["u1"].sends) == ["p1", "p2"]
     assert sorted(send[0] for send in users["u3"].sends) == ["p-other", "p4"]
+
+
+def test_acknowledged_outbox_entries_are_deleted_with_the_next_write(make_config: Any) -> None:
+    state = counted_store(make_config)
+    store = CoalescingStore(state, 2_000)
+    _, relayed = state.write_with_outbox([], {}, [OutboxEntry(f"u{n}", f"p{n}", "{}") for n in range(3)])
+    store.acknowledged.extend(relayed[:2])  # as the broker's acknowledgements append them
+
+    async def answer() -> str | None:
+        mine, _, _ = await store.read(StateRequest("u9"))
+        mine.record_send("p9", "widget", ["a"], 100)
+        return await store.write(mine, {}, 5, 0, OutboxEntry("u9", "p9", "{}"))
+
+    before = state.writes
+    new = asyncio.run(answer())
+    assert state.writes - before == 1  # no round trip of its own for the delete
+    assert store.acknowledged == []
+    assert [entry_id for entry_id, _ in state.outbox_older_than(2**62, 10)] == [relayed[2], new]
+    # Only a delete to do (no state, answer or entry): still done, and not transactional.
+    state.write_with_outbox([], {}, [], forget=[relayed[2]])
+    assert [entry_id for entry_id, _ in state.outbox_older_than(2**62, 10)] == [new]
+
+
+def test_acknowledged_entries_stay_listed_when_the_write_fails(make_config: Any) -> None:
+    cfg = make_config()
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
+    store = CoalescingStore(OnlineState(nowhere, cfg.online_store.key_prefix, 60_000, 60_000), 2_000)
+    store.acknowledged.append("1-0")
+
+    async def write() -> None:
+        await store.write(UserState("u1"), {}, 5, 0, OutboxEntry("u1", "p1", "{}"))
+
+    with pytest.raises(redis.exceptions.ConnectionError):
+        asyncio.run(write())
+    assert store.acknowledged == ["1-0"]  # deleted by a later write or the service's own timer
 
 
 def test_each_request_gets_its_own_reads_from_a_mixed_flush(make_config: Any) -> None:
