@@ -124,6 +124,7 @@ _SWEEP_PAGE = 200  # outbox entries read per round trip by the sweep
 _SWEEP_BATCH = 2000  # entries a sweep looks at before it yields to the requests
 _SWEEP_AGAIN_SECONDS = 0.05  # the next sweep, when the last one left entries over
 _WARN_EVERY_SECONDS = 10.0
+_FORGET_PER_WRITE = 1000  # acknowledged outbox entries deleted with one write, at most
 _FORGET_RETRY_SECONDS = 1.0  # a failed delete of relayed outbox entries is tried again after this
 _SWEEPER_SUFFIX = ":sweeper"  # the lease of the worker sweeping the outbox stream
 # An outbox entry this close to sent_log.dedupe_hours is dead-lettered, not relayed: record-sends
@@ -507,8 +508,10 @@ class CoalescingStore:
                 seen.add(pending.state.user_id)
         answers = {key: answer for pending in batch for key, answer in pending.answers.items()}
         with_outbox = [pending for pending in batch if pending.outbox is not None]
-        # The relayed entries the broker acknowledged ride along (no round trip of their own).
-        forget, self.acknowledged = self.acknowledged, []
+        # The relayed entries the broker acknowledged ride along (no round trip of their own);
+        # a backlog (after a store outage) goes a bounded share at a time, the timer takes the rest.
+        forget = self.acknowledged[:_FORGET_PER_WRITE]
+        self.acknowledged = self.acknowledged[_FORGET_PER_WRITE:]
         try:
             found, ids = self.state.write_with_outbox(
                 [pending.state for pending in first],

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,9 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from carousel.fastjson import compact_json
 from carousel.online_profile import OnlineProfile
+from carousel.online_store import STORE_ERRORS
+
+log = logging.getLogger(__name__)
 
 # KEYS[1] = the user's hash; ARGV = expected version ('' = absent), new version, profile, sends, ttl ms.
 _CAS_SCRIPT = """
@@ -251,7 +255,10 @@ class OnlineState:
         sees the sends without their outbox records (a command that errors inside does not undo
         the others: the error is raised). On a cluster the stream's node is written first, on
         its own. ``forget``: outbox entries the broker has acknowledged, removed in the same
-        round trip (:meth:`forget_outbox` without a round trip of its own)."""
+        round trip (:meth:`forget_outbox` without a round trip of its own). A failed delete does
+        not fail the write: it is tried once on its own (which follows a cluster's redirects),
+        and if that fails too the entries stay, for the sweep to relay again (record-sends drops
+        the duplicate)."""
         changed = [state for state in states if state.changed]
         if not changed and not answers and not outbox and not forget:
             return [], []
@@ -273,6 +280,7 @@ class OnlineState:
         if forget:  # last: the replies before it keep their places
             commands.append((self.outbox_key, ("XDEL", self.outbox_key, *forget)))
         replies = self._run_commands(commands, atomic=bool(outbox))
+        deleted = replies.pop() if forget else None  # not the write's: handled after it
         first_cas = len(outbox)
         missing = [
             i
@@ -288,6 +296,11 @@ class OnlineState:
             ):
                 replies[i] = reply
         _raise_first_error(replies)
+        if isinstance(deleted, Exception):
+            try:
+                self.forget_outbox(forget)
+            except STORE_ERRORS as err:
+                log.warning("%d relayed outbox entries left in the store for the sweep: %s", len(forget), err)
         cas = replies[first_cas : first_cas + len(changed)]
         conflicts = [s.user_id for s, ok in zip(changed, cas, strict=True) if not int(ok)]
         return conflicts, [_text(reply) for reply in replies[:first_cas]]

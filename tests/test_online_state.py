@@ -259,11 +259,16 @@ def test_each_write_in_a_flush_gets_its_own_outbox_entry(make_config: Any) -> No
     assert sorted(send[0] for send in users["u3"].sends) == ["p-other", "p4"]
 
 
-def test_acknowledged_outbox_entries_are_deleted_with_the_next_write(make_config: Any) -> None:
+def test_acknowledged_outbox_entries_are_deleted_with_the_next_write(make_config: Any, monkeypatch) -> None:
     state = counted_store(make_config)
     store = CoalescingStore(state, 2_000)
     _, relayed = state.write_with_outbox([], {}, [OutboxEntry(f"u{n}", f"p{n}", "{}") for n in range(3)])
     store.acknowledged.extend(relayed[:2])  # as the broker's acknowledgements append them
+
+    def own_round_trip(ids: Any) -> None:
+        raise AssertionError(f"a delete of {ids} in a round trip of its own")
+
+    monkeypatch.setattr(state, "forget_outbox", own_round_trip)
 
     async def answer() -> str | None:
         mine, _, _ = await store.read(StateRequest("u9"))
@@ -275,9 +280,22 @@ def test_acknowledged_outbox_entries_are_deleted_with_the_next_write(make_config
     assert state.writes - before == 1  # no round trip of its own for the delete
     assert store.acknowledged == []
     assert [entry_id for entry_id, _ in state.outbox_older_than(2**62, 10)] == [relayed[2], new]
-    # Only a delete to do (no state, answer or entry): still done, and not transactional.
+    # Only a delete to do (no state, answer or entry): still done.
     state.write_with_outbox([], {}, [], forget=[relayed[2]])
     assert [entry_id for entry_id, _ in state.outbox_older_than(2**62, 10)] == [new]
+
+
+def test_a_failed_delete_of_acknowledged_entries_does_not_fail_the_write(store: OnlineState) -> None:
+    # The delete refused in the write's transaction (here: not a stream id) is tried on its own;
+    # the write stands and its results come back.
+    states, _ = store.read(["u1"])
+    states["u1"].record_send("p1", "widget", ["a"], 20)
+    tried: list[Any] = []
+    store.forget_outbox = tried.append  # type: ignore[method-assign]
+    conflicts, ids = store.write_with_outbox(states.values(), {}, [OutboxEntry("u1", "p1", "{}")], ["bad-id"])
+    assert conflicts == [] and len(ids) == 1 and tried == [["bad-id"]]
+    assert store.read(["u1"])[0]["u1"].version == "1"
+    assert [entry_id for entry_id, _ in store.outbox_older_than(2**62, 10)] == ids
 
 
 def test_acknowledged_entries_stay_listed_when_the_write_fails(make_config: Any) -> None:
