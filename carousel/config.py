@@ -235,6 +235,10 @@ class S3Config(_Section):
 class StorageConfig(_Section):
     root: str = Field(min_length=1)
     s3: S3Config = S3Config()
+    # On s3a:// with Delta's single-driver log store: how long a batch job's writer lease on the
+    # tables it commits to counts after its last renewal (renewed every third of this while the
+    # job runs; a killed job's lapses after it). README "Tables on S3".
+    writer_lease_seconds: float = Field(default=60, ge=3, le=3600)
 
     @field_validator("root")
     @classmethod

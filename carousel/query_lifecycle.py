@@ -18,8 +18,11 @@ lets a stop wait for the running handler and keeps the next one from starting.
 
 While it runs, each always-on query keeps a *lease* beside its checkpoint (:class:`QueryLease`).
 Jobs that must not commit beside it read it: ``rebuild-profiles`` always, and on S3 with Delta's
-single-driver log store every job that commits to the query's tables (:func:`busy_tables`,
-:func:`refuse_beside_running_writers`: ``maintain``, ``forget-user``, ``campaign``).
+single-driver log store every job that commits to the query's tables. There, batch jobs hold a
+*writer lease* on the tables they commit to (:func:`writing_tables`: ``maintain``,
+``forget-user``, ``campaign``, ``rebuild-profiles``, ``upload-catalog``, the model's publish and
+``rollback``), and a query does not start while one holds one of its tables
+(:meth:`QueryLease.claim`).
 
 Under ``spark-submit`` the driver's Python process is a child of the ``SparkSubmit`` JVM, and a
 SIGTERM or SIGINT to that JVM shuts Spark down at once (its shutdown hooks): the running batch is
@@ -40,6 +43,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
-from py4j.protocol import Py4JJavaError
+from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark import SparkContext
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
@@ -56,6 +60,7 @@ from pyspark.sql.streaming import StreamingQuery
 from carousel.config import CarouselConfig, StreamingQuerySection
 from carousel.errors import JobError, java_reason, one_line
 from carousel.schemas import (
+    ERASED_USERS_TABLE,
     EVENTS_TABLE,
     INGEST_LOG_TABLE,
     PROFILES_TABLE,
@@ -71,23 +76,31 @@ __all__ = [
     "QueryLease",
     "RunningWriter",
     "StopRequestedError",
+    "WriterLease",
     "await_query",
-    "busy_tables",
     "gate_for",
+    "held_by",
     "lease_holder",
     "lease_path",
     "query_lease",
-    "refuse_beside_running_writers",
     "request_stop",
     "running_writers",
     "single_driver_commits",
     "stop_between_batches",
     "stop_main",
     "stop_marker",
+    "writer_leases_folder",
+    "writing_tables",
 ]
 
 STOP_MARKER_NAME = "_stop_requested"
 LEASE_NAME = "_running"
+# Batch jobs' writer leases (S3 only): one file per run of a job, in this folder of the checkpoints.
+WRITER_LEASES_FOLDER = "_writer_leases"
+_WRITER_LEASE_SUFFIX = ".json"
+# A writer lease lapsed this many times its lifetime ago is deleted by whoever reads it: its job
+# was killed (a finished job deletes its own).
+_STALE_LEASE_LIFETIMES = 10
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -252,10 +265,38 @@ class QueryLease:
     machines' clocks within a few seconds of each other (NTP), as Delta itself assumes.
     """
 
-    def __init__(self, spark: SparkSession, path: str, query_name: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        spark: SparkSession,
+        path: str,
+        query_name: str,
+        lease_seconds: float,
+        conflicts: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self._spark, self.path, self._query_name = spark, path, query_name
         self._renew_every = lease_seconds / 3
         self._renewed = -float("inf")
+        self._conflicts = conflicts
+
+    @property
+    def written(self) -> bool:
+        """Whether this process wrote the lease (and has not released it)."""
+        return self._renewed != -float("inf")
+
+    def claim(self, storage: StorageChecks) -> None:
+        """Write the lease before the query (re)starts (a start commits: its tables' creation),
+        then refuse to start (:class:`JobError`, the lease removed) while ``conflicts`` names a
+        writer it must not commit beside (:func:`query_lease`: a batch job's writer lease on one of
+        its tables, on S3). Each side writes its own lease before reading the other's: of a job and
+        a query starting together, at least one sees the other."""
+        storage.run("renew its lease", self.renew_if_due, None)
+        try:
+            reason = self._conflicts()
+        except (Py4JJavaError, OSError) as err:
+            reason = f"cannot read the other jobs' leases ({java_reason(err)})"
+        if reason:
+            storage.run("remove its lease (it expires by itself)", self.release, None)
+            raise JobError(f"{self._query_name}: not started: {reason}")
 
     def renew_if_due(self) -> None:
         now = time.monotonic()
@@ -282,6 +323,12 @@ def lease_holder(
     spark: SparkSession, path: str, lease_seconds: float, now: datetime | None = None
 ) -> dict[str, Any] | None:
     """The lease at ``path`` (query, host, pid, renewed_at) if younger than ``lease_seconds``, else None."""
+    aged = _lease_with_age(spark, path, now or datetime.now(UTC))
+    return aged[0] if aged is not None and aged[1] < lease_seconds else None
+
+
+def _lease_with_age(spark: SparkSession, path: str, now: datetime) -> tuple[dict[str, Any], float] | None:
+    """(the lease at ``path``, seconds since its renewal); None when absent or unreadable."""
     text = read_text_file(spark, path)
     if not text:
         return None
@@ -291,8 +338,14 @@ def lease_holder(
     except (ValueError, KeyError, TypeError):
         log.warning("unreadable lease at %s: ignored", path)
         return None
-    age = ((now or datetime.now(UTC)) - renewed_at).total_seconds()
-    return holder if age < lease_seconds else None
+    return holder, (now - renewed_at).total_seconds()
+
+
+def held_by(holder: Mapping[str, Any]) -> str:
+    """Who holds a lease, for the messages naming it: 'running on HOST (pid N, lease renewed T)'."""
+    return (
+        f"running on {holder.get('host')} (pid {holder.get('pid')}, lease renewed {holder.get('renewed_at')})"
+    )
 
 
 def always_on_queries(cfg: CarouselConfig) -> dict[str, tuple[StreamingQuerySection, frozenset[str]]]:
@@ -309,9 +362,32 @@ def always_on_queries(cfg: CarouselConfig) -> dict[str, tuple[StreamingQuerySect
 
 
 def query_lease(spark: SparkSession, cfg: CarouselConfig, job: str) -> QueryLease:
-    """The lease the always-on ``job`` (``ingest``, ``serve``, ``record-sends``) keeps while it runs."""
-    section = always_on_queries(cfg)[job][0]
-    return QueryLease(spark, lease_path(cfg, section.query_name), section.query_name, section.lease_seconds)
+    """The lease the always-on ``job`` (``ingest``, ``serve``, ``record-sends``) keeps while it runs;
+    its :meth:`~QueryLease.claim` refuses the start while a batch job holds a writer lease on one
+    of its tables (on S3 with Delta's single-driver log store: :func:`writing_tables`)."""
+    section, tables = always_on_queries(cfg)[job]
+    # Its start also commits to erased_users (created, or its properties declared, if need be).
+    starts_on = tables | _START_ALSO_COMMITS.get(job, frozenset())
+
+    def batch_writers() -> str | None:
+        if not _single_driver(spark, cfg):
+            return None
+        if not lease.written:  # the jobs that would have to see it cannot
+            return f"cannot write its lease {lease.path}"
+        writers = _running_batch_jobs(spark, cfg, starts_on)
+        return "; ".join(w.reason() for w in writers) or None
+
+    lease = QueryLease(
+        spark, lease_path(cfg, section.query_name), section.query_name, section.lease_seconds, batch_writers
+    )
+    return lease
+
+
+# The tables an always-on query's start commits to besides those it writes while it runs.
+_START_ALSO_COMMITS = {
+    "ingest": frozenset({ERASED_USERS_TABLE}),
+    "record-sends": frozenset({ERASED_USERS_TABLE}),
+}
 
 
 # Delta's default log store for s3a:// (and s3://) paths: a commit is atomic within one driver
@@ -341,33 +417,47 @@ def single_driver_commits(root: str, conf: Callable[[str], str | None]) -> bool:
     return not store or store.rsplit(".", 1)[-1] in _SINGLE_DRIVER_LOG_STORES
 
 
+def _single_driver(spark: SparkSession, cfg: CarouselConfig) -> bool:
+    """:func:`single_driver_commits` for this session and storage root."""
+    return single_driver_commits(cfg.storage.root, lambda key: spark.conf.get(key, None))
+
+
 @dataclass(frozen=True)
 class RunningWriter:
-    """An always-on query that runs now (its lease is live) and commits to some of the tables asked
-    about (``tables``); ``holder``: its lease (host, pid, renewed_at)."""
+    """A job that runs now (its lease is live) and commits to some of the tables asked about
+    (``tables``): an always-on query (``query``: its name) or a batch job (``query`` None, its
+    writer lease); ``holder``: its lease (host, pid, renewed_at); ``lease``: where it is."""
 
     job: str
-    query: str
+    query: str | None
     holder: Mapping[str, Any]
     tables: frozenset[str]
+    lease: str
 
     def reason(self) -> str:
+        who, then = (
+            (f"{self.job} ({self.query})", f"stop it first (./spark-submit.sh stop {self.job})")
+            if self.query is not None
+            else (
+                self.job,
+                f"let it finish first (a killed one's lease lapses {self.holder.get('lease_seconds')} s "
+                "after its renewal)",
+            )
+        )
         return (
-            f"{self.job} ({self.query}) is running on {self.holder.get('host')} (pid "
-            f"{self.holder.get('pid')}, lease renewed {self.holder.get('renewed_at')}) and commits to "
-            f"{', '.join(sorted(self.tables))}: on s3a:// with Delta's single-driver log store, two "
-            "drivers' commits to one table can overwrite each other; stop it first "
-            f"(./spark-submit.sh stop {self.job}) or configure a multi-writer log store (README: "
-            "'One writer per table at a time')"
+            f"{who} is {held_by(self.holder)} and commits to {', '.join(sorted(self.tables))}: on "
+            "s3a:// with Delta's single-driver log store, two drivers' commits to one table can "
+            f"overwrite each other; {then} or configure a multi-writer log store (README: 'One "
+            "writer per table at a time')"
         )
 
 
 def running_writers(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]) -> list[RunningWriter]:
-    """The always-on queries running now that commit to any of ``tables``, where this job's
-    commits beside theirs could be lost (:func:`single_driver_commits`); empty elsewhere, without
-    reading anything. A lease (:class:`QueryLease`) older than its query's ``lease_seconds``
-    counts as stopped."""
-    if not single_driver_commits(cfg.storage.root, lambda key: spark.conf.get(key, None)):
+    """The jobs running now that commit to any of ``tables``, where this job's commits beside
+    theirs could be lost (:func:`single_driver_commits`): the always-on queries (their leases) and
+    the batch jobs holding a writer lease (:func:`writing_tables`); empty elsewhere, without
+    reading anything. A lease older than its lifetime counts as stopped."""
+    if not _single_driver(spark, cfg):
         return []
     asked = frozenset(tables)
     writers = []
@@ -375,27 +465,167 @@ def running_writers(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[s
         shared = written & asked
         if not shared:
             continue
-        holder = lease_holder(spark, lease_path(cfg, section.query_name), section.lease_seconds)
+        path = lease_path(cfg, section.query_name)
+        holder = lease_holder(spark, path, section.lease_seconds)
         if holder is not None:
-            writers.append(RunningWriter(job, section.query_name, holder, shared))
+            writers.append(RunningWriter(job, section.query_name, holder, shared, path))
+    return writers + _running_batch_jobs(spark, cfg, asked)
+
+
+def writer_leases_folder(cfg: CarouselConfig) -> str:
+    """Where the batch jobs keep their writer leases (:class:`WriterLease`)."""
+    return cfg.storage.checkpoint(WRITER_LEASES_FOLDER)
+
+
+def _running_batch_jobs(
+    spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]
+) -> list[RunningWriter]:
+    """The batch jobs whose live writer lease names any of ``tables``. A lease lapsed for ten of its
+    lifetimes (a killed job's) is deleted on the way."""
+    asked = frozenset(tables)
+    folder = writer_leases_folder(cfg)
+    now = datetime.now(UTC)
+    writers = []
+    for name in sorted(read_text_file(spark, folder, list_names=True) or []):
+        if not name.endswith(_WRITER_LEASE_SUFFIX):
+            continue
+        path = f"{folder}/{name}"
+        aged = _lease_with_age(spark, path, now)  # None too when its job removed it since the listing
+        if aged is None:
+            continue
+        holder, age = aged
+        try:
+            lifetime = float(holder["lease_seconds"])
+            shared = asked & frozenset(holder["tables"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("unreadable writer lease at %s: ignored", path)
+            continue
+        if age < lifetime:
+            if shared:
+                writers.append(RunningWriter(str(holder.get("job")), None, holder, shared, path))
+        elif age > _STALE_LEASE_LIFETIMES * lifetime:
+            log.info(
+                "deleting the writer lease of %s, lapsed since %s: %s",
+                holder.get("job"),
+                holder.get("renewed_at"),
+                path,
+            )
+            try:
+                delete_file(spark, path)
+            except (Py4JJavaError, OSError) as err:  # left for the next reader
+                log.warning("cannot delete the lapsed writer lease %s (%s)", path, java_reason(err))
     return writers
 
 
-def busy_tables(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]) -> dict[str, str]:
-    """Each of ``tables`` that a running always-on query commits to (:func:`running_writers`) ->
-    why another job must not commit to it now."""
-    writers = running_writers(spark, cfg, tables)
-    return {table: writer.reason() for writer in writers for table in writer.tables}
+class WriterLease:
+    """A batch job's lease on the Delta tables it commits to (S3 only; see :func:`writing_tables`):
+    a small file under :func:`writer_leases_folder` naming the job, the tables, its host and pid,
+    written before the job's first commit, renewed by a daemon thread every third of
+    ``storage.writer_lease_seconds`` while the job runs, deleted at the end. A killed job's lease
+    lapses after that lifetime (kept in the file, so every reader judges it alike).
+
+    Why a thread: a batch job's commits come after minutes of Spark work (a campaign's ranking, a
+    maintain's OPTIMIZE) in which no code of ours runs to renew it."""
+
+    def __init__(self, spark: SparkSession, cfg: CarouselConfig, job: str, tables: Iterable[str]) -> None:
+        self._spark, self.job, self.tables = spark, job, frozenset(tables)
+        self._lifetime = cfg.storage.writer_lease_seconds
+        self.path = f"{writer_leases_folder(cfg)}/{job}-{uuid.uuid4().hex[:12]}{_WRITER_LEASE_SUFFIX}"
+        self._stopped = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def write(self) -> None:
+        """Write (or renew) the lease now."""
+        holder = {
+            "job": self.job,
+            "tables": sorted(self.tables),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed_at": datetime.now(UTC).isoformat(),
+            "lease_seconds": self._lifetime,
+        }
+        publish_small_file(self._spark, self.path, json.dumps(holder))
+
+    def keep_renewed(self) -> None:
+        """Renew it every third of its lifetime from a daemon thread, until :meth:`release`."""
+        self._renewer = threading.Thread(target=self._renew, name=f"writer-lease-{self.job}", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        failing, renewed, lapsed = False, time.monotonic(), False
+        while not self._stopped.wait(self._lifetime / 3):
+            try:
+                self.write()
+            except (Py4JError, OSError) as err:  # a storage blip: tried again at the next renewal
+                if not lapsed and time.monotonic() - renewed >= self._lifetime:
+                    lapsed = True
+                    log.error(
+                        "%s: its writer lease %s lapsed (not renewed for %.0f s): another job may now "
+                        "commit to %s beside it",
+                        self.job,
+                        self.path,
+                        self._lifetime,
+                        ", ".join(sorted(self.tables)),
+                    )
+                if not failing:
+                    log.warning(
+                        "%s: cannot renew its writer lease %s (%s); tried again in %.0f s (other jobs "
+                        "no longer see it after %.0f s without renewal)",
+                        self.job,
+                        self.path,
+                        java_reason(err),
+                        self._lifetime / 3,
+                        self._lifetime,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("%s: writer lease renewed again", self.job)
+                failing, renewed, lapsed = False, time.monotonic(), False
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease (it lapses by itself when the storage fails that)."""
+        self._stopped.set()
+        if self._renewer is not None:
+            # A renewal stuck in the storage's retries must not hold the job: one written after the
+            # delete below lapses by itself.
+            self._renewer.join(timeout=self._lifetime)
+        try:
+            delete_file(self._spark, self.path)
+        except (Py4JJavaError, OSError) as err:
+            log.warning(
+                "%s: cannot delete its writer lease %s (%s): it lapses after %.0f s",
+                self.job,
+                self.path,
+                java_reason(err),
+                self._lifetime,
+            )
 
 
-def refuse_beside_running_writers(
-    spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str], refused: str
-) -> None:
-    """Raise :class:`JobError` (``refused``: what is not done, then why) naming the always-on
-    queries (:func:`running_writers`) that commit to any of ``tables`` now, on S3."""
-    writers = running_writers(spark, cfg, tables)
-    if writers:
-        raise JobError(f"{refused}: " + "; ".join(w.reason() for w in writers))
+@contextmanager
+def writing_tables(
+    spark: SparkSession, cfg: CarouselConfig, job: str, tables: Iterable[str], refused: str
+) -> Iterator[None]:
+    """Hold a writer lease (:class:`WriterLease`) on ``tables`` for the block, where two drivers'
+    commits to one table could be lost (:func:`single_driver_commits`); elsewhere nothing is
+    written or read. Raises :class:`JobError` (``refused``: what is not done, then why) before the
+    block, while another job commits to one of ``tables``: an always-on query (its lease) or
+    another batch job (its writer lease). The lease is written before the others are read, as
+    every writer does (:meth:`QueryLease.claim`): of two starting together, at least one sees the
+    other (both may: each is refused, and runs again later)."""
+    if not _single_driver(spark, cfg):
+        yield
+        return
+    lease = WriterLease(spark, cfg, job, tables)
+    lease.write()
+    try:
+        writers = [w for w in running_writers(spark, cfg, lease.tables) if w.lease != lease.path]
+        if writers:
+            raise JobError(f"{refused}: " + "; ".join(w.reason() for w in writers))
+        lease.keep_renewed()
+        yield
+    finally:
+        lease.release()
 
 
 def request_stop(spark: SparkSession, marker: str, reason: str) -> None:

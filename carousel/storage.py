@@ -25,6 +25,7 @@ from delta.exceptions import (
     ProtocolChangedException,
 )
 from delta.tables import DeltaTable
+from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
@@ -252,6 +253,9 @@ def write_small_file(spark: SparkSession, path: str, text: str, overwrite: bool 
         out.close()
 
 
+# Hadoop's "no such file" (S3A raises it when an object goes between an exists() and its read).
+_JAVA_FILE_NOT_FOUND = "java.io.FileNotFoundException"
+
 # File systems of object stores, where a file appears whole when its writer closes it (one PUT)
 # and a rename is a copy and a delete: files there are written in place.
 _OBJECT_STORE_SCHEMES = frozenset({"s3a", "gs", "abfs", "abfss", "wasb", "wasbs"})
@@ -283,14 +287,20 @@ def read_text_file(spark: SparkSession, path: str, list_names: bool = False) -> 
     """The UTF-8 text of the file at ``path`` (any Hadoop file system), or None when absent.
 
     With ``list_names``: the names of the entries of the folder at ``path`` (None when absent).
+    A file or folder deleted between the existence check and the read reads as absent too.
     """
     fs, hadoop_path = _hadoop_file(spark, path)
     if not fs.exists(hadoop_path):
         return None
-    if list_names:
-        return [status.getPath().getName() for status in fs.listStatus(hadoop_path)]
+    try:
+        if list_names:
+            return [status.getPath().getName() for status in fs.listStatus(hadoop_path)]
+        stream = fs.open(hadoop_path)
+    except Py4JJavaError as err:
+        if _JAVA_FILE_NOT_FOUND in str(err.java_exception.getClass().getName()):
+            return None
+        raise
     jvm = spark.sparkContext._jvm
-    stream = fs.open(hadoop_path)
     try:
         reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
         lines = []

@@ -200,6 +200,7 @@ def supervise(
     started: StreamingQuery | None = None,
     probe: Callable[[], str | None] | None = None,
     keep_lease: bool = False,
+    storage: StorageChecks | None = None,
 ) -> StreamingQuery:
     """Run the query that ``start`` starts until it is stopped or finishes; restart it on transient
     errors. Returns the last query started (for its progress).
@@ -211,13 +212,16 @@ def supervise(
     otherwise the first start's own errors propagate as they are (a job that cannot start says
     why). A restart that fails to start with a transient error counts as a failed attempt.
 
-    ``lease``: written before the first start (a query's start commits: its tables' creation), and
+    ``lease``: claimed before each start (a query's start commits: its tables' creation; a batch
+    job's writer lease on one of its tables refuses it, :meth:`QueryLease.claim`), and
     removed at the end unless ``keep_lease`` (the caller still commits after: it removes it).
+    ``storage``: the caller's :class:`StorageChecks` when it also reaches the storage (one log
+    line per outage).
     """
-    storage = StorageChecks(query_name)
+    storage = storage or StorageChecks(query_name)
     stop_watch = _StopWatch(spark, marker, lease, storage)
-    if lease is not None:
-        storage.run("renew its lease", lease.renew_if_due, None)
+    if lease is not None and started is None:
+        lease.claim(storage)
     restarts = 0
     last, pending = started, started  # the last query started; the one to await next, if started
     try:
@@ -227,6 +231,10 @@ def supervise(
         with stop_signals(stop_watch.on_signal):
             while True:
                 began = time.monotonic()
+                if lease is not None and pending is None and last is not None:
+                    # A restart commits too, perhaps after an outage that let the lease lapse and a
+                    # batch job take one of its tables: claimed again (a JobError ends the job).
+                    lease.claim(storage)
                 try:
                     query = pending if pending is not None else start()
                 except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried

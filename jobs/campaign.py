@@ -60,7 +60,7 @@ from carousel.experiments import run_payload_id_column
 from carousel.faults import injected, kill_job
 from carousel.online_store import OnlineStoreError, check_reachable
 from carousel.payloads import check_templates, render_payloads
-from carousel.query_lifecycle import refuse_beside_running_writers
+from carousel.query_lifecycle import writing_tables
 from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
     CAMPAIGN_RUNS_TABLE,
@@ -377,11 +377,25 @@ def run(
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
-    # On S3 only: one driver commits to a table at a time, and record-sends appends to the same
-    # sent_recommendations (README: 'One writer per table at a time'). Checked again before the append.
-    refuse_beside_running_writers(
-        spark, cfg, _WRITTEN_TABLES, f"campaign {campaign_name}: not started, nothing written"
-    )
+    # On S3 only: one driver commits to a table at a time, and record-sends (or maintain,
+    # forget-user) commits to sent_recommendations too (README: 'One writer per table at a time').
+    refused = f"campaign {campaign_name}: not started, nothing written"
+    with writing_tables(spark, cfg, "campaign", _WRITTEN_TABLES, refused):
+        return _run(spark, cfg, campaign_name, campaign, run_id, output, now, clock, started)
+
+
+def _run(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    campaign_name: str,
+    campaign: CampaignConfig,
+    run_id: str | None,
+    output: str | None,
+    now: datetime | None,
+    clock: Callable[[], datetime],
+    started: float,
+) -> dict[str, int | str | bool]:
+    """:func:`run`, holding the writer lease on its tables."""
     default_id = run_id is None and now is None
     if default_id:
         now = clock()
@@ -435,13 +449,6 @@ def run(
             counts.control,
         )
         sent = sent_rows(ranked)
-        refuse_beside_running_writers(
-            spark,
-            cfg,
-            _WRITTEN_TABLES,
-            f"campaign {campaign_name} run {run_id}: nothing recorded or sent (run it again with "
-            f"--run-id {run_id} once that has stopped)",
-        )
         idempotent_append(sent, sent_location, app_id, 0)
     else:
         # Recorded by an attempt that did not finish: send exactly what it recorded.

@@ -80,7 +80,7 @@ from carousel.erasure import check_key, hash_key, key_id, raw_user_id, user_hash
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
 from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key
-from carousel.query_lifecycle import refuse_beside_running_writers
+from carousel.query_lifecycle import writing_tables
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
     ERASED_USERS_TABLE,
@@ -376,45 +376,44 @@ def erase_from_table(
     spark: SparkSession, cfg: CarouselConfig, table: str, ids: Sequence[str], tag: str
 ) -> StepResult:
     """Delete the users' rows from ``table`` (one commit per ``erasure.ids_per_delete`` ids), then
-    purge deletion vectors that may still mask older versions of their rows. On S3, a table that a
-    running query commits to is left alone (:class:`JobError`: one driver commits at a time)."""
-    refuse_beside_running_writers(
-        spark, cfg, [table], "not erased (run forget-user again for these users once it has stopped)"
-    )
-    location = cfg.storage.table(table)
-    if not table_exists(spark, location):
-        log.info("%s: no table at %s, nothing to erase", table, location)
-        return StepResult(table, 0, "no table")
-    before = latest_version(spark, location)
-    size = cfg.erasure.ids_per_delete
-    chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-    with _erasure_commits(spark, tag):
-        for chunk in chunks:
-            condition = _user_condition(table, chunk)
+    purge deletion vectors that may still mask older versions of their rows. On S3, a table that
+    another job commits to now is left alone (:class:`JobError`: one driver commits at a time)."""
+    refused = "not erased (run forget-user again for these users once it has stopped)"
+    with writing_tables(spark, cfg, JOB, [table], refused):
+        location = cfg.storage.table(table)
+        if not table_exists(spark, location):
+            log.info("%s: no table at %s, nothing to erase", table, location)
+            return StepResult(table, 0, "no table")
+        before = latest_version(spark, location)
+        size = cfg.erasure.ids_per_delete
+        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
+        with _erasure_commits(spark, tag):
+            for chunk in chunks:
+                condition = _user_condition(table, chunk)
+                _with_retries(
+                    cfg, f"{table} delete", lambda c=condition: DeltaTable.forPath(spark, location).delete(c)
+                )
+        removed = _deleted_rows_since(spark, location, before, tag)
+        purged = deletion_vector_count(spark, location)
+        if purged:
             _with_retries(
-                cfg, f"{table} delete", lambda c=condition: DeltaTable.forPath(spark, location).delete(c)
+                cfg,
+                f"{table} REORG",
+                lambda: spark.sql(f"REORG TABLE {quoted_location(location)} APPLY (PURGE)").collect(),
             )
-    removed = _deleted_rows_since(spark, location, before, tag)
-    purged = deletion_vector_count(spark, location)
-    if purged:
-        _with_retries(
-            cfg,
-            f"{table} REORG",
-            lambda: spark.sql(f"REORG TABLE {quoted_location(location)} APPLY (PURGE)").collect(),
+        final_after = datetime.now(UTC) + timedelta(hours=cfg.maintenance.vacuum_retention_hours)
+        detail = f"{len(chunks)} delete(s) tagged {tag}" + (
+            f"; {purged} files with deletion vectors purged" if purged else ""
         )
-    final_after = datetime.now(UTC) + timedelta(hours=cfg.maintenance.vacuum_retention_hours)
-    detail = f"{len(chunks)} delete(s) tagged {tag}" + (
-        f"; {purged} files with deletion vectors purged" if purged else ""
-    )
-    log.info(
-        "%s: %d rows removed (%s); the files that held them are deleted by the first VACUUM "
-        "(./spark-submit.sh maintain) after %s",
-        table,
-        removed,
-        detail,
-        final_after.isoformat(timespec="seconds"),
-    )
-    return StepResult(table, removed, detail, final_after)
+        log.info(
+            "%s: %d rows removed (%s); the files that held them are deleted by the first VACUUM "
+            "(./spark-submit.sh maintain) after %s",
+            table,
+            removed,
+            detail,
+            final_after.isoformat(timespec="seconds"),
+        )
+        return StepResult(table, removed, detail, final_after)
 
 
 def delete_user_keys(
@@ -630,49 +629,56 @@ def run(
     hashes = [user_hash_of(user, key) for user in ids]
     request_id = request_id or default_request_id(hashes, now)
     tag = f"{_TAG_PREFIX}{request_id}"
-    ensure(spark, cfg, ERASURE_LOG_TABLE)
-    log.info("%s: request %s, %d users, requested by %s", JOB, request_id, len(ids), requested_by)
+    # On S3 only: one forget-user at a time commits to its own tables (each erased table: its step).
+    refused = f"request {request_id}: nothing erased"
+    with writing_tables(spark, cfg, JOB, (ERASED_USERS_TABLE, ERASURE_LOG_TABLE), refused):
+        ensure(spark, cfg, ERASURE_LOG_TABLE)
+        log.info("%s: request %s, %d users, requested by %s", JOB, request_id, len(ids), requested_by)
 
-    steps: list[tuple[str, Callable[[], StepResult]]] = [
-        (table, lambda t=table: erase_from_table(spark, cfg, t, ids, tag))
-        for table in (*USER_ID_COLUMNS, *RAW_RECORD_COLUMNS)
-    ]
-    if online_store:
-        steps.append((ONLINE_STORE, lambda: erase_from_online_store(cfg, ids)))
-    else:
-        steps.append((ONLINE_STORE, lambda: StepResult(ONLINE_STORE, 0, "skipped (--no-online-store)")))
-    steps.append((SNAPSHOTS, lambda: erase_from_snapshots(cfg, ids, request_id, now, extra_snapshot_roots)))
+        steps: list[tuple[str, Callable[[], StepResult]]] = [
+            (table, lambda t=table: erase_from_table(spark, cfg, t, ids, tag))
+            for table in (*USER_ID_COLUMNS, *RAW_RECORD_COLUMNS)
+        ]
+        if online_store:
+            steps.append((ONLINE_STORE, lambda: erase_from_online_store(cfg, ids)))
+        else:
+            steps.append((ONLINE_STORE, lambda: StepResult(ONLINE_STORE, 0, "skipped (--no-online-store)")))
+        steps.append(
+            (SNAPSHOTS, lambda: erase_from_snapshots(cfg, ids, request_id, now, extra_snapshot_roots))
+        )
 
-    recorded = record_erased(spark, cfg, hashes, key, request_id, now)
-    recorded.completed_at = datetime.now(UTC)
-    _log_step(spark, cfg, request_id, len(ids), requested_by, recorded)
-    results = [recorded]
-    for target, step in steps:
-        try:
-            result = step()
-        except _STEP_ERRORS as err:
-            result = StepResult(target, error=one_line(err))
-            log.error("%s: erasure failed: %s", target, result.error)
+        recorded = record_erased(spark, cfg, hashes, key, request_id, now)
+        recorded.completed_at = datetime.now(UTC)
+        _log_step(spark, cfg, request_id, len(ids), requested_by, recorded)
+        results = [recorded]
+        for target, step in steps:
+            try:
+                result = step()
+            except _STEP_ERRORS as err:
+                result = StepResult(target, error=one_line(err))
+                log.error("%s: erasure failed: %s", target, result.error)
+                results.append(result)
+                continue
+            result.completed_at = datetime.now(UTC)
+            _log_step(spark, cfg, request_id, len(ids), requested_by, result)
             results.append(result)
-            continue
-        result.completed_at = datetime.now(UTC)
-        _log_step(spark, cfg, request_id, len(ids), requested_by, result)
-        results.append(result)
-    if not online_store:
-        log.warning("%s: skipped (--no-online-store): this deployment keeps no online store", ONLINE_STORE)
-    report = ErasureReport(request_id, len(ids), results)
-    finals = [r.final_after for r in results if r.final_after]
-    log.info(
-        "%s: request %s: removed %s%s. Removed Delta rows stay in older file versions (time travel) "
-        "until the first VACUUM (./spark-submit.sh maintain) after %s; audit rows in %s",
-        JOB,
-        request_id,
-        report.removed(),
-        f"; failed: {[r.target for r in report.failed]}" if report.failed else "",
-        max(finals).isoformat(timespec="seconds") if finals else "now",
-        cfg.storage.table(ERASURE_LOG_TABLE),
-    )
-    return report
+        if not online_store:
+            log.warning(
+                "%s: skipped (--no-online-store): this deployment keeps no online store", ONLINE_STORE
+            )
+        report = ErasureReport(request_id, len(ids), results)
+        finals = [r.final_after for r in results if r.final_after]
+        log.info(
+            "%s: request %s: removed %s%s. Removed Delta rows stay in older file versions (time travel) "
+            "until the first VACUUM (./spark-submit.sh maintain) after %s; audit rows in %s",
+            JOB,
+            request_id,
+            report.removed(),
+            f"; failed: {[r.target for r in report.failed]}" if report.failed else "",
+            max(finals).isoformat(timespec="seconds") if finals else "now",
+            cfg.storage.table(ERASURE_LOG_TABLE),
+        )
+        return report
 
 
 def read_id_file(location: str, cfg: CarouselConfig) -> list[str]:

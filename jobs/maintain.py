@@ -48,7 +48,7 @@ from pyspark.sql.types import DateType
 from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig, ConfigError
 from carousel.errors import JobError, one_line
-from carousel.query_lifecycle import busy_tables
+from carousel.query_lifecycle import writing_tables
 from carousel.schemas import EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE, TABLES, TableSpec
 from carousel.session import build_session
 from carousel.storage import deletion_vector_count, quoted_location, table_exists, with_commit_retries
@@ -222,15 +222,13 @@ def run(
         if not table_exists(spark, cfg.storage.table(name)):
             log.info("%s: no table at %s, nothing to maintain", name, cfg.storage.table(name))
             continue
-        # On S3 only: one driver commits to a table at a time (checked as each table's turn comes).
-        busy = busy_tables(spark, cfg, [name])
-        if name in busy:
-            report = TableReport(name, error=f"not maintained: {busy[name]}")
-            log.error("%s: %s", name, report.error)
-            reports.append(report)
-            continue
+        # On S3 only: one driver commits to a table at a time (a writer lease as each table's turn comes).
         try:
-            report = maintain_table(spark, cfg, spec, now, vacuum=vacuum)
+            with writing_tables(spark, cfg, "maintain", [name], "not maintained"):
+                report = maintain_table(spark, cfg, spec, now, vacuum=vacuum)
+        except JobError as err:  # another job commits to it now
+            report = TableReport(name, error=str(err))
+            log.error("%s: %s", name, report.error)
         except (PySparkException, Py4JJavaError) as err:  # one table's failure leaves the others done
             report = TableReport(name, error=one_line(err))
             log.error("%s: maintenance failed: %s", name, report.error)

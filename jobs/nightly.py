@@ -85,8 +85,8 @@ def run(
             raise StepFailedError(f"train: {err}") from err
         next_stage("publish")
         try:
-            version = publish_recommendations.run(spark, cfg, model["output"], force)
-        except publish_recommendations.PublishRefusedError as err:
+            version = publish_recommendations.run(spark, cfg, model["output"], force, job=JOB)
+        except JobError as err:  # refused by validation, the gate or another writer (on S3)
             raise StepFailedError(f"publish: {err}") from err
         timings[stage] = time.perf_counter() - started
     except BaseException:

@@ -42,6 +42,7 @@ from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig, GateConfig
 from carousel.errors import JobError
+from carousel.query_lifecycle import writing_tables
 from carousel.schemas import (
     GATE_PUBLISHED_DECISIONS,
     ITEM_RECOMMENDATIONS_TABLE,
@@ -66,6 +67,8 @@ RECOMMENDATIONS_CSV_SCHEMA = StructType(
     ]
 )
 COMMIT_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+# The tables a publish (nightly, publish-recommendations, update-model) and a rollback commit to.
+_PUBLISHED_TABLES = (ITEM_RECOMMENDATIONS_TABLE, MODEL_PUBLISH_LOG_TABLE)
 
 
 class PublishRefusedError(JobError):
@@ -426,13 +429,28 @@ def _record_attempt(
     spark.createDataFrame([row], MODEL_PUBLISH_LOG_SCHEMA).write.format("delta").mode("append").save(location)
 
 
-def publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force: bool = False) -> int:
+def publish(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    output: ModelOutput,
+    force: bool = False,
+    job: str = "publish-recommendations",
+) -> int:
     """Validate, judge and write ``output`` as a new table version; returns that version.
 
     Raises :class:`PublishRefusedError` (invalid output) or :class:`GateRefusedError` (worse than
     the live model, without ``force``); either way the live version stays and the attempt is a row
-    of ``model_publish_log``.
+    of ``model_publish_log``. On S3, refused (:class:`JobError`, nothing written) while another
+    job commits to those tables (:func:`~carousel.query_lifecycle.writing_tables`; ``job``: the
+    job publishing, as its lease names it).
     """
+    refused = f"model {output.model_version} not published, live recommendations unchanged"
+    with writing_tables(spark, cfg, job, _PUBLISHED_TABLES, refused):
+        return _publish(spark, cfg, output, force)
+
+
+def _publish(spark: SparkSession, cfg: CarouselConfig, output: ModelOutput, force: bool) -> int:
+    """:func:`publish`, holding the writer lease on its tables."""
     items = spark.createDataFrame([(i,) for i in output.items], "item_id string")
     failures = validation_failures(output.recommendations, items, output.top_k)
     if failures:
@@ -521,7 +539,16 @@ def _version_ranges(versions: list[int]) -> str:
 
 
 def rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None = None) -> int:
-    """Restore the version live before the current model (or ``to_version``); returns it."""
+    """Restore the version live before the current model (or ``to_version``); returns it. On S3,
+    refused (:class:`JobError`) while another job commits to the recommendations."""
+    refused = "recommendations not rolled back"
+    with writing_tables(spark, cfg, "rollback", _PUBLISHED_TABLES, refused):
+        return _rollback(spark, cfg, to_version)
+
+
+def _rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None) -> int:
+    """:func:`rollback`, holding the writer lease on the published tables: the version to restore is
+    chosen from a history no publish changes meanwhile."""
     location = cfg.storage.table(ITEM_RECOMMENDATIONS_TABLE)
     if not table_exists(spark, location):
         raise PublishRefusedError(f"no published recommendations at {location}: nothing to roll back")
@@ -552,10 +579,17 @@ def rollback(spark: SparkSession, cfg: CarouselConfig, to_version: int | None = 
     return to_version
 
 
-def run(spark: SparkSession, cfg: CarouselConfig, input_location: str, force: bool = False) -> int:
-    """Read, validate, judge and publish the model output at ``input_location``."""
+def run(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    input_location: str,
+    force: bool = False,
+    job: str = "publish-recommendations",
+) -> int:
+    """Read, validate, judge and publish the model output at ``input_location`` (``job``: the job
+    publishing, :func:`publish`)."""
     client = objectstore.s3_client(cfg) if objectstore.is_s3(input_location) else None
-    return publish(spark, cfg, read_model_output(spark, input_location, client), force)
+    return publish(spark, cfg, read_model_output(spark, input_location, client), force, job)
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from contextlib import nullcontext
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -23,7 +24,7 @@ from pyspark.sql import functions as F
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.errors import JobError
-from carousel.query_lifecycle import lease_holder, lease_path
+from carousel.query_lifecycle import held_by, lease_holder, lease_path, writing_tables
 from carousel.schemas import EVENTS_TABLE, PROFILE_SCHEMA, PROFILE_VOLATILE_COLUMNS, PROFILES_TABLE
 from carousel.session import build_session
 from carousel.storage import latest_version, table_exists
@@ -73,9 +74,8 @@ def _refuse_beside_ingest(spark: SparkSession, cfg: CarouselConfig) -> int | Non
     holder = lease_holder(spark, lease_path(cfg, name), cfg.ingest.lease_seconds)
     if holder is not None:
         raise JobError(
-            f"ingest ({name}) is running on {holder.get('host')} (pid {holder.get('pid')}, lease renewed "
-            f"{holder.get('renewed_at')}): stop it first (./spark-submit.sh stop ingest), or write "
-            "elsewhere with --output"
+            f"ingest ({name}) is {held_by(holder)}: stop it first (./spark-submit.sh stop ingest), or "
+            "write elsewhere with --output"
         )
     location = cfg.storage.table(PROFILES_TABLE)
     return latest_version(spark, location) if table_exists(spark, location) else None
@@ -119,11 +119,18 @@ def run(
             log.info("live profiles equal the recomputation")
     else:
         target = output or cfg.storage.table(PROFILES_TABLE)
-        if replacing:
-            _check_unchanged(spark, target, version_before)
-        profiles.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
-        # An overwrite keeps the table's properties but drops its clustering keys: declared again.
-        ensure(spark, cfg, PROFILES_TABLE, location=target)
+        # On S3 only: one driver commits to a table at a time (maintain, forget-user write it too).
+        lease = (
+            writing_tables(spark, cfg, "rebuild-profiles", [PROFILES_TABLE], f"{target} not replaced")
+            if replacing
+            else nullcontext()
+        )
+        with lease:
+            if replacing:
+                _check_unchanged(spark, target, version_before)
+            profiles.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
+            # An overwrite keeps the table's properties but drops its clustering keys: declared again.
+            ensure(spark, cfg, PROFILES_TABLE, location=target)
         counts["written"] = counts["profiles"]
         log.info("wrote %d profiles to %s", counts["written"], target)
     profiles.unpersist()

@@ -332,7 +332,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, end: datetime | None = None, f
         return {**summary, "skipped": reason, "model_output": output["output"]}
     started = time.perf_counter()
     try:
-        version = publish_recommendations.run(spark, cfg, output["output"], force)
+        version = publish_recommendations.run(spark, cfg, output["output"], force, job="update-model")
     finally:
         # Refused or not: the live output (this one or its parent) stays, older updates go.
         _prune_quietly(cfg, live.location)

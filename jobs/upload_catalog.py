@@ -111,6 +111,7 @@ from carousel import objectstore, quality
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, CatalogConfig, ServingConfig
 from carousel.errors import JobError, spark_reason
+from carousel.query_lifecycle import writing_tables
 from carousel.schemas import CATALOG_PROPERTY_COLUMNS, CATALOG_SCHEMA, CATALOG_TABLE, RATING_RANGE
 from carousel.session import build_session
 from carousel.storage import COMMIT_CONFLICTS, table_exists
@@ -793,10 +794,13 @@ def run(
             if plan.properties:
                 rows = with_property_count_reasons(rows, current, plan, cfg.catalog.max_properties)
         rows = rows.persist()
+        # On S3 only: one driver commits to a table at a time (maintain commits to the catalog too).
+        refused = f"upload {upload_id}: not merged, the catalog unchanged"
         try:
-            return _validate_and_merge(
-                spark, cfg, upload, rows, plan, rows_read, base_version, allow_mass_deactivation
-            )
+            with writing_tables(spark, cfg, "upload-catalog", [CATALOG_TABLE], refused):
+                return _validate_and_merge(
+                    spark, cfg, upload, rows, plan, rows_read, base_version, allow_mass_deactivation
+                )
         finally:
             rows.unpersist()
     finally:

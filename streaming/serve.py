@@ -54,7 +54,7 @@ from carousel.cli import add_config_args, config_from_args
 from carousel.config import CampaignConfig, CarouselConfig
 from carousel.delivery import ServingInputError, compute_trending, read_catalog
 from carousel.erasure import check_key, hash_key
-from carousel.errors import one_line
+from carousel.errors import JobError, one_line
 from carousel.online_store import OnlineStoreError, check_reachable, ping_check
 from carousel.payloads import TemplateCheckError, check_templates
 from carousel.query_lifecycle import StorageChecks, query_lease, stop_marker
@@ -320,7 +320,11 @@ def main(argv: list[str]) -> int:
     start = partial(run, spark, cfg, available_now=args.available_now)
     # Held from before the first start (it commits trending_items) until the refresher has stopped.
     lease, storage = query_lease(spark, cfg, "serve"), StorageChecks(name)
-    storage.run("renew its lease", lease.renew_if_due, None)
+    try:
+        lease.claim(storage)
+    except JobError:
+        remove_listener(spark, listener)
+        raise
     # The exporter before the first start: it sees the first batch's progress.
     with exported(spark, cfg.metrics, "serve"):
         try:
@@ -342,6 +346,7 @@ def main(argv: list[str]) -> int:
                 lease=lease,
                 keep_lease=True,
                 started=query,
+                storage=storage,
                 probe=dependency_probe(
                     {
                         "Kafka": kafka_check(cfg.kafka),

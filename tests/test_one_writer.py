@@ -1,29 +1,45 @@
-"""The one-writer rule on S3: a job does not commit to a table an always-on query commits to.
+"""The one-writer rule on S3: one job at a time commits to a table.
 
 On ``s3a://`` with Delta's default log store (``S3SingleDriverLogStore``) two drivers committing
 the same version of one table can each "win", and one commit is lost. A running query (ingest,
 serve, record-sends) keeps a lease beside its checkpoint; ``maintain`` and ``forget-user`` leave
 its tables alone (each reported failed with the reason, the others done) and ``campaign``, which
-appends to record-sends' ``sent_recommendations``, is refused. Run against the real S3-compatible
-test server (tests/s3_fixture.py) and real Delta tables.
+appends to record-sends' ``sent_recommendations``, is refused. A batch job holds a writer lease
+on the tables it commits to: another batch job is refused them, and a query does not start
+beside it. Run against the real S3-compatible test server (tests/s3_fixture.py) and real Delta
+tables.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from s3_fixture import S3_TEST_REGION, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 
 from carousel import tables
 from carousel.errors import JobError
-from carousel.query_lifecycle import busy_tables, query_lease, single_driver_commits
+from carousel.query_lifecycle import (
+    StorageChecks,
+    lease_holder,
+    query_lease,
+    running_writers,
+    single_driver_commits,
+    writer_leases_folder,
+    writing_tables,
+)
 from carousel.schemas import (
     CATALOG_TABLE,
+    ERASED_USERS_TABLE,
     EVENTS_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import apply_storage_settings
+from carousel.storage import publish_small_file, read_text_file
 from jobs import campaign, forget_user, maintain
 
 DYNAMODB_STORE = "io.delta.storage.S3DynamoDBLogStore"
@@ -52,6 +68,24 @@ def test_commits_are_one_driver_only_on_s3a_with_deltas_default_log_store(root, 
     assert single_driver_commits(root, conf.get) is single
 
 
+def _s3_settings(bucket: str, endpoint: str, prefix: str) -> list[str]:
+    return [
+        f"storage.root=s3a://{bucket}/{prefix}",
+        f"storage.s3.endpoint_url={endpoint}",
+        f"storage.s3.region={S3_TEST_REGION}",
+        "storage.s3.path_style_access=true",
+        "spark.conf.spark.hadoop.fs.s3a.connection.expect.continue=false",  # as tests/test_s3_storage.py
+        "spark.conf.spark.hadoop.fs.s3a.optimized.copy.from.local.enabled=false",
+    ]
+
+
+def _busy(spark, cfg, asked) -> dict[str, str]:
+    """Each table of ``asked`` that a running job commits to -> why (the reason its refusal names)."""
+    return {
+        table: writer.reason() for writer in running_writers(spark, cfg, asked) for table in writer.tables
+    }
+
+
 @pytest.mark.integration
 def test_jobs_leave_a_running_querys_tables_alone_on_s3(
     spark,
@@ -61,12 +95,7 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
     s3_bucket,  # noqa: F811
 ) -> None:
     cfg = make_config(
-        f"storage.root=s3a://{s3_bucket}/carousel",
-        f"storage.s3.endpoint_url={s3_endpoint}",
-        f"storage.s3.region={S3_TEST_REGION}",
-        "storage.s3.path_style_access=true",
-        "spark.conf.spark.hadoop.fs.s3a.connection.expect.continue=false",  # as tests/test_s3_storage.py
-        "spark.conf.spark.hadoop.fs.s3a.optimized.copy.from.local.enabled=false",
+        *_s3_settings(s3_bucket, s3_endpoint, "carousel"),
         f"training.workspace={tmp_path}/training",  # forget-user searches its snapshots
         # Written once below, never renewed: live for the whole test however slow the machine.
         "ingest.lease_seconds=3600",
@@ -79,7 +108,7 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
     for lease in leases:
         lease.renew_if_due()
     try:
-        busy = busy_tables(spark, cfg, [EVENTS_TABLE, CATALOG_TABLE, SENT_RECOMMENDATIONS_TABLE])
+        busy = _busy(spark, cfg, [EVENTS_TABLE, CATALOG_TABLE, SENT_RECOMMENDATIONS_TABLE])
         assert sorted(busy) == [EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE]
         assert "./spark-submit.sh stop ingest" in busy[EVENTS_TABLE]
         assert "./spark-submit.sh stop record-sends" in busy[SENT_RECOMMENDATIONS_TABLE]
@@ -102,8 +131,95 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
             lease.release()
 
     # The queries stopped (their leases removed): the same tables are maintained.
-    assert busy_tables(spark, cfg, [EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE]) == {}
+    assert _busy(spark, cfg, [EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE]) == {}
     (events,) = maintain.run(spark, cfg, [EVENTS_TABLE], vacuum=False)
     assert events.table == EVENTS_TABLE and events.error is None
     again = forget_user.run(spark, cfg, ["user-1"], online_store=False)
     assert again.failed == []
+
+
+@pytest.mark.integration
+def test_batch_jobs_hold_writer_leases_on_s3(
+    spark,
+    make_config,
+    s3_endpoint,  # noqa: F811
+    s3_bucket,  # noqa: F811
+) -> None:
+    cfg = make_config(*_s3_settings(s3_bucket, s3_endpoint, "leases"), "storage.writer_lease_seconds=3")
+    apply_storage_settings(spark, cfg)
+    tables.ensure(spark, cfg, CATALOG_TABLE)
+    folder = writer_leases_folder(cfg)
+    record_sends = query_lease(spark, cfg, "record-sends")
+
+    with writing_tables(spark, cfg, "upload-catalog", [CATALOG_TABLE], "not merged"):
+        (name,) = read_text_file(spark, folder, list_names=True)
+        path = f"{folder}/{name}"
+        first = json.loads(read_text_file(spark, path))
+        assert (first["job"], first["tables"], first["lease_seconds"]) == (
+            "upload-catalog",
+            [CATALOG_TABLE],
+            3,
+        )
+        # Renewed while the job runs (every third of its 3 s), though no code of the job's runs.
+        deadline = time.monotonic() + 30
+        while json.loads(read_text_file(spark, path))["renewed_at"] == first["renewed_at"]:
+            assert time.monotonic() < deadline, "the writer lease was not renewed"
+            time.sleep(0.2)
+
+        # Another batch job is refused the table, naming the holder; the rest goes on.
+        (catalog,) = maintain.run(spark, cfg, [CATALOG_TABLE], vacuum=False)
+        assert catalog.error is not None
+        assert catalog.error.startswith("not maintained: upload-catalog is running on "), catalog.error
+        assert "commits to catalog" in catalog.error and "let it finish first" in catalog.error
+        with (
+            pytest.raises(JobError, match="^twin: upload-catalog is running on "),
+            writing_tables(spark, cfg, "twin", [CATALOG_TABLE, EVENTS_TABLE], "twin"),
+        ):
+            pytest.fail("entered beside another writer of the catalog")
+        # The refused one's own lease is gone: only the holder's is left.
+        assert read_text_file(spark, folder, list_names=True) == [name]
+        # Its other tables are not its: record-sends (sent_recommendations) starts.
+        record_sends.claim(StorageChecks("record-sends"))
+        record_sends.release()
+    assert not read_text_file(spark, folder, list_names=True)  # removed at the end (S3A: [] or None)
+
+    # A query does not start beside a batch job committing to one of its tables.
+    with writing_tables(spark, cfg, "campaign", [SENT_RECOMMENDATIONS_TABLE], "not started"):
+        refused = rf"^{cfg.sent_log.query_name}: not started: campaign is running on .* sent_recommendations"
+        with pytest.raises(JobError, match=refused):
+            record_sends.claim(StorageChecks("record-sends"))
+        assert lease_holder(spark, record_sends.path, 30) is None  # its own lease removed again
+    # Its start commits to erased_users too: not while forget-user records erased users there.
+    with writing_tables(spark, cfg, "forget-user", [ERASED_USERS_TABLE], "nothing erased"):
+        with pytest.raises(JobError, match=rf"^{cfg.ingest.query_name}: not started: forget-user is running"):
+            query_lease(spark, cfg, "ingest").claim(StorageChecks("ingest"))
+
+    # A job failing inside the block leaves no lease behind.
+    with (
+        pytest.raises(RuntimeError, match="the job failed"),
+        writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], ""),
+    ):
+        raise RuntimeError("the job failed")
+    assert not read_text_file(spark, folder, list_names=True)
+
+    # A killed job's lease: ignored once lapsed, deleted once lapsed for ten lifetimes.
+    now = datetime.now(UTC)
+    for job, age in (("lapsed", 5), ("killed", 31)):
+        holder = {
+            "job": job,
+            "tables": [CATALOG_TABLE],
+            "host": "gone",
+            "pid": 1,
+            "renewed_at": (now - timedelta(seconds=age)).isoformat(),
+            "lease_seconds": 3,
+        }
+        publish_small_file(spark, f"{folder}/{job}-0.json", json.dumps(holder))
+    assert running_writers(spark, cfg, [CATALOG_TABLE]) == []
+    assert read_text_file(spark, folder, list_names=True) == ["lapsed-0.json"]
+
+
+@pytest.mark.integration
+def test_writer_leases_are_s3_only(spark, make_config) -> None:
+    cfg = make_config()
+    with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
+        assert read_text_file(spark, writer_leases_folder(cfg), list_names=True) is None
