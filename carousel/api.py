@@ -446,6 +446,16 @@ class CoalescingStore:
         # from the store with the next write's round trip, or by the service's timer if none comes.
         self.acknowledged: list[str] = []
 
+    def take_acknowledged(self, limit: int | None = None) -> list[str]:
+        """The acknowledged entries to delete now (the oldest ``limit``; all without), no longer listed."""
+        taken = self.acknowledged[:limit]
+        self.acknowledged = self.acknowledged[len(taken) :]
+        return taken
+
+    def give_back_acknowledged(self, ids: list[str]) -> None:
+        """List again, first, entries taken whose delete failed: deleted later (the sweep skips them)."""
+        self.acknowledged = ids + self.acknowledged
+
     @property
     def prefix(self) -> str:
         return self.state.prefix
@@ -510,8 +520,7 @@ class CoalescingStore:
         with_outbox = [pending for pending in batch if pending.outbox is not None]
         # The relayed entries the broker acknowledged ride along (no round trip of their own);
         # a backlog (after a store outage) goes a bounded share at a time, the timer takes the rest.
-        forget = self.acknowledged[:_FORGET_PER_WRITE]
-        self.acknowledged = self.acknowledged[_FORGET_PER_WRITE:]
+        forget = self.take_acknowledged(_FORGET_PER_WRITE)
         try:
             found, ids = self.state.write_with_outbox(
                 [pending.state for pending in first],
@@ -520,7 +529,7 @@ class CoalescingStore:
                 forget,
             )
         except Exception as err:  # noqa: BLE001 - every waiting request gets the store's error
-            self.acknowledged = forget + self.acknowledged  # deleted later (the sweep skips them)
+            self.give_back_acknowledged(forget)
             for pending in batch:
                 _fail(pending.done, err)
             return
@@ -791,13 +800,13 @@ class ApiService:
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged entries that no write has taken along from the online store (one
         round trip; none when writes took them all)."""
-        done, self.store.acknowledged = self.store.acknowledged, []
+        done = self.store.take_acknowledged()
         if not done:
             return
         try:
             self.store.state.forget_outbox(done)
         except STORE_ERRORS as err:  # kept, and tried again (the sweep skips them meanwhile)
-            self.store.acknowledged = done + self.store.acknowledged
+            self.store.give_back_acknowledged(done)
             self._warn("%d relayed outbox entries not deleted from the online store yet: %s", len(done), err)
             loop = self._forget.loop
             if loop is not None and not loop.is_closed() and not self._stopping.is_set():
