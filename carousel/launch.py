@@ -16,7 +16,8 @@ the ``--config`` files given, and a templates or payload-schema folder configure
 read them there. What cannot travel safely is named (never its value) on stderr: ``CAROUSEL__*``
 settings and secrets in this machine's environment (give them to the driver through the
 cluster manager: ``spark.yarn.appMasterEnv.NAME``, ``spark.kubernetes.driverEnv.NAME`` or its
-secrets), and a storage root on a local disk.
+secrets), a storage root on a local disk, and job arguments naming paths on a local disk
+(:func:`local_path_arguments`).
 """
 
 from __future__ import annotations
@@ -202,7 +203,38 @@ def cluster_launch(
             f"cluster deploy mode: storage.root {cfg.storage.root} is a local path, read on the node "
             "the driver lands on; use a shared store (s3a://, hdfs://, abfss://) or a mount every node has"
         )
+    local = local_path_arguments(others)
+    if local:
+        warnings.append(
+            f"cluster deploy mode: {', '.join(local)} {'is a path' if len(local) == 1 else 'are paths'} on "
+            "this machine's disk, not shipped: the driver (on a cluster node) and the executors read "
+            "and write their own disks there; give a shared location (s3a://, hdfs://, abfss://) or a "
+            "mount every node has"
+        )
     return ClusterLaunch(args, shipped, warnings)
+
+
+# The jobs' options naming a file or folder they read or write (upload-catalog's file is positional).
+PATH_OPTIONS = frozenset({"--input", "--output", "--file", "--snapshots"})
+
+
+def local_path_arguments(job_args: Sequence[str]) -> list[str]:
+    """The job's arguments (configuration flags taken out) naming a path on a local disk: the value
+    of a :data:`PATH_OPTIONS` option without a ``scheme://``, and any other word that is a file or
+    folder on this machine (a catalog file given to upload-catalog). Shown as given."""
+    found: list[str] = []
+    words = list(job_args)
+    for n, word in enumerate(words):
+        option, _, inline = word.partition("=")
+        if option in PATH_OPTIONS:
+            value = inline if inline else (words[n + 1] if n + 1 < len(words) else "")
+            if value and "://" not in value:
+                found.append(f"{option} {value}")
+        elif not word.startswith("-") and "://" not in word and Path(word).exists():
+            previous = words[n - 1] if n else ""
+            if previous.partition("=")[0] not in PATH_OPTIONS or "=" in previous:
+                found.append(word)
+    return found
 
 
 def _config_parser() -> argparse.ArgumentParser:

@@ -178,6 +178,21 @@ def test_cluster_launch_warns_of_a_storage_root_on_a_local_disk(tmp_path):
     assert len(launch.warnings) == 1 and f"storage.root {tmp_path}/data is a local path" in launch.warnings[0]
 
 
+def test_cluster_launch_warns_of_job_paths_on_a_local_disk(tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id\nsku-1\n")
+    cfg = load_config(overrides=["storage.root=s3a://b/c"])
+    upload = cluster_launch(["upload-catalog", str(catalog), "--partial"], cfg, {})
+    assert upload.args == ["upload-catalog", str(catalog), "--partial"]  # not shipped: named
+    assert len(upload.warnings) == 1 and f"{catalog} is a path on this machine's disk" in upload.warnings[0]
+    campaign = cluster_launch(["campaign", "weekly-email", "--output", "out", "--run-id=r1"], cfg, {})
+    assert len(campaign.warnings) == 1 and "--output out is a path" in campaign.warnings[0]
+    erase = cluster_launch(["forget-user", "--file", "ids.csv", "--snapshots=/mnt/snaps"], cfg, {})
+    assert "--file ids.csv, --snapshots /mnt/snaps are paths" in erase.warnings[0]
+    shared = cluster_launch(["train", "--input=s3a://b/snap", "--output", "hdfs://nn/out"], cfg, {})
+    assert shared.warnings == []
+
+
 def test_cluster_launch_keeps_what_follows_a_double_dash_last(tmp_path):
     prod = tmp_path / "prod.yaml"
     prod.write_text("{}\n")
