@@ -220,21 +220,36 @@ PATH_OPTIONS = frozenset({"--input", "--output", "--file", "--snapshots"})
 
 def local_path_arguments(job_args: Sequence[str]) -> list[str]:
     """The job's arguments (configuration flags taken out) naming a path on a local disk: the value
-    of a :data:`PATH_OPTIONS` option without a ``scheme://``, and any other word that is a file or
-    folder on this machine (a catalog file given to upload-catalog). Shown as given."""
+    of a :data:`PATH_OPTIONS` option (or an abbreviation argparse takes for it) without a shared
+    ``scheme://`` (``file:`` is local), and any other word that is a file or folder on this machine
+    (a catalog file given to upload-catalog). Shown as given."""
     found: list[str] = []
     words = list(job_args)
+    takes_next = False  # the word before was a path option without its value
     for n, word in enumerate(words):
-        option, _, inline = word.partition("=")
-        if option in PATH_OPTIONS:
-            value = inline if inline else (words[n + 1] if n + 1 < len(words) else "")
-            if value and "://" not in value:
+        if takes_next:
+            takes_next = False
+            continue
+        option, inline, value = word.partition("=")
+        if _path_option(option):
+            if not inline:
+                value = words[n + 1] if n + 1 < len(words) else ""
+                takes_next = True
+            if value and _local(value):
                 found.append(f"{option} {value}")
-        elif not word.startswith("-") and "://" not in word and Path(word).exists():
-            previous = words[n - 1] if n else ""
-            if previous.partition("=")[0] not in PATH_OPTIONS or "=" in previous:
-                found.append(word)
+        elif not word.startswith("-") and _local(word) and Path(word).exists():
+            found.append(word)
     return found
+
+
+def _path_option(option: str) -> bool:
+    """Whether ``option`` is one of :data:`PATH_OPTIONS` or a prefix argparse would expand to one."""
+    return option.startswith("--") and len(option) > 3 and any(p.startswith(option) for p in PATH_OPTIONS)
+
+
+def _local(location: str) -> bool:
+    """Whether ``location`` is on a local disk: no ``scheme://``, or ``file:``."""
+    return "://" not in location or location.lower().startswith("file:")
 
 
 def _config_parser() -> argparse.ArgumentParser:

@@ -280,22 +280,25 @@ class QueryLease:
 
     @property
     def written(self) -> bool:
-        """Whether this process wrote the lease (and has not released it)."""
+        """Whether this process's last write of the lease landed (and it has not released it)."""
         return self._renewed != -float("inf")
 
-    def claim(self, storage: StorageChecks) -> None:
-        """Write the lease before the query (re)starts (a start commits: its tables' creation),
-        then refuse to start (:class:`JobError`, the lease removed) while ``conflicts`` names a
-        writer it must not commit beside (:func:`query_lease`: a batch job's writer lease on one of
-        its tables, on S3). Each side writes its own lease before reading the other's: of a job and
-        a query starting together, at least one sees the other."""
+    def claim(self, storage: StorageChecks, release_on_refusal: bool = True) -> None:
+        """Write the lease now, before the query (re)starts (a start commits: its tables'
+        creation), then refuse to start (:class:`JobError`; the lease removed when
+        ``release_on_refusal``) while ``conflicts`` names a writer it must not commit beside
+        (:func:`query_lease`: a batch job's writer lease on one of its tables, on S3). Each side
+        writes its own lease before reading the other's: of a job and a query starting together,
+        at least one sees the other."""
+        self._renewed = -float("inf")  # written now, whatever the last renewal: see `written`
         storage.run("renew its lease", self.renew_if_due, None)
         try:
             reason = self._conflicts()
         except (Py4JJavaError, OSError) as err:
             reason = f"cannot read the other jobs' leases ({java_reason(err)})"
         if reason:
-            storage.run("remove its lease (it expires by itself)", self.release, None)
+            if release_on_refusal:
+                storage.run("remove its lease (it expires by itself)", self.release, None)
             raise JobError(f"{self._query_name}: not started: {reason}")
 
     def renew_if_due(self) -> None:

@@ -255,6 +255,8 @@ def write_small_file(spark: SparkSession, path: str, text: str, overwrite: bool 
 
 # Hadoop's "no such file" (S3A raises it when an object goes between an exists() and its read).
 _JAVA_FILE_NOT_FOUND = "java.io.FileNotFoundException"
+# S3A's "the object changed while it was read" (its etag no longer the one it opened).
+_JAVA_FILE_CHANGED = "org.apache.hadoop.fs.s3a.RemoteFileChangedException"
 
 # File systems of object stores, where a file appears whole when its writer closes it (one PUT)
 # and a rename is a copy and a delete: files there are written in place.
@@ -287,20 +289,31 @@ def read_text_file(spark: SparkSession, path: str, list_names: bool = False) -> 
     """The UTF-8 text of the file at ``path`` (any Hadoop file system), or None when absent.
 
     With ``list_names``: the names of the entries of the folder at ``path`` (None when absent).
-    A file or folder deleted between the existence check and the read reads as absent too.
+    A file or folder deleted between the existence check and the read reads as absent too, and a
+    file rewritten while read (S3A's change detection) is read again once.
     """
     fs, hadoop_path = _hadoop_file(spark, path)
     if not fs.exists(hadoop_path):
         return None
-    try:
-        if list_names:
-            return [status.getPath().getName() for status in fs.listStatus(hadoop_path)]
-        stream = fs.open(hadoop_path)
-    except Py4JJavaError as err:
-        if _JAVA_FILE_NOT_FOUND in str(err.java_exception.getClass().getName()):
-            return None
-        raise
+    for attempt in (1, 2):
+        try:
+            if list_names:
+                return [status.getPath().getName() for status in fs.listStatus(hadoop_path)]
+            return _read_whole(spark, fs, hadoop_path)
+        except Py4JJavaError as err:
+            java_class = str(err.java_exception.getClass().getName())
+            if java_class == _JAVA_FILE_NOT_FOUND:
+                return None
+            if attempt == 2 or java_class != _JAVA_FILE_CHANGED:
+                raise
+    return None  # not reached: the second attempt returns or raises
+
+
+def _read_whole(spark: SparkSession, fs: Any, hadoop_path: Any) -> str:
+    """The UTF-8 text of a Hadoop file. S3A's open() only asks for the object's metadata: the GET
+    comes with the first read, so a delete or rewrite in between fails here."""
     jvm = spark.sparkContext._jvm
+    stream = fs.open(hadoop_path)
     try:
         reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
         lines = []

@@ -189,6 +189,35 @@ def kafka_check(kafka: KafkaConfig) -> Callable[[], object]:
     return check
 
 
+# How often a restart held back by a batch job's writer lease claims its lease again.
+RECLAIM_SECONDS = 5.0
+
+
+def _claim_for_restart(
+    lease: QueryLease, storage: StorageChecks, stop_watch: _StopWatch, query_name: str
+) -> bool:
+    """Claim the lease before a restart (a start commits, perhaps after an outage that let the
+    lease lapse and a batch job take one of the query's tables, on S3). While refused, the restart
+    waits (its lease kept, renewed) and claims again every :data:`RECLAIM_SECONDS`: an always-on
+    query outlives a batch job. False when a stop was asked for meanwhile."""
+    held_back = False
+    while True:
+        try:
+            lease.claim(storage, release_on_refusal=False)
+        except JobError as err:
+            if not held_back:
+                log.warning(
+                    "%s: restart held back (%s); claimed again every %.0f s", query_name, err, RECLAIM_SECONDS
+                )
+                held_back = True
+            if stop_watch.wait(RECLAIM_SECONDS, min(1.0, RECLAIM_SECONDS)):
+                return False
+            continue
+        if held_back:
+            log.info("%s: restart no longer held back", query_name)
+        return True
+
+
 def supervise(
     spark: SparkSession,
     start: Callable[[], StreamingQuery],
@@ -212,8 +241,9 @@ def supervise(
     otherwise the first start's own errors propagate as they are (a job that cannot start says
     why). A restart that fails to start with a transient error counts as a failed attempt.
 
-    ``lease``: claimed before each start (a query's start commits: its tables' creation; a batch
-    job's writer lease on one of its tables refuses it, :meth:`QueryLease.claim`), and
+    ``lease``: claimed before each start (a query's start commits: its tables' creation): a batch
+    job's writer lease on one of its tables refuses the first start (:meth:`QueryLease.claim`,
+    :class:`JobError`) and holds a restart back until it is gone (:func:`_claim_for_restart`); and
     removed at the end unless ``keep_lease`` (the caller still commits after: it removes it).
     ``storage``: the caller's :class:`StorageChecks` when it also reaches the storage (one log
     line per outage).
@@ -231,10 +261,14 @@ def supervise(
         with stop_signals(stop_watch.on_signal):
             while True:
                 began = time.monotonic()
-                if lease is not None and pending is None and last is not None:
-                    # A restart commits too, perhaps after an outage that let the lease lapse and a
-                    # batch job take one of its tables: claimed again (a JobError ends the job).
-                    lease.claim(storage)
+                if (
+                    lease is not None
+                    and pending is None
+                    and last is not None
+                    and not _claim_for_restart(lease, storage, stop_watch, query_name)
+                ):
+                    log.info("%s: stop requested while its restart was held back: not restarted", query_name)
+                    return last
                 try:
                     query = pending if pending is not None else start()
                 except Exception as err:  # noqa: BLE001 - a restart's start failing transiently is retried

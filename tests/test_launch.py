@@ -189,6 +189,8 @@ def test_cluster_launch_warns_of_job_paths_on_a_local_disk(tmp_path):
     assert len(campaign.warnings) == 1 and "--output out is a path" in campaign.warnings[0]
     erase = cluster_launch(["forget-user", "--file", "ids.csv", "--snapshots=/mnt/snaps"], cfg, {})
     assert "--file ids.csv, --snapshots /mnt/snaps are paths" in erase.warnings[0]
+    abbreviated = cluster_launch(["campaign", "weekly", "--out", "file:///tmp/out", "--output="], cfg, {})
+    assert "--out file:///tmp/out is a path" in abbreviated.warnings[0]
     shared = cluster_launch(["train", "--input=s3a://b/snap", "--output", "hdfs://nn/out"], cfg, {})
     assert shared.warnings == []
 

@@ -25,8 +25,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQuery
 from support import wait_for
 
-from carousel import broker, online_store_server
+from carousel import broker, online_store_server, supervision
 from carousel.config import SupervisionConfig, load_config
+from carousel.errors import JobError
 from carousel.online_store import OnlineStoreError, ping_check
 from carousel.payloads import TemplateCheckError
 from carousel.query_lifecycle import (
@@ -118,6 +119,46 @@ def test_a_transient_failure_restarts_and_replays_the_batch(spark, tmp_path) -> 
     assert handler.calls == [0, 1, 1]  # batch 1 failed, then was replayed by the restarted query
     assert sorted(handler.handled) == list(range(6))  # every row once
     assert not query.isActive and query.exception() is None
+
+
+def test_a_batch_writer_refuses_the_first_start_and_holds_a_restart_back(
+    spark, tmp_path, caplog, monkeypatch
+) -> None:
+    # A batch job's writer lease on one of the query's tables (on S3: tests/test_one_writer.py),
+    # seen here through the lease's conflict check, which names the job while it runs. It finishes
+    # after refusing the query's claim three times.
+    monkeypatch.setattr(supervision, "RECLAIM_SECONDS", 0.1)
+    batch_job: dict[str, Any] = {"holder": "maintain is running on host-1", "refusals": 0}
+
+    def conflicts() -> str | None:
+        if batch_job["refusals"] >= 3:
+            batch_job["holder"] = None
+        if batch_job["holder"] is None:
+            return None
+        batch_job["refusals"] += 1
+        return batch_job["holder"]
+
+    handler = FlakyHandler([None, RuntimeError(TRANSIENT), None])
+
+    def handle(batch: Any, batch_id: int) -> None:
+        if len(handler.calls) == 1:  # the failing call: a batch job takes a table meanwhile
+            batch_job.update(holder="maintain is running on host-2", refusals=0)
+        handler(batch, batch_id)
+
+    start, starts = file_query_starter(spark, tmp_path, handle)  # type: ignore[arg-type]
+    lease = QueryLease(spark, str(tmp_path / "lease"), "flaky", lease_seconds=30, conflicts=conflicts)
+    with pytest.raises(JobError, match="^flaky: not started: maintain is running on host-1$"):
+        supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30, lease=lease)
+    assert starts == [] and lease_holder(spark, lease.path, lease_seconds=30) is None
+
+    batch_job.update(holder=None)  # that job finished: the query starts
+    with caplog.at_level(logging.INFO, logger="carousel.supervision"):
+        query = supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30, lease=lease)
+    assert len(starts) == 2 and batch_job["refusals"] == 3  # restarted once the job was gone
+    assert handler.calls == [0, 1, 1] and sorted(handler.handled) == list(range(6))
+    assert not query.isActive and query.exception() is None
+    assert "restart held back (flaky: not started: maintain is running on host-2)" in caplog.text
+    assert "restart no longer held back" in caplog.text
 
 
 def test_a_storage_outage_of_the_stop_check_and_the_lease_ends_neither_query_nor_job(
