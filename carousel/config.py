@@ -239,6 +239,10 @@ class StorageConfig(_Section):
     # tables it commits to counts after its last renewal (renewed every third of this while the
     # job runs; a killed job's lapses after it). README "Tables on S3".
     writer_lease_seconds: float = Field(default=60, ge=3, le=3600)
+    # There, how long a batch job waits for the running ingest / record-sends that commit to its
+    # tables to hold their micro-batches back (they look every few seconds, once their running
+    # micro-batch is done) before it is refused; 0: refused at once.
+    writer_wait_seconds: float = Field(default=120, ge=0, le=3600)
 
     @field_validator("root")
     @classmethod

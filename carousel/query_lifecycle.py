@@ -22,7 +22,9 @@ single-driver log store every job that commits to the query's tables. There, bat
 *writer lease* on the tables they commit to (:func:`writing_tables`: ``maintain``,
 ``forget-user``, ``campaign``, ``rebuild-profiles``, ``upload-catalog``, the model's publish and
 ``rollback``), and a query does not start while one holds one of its tables
-(:meth:`QueryLease.claim`).
+(:meth:`QueryLease.claim`). A running ``ingest`` or ``record-sends`` makes way for such a job: it
+holds its micro-batches back at its gate and says so in its lease (:meth:`QueryLease.make_way`),
+and the job waits for that (``storage.writer_wait_seconds``) instead of being refused.
 
 Under ``spark-submit`` the driver's Python process is a child of the ``SparkSubmit`` JVM, and a
 SIGTERM or SIGINT to that JVM shuts Spark down at once (its shutdown hooks): the running batch is
@@ -101,11 +103,15 @@ _WRITER_LEASE_SUFFIX = ".json"
 # A writer lease lapsed this many times its lifetime ago is deleted by whoever reads it: its job
 # was killed (a finished job deletes its own).
 _STALE_LEASE_LIFETIMES = 10
+_YIELD_POLL_SECONDS = 1.0  # how often a batch job looks whether the queries in its way hold back
+_MAKE_WAY_EVERY_SECONDS = 1.0  # a query reads the writer leases at most this often
+_WARNED: set[str] = set()  # the unreadable or undeletable leases warned about (once each)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _GATES: dict[str, BatchGate] = {}
+_HELD_POLL_SECONDS = 0.5  # how often a held handler looks at its gate again
 _GATES_LOCK = threading.Lock()
 
 
@@ -157,25 +163,39 @@ class BatchGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._closed = False
+        self._held = False
+        self._resumed = threading.Event()
+        self._resumed.set()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
     def wrap(self, handler: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
         """``handler`` (a foreachBatch function) behind this gate."""
 
         def gated(batch: Any, batch_id: int) -> None:
-            with self._lock:
-                if self._closed:
-                    raise StopRequestedError(f"micro-batch {batch_id} not started: the query is stopping")
-                handler(batch, batch_id)
+            while True:
+                with self._lock:
+                    if self._closed:
+                        raise StopRequestedError(f"micro-batch {batch_id} not started: the query is stopping")
+                    if not self._held:
+                        handler(batch, batch_id)
+                        return
+                # Held (a batch job commits to its tables): wait outside the lock, so that a stop
+                # can close the gate meanwhile.
+                self._resumed.wait(_HELD_POLL_SECONDS)
 
         return gated
 
     def open(self) -> None:
         """Let handlers run (again): a query started after an earlier stop in the same process."""
         self._closed = False
+        self.resume()
 
     def close(self, timeout_seconds: float) -> bool:
         """Refuse new handlers; True once no handler runs, False if one still ran at the deadline."""
@@ -183,7 +203,27 @@ class BatchGate:
         self._closed = True
         if finished:
             self._lock.release()
+        self._resumed.set()  # a held handler wakes to see the gate closed
         return finished
+
+    def hold(self, timeout_seconds: float) -> bool:
+        """Hold the handlers back (:meth:`QueryLease.make_way`): a handler starting from now on
+        waits until :meth:`resume` (or ends with :class:`StopRequestedError` once the gate is
+        closed). True once none runs; False when one still ran at the deadline (held all the same:
+        call again, or :meth:`resume`)."""
+        # Held at once: a handler starting while the running one ends waits (with a backlog, one
+        # starts right after the other, and the lock alone would seldom be free at a check).
+        self._held = True
+        self._resumed.clear()
+        if not self._lock.acquire(timeout=timeout_seconds):
+            return False
+        self._lock.release()
+        return True
+
+    def resume(self) -> None:
+        """Let held handlers run."""
+        self._held = False
+        self._resumed.set()
 
 
 def _registered(query_name: str) -> BatchGate:
@@ -272,11 +312,20 @@ class QueryLease:
         query_name: str,
         lease_seconds: float,
         conflicts: Callable[[], str | None] = lambda: None,
+        gate: BatchGate | None = None,
+        batch_writers: Callable[[], list[RunningWriter]] | None = None,
     ) -> None:
         self._spark, self.path, self._query_name = spark, path, query_name
         self._renew_every = lease_seconds / 3
         self._renewed = -float("inf")
         self._conflicts = conflicts
+        # With both: the query holds its commits back between micro-batches while a batch job
+        # commits to one of its tables (make_way), and says so in its lease ("paused").
+        self._gate, self._batch_writers = gate, batch_writers
+        self._paused = False
+        self._held_for = ""  # the jobs last logged as holding it back
+        self._made_way_at = -float("inf")
+        self._wrote = False  # whether this process wrote the lease (since its last release)
 
     @property
     def written(self) -> bool:
@@ -291,6 +340,7 @@ class QueryLease:
         writes its own lease before reading the other's: of a job and a query starting together,
         at least one sees the other."""
         self._renewed = -float("inf")  # written now, whatever the last renewal: see `written`
+        self._paused = False  # a (re)started query's gate opens once the claim holds
         storage.run("renew its lease", self.renew_if_due, None)
         try:
             reason = self._conflicts()
@@ -300,6 +350,7 @@ class QueryLease:
             if release_on_refusal:
                 storage.run("remove its lease (it expires by itself)", self.release, None)
             raise JobError(f"{self._query_name}: not started: {reason}")
+        self._going_on()  # a hold that ended with a restart
 
     def renew_if_due(self) -> None:
         now = time.monotonic()
@@ -310,15 +361,78 @@ class QueryLease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "renewed_at": datetime.now(UTC).isoformat(),
+            "yields": self._gate is not None and self._batch_writers is not None,
+            "paused": self._paused,
         }
+        self._wrote = True  # from here on, even if the write fails: a stored object may not answer
         publish_small_file(self._spark, self.path, json.dumps(holder))
         self._renewed = now
 
+    @property
+    def paused(self) -> bool:
+        """Whether the query holds its commits back now, and its lease says so."""
+        return self._paused
+
+    def make_way(self, storage: StorageChecks, timeout_seconds: float) -> None:
+        """Called by the query's watch every few seconds (at most once a second): while a batch job
+        holds a writer lease on one of the query's tables (on S3: :func:`writing_tables`), hold its
+        micro-batches back (its gate: the running one finishes, the next waits) and, once none
+        runs (within ``timeout_seconds``, else at the next call), say so in the lease ("paused"),
+        so that the job commits. Once none does, say "going on" first, read the leases again, and
+        only then let them go on: a job that came meanwhile either saw the query paused (and the
+        query, seeing it, stays held) or sees it going on (and waits for the next pause). The gate
+        is let go only after a write of "going on" that landed: a failed or doubtful write keeps it
+        held (a storage blip holds the query back, never lets it commit beside a job)."""
+        if self._gate is None or self._batch_writers is None:
+            return
+        now = time.monotonic()
+        if now - self._made_way_at < _MAKE_WAY_EVERY_SECONDS:
+            return
+        self._made_way_at = now
+        writers = storage.run("read the writer leases", self._batch_writers, None)
+        if writers is None:  # the storage fails: as it was, until it answers
+            return
+        if writers:
+            if not self._gate.hold(timeout_seconds):  # a micro-batch still runs: at the next call
+                return
+            if not self._paused or not self.written:  # said once, or again after a failed write
+                self._paused = True
+                self._write_now(storage)  # failed: the job waits, the query stays held
+            why = "; ".join(f"{w.job} commits to {', '.join(sorted(w.tables))}" for w in writers)
+            if why != self._held_for:
+                log.info("%s: micro-batches held back while %s", self._query_name, why)
+                self._held_for = why
+            return
+        if not (self._gate.held or self._paused):
+            return
+        self._paused = False
+        if not self._write_now(storage):
+            self._paused = True  # still held: tried again at the next call
+            return
+        if storage.run("read the writer leases", self._batch_writers, None) != []:
+            self._paused = True  # another job came meanwhile (or no answer): still held
+            self._write_now(storage)
+            return
+        self._gate.resume()
+        self._going_on()
+
+    def _going_on(self) -> None:
+        if self._held_for:
+            log.info("%s: micro-batches go on (no batch job commits to its tables)", self._query_name)
+        self._held_for = ""
+
+    def _write_now(self, storage: StorageChecks) -> bool:
+        """Write the lease now (its ``paused`` as it is); whether the write landed."""
+        self._renewed = -float("inf")
+        storage.run("renew its lease", self.renew_if_due, None)
+        return self.written
+
     def release(self) -> None:
         """Remove the lease, if this process wrote it (never another instance's)."""
-        if self._renewed == -float("inf"):
+        if not self._wrote:
             return
         delete_file(self._spark, self.path)
+        self._wrote = False
         self._renewed = -float("inf")  # a later renew_if_due writes it again
 
 
@@ -339,9 +453,17 @@ def _lease_with_age(spark: SparkSession, path: str, now: datetime) -> tuple[dict
         holder = json.loads(text)
         renewed_at = datetime.fromisoformat(holder["renewed_at"])
     except (ValueError, KeyError, TypeError):
-        log.warning("unreadable lease at %s: ignored", path)
+        _warn_once(path, "unreadable lease at %s: ignored", path)
         return None
     return holder, (now - renewed_at).total_seconds()
+
+
+def _warn_once(path: str, message: str, *args: object) -> None:
+    """A warning about the lease at ``path``, once per process: the queries read the leases every
+    few seconds."""
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning(message, *args)
 
 
 def held_by(holder: Mapping[str, Any]) -> str:
@@ -380,12 +502,25 @@ def query_lease(spark: SparkSession, cfg: CarouselConfig, job: str) -> QueryLeas
         writers = _running_batch_jobs(spark, cfg, starts_on)
         return "; ".join(w.reason() for w in writers) or None
 
+    def holding_tables() -> list[RunningWriter]:
+        return _running_batch_jobs(spark, cfg, tables) if _single_driver(spark, cfg) else []
+
+    yields = job in _YIELDING
     lease = QueryLease(
-        spark, lease_path(cfg, section.query_name), section.query_name, section.lease_seconds, batch_writers
+        spark,
+        lease_path(cfg, section.query_name),
+        section.query_name,
+        section.lease_seconds,
+        batch_writers,
+        gate=_registered(section.query_name) if yields else None,
+        batch_writers=holding_tables if yields else None,
     )
     return lease
 
 
+# The always-on queries that hold their micro-batches back while a batch job commits to one of their
+# tables (their foreachBatch handler behind a BatchGate); serve's trending refresher does not.
+_YIELDING = frozenset({"ingest", "record-sends"})
 # The tables an always-on query's start commits to besides those it writes while it runs.
 _START_ALSO_COMMITS = {
     "ingest": frozenset({ERASED_USERS_TABLE}),
@@ -436,6 +571,17 @@ class RunningWriter:
     holder: Mapping[str, Any]
     tables: frozenset[str]
     lease: str
+
+    @property
+    def yields(self) -> bool:
+        """An always-on query that holds its micro-batches back for a batch job
+        (:meth:`QueryLease.make_way`)."""
+        return self.query is not None and bool(self.holder.get("yields"))
+
+    @property
+    def paused(self) -> bool:
+        """An always-on query holding its micro-batches back now: it commits nothing."""
+        return self.query is not None and bool(self.holder.get("paused"))
 
     def reason(self) -> str:
         who, then = (
@@ -501,7 +647,7 @@ def _running_batch_jobs(
             lifetime = float(holder["lease_seconds"])
             shared = asked & frozenset(holder["tables"])
         except (KeyError, TypeError, ValueError):
-            log.warning("unreadable writer lease at %s: ignored", path)
+            _warn_once(path, "unreadable writer lease at %s: ignored", path)
             continue
         if age < lifetime:
             if shared:
@@ -516,7 +662,7 @@ def _running_batch_jobs(
             try:
                 delete_file(spark, path)
             except (Py4JJavaError, OSError) as err:  # left for the next reader
-                log.warning("cannot delete the lapsed writer lease %s (%s)", path, java_reason(err))
+                _warn_once(path, "cannot delete the lapsed writer lease %s (%s)", path, java_reason(err))
     return writers
 
 
@@ -612,8 +758,10 @@ def writing_tables(
     """Hold a writer lease (:class:`WriterLease`) on ``tables`` for the block, where two drivers'
     commits to one table could be lost (:func:`single_driver_commits`); elsewhere nothing is
     written or read. Raises :class:`JobError` (``refused``: what is not done, then why) before the
-    block, while another job commits to one of ``tables``: an always-on query (its lease) or
-    another batch job (its writer lease). The lease is written before the others are read, as
+    block, while another job commits to one of ``tables``: another batch job (its writer lease),
+    or an always-on query (its lease) that does not hold its micro-batches back for it within
+    ``storage.writer_wait_seconds`` (``ingest`` and ``record-sends`` do,
+    :meth:`QueryLease.make_way`; ``serve`` does not). The lease is written before the others are read, as
     every writer does (:meth:`QueryLease.claim`): of two starting together, at least one sees the
     other (both may: each is refused, and runs again later)."""
     if not _single_driver(spark, cfg):
@@ -622,10 +770,35 @@ def writing_tables(
     lease = WriterLease(spark, cfg, job, tables)
     lease.write()
     try:
-        writers = [w for w in running_writers(spark, cfg, lease.tables) if w.lease != lease.path]
-        if writers:
-            raise JobError(f"{refused}: " + "; ".join(w.reason() for w in writers))
         lease.keep_renewed()
+
+        def committing() -> list[RunningWriter]:
+            return [
+                w for w in running_writers(spark, cfg, lease.tables) if w.lease != lease.path and not w.paused
+            ]
+
+        writers = committing()
+        wait = cfg.storage.writer_wait_seconds
+        waited = False
+        if writers and wait > 0 and all(w.yields for w in writers):
+            waited = True
+            # Running queries that hold their micro-batches back once they see this lease.
+            log.info(
+                "%s: waiting up to %.0f s for %s to hold back their micro-batches",
+                job,
+                wait,
+                ", ".join(f"{w.job} ({w.query})" for w in writers),
+            )
+            deadline = time.monotonic() + wait
+            while writers and all(w.yields for w in writers) and time.monotonic() < deadline:
+                time.sleep(_YIELD_POLL_SECONDS)  # polling the storage, with a deadline
+                try:
+                    writers = committing()
+                except (Py4JJavaError, OSError) as err:  # a storage blip: as it was, until the deadline
+                    log.warning("%s: cannot read the leases (%s); tried again", job, java_reason(err))
+        if writers:
+            late = f"not held back within storage.writer_wait_seconds ({wait:.0f} s): " if waited else ""
+            raise JobError(f"{refused}: {late}" + "; ".join(w.reason() for w in writers))
         yield
     finally:
         lease.release()
@@ -738,6 +911,7 @@ def await_query(
             while query.isActive:
                 if lease is not None:
                     storage.run("renew its lease", lease.renew_if_due, None)
+                    lease.make_way(storage, poll_seconds)
                 if (
                     not requested
                     and marker is not None

@@ -140,6 +140,7 @@ class _StopWatch:
                     return False
             if self._lease is not None:
                 storage.run("renew its lease", self._lease.renew_if_due, None)
+                self._lease.make_way(storage, poll_seconds)  # no query runs: held at once
             if marker is not None and storage.run(
                 "check for a stop request", lambda: file_exists(spark, marker), False
             ):

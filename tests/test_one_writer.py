@@ -13,16 +13,19 @@ tables.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from s3_fixture import S3_TEST_REGION, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
+from support import wait_for
 
 from carousel import tables
 from carousel.errors import JobError
 from carousel.query_lifecycle import (
     StorageChecks,
+    gate_for,
     lease_holder,
     query_lease,
     running_writers,
@@ -98,6 +101,8 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
         *_s3_settings(s3_bucket, s3_endpoint, "carousel"),
         f"training.workspace={tmp_path}/training",  # forget-user searches its snapshots
         # Written once below, never renewed: live for the whole test however slow the machine.
+        # No query watches them either (none holds its micro-batches back): refused at once.
+        "storage.writer_wait_seconds=0",
         "ingest.lease_seconds=3600",
         "sent_log.lease_seconds=3600",
     )
@@ -223,3 +228,49 @@ def test_writer_leases_are_s3_only(spark, make_config) -> None:
     cfg = make_config()
     with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
         assert read_text_file(spark, writer_leases_folder(cfg), list_names=True) is None
+
+
+@pytest.mark.integration
+def test_a_running_query_holds_its_micro_batches_back_while_a_batch_job_commits_on_s3(
+    spark,
+    make_config,
+    s3_endpoint,  # noqa: F811
+    s3_bucket,  # noqa: F811
+) -> None:
+    cfg = make_config(*_s3_settings(s3_bucket, s3_endpoint, "yield"), "storage.writer_wait_seconds=60")
+    apply_storage_settings(spark, cfg)
+    # record-sends as it runs: its lease claimed, its watch (await_query's loop) every 0.2 s, and a
+    # micro-batch behind its gate.
+    lease, storage = query_lease(spark, cfg, "record-sends"), StorageChecks("record-sends")
+    lease.claim(storage)
+    gate = gate_for(cfg.sent_log.query_name)
+    handled: list[int] = []
+    handler = gate.wrap(lambda _batch, batch_id: handled.append(batch_id))
+    stopped = threading.Event()
+
+    def watch() -> None:
+        while not stopped.wait(0.2):
+            storage.run("renew its lease", lease.renew_if_due, None)
+            lease.make_way(storage, 1.0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with writing_tables(spark, cfg, "campaign", [SENT_RECOMMENDATIONS_TABLE], "not started"):
+            # The job got in because the query holds back now, and its lease says so.
+            assert gate.held and lease.paused
+            assert json.loads(read_text_file(spark, lease.path))["paused"] is True
+            batch = threading.Thread(target=handler, args=(None, 7), daemon=True)
+            batch.start()
+            batch.join(1.0)
+            assert batch.is_alive() and handled == []  # waits while the job commits
+        # The job's lease gone: the query says it goes on, then its micro-batch runs.
+        wait_for(lambda: not lease.paused and not gate.held, 30, "the query to go on")
+        batch.join(30)
+        assert handled == [7]
+        assert json.loads(read_text_file(spark, lease.path))["paused"] is False
+    finally:
+        stopped.set()
+        watcher.join(30)
+        lease.release()
+        gate.resume()

@@ -71,6 +71,39 @@ def test_a_closed_gate_refuses_new_batches_and_reopens() -> None:
         runner.join(30)
 
 
+def test_a_held_gate_keeps_batches_waiting_until_resumed_or_closed() -> None:
+    gate = BatchGate()
+    seen: list[int] = []
+    handler = gate.wrap(lambda _batch, batch_id: seen.append(batch_id))
+    assert gate.hold(timeout_seconds=1.0) and gate.held
+    waiting = threading.Thread(target=handler, args=(None, 0))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and seen == []  # held: the batch waits, nothing handled
+    gate.resume()
+    waiting.join(30)
+    assert not waiting.is_alive() and seen == [0]
+
+    # A stop while held: the waiting batch ends without running, as a batch refused at a stop.
+    assert gate.hold(timeout_seconds=1.0)
+    errors: list[BaseException] = []
+
+    def run_batch() -> None:
+        try:
+            handler(None, 1)
+        except StopRequestedError as err:
+            errors.append(err)
+
+    refused = threading.Thread(target=run_batch)
+    refused.start()
+    assert gate.close(timeout_seconds=1.0)
+    refused.join(30)
+    assert seen == [0] and len(errors) == 1 and "micro-batch 1 not started" in str(errors[0])
+    gate.open()  # a restart: neither closed nor held
+    handler(None, 2)
+    assert seen == [0, 2] and not gate.held
+
+
 def test_py4j_does_not_log_a_batch_refused_at_stop_as_an_error(caplog) -> None:
     """py4j logs each exception a Python callback raises with its traceback; a micro-batch refused
     because the query is stopping is a clean stop, not an ERROR. Other errors still are."""
