@@ -90,7 +90,7 @@ from carousel.schemas import (
     RAW_RECORD_COLUMNS,
     USER_ID_COLUMNS,
 )
-from carousel.session import build_session
+from carousel.session import build_session, session_settings
 from carousel.storage import (
     deletion_vector_count,
     idempotent_append,
@@ -310,17 +310,8 @@ def _erasure_commits(spark: SparkSession, tag: str) -> Iterator[None]:
         "spark.databricks.delta.delete.deletionVectors.persistent": "false",
         "spark.databricks.delta.merge.deletionVectors.persistent": "false",
     }
-    previous = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
+    with session_settings(spark, settings):
         yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 def _deleted_rows_since(spark: SparkSession, location: str, version: int, tag: str) -> int:

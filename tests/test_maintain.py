@@ -206,8 +206,15 @@ def test_maintain_leaves_a_table_without_old_rows_as_it_is(spark: SparkSession, 
     ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     rows = [_sent(n, NOW - timedelta(hours=n)) for n in range(3)]
     _append(spark, cfg, SENT_RECOMMENDATIONS_TABLE, rows)
-    (report,) = maintain.run(spark, cfg, tables=[SENT_RECOMMENDATIONS_TABLE], now=NOW)
+    spark.conf.set(maintain.VACUUM_PARALLELISM_CONF, "123")
+    try:
+        (report,) = maintain.run(spark, cfg, tables=[SENT_RECOMMENDATIONS_TABLE], now=NOW)
+        # VACUUM's listing parallelism was the job's for the VACUUM only: the session's is back.
+        assert spark.conf.get(maintain.VACUUM_PARALLELISM_CONF) == "123"
+    finally:
+        spark.conf.unset(maintain.VACUUM_PARALLELISM_CONF)
     assert report.rows_deleted == 0 and report.error is None
+    assert report.files_vacuumed is not None
     assertDataFrameEqual(
         _read(spark, cfg, SENT_RECOMMENDATIONS_TABLE),
         spark.createDataFrame(rows, SENT_RECOMMENDATIONS_SCHEMA),
@@ -233,6 +240,7 @@ def test_retention_predicate_cuts_whole_days_for_dates_and_the_instant_for_times
         ("maintenance.retention_days.events=0", "at least 1 day"),
         ("maintenance.checkpoint_interval=0", "maintenance.checkpoint_interval"),
         ("maintenance.max_attempts=0", "maintenance.max_attempts"),
+        ("maintenance.vacuum_parallelism=0", "maintenance.vacuum_parallelism"),
     ],
 )
 def test_bad_maintenance_settings_are_refused_at_start(override: str, message: str, tmp_path: Path) -> None:
