@@ -294,7 +294,7 @@ def _load(campaigns: dict[str, Any]) -> dict[str, CampaignConfig]:
     return {name: c for name, c in cfg.campaigns.items() if name in campaigns}
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(campaign_sections)
 def test_every_campaign_definition_loads_or_is_refused_with_its_name(campaigns: dict[str, Any]) -> None:
     try:
