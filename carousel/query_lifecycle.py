@@ -24,7 +24,8 @@ single-driver log store every job that commits to the query's tables. There, bat
 ``rollback``), and a query does not start while one holds one of its tables
 (:meth:`QueryLease.claim`). A running ``ingest`` or ``record-sends`` makes way for such a job: it
 holds its micro-batches back at its gate and says so in its lease (:meth:`QueryLease.make_way`),
-and the job waits for that (``storage.writer_wait_seconds``) instead of being refused.
+and the job waits for that (``storage.writer_wait_seconds``) instead of being refused; ``serve``
+holds its trending refreshes back the same way.
 
 Under ``spark-submit`` the driver's Python process is a child of the ``SparkSubmit`` JVM, and a
 SIGTERM or SIGINT to that JVM shuts Spark down at once (its shutdown hooks): the running batch is
@@ -83,6 +84,7 @@ __all__ = [
     "gate_for",
     "held_by",
     "lease_holder",
+    "lease_keeper",
     "lease_path",
     "query_lease",
     "request_stop",
@@ -238,7 +240,12 @@ def gate_for(query_name: str) -> BatchGate:
     return gate
 
 
-def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_seconds: float = 0.05) -> bool:
+def stop_between_batches(
+    query: StreamingQuery,
+    timeout_seconds: float,
+    poll_seconds: float = 0.05,
+    keep_alive: Callable[[], None] = lambda: None,
+) -> bool:
     """Stop ``query`` between micro-batches: after the running one has been handled and committed.
 
     A gated query (a ``foreachBatch`` handler behind :func:`gate_for`): closes the gate (waiting for
@@ -252,12 +259,37 @@ def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_sec
     have started by then; it is cut at its start and replayed on the next start, with the same
     answers (waiting for an idle moment instead could take as long as the traffic lasts).
 
+    ``keep_alive`` is called every ``poll_seconds`` (and at least once a second) while it waits:
+    the query's lease renewed, as its watch does, so that a wait longer than the lease's life
+    (a stop waits up to 120 s by default, a query's lease lives 30 s) does not let a batch job
+    commit beside the micro-batch still running.
+
     Returns True when it stopped between micro-batches, False when the deadline passed and a batch
     was interrupted (it is replayed on the next start).
     """
-    deadline = time.monotonic() + timeout_seconds
+    try:
+        deadline = time.monotonic() + timeout_seconds
+        between = _wait_between_batches(query, deadline, poll_seconds, keep_alive)
+        if not between:
+            late = "%s: a micro-batch still ran after %.0f s: interrupting it"
+            log.warning(late, query.name, timeout_seconds)
+    finally:
+        query.stop()  # whatever keep_alive raised: a query is never left running behind a closed gate
+    return between
+
+
+def _wait_between_batches(
+    query: StreamingQuery, deadline: float, poll_seconds: float, keep_alive: Callable[[], None]
+) -> bool:
+    """:func:`stop_between_batches`'s wait: True once the micro-batch running now has finished
+    (its gate closed for the next), False at the deadline."""
     gate = _GATES.get(str(query.name))
-    between = gate.close(timeout_seconds) if gate is not None else True
+    if gate is not None:
+        # Closed at the first call; waited for a second at a time, the lease kept alive between.
+        while not gate.close(max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            keep_alive()
     running = _batch_id(query)
 
     def done() -> bool:
@@ -265,18 +297,15 @@ def stop_between_batches(query: StreamingQuery, timeout_seconds: float, poll_sec
             return True
         return gate is None and _batch_id(query) != running  # the gate refuses the next one itself
 
-    while between and query.isActive and not done():
+    while query.isActive and not done():
         if time.monotonic() >= deadline:
-            between = False
-            break
+            return False
+        keep_alive()
         try:
             query.awaitTermination(poll_seconds)  # returns at once when the query ends
         except StreamingQueryException:
             break  # it ended on an error, e.g. the next batch refused by the closed gate
-    if not between:
-        log.warning("%s: a micro-batch still ran after %.0f s: interrupting it", query.name, timeout_seconds)
-    query.stop()
-    return between
+    return True
 
 
 def _batch_id(query: StreamingQuery) -> int:
@@ -314,8 +343,10 @@ class QueryLease:
         conflicts: Callable[[], str | None] = lambda: None,
         gate: BatchGate | None = None,
         batch_writers: Callable[[], list[RunningWriter]] | None = None,
+        held_back: str = "micro-batches",
     ) -> None:
         self._spark, self.path, self._query_name = spark, path, query_name
+        self._held_back = held_back  # what the gate holds back, for the log
         self._renew_every = lease_seconds / 3
         self._renewed = -float("inf")
         self._conflicts = conflicts
@@ -339,9 +370,8 @@ class QueryLease:
         (:func:`query_lease`: a batch job's writer lease on one of its tables, on S3). Each side
         writes its own lease before reading the other's: of a job and a query starting together,
         at least one sees the other."""
-        self._renewed = -float("inf")  # written now, whatever the last renewal: see `written`
         self._paused = False  # a (re)started query's gate opens once the claim holds
-        storage.run("renew its lease", self.renew_if_due, None)
+        self._write_now(storage)  # whatever the last renewal; a failed write on S3: `conflicts` refuses
         try:
             reason = self._conflicts()
         except (Py4JJavaError, OSError) as err:
@@ -400,7 +430,7 @@ class QueryLease:
                 self._write_now(storage)  # failed: the job waits, the query stays held
             why = "; ".join(f"{w.job} commits to {', '.join(sorted(w.tables))}" for w in writers)
             if why != self._held_for:
-                log.info("%s: micro-batches held back while %s", self._query_name, why)
+                log.info("%s: %s held back while %s", self._query_name, self._held_back, why)
                 self._held_for = why
             return
         if not (self._gate.held or self._paused):
@@ -418,7 +448,7 @@ class QueryLease:
 
     def _going_on(self) -> None:
         if self._held_for:
-            log.info("%s: micro-batches go on (no batch job commits to its tables)", self._query_name)
+            log.info("%s: %s go on (no batch job commits to its tables)", self._query_name, self._held_back)
         self._held_for = ""
 
     def _write_now(self, storage: StorageChecks) -> bool:
@@ -486,10 +516,21 @@ def always_on_queries(cfg: CarouselConfig) -> dict[str, tuple[StreamingQuerySect
     }
 
 
-def query_lease(spark: SparkSession, cfg: CarouselConfig, job: str) -> QueryLease:
+def query_lease(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    job: str,
+    gate: BatchGate | None = None,
+    held_back: str = "micro-batches",
+) -> QueryLease:
     """The lease the always-on ``job`` (``ingest``, ``serve``, ``record-sends``) keeps while it runs;
     its :meth:`~QueryLease.claim` refuses the start while a batch job holds a writer lease on one
-    of its tables (on S3 with Delta's single-driver log store: :func:`writing_tables`)."""
+    of its tables (on S3 with Delta's single-driver log store: :func:`writing_tables`).
+
+    ``gate``: what holds the job's commits back while a batch job commits to its tables
+    (:meth:`QueryLease.make_way`): by default the gate of ingest's and record-sends' foreachBatch
+    handlers; serve passes its trending refresher's (its query commits nothing to Delta).
+    ``held_back``: what the gate holds back, for the log."""
     section, tables = always_on_queries(cfg)[job]
     # Its start also commits to erased_users (created, or its properties declared, if need be).
     starts_on = tables | _START_ALSO_COMMITS.get(job, frozenset())
@@ -505,22 +546,24 @@ def query_lease(spark: SparkSession, cfg: CarouselConfig, job: str) -> QueryLeas
     def holding_tables() -> list[RunningWriter]:
         return _running_batch_jobs(spark, cfg, tables) if _single_driver(spark, cfg) else []
 
-    yields = job in _YIELDING
+    if gate is None and job in _GATED_HANDLERS:
+        gate = _registered(section.query_name)
     lease = QueryLease(
         spark,
         lease_path(cfg, section.query_name),
         section.query_name,
         section.lease_seconds,
         batch_writers,
-        gate=_registered(section.query_name) if yields else None,
-        batch_writers=holding_tables if yields else None,
+        gate=gate,
+        batch_writers=holding_tables if gate is not None else None,
+        held_back=held_back,
     )
     return lease
 
 
-# The always-on queries that hold their micro-batches back while a batch job commits to one of their
-# tables (their foreachBatch handler behind a BatchGate); serve's trending refresher does not.
-_YIELDING = frozenset({"ingest", "record-sends"})
+# The always-on queries whose commits are their foreachBatch handler's, behind the gate registered
+# under the query's name (gate_for): it holds their micro-batches back for a batch job.
+_GATED_HANDLERS = frozenset({"ingest", "record-sends"})
 # The tables an always-on query's start commits to besides those it writes while it runs.
 _START_ALSO_COMMITS = {
     "ingest": frozenset({ERASED_USERS_TABLE}),
@@ -761,9 +804,9 @@ def writing_tables(
     block, while another job commits to one of ``tables``: another batch job (its writer lease),
     or an always-on query (its lease) that does not hold its micro-batches back for it within
     ``storage.writer_wait_seconds`` (``ingest`` and ``record-sends`` do,
-    :meth:`QueryLease.make_way`; ``serve`` does not). The lease is written before the others are read, as
-    every writer does (:meth:`QueryLease.claim`): of two starting together, at least one sees the
-    other (both may: each is refused, and runs again later)."""
+    :meth:`QueryLease.make_way`; ``serve`` its trending refreshes). The lease is written before
+    the others are read, as every writer does (:meth:`QueryLease.claim`): of two starting
+    together, at least one sees the other (both may: each is refused, and runs again later)."""
     if not _single_driver(spark, cfg):
         yield
         return
@@ -865,6 +908,14 @@ def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def lease_keeper(lease: QueryLease | None, storage: StorageChecks) -> Callable[[], None]:
+    """What keeps ``lease`` alive while a stop waits (:func:`stop_between_batches`): renewed when
+    due, a storage failure logged once (nothing without a lease)."""
+    if lease is None:
+        return lambda: None
+    return lambda: storage.run("renew its lease", lease.renew_if_due, None)
+
+
 def await_query(
     spark: SparkSession,
     query: StreamingQuery,
@@ -895,6 +946,7 @@ def await_query(
     """
     storage = storage or StorageChecks(str(query.name))
     requested = [] if requested is None else requested
+    renew_lease = lease_keeper(lease, storage)
 
     def _request_stop(signum: int) -> None:
         log.info("signal %d: stopping %s after its running micro-batch", signum, query.name)
@@ -909,8 +961,8 @@ def await_query(
             ):
                 log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
             while query.isActive:
+                renew_lease()
                 if lease is not None:
-                    storage.run("renew its lease", lease.renew_if_due, None)
                     lease.make_way(storage, poll_seconds)
                 if (
                     not requested
@@ -920,7 +972,7 @@ def await_query(
                     log.info("%s: stop requested (%s): stopping after its micro-batch", query.name, marker)
                     requested.append(marker)
                 if requested:
-                    stop_between_batches(query, stop_timeout_seconds)
+                    stop_between_batches(query, stop_timeout_seconds, keep_alive=renew_lease)
                     break
                 try:
                     query.awaitTermination(poll_seconds)

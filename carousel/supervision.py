@@ -43,6 +43,7 @@ from carousel.query_lifecycle import (
     QueryLease,
     StorageChecks,
     await_query,
+    lease_keeper,
     stop_between_batches,
     stop_signals,
 )
@@ -140,7 +141,8 @@ class _StopWatch:
                     return False
             if self._lease is not None:
                 storage.run("renew its lease", self._lease.renew_if_due, None)
-                self._lease.make_way(storage, poll_seconds)  # no query runs: held at once
+                # No micro-batch runs: held at once (serve's trending refresh may: at a later call).
+                self._lease.make_way(storage, poll_seconds)
             if marker is not None and storage.run(
                 "check for a stop request", lambda: file_exists(spark, marker), False
             ):
@@ -281,7 +283,8 @@ def supervise(
                     last, pending = query, None
                     if stop_watch.reason is not None:  # a signal came while it started
                         log.info("%s: stop requested while it started (%s)", query_name, stop_watch.reason)
-                        stop_between_batches(query, stop_timeout_seconds)
+                        keep_alive = lease_keeper(lease, storage)
+                        stop_between_batches(query, stop_timeout_seconds, keep_alive=keep_alive)
                         return query
                     try:
                         await_query(

@@ -41,7 +41,8 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -57,7 +58,14 @@ from carousel.erasure import check_key, hash_key
 from carousel.errors import JobError, one_line
 from carousel.online_store import OnlineStoreError, check_reachable, ping_check
 from carousel.payloads import TemplateCheckError, check_templates
-from carousel.query_lifecycle import StorageChecks, query_lease, stop_marker
+from carousel.query_lifecycle import (
+    BatchGate,
+    StopRequestedError,
+    StorageChecks,
+    lease_keeper,
+    query_lease,
+    stop_marker,
+)
 from carousel.query_metrics import PAYLOADS_BY_CHANNEL, EndTrackingListener, exported, remove_listener
 from carousel.realtime import COUNTERS, OUTPUT_DDL, ServeSpec, answer_batches
 from carousel.schemas import CHANNELS, PAYLOAD_ID_HEADER, TRENDING_SCHEMA, TRENDING_TABLE
@@ -157,19 +165,30 @@ def refresh_trending(spark: SparkSession, cfg: CarouselConfig, now: datetime) ->
 
 
 class TrendingRefresher:
-    """A driver thread that refreshes ``trending_items`` every ``serving.trending.refresh_minutes``."""
+    """A driver thread that refreshes ``trending_items`` every ``serving.trending.refresh_minutes``.
+
+    Each refresh passes its ``gate``: serve's lease holds it back while a batch job (``maintain``)
+    commits to ``trending_items`` on S3 (:meth:`~carousel.query_lifecycle.QueryLease.make_way`), and
+    the refresh waits (the last list is served meanwhile); a stop closes it."""
 
     def __init__(self, spark: SparkSession, cfg: CarouselConfig) -> None:
         self.spark, self.cfg = spark, cfg
         self.stopped = threading.Event()
+        self.gate = BatchGate()
         self.thread = threading.Thread(target=self._loop, name="trending-refresh", daemon=True)
+        self._gated = self.gate.wrap(lambda _batch, _batch_id: self._refresh_now())
 
     def refresh(self) -> None:
         try:
-            count = refresh_trending(self.spark, self.cfg, datetime.now(UTC))
-            log.info("trending items refreshed: %d items", count)
+            self._gated(None, 0)
+        except StopRequestedError:
+            log.info("trending refresh not started: serve is stopping")
         except Exception as err:  # noqa: BLE001 - a failed refresh keeps the last trending list
             log.warning("trending refresh failed, serving the last list: %s", err)
+
+    def _refresh_now(self) -> None:
+        count = refresh_trending(self.spark, self.cfg, datetime.now(UTC))
+        log.info("trending items refreshed: %d items", count)
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.cfg.serving.trending.refresh_minutes * 60):
@@ -179,11 +198,19 @@ class TrendingRefresher:
         self.thread.start()
         return self
 
-    def stop(self, timeout_seconds: float) -> None:
-        """Stop refreshing; wait up to ``timeout_seconds`` for a refresh running now to commit."""
+    def stop(self, timeout_seconds: float, keep_alive: Callable[[], None] = lambda: None) -> None:
+        """Stop refreshing; wait up to ``timeout_seconds`` for a refresh running now to commit (a
+        refresh held back by the gate does not start), calling ``keep_alive`` (serve's lease
+        renewed) every second meanwhile: a refresh still committing keeps its lease live."""
         self.stopped.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout_seconds)
+        deadline = time.monotonic() + timeout_seconds
+        while not self.gate.close(max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            keep_alive()
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            keep_alive()
+            self.thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
 
 
 def run_totals(query: StreamingQuery) -> dict[str, int]:
@@ -318,8 +345,12 @@ def main(argv: list[str]) -> int:
     listener = ServeProgressLog(name)
     spark.streams.addListener(listener)
     start = partial(run, spark, cfg, available_now=args.available_now)
-    # Held from before the first start (it commits trending_items) until the refresher has stopped.
-    lease, storage = query_lease(spark, cfg, "serve"), StorageChecks(name)
+    # Held from before the first start (it commits trending_items) until the refresher has stopped;
+    # while maintain commits to trending_items on S3 the lease holds the refresher back. (A start's
+    # own first refresh, in `run`, ends before the watch that would say "paused" runs again.)
+    trending = TrendingRefresher(spark, cfg)
+    lease = query_lease(spark, cfg, "serve", gate=trending.gate, held_back="trending refreshes")
+    storage = StorageChecks(name)
     try:
         lease.claim(storage)
     except JobError:
@@ -334,7 +365,7 @@ def main(argv: list[str]) -> int:
             storage.run("remove its lease (it expires by itself)", lease.release, None)
             log.error("serve cannot start: %s", one_line(err))
             return 1
-        trending = TrendingRefresher(spark, cfg).start()
+        trending.start()
         try:
             query = supervise(
                 spark,
@@ -355,7 +386,7 @@ def main(argv: list[str]) -> int:
                 ),
             )
         finally:
-            trending.stop(cfg.serving.stop_timeout_seconds)
+            trending.stop(cfg.serving.stop_timeout_seconds, keep_alive=lease_keeper(lease, storage))
             storage.run("remove its lease (it expires by itself)", lease.release, None)
             # Progress events reach the listener asynchronously: none may arrive once Python exits.
             remove_listener(spark, listener)

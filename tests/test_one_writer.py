@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,6 +26,7 @@ from support import wait_for
 from carousel import tables
 from carousel.errors import JobError
 from carousel.query_lifecycle import (
+    QueryLease,
     StorageChecks,
     gate_for,
     lease_holder,
@@ -40,10 +43,12 @@ from carousel.schemas import (
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
+    TRENDING_TABLE,
 )
 from carousel.session import apply_storage_settings
-from carousel.storage import publish_small_file, read_text_file
+from carousel.storage import publish_small_file, read_text_file, table_exists
 from jobs import campaign, forget_user, maintain
+from streaming.serve import TrendingRefresher
 
 DYNAMODB_STORE = "io.delta.storage.S3DynamoDBLogStore"
 DEFAULT_S3_STORE = "io.delta.storage.S3SingleDriverLogStore"
@@ -246,6 +251,30 @@ def test_a_running_query_holds_its_micro_batches_back_while_a_batch_job_commits_
     gate = gate_for(cfg.sent_log.query_name)
     handled: list[int] = []
     handler = gate.wrap(lambda _batch, batch_id: handled.append(batch_id))
+    try:
+        with _watching(lease, storage):
+            with writing_tables(spark, cfg, "campaign", [SENT_RECOMMENDATIONS_TABLE], "not started"):
+                # The job got in because the query holds back now, and its lease says so.
+                assert gate.held and lease.paused
+                assert json.loads(read_text_file(spark, lease.path))["paused"] is True
+                batch = threading.Thread(target=handler, args=(None, 7), daemon=True)
+                batch.start()
+                batch.join(1.0)
+                assert batch.is_alive() and handled == []  # waits while the job commits
+            # The job's lease gone: the query says it goes on, then its micro-batch runs.
+            wait_for(lambda: not lease.paused and not gate.held, 30, "the query to go on")
+            batch.join(30)
+            assert handled == [7]
+            assert json.loads(read_text_file(spark, lease.path))["paused"] is False
+    finally:
+        lease.release()
+        gate.resume()
+
+
+@contextmanager
+def _watching(lease: QueryLease, storage: StorageChecks) -> Iterator[None]:
+    """A running query's watch for the block (await_query's loop, every 0.2 s): its lease renewed,
+    and its commits held back while a batch job's writer lease names one of its tables."""
     stopped = threading.Event()
 
     def watch() -> None:
@@ -256,21 +285,42 @@ def test_a_running_query_holds_its_micro_batches_back_while_a_batch_job_commits_
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        with writing_tables(spark, cfg, "campaign", [SENT_RECOMMENDATIONS_TABLE], "not started"):
-            # The job got in because the query holds back now, and its lease says so.
-            assert gate.held and lease.paused
-            assert json.loads(read_text_file(spark, lease.path))["paused"] is True
-            batch = threading.Thread(target=handler, args=(None, 7), daemon=True)
-            batch.start()
-            batch.join(1.0)
-            assert batch.is_alive() and handled == []  # waits while the job commits
-        # The job's lease gone: the query says it goes on, then its micro-batch runs.
-        wait_for(lambda: not lease.paused and not gate.held, 30, "the query to go on")
-        batch.join(30)
-        assert handled == [7]
-        assert json.loads(read_text_file(spark, lease.path))["paused"] is False
+        yield
     finally:
         stopped.set()
         watcher.join(30)
+
+
+@pytest.mark.integration
+def test_serves_trending_refresh_holds_back_while_a_batch_job_commits_to_trending_items_on_s3(
+    spark,
+    make_config,
+    s3_endpoint,  # noqa: F811
+    s3_bucket,  # noqa: F811
+) -> None:
+    cfg = make_config(*_s3_settings(s3_bucket, s3_endpoint, "trending"), "storage.writer_wait_seconds=60")
+    apply_storage_settings(spark, cfg)
+    for table in (EVENTS_TABLE, CATALOG_TABLE):  # what a refresh reads
+        tables.ensure(spark, cfg, table)
+    # serve as it runs: its lease claimed with its trending refresher's gate, its watch every 0.2 s.
+    refresher = TrendingRefresher(spark, cfg)
+    lease = query_lease(spark, cfg, "serve", gate=refresher.gate, held_back="trending refreshes")
+    storage = StorageChecks("serve")
+    lease.claim(storage)
+    assert json.loads(read_text_file(spark, lease.path))["yields"] is True
+    trending = cfg.storage.table(TRENDING_TABLE)
+    try:
+        with _watching(lease, storage):
+            with writing_tables(spark, cfg, "maintain", [TRENDING_TABLE], "not maintained"):
+                # The job got in because serve holds its refreshes back now, and its lease says so.
+                assert refresher.gate.held and lease.paused
+                refresh = threading.Thread(target=refresher.refresh, daemon=True)
+                refresh.start()
+                refresh.join(1.0)
+                assert refresh.is_alive() and not table_exists(spark, trending)  # waits meanwhile
+            wait_for(lambda: not lease.paused and not refresher.gate.held, 30, "serve to go on")
+            refresh.join(120)
+            assert not refresh.is_alive() and table_exists(spark, trending)  # then refreshed
+    finally:
+        refresher.stop(30)
         lease.release()
-        gate.resume()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -134,12 +135,19 @@ def test_stop_waits_for_the_running_micro_batch(spark, tmp_path) -> None:
 
     query = start_gated_rate_query(spark, name, str(tmp_path / "checkpoint"), handler, "100 milliseconds")
     stopped_between: list[bool] = []
-    stopper = threading.Thread(target=lambda: stopped_between.append(stop_between_batches(query, 60)))
+    kept_alive: list[float] = []  # the query's lease renewed while the stop waits (a lease lives 30 s)
+
+    def stop() -> None:
+        keep_alive = lambda: kept_alive.append(time.monotonic())  # noqa: E731
+        stopped_between.append(stop_between_batches(query, 60, keep_alive=keep_alive))
+
+    stopper = threading.Thread(target=stop)
     try:
         assert inside.wait(60), "no micro-batch started"
         stopper.start()
-        stopper.join(1.0)
-        # The handler is still inside its batch: the stop must be waiting, the query running.
+        # The handler is still inside its batch: the stop must be waiting, the query running, and
+        # the lease kept alive meanwhile (at least once a second).
+        wait_for(lambda: len(kept_alive) >= 2, 30, "the lease kept alive while the stop waits")
         assert stopper.is_alive() and query.isActive
         release.set()
         stopper.join(60)
