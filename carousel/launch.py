@@ -252,6 +252,11 @@ def _local(location: str) -> bool:
     return "://" not in location or location.lower().startswith("file:")
 
 
+# Spark jobs that need no Spark when storage.root is on a local disk (client deploy mode): run as
+# plain Python there, their spark-submit options unused.
+_PYTHON_ON_A_LOCAL_ROOT = frozenset({"stop"})
+
+
 def _config_parser() -> argparse.ArgumentParser:
     return add_config_args(argparse.ArgumentParser(add_help=False))
 
@@ -432,6 +437,9 @@ def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PR
     deploy_mode = submitted_deploy_mode(spark_args, environ)
     known, _ = _config_parser().parse_known_args(rest[1:])
     cfg = load_config(known.config, known.overrides, environ)
+    if rest[0] in _PYTHON_ON_A_LOCAL_ROOT and deploy_mode == "client" and _local(cfg.storage.root):
+        # A stop request under a local root is a file written here: no JVM (~15 s) needed for it.
+        return "\n".join([*head, "CAROUSEL_JOB_KIND=python"])
     launch = cluster_launch(rest, cfg, environ, root) if deploy_mode == "cluster" else ClusterLaunch(rest)
     for warning in launch.warnings:
         print(f"carousel: {warning}", file=sys.stderr)

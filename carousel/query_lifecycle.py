@@ -51,8 +51,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark import SparkContext
@@ -1000,7 +1002,10 @@ _STOPPABLE = ("ingest", "serve", "record-sends")  # always_on_queries' jobs
 
 
 def stop_main(argv: list[str]) -> int:
-    """``./spark-submit.sh stop ingest|serve``: ask the running query to stop between micro-batches."""
+    """``./spark-submit.sh stop ingest|serve``: ask the running query to stop between micro-batches.
+
+    The request is a marker file beside the query's checkpoint: written with plain Python under a
+    local root (``./spark-submit.sh`` then starts no JVM for it), through Hadoop elsewhere."""
     from carousel.cli import add_config_args, config_from_args
     from carousel.session import build_session
 
@@ -1011,10 +1016,17 @@ def stop_main(argv: list[str]) -> int:
     cfg = config_from_args(args, "stop")
     name = always_on_queries(cfg)[args.query][0].query_name
     marker = stop_marker(cfg, name)
-    spark = build_session(cfg, "carousel-stop")
-    try:
-        request_stop(spark, marker, args.reason)
-    finally:
-        spark.stop()
+    if "://" not in marker or marker.lower().startswith("file:"):
+        # A local disk: written here, without a Spark session (./spark-submit.sh runs this job as
+        # plain Python then); the query's watch reads it through Hadoop's local file system.
+        local = Path(urlparse(marker).path if marker.lower().startswith("file:") else marker)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(f"{datetime.now(UTC).isoformat()} {args.reason}\n")
+    else:
+        spark = build_session(cfg, "carousel-stop")
+        try:
+            request_stop(spark, marker, args.reason)
+        finally:
+            spark.stop()
     log.info("stop requested for %s: %s (it stops after its running micro-batch)", name, marker)
     return 0

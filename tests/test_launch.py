@@ -22,6 +22,7 @@ import yaml
 from pyspark.testing import assertDataFrameEqual
 
 from carousel import config as config_module
+from carousel import session as session_module
 from carousel.config import PROJECT_ROOT, ConfigError, load_config
 from carousel.launch import (
     CODE_ZIP_PREFIX,
@@ -34,6 +35,7 @@ from carousel.launch import (
     submitted_deploy_mode,
     write_code_zip,
 )
+from carousel.query_lifecycle import stop_main, stop_marker
 from carousel.session import spark_jars
 from jobs import simulate_events as sim
 from jobs import upload_catalog as uc
@@ -230,6 +232,37 @@ def test_client_launch_keeps_the_arguments(tmp_path):
     assert values["CAROUSEL_MASTER"] == "'local[1]'"  # the environment applies on this machine
     assert values["CAROUSEL_JOB_ARGS"] == f"(ingest --config {prod})"
     assert Path(values["CAROUSEL_CODE_ZIP"]).parent == tmp_path / "dist"
+
+
+@pytest.mark.parametrize(
+    ("root", "deploy_mode", "kind"),
+    [
+        ("/srv/carousel", "client", "python"),
+        ("file:///srv/carousel", "client", "python"),
+        ("s3a://bucket/carousel", "client", "spark"),
+        ("hdfs://namenode/carousel", "client", "spark"),
+        ("/srv/carousel", "cluster", "spark"),
+    ],
+)
+def test_a_stop_request_under_a_local_root_starts_no_jvm(root, deploy_mode, kind, tmp_path):
+    words = ["--code-dir", str(tmp_path / "dist"), "--deploy-mode", deploy_mode, "stop", "ingest"]
+    words += ["--set", f"storage.root={root}"]
+    values = _assignments(launch_info(words, {"CAROUSEL__SPARK__MASTER": "yarn"}))
+    assert values["CAROUSEL_JOB_KIND"] == kind
+    assert values["CAROUSEL_SPARK_ARG_COUNT"] == "2"  # shifted away by spark-submit.sh either way
+
+
+def test_stop_writes_the_request_under_a_local_root_without_spark(tmp_path, monkeypatch):
+    def no_session(*_args, **_kwargs):
+        raise AssertionError("a Spark session was built to write a local stop request")
+
+    monkeypatch.setattr(session_module, "build_session", no_session)
+    root = tmp_path / "data"
+    cfg = load_config(overrides=[f"storage.root=file://{root}"], environ={})
+    marker = Path(stop_marker(cfg, cfg.ingest.query_name).removeprefix("file://"))
+    assert stop_main(["ingest", "--set", f"storage.root=file://{root}", "--reason", "by the test"]) == 0
+    assert marker.read_text().rstrip().endswith("by the test")
+    assert marker.parent == root / "checkpoints" / cfg.ingest.query_name
 
 
 @pytest.mark.parametrize(
