@@ -1733,6 +1733,20 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def on_local_disk(location: str) -> bool:
+    """Whether ``location`` is on this machine's disk: a plain path, or a ``file:`` URI (any other
+    ``scheme://`` is a shared store: s3a://, hdfs://, abfss://, ...)."""
+    return "://" not in location or location.lower().startswith("file:")
+
+
+def local_disk_path(location: str) -> Path:
+    """The path on this machine's disk behind ``location`` (:func:`on_local_disk`): ``file:/x`` and
+    ``file:///x`` are ``/x``."""
+    if location.lower().startswith("file:"):
+        return Path(urlsplit(location).path)
+    return Path(location)
+
+
 def config_file_path(file: str | Path) -> Path:
     """Where ``--config FILE`` is read from: as given (a relative path from the working folder),
     else, for a relative path missing there, under the project root, where cluster deploy mode

@@ -48,6 +48,7 @@ from carousel.config import (
     ConfigError,
     config_file_path,
     load_config,
+    on_local_disk,
 )
 
 # The project's Python packages, shipped to the executors (and a cluster-mode driver).
@@ -198,7 +199,7 @@ def cluster_launch(
             f"driver: {', '.join(left)}; give them to it through the cluster manager "
             "(spark.yarn.appMasterEnv.NAME, spark.kubernetes.driverEnv.NAME or its secrets)"
         )
-    if "://" not in cfg.storage.root:
+    if on_local_disk(cfg.storage.root):
         warnings.append(
             f"cluster deploy mode: storage.root {cfg.storage.root} is a local path, read on the node "
             "the driver lands on; use a shared store (s3a://, hdfs://, abfss://) or a mount every node has"
@@ -235,9 +236,9 @@ def local_path_arguments(job_args: Sequence[str]) -> list[str]:
             if not inline:
                 value = words[n + 1] if n + 1 < len(words) else ""
                 takes_next = True
-            if value and _local(value):
+            if value and on_local_disk(value):
                 found.append(f"{option} {value}")
-        elif not word.startswith("-") and _local(word) and Path(word).exists():
+        elif not word.startswith("-") and on_local_disk(word) and Path(word).exists():
             found.append(word)
     return found
 
@@ -245,11 +246,6 @@ def local_path_arguments(job_args: Sequence[str]) -> list[str]:
 def _path_option(option: str) -> bool:
     """Whether ``option`` is one of :data:`PATH_OPTIONS` or a prefix argparse would expand to one."""
     return option.startswith("--") and len(option) > 3 and any(p.startswith(option) for p in PATH_OPTIONS)
-
-
-def _local(location: str) -> bool:
-    """Whether ``location`` is on a local disk: no ``scheme://``, or ``file:``."""
-    return "://" not in location or location.lower().startswith("file:")
 
 
 # Spark jobs that need no Spark when storage.root is on a local disk (client deploy mode): run as
@@ -437,7 +433,7 @@ def launch_info(argv: Sequence[str], environ: Mapping[str, str], root: Path = PR
     deploy_mode = submitted_deploy_mode(spark_args, environ)
     known, _ = _config_parser().parse_known_args(rest[1:])
     cfg = load_config(known.config, known.overrides, environ)
-    if rest[0] in _PYTHON_ON_A_LOCAL_ROOT and deploy_mode == "client" and _local(cfg.storage.root):
+    if rest[0] in _PYTHON_ON_A_LOCAL_ROOT and deploy_mode == "client" and on_local_disk(cfg.storage.root):
         # A stop request under a local root is a file written here: no JVM (~15 s) needed for it.
         return "\n".join([*head, "CAROUSEL_JOB_KIND=python"])
     launch = cluster_launch(rest, cfg, environ, root) if deploy_mode == "cluster" else ClusterLaunch(rest)

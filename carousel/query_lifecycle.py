@@ -51,10 +51,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark import SparkContext
@@ -210,6 +208,15 @@ class BatchGate:
         self._resumed.set()  # a held handler wakes to see the gate closed
         return finished
 
+    def close_by(self, deadline: float, keep_alive: Callable[[], None]) -> bool:
+        """:meth:`close`, waiting for a running handler until ``deadline`` (``time.monotonic()``)
+        a second at a time, with ``keep_alive`` (a lease renewed) called between."""
+        while not self.close(max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            keep_alive()
+        return True
+
     def hold(self, timeout_seconds: float) -> bool:
         """Hold the handlers back (:meth:`QueryLease.make_way`): a handler starting from now on
         waits until :meth:`resume` (or ends with :class:`StopRequestedError` once the gate is
@@ -286,12 +293,8 @@ def _wait_between_batches(
     """:func:`stop_between_batches`'s wait: True once the micro-batch running now has finished
     (its gate closed for the next), False at the deadline."""
     gate = _GATES.get(str(query.name))
-    if gate is not None:
-        # Closed at the first call; waited for a second at a time, the lease kept alive between.
-        while not gate.close(max(0.0, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                return False
-            keep_alive()
+    if gate is not None and not gate.close_by(deadline, keep_alive):
+        return False
     running = _batch_id(query)
 
     def done() -> bool:
@@ -1007,6 +1010,7 @@ def stop_main(argv: list[str]) -> int:
     The request is a marker file beside the query's checkpoint: written with plain Python under a
     local root (``./spark-submit.sh`` then starts no JVM for it), through Hadoop elsewhere."""
     from carousel.cli import add_config_args, config_from_args
+    from carousel.config import local_disk_path, on_local_disk
     from carousel.session import build_session
 
     parser = add_config_args(argparse.ArgumentParser(prog="stop", description=stop_main.__doc__))
@@ -1016,10 +1020,10 @@ def stop_main(argv: list[str]) -> int:
     cfg = config_from_args(args, "stop")
     name = always_on_queries(cfg)[args.query][0].query_name
     marker = stop_marker(cfg, name)
-    if "://" not in marker or marker.lower().startswith("file:"):
+    if on_local_disk(marker):
         # A local disk: written here, without a Spark session (./spark-submit.sh runs this job as
         # plain Python then); the query's watch reads it through Hadoop's local file system.
-        local = Path(urlparse(marker).path if marker.lower().startswith("file:") else marker)
+        local = local_disk_path(marker)
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(f"{datetime.now(UTC).isoformat()} {args.reason}\n")
     else:

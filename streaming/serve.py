@@ -204,10 +204,7 @@ class TrendingRefresher:
         renewed) every second meanwhile: a refresh still committing keeps its lease live."""
         self.stopped.set()
         deadline = time.monotonic() + timeout_seconds
-        while not self.gate.close(max(0.0, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                break
-            keep_alive()
+        self.gate.close_by(deadline, keep_alive)
         while self.thread.is_alive() and time.monotonic() < deadline:
             keep_alive()
             self.thread.join(max(0.0, min(1.0, deadline - time.monotonic())))

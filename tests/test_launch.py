@@ -173,11 +173,13 @@ def test_cluster_launch_ships_config_files_and_templates_from_outside_conf(tmp_p
     assert "hunter2" not in launch.warnings[0] and "api.internal" not in launch.warnings[0]
 
 
-def test_cluster_launch_warns_of_a_storage_root_on_a_local_disk(tmp_path):
-    cfg = load_config(overrides=[f"storage.root={tmp_path}/data"])
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_cluster_launch_warns_of_a_storage_root_on_a_local_disk(tmp_path, scheme):
+    root = f"{scheme}{tmp_path}/data"
+    cfg = load_config(overrides=[f"storage.root={root}"])
     launch = cluster_launch(["ingest"], cfg, {})
     assert launch.args == ["ingest"] and launch.shipped == {}
-    assert len(launch.warnings) == 1 and f"storage.root {tmp_path}/data is a local path" in launch.warnings[0]
+    assert len(launch.warnings) == 1 and f"storage.root {root} is a local path" in launch.warnings[0]
 
 
 def test_cluster_launch_warns_of_job_paths_on_a_local_disk(tmp_path):
