@@ -132,7 +132,7 @@ _SWEEPER_SUFFIX = ":sweeper"  # the lease of the worker sweeping the outbox stre
 _EXPIRY_MARGIN_SECONDS = 600
 _LOOKUPS_CHECK_FLOOR_SECONDS = 0.1  # the lookups checker never spins, whatever refresh_seconds
 # CPython's third collection threshold in a worker: a full collection walks every tracked object
-# outside the frozen lookups (the caches of candidate lists and rendered blocks among them) and
+# outside the frozen lookups (the caches of cleaned catalog fields and rendered blocks among them) and
 # stops the event loop for 10-40 ms. With the default (10) one came every ~3 s at 1,000 requests/s,
 # set off by the requests in flight that each collection promotes and that die just after; after
 # 1,000 collections of the middle generation it comes every few tens of seconds, and cyclic
@@ -344,7 +344,9 @@ async def recommend(
     try:
         context = state.profile.user_context()
         payload = payload_json(
-            render_channel_payload(render_request(shown, campaign.template, lookups, context), spec.renderer)
+            render_channel_payload(
+                render_request(shown, campaign.template, context), spec.renderer, lookups.catalog_items
+            )
         )
     except (PayloadError, ValueError) as err:
         raise ApiError(500, "render_failed", f"campaign {request.campaign!r}: {err}") from None
@@ -577,6 +579,13 @@ def _fail(future: asyncio.Future[Any], err: Exception) -> None:
         future.set_exception(err)
 
 
+def _build_similar_lists(lookups: ServingLookups, filters: CampaignFilters) -> None:
+    """Build the similar-items lists' id index and flat lists (each built on first access)."""
+    lists = lookups.lists(filters)
+    lists.index  # noqa: B018
+    lists.flat  # noqa: B018
+
+
 def similar_items(item_id: str, n: int, lookups: ServingLookups, filters: CampaignFilters) -> dict[str, Any]:
     """The item's published list cut to the products ``filters`` admit, with their catalog fields."""
     lists = lookups.lists(filters)
@@ -704,7 +713,7 @@ class ApiService:
         while not self._stopping.is_set():
             try:
                 lookups = current_lookups(self.spec.sources)
-                lookups.lists(self.spec.similar_filters).index  # noqa: B018 - built on first access
+                _build_similar_lists(lookups, self.spec.similar_filters)
             except (ServingLookupError, OSError) as err:
                 self.not_ready = f"the lookups cannot be loaded yet: {err}"
                 log.warning("api: %s (retrying)", self.not_ready)
@@ -717,7 +726,7 @@ class ApiService:
         while not self._stopping.wait(interval):
             try:
                 fresh = current_lookups(self.spec.sources)
-                fresh.lists(self.spec.similar_filters).index  # noqa: B018 - built here, not by a request
+                _build_similar_lists(fresh, self.spec.similar_filters)  # here, not by a request
             except Exception as err:  # noqa: BLE001 - any failure keeps what is held serving; next check
                 log.warning("api: the lookups' tables cannot be checked (serving what is held): %s", err)
                 continue

@@ -1274,6 +1274,10 @@ class CampaignConfig(_Section):
     channel: Literal["push", "in_app", "web_popup", "app_inbox", "email", "sms", "webhook"]
     # The template file under serving.templates_dir/<channel>/ (without extension).
     template: str = Field(default="default", min_length=1, pattern=r"^[a-zA-Z0-9_-]+$")
+    # What an email payload's `content` carries: the rendered subject, HTML and text (`rendered`),
+    # or a reference to the template for the sender to render from the payload's items and user
+    # (`reference`: an email service's stored template, e.g. SendGrid's or SES's).
+    content: Literal["rendered", "reference"] = "rendered"
     # Event types that trigger a real-time payload; empty = batch only.
     trigger_event_types: tuple[str, ...] = ()
     items: int = Field(default=3, ge=1, le=50)
@@ -1293,6 +1297,11 @@ class CampaignConfig(_Section):
 
     @model_validator(mode="after")
     def _shares(self) -> CampaignConfig:
+        if self.content == "reference" and self.channel != "email":
+            raise ValueError(
+                f"content: reference is for email campaigns; a {self.channel} payload's content is "
+                "structured already (use content: rendered)"
+            )
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")

@@ -213,11 +213,16 @@ class ServingLookups:
             )
         return lists
 
-    def item_fields(self, item_id: str) -> dict[str, Any]:
-        """The catalog fields a payload item carries (all None for an unknown item)."""
+    @property
+    def catalog_items(self) -> CatalogItems:
+        """The catalog fields payload items carry, by item id (what rendering fills items from)."""
         if self._catalog_items is None:
             self._catalog_items = CatalogItems(self.catalog)
-        return self._catalog_items.fields(item_id)
+        return self._catalog_items
+
+    def item_fields(self, item_id: str) -> dict[str, Any]:
+        """The catalog fields a payload item carries (all None for an unknown item)."""
+        return self.catalog_items.fields(item_id)
 
 
 class _Cache:
@@ -349,12 +354,14 @@ def load_lookups(
 
 
 def warm(lookups: ServingLookups) -> ServingLookups:
-    """Build every trigger campaign's arm inputs (item lists, their id indexes) and the catalog
-    fields' index now, not at the first trigger."""
+    """Build every trigger campaign's arm inputs (item lists, their id indexes and flat lists) and
+    the catalog fields' index now, not at the first trigger."""
     for name, campaign in lookups.sources.campaigns:
         for arm, _upper in arms(campaign):
             if arm != CONTROL_VARIANT:
-                lookups.arm(name, arm).lists.index  # noqa: B018 - built on first access
+                lists = lookups.arm(name, arm).lists
+                lists.index  # noqa: B018 - built on first access
+                lists.flat  # noqa: B018 - built on first access
     lookups.item_fields("")
     return lookups
 

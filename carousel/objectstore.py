@@ -32,12 +32,11 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from carousel.config import CarouselConfig
+from carousel.config import CarouselConfig, local_disk_path
 
 log = logging.getLogger(__name__)
 
 S3_SCHEMES: tuple[str, ...] = ("s3://", "s3a://")
-_FILE_SCHEME = "file://"
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -57,10 +56,11 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def local_path(uri: str) -> Path:
-    """The local path behind a plain path or a ``file://`` URI."""
+    """The local path behind a plain path or a ``file:`` URI (the rule of
+    :func:`carousel.config.local_disk_path`, which the launcher and ``stop`` use too)."""
     if is_s3(uri):
         raise ValueError(f"not a local path: {uri!r}")
-    return Path(uri[len(_FILE_SCHEME) :] if uri.startswith(_FILE_SCHEME) else uri)
+    return local_disk_path(uri)
 
 
 def join(uri: str, *parts: str) -> str:

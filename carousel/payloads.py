@@ -187,21 +187,42 @@ class CatalogItems:
         self._rows: dict[str, int] | None = None
         self._columns: dict[str, list[Any]] = {}
         self._fields: dict[str, dict[str, Any]] = {}
+        # link schemes -> item id -> cleaned fields. Keyed by plain strings: a key tuple holding the
+        # (always tracked) frozenset would be one more object for every full collection to walk.
+        self._payload_fields: dict[frozenset[str], dict[str, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"table": self.table, "_rows": None, "_columns": {}, "_fields": {}}
+        return {"table": self.table, "_rows": None, "_columns": {}, "_fields": {}, "_payload_fields": {}}
+
+    def _row(self, item_id: str) -> int | None:
+        if self._rows is None:
+            self._columns = {name: self.table.column(name).to_pylist() for name in CATALOG_ITEM_FIELDS}
+            self._rows = {item: row for row, item in enumerate(self.table.column("item_id").to_pylist())}
+        return self._rows.get(item_id)
 
     def fields(self, item_id: str) -> dict[str, Any]:
         """The catalog fields of ``item_id`` (all None for an unknown item). Shared: do not modify."""
         fields = self._fields.get(item_id)
         if fields is None:
-            if self._rows is None:
-                self._columns = {name: self.table.column(name).to_pylist() for name in CATALOG_ITEM_FIELDS}
-                self._rows = {item: row for row, item in enumerate(self.table.column("item_id").to_pylist())}
-            row = self._rows.get(item_id)
+            row = self._row(item_id)
             fields = {name: (None if row is None else values[row]) for name, values in self._columns.items()}
             if row is not None:
                 self._fields[item_id] = fields
+        return fields
+
+    def payload_fields(self, item_id: str, link_schemes: frozenset[str]) -> dict[str, Any]:
+        """The catalog fields of ``item_id`` as a payload item carries them (all None for an unknown
+        item), cleaned once per product (:func:`_item_catalog_fields`). Shared: do not modify."""
+        cleaned = self._payload_fields.get(link_schemes)
+        if cleaned is None:
+            cleaned = self._payload_fields[link_schemes] = {}
+        fields = cleaned.get(item_id)
+        if fields is None:
+            row = self._row(item_id)
+            values = tuple(None if row is None else column[row] for column in self._columns.values())
+            fields = _item_catalog_fields(values, link_schemes)
+            if row is not None:
+                cleaned[item_id] = fields
         return fields
 
 
@@ -444,10 +465,21 @@ def _web_url_filter(schemes: frozenset[str]) -> Callable[[str | None], str]:
     return web_url
 
 
+# The loop variable's documented attributes that are plain numbers and flags.
+_LOOP_ATTRIBUTES = frozenset(
+    {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"}
+)
+
+
 class _PayloadSandbox(ImmutableSandboxedEnvironment):
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is TemplateRecord and attribute in obj:
             return obj[attribute]
+        # `loop.index` in a list of items: the sandbox's generic checks cost more than the
+        # template's own work there (a sixth of an email's rendering), for attributes that are
+        # known plain values.
+        if type(obj) is jinja2.runtime.LoopContext and attribute in _LOOP_ATTRIBUTES:
+            return getattr(obj, attribute)
         return super().getattr(obj, attribute)
 
     def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
@@ -569,7 +601,8 @@ class PayloadRenderer:
     """Renders payload templates from template *texts*, so executors need no access to the files.
 
     Pickles as its texts and limits. The compiled Jinja environment is rebuilt, and cached, in
-    each Python worker.
+    each Python worker. ``reference_campaigns``: the campaigns whose payloads carry a template
+    reference instead of rendered content (``campaigns.<name>.content: reference``).
     """
 
     def __init__(
@@ -580,11 +613,13 @@ class PayloadRenderer:
         push_max_items: int,
         origin: str = "<memory>",
         deep_link_schemes: Iterable[str] = WEB_URL_SCHEMES,
+        reference_campaigns: Iterable[str] = (),
     ) -> None:
         self.texts: dict[str, str] = dict(texts)
         self.sms_max_segments = sms_max_segments
         self.push_max_items = push_max_items
         self.origin = origin
+        self.reference_campaigns = frozenset(reference_campaigns)
         # Links on app channels and in payload items: any listed scheme; on web channels: http(s).
         self.link_schemes = frozenset(s.lower() for s in deep_link_schemes) - BLOCKED_URL_SCHEMES
         self.web_link_schemes = self.link_schemes & WEB_URL_SCHEMES
@@ -598,6 +633,7 @@ class PayloadRenderer:
         sms_max_segments: int,
         push_max_items: int,
         deep_link_schemes: Iterable[str] = WEB_URL_SCHEMES,
+        reference_campaigns: Iterable[str] = (),
     ) -> PayloadRenderer:
         """Read every ``*.j2`` under ``templates_dir``, keyed by relative path (so includes work)."""
         root = Path(templates_dir)
@@ -610,6 +646,7 @@ class PayloadRenderer:
             push_max_items=push_max_items,
             origin=str(root),
             deep_link_schemes=deep_link_schemes,
+            reference_campaigns=reference_campaigns,
         )
 
     @classmethod
@@ -620,6 +657,7 @@ class PayloadRenderer:
             sms_max_segments=serving.sms_max_segments,
             push_max_items=serving.push_max_items,
             deep_link_schemes=serving.deep_link_schemes,
+            reference_campaigns=[n for n, c in cfg.campaigns.items() if c.content == "reference"],
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -699,38 +737,65 @@ def _deep_link(value: Any, schemes: frozenset[str]) -> str | None:
     return text if safe_url(text, schemes) else None
 
 
+def _item_catalog_fields(values: tuple[Any, ...], link_schemes: frozenset[str]) -> dict[str, Any]:
+    """A payload item's catalog fields (:data:`CATALOG_ITEM_FIELDS`, in order) from their raw values:
+    texts as text, non-finite numbers as None, a deep link whose scheme is not listed as None."""
+    title, description, category, price, currency, rating, image_url, deep_link = values
+    return {
+        "title": _optional_text(title),
+        "description": _optional_text(description),
+        "category": _optional_text(category),
+        "price": _optional_number(price),
+        "currency": _optional_text(currency),
+        "rating": _optional_number(rating),
+        "image_url": _optional_text(image_url),
+        "deep_link": _deep_link(deep_link, link_schemes),
+    }
+
+
+def _catalog_part(raw: Mapping[str, Any], link_schemes: frozenset[str]) -> dict[str, Any]:
+    """The cleaned catalog fields of one item that carries them (a missing one is unknown)."""
+    return _item_catalog_fields(tuple(raw.get(name) for name in CATALOG_ITEM_FIELDS), link_schemes)
+
+
 def _payload_items(
-    raw_items: Sequence[Mapping[str, Any]], ref: str, link_schemes: frozenset[str]
+    raw_items: Sequence[Mapping[str, Any]],
+    ref: str,
+    link_schemes: frozenset[str],
+    catalog: CatalogItems | None = None,
 ) -> list[TemplateRecord]:
+    """The payload's items, checked and in rank order. Their catalog fields come from ``catalog``
+    when given (the raw items then need only the ranking's fields), else from the raw items."""
     items = []
     for position, raw in enumerate(raw_items):
-        where = f"{ref}: item {position}"
         item_id, rank, strategy = raw.get("item_id"), raw.get("rank"), raw.get("strategy")
         if not isinstance(item_id, str) or not item_id:
-            raise PayloadError(f"{where}: item_id is missing")
+            raise PayloadError(f"{ref}: item {position}: item_id is missing")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise PayloadError(f"{where} ({item_id}): rank must be an integer >= 1, got {rank!r}")
+            raise PayloadError(
+                f"{ref}: item {position} ({item_id}): rank must be an integer >= 1, got {rank!r}"
+            )
         if strategy not in STRATEGIES:
             raise PayloadError(
-                f"{where} ({item_id}): unknown strategy {strategy!r}; known: {list(STRATEGIES)}"
+                f"{ref}: item {position} ({item_id}): unknown strategy {strategy!r}; "
+                f"known: {list(STRATEGIES)}"
             )
         score = raw.get("score")
         if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
-            raise PayloadError(f"{where} ({item_id}): score must be a finite number, got {score!r}")
+            raise PayloadError(
+                f"{ref}: item {position} ({item_id}): score must be a finite number, got {score!r}"
+            )
         items.append(
             TemplateRecord(
                 item_id=item_id,
                 rank=rank,
                 score=None if score is None else float(score),
                 strategy=strategy,
-                title=_optional_text(raw.get("title")),
-                description=_optional_text(raw.get("description")),
-                category=_optional_text(raw.get("category")),
-                price=_optional_number(raw.get("price")),
-                currency=_optional_text(raw.get("currency")),
-                rating=_optional_number(raw.get("rating")),
-                image_url=_optional_text(raw.get("image_url")),
-                deep_link=_deep_link(raw.get("deep_link"), link_schemes),
+                **(
+                    _catalog_part(raw, link_schemes)
+                    if catalog is None
+                    else catalog.payload_fields(item_id, link_schemes)
+                ),
             )
         )
     items.sort(key=lambda item: item["rank"])
@@ -804,13 +869,24 @@ def _content(
     return {"title": one_line(parts["title"])}  # webhook: the receiver works from `items`
 
 
-def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dict[str, Any]:
+def _reference_content(template: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """An email's content as a template reference: the sender renders its own template named
+    ``template`` from the payload's ``items`` and this ``user`` (what carousel's templates see)."""
+    return {"template": template, "user": {name: user[name] for name in USER_FIELDS}}
+
+
+def render_payload(
+    request: Mapping[str, Any], renderer: PayloadRenderer, catalog: CatalogItems | None = None
+) -> dict[str, Any]:
     """The payload (a JSON-ready dict, contract ``schema_version`` 1) for one render request.
 
-    ``request`` has the fields of :data:`PAYLOAD_REQUEST_SCHEMA`. ``created_at`` is a datetime, and
-    a naive one is read as UTC. Raises :class:`PayloadError` naming the payload and the reason for
-    an unknown channel or strategy, missing fields, no items, or a template that fails or renders
-    an empty required part.
+    ``request`` has the fields of :data:`PAYLOAD_REQUEST_SCHEMA`; with ``catalog``, its items need
+    only the ranking's fields (:data:`RANKED_ITEM_FIELDS`), and the catalog's come from it.
+    ``created_at`` is a datetime, and a naive one is read as UTC. A campaign of
+    ``renderer.reference_campaigns`` gets the template reference as its content
+    (:func:`_reference_content`), and nothing is rendered. Raises :class:`PayloadError` naming the
+    payload and the reason for an unknown channel or strategy, missing fields, no items, or a
+    template that fails or renders an empty required part.
     """
     ref = _describe(request)
     channel = request.get("channel")
@@ -819,7 +895,7 @@ def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dic
     for required in ("payload_id", "campaign", "template", "variant", "user_id"):
         if not request.get(required):
             raise PayloadError(f"{ref}: {required} is missing")
-    items = _payload_items(request.get("items") or (), ref, renderer.link_schemes)
+    items = _payload_items(request.get("items") or (), ref, renderer.link_schemes, catalog)
     if not items:
         raise PayloadError(f"{ref}: no items to send")
     created_at = _iso_utc(request.get("created_at"), ref)
@@ -833,7 +909,11 @@ def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dic
         "variant": request["variant"],
         "trigger_event_type": request.get("trigger_event_type"),
     }
-    parts = _render_parts(renderer, channel, request["template"], context, ref)
+    if request["campaign"] in renderer.reference_campaigns:
+        content = _reference_content(request["template"], user)
+    else:
+        parts = _render_parts(renderer, channel, request["template"], context, ref)
+        content = _content(renderer, channel, parts, items)
     return {
         "payload_id": request["payload_id"],
         "schema_version": PAYLOAD_SCHEMA_VERSION,
@@ -847,7 +927,7 @@ def render_payload(request: Mapping[str, Any], renderer: PayloadRenderer) -> dic
         "model_version": request.get("model_version"),
         "created_at": created_at,
         "items": items,
-        "content": _content(renderer, channel, parts, items),
+        "content": content,
     }
 
 
@@ -977,14 +1057,17 @@ def _campaign_problems(
     channel, template = campaign.channel, campaign.template
     label = f"campaign {name} ({channel}/{template})"
     problems = []
-    for part in TEMPLATE_PARTS[channel]:
+    # A campaign whose payloads carry a template reference renders nothing here: the sender holds
+    # the template. Its sample payloads are still checked against the schema below.
+    rendered_here = name not in renderer.reference_campaigns
+    for part in TEMPLATE_PARTS[channel] if rendered_here else ():
         try:
             renderer.compile(template_name(channel, template, part))
         except TemplateCheckError as err:
             problems.append(f"{label}: {err}")
     # Links written into the campaign's templates: only listed schemes (web channels: http(s)).
     schemes = renderer.link_schemes if channel in APP_LINK_CHANNELS else renderer.web_link_schemes
-    for file in sorted(n for n in renderer.texts if n.startswith(f"{channel}/{template}.")):
+    for file in sorted(n for n in renderer.texts if rendered_here and n.startswith(f"{channel}/{template}.")):
         for problem in template_link_problems(renderer.texts[file], schemes):
             problems.append(f"{label}: template {renderer.origin}/{file} {problem}")
     try:
@@ -1062,9 +1145,7 @@ def _render_rows(
     for row in rows:
         micros = row["created_at"]
         row["created_at"] = None if micros is None else _EPOCH + timedelta(microseconds=micros)
-        if catalog is not None:
-            row["items"] = [{**item, **catalog.fields(item["item_id"])} for item in row["items"] or ()]
-        payload = render_payload(row, renderer)
+        payload = render_payload(row, renderer, catalog)
         channel = payload["channel"]
         if channel not in topics:
             raise PayloadError(f"{_describe(row)}: kafka.topics.{channel} is not configured")

@@ -60,11 +60,12 @@ import logging
 import math
 import re
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -441,8 +442,17 @@ class RankingRules:
         )
 
 
-# Item lists kept as Python objects per worker (ItemLists.candidates): ~1.5 kB each for 20 entries.
-_CANDIDATES_CACHE_SIZE = 30_000
+class FlatLists(NamedTuple):
+    """The model lists of :class:`ItemLists` as Python objects: item ``i``'s list is
+    ``items[offsets[i]:offsets[i + 1]]`` with ``relative`` scores, and ``versions`` (per entry) or,
+    when every entry has the same model version (one model: the usual case), ``None`` and that
+    ``version``."""
+
+    offsets: tuple[int, ...]
+    items: tuple[str, ...]
+    relative: Sequence[float]
+    versions: tuple[str | None, ...] | None
+    version: str | None
 
 
 class ItemLists:
@@ -489,13 +499,13 @@ class ItemLists:
         self.explore_items = explore_items if explore_items is not None else np.array([], np.int32)
         self.explore_scores = explore_scores if explore_scores is not None else np.array([], np.float32)
         self._index: dict[str, int] | None = None
-        self._candidates: OrderedDict[int, tuple[tuple[str, float, str | None], ...]] = OrderedDict()
+        self._flat: FlatLists | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None, "_candidates": OrderedDict()}
+        return {**self.__dict__, "_index": None, "_flat": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_candidates": OrderedDict(), **state})
+        self.__dict__.update({"_flat": None, **state})
 
     @property
     def index(self) -> dict[str, int]:
@@ -504,34 +514,35 @@ class ItemLists:
             self._index = {item: code for code, item in enumerate(self.ids)}
         return self._index
 
-    def candidates(self, code: int) -> tuple[tuple[str, float, str | None], ...]:
-        """(item id, relative score, model version) of one item's list.
-
-        Kept once built, within a bound: the same popular items seed thousands of requests, and
-        turning a list's arrays into Python objects was a quarter of a campaign's ranking time.
-        Tuples of strings and numbers, not lists: the garbage collector stops tracking them, so a
-        full collection in a long-lived worker does not walk the whole cache (in the API it was
-        20-40 ms every few seconds, the tail of its latency)."""
-        built = self._candidates.get(code)
-        if built is not None:
-            return built
-        start, end = int(self.offsets[code]), int(self.offsets[code + 1])
-        ids, versions = self.ids, self.versions
-        built = tuple(
-            (ids[rec], rel, versions[ver])
-            for rec, rel, ver in zip(
-                self.recs[start:end].tolist(),
-                self.relative[start:end].tolist(),
-                self.version_codes[start:end].tolist(),
-                strict=True,
+    @property
+    def flat(self) -> FlatLists:
+        """The lists as flat Python sequences, built once per process that ranks (16 bytes an entry:
+        21 MB for 1.3M entries; the ids are shared). Turning a list's arrays into Python objects per
+        request was a quarter of a campaign's ranking time, and a bounded cache of built lists missed
+        half the time over 100k items. Tuples of strings and a float array, not lists: the garbage
+        collector does not walk them, so a full collection in a long-lived worker stays cheap (in
+        the API, tracked candidate lists cost 20-40 ms every few seconds, the tail of its latency).
+        The float array costs a float object per read, ~12 % slower to iterate than a tuple of
+        floats, for a quarter of the memory."""
+        if self._flat is None:
+            codes = self.version_codes
+            uniform = len(codes) == 0 or int(codes.min()) == int(codes.max())
+            ids = self.ids
+            self._flat = FlatLists(
+                offsets=tuple(self.offsets.tolist()),
+                items=tuple([ids[rec] for rec in self.recs.tolist()]),
+                relative=array("d", self.relative.tolist()),
+                versions=None if uniform else tuple([self.versions[v] for v in codes.tolist()]),
+                version=self.versions[int(codes[0])] if uniform and len(codes) else None,
             )
-        )
-        if len(self._candidates) >= _CANDIDATES_CACHE_SIZE:
-            # popitem, not del of next(iter()): a dict's first key is found by skipping the slots
-            # of every key deleted before it, which made each eviction slower than the last.
-            self._candidates.popitem(last=False)
-        self._candidates[code] = built
-        return built
+        return self._flat
+
+    def candidates(self, code: int) -> tuple[tuple[str, float, str | None], ...]:
+        """(item id, relative score, model version) of one item's list."""
+        flat = self.flat
+        start, end = flat.offsets[code], flat.offsets[code + 1]
+        versions = flat.versions[start:end] if flat.versions is not None else (flat.version,) * (end - start)
+        return tuple(zip(flat.items[start:end], flat.relative[start:end], versions, strict=True))
 
     @property
     def explores(self) -> bool:
@@ -778,17 +789,26 @@ class FallbackLists:
     by_segment: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
 
+# What the fallback reads of trending_items' rows. A trending table written before segments existed
+# has no segment column: no segment rows.
+_TRENDING_COLUMNS: tuple[str, ...] = ("item_id", "category", "score", "segment")
+
+
+def trending_table(trending: DataFrame | pa.Table) -> pa.Table:
+    """The columns of :func:`trending_items` rows that :func:`fallback_lists` reads, collected to
+    the driver: what several arms of one run share instead of computing trending each."""
+    if isinstance(trending, DataFrame):
+        return trending.select(*[c for c in _TRENDING_COLUMNS if c in trending.columns]).toArrow()
+    return trending.select([c for c in _TRENDING_COLUMNS if c in trending.column_names])
+
+
 def fallback_lists(trending: DataFrame | pa.Table, lists: ItemLists, rules: RankingRules) -> FallbackLists:
     """The eligible trending items, ``slots + FALLBACK_PADDING`` deep overall and per category.
 
     ``trending``: the output of :func:`trending_items`, as a DataFrame or an Arrow table."""
     if rules.fallback == "none":
         return FallbackLists()
-    # A trending table written before segments existed has no segment column: no segment rows.
-    columns = ["item_id", "category", "score", "segment"]
-    if isinstance(trending, DataFrame):
-        trending = trending.select(*[c for c in columns if c in trending.columns]).toArrow()
-    rows = trending.select([c for c in columns if c in trending.column_names]).to_pylist()
+    rows = trending_table(trending).to_pylist()
     index, eligible = lists.index, lists.eligible
     pool = [
         (row["item_id"], row["category"], float(row["score"]), row.get("segment"))
@@ -909,6 +929,21 @@ def _explore(
     return sorted(drawn, key=lambda kv: (-kv[1], kv[0]))
 
 
+def top_scores(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
+    """The ``k`` best ``(item, score)``, best first and ties by item id: what sorting every item by
+    ``(-score, item)`` gives, without a Python key call per item (a model request sums ~100
+    candidates for its few slots)."""
+    if k <= 0:
+        return []
+    if len(scores) > k:
+        kth = sorted(scores.values(), reverse=True)[k - 1]
+        pool = [(-score, item) for item, score in scores.items() if score >= kth]
+    else:
+        pool = [(-score, item) for item, score in scores.items()]
+    pool.sort()
+    return [(item, -negated) for negated, item in pool[:k]]
+
+
 def rank_request(
     request: Mapping[str, Any],
     lists: ItemLists,
@@ -925,13 +960,23 @@ def rank_request(
     found = 0
     if use_model:
         index = lists.index
+        flat = lists.flat
+        offsets, entries, relatives, entry_versions = flat.offsets, flat.items, flat.relative, flat.versions
         scores: dict[str, float] = {}
         versions: dict[str, str | None] = {}
         for seed, weight in seeds.items():
             code = index.get(seed)
             if code is None:
                 continue
-            for item, relative, version in lists.candidates(code):
+            start, end = offsets[code], offsets[code + 1]
+            if entry_versions is None:  # one model version in every list: nothing to track per item
+                for item, relative in zip(entries[start:end], relatives[start:end], strict=True):
+                    if item not in excluded:
+                        scores[item] = scores.get(item, 0.0) + weight * relative
+                continue
+            for item, relative, version in zip(
+                entries[start:end], relatives[start:end], entry_versions[start:end], strict=True
+            ):
                 if item in excluded:
                     continue
                 scores[item] = scores.get(item, 0.0) + weight * relative
@@ -945,9 +990,9 @@ def rank_request(
             if rules.exploration_slots
             else []
         )
-        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: slots - len(explored)]
-        for item, score in best:
-            chosen[item] = (_PRIORITY[STRATEGY_MODEL], score, STRATEGY_MODEL, versions[item])
+        for item, score in top_scores(scores, slots - len(explored)):
+            version = flat.version if entry_versions is None else versions[item]
+            chosen[item] = (_PRIORITY[STRATEGY_MODEL], score, STRATEGY_MODEL, version)
         for item, score in explored:
             chosen[item] = (_PRIORITY[STRATEGY_NEW_ITEM], score, STRATEGY_NEW_ITEM, None)
         found = len(chosen)
@@ -1131,7 +1176,7 @@ def rank_recommendations(
     *,
     matrix: DataFrame | None,
     catalog: DataFrame,
-    trending: DataFrame,
+    trending: DataFrame | pa.Table,
     sent: DataFrame | None,
     campaign: CampaignConfig,
     serving: ServingConfig,
@@ -1145,9 +1190,9 @@ def rank_recommendations(
     ``requests`` carries :data:`REQUEST_COLUMNS`; ``matrix`` the published correlation matrix
     (``item_id, rank, rec_item_id, score, model_version``) or ``None`` for a trending-only arm;
     ``catalog`` the catalog table (CATALOG_SCHEMA); ``trending`` the output of
-    :func:`trending_items`; ``sent`` the ``sent_recommendations`` rows to honour
-    ``exclusions.sent_within_days`` (or ``None``). Returns :data:`RANKED_COLUMNS`, rank 1 = best;
-    a request with no eligible item gets no rows.
+    :func:`trending_items` (or its :func:`trending_table`); ``sent`` the ``sent_recommendations``
+    rows to honour ``exclusions.sent_within_days`` (or ``None``). Returns :data:`RANKED_COLUMNS`,
+    rank 1 = best; a request with no eligible item gets no rows.
 
     With ``grouped``, one row per request instead: ``request_id``, the ``carry`` columns of
     ``requests`` as they are (passed through in Arrow, never converted to Python), and ``items``

@@ -262,10 +262,10 @@ def iso_to_micros(text: str) -> int:
     return (delta.days * 86400 + delta.seconds) * _MICROS + delta.microseconds
 
 
-def render_request(
-    record: Mapping[str, Any], template: str, lookups: ServingLookups, user: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The render request (``PAYLOAD_REQUEST_SCHEMA`` shape) of one outbox record."""
+def render_request(record: Mapping[str, Any], template: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """The render request (``PAYLOAD_REQUEST_SCHEMA`` shape) of one outbox record, its items with
+    the ranking's fields only: render it with the lookups' catalog
+    (``render_payload(request, renderer, lookups.catalog_items)``)."""
     sent_at = datetime.fromisoformat(record["sent_at"].replace("Z", "+00:00"))
     return {
         **{k: record[k] for k in ("payload_id", "campaign", "channel", "variant", "user_id", "run_id")},
@@ -275,7 +275,7 @@ def render_request(
         "model_version": record["model_version"],
         "created_at": sent_at,
         "user": user,
-        "items": [{**item, **lookups.item_fields(item["item_id"])} for item in record["items"]],
+        "items": record["items"],
     }
 
 
@@ -327,9 +327,9 @@ def deliver(
     campaign = spec.sources.campaign(record["campaign"])
     try:
         request = render_request(
-            record, campaign.template, lookups, state.profile.user_context(trigger.get("platform"))
+            record, campaign.template, state.profile.user_context(trigger.get("platform"))
         )
-        value = payload_json(render_payload(request, spec.renderer))
+        value = payload_json(render_payload(request, spec.renderer, lookups.catalog_items))
         size = len(value.encode()) + len(user.encode())
         if size > spec.max_payload_bytes:
             raise PayloadError(

@@ -127,6 +127,7 @@ class _StopWatch:
         extended = False
         answering = 0  # probes in a row that found every dependency answering
         next_probe = started
+        keep_alive = lease_keeper(self._lease, storage)
         while self.reason is None:
             if probe is not None and time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + PROBE_POLL_SECONDS
@@ -139,8 +140,8 @@ class _StopWatch:
                 if back and time.monotonic() - started >= MIN_BACKOFF_SECONDS and self.reason is None:
                     log.info("%s answers again: restarting now", was_down)
                     return False
+            keep_alive()
             if self._lease is not None:
-                storage.run("renew its lease", self._lease.renew_if_due, None)
                 # No micro-batch runs: held at once (serve's trending refresh may: at a later call).
                 self._lease.make_way(storage, poll_seconds)
             if marker is not None and storage.run(

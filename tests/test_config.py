@@ -104,6 +104,8 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("api.record_outbox=kafka", "api.record_outbox"),
         ("api.outbox_max_entries=10", "api.outbox_max_entries"),
         ("api.worker_timeout_seconds=1", "api.worker_timeout_seconds"),
+        ("campaigns.launch-push.content=reference", "launch-push.*content: reference is for email campaigns"),
+        ("campaigns.weekly-email.content=html", "weekly-email.content"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):

@@ -36,6 +36,9 @@ def test_uri_helpers():
     assert objectstore.join("s3://b/p/", "/x/", "y.json") == "s3://b/p/x/y.json"
     assert objectstore.join("/tmp/w", "snap", "") == "/tmp/w/snap"
     assert objectstore.local_path("file:///tmp/x") == Path("/tmp/x")
+    assert objectstore.local_path("file:/tmp/x") == Path("/tmp/x")  # Hadoop's own spelling
+    with pytest.raises(ValueError, match="not a local path"):
+        objectstore.local_path("s3a://b/x")
     with pytest.raises(ValueError):
         objectstore.split_s3("/tmp/x")
     with pytest.raises(ValueError):

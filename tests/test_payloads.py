@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from pyspark.sql import Row
 from pyspark.testing import assertDataFrameEqual
@@ -22,12 +23,15 @@ from pyspark.testing import assertDataFrameEqual
 from carousel.config import CarouselConfig, load_config
 from carousel.experiments import run_payload_id, trigger_payload_id
 from carousel.payloads import (
+    CATALOG_ITEM_FIELDS,
     PAYLOAD_OUTPUT_SCHEMA,
     PAYLOAD_REQUEST_SCHEMA,
     SMS_ELLIPSIS,
     SMS_GSM7,
     SMS_UCS2,
     TEMPLATE_PARTS,
+    USER_FIELDS,
+    CatalogItems,
     PayloadError,
     PayloadRenderer,
     SmsLength,
@@ -548,6 +552,71 @@ def test_check_templates_reports_a_missing_schema(cfg, tmp_path: Path):
         TemplateCheckError, match=r"weekly-email.*payload schema not found: .*email\.schema\.json"
     ):
         check_templates(cfg.with_overrides(serving={"payload_schemas_dir": str(schemas)}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Email content as a template reference (campaigns.<name>.content: reference)
+# ---------------------------------------------------------------------------------------------
+def test_a_reference_campaign_sends_items_and_user_for_the_senders_own_template(cfg):
+    referenced = cfg.with_overrides(
+        campaigns={"weekly-email": {"content": "reference", "template": "esp-weekly"}}
+    )
+    # There is no email/esp-weekly.*.j2: the sender holds that template, so carousel needs none.
+    renderer = check_templates(referenced)
+    source = request(EMAIL, campaign="weekly-email", template="esp-weekly", items=[item(1, title="<b>x</b>")])
+
+    payload = render_payload(source, renderer)
+
+    validate_payload(payload, EMAIL, cfg.serving.payload_schemas_dir)
+    assert payload["content"] == {"template": "esp-weekly", "user": source["user"]}
+    assert list(payload["content"]["user"]) == list(USER_FIELDS)
+    # The envelope and the items (catalog strings as uploaded) are those of the rendered payload.
+    rendered = render_payload({**source, "template": "default"}, PayloadRenderer.from_config(cfg))
+    assert {**payload, "content": None} == {**rendered, "content": None}
+    assert payload["items"][0]["title"] == "<b>x</b>"
+    # Other campaigns of the same configuration still render.
+    assert set(render_payload(request(EMAIL), renderer)["content"]) == {"subject", "html", "text"}
+    # Rendered, the same campaign needs its templates.
+    with pytest.raises(TemplateCheckError, match=r"weekly-email \(email/esp-weekly\): missing template"):
+        check_templates(cfg.with_overrides(campaigns={"weekly-email": {"template": "esp-weekly"}}))
+
+
+def test_email_schema_takes_rendered_or_reference_content_but_not_a_mix(cfg, renderer):
+    schemas = cfg.serving.payload_schemas_dir
+    payload = json.loads(payload_json(render_payload(request(EMAIL), renderer)))
+    user = dict.fromkeys(USER_FIELDS)
+    for content in (
+        {**payload["content"], "template": "default", "user": user},  # both
+        {"template": "default"},  # no user
+        {"template": "default", "user": {**user, "email": "x@example.com"}},  # a field not in the contract
+        {"template": "../default", "user": user},
+    ):
+        with pytest.raises(PayloadError, match="p-email-1"):
+            validate_payload({**payload, "content": content}, EMAIL, schemas)
+    validate_payload({**payload, "content": {"template": "default", "user": user}}, EMAIL, schemas)
+
+
+def test_items_filled_from_the_catalog_render_as_items_that_carry_the_catalog_fields(renderer):
+    full = [
+        item(1, deep_link="javascript:alert(1)", price=float("nan")),
+        item(2, "trending", title=None, rating=None),
+        item(3, "new_item"),
+    ]
+    table = pa.table(
+        {"item_id": [i["item_id"] for i in full], **{f: [i[f] for i in full] for f in CATALOG_ITEM_FIELDS}}
+    )
+    catalog = CatalogItems(table)
+    unknown = {"item_id": "i-999", "rank": 4, "score": 0.1, "strategy": "trending"}
+    ranked_only = [{k: i[k] for k in ("item_id", "rank", "score", "strategy")} for i in full] + [unknown]
+
+    for channel in (EMAIL, PUSH, SMS):
+        from_catalog = render_payload(request(channel, ranked_only), renderer, catalog)
+        carried = render_payload(
+            request(channel, [*full, {**unknown, **dict.fromkeys(CATALOG_ITEM_FIELDS)}]), renderer
+        )
+        assert from_catalog == carried
+    assert from_catalog["items"][0]["deep_link"] is None and from_catalog["items"][0]["price"] is None
+    assert from_catalog["items"][3]["title"] is None
 
 
 def test_renderer_pickles_as_template_texts(renderer):

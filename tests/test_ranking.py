@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,6 +21,7 @@ from carousel.ranking import (
     rank_recommendations,
     rank_request,
     request_seeds,
+    top_scores,
     trending_items,
 )
 from carousel.schemas import (
@@ -444,6 +446,16 @@ def test_tied_and_single_item_lists_still_rank_their_items(
         ("e", pytest.approx(weights["d"])),
         ("t2", pytest.approx(weights["t1"])),
     ]
+
+
+def test_top_scores_are_the_best_first_with_ties_by_item_id() -> None:
+    rng = random.Random(7)
+    for size in (0, 1, 5, 40, 150):
+        # Few distinct scores, so most items tie with others, the k-th one included.
+        scores = {f"i{rng.randrange(10**6):06d}": rng.choice((0.0, 0.25, 0.5, 0.5, 1.0)) for _ in range(size)}
+        for k in (0, 1, 3, 6, 20, size + 2):
+            expected = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            assert top_scores(scores, k) == expected, (size, k)
 
 
 # The fit times of two models: the older one's name sorts after the newer one's.
