@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-upkeep bench-cold-start bench-classify bench-update bench-outage eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-rank bench-upkeep bench-cold-start bench-classify bench-update bench-outage eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -30,6 +30,9 @@ bench-api: setup  ## the recommendations API: latency at 200/500/1000/5000 reque
 
 bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs writing pre-rendered payloads
 	@.venv/bin/python -m bench.campaign_bench
+
+bench-rank: setup  ## rank_request alone over the bench shop (after bench-campaign or bench-api built it): model arm vs trending arm
+	@.venv/bin/python -m bench.rank_bench
 
 bench-cold-start: setup  ## 100k-item catalog + 1,000 new products: item-list build cost and exposure through exploration
 	@.venv/bin/python -m bench.cold_start_bench
