@@ -1067,6 +1067,7 @@ _RANKED_ITEMS_ARROW = pa.list_(
         ]
     )
 )
+_RANKED_ITEM_FIELDS: list[pa.Field] = list(_RANKED_ITEMS_ARROW.value_type)
 # Carried columns travel beside the ranking's own under this prefix (no clash with its names).
 _CARRIED = "carried__"
 # (spark app, cache key, filters) -> broadcast ItemLists; a few entries (arms x campaigns).
@@ -1224,37 +1225,44 @@ def rank_recommendations(
     # What rank_request reads of a row: carried columns are never converted to Python.
     ranking_input = [c for c in frame.columns if not c.startswith(_CARRIED)]
 
-    def rank_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def rank_rows(requests: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], list[int]]:
+        """The ranked items of ``requests`` as columns (:data:`RANKED_COLUMNS`), and where each
+        request's items end. Columns, not a dict per item: building those cost more than ranking
+        a trending request."""
         lists = shared.value
+        out: dict[str, list[Any]] = {name: [] for name in RANKED_COLUMNS}
+        request_ids, items, ranks, scores, strategies, versions = out.values()
+        ends = []
+        for request in requests:
+            for item, rank, score, strategy, version in rank_request(
+                request, lists, fallback, rules, use_model
+            ):
+                request_ids.append(request["request_id"])
+                items.append(item)
+                ranks.append(rank)
+                scores.append(score)
+                strategies.append(strategy)
+                versions.append(version)
+            ends.append(len(items))
+        return out, ends
+
+    def rank_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            out: dict[str, list[Any]] = {name: [] for name in RANKED_COLUMNS}
-            for request in batch.to_pylist():
-                for item, rank, score, strategy, version in rank_request(
-                    request, lists, fallback, rules, use_model
-                ):
-                    out["request_id"].append(request["request_id"])
-                    out["item_id"].append(item)
-                    out["rank"].append(rank)
-                    out["score"].append(score)
-                    out["strategy"].append(strategy)
-                    out["model_version"].append(version)
+            out, _ = rank_rows(batch.to_pylist())
             yield pa.RecordBatch.from_pydict(out, schema=_RANKED_ARROW)
 
     def rank_grouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        lists = shared.value
         for batch in batches:
-            items = [
-                [
-                    {"item_id": i, "rank": r, "score": s, "strategy": g, "model_version": v}
-                    for i, r, s, g, v in rank_request(request, lists, fallback, rules, use_model)
-                ]
-                for request in batch.select(ranking_input).to_pylist()
-            ]
-            columns = [batch.column("request_id"), *(batch.column(f"{_CARRIED}{c}") for c in carry)]
-            yield pa.RecordBatch.from_arrays(
-                [*columns, pa.array(items, type=_RANKED_ITEMS_ARROW)],
-                names=["request_id", *carry, "items"],
+            out, ends = rank_rows(batch.select(ranking_input).to_pylist())
+            values = pa.StructArray.from_arrays(
+                [pa.array(out[field.name], field.type) for field in _RANKED_ITEM_FIELDS],
+                fields=_RANKED_ITEM_FIELDS,
             )
+            items = pa.ListArray.from_arrays(
+                pa.array([0, *ends], pa.int32()), values, type=_RANKED_ITEMS_ARROW
+            )
+            columns = [batch.column("request_id"), *(batch.column(f"{_CARRIED}{c}") for c in carry)]
+            yield pa.RecordBatch.from_arrays([*columns, items], names=["request_id", *carry, "items"])
 
     if not grouped:
         return frame.mapInArrow(rank_batches, RANKED_DDL)

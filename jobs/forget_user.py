@@ -75,7 +75,7 @@ from redis.exceptions import RedisClusterException
 
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
-from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig
+from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig, on_local_disk
 from carousel.erasure import check_key, hash_key, key_id, raw_user_id, user_hash_of
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
@@ -468,6 +468,12 @@ def snapshot_roots(cfg: CarouselConfig, extra: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys([*roots, *cfg.erasure.snapshot_roots, *extra]))
 
 
+def unsearchable_roots(roots: Sequence[str]) -> list[str]:
+    """The snapshot roots this job cannot search: neither on local disk nor on S3 (``hdfs://``,
+    ``abfss://``, ...). Read as local paths, they would look empty and be skipped silently."""
+    return [root for root in roots if not (objectstore.is_s3(root) or on_local_disk(root))]
+
+
 def snapshot_folders(root: str, client: BaseClient | None) -> list[str]:
     """The folders under ``root`` holding snapshot data (``<folder>/interactions/<file>``)."""
     folders = set()
@@ -611,6 +617,13 @@ def run(
     if request_id is not None and not REQUEST_ID_PATTERN.match(request_id):
         raise JobError(
             f"request id {request_id!r}: letters, digits and . _ : - only (a ticket id, not a name)"
+        )
+    unsearchable = unsearchable_roots(snapshot_roots(cfg, extra_snapshot_roots))
+    if unsearchable:
+        raise JobError(
+            f"training snapshots under {', '.join(unsearchable)} cannot be searched: forget-user reads "
+            "local folders and s3:// only (training.workspace, training.aws_batch.staging, "
+            "erasure.snapshot_roots, --snapshots); nothing erased"
         )
     now = now or datetime.now(UTC)
     requested_by = requested_by or requested_by_default()

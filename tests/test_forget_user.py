@@ -564,6 +564,27 @@ def test_snapshot_csv_filter_keeps_other_rows_byte_for_byte() -> None:
         forget_user.filter_interactions_csv("a,b\n1,2\n", {"u-1"})
 
 
+def test_snapshot_roots_it_cannot_search_are_refused_before_anything_is_erased(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    assert forget_user.unsearchable_roots(["/x", "file:/x", "s3://b/x", "s3a://b/x", "hdfs://nn/x"]) == [
+        "hdfs://nn/x"
+    ]
+    cfg = load_config(
+        overrides=[
+            f"storage.root={tmp_path}/data",
+            "erasure.snapshot_roots=[abfss://c@a.dfs.core.windows.net/s]",
+        ],
+        environ={},
+    )
+    with pytest.raises(
+        forget_user.JobError,
+        match=r"under abfss://c@a\.dfs\.core\.windows\.net/s, hdfs://nn/snapshots cannot be searched",
+    ):
+        forget_user.run(spark, cfg, ["u-1"], extra_snapshot_roots=["hdfs://nn/snapshots"])
+    assert not (tmp_path / "data").exists()  # no key, no erased_users, no log
+
+
 def test_online_store_keys_and_id_files() -> None:
     assert forget_user.user_of_key("p:user:{u-1}", "p") == "u-1"
     assert forget_user.user_of_key("p:answered:{u-1}:e-9", "p") == "u-1"
