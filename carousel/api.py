@@ -579,13 +579,6 @@ def _fail(future: asyncio.Future[Any], err: Exception) -> None:
         future.set_exception(err)
 
 
-def _build_similar_lists(lookups: ServingLookups, filters: CampaignFilters) -> None:
-    """Build the similar-items lists' id index and flat lists (each built on first access)."""
-    lists = lookups.lists(filters)
-    lists.index  # noqa: B018
-    lists.flat  # noqa: B018
-
-
 def similar_items(item_id: str, n: int, lookups: ServingLookups, filters: CampaignFilters) -> dict[str, Any]:
     """The item's published list cut to the products ``filters`` admit, with their catalog fields."""
     lists = lookups.lists(filters)
@@ -713,7 +706,7 @@ class ApiService:
         while not self._stopping.is_set():
             try:
                 lookups = current_lookups(self.spec.sources)
-                _build_similar_lists(lookups, self.spec.similar_filters)
+                lookups.lists(self.spec.similar_filters).warm()
             except (ServingLookupError, OSError) as err:
                 self.not_ready = f"the lookups cannot be loaded yet: {err}"
                 log.warning("api: %s (retrying)", self.not_ready)
@@ -726,7 +719,7 @@ class ApiService:
         while not self._stopping.wait(interval):
             try:
                 fresh = current_lookups(self.spec.sources)
-                _build_similar_lists(fresh, self.spec.similar_filters)  # here, not by a request
+                fresh.lists(self.spec.similar_filters).warm()  # here, not by a request
             except Exception as err:  # noqa: BLE001 - any failure keeps what is held serving; next check
                 log.warning("api: the lookups' tables cannot be checked (serving what is held): %s", err)
                 continue

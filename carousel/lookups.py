@@ -359,9 +359,7 @@ def warm(lookups: ServingLookups) -> ServingLookups:
     for name, campaign in lookups.sources.campaigns:
         for arm, _upper in arms(campaign):
             if arm != CONTROL_VARIANT:
-                lists = lookups.arm(name, arm).lists
-                lists.index  # noqa: B018 - built on first access
-                lists.flat  # noqa: B018 - built on first access
+                lookups.arm(name, arm).lists.warm()
     lookups.item_fields("")
     return lookups
 

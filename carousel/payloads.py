@@ -60,6 +60,7 @@ from pyspark.sql.types import ArrayType, StringType, StructField, StructType, Ti
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 
+from carousel.arrow_rows import batch_rows
 from carousel.config import UNSAFE_LINK_SCHEMES, CampaignConfig, CarouselConfig
 from carousel.errors import JobError
 from carousel.fastjson import compact_json
@@ -1196,7 +1197,7 @@ def render_payloads(
     def render_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         items_source = catalog.value if catalog is not None else None
         for batch in batches:
-            rendered = _render_rows(batch.to_pylist(), renderer, topics, items_source)
+            rendered = _render_rows(batch_rows(batch), renderer, topics, items_source)
             yield pa.RecordBatch.from_pydict(rendered, schema=_ARROW_OUTPUT_SCHEMA)
 
     return requests.select(*columns).mapInArrow(render_batches, PAYLOAD_OUTPUT_SCHEMA)

@@ -75,6 +75,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
+from carousel.arrow_rows import batch_rows
 from carousel.config import (
     CampaignConfig,
     CampaignFilters,
@@ -226,7 +227,7 @@ def _user_segments(events: DataFrame, trending: TrendingConfig) -> DataFrame:
     def keys(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             users, found = [], []
-            for row in batch.to_pylist():
+            for row in batch_rows(batch):
                 context = {**(row["user_attributes"] or {}), "platform": row["platform"]}
                 for key in segment_keys(context, segments, bands):
                     users.append(row["user_id"])
@@ -536,6 +537,12 @@ class ItemLists:
                 version=self.versions[int(codes[0])] if uniform and len(codes) else None,
             )
         return self._flat
+
+    def warm(self) -> ItemLists:
+        """Build the id index and the flat lists now (each is otherwise built on first access)."""
+        self.index  # noqa: B018 - built on first access
+        self.flat  # noqa: B018 - built on first access
+        return self
 
     def candidates(self, code: int) -> tuple[tuple[str, float, str | None], ...]:
         """(item id, relative score, model version) of one item's list."""
@@ -1248,12 +1255,12 @@ def rank_recommendations(
 
     def rank_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            out, _ = rank_rows(batch.to_pylist())
+            out, _ = rank_rows(batch_rows(batch))
             yield pa.RecordBatch.from_pydict(out, schema=_RANKED_ARROW)
 
     def rank_grouped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            out, ends = rank_rows(batch.select(ranking_input).to_pylist())
+            out, ends = rank_rows(batch_rows(batch.select(ranking_input)))
             values = pa.StructArray.from_arrays(
                 [pa.array(out[field.name], field.type) for field in _RANKED_ITEM_FIELDS],
                 fields=_RANKED_ITEM_FIELDS,

@@ -44,6 +44,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from carousel.arrow_rows import batch_rows
 from carousel.config import CampaignConfig, CarouselConfig, OnlineStoreConfig
 from carousel.erasure import drop_erased_rows
 from carousel.experiments import DEFAULT_VARIANT, assign_variant, trigger_payload_id
@@ -503,7 +504,7 @@ def answer_batches(batches: Iterator[pa.RecordBatch], spec: ServeSpec) -> Iterat
         # neither update their profile nor trigger a payload or an outbox record.
         kept, erased = drop_erased_rows(batch, lookups.erased, spec.erasure_key)
         out = (
-            answer_records(kept.to_pylist(), store, lookups, spec, time.time_ns() // 1000)
+            answer_records(batch_rows(kept), store, lookups, spec, time.time_ns() // 1000)
             if kept.num_rows
             else _Batch()
         )

@@ -31,6 +31,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from carousel.arrow_rows import batch_rows
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig, OnlineStoreConfig
 from carousel.erasure import drop_erased, erased_ids
@@ -130,7 +131,7 @@ def merge_batches(
     store = OnlineState(connect(store_cfg), store_cfg.key_prefix, ttl_ms, 0)
     for batch in batches:
         updates: dict[str, tuple[OnlineProfile | None, list[list[Any]]]] = {}
-        for row in batch.to_pylist():
+        for row in batch_rows(batch):
             user = row["user_id"]
             profile, sends = updates.get(user, (None, []))
             if kind == "profiles":
