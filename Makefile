@@ -1,5 +1,5 @@
 # carousel: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-rank bench-upkeep bench-cold-start bench-classify bench-update bench-outage eval-public broker-start broker-stop online-store-start online-store-stop clean
+.PHONY: setup demo test lint bench-ingest bench-training bench-serving bench-api bench-campaign bench-rank bench-render bench-upkeep bench-cold-start bench-classify bench-update bench-outage eval-public broker-start broker-stop online-store-start online-store-stop clean
 
 setup:          ## install the pinned Python packages and the Maven-resolved jars
 	@scripts/setup.sh
@@ -33,6 +33,9 @@ bench-campaign: setup  ## a 1M-user email campaign into Kafka: payloads/s vs wri
 
 bench-rank: setup  ## rank_request alone over the bench shop (after bench-campaign or bench-api built it): model arm vs trending arm
 	@.venv/bin/python -m bench.rank_bench
+
+bench-render: setup  ## a campaign's Python per payload (Arrow rows, render, JSON) over the bench shop, vs encoding the JSON alone
+	@.venv/bin/python -m bench.render_bench
 
 bench-cold-start: setup  ## 100k-item catalog + 1,000 new products: item-list build cost and exposure through exploration
 	@.venv/bin/python -m bench.cold_start_bench

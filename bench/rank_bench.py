@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from bench.shop_data import DEFAULT_SHOP_ROOT
-from carousel.config import load_config
+from carousel.config import CarouselConfig, load_config
 from carousel.ranking import (
     FILTER_COLUMNS,
     MATRIX_COLUMNS,
+    FallbackLists,
+    ItemLists,
     RankingRules,
     fallback_lists,
     item_lists_from_arrow,
@@ -81,6 +84,53 @@ def _per_request_us(requests: Sequence[dict[str, Any]], rank: Any) -> float:
     return (time.perf_counter() - started) / len(requests) * 1e6
 
 
+@dataclass(frozen=True)
+class RankingInputs:
+    """What a campaign's executors rank with, built from the shop as they build it."""
+
+    lists: ItemLists
+    fallback: FallbackLists
+    rules: RankingRules
+    requests: list[dict[str, Any]]
+    profiles: pa.Table
+
+
+def read_shop_table(tables: Path, name: str, columns: Sequence[str]) -> pa.Table:
+    """Columns of one shop table, read with delta-rs."""
+    return DeltaTable(str(tables / name)).to_pyarrow_table(columns=list(columns))
+
+
+def ranking_inputs(
+    tables: Path, cfg: CarouselConfig, campaign_name: str, count: int, profile_columns: Sequence[str] = ()
+) -> RankingInputs:
+    """The campaign's item lists and trending fallback over the shop under ``tables``, and one
+    ranking request for each of the first ``count`` profiles (``profiles`` also carries
+    ``profile_columns``)."""
+    campaign = cfg.campaigns[campaign_name]
+    rules = RankingRules.of(campaign, cfg.serving)
+    started = time.perf_counter()
+    lists = item_lists_from_arrow(
+        read_shop_table(tables, ITEM_RECOMMENDATIONS_TABLE, MATRIX_COLUMNS),
+        read_shop_table(tables, CATALOG_TABLE, ["item_id", *FILTER_COLUMNS]),
+        campaign.filters,
+        cfg.serving.cold_start,
+    )
+    events = read_shop_table(tables, EVENTS_TABLE, ["item_id"]).filter(pc.is_valid(pc.field("item_id")))
+    counts = events.group_by("item_id").aggregate([("item_id", "count")])
+    categories = read_shop_table(tables, CATALOG_TABLE, ["item_id", "category"])
+    trending = counts.join(categories, "item_id").rename_columns(["item_id", "score", "category"])
+    trending = trending.set_column(1, "score", pc.cast(trending["score"], pa.float64()))
+    fallback = fallback_lists(trending, lists, rules)
+    now_us = _micros(datetime.now(UTC))
+    columns = ["user_id", *_RECENT, *[c for c in profile_columns if c not in ("user_id", *_RECENT)]]
+    profiles = read_shop_table(tables, PROFILES_TABLE, columns).slice(0, count)
+    requests = ranking_requests(profiles, rules.recent_items_used, now_us)
+    log.info(
+        "inputs: %d items, %d requests, %.1f s", len(lists.ids), len(requests), time.perf_counter() - started
+    )
+    return RankingInputs(lists, fallback, rules, requests, profiles)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="profiles ranked (20,000)")
@@ -96,31 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config()
     if args.campaign not in cfg.campaigns:
         parser.error(f"unknown campaign {args.campaign!r}; known: {sorted(cfg.campaigns)}")
-    campaign = cfg.campaigns[args.campaign]
-    rules = RankingRules.of(campaign, cfg.serving)
-
-    def read(name: str, columns: Sequence[str]) -> pa.Table:
-        return DeltaTable(str(tables / name)).to_pyarrow_table(columns=list(columns))
-
-    started = time.perf_counter()
-    lists = item_lists_from_arrow(
-        read(ITEM_RECOMMENDATIONS_TABLE, MATRIX_COLUMNS),
-        read(CATALOG_TABLE, ["item_id", *FILTER_COLUMNS]),
-        campaign.filters,
-        cfg.serving.cold_start,
-    )
-    events = read(EVENTS_TABLE, ["item_id"]).filter(pc.is_valid(pc.field("item_id")))
-    counts = events.group_by("item_id").aggregate([("item_id", "count")])
-    categories = read(CATALOG_TABLE, ["item_id", "category"])
-    trending = counts.join(categories, "item_id").rename_columns(["item_id", "score", "category"])
-    trending = trending.set_column(1, "score", pc.cast(trending["score"], pa.float64()))
-    fallback = fallback_lists(trending, lists, rules)
-    now_us = _micros(datetime.now(UTC))
-    profiles = read(PROFILES_TABLE, ["user_id", *_RECENT]).slice(0, args.requests)
-    requests = ranking_requests(profiles, rules.recent_items_used, now_us)
-    log.info(
-        "inputs: %d items, %d requests, %.1f s", len(lists.ids), len(requests), time.perf_counter() - started
-    )
+    inputs = ranking_inputs(tables, cfg, args.campaign, args.requests)
+    lists, fallback, rules, requests = inputs.lists, inputs.fallback, inputs.rules, inputs.requests
 
     model_us = _per_request_us(requests, lambda r: rank_request(r, lists, fallback, rules, True))
     ceiling_us = _per_request_us(requests, lambda r: rank_request(r, lists, fallback, rules, False))

@@ -34,6 +34,8 @@ def column_values(array: pa.Array | pa.ChunkedArray) -> list[Any]:
         return []
     if isinstance(array, pa.StructArray):
         names = [field.name for field in array.type]
+        if len(set(names)) != len(names):
+            return array.to_pylist()  # which raises, naming the repeated fields
         # field(i) is the child sliced to this array's offset and length (not its validity).
         children = [column_values(array.field(i)) for i in range(len(names))]
         rows = [dict(zip(names, values, strict=True)) for values in zip(*children, strict=True)]

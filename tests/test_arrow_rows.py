@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -142,3 +143,9 @@ def test_empty_lists_without_an_offsets_buffer_are_not_read() -> None:
     values = pa.StructArray.from_arrays([bare], names=["tags"])
     outer = pa.ListArray.from_arrays(pa.array([0, 0, 0], pa.int32()), values)
     assert column_values(outer) == [[], []]
+
+
+def test_a_struct_with_a_repeated_field_name_is_refused_as_by_to_pylist() -> None:
+    repeated = pa.StructArray.from_arrays([pa.array([1]), pa.array([2])], names=["a", "a"])
+    with pytest.raises(ValueError, match="duplicate field names"):
+        column_values(repeated)
