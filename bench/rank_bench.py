@@ -131,18 +131,26 @@ def ranking_inputs(
     return RankingInputs(lists, fallback, rules, requests, profiles)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20_000, help="profiles ranked (20,000)")
+def parse_shop_bench_args(
+    argv: Sequence[str] | None, description: str, done_to_profiles: str
+) -> tuple[argparse.ArgumentParser, argparse.Namespace, Path]:
+    """The options of the in-process benches over the shop (this one and ``bench.render_bench``),
+    parsed, with logging set up; and the shop's tables folder (a usage error without a shop)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--requests", type=int, default=20_000, help=f"profiles {done_to_profiles} (20,000)")
     parser.add_argument("--campaign", default="weekly-email", help="campaign whose rules rank (weekly-email)")
     parser.add_argument("--shop-root", default=DEFAULT_SHOP_ROOT, help=f"the shop ({DEFAULT_SHOP_ROOT})")
     parser.add_argument("--output", help="JSON results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     tables = Path(args.shop_root) / "tables"
     if not (tables / PROFILES_TABLE).is_dir():
         parser.error(f"no shop under {args.shop_root}: build one with make bench-campaign or make bench-api")
+    return parser, args, tables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, args, tables = parse_shop_bench_args(argv, __doc__.splitlines()[0], "ranked")
     cfg = load_config()
     if args.campaign not in cfg.campaigns:
         parser.error(f"unknown campaign {args.campaign!r}; known: {sorted(cfg.campaigns)}")

@@ -21,9 +21,7 @@ Inputs: a shop built by another benchmark (``make bench-campaign`` or ``make ben
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -34,8 +32,7 @@ import pyarrow as pa
 from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import ArrayType
 
-from bench.rank_bench import RankingInputs, ranking_inputs, read_shop_table
-from bench.shop_data import DEFAULT_SHOP_ROOT
+from bench.rank_bench import RankingInputs, parse_shop_bench_args, ranking_inputs, read_shop_table
 from carousel.arrow_rows import batch_rows
 from carousel.config import load_config
 from carousel.payloads import (
@@ -49,9 +46,7 @@ from carousel.payloads import (
     render_payload,
 )
 from carousel.ranking import rank_request
-from carousel.schemas import CATALOG_TABLE, PROFILES_TABLE, RANKED_ITEM_SCHEMA
-
-log = logging.getLogger("bench.render")
+from carousel.schemas import CATALOG_TABLE, RANKED_ITEM_SCHEMA
 
 # The render request as a campaign's render tasks receive it (carousel.payloads.render_payloads):
 # created_at in epoch microseconds, the items with the ranking's fields only.
@@ -116,17 +111,7 @@ def _request(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20_000, help="profiles ranked and rendered (20,000)")
-    parser.add_argument("--campaign", default="weekly-email", help="an email campaign (weekly-email)")
-    parser.add_argument("--shop-root", default=DEFAULT_SHOP_ROOT, help=f"the shop ({DEFAULT_SHOP_ROOT})")
-    parser.add_argument("--output", help="JSON results")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    tables = Path(args.shop_root) / "tables"
-    if not (tables / PROFILES_TABLE).is_dir():
-        parser.error(f"no shop under {args.shop_root}: build one with make bench-campaign or make bench-api")
+    parser, args, tables = parse_shop_bench_args(argv, __doc__.splitlines()[0], "ranked and rendered")
     cfg = load_config()
     campaign = cfg.campaigns.get(args.campaign)
     if campaign is None or campaign.channel != "email":
