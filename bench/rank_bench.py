@@ -32,10 +32,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
 
 from bench.shop_data import DEFAULT_SHOP_ROOT
 from carousel.config import CarouselConfig, load_config
+from carousel.portable import read_table
 from carousel.ranking import (
     FILTER_COLUMNS,
     MATRIX_COLUMNS,
@@ -96,8 +96,8 @@ class RankingInputs:
 
 
 def read_shop_table(tables: Path, name: str, columns: Sequence[str]) -> pa.Table:
-    """Columns of one shop table, read with delta-rs."""
-    return DeltaTable(str(tables / name)).to_pyarrow_table(columns=list(columns))
+    """Columns of one shop table, read with delta-rs as serving's lookups read them."""
+    return read_table(str(tables / name), columns)
 
 
 def ranking_inputs(
