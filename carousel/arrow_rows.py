@@ -36,12 +36,13 @@ def column_values(array: pa.Array | pa.ChunkedArray) -> list[Any]:
         names = [field.name for field in array.type]
         if len(set(names)) != len(names):
             return array.to_pylist()  # which raises, naming the repeated fields
+        if not names:
+            return _with_nulls(array, [{} for _ in range(len(array))])
         # field(i) is the child sliced to this array's offset and length (not its validity).
         children = [column_values(array.field(i)) for i in range(len(names))]
-        rows = [dict(zip(names, values, strict=True)) for values in zip(*children, strict=True)]
-        if not names:
-            rows = [{} for _ in range(len(array))]
-        return _with_nulls(array, rows)
+        return _with_nulls(
+            array, [dict(zip(names, values, strict=True)) for values in zip(*children, strict=True)]
+        )
     if isinstance(array, _LIST_TYPES) and not isinstance(array, pa.MapArray):  # a map reads as (key, value)s
         # flatten(), not .values and the offsets: it minds this array's slice and leaves out what
         # a null list's offsets may still span (Spark's Arrow writer does not promise empty ones).
