@@ -37,6 +37,11 @@ KILL_WAIT_SECONDS = 10.0
 # psutil derives a start time from boot time and clock ticks: the same process reads the same value
 # to well under this, while a reused pid belongs to a process started long after the recorded one.
 START_TIME_TOLERANCE_SECONDS = 1.0
+# A process caught inside exec (the launcher's Popen has returned, the kernel has not yet laid out the
+# new argv) reads an empty command line for microseconds; one that stays empty this long is a kernel
+# thread, never a server of ours.
+EMPTY_CMDLINE_WAIT_SECONDS = 1.0
+EMPTY_CMDLINE_POLL_SECONDS = 0.01
 
 Children = dict[int, subprocess.Popen[bytes]]
 
@@ -158,6 +163,18 @@ def _signalable(pid: int) -> bool:
     return True
 
 
+def _command_line(proc: psutil.Process) -> str:
+    """``proc``'s command line, read again while it is empty (see ``EMPTY_CMDLINE_WAIT_SECONDS``):
+    right after :func:`spawn` the child may still be inside exec, and its empty argv must not read
+    as someone else's process."""
+    deadline = time.monotonic() + EMPTY_CMDLINE_WAIT_SECONDS
+    cmdline = " ".join(proc.cmdline())
+    while not cmdline and time.monotonic() < deadline:
+        time.sleep(EMPTY_CMDLINE_POLL_SECONDS)
+        cmdline = " ".join(proc.cmdline())
+    return cmdline
+
+
 def is_ours(
     pid: int, children: Children, matches: Callable[[str], bool], started: float | None = None
 ) -> bool:
@@ -166,9 +183,10 @@ def is_ours(
     A pid in ``children`` is asked directly (which reaps it once it exited). Any other pid that is
     gone, a zombie, or someone else's process (no permission to signal it) is not ours. With the
     start time recorded at launch (``started``), the process must have started then; without it (an
-    older pid file), its command line must satisfy ``matches``. Where the process exists but psutil
-    cannot inspect it (no procfs, no permission) there is no telling, and it counts as ours: reading
-    it as stopped would let ``stop`` orphan a live server.
+    older pid file), its command line must satisfy ``matches`` (an empty one, as while the process is
+    still inside exec, is read again for up to ``EMPTY_CMDLINE_WAIT_SECONDS``). Where the process
+    exists but psutil cannot inspect it (no procfs, no permission) there is no telling, and it counts
+    as ours: reading it as stopped would let ``stop`` orphan a live server.
     """
     child = children.get(pid)
     if child is not None:
@@ -181,7 +199,7 @@ def is_ours(
             return False
         if started is not None:
             return abs(proc.create_time() - started) <= START_TIME_TOLERANCE_SECONDS
-        cmdline = " ".join(proc.cmdline())
+        cmdline = _command_line(proc)
     except psutil.ZombieProcess:
         return False
     except psutil.NoSuchProcess:

@@ -97,6 +97,23 @@ def test_pid_file_without_start_time_falls_back_to_the_command_line(launch):
     assert not local_process.is_ours(proc.pid, {}, lambda cmdline: "kafka.Kafka" in cmdline)
 
 
+def test_a_process_still_inside_exec_is_read_again_not_taken_for_another(launch, monkeypatch):
+    """Right after spawn the kernel may not yet have laid out the child's argv: its command line reads
+    empty for a moment (seen once in CI). That must not make our own server read as stopped."""
+    proc, pid_file = launch()
+    pid_file.write_text(f"{proc.pid}\n")  # no start time: the command line decides
+    real_cmdline = psutil.Process.cmdline
+    reads: list[int] = []
+
+    def empty_first(self: psutil.Process) -> list[str]:
+        reads.append(self.pid)
+        return [] if len(reads) == 1 else real_cmdline(self)
+
+    monkeypatch.setattr(psutil.Process, "cmdline", empty_first)
+    assert local_process.is_ours(proc.pid, {}, _matches_sleeper)
+    assert len(reads) == 2
+
+
 def test_start_time_of_another_pid_is_not_used(tmp_path):
     pid_file = tmp_path / "x.pid"
     pid_file.write_text("4242\n1700000000.5\n")
