@@ -124,8 +124,8 @@ def test_known_mix_of_good_bad_and_duplicate_events(spark, make_config):
     )
     assert (totals.records_read, totals.events_stored, totals.quarantined, totals.duplicates) == (12, 6, 3, 3)
     assert totals.batches >= 3
-    # Each batch logs the users its profile MERGE upserted (counted with the batch, not by the MERGE):
-    # the distinct users among the events it stored, none for a batch that stored nothing.
+    # Each batch logs as profiles upserted the rows of its profile update, one per user: the distinct
+    # users among the events it stored, none for a batch that stored nothing.
     log = read_table(spark, cfg, INGEST_LOG_TABLE)
     assertDataFrameEqual(
         log.where("events_stored > 0").select("ingest_batch", "profiles_upserted"),
