@@ -28,22 +28,27 @@ command of its own::
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from carousel.config import ERASURE_KEY_ENV, CarouselConfig
-from carousel.errors import JobError
+from carousel.errors import JobError, one_line
 from carousel.schemas import ERASED_USERS_TABLE
-from carousel.storage import read_text_file, table_exists, write_small_file
+from carousel.session import session_settings
+from carousel.storage import latest_version, read_text_file, table_exists, write_small_file
 from carousel.tables import ensure
 
 # The user id of a raw JSON record that does not parse (a truncated or malformed one): the text of
@@ -52,6 +57,7 @@ RAW_USER_ID_PATTERN = r'"user_id"\s*:\s*"((?:[^"\\]|\\.)*)"'
 _HASH = "_erased_user_hash"
 _ERASED_AT = "_erased_at"
 _TIME = "_erased_event_time"
+log = logging.getLogger(__name__)
 # Key file path -> key: a key never changes once written, so it is read once per process.
 _KEYS: dict[str, str] = {}
 
@@ -82,7 +88,7 @@ def hash_key(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -> 
         raise JobError(
             f"{ERASURE_KEY_ENV} is not set and erasure.require_key_env is true: the erased users' hash "
             "key must come from the environment (the same value for forget-user, ingest, serve, "
-            "record-sends and rebuild-online-store)"
+            "record-sends, campaign and rebuild-online-store)"
         )
     path = key_file(cfg)
     if path in _KEYS:
@@ -124,9 +130,12 @@ class ErasedUsers:
     key: str | None
 
 
-def erased_ids(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -> ErasedUsers:
+def erased_ids(
+    spark: SparkSession, cfg: CarouselConfig, create: bool = False, version: int | None = None
+) -> ErasedUsers:
     """The ``erased_users`` table, read lazily: each action on a plan built on it (a micro-batch, a
-    stream-static join) reads its latest version.
+    stream-static join) reads its latest version; with ``version`` (:func:`erased_version`), always
+    that one (-1: before the table's first version, nobody).
 
     ``create``: make the table and the key when missing - for a query that builds its plan once at
     start (``serve``) and must see erasures recorded later. Without it, no table means nobody was
@@ -136,7 +145,7 @@ def erased_ids(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -
     location = cfg.storage.table(ERASED_USERS_TABLE)
     if create:
         ensure(spark, cfg, ERASED_USERS_TABLE)
-    elif not table_exists(spark, location):
+    elif (version is not None and version < 0) or not table_exists(spark, location):
         return ErasedUsers(None, None)
     key = hash_key(spark, cfg, create=create)
     if key is None:
@@ -144,8 +153,70 @@ def erased_ids(spark: SparkSession, cfg: CarouselConfig, create: bool = False) -
             f"{location} exists but there is no hash key ({ERASURE_KEY_ENV} is not set and there is no "
             f"{key_file(cfg)}): set {ERASURE_KEY_ENV} to the key forget-user used"
         )
-    hashes = spark.read.format("delta").load(location).select("user_hash", "erased_at")
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    hashes = reader.load(location).select("user_hash", "erased_at")
     return ErasedUsers(hashes, key)
+
+
+def erased_version(spark: SparkSession, cfg: CarouselConfig) -> int:
+    """The latest version of ``erased_users``; -1 while the table does not exist."""
+    location = cfg.storage.table(ERASED_USERS_TABLE)
+    return latest_version(spark, location) if table_exists(spark, location) else -1
+
+
+def erased_since(
+    spark: SparkSession, cfg: CarouselConfig, version: int, not_before: datetime | None = None
+) -> tuple[int, frozenset[str], str | None]:
+    """The users recorded in ``erased_users`` after its ``version`` (-1: since the start): the
+    latest version, the hashes new since ``version`` or whose ``erased_at`` moved (erased again),
+    and the key they were made with (None when there are none). When the version has not moved,
+    one read of the table's log and nothing else: for a job that checks again and again whether
+    someone was erased while it ran (``campaign``).
+
+    ``not_before``: when ``version`` is -1 or can no longer be read (its log or files cleaned up),
+    the users erased at or after this time count as new, rather than every user ever erased.
+    """
+    latest = erased_version(spark, cfg)
+    if latest <= version:
+        return version, frozenset(), None
+    now = erased_ids(spark, cfg, version=latest)
+    assert now.hashes is not None and now.key is not None
+    since = now.hashes if not_before is None else now.hashes.where(F.col("erased_at") >= F.lit(not_before))
+    rows = None
+    if version >= 0:
+        try:
+            before = erased_ids(spark, cfg, version=version)
+            assert before.hashes is not None
+            new = now.hashes.join(before.hashes, ["user_hash", "erased_at"], "left_anti")
+            rows = new.select("user_hash").distinct().collect()
+        except (PySparkException, Py4JJavaError) as err:
+            log.warning(
+                "%s version %d cannot be read any more (%s): the users erased since %s count as new",
+                ERASED_USERS_TABLE,
+                version,
+                one_line(err),
+                not_before or "ever",
+            )
+    if rows is None:
+        rows = since.select("user_hash").distinct().collect()
+    hashes = frozenset(row[0] for row in rows)
+    return latest, hashes, now.key if hashes else None
+
+
+@contextmanager
+def erasure_commits(spark: SparkSession, tag: str) -> Iterator[None]:
+    """Delta DML inside the block that removes erased users' rows: commits tagged ``tag``
+    (``userMetadata``), and the rows deleted by rewriting their files rather than masking them
+    with deletion vectors (which VACUUM alone would never remove)."""
+    settings = {
+        "spark.databricks.delta.commitInfo.userMetadata": tag,
+        "spark.databricks.delta.delete.deletionVectors.persistent": "false",
+        "spark.databricks.delta.merge.deletionVectors.persistent": "false",
+    }
+    with session_settings(spark, settings):
+        yield
 
 
 def check_key(spark: SparkSession, cfg: CarouselConfig, key: str) -> None:

@@ -21,6 +21,8 @@ retries; else a new run ``<campaign>-<UTC date>``. Schedulers pass the slot (``-
 way and started again with the same id renders what was recorded (it does not rank again), skips
 the chunks recorded as sent, and finishes a chunk cut short by sending only the payloads that the
 topic does not hold. A completed run is recorded in ``campaign_runs``; re-running it sends nothing.
+A user erased by ``forget-user`` while a run ranks or sends is taken back out of what the run
+wrote, and gets no payload (:class:`RunErasures`).
 
     ./spark-submit.sh campaign weekly-email [--run-id 2026-w48] [--output data/outbox]
 """
@@ -33,11 +35,13 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -55,10 +59,20 @@ from carousel.delivery import (
     user_contexts,
     write_payloads,
 )
-from carousel.errors import JobError
+from carousel.erasure import (
+    check_key,
+    drop_erased,
+    erased_ids,
+    erased_since,
+    erased_version,
+    erasure_commits,
+    user_hash,
+    user_hash_of,
+)
+from carousel.errors import JobError, one_line
 from carousel.experiments import run_payload_id_column
 from carousel.faults import injected, kill_job
-from carousel.online_store import OnlineStoreError, check_reachable
+from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect, user_key
 from carousel.payloads import check_templates, render_payloads
 from carousel.query_lifecycle import writing_tables
 from carousel.schemas import (
@@ -77,14 +91,15 @@ from carousel.storage import (
     publish_small_file,
     read_text_file,
     table_exists,
+    with_commit_retries,
 )
+from jobs.forget_user import user_of_key
 from jobs.rebuild_online_store import merge_frame
 
 log = logging.getLogger(__name__)
 
 
-# The Delta tables a run commits to (besides the tables' creation).
-_WRITTEN_TABLES = (SENT_RECOMMENDATIONS_TABLE, CAMPAIGN_RUNS_TABLE)
+JOB = "campaign"
 
 
 class CampaignError(JobError):
@@ -200,10 +215,16 @@ def write_files(rendered: DataFrame, folder: str) -> None:
     rendered.select("channel", "value").write.mode("overwrite").partitionBy("channel").text(folder)
 
 
-def remember_sends(sent: DataFrame, cfg: CarouselConfig, campaign_name: str, run_id: str) -> None:
+def remember_sends(
+    sent: DataFrame,
+    cfg: CarouselConfig,
+    campaign_name: str,
+    run_id: str,
+    before_merge: Callable[[], None] = lambda: None,
+) -> bool:
     """Merge the run's sends into the online store, so real-time triggers exclude them too
-    (``sent_within_days``). Without a reachable store they reach it at the next
-    ``rebuild-online-store``, and the run says so."""
+    (``sent_within_days``); whether they were (``before_merge`` is called first). Without a
+    reachable store they reach it at the next ``rebuild-online-store``, and the run says so."""
     try:
         check_reachable(cfg.online_store)
     except OnlineStoreError as err:
@@ -214,7 +235,8 @@ def remember_sends(sent: DataFrame, cfg: CarouselConfig, campaign_name: str, run
             run_id,
             err,
         )
-        return
+        return False
+    before_merge()
     sends = sent.where(F.col("item_id").isNotNull()).select(
         "user_id", "payload_id", "campaign", "item_id", F.unix_micros("sent_at").alias("sent_us")
     )
@@ -222,6 +244,7 @@ def remember_sends(sent: DataFrame, cfg: CarouselConfig, campaign_name: str, run
     log.info(
         "campaign %s run %s: sends of %d users merged into the online store", campaign_name, run_id, users
     )
+    return True
 
 
 @dataclass(frozen=True)
@@ -243,13 +266,38 @@ class RunCounts:
         assert row is not None
         return cls(int(row["users"]), int(row["payloads"]), int(row["control"]))
 
+    @classmethod
+    def of_sent(cls, sent: DataFrame) -> RunCounts:
+        """The counts of ``sent_recommendations`` rows (one per sent item or control user)."""
+        has_items = F.col("item_id").isNotNull() & (F.col("variant") != CONTROL_VARIANT)
+        row = sent.agg(
+            F.count_distinct("user_id").alias("users"),
+            F.count_distinct(F.when(has_items, F.col("user_id"))).alias("payloads"),
+            F.count_distinct(F.when(F.col("variant") == CONTROL_VARIANT, F.col("user_id"))).alias("control"),
+        ).first()
+        assert row is not None
+        return cls(int(row["users"]), int(row["payloads"]), int(row["control"]))
+
+    def __add__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(
+            self.users + other.users, self.payloads + other.payloads, self.control + other.control
+        )
+
+    def __sub__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(
+            self.users - other.users, self.payloads - other.payloads, self.control - other.control
+        )
+
 
 class RunProgress:
     """A run's progress markers under ``<storage root>/campaign_progress/<campaign>/<run id>/``.
 
     ``start.json``: when the run first started and whether its id was chosen by default (written
     once, by the first attempt);
-    ``run.json``: the counts and the number of send chunks, written before the sends are recorded;
+    ``run.json``: the counts, the number of send chunks and the ``erased_users`` version the
+    ranking saw, written before the sends are recorded;
+    ``merge.json``: the ``erased_users`` version checked just before the sends were merged into
+    the online store (:meth:`RunErasures.forget_interrupted_merge`);
     ``chunk-N.started``: the channel topic's end offsets just before chunk N (from 1) was written;
     ``chunk-N.sent``: chunk N is in the topic whole. Each file appears whole or not at all
     (:func:`~carousel.storage.publish_small_file`), on any Hadoop file system.
@@ -277,8 +325,18 @@ class RunProgress:
         if self.start_record() is None:
             self._write("start.json", {"started_at": started_at.isoformat(), "default_id": default_id})
 
-    def record_run(self, counts: RunCounts, chunks: int) -> None:
-        self._write("run.json", {**asdict(counts), "chunks": chunks})
+    def record_run(self, counts: RunCounts, chunks: int, erased_version: int) -> None:
+        """``erased_version``: the ``erased_users`` version the ranking saw (:class:`RunErasures`)."""
+        self._write("run.json", {**asdict(counts), "chunks": chunks, "erased_version": erased_version})
+
+    def merge_version(self) -> int | None:
+        """The ``erased_users`` version checked before an earlier attempt merged the run's sends into
+        the online store (None: none did)."""
+        record = self._read("merge.json")
+        return None if record is None else int(record["erased_version"])
+
+    def record_merge(self, erased_version: int) -> None:
+        self._write("merge.json", {"erased_version": erased_version})
 
     def started(self, chunk: int) -> dict[int, int] | None:
         """The topic offsets recorded when ``chunk`` was started (None: not started)."""
@@ -302,9 +360,11 @@ def send_chunks(
     topic: str,
     render: Callable[[DataFrame], DataFrame],
     cfg: CarouselConfig,
+    keep_out: Callable[[DataFrame], DataFrame] = lambda part: part,
 ) -> tuple[int, int]:
     """Write ``payloads`` to Kafka in ``chunks`` parts (by payload id hash), each recorded once in
-    the topic whole; returns (chunks written, chunks skipped as already sent).
+    the topic whole; returns (chunks written, chunks skipped as already sent). ``keep_out`` is
+    applied to each chunk just before it is written (:meth:`RunErasures.keep_out`).
 
     A chunk started by a killed attempt is finished by sending only the payloads that are not in
     the topic since that chunk's recorded start offsets (read back by their ``payload_id``
@@ -316,7 +376,7 @@ def send_chunks(
         if progress.sent(chunk):
             skipped += 1
             continue
-        part = with_chunk.where(F.col("chunk") == chunk).drop("chunk")
+        part = keep_out(with_chunk.where(F.col("chunk") == chunk).drop("chunk"))
         offsets = progress.started(chunk)
         if offsets is None:
             progress.start(chunk, end_offsets(cfg.kafka, topic))
@@ -329,6 +389,174 @@ def send_chunks(
         written += 1
         log.info("chunk %d/%d written", chunk, chunks)
     return written, skipped
+
+
+class RunErasures:
+    """Users erased by ``forget-user`` while a run ranks, records and sends.
+
+    forget-user records a user in ``erased_users`` first, then deletes their rows store by store.
+    A run that read their profile before that could append their sends to
+    ``sent_recommendations``, or merge them into the online store, after forget-user cleaned that
+    store, and so bring an erased user's data back (also on a local root, where no lease keeps the
+    two apart). So the ranking drops the users erased as of the ``erased_users`` version it saw
+    (their profile's ``last_seen`` at or before their erasure: the rule of ingest), and after each
+    write the run checks the table again (:meth:`check`): its users recorded since then get no
+    payload from the next chunk on (:meth:`keep_out`), are not merged into the online store, lose
+    what the run merged there (:meth:`forget_merged`), and lose the run's rows in
+    ``sent_recommendations`` again (:meth:`take_out`, tagged like forget-user's deletes). A user
+    recorded after a check is safe too: forget-user cleans each store after it records, so after
+    the run's write. A resumed run whose earlier attempt stopped after its merge looks for the
+    users erased since in the online store itself (:meth:`forget_interrupted_merge`).
+    """
+
+    def __init__(
+        self,
+        spark: SparkSession,
+        cfg: CarouselConfig,
+        campaign_name: str,
+        run_id: str,
+        version: int,
+        sent: DataFrame,
+        not_before: datetime | None,
+    ) -> None:
+        """``version``: the ``erased_users`` version the ranking saw; ``sent``: the run's
+        ``sent_recommendations`` rows, a snapshot (a check finds a user by their rows);
+        ``not_before``: should ``version`` be -1 or unreadable, the users erased since count as
+        new (None: all, see :func:`erased_since`)."""
+        self.spark, self.cfg = spark, cfg
+        self.campaign_name, self.run_id = campaign_name, run_id
+        self.version = version
+        self.sent = sent
+        self.not_before = not_before
+        self.users: set[str] = set()  # found erased: kept out of what the run writes from now on
+        self.pending: set[str] = set()  # of those, the ones whose rows are still stored
+        self.dropped = RunCounts(0, 0, 0)
+        self.key_checked = False
+
+    def check(self, take_out: bool = True) -> set[str]:
+        """The run's users recorded as erased since the last check (or the ranking), from now on
+        kept out; their rows taken out of ``sent_recommendations`` (``take_out``). One read of the
+        table's log when nobody was."""
+        latest, hashes, key = erased_since(self.spark, self.cfg, self.version, self.not_before)
+        found: set[str] = set()
+        if hashes and key is not None:
+            if not self.key_checked:  # erased_users may have been created since the run started
+                check_key(self.spark, self.cfg, key)
+                self.key_checked = True
+            theirs = self.sent.where(user_hash(F.col("user_id"), key).isin(sorted(hashes)))
+            found = {row[0] for row in theirs.select("user_id").distinct().collect()} - self.users
+        if found:
+            rows = self.sent.where(F.col("user_id").isin(sorted(found)))
+            self.dropped = self.dropped + RunCounts.of_sent(rows)
+            self.users |= found
+            self.pending |= found
+            log.warning(
+                "campaign %s run %s: %d users were erased by forget-user during the run: they get no "
+                "payload from now on, and the run's rows and sends of theirs are taken out again",
+                self.campaign_name,
+                self.run_id,
+                len(found),
+            )
+        self.version = latest
+        if take_out:
+            self.take_out(final=False)
+        return found
+
+    def take_out(self, final: bool) -> None:
+        """Delete this run's rows of the users found erased from ``sent_recommendations`` (under
+        its lease on S3). Refused there (another batch job commits to it): tried again at the next
+        check, and the last time (``final``) the run stops with the reason; a retry finds them."""
+        if not self.pending:
+            return
+        users = sorted(self.pending)
+        mine = (
+            (F.col("campaign") == self.campaign_name)
+            & (F.col("run_id") == self.run_id)
+            & F.col("user_id").isin(users)
+        )
+        location = self.cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
+        refused = (
+            f"campaign {self.campaign_name} run {self.run_id}: the rows of {len(users)} users erased during "
+            "the run are not taken out of sent_recommendations yet; run it again"
+        )
+        try:
+            with (
+                sent_lease(self.spark, self.cfg, refused),
+                erasure_commits(self.spark, f"campaign:{self.campaign_name}:{self.run_id}:erased-during-run"),
+            ):
+                with_commit_retries(
+                    self.cfg.maintenance.max_attempts,
+                    f"taking erased users out of {location}",
+                    lambda: DeltaTable.forPath(self.spark, location).delete(mine),
+                )
+        except JobError as err:
+            if final:
+                raise
+            log.warning("%s (again at the next check)", one_line(err))
+            return
+        self.pending.clear()
+
+    def keep_out(self, frame: DataFrame) -> DataFrame:
+        """``frame`` without the rows of the users found erased, checking first."""
+        self.check()
+        return frame.where(~F.col("user_id").isin(sorted(self.users))) if self.users else frame
+
+    def forget_merged(self, merged: bool) -> None:
+        """The last check, once the run's sends were merged into the online store (``merged``):
+        the state of users erased meanwhile is deleted there (forget-user may have cleaned it
+        before the merge), then their rows in ``sent_recommendations``."""
+        found = self.check(take_out=False)
+        if found and merged:
+            keys = [user_key(self.cfg.online_store, "user", user) for user in sorted(found)]
+            self._delete_keys(keys, len(found))
+        self.take_out(final=True)
+
+    def forget_interrupted_merge(self, merge_version: int) -> None:
+        """For a resumed run whose earlier attempt merged its sends into the online store
+        (``merge_version``: the ``erased_users`` version checked just before) and stopped before
+        checking again: the users recorded since may have been cleaned by forget-user before that
+        merge, their rows in ``sent_recommendations`` with them, so their keys are found by hash in
+        the store itself (one SCAN of the users' keys; only when someone was erased since)."""
+        _, hashes, key = erased_since(self.spark, self.cfg, merge_version, self.not_before)
+        if not hashes or key is None:
+            return
+        store = self.cfg.online_store
+        # Any such user's key: forget-user has deleted theirs (or will), so at worst this deletes
+        # state a user erased minutes ago built again since, which rebuild-online-store restores.
+        keys: set[bytes | str] = set()  # SCAN may return a key twice
+        try:
+            for raw in connect(store).scan_iter(match=f"{store.key_prefix}:user:*", count=1000):
+                name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                user = user_of_key(name, store.key_prefix)
+                if user is not None and user_hash_of(user, key) in hashes:
+                    keys.add(raw)
+        except STORE_ERRORS as err:
+            raise self._store_failed(len(hashes), err) from err
+        self._delete_keys(sorted(keys, key=str), len(keys))
+
+    def _delete_keys(self, keys: Sequence[bytes | str], users: int, batch: int = 500) -> None:
+        if not keys:
+            return
+        client = connect(self.cfg.online_store)
+        try:
+            for start in range(0, len(keys), batch):
+                client.delete(*keys[start : start + batch])
+        except STORE_ERRORS as err:
+            raise self._store_failed(users, err) from err
+        log.warning(
+            "campaign %s run %s: the online-store state the run merged for %d users erased during the "
+            "run was deleted",
+            self.campaign_name,
+            self.run_id,
+            users,
+        )
+
+    def _store_failed(self, users: int, err: BaseException) -> CampaignError:
+        return CampaignError(
+            f"campaign {self.campaign_name} run {self.run_id}: the online-store state the run merged for "
+            f"{users} users erased during the run is not deleted yet ({one_line(err)}): run it again once "
+            "the store is back"
+        )
 
 
 def written_payload_ids(
@@ -377,11 +605,21 @@ def run(
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
-    # On S3 only: one driver commits to a table at a time, and record-sends (or maintain,
-    # forget-user) commits to sent_recommendations too (README: 'One writer per table at a time').
+    # On S3 only: one driver commits to a table at a time (README: 'One writer per table at a
+    # time'). campaign_runs for the whole run: two runs (a scheduler's retry beside the first) never
+    # rank and send side by side. sent_recommendations, which record-sends (and maintain,
+    # forget-user) commits to as well, only while the run commits there (sent_lease).
     refused = f"campaign {campaign_name}: not started, nothing written"
-    with writing_tables(spark, cfg, "campaign", _WRITTEN_TABLES, refused):
+    with writing_tables(spark, cfg, JOB, (CAMPAIGN_RUNS_TABLE,), refused):
+        with sent_lease(spark, cfg, refused):
+            tables.ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
         return _run(spark, cfg, campaign_name, campaign, run_id, output, now, clock, started)
+
+
+def sent_lease(spark: SparkSession, cfg: CarouselConfig, refused: str) -> AbstractContextManager[None]:
+    """The writer lease on ``sent_recommendations`` for one commit of a run (on S3 only): a running
+    record-sends holds back for that commit, not for the whole run. ``refused``: what is not done."""
+    return writing_tables(spark, cfg, JOB, (SENT_RECOMMENDATIONS_TABLE,), refused)
 
 
 def _run(
@@ -418,15 +656,21 @@ def _run(
         raise CampaignError(f"no user profiles at {profiles_location}: run ingest first")
 
     sent_location = cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-    tables.ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     app_id = f"campaign:{campaign_name}:{run_id}"
     progress = RunProgress(spark, cfg, campaign_name, run_id)
     progress.record_start(now, default_id)
     recorded = committed_txn_version(spark, sent_location, app_id) is not None
     inputs = load_serving_inputs(spark, cfg, {campaign_name: campaign}, now)
-    segment = select_segment(
-        spark.read.format("delta").load(profiles_location), campaign.segment, now, inputs.catalog
+    # Users erased as of this version, whose profile is older than their erasure, are not ranked;
+    # those erased later are taken back out after each write (RunErasures).
+    seen_erased = erased_version(spark, cfg)
+    erased = erased_ids(spark, cfg, version=seen_erased)
+    if erased.key is not None:
+        check_key(spark, cfg, erased.key)
+    profiles = drop_erased(
+        spark.read.format("delta").load(profiles_location), erased, time_column="last_seen"
     )
+    segment = select_segment(profiles, campaign.segment, now, inputs.catalog)
     requests = segment_requests(segment, campaign_name, campaign, run_id, now)
     if not recorded:
         # Ranked once and kept: the sends are recorded, counted and rendered from the same rows. A
@@ -439,7 +683,7 @@ def _run(
         ).localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         counts = RunCounts.of(ranked)
         chunks = _chunk_count(counts.payloads, cfg.campaign_runs.chunk_payloads)
-        progress.record_run(counts, chunks)
+        progress.record_run(counts, chunks, seen_erased)
         log.info(
             "campaign %s run %s: %d users selected, %d payloads, %d control",
             campaign_name,
@@ -449,33 +693,53 @@ def _run(
             counts.control,
         )
         sent = sent_rows(ranked)
-        idempotent_append(sent, sent_location, app_id, 0)
+        with sent_lease(spark, cfg, f"campaign {campaign_name} run {run_id}: nothing recorded or sent"):
+            idempotent_append(sent, sent_location, app_id, 0)
+        erasures = RunErasures(spark, cfg, campaign_name, run_id, seen_erased, sent, None)
     else:
         # Recorded by an attempt that did not finish: send exactly what it recorded.
+        # One snapshot of them: the rows sent, counted and checked for erasures stay the same
+        # however forget-user deletes from the table meanwhile (a check finds a user by their rows).
         stored = (
             spark.read.format("delta")
             .load(sent_location)
             .where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id))
+            .localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         )
         ranked = stored_requests(stored, user_contexts(requests), campaign.template).persist(
             StorageLevel.MEMORY_AND_DISK
         )
         known = progress.run()
-        counts = (
-            RunCounts(**{k: known[k] for k in ("users", "payloads", "control")})
-            if known
-            else RunCounts.of(ranked)
-        )
+        if known:
+            # As recorded, less the users whose rows were taken out since (erased meanwhile).
+            on_record = RunCounts.of_sent(stored)
+            gone = known["payloads"] - on_record.payloads + known["control"] - on_record.control
+            counts = RunCounts(known["users"] - gone, on_record.payloads, on_record.control)
+        else:
+            counts = RunCounts.of(ranked)
         chunks = (
             int(known["chunks"]) if known else _chunk_count(counts.payloads, cfg.campaign_runs.chunk_payloads)
         )
         sent = stored
+        # Should the version be unknown (a run recorded before run.json kept it) or unreadable:
+        # the erasures since an hour before the run's first start (forget-user times an erasure
+        # when it starts; it may commit it minutes later).
+        version = int(known.get("erased_version", -1)) if known else -1
+        first = progress.start_record()
+        first_start = datetime.fromisoformat(first["started_at"]) if first else now
+        erasures = RunErasures(
+            spark, cfg, campaign_name, run_id, version, sent, first_start - timedelta(hours=1)
+        )
+        merged_before = progress.merge_version()
+        if merged_before is not None:
+            erasures.forget_interrupted_merge(merged_before)
         log.info(
             "campaign %s run %s: resuming a run recorded before (%d payloads)",
             campaign_name,
             run_id,
             counts.payloads,
         )
+    erasures.check()
 
     payloads = ranked.where((F.size("items") > 0) & (F.col("variant") != CONTROL_VARIANT))
     catalog = spark.sparkContext.broadcast(catalog_items(inputs))
@@ -487,14 +751,19 @@ def _run(
         run_output(output, campaign_name, run_id) if output else cfg.kafka.topic(campaign.channel).name
     )
     if output:
-        write_files(render(payloads), destination)
+        write_files(render(erasures.keep_out(payloads)), destination)
     else:
-        _, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg)
+        _, skipped = send_chunks(payloads, chunks, progress, destination, render, cfg, erasures.keep_out)
         if skipped:
             log.info(
                 "campaign %s run %s: %d of %d chunks were sent before", campaign_name, run_id, skipped, chunks
             )
-    remember_sends(sent, cfg, campaign_name, run_id)
+    kept = erasures.keep_out(sent)
+    merged = remember_sends(
+        kept, cfg, campaign_name, run_id, before_merge=lambda: progress.record_merge(erasures.version)
+    )
+    erasures.forget_merged(merged)
+    counts = counts - erasures.dropped
     record = [
         (
             campaign_name,

@@ -57,8 +57,7 @@ import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -76,7 +75,7 @@ from redis.exceptions import RedisClusterException
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig, on_local_disk
-from carousel.erasure import check_key, hash_key, key_id, raw_user_id, user_hash_of
+from carousel.erasure import check_key, erasure_commits, hash_key, key_id, raw_user_id, user_hash_of
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
 from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key
@@ -90,7 +89,7 @@ from carousel.schemas import (
     RAW_RECORD_COLUMNS,
     USER_ID_COLUMNS,
 )
-from carousel.session import build_session, session_settings
+from carousel.session import build_session
 from carousel.storage import (
     deletion_vector_count,
     idempotent_append,
@@ -300,20 +299,6 @@ def _with_retries(cfg: CarouselConfig, what: str, step: Callable[[], T]) -> T:
     return with_commit_retries(cfg.maintenance.max_attempts, what, step)
 
 
-@contextmanager
-def _erasure_commits(spark: SparkSession, tag: str) -> Iterator[None]:
-    """Delta DML inside the block: commits tagged ``tag`` (``userMetadata``), and rows deleted by
-    rewriting their files rather than masking them with deletion vectors (which VACUUM alone
-    would never remove)."""
-    settings = {
-        "spark.databricks.delta.commitInfo.userMetadata": tag,
-        "spark.databricks.delta.delete.deletionVectors.persistent": "false",
-        "spark.databricks.delta.merge.deletionVectors.persistent": "false",
-    }
-    with session_settings(spark, settings):
-        yield
-
-
 def _deleted_rows_since(spark: SparkSession, location: str, version: int, tag: str) -> int:
     """Rows deleted by the DELETE commits tagged ``tag`` after ``version``."""
     newer = latest_version(spark, location) - version
@@ -378,7 +363,7 @@ def erase_from_table(
         before = latest_version(spark, location)
         size = cfg.erasure.ids_per_delete
         chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-        with _erasure_commits(spark, tag):
+        with erasure_commits(spark, tag):
             for chunk in chunks:
                 condition = _user_condition(table, chunk)
                 _with_retries(

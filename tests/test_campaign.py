@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from test_serve import (
 
 from carousel.broker import end_offsets, ensure_topics
 from carousel.config import CampaignSegment, CarouselConfig
+from carousel.erasure import hash_key, user_hash_of
 from carousel.experiments import assign_variant
 from carousel.online_state import OnlineState
-from carousel.online_store import connect
+from carousel.online_store import connect, user_key
 from carousel.schemas import (
     CAMPAIGN_RUNS_TABLE,
     CONTROL_VARIANT,
@@ -38,6 +39,7 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
 )
 from jobs import campaign as campaign_job
+from jobs import forget_user
 
 
 def profile_row(
@@ -354,3 +356,129 @@ def test_a_retry_after_midnight_resumes_the_unfinished_run_and_output_keeps_othe
         run_id: f"{out}/weekly/{run_id}",
         today_run["run_id"]: f"{out}/weekly/{today_run['run_id']}",
     }
+
+
+def test_users_erased_while_a_run_ranks_or_sends_keep_nothing_the_run_wrote(
+    spark: SparkSession, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forget-user cleans each store after recording the users; a run that read their profiles
+    before must not bring their data back: four users, erased at four points of one run."""
+    cfg = campaign_config(make_config, "campaign_runs.chunk_payloads=10")
+    selected, control = build_campaign_shop(spark, cfg)
+    receivers = [u for u in selected if u not in control]
+    before_ranking, before_append, returning = receivers[:3]
+    erased: dict[str, str] = {"before ranking": before_ranking, "before the append": before_append}
+    topic = cfg.kafka.topic("email").name
+    # Recorded (forget-user's first step) but its profile not deleted yet when the run ranks; and
+    # a user erased before their last visit (last_seen: a day ago), who is ranked as any other.
+    key = hash_key(spark, cfg, create=True)
+    assert key is not None
+    forget_user.record_erased(spark, cfg, [user_hash_of(before_ranking, key)], key, "r0", datetime.now(UTC))
+    forget_user.record_erased(spark, cfg, [user_hash_of(returning, key)], key, "r1", NOW - timedelta(days=2))
+    # forget-user whole, between the ranking and the append of the run's sends ...
+    record_run = campaign_job.RunProgress.record_run
+
+    def record_run_then_forget(progress: campaign_job.RunProgress, *args: Any) -> None:
+        record_run(progress, *args)
+        forget_user.run(spark, cfg, [before_append], request_id="req-1")
+
+    # ... after the first of four chunks, for a user whose payload is not in the topic yet ...
+    def forget_after_first_chunk(chunk: int, chunks: int) -> None:
+        if chunk == 1:
+            reader = TopicReader(cfg, topic)
+            try:
+                written = {p["user_id"] for p in reader.read(sum(end_offsets(cfg.kafka, topic).values()))}
+            finally:
+                reader.close()
+            later = next(
+                u for u in receivers if u not in written and u not in erased.values() and u != returning
+            )
+            erased["between chunks"] = later
+            forget_user.run(spark, cfg, [later], request_id="req-2")
+
+    # ... and after the sends, before they are merged into the online store.
+    merge_frame = campaign_job.merge_frame
+
+    def forget_then_merge(frame: Any, config: CarouselConfig, kind: str) -> int:
+        erased["before the merge"] = next(u for u in receivers if u not in erased.values() and u != returning)
+        forget_user.run(spark, cfg, [erased["before the merge"]], request_id="req-3")
+        return merge_frame(frame, config, kind)
+
+    monkeypatch.setattr(campaign_job.RunProgress, "record_run", record_run_then_forget)
+    monkeypatch.setattr(campaign_job, "_fault_point", forget_after_first_chunk)
+    monkeypatch.setattr(campaign_job, "merge_frame", forget_then_merge)
+
+    result = campaign_job.run(spark, cfg, "weekly", run_id="run-e", now=NOW)
+
+    assert len(erased) == 4
+    gone = set(erased.values())
+    assert (result["users"], result["payloads"], result["control"]) == (
+        len(selected) - 4,
+        len(receivers) - 4,
+        len(control),
+    )
+    # Payloads: none for the users erased before their chunk (the last one was sent one before).
+    sent_to = set(receivers) - gone | {erased["before the merge"]}
+    reader = TopicReader(cfg, topic)
+    try:
+        payloads = reader.read(len(sent_to))
+    finally:
+        reader.close()
+    assert sum(end_offsets(cfg.kafka, topic).values()) == len(sent_to)
+    assert {p["user_id"] for p in payloads} == sent_to
+    assert returning in sent_to
+    # Stored: the run's rows of every other user, none of theirs.
+    stored_users = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).select("user_id").distinct()
+    expected = spark.createDataFrame([(u,) for u in sorted(set(selected) - gone)], "user_id string")
+    assertDataFrameEqual(stored_users, expected)
+    runs = read_table(spark, cfg, CAMPAIGN_RUNS_TABLE).select("run_id", "users_selected", "payloads")
+    assertDataFrameEqual(
+        runs, spark.createDataFrame([("run-e", len(selected) - 4, len(receivers) - 4)], runs.schema)
+    )
+    # The online store: the run's sends merged for the others, nothing left of the erased.
+    client = connect(cfg.online_store)
+    kept = sorted(set(receivers) - gone)
+    assert [client.exists(user_key(cfg.online_store, "user", u)) for u in sorted(gone)] == [0] * 4
+    assert all(client.exists(user_key(cfg.online_store, "user", u)) for u in kept)
+
+
+def test_a_run_stopped_after_merging_a_user_erased_meanwhile_forgets_them_when_resumed(
+    spark: SparkSession, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst point: forget-user cleaned the store, the run merged the user's sends back and
+    stopped before its last check; their rows are gone, so the retry finds them by hash."""
+    cfg = campaign_config(make_config)
+    selected, control = build_campaign_shop(spark, cfg)
+    erased = next(u for u in selected if u not in control)
+    merge_frame = campaign_job.merge_frame
+
+    def forget_merge_then_stop(frame: Any, config: CarouselConfig, kind: str) -> int:
+        forget_user.run(spark, cfg, [erased], request_id="req-m")
+        merge_frame(frame, config, kind)
+        raise RuntimeError("stopped after the merge")
+
+    monkeypatch.setattr(campaign_job, "merge_frame", forget_merge_then_stop)
+    with pytest.raises(RuntimeError, match="stopped after the merge"):
+        campaign_job.run(spark, cfg, "weekly", run_id="run-m", now=NOW)
+    client = connect(cfg.online_store)
+    erased_key = user_key(cfg.online_store, "user", erased)
+    assert client.exists(erased_key)  # brought back by the merge
+
+    monkeypatch.setattr(campaign_job, "merge_frame", merge_frame)
+    result = campaign_job.run(spark, cfg, "weekly", run_id="run-m", now=NOW)
+
+    assert not client.exists(erased_key)
+    assert all(
+        client.exists(user_key(cfg.online_store, "user", u))
+        for u in selected
+        if u not in control and u != erased
+    )
+    assert (result["resumed"], result["users"], result["payloads"], result["control"]) == (
+        True,
+        len(selected) - 1,
+        len(selected) - len(control) - 1,
+        len(control),
+    )
+    stored_users = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).select("user_id").distinct()
+    expected = spark.createDataFrame([(u,) for u in sorted(set(selected) - {erased})], "user_id string")
+    assertDataFrameEqual(stored_users, expected)

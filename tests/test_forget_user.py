@@ -661,3 +661,32 @@ def test_a_second_erasure_moves_the_users_erasure_time(spark: SparkSession, make
         recorded,
         [Row(user_hash=user, request_id="req-2", erased_at=int((first + timedelta(days=3)).timestamp()))],
     )
+
+
+def test_erased_since_names_the_users_recorded_or_erased_again_after_a_version(
+    spark: SparkSession, make_config: Any
+) -> None:
+    cfg = make_config()
+    assert erasure.erased_version(spark, cfg) == -1
+    assert erasure.erased_since(spark, cfg, -1) == (-1, frozenset(), None)
+    key = erasure.hash_key(spark, cfg, create=True)
+    assert key is not None
+    u1, u2 = (erasure.user_hash_of(u, key) for u in ("u-1", "u-2"))
+    then = datetime(2026, 11, 1, tzinfo=UTC)
+    forget_user.record_erased(spark, cfg, [u1], key, "r-1", then)
+    first = erasure.erased_version(spark, cfg)
+    assert erasure.erased_since(spark, cfg, -1) == (first, frozenset({u1}), key)
+    assert erasure.erased_since(spark, cfg, first) == (first, frozenset(), None)
+    # u-1 erased again (its erased_at moves) and u-2 for the first time.
+    forget_user.record_erased(spark, cfg, [u1, u2], key, "r-2", then + timedelta(hours=1))
+    second = erasure.erased_version(spark, cfg)
+    assert second > first
+    assert erasure.erased_since(spark, cfg, first) == (second, frozenset({u1, u2}), key)
+    # The same users recorded again at an older time change nothing.
+    forget_user.record_erased(spark, cfg, [u1, u2], key, "r-3", then)
+    third = erasure.erased_version(spark, cfg)
+    assert erasure.erased_since(spark, cfg, second) == (third, frozenset(), None)
+    # Pinned to a version, the erased set is that version's.
+    pinned = erasure.erased_ids(spark, cfg, version=first)
+    assert pinned.hashes is not None
+    assert [r.user_hash for r in pinned.hashes.collect()] == [u1]

@@ -5,9 +5,10 @@ the same version of one table can each "win", and one commit is lost. A running 
 serve, record-sends) keeps a lease beside its checkpoint; ``maintain`` and ``forget-user`` leave
 its tables alone (each reported failed with the reason, the others done) and ``campaign``, which
 appends to record-sends' ``sent_recommendations``, is refused. A batch job holds a writer lease
-on the tables it commits to: another batch job is refused them, and a query does not start
-beside it. Run against the real S3-compatible test server (tests/s3_fixture.py) and real Delta
-tables.
+on the tables it commits to (``campaign``: ``campaign_runs`` for the whole run,
+``sent_recommendations`` only around its commits there): another batch job is refused them, and a
+query does not start beside it. Run against the real S3-compatible test server
+(tests/s3_fixture.py) and real Delta tables.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from s3_fixture import S3_TEST_REGION, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from support import wait_for
+from test_campaign import build_campaign_shop, campaign_config
+from test_serve import NOW
 
 from carousel import tables
 from carousel.errors import JobError
@@ -37,6 +40,7 @@ from carousel.query_lifecycle import (
     writing_tables,
 )
 from carousel.schemas import (
+    CAMPAIGN_RUNS_TABLE,
     CATALOG_TABLE,
     ERASED_USERS_TABLE,
     EVENTS_TABLE,
@@ -233,6 +237,57 @@ def test_writer_leases_are_s3_only(spark, make_config) -> None:
     cfg = make_config()
     with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
         assert read_text_file(spark, writer_leases_folder(cfg), list_names=True) is None
+
+
+def _leased_tables(spark, cfg) -> list[list[str]]:
+    """The tables each batch job's writer lease names now."""
+    folder = writer_leases_folder(cfg)
+    names = read_text_file(spark, folder, list_names=True) or []
+    return sorted(json.loads(read_text_file(spark, f"{folder}/{name}"))["tables"] for name in names)
+
+
+@pytest.mark.integration
+def test_a_campaign_holds_sent_recommendations_only_while_it_commits_there_on_s3(
+    spark,
+    make_config,
+    monkeypatch,
+    s3_endpoint,  # noqa: F811
+    s3_bucket,  # noqa: F811
+) -> None:
+    """campaign_runs for the whole run (a second run is refused), sent_recommendations only around
+    its commit: record-sends starts, and would go on, while the run ranks and sends."""
+    cfg = campaign_config(make_config, *_s3_settings(s3_bucket, s3_endpoint, "campaign"))
+    apply_storage_settings(spark, cfg)
+    build_campaign_shop(spark, cfg)
+    seen: dict[str, object] = {}
+    record_run, append = campaign.RunProgress.record_run, campaign.idempotent_append
+
+    def ranked(progress, *args) -> None:
+        record_run(progress, *args)
+        seen["ranked"] = _leased_tables(spark, cfg)
+        record_sends = query_lease(spark, cfg, "record-sends")
+        record_sends.claim(StorageChecks("record-sends"))  # not refused: the run holds campaign_runs only
+        record_sends.release()
+        with pytest.raises(
+            JobError, match="^campaign weekly: not started, nothing written: campaign is running"
+        ):
+            campaign.run(spark, cfg, "weekly", run_id="twin", now=NOW)
+
+    def appending(frame, location, app_id, version) -> None:
+        seen.setdefault("appends", []).append((location.rsplit("/", 1)[-1], _leased_tables(spark, cfg)))
+        append(frame, location, app_id, version)
+
+    monkeypatch.setattr(campaign.RunProgress, "record_run", ranked)
+    monkeypatch.setattr(campaign, "idempotent_append", appending)
+    result = campaign.run(spark, cfg, "weekly", run_id="run-1", now=NOW)
+
+    assert result["payloads"] > 0
+    assert seen["ranked"] == [[CAMPAIGN_RUNS_TABLE]]
+    assert seen["appends"] == [
+        (SENT_RECOMMENDATIONS_TABLE, [[CAMPAIGN_RUNS_TABLE], [SENT_RECOMMENDATIONS_TABLE]]),
+        (CAMPAIGN_RUNS_TABLE, [[CAMPAIGN_RUNS_TABLE]]),
+    ]
+    assert _leased_tables(spark, cfg) == []
 
 
 @pytest.mark.integration
