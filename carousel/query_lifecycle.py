@@ -86,6 +86,7 @@ __all__ = [
     "lease_holder",
     "lease_keeper",
     "lease_path",
+    "one_run_at_a_time",
     "query_lease",
     "request_stop",
     "running_writers",
@@ -99,7 +100,8 @@ __all__ = [
 
 STOP_MARKER_NAME = "_stop_requested"
 LEASE_NAME = "_running"
-# Batch jobs' writer leases (S3 only): one file per run of a job, in this folder of the checkpoints.
+# Batch jobs' writer leases (S3 only; a campaign's run lease everywhere): one file per run of a job,
+# in this folder of the checkpoints.
 WRITER_LEASES_FOLDER = "_writer_leases"
 _WRITER_LEASE_SUFFIX = ".json"
 # A writer lease lapsed this many times its lifetime ago is deleted by whoever reads it: its job
@@ -714,8 +716,64 @@ def _running_batch_jobs(
     return writers
 
 
+def _process_space() -> str | None:
+    """Where this process's pids mean something: the machine's boot id (Linux: the same for every
+    process until it reboots) and the pid namespace (containers on one machine share the boot id,
+    not their pids). None when either cannot be read, or when ``/proc`` is not this namespace's."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot and namespace else None
+
+
+def _process_state(pid: int) -> tuple[str, int] | None:
+    """``pid``'s state letter and start time in clock ticks since boot (``/proc/PID/stat``: exact,
+    unlike a wall-clock start time, which moves when the clock is stepped); None when it cannot
+    be read (gone, or hidden from this user)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+        fields = text[text.rindex(")") + 2 :].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PROCESS_SPACE = _process_space()
+_STARTED = (_process_state(os.getpid()) or ("", None))[1]
+
+
+def _holder_gone(holder: Mapping[str, Any]) -> bool:
+    """Whether a lease was written by a process of this machine (since its boot, in this pid
+    namespace) that no longer runs: a killed job's (gone, or a zombie nobody reaped), which need
+    not lapse before a retry there goes on. Any doubt (another machine or container, nothing
+    recorded, the process hidden) says it runs."""
+    if _PROCESS_SPACE is None or holder.get("process_space") != _PROCESS_SPACE:
+        return False
+    pid, started = holder.get("pid"), holder.get("started")
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(started, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's: it exists
+    state = _process_state(pid)
+    if state is None:
+        return False
+    letter, ticks = state
+    return letter in ("Z", "X") or ticks != started  # a zombie, or the pid reused since
+
+
 class WriterLease:
-    """A batch job's lease on the Delta tables it commits to (S3 only; see :func:`writing_tables`):
+    """A batch job's lease on the Delta tables it commits to (S3 only; see :func:`writing_tables`),
+    or on its runs (everywhere; :func:`one_run_at_a_time`):
     a small file under :func:`writer_leases_folder` naming the job, the tables, its host and pid,
     written before the job's first commit, renewed by a daemon thread every third of
     ``storage.writer_lease_seconds`` while the job runs, deleted at the end. A killed job's lease
@@ -740,6 +798,10 @@ class WriterLease:
             "pid": os.getpid(),
             "renewed_at": datetime.now(UTC).isoformat(),
             "lease_seconds": self._lifetime,
+            # Which machine, pid namespace and process, beyond a host name that two containers
+            # may share: a reader there tells a killed job's lease from a live one at once.
+            "process_space": _PROCESS_SPACE,
+            "started": _STARTED,
         }
         publish_small_file(self._spark, self.path, json.dumps(holder))
 
@@ -847,6 +909,43 @@ def writing_tables(
         if writers:
             late = f"not held back within storage.writer_wait_seconds ({wait:.0f} s): " if waited else ""
             raise JobError(f"{refused}: {late}" + "; ".join(w.reason() for w in writers))
+        yield
+    finally:
+        lease.release()
+
+
+@contextmanager
+def one_run_at_a_time(
+    spark: SparkSession, cfg: CarouselConfig, job: str, name: str, refused: str
+) -> Iterator[None]:
+    """Keep two runs of one thing (``name``: a campaign's runs) apart on every storage root, not only
+    where commits could be lost: a scheduler's retry started beside the first run would rank and
+    send beside it. A writer lease (:class:`WriterLease`) naming ``name`` for the block; raises
+    :class:`JobError` (``refused``, then who runs it) before the block while another live lease
+    names it. As with every lease, of two started together at least one sees the other."""
+    lease = WriterLease(spark, cfg, job, [name])
+    lease.write()
+    try:
+        lease.keep_renewed()
+        # A killed run's lease is ignored at once where its process is known gone (a retry on
+        # the same machine), else once it lapses. Only here: the table leases keep their lapse,
+        # as a commit lost on S3 costs more than a retry refused for a minute.
+        others = []
+        for writer in _running_batch_jobs(spark, cfg, [name]):
+            if writer.lease == lease.path:
+                continue
+            if _holder_gone(writer.holder):
+                log.info(
+                    "%s: the lease %s is a process of this machine that is gone: ignored", job, writer.lease
+                )
+                continue
+            others.append(writer)
+        if others:
+            holder = others[0].holder
+            raise JobError(
+                f"{refused}: {others[0].job} is {held_by(holder)} with the lease on {name}; let it finish "
+                f"first (a killed one's lease lapses {holder.get('lease_seconds')} s after its renewal)"
+            )
         yield
     finally:
         lease.release()

@@ -43,7 +43,7 @@ from typing import Any
 
 from delta.tables import DeltaTable
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from carousel import tables
@@ -74,7 +74,7 @@ from carousel.experiments import run_payload_id_column
 from carousel.faults import injected, kill_job
 from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect, user_key
 from carousel.payloads import check_templates, render_payloads
-from carousel.query_lifecycle import writing_tables
+from carousel.query_lifecycle import one_run_at_a_time, writing_tables
 from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
     CAMPAIGN_RUNS_TABLE,
@@ -197,11 +197,16 @@ def resumable_run(
 # ---------------------------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------------------------
+def of_run(campaign_name: str, run_id: str) -> Column:
+    """The rows of one run (``campaign_runs``, ``sent_recommendations``)."""
+    return (F.col("campaign") == campaign_name) & (F.col("run_id") == run_id)
+
+
 def _completed(spark: SparkSession, location: str, campaign_name: str, run_id: str) -> bool:
     if not table_exists(spark, location):
         return False
     runs = spark.read.format("delta").load(location)
-    return runs.where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id)).limit(1).count() > 0
+    return runs.where(of_run(campaign_name, run_id)).limit(1).count() > 0
 
 
 def run_output(output: str, campaign_name: str, run_id: str) -> str:
@@ -469,26 +474,27 @@ class RunErasures:
         if not self.pending:
             return
         users = sorted(self.pending)
-        mine = (
-            (F.col("campaign") == self.campaign_name)
-            & (F.col("run_id") == self.run_id)
-            & F.col("user_id").isin(users)
-        )
+        size = self.cfg.erasure.ids_per_delete  # as forget-user: a bounded list per DELETE
         location = self.cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
+        table = DeltaTable.forPath(self.spark, location)
         refused = (
             f"campaign {self.campaign_name} run {self.run_id}: the rows of {len(users)} users erased during "
             "the run are not taken out of sent_recommendations yet; run it again"
         )
         try:
             with (
-                sent_lease(self.spark, self.cfg, refused),
+                commit_lease(self.spark, self.cfg, (SENT_RECOMMENDATIONS_TABLE,), refused),
                 erasure_commits(self.spark, f"campaign:{self.campaign_name}:{self.run_id}:erased-during-run"),
             ):
-                with_commit_retries(
-                    self.cfg.maintenance.max_attempts,
-                    f"taking erased users out of {location}",
-                    lambda: DeltaTable.forPath(self.spark, location).delete(mine),
-                )
+                for start in range(0, len(users), size):
+                    mine = of_run(self.campaign_name, self.run_id) & F.col("user_id").isin(
+                        users[start : start + size]
+                    )
+                    with_commit_retries(
+                        self.cfg.maintenance.max_attempts,
+                        f"taking erased users out of {location}",
+                        lambda mine=mine: table.delete(mine),
+                    )
         except JobError as err:
             if final:
                 raise
@@ -605,21 +611,32 @@ def run(
     campaign = cfg.campaign(campaign_name)
     if not campaign.enabled:
         raise CampaignError(f"campaign {campaign_name!r} is disabled (campaigns.{campaign_name}.enabled)")
-    # On S3 only: one driver commits to a table at a time (README: 'One writer per table at a
-    # time'). campaign_runs for the whole run: two runs (a scheduler's retry beside the first) never
-    # rank and send side by side. sent_recommendations, which record-sends (and maintain,
-    # forget-user) commits to as well, only while the run commits there (sent_lease).
+    # Two runs of one campaign (a scheduler's retry beside the first) never rank and send side by
+    # side, on any root; other campaigns' runs do. On S3 only, one driver commits to a table at a
+    # time (README: 'One writer per table at a time'): the run holds a table only while it commits
+    # there (commit_lease), since record-sends, maintain and forget-user commit to
+    # sent_recommendations too, the other campaigns and maintain to campaign_runs.
     refused = f"campaign {campaign_name}: not started, nothing written"
-    with writing_tables(spark, cfg, JOB, (CAMPAIGN_RUNS_TABLE,), refused):
-        with sent_lease(spark, cfg, refused):
+    with one_run_at_a_time(spark, cfg, JOB, run_lease_name(campaign_name), refused):
+        with commit_lease(spark, cfg, (SENT_RECOMMENDATIONS_TABLE, CAMPAIGN_RUNS_TABLE), refused):
             tables.ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
+            tables.ensure(spark, cfg, CAMPAIGN_RUNS_TABLE)
         return _run(spark, cfg, campaign_name, campaign, run_id, output, now, clock, started)
 
 
-def sent_lease(spark: SparkSession, cfg: CarouselConfig, refused: str) -> AbstractContextManager[None]:
-    """The writer lease on ``sent_recommendations`` for one commit of a run (on S3 only): a running
-    record-sends holds back for that commit, not for the whole run. ``refused``: what is not done."""
-    return writing_tables(spark, cfg, JOB, (SENT_RECOMMENDATIONS_TABLE,), refused)
+def run_lease_name(campaign_name: str) -> str:
+    """What the lease a run holds from start to end names (:func:`one_run_at_a_time`): the
+    campaign's rows of ``campaign_runs``, so that a second run of it is refused, not one of another
+    campaign."""
+    return f"{CAMPAIGN_RUNS_TABLE}/{campaign_name}"
+
+
+def commit_lease(
+    spark: SparkSession, cfg: CarouselConfig, tables: tuple[str, ...], refused: str
+) -> AbstractContextManager[None]:
+    """The writer lease on ``tables`` for one commit of a run (on S3 only): a running record-sends
+    holds back for that commit, not for the whole run. ``refused``: what is not done."""
+    return writing_tables(spark, cfg, JOB, tables, refused)
 
 
 def _run(
@@ -633,7 +650,7 @@ def _run(
     clock: Callable[[], datetime],
     started: float,
 ) -> dict[str, int | str | bool]:
-    """:func:`run`, holding the writer lease on its tables."""
+    """:func:`run`, holding the lease on the campaign's runs (:func:`one_run_at_a_time`)."""
     default_id = run_id is None and now is None
     if default_id:
         now = clock()
@@ -647,7 +664,6 @@ def _run(
         raise CampaignError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     renderer = check_templates(cfg)
     runs_location = cfg.storage.table(CAMPAIGN_RUNS_TABLE)
-    tables.ensure(spark, cfg, CAMPAIGN_RUNS_TABLE)
     if _completed(spark, runs_location, campaign_name, run_id):
         log.info("campaign %s run %s already completed: nothing sent", campaign_name, run_id)
         return {"campaign": campaign_name, "run_id": run_id, "skipped": True, "payloads": 0}
@@ -693,7 +709,8 @@ def _run(
             counts.control,
         )
         sent = sent_rows(ranked)
-        with sent_lease(spark, cfg, f"campaign {campaign_name} run {run_id}: nothing recorded or sent"):
+        nothing_recorded = f"campaign {campaign_name} run {run_id}: nothing recorded or sent"
+        with commit_lease(spark, cfg, (SENT_RECOMMENDATIONS_TABLE,), nothing_recorded):
             idempotent_append(sent, sent_location, app_id, 0)
         erasures = RunErasures(spark, cfg, campaign_name, run_id, seen_erased, sent, None)
     else:
@@ -703,7 +720,7 @@ def _run(
         stored = (
             spark.read.format("delta")
             .load(sent_location)
-            .where((F.col("campaign") == campaign_name) & (F.col("run_id") == run_id))
+            .where(of_run(campaign_name, run_id))
             .localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         )
         ranked = stored_requests(stored, user_contexts(requests), campaign.template).persist(
@@ -776,7 +793,12 @@ def _run(
             datetime.now(UTC),
         )
     ]
-    idempotent_append(spark.createDataFrame(record, CAMPAIGN_RUNS_SCHEMA), runs_location, app_id, 1)
+    not_recorded = (
+        f"campaign {campaign_name} run {run_id}: sent, but not recorded as completed in "
+        f"{CAMPAIGN_RUNS_TABLE}: run it again (it sends nothing more)"
+    )
+    with commit_lease(spark, cfg, (CAMPAIGN_RUNS_TABLE,), not_recorded):
+        idempotent_append(spark.createDataFrame(record, CAMPAIGN_RUNS_SCHEMA), runs_location, app_id, 1)
     without_items = counts.users - counts.payloads - counts.control
     log.info(
         "campaign %s run %s: users=%d payloads=%d control=%d without-items=%d -> %s (%.1fs)",

@@ -28,6 +28,7 @@ from test_serve import (
 from carousel.broker import end_offsets, ensure_topics
 from carousel.config import CampaignSegment, CarouselConfig
 from carousel.erasure import hash_key, user_hash_of
+from carousel.errors import JobError
 from carousel.experiments import assign_variant
 from carousel.online_state import OnlineState
 from carousel.online_store import connect, user_key
@@ -363,7 +364,7 @@ def test_users_erased_while_a_run_ranks_or_sends_keep_nothing_the_run_wrote(
 ) -> None:
     """forget-user cleans each store after recording the users; a run that read their profiles
     before must not bring their data back: four users, erased at four points of one run."""
-    cfg = campaign_config(make_config, "campaign_runs.chunk_payloads=10")
+    cfg = campaign_config(make_config, "campaign_runs.chunk_payloads=17")
     selected, control = build_campaign_shop(spark, cfg)
     receivers = [u for u in selected if u not in control]
     before_ranking, before_append, returning = receivers[:3]
@@ -382,7 +383,7 @@ def test_users_erased_while_a_run_ranks_or_sends_keep_nothing_the_run_wrote(
         record_run(progress, *args)
         forget_user.run(spark, cfg, [before_append], request_id="req-1")
 
-    # ... after the first of four chunks, for a user whose payload is not in the topic yet ...
+    # ... after the first of two chunks, for a user whose payload is not in the topic yet ...
     def forget_after_first_chunk(chunk: int, chunks: int) -> None:
         if chunk == 1:
             reader = TopicReader(cfg, topic)
@@ -446,13 +447,21 @@ def test_a_run_stopped_after_merging_a_user_erased_meanwhile_forgets_them_when_r
     spark: SparkSession, make_config: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worst point: forget-user cleaned the store, the run merged the user's sends back and
-    stopped before its last check; their rows are gone, so the retry finds them by hash."""
+    stopped before its last check; their rows are gone, so the retry finds them by hash. Meanwhile
+    a second run of the campaign is refused (on a local root too), and the stopped run's lease is
+    gone with it."""
     cfg = campaign_config(make_config)
     selected, control = build_campaign_shop(spark, cfg)
     erased = next(u for u in selected if u not in control)
     merge_frame = campaign_job.merge_frame
 
     def forget_merge_then_stop(frame: Any, config: CarouselConfig, kind: str) -> int:
+        twin = (
+            r"^campaign weekly: not started, nothing written: campaign is running on .* with the lease "
+            "on campaign_runs/weekly; let it finish first"
+        )
+        with pytest.raises(JobError, match=twin):
+            campaign_job.run(spark, cfg, "weekly", run_id="twin", now=NOW)
         forget_user.run(spark, cfg, [erased], request_id="req-m")
         merge_frame(frame, config, kind)
         raise RuntimeError("stopped after the merge")

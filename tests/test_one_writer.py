@@ -14,6 +14,8 @@ query does not start beside it. Run against the real S3-compatible test server
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -29,10 +31,15 @@ from test_serve import NOW
 from carousel import tables
 from carousel.errors import JobError
 from carousel.query_lifecycle import (
+    _PROCESS_SPACE,
+    _STARTED,
     QueryLease,
     StorageChecks,
+    _holder_gone,
+    _process_state,
     gate_for,
     lease_holder,
+    one_run_at_a_time,
     query_lease,
     running_writers,
     single_driver_commits,
@@ -239,6 +246,33 @@ def test_writer_leases_are_s3_only(spark, make_config) -> None:
         assert read_text_file(spark, writer_leases_folder(cfg), list_names=True) is None
 
 
+def test_a_run_lease_of_a_process_gone_on_this_machine_is_ignored_at_once() -> None:
+    """A killed run's lease need not lapse before a retry on the same machine goes on; anything
+    not known to be gone counts as running."""
+    assert _PROCESS_SPACE is not None and _STARTED is not None  # Linux
+    mine = {"process_space": _PROCESS_SPACE, "pid": os.getpid(), "started": _STARTED}
+    assert not _holder_gone(mine)
+    assert _holder_gone({**mine, "started": _STARTED - 100})  # the pid reused by another process
+    assert not _holder_gone({**mine, "process_space": "another-machine-or-container"})
+    assert not _holder_gone({"pid": os.getpid(), "host": "an-older-lease-without-it"})
+    assert not _holder_gone({**mine, "started": None})
+    assert not _holder_gone({**mine, "pid": -1})
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        state = _process_state(running.pid)
+        assert state is not None
+        theirs = {**mine, "pid": running.pid, "started": state[1]}
+        assert not _holder_gone(theirs)  # another live process
+        running.kill()
+        # Killed and not reaped yet: a zombie, gone for this purpose.
+        wait_for(lambda: (_process_state(running.pid) or ("?",))[0] == "Z", 30, "the zombie")
+        assert _holder_gone(theirs)
+    finally:
+        running.kill()
+        running.wait()
+    assert _holder_gone(theirs)  # reaped: no such process
+
+
 def _leased_tables(spark, cfg) -> list[list[str]]:
     """The tables each batch job's writer lease names now."""
     folder = writer_leases_folder(cfg)
@@ -254,8 +288,9 @@ def test_a_campaign_holds_sent_recommendations_only_while_it_commits_there_on_s3
     s3_endpoint,  # noqa: F811
     s3_bucket,  # noqa: F811
 ) -> None:
-    """campaign_runs for the whole run (a second run is refused), sent_recommendations only around
-    its commit: record-sends starts, and would go on, while the run ranks and sends."""
+    """The campaign's own runs for the whole run (a second run of it is refused, not another
+    campaign's), the tables only around the run's commits there: record-sends starts, and would go
+    on, while the run ranks and sends."""
     cfg = campaign_config(make_config, *_s3_settings(s3_bucket, s3_endpoint, "campaign"))
     apply_storage_settings(spark, cfg)
     build_campaign_shop(spark, cfg)
@@ -266,12 +301,16 @@ def test_a_campaign_holds_sent_recommendations_only_while_it_commits_there_on_s3
         record_run(progress, *args)
         seen["ranked"] = _leased_tables(spark, cfg)
         record_sends = query_lease(spark, cfg, "record-sends")
-        record_sends.claim(StorageChecks("record-sends"))  # not refused: the run holds campaign_runs only
+        record_sends.claim(StorageChecks("record-sends"))  # not refused: the run holds no table
         record_sends.release()
         with pytest.raises(
             JobError, match="^campaign weekly: not started, nothing written: campaign is running"
         ):
             campaign.run(spark, cfg, "weekly", run_id="twin", now=NOW)
+        # Another campaign's run (its whole-run lease, then a table) gets in beside it.
+        with one_run_at_a_time(spark, cfg, "campaign", campaign.run_lease_name("daily"), "not started"):
+            with writing_tables(spark, cfg, "campaign", [CAMPAIGN_RUNS_TABLE], "not recorded"):
+                seen["beside"] = _leased_tables(spark, cfg)
 
     def appending(frame, location, app_id, version) -> None:
         seen.setdefault("appends", []).append((location.rsplit("/", 1)[-1], _leased_tables(spark, cfg)))
@@ -282,10 +321,12 @@ def test_a_campaign_holds_sent_recommendations_only_while_it_commits_there_on_s3
     result = campaign.run(spark, cfg, "weekly", run_id="run-1", now=NOW)
 
     assert result["payloads"] > 0
-    assert seen["ranked"] == [[CAMPAIGN_RUNS_TABLE]]
+    run_lease = [f"{CAMPAIGN_RUNS_TABLE}/weekly"]
+    assert seen["ranked"] == [run_lease]
+    assert seen["beside"] == [[CAMPAIGN_RUNS_TABLE], [f"{CAMPAIGN_RUNS_TABLE}/daily"], run_lease]
     assert seen["appends"] == [
-        (SENT_RECOMMENDATIONS_TABLE, [[CAMPAIGN_RUNS_TABLE], [SENT_RECOMMENDATIONS_TABLE]]),
-        (CAMPAIGN_RUNS_TABLE, [[CAMPAIGN_RUNS_TABLE]]),
+        (SENT_RECOMMENDATIONS_TABLE, [run_lease, [SENT_RECOMMENDATIONS_TABLE]]),
+        (CAMPAIGN_RUNS_TABLE, [[CAMPAIGN_RUNS_TABLE], run_lease]),
     ]
     assert _leased_tables(spark, cfg) == []
 
