@@ -241,7 +241,8 @@ class StorageConfig(_Section):
     writer_lease_seconds: float = Field(default=60, ge=3, le=3600)
     # There, how long a batch job waits for the running ingest / record-sends that commit to its
     # tables to hold their micro-batches back (they look every few seconds, once their running
-    # micro-batch is done) before it is refused; 0: refused at once.
+    # micro-batch is done), and for other batch jobs' commits there to end, before it is refused;
+    # 0: refused at once.
     writer_wait_seconds: float = Field(default=120, ge=0, le=3600)
 
     @field_validator("root")

@@ -788,9 +788,29 @@ class WriterLease:
         self.path = f"{writer_leases_folder(cfg)}/{job}-{uuid.uuid4().hex[:12]}{_WRITER_LEASE_SUFFIX}"
         self._stopped = threading.Event()
         self._renewer: threading.Thread | None = None
+        # withdraw() and the renewals take turns: a renewal never writes the lease back behind it.
+        self._turn = threading.Lock()
+        self.withdrawn = False
 
     def write(self) -> None:
-        """Write (or renew) the lease now."""
+        """Write (or renew) the lease now (again, after :meth:`withdraw`)."""
+        with self._turn:
+            self.withdrawn = False
+            self._write()
+
+    def withdraw(self) -> None:
+        """Delete the lease while keeping the job's place (its path, so its turn among waiters,
+        :func:`writing_tables`); the renewals write nothing until :meth:`write`."""
+        with self._turn:
+            self.withdrawn = True
+            delete_file(self._spark, self.path)
+
+    def _renew_now(self) -> None:
+        with self._turn:
+            if not self.withdrawn:
+                self._write()
+
+    def _write(self) -> None:
         holder = {
             "job": self.job,
             "tables": sorted(self.tables),
@@ -814,7 +834,7 @@ class WriterLease:
         failing, renewed, lapsed = False, time.monotonic(), False
         while not self._stopped.wait(self._lifetime / 3):
             try:
-                self.write()
+                self._renew_now()
             except (Py4JError, OSError) as err:  # a storage blip: tried again at the next renewal
                 if not lapsed and time.monotonic() - renewed >= self._lifetime:
                     lapsed = True
@@ -867,13 +887,18 @@ def writing_tables(
 ) -> Iterator[None]:
     """Hold a writer lease (:class:`WriterLease`) on ``tables`` for the block, where two drivers'
     commits to one table could be lost (:func:`single_driver_commits`); elsewhere nothing is
-    written or read. Raises :class:`JobError` (``refused``: what is not done, then why) before the
-    block, while another job commits to one of ``tables``: another batch job (its writer lease),
-    or an always-on query (its lease) that does not hold its micro-batches back for it within
-    ``storage.writer_wait_seconds`` (``ingest`` and ``record-sends`` do,
-    :meth:`QueryLease.make_way`; ``serve`` its trending refreshes). The lease is written before
-    the others are read, as every writer does (:meth:`QueryLease.claim`): of two starting
-    together, at least one sees the other (both may: each is refused, and runs again later)."""
+    written or read. Waits up to ``storage.writer_wait_seconds`` for the others committing to one of
+    ``tables``: the always-on queries that hold their micro-batches back for it (``ingest`` and
+    ``record-sends``, :meth:`QueryLease.make_way`; ``serve`` its trending refreshes) and the other
+    batch jobs (their writer leases: a campaign's commit lease ends in seconds, a ``maintain``
+    may outlast the wait). Raises :class:`JobError` (``refused``: what is not done, then why) before
+    the block when they are still there after it, or at once for a query that does not hold back.
+
+    The lease is written before the others are read, as every writer does
+    (:meth:`QueryLease.claim`): of two starting together, at least one sees the other. Two batch
+    jobs that see each other do not both wait: the one whose lease path sorts later withdraws its
+    lease until the earlier one is done, then writes it again and looks again, so one of them
+    goes on (a query held back for a withdrawn job goes on meanwhile)."""
     if not _single_driver(spark, cfg):
         yield
         return
@@ -887,28 +912,46 @@ def writing_tables(
                 w for w in running_writers(spark, cfg, lease.tables) if w.lease != lease.path and not w.paused
             ]
 
-        writers = committing()
         wait = cfg.storage.writer_wait_seconds
+        deadline = time.monotonic() + wait
+        writers = committing()
         waited = False
-        if writers and wait > 0 and all(w.yields for w in writers):
-            waited = True
-            # Running queries that hold their micro-batches back once they see this lease.
-            log.info(
-                "%s: waiting up to %.0f s for %s to hold back their micro-batches",
-                job,
-                wait,
-                ", ".join(f"{w.job} ({w.query})" for w in writers),
-            )
-            deadline = time.monotonic() + wait
-            while writers and all(w.yields for w in writers) and time.monotonic() < deadline:
+        while writers or lease.withdrawn:
+            if not writers:
+                lease.write()  # its turn: written again before the others are read again
+            elif all(w.yields or w.query is None for w in writers) and time.monotonic() < deadline:
+                ahead = [w for w in writers if w.query is None and w.lease < lease.path]
+                if ahead and not lease.withdrawn:
+                    lease.withdraw()
+                elif not ahead and lease.withdrawn:
+                    lease.write()
+                if not waited:
+                    waited = True
+                    log.info(
+                        "%s: waiting up to %.0f s for %s",
+                        job,
+                        wait,
+                        ", ".join(
+                            f"{w.job} ({w.query}) to hold back its micro-batches"
+                            if w.query is not None
+                            else f"{w.job} to finish its commits to {', '.join(sorted(w.tables))}"
+                            for w in writers
+                        ),
+                    )
                 time.sleep(_YIELD_POLL_SECONDS)  # polling the storage, with a deadline
-                try:
-                    writers = committing()
-                except (Py4JJavaError, OSError) as err:  # a storage blip: as it was, until the deadline
-                    log.warning("%s: cannot read the leases (%s); tried again", job, java_reason(err))
-        if writers:
-            late = f"not held back within storage.writer_wait_seconds ({wait:.0f} s): " if waited else ""
-            raise JobError(f"{refused}: {late}" + "; ".join(w.reason() for w in writers))
+            else:
+                late = (
+                    f"not held back or finished within storage.writer_wait_seconds ({wait:.0f} s): "
+                    if waited
+                    else ""
+                )
+                raise JobError(f"{refused}: {late}" + "; ".join(w.reason() for w in writers))
+            try:
+                writers = committing()
+            except (Py4JJavaError, OSError) as err:  # a storage blip: as it was, until the deadline
+                log.warning("%s: cannot read the leases (%s); tried again", job, java_reason(err))
+        if waited:
+            log.info("%s: goes on with its commits to %s", job, ", ".join(sorted(lease.tables)))
         yield
     finally:
         lease.release()

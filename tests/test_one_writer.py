@@ -6,9 +6,9 @@ serve, record-sends) keeps a lease beside its checkpoint; ``maintain`` and ``for
 its tables alone (each reported failed with the reason, the others done) and ``campaign``, which
 appends to record-sends' ``sent_recommendations``, is refused. A batch job holds a writer lease
 on the tables it commits to (``campaign``: ``campaign_runs`` for the whole run,
-``sent_recommendations`` only around its commits there): another batch job is refused them, and a
-query does not start beside it. Run against the real S3-compatible test server
-(tests/s3_fixture.py) and real Delta tables.
+``sent_recommendations`` only around its commits there): another batch job waits for them (two
+starting together take turns), then is refused, and a query does not start beside it. Run
+against the real S3-compatible test server (tests/s3_fixture.py) and real Delta tables.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pyspark.testing import assertDataFrameEqual
 from s3_fixture import S3_TEST_REGION, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from support import wait_for
 from test_campaign import build_campaign_shop, campaign_config
@@ -57,7 +58,7 @@ from carousel.schemas import (
     TRENDING_TABLE,
 )
 from carousel.session import apply_storage_settings
-from carousel.storage import publish_small_file, read_text_file, table_exists
+from carousel.storage import delete_file, publish_small_file, read_text_file, table_exists
 from jobs import campaign, forget_user, maintain
 from streaming.serve import TrendingRefresher
 
@@ -166,7 +167,11 @@ def test_batch_jobs_hold_writer_leases_on_s3(
     s3_endpoint,  # noqa: F811
     s3_bucket,  # noqa: F811
 ) -> None:
-    cfg = make_config(*_s3_settings(s3_bucket, s3_endpoint, "leases"), "storage.writer_lease_seconds=3")
+    cfg = make_config(
+        *_s3_settings(s3_bucket, s3_endpoint, "leases"),
+        "storage.writer_lease_seconds=3",
+        "storage.writer_wait_seconds=0",  # refused at once (the wait: the test below)
+    )
     apply_storage_settings(spark, cfg)
     tables.ensure(spark, cfg, CATALOG_TABLE)
     folder = writer_leases_folder(cfg)
@@ -237,6 +242,70 @@ def test_batch_jobs_hold_writer_leases_on_s3(
         publish_small_file(spark, f"{folder}/{job}-0.json", json.dumps(holder))
     assert running_writers(spark, cfg, [CATALOG_TABLE]) == []
     assert read_text_file(spark, folder, list_names=True) == ["lapsed-0.json"]
+
+
+@pytest.mark.integration
+def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_go_on_s3(
+    spark,
+    make_config,
+    s3_endpoint,  # noqa: F811
+    s3_bucket,  # noqa: F811
+) -> None:
+    """A job waits up to storage.writer_wait_seconds for another batch job's commits, not refused
+    at once; of two starting together (each sees the other), one withdraws until the other is done."""
+    cfg = make_config(
+        *_s3_settings(s3_bucket, s3_endpoint, "waits"),
+        "storage.writer_lease_seconds=3",
+        "storage.writer_wait_seconds=60",
+    )
+    apply_storage_settings(spark, cfg)
+    folder = writer_leases_folder(cfg)
+    # A killed job's lease, live for 10 s more and sorting before any job's: waited for, not refused.
+    holder = {
+        "job": "a-killed-job",
+        "tables": [CATALOG_TABLE],
+        "host": "gone",
+        "pid": 1,
+        "renewed_at": datetime.now(UTC).isoformat(),
+        "lease_seconds": 10,
+    }
+    killed = f"{folder}/a-killed-job-0.json"
+    publish_small_file(spark, killed, json.dumps(holder))
+    assert [w.job for w in running_writers(spark, cfg, [CATALOG_TABLE])] == ["a-killed-job"]
+    with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
+        assert [w.job for w in running_writers(spark, cfg, [CATALOG_TABLE])] == ["maintain"]
+    delete_file(spark, killed)
+
+    # Two jobs starting at the same moment, each committing to one table: both commit, in turn.
+    table = cfg.storage.table("turns")
+    start = threading.Barrier(2)
+    inside, most_inside, failures = [0], [0], []
+    turns = threading.Lock()
+
+    def commit(job: str) -> None:
+        try:
+            start.wait(timeout=60)
+            with writing_tables(spark, cfg, job, ["turns"], f"{job}: nothing written"):
+                with turns:
+                    inside[0] += 1
+                    most_inside[0] = max(most_inside[0], inside[0])
+                spark.createDataFrame([(job,)], "job string").write.format("delta").mode("append").save(table)
+                with turns:
+                    inside[0] -= 1
+        except Exception as err:  # noqa: BLE001 - reported by the test below
+            failures.append(f"{job}: {err}")
+
+    jobs = [threading.Thread(target=commit, args=(job,)) for job in ("first", "second")]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=300)
+    assert failures == []
+    assert most_inside[0] == 1
+    assertDataFrameEqual(
+        spark.read.format("delta").load(table), spark.createDataFrame([("first",), ("second",)], "job string")
+    )
+    assert not read_text_file(spark, folder, list_names=True)  # both leases removed
 
 
 @pytest.mark.integration
