@@ -145,7 +145,9 @@ def erased_ids(
     location = cfg.storage.table(ERASED_USERS_TABLE)
     if create:
         ensure(spark, cfg, ERASED_USERS_TABLE)
-    elif (version is not None and version < 0) or not table_exists(spark, location):
+    elif version is not None and version < 0:
+        return ErasedUsers(None, None)
+    elif version is None and not table_exists(spark, location):  # a version >= 0 says it exists
         return ErasedUsers(None, None)
     key = hash_key(spark, cfg, create=create)
     if key is None:

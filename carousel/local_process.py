@@ -9,12 +9,17 @@ Processes started by the calling Python process are kept in a caller-owned ``chi
 (pid -> :class:`subprocess.Popen`): polling them reaps a child that died, so it is not mistaken for
 a running one (a zombie still answers ``os.kill(pid, 0)``).
 
-Liveness of any other process goes through psutil (no /proc parsing of our own): the pid file holds
+Liveness of any other process goes through psutil: the pid file holds
 the pid on its first line and, on its second, the process's start time as psutil reported it at
 launch. A live pid whose start time differs is a reused pid, not ours. A pid file without a start
 time (written before it was recorded) falls back to matching the command line; where psutil cannot
 inspect a process that ``os.kill(pid, 0)`` says exists (no procfs mounted), it counts as running,
 so ``stop`` still signals it instead of orphaning it.
+
+The one exception is :func:`process_state`, for the leases of :mod:`carousel.query_lifecycle`: it
+reads a start time in clock ticks from ``/proc/PID/stat``, exact where psutil's wall-clock start
+time moves when the clock is stepped, and :func:`process_space` names the boot and pid namespace
+those ticks and pids mean something in.
 """
 
 from __future__ import annotations
@@ -84,6 +89,51 @@ def start_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
         return None
+
+
+def process_space() -> str | None:
+    """Where this process's pids mean something: the machine's boot id (Linux: the same for every
+    process until it reboots) and the pid namespace (containers on one machine share the boot id,
+    not their pids). None when either cannot be read, or when ``/proc`` is not this namespace's."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot and namespace else None
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """``pid``'s state letter and start time in clock ticks since boot (``/proc/PID/stat``: exact,
+    unlike a wall-clock start time, which moves when the clock is stepped); None when it cannot
+    be read (gone, or hidden from this user)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+        fields = text[text.rindex(")") + 2 :].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_gone(pid: int, started: int) -> bool:
+    """Whether the process ``pid`` of this machine and pid namespace, started at ``started``
+    (:func:`process_state`'s ticks), no longer runs: no such pid, a zombie nobody reaped, or the pid
+    reused by a process started since. Any doubt (the process hidden from this user) says it runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's: it exists
+    state = process_state(pid)
+    if state is None:
+        return False
+    letter, ticks = state
+    return letter in ("Z", "X") or ticks != started  # a zombie, or the pid reused since
 
 
 def write_pid_file(pid_file: Path, pid: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -102,6 +103,13 @@ def user_key(store_cfg_or_prefix: OnlineStoreConfig | str, kind: str, user_id: s
     if not user_id or "{" in kind or "}" in kind:
         raise ValueError(f"cannot build a key from kind={kind!r}, user_id={user_id!r}")
     return f"{prefix}:{kind}:{{{user_id}}}"
+
+
+def user_of_key(key: str, prefix: str) -> str | None:
+    """The user id of an online-store key ``<prefix>:<kind>:{<user id>}[:...]``; None for a key
+    of no user (another prefix, the API's rate counters)."""
+    match = re.fullmatch(rf"{re.escape(prefix)}:[^:{{}}]+:\{{(.+?)\}}(?::.*)?", key, flags=re.DOTALL)
+    return match.group(1) if match else None
 
 
 # What a call to the online store may raise when the store (not the caller) fails.

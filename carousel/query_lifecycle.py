@@ -62,6 +62,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from carousel.config import CarouselConfig, StreamingQuerySection
 from carousel.errors import JobError, java_reason, one_line
+from carousel.local_process import process_gone, process_space, process_state
 from carousel.schemas import (
     ERASED_USERS_TABLE,
     EVENTS_TABLE,
@@ -551,7 +552,7 @@ def query_lease(
         return "; ".join(w.reason() for w in writers) or None
 
     def holding_tables() -> list[RunningWriter]:
-        return _running_batch_jobs(spark, cfg, tables) if _single_driver(spark, cfg) else []
+        return batch_jobs_to_make_way_for(spark, cfg, tables)
 
     if gate is None and job in _GATED_HANDLERS:
         gate = _registered(section.query_name)
@@ -633,6 +634,12 @@ class RunningWriter:
         """An always-on query holding its micro-batches back now: it commits nothing."""
         return self.query is not None and bool(self.holder.get("paused"))
 
+    @property
+    def waiting(self) -> bool:
+        """A batch job waiting for other batch jobs' commits (:func:`writing_tables`): no query
+        holds back for it yet."""
+        return self.query is None and bool(self.holder.get("waiting"))
+
     def reason(self) -> str:
         who, then = (
             (f"{self.job} ({self.query})", f"stop it first (./spark-submit.sh stop {self.job})")
@@ -669,6 +676,17 @@ def running_writers(spark: SparkSession, cfg: CarouselConfig, tables: Iterable[s
         if holder is not None:
             writers.append(RunningWriter(job, section.query_name, holder, shared, path))
     return writers + _running_batch_jobs(spark, cfg, asked)
+
+
+def batch_jobs_to_make_way_for(
+    spark: SparkSession, cfg: CarouselConfig, tables: Iterable[str]
+) -> list[RunningWriter]:
+    """The batch jobs an always-on query committing to ``tables`` holds its commits back for
+    (:meth:`QueryLease.make_way`), where commits could be lost (:func:`single_driver_commits`): their
+    live writer leases, but those still waiting for another batch job's commits."""
+    if not _single_driver(spark, cfg):
+        return []
+    return [w for w in _running_batch_jobs(spark, cfg, tables) if not w.waiting]
 
 
 def writer_leases_folder(cfg: CarouselConfig) -> str:
@@ -716,36 +734,8 @@ def _running_batch_jobs(
     return writers
 
 
-def _process_space() -> str | None:
-    """Where this process's pids mean something: the machine's boot id (Linux: the same for every
-    process until it reboots) and the pid namespace (containers on one machine share the boot id,
-    not their pids). None when either cannot be read, or when ``/proc`` is not this namespace's."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            boot = handle.read().strip()
-        namespace = os.readlink("/proc/self/ns/pid")
-        if os.readlink("/proc/self") != str(os.getpid()):
-            return None
-    except OSError:
-        return None
-    return f"{boot}/{namespace}" if boot and namespace else None
-
-
-def _process_state(pid: int) -> tuple[str, int] | None:
-    """``pid``'s state letter and start time in clock ticks since boot (``/proc/PID/stat``: exact,
-    unlike a wall-clock start time, which moves when the clock is stepped); None when it cannot
-    be read (gone, or hidden from this user)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-        fields = text[text.rindex(")") + 2 :].split()
-        return fields[0], int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_PROCESS_SPACE = _process_space()
-_STARTED = (_process_state(os.getpid()) or ("", None))[1]
+_PROCESS_SPACE = process_space()
+_STARTED = (process_state(os.getpid()) or ("", None))[1]
 
 
 def _holder_gone(holder: Mapping[str, Any]) -> bool:
@@ -758,17 +748,7 @@ def _holder_gone(holder: Mapping[str, Any]) -> bool:
     pid, started = holder.get("pid"), holder.get("started")
     if not isinstance(pid, int) or pid <= 0 or not isinstance(started, int):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # another user's: it exists
-    state = _process_state(pid)
-    if state is None:
-        return False
-    letter, ticks = state
-    return letter in ("Z", "X") or ticks != started  # a zombie, or the pid reused since
+    return process_gone(pid, started)
 
 
 class WriterLease:
@@ -788,22 +768,50 @@ class WriterLease:
         self.path = f"{writer_leases_folder(cfg)}/{job}-{uuid.uuid4().hex[:12]}{_WRITER_LEASE_SUFFIX}"
         self._stopped = threading.Event()
         self._renewer: threading.Thread | None = None
-        # withdraw() and the renewals take turns: a renewal never writes the lease back behind it.
+        # While it waits for other batch jobs (writing_tables): withdrawn (its file deleted, its
+        # path kept: its turn), or "waiting" in its file (the queries do not hold back for it yet).
+        self.withdrawn = self.waiting = False
+        self.landed = False  # whether the last write or withdrawal landed
+        # The changes and the renewals take turns: a renewal never writes a withdrawn lease back.
         self._turn = threading.Lock()
-        self.withdrawn = False
 
-    def write(self) -> None:
+    @property
+    def clear(self) -> bool:
+        """Whether the lease is written, not waiting, as its last write left it."""
+        return self.landed and not self.withdrawn and not self.waiting
+
+    def write(self, waiting: bool = False) -> None:
         """Write (or renew) the lease now (again, after :meth:`withdraw`)."""
         with self._turn:
-            self.withdrawn = False
+            self.withdrawn, self.waiting, self.landed = False, waiting, False
             self._write()
+            self.landed = True
 
     def withdraw(self) -> None:
         """Delete the lease while keeping the job's place (its path, so its turn among waiters,
         :func:`writing_tables`); the renewals write nothing until :meth:`write`."""
         with self._turn:
-            self.withdrawn = True
+            self.withdrawn, self.landed = True, False
             delete_file(self._spark, self.path)
+            self.landed = True
+
+    def change(self, withdrawn: bool, waiting: bool) -> bool:
+        """Bring the lease to that state if it is not in it (or its last change did not land);
+        whether a change was made and landed. A storage failure is logged: tried again by the
+        next call."""
+        if self.landed and (self.withdrawn, self.waiting) == (withdrawn, waiting):
+            return False
+        try:
+            if withdrawn:
+                self.withdraw()
+            else:
+                self.write(waiting)
+        except (Py4JError, OSError) as err:
+            log.warning(
+                "%s: cannot write or delete its writer lease %s (%s)", self.job, self.path, java_reason(err)
+            )
+            return False
+        return True
 
     def _renew_now(self) -> None:
         with self._turn:
@@ -822,6 +830,7 @@ class WriterLease:
             # may share: a reader there tells a killed job's lease from a live one at once.
             "process_space": _PROCESS_SPACE,
             "started": _STARTED,
+            "waiting": self.waiting,
         }
         publish_small_file(self._spark, self.path, json.dumps(holder))
 
@@ -883,7 +892,12 @@ class WriterLease:
 
 @contextmanager
 def writing_tables(
-    spark: SparkSession, cfg: CarouselConfig, job: str, tables: Iterable[str], refused: str
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    job: str,
+    tables: Iterable[str],
+    refused: str,
+    wait_for_batch_jobs: bool = True,
 ) -> Iterator[None]:
     """Hold a writer lease (:class:`WriterLease`) on ``tables`` for the block, where two drivers'
     commits to one table could be lost (:func:`single_driver_commits`); elsewhere nothing is
@@ -893,39 +907,64 @@ def writing_tables(
     batch jobs (their writer leases: a campaign's commit lease ends in seconds, a ``maintain``
     may outlast the wait). Raises :class:`JobError` (``refused``: what is not done, then why) before
     the block when they are still there after it, or at once for a query that does not hold back.
+    Without ``wait_for_batch_jobs``: refused at once while another batch job commits there.
 
     The lease is written before the others are read, as every writer does
-    (:meth:`QueryLease.claim`): of two starting together, at least one sees the other. Two batch
-    jobs that see each other do not both wait: the one whose lease path sorts later withdraws its
-    lease until the earlier one is done, then writes it again and looks again, so one of them
-    goes on (a query held back for a withdrawn job goes on meanwhile)."""
+    (:meth:`QueryLease.claim`), and the block entered only after a read that followed its last
+    write: of two starting together, at least one sees the other. Two batch jobs that see each
+    other do not both wait: the one whose lease file name sorts later withdraws its lease until
+    the earlier one is done, then writes it again and looks again. A job waiting for a batch job
+    that sorts later keeps its lease, marked "waiting": the queries hold back for it only once it
+    is no longer waiting."""
     if not _single_driver(spark, cfg):
         yield
         return
     lease = WriterLease(spark, cfg, job, tables)
     lease.write()
+    name = lease.path.rsplit("/", 1)[-1]
     try:
         lease.keep_renewed()
+        unread = ""  # why the leases could not be read, the last time they could not
 
-        def committing() -> list[RunningWriter]:
-            return [
-                w for w in running_writers(spark, cfg, lease.tables) if w.lease != lease.path and not w.paused
-            ]
+        def committing() -> list[RunningWriter] | None:
+            nonlocal unread
+            try:
+                return [
+                    w
+                    for w in running_writers(spark, cfg, lease.tables)
+                    if w.lease != lease.path and not w.paused
+                ]
+            except (Py4JJavaError, OSError) as err:  # a storage blip: read again until the deadline
+                unread = java_reason(err)
+                log.warning("%s: cannot read the leases (%s); tried again", job, unread)
+                return None
 
         wait = cfg.storage.writer_wait_seconds
         deadline = time.monotonic() + wait
         writers = committing()
         waited = False
-        while writers or lease.withdrawn:
-            if not writers:
-                lease.write()  # its turn: written again before the others are read again
-            elif all(w.yields or w.query is None for w in writers) and time.monotonic() < deadline:
-                ahead = [w for w in writers if w.query is None and w.lease < lease.path]
-                if ahead and not lease.withdrawn:
-                    lease.withdraw()
-                elif not ahead and lease.withdrawn:
-                    lease.write()
-                if not waited:
+        while not (writers == [] and lease.clear):
+            stuck = [
+                w
+                for w in writers or []
+                if (w.query is not None and not w.yields) or (w.query is None and not wait_for_batch_jobs)
+            ]
+            if stuck or time.monotonic() >= deadline:
+                late = (
+                    f"not held back or finished within storage.writer_wait_seconds ({wait:.0f} s): "
+                    if waited and not stuck
+                    else ""
+                )
+                why = "; ".join(w.reason() for w in stuck or writers or []) or (
+                    f"cannot read the other jobs' leases ({unread})"
+                    if writers is None
+                    else f"cannot write its lease {lease.path}"
+                )
+                raise JobError(f"{refused}: {late}{why}")
+            if writers is not None:
+                batch = [w for w in writers if w.query is None]
+                ahead = any(w.lease.rsplit("/", 1)[-1] < name for w in batch)
+                if writers and not waited:
                     waited = True
                     log.info(
                         "%s: waiting up to %.0f s for %s",
@@ -938,18 +977,11 @@ def writing_tables(
                             for w in writers
                         ),
                     )
-                time.sleep(_YIELD_POLL_SECONDS)  # polling the storage, with a deadline
-            else:
-                late = (
-                    f"not held back or finished within storage.writer_wait_seconds ({wait:.0f} s): "
-                    if waited
-                    else ""
-                )
-                raise JobError(f"{refused}: {late}" + "; ".join(w.reason() for w in writers))
-            try:
-                writers = committing()
-            except (Py4JJavaError, OSError) as err:  # a storage blip: as it was, until the deadline
-                log.warning("%s: cannot read the leases (%s); tried again", job, java_reason(err))
+                if lease.change(withdrawn=ahead, waiting=bool(batch) and not ahead) and not writers:
+                    writers = committing()  # written again, nobody was there: looks again at once
+                    continue
+            time.sleep(_YIELD_POLL_SECONDS)  # polling the storage, with a deadline
+            writers = committing()
         if waited:
             log.info("%s: goes on with its commits to %s", job, ", ".join(sorted(lease.tables)))
         yield

@@ -72,7 +72,14 @@ from carousel.erasure import (
 from carousel.errors import JobError, one_line
 from carousel.experiments import run_payload_id_column
 from carousel.faults import injected, kill_job
-from carousel.online_store import STORE_ERRORS, OnlineStoreError, check_reachable, connect, user_key
+from carousel.online_store import (
+    STORE_ERRORS,
+    OnlineStoreError,
+    check_reachable,
+    connect,
+    user_key,
+    user_of_key,
+)
 from carousel.payloads import check_templates, render_payloads
 from carousel.query_lifecycle import one_run_at_a_time, writing_tables
 from carousel.schemas import (
@@ -93,7 +100,6 @@ from carousel.storage import (
     table_exists,
     with_commit_retries,
 )
-from jobs.forget_user import user_of_key
 from jobs.rebuild_online_store import merge_frame
 
 log = logging.getLogger(__name__)
@@ -470,7 +476,8 @@ class RunErasures:
     def take_out(self, final: bool) -> None:
         """Delete this run's rows of the users found erased from ``sent_recommendations`` (under
         its lease on S3). Refused there (another batch job commits to it): tried again at the next
-        check, and the last time (``final``) the run stops with the reason; a retry finds them."""
+        check without waiting for it, and the last time (``final``) once ``storage.writer_wait_seconds``
+        is over the run stops with the reason; a retry finds them."""
         if not self.pending:
             return
         users = sorted(self.pending)
@@ -483,7 +490,7 @@ class RunErasures:
         )
         try:
             with (
-                commit_lease(self.spark, self.cfg, (SENT_RECOMMENDATIONS_TABLE,), refused),
+                commit_lease(self.spark, self.cfg, (SENT_RECOMMENDATIONS_TABLE,), refused, wait=final),
                 erasure_commits(self.spark, f"campaign:{self.campaign_name}:{self.run_id}:erased-during-run"),
             ):
                 for start in range(0, len(users), size):
@@ -632,11 +639,12 @@ def run_lease_name(campaign_name: str) -> str:
 
 
 def commit_lease(
-    spark: SparkSession, cfg: CarouselConfig, tables: tuple[str, ...], refused: str
+    spark: SparkSession, cfg: CarouselConfig, tables: tuple[str, ...], refused: str, wait: bool = True
 ) -> AbstractContextManager[None]:
     """The writer lease on ``tables`` for one commit of a run (on S3 only): a running record-sends
-    holds back for that commit, not for the whole run. ``refused``: what is not done."""
-    return writing_tables(spark, cfg, JOB, tables, refused)
+    holds back for that commit, not for the whole run. ``refused``: what is not done. Without
+    ``wait``: refused at once while another batch job commits there (a take-out tried again later)."""
+    return writing_tables(spark, cfg, JOB, tables, refused, wait_for_batch_jobs=wait)
 
 
 def _run(

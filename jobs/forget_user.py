@@ -78,7 +78,7 @@ from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig, on_local_d
 from carousel.erasure import check_key, erasure_commits, hash_key, key_id, raw_user_id, user_hash_of
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
-from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key
+from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key, user_of_key
 from carousel.query_lifecycle import writing_tables
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
@@ -163,13 +163,6 @@ def default_request_id(hashes: Collection[str], now: datetime) -> str:
     so a re-run after a kill finishes it."""
     digest = hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()[:12]
     return f"erase-{now.astimezone(UTC):%Y%m%d}-{digest}"
-
-
-def user_of_key(key: str, prefix: str) -> str | None:
-    """The user id of an online-store key ``<prefix>:<kind>:{<user id>}[:...]``; None for a key
-    of no user (another prefix, the API's rate counters)."""
-    match = re.fullmatch(rf"{re.escape(prefix)}:[^:{{}}]+:\{{(.+?)\}}(?::.*)?", key, flags=re.DOTALL)
-    return match.group(1) if match else None
 
 
 @dataclass

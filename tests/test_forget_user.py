@@ -43,7 +43,7 @@ from carousel.erasure import (
     with_erased_flag,
 )
 from carousel.online_state import Answer, OnlineState, OutboxEntry, outbox_key, remove_users_outbox_entries
-from carousel.online_store import connect
+from carousel.online_store import connect, user_of_key
 from carousel.schemas import (
     ERASED_USERS_SCHEMA,
     ERASED_USERS_TABLE,
@@ -586,11 +586,11 @@ def test_snapshot_roots_it_cannot_search_are_refused_before_anything_is_erased(
 
 
 def test_online_store_keys_and_id_files() -> None:
-    assert forget_user.user_of_key("p:user:{u-1}", "p") == "u-1"
-    assert forget_user.user_of_key("p:answered:{u-1}:e-9", "p") == "u-1"
-    assert forget_user.user_of_key("p:user:{a}b}", "p") == "a}b"
-    assert forget_user.user_of_key("p:api-rate:default:17", "p") is None
-    assert forget_user.user_of_key("q:user:{u-1}", "p") is None
+    assert user_of_key("p:user:{u-1}", "p") == "u-1"
+    assert user_of_key("p:answered:{u-1}:e-9", "p") == "u-1"
+    assert user_of_key("p:user:{a}b}", "p") == "a}b"
+    assert user_of_key("p:api-rate:default:17", "p") is None
+    assert user_of_key("q:user:{u-1}", "p") is None
     assert forget_user.parse_id_file("u-1\nu-2\n\nu-1\n") == ["u-1", "u-2", "u-1"]
     assert forget_user.parse_id_file("email,user_id\nx@y,u-1\n,\nz,u-2\n") == ["u-1", "u-2"]
     assert forget_user.unique_ids(["u-1", "u-2", "u-1"]) == ["u-1", "u-2"]
@@ -626,9 +626,7 @@ def test_online_store_erasure_on_a_redis_cluster(cluster_url: str) -> None:  # n
     gone = {"user-1", "user-7", "user-33"}
     deleted = forget_user.delete_user_keys(client, cfg.online_store.key_prefix, gone, cluster=True)
     assert deleted == 2 * len(gone)
-    assert keys() == {
-        k for k in before if forget_user.user_of_key(k.decode(), cfg.online_store.key_prefix) not in gone
-    }
+    assert keys() == {k for k in before if user_of_key(k.decode(), cfg.online_store.key_prefix) not in gone}
 
 
 @pytest.mark.integration

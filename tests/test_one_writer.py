@@ -31,13 +31,14 @@ from test_serve import NOW
 
 from carousel import tables
 from carousel.errors import JobError
+from carousel.local_process import process_state
 from carousel.query_lifecycle import (
     _PROCESS_SPACE,
     _STARTED,
     QueryLease,
     StorageChecks,
     _holder_gone,
-    _process_state,
+    batch_jobs_to_make_way_for,
     gate_for,
     lease_holder,
     one_run_at_a_time,
@@ -255,25 +256,56 @@ def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_
     at once; of two starting together (each sees the other), one withdraws until the other is done."""
     cfg = make_config(
         *_s3_settings(s3_bucket, s3_endpoint, "waits"),
-        "storage.writer_lease_seconds=3",
         "storage.writer_wait_seconds=60",
     )
     apply_storage_settings(spark, cfg)
     folder = writer_leases_folder(cfg)
+
     # A killed job's lease, live for 10 s more and sorting before any job's: waited for, not refused.
-    holder = {
-        "job": "a-killed-job",
-        "tables": [CATALOG_TABLE],
-        "host": "gone",
-        "pid": 1,
-        "renewed_at": datetime.now(UTC).isoformat(),
-        "lease_seconds": 10,
-    }
-    killed = f"{folder}/a-killed-job-0.json"
-    publish_small_file(spark, killed, json.dumps(holder))
+    def killed_job(job: str) -> str:
+        holder = {
+            "job": job,
+            "tables": [CATALOG_TABLE],
+            "host": "gone",
+            "pid": 1,
+            "renewed_at": datetime.now(UTC).isoformat(),
+            "lease_seconds": 10,
+        }
+        path = f"{folder}/{job}-0.json"
+        publish_small_file(spark, path, json.dumps(holder))
+        return path
+
+    killed = killed_job("a-killed-job")
     assert [w.job for w in running_writers(spark, cfg, [CATALOG_TABLE])] == ["a-killed-job"]
     with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
-        assert [w.job for w in running_writers(spark, cfg, [CATALOG_TABLE])] == ["maintain"]
+        assert [(w.job, w.waiting) for w in running_writers(spark, cfg, [CATALOG_TABLE])] == [
+            ("maintain", False)
+        ]
+    delete_file(spark, killed)
+
+    # One sorting after it: the job keeps its lease, marked waiting; no query holds back for it yet.
+    killed = killed_job("z-killed-job")
+    entered = threading.Event()
+
+    def maintain_catalog() -> None:
+        with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
+            entered.set()
+
+    waiting = threading.Thread(target=maintain_catalog)
+    waiting.start()
+    try:
+        wait_for(
+            lambda: (
+                [(w.job, w.waiting) for w in running_writers(spark, cfg, [CATALOG_TABLE])]
+                == [("maintain", True), ("z-killed-job", False)]
+            ),
+            30,
+            "the maintain job's lease marked waiting",
+        )
+        assert [w.job for w in batch_jobs_to_make_way_for(spark, cfg, [CATALOG_TABLE])] == ["z-killed-job"]
+    finally:
+        waiting.join(timeout=120)
+    assert entered.is_set()
     delete_file(spark, killed)
 
     # Two jobs starting at the same moment, each committing to one table: both commit, in turn.
@@ -328,13 +360,13 @@ def test_a_run_lease_of_a_process_gone_on_this_machine_is_ignored_at_once() -> N
     assert not _holder_gone({**mine, "pid": -1})
     running = subprocess.Popen(["sleep", "60"])
     try:
-        state = _process_state(running.pid)
+        state = process_state(running.pid)
         assert state is not None
         theirs = {**mine, "pid": running.pid, "started": state[1]}
         assert not _holder_gone(theirs)  # another live process
         running.kill()
         # Killed and not reaped yet: a zombie, gone for this purpose.
-        wait_for(lambda: (_process_state(running.pid) or ("?",))[0] == "Z", 30, "the zombie")
+        wait_for(lambda: (process_state(running.pid) or ("?",))[0] == "Z", 30, "the zombie")
         assert _holder_gone(theirs)
     finally:
         running.kill()
