@@ -772,6 +772,7 @@ class WriterLease:
         # path kept: its turn), or "waiting" in its file (the queries do not hold back for it yet).
         self.withdrawn = self.waiting = False
         self.landed = False  # whether the last write or withdrawal landed
+        self.failed = ""  # why the last change (:meth:`change`) did not land
         # The changes and the renewals take turns: a renewal never writes a withdrawn lease back.
         self._turn = threading.Lock()
 
@@ -807,10 +808,12 @@ class WriterLease:
             else:
                 self.write(waiting)
         except (Py4JError, OSError) as err:
+            self.failed = java_reason(err)
             log.warning(
-                "%s: cannot write or delete its writer lease %s (%s)", self.job, self.path, java_reason(err)
+                "%s: cannot write or delete its writer lease %s (%s)", self.job, self.path, self.failed
             )
             return False
+        self.failed = ""
         return True
 
     def _renew_now(self) -> None:
@@ -920,9 +923,9 @@ def writing_tables(
         yield
         return
     lease = WriterLease(spark, cfg, job, tables)
-    lease.write()
     name = lease.path.rsplit("/", 1)[-1]
     try:
+        lease.change(withdrawn=False, waiting=False)  # failed: written again below, until the deadline
         lease.keep_renewed()
         unread = ""  # why the leases could not be read, the last time they could not
 
@@ -949,7 +952,9 @@ def writing_tables(
                 for w in writers or []
                 if (w.query is not None and not w.yields) or (w.query is None and not wait_for_batch_jobs)
             ]
-            if stuck or time.monotonic() >= deadline:
+            # Nobody in the way and its lease as it wants it: one more change and read, past the deadline.
+            nobody = writers == [] and not lease.failed
+            if stuck or (time.monotonic() >= deadline and not nobody):
                 late = (
                     f"not held back or finished within storage.writer_wait_seconds ({wait:.0f} s): "
                     if waited and not stuck
@@ -958,7 +963,7 @@ def writing_tables(
                 why = "; ".join(w.reason() for w in stuck or writers or []) or (
                     f"cannot read the other jobs' leases ({unread})"
                     if writers is None
-                    else f"cannot write its lease {lease.path}"
+                    else f"cannot write its lease {lease.path} ({lease.failed})"
                 )
                 raise JobError(f"{refused}: {late}{why}")
             if writers is not None:

@@ -29,13 +29,14 @@ from support import wait_for
 from test_campaign import build_campaign_shop, campaign_config
 from test_serve import NOW
 
-from carousel import tables
+from carousel import query_lifecycle, tables
 from carousel.errors import JobError
 from carousel.local_process import process_state
 from carousel.query_lifecycle import (
     _PROCESS_SPACE,
     _STARTED,
     QueryLease,
+    RunningWriter,
     StorageChecks,
     _holder_gone,
     batch_jobs_to_make_way_for,
@@ -262,20 +263,20 @@ def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_
     folder = writer_leases_folder(cfg)
 
     # A killed job's lease, live for 10 s more and sorting before any job's: waited for, not refused.
-    def killed_job(job: str) -> str:
+    def killed_job(job: str, lifetime: float) -> str:
         holder = {
             "job": job,
             "tables": [CATALOG_TABLE],
             "host": "gone",
             "pid": 1,
             "renewed_at": datetime.now(UTC).isoformat(),
-            "lease_seconds": 10,
+            "lease_seconds": lifetime,
         }
         path = f"{folder}/{job}-0.json"
         publish_small_file(spark, path, json.dumps(holder))
         return path
 
-    killed = killed_job("a-killed-job")
+    killed = killed_job("a-killed-job", 10)
     assert [w.job for w in running_writers(spark, cfg, [CATALOG_TABLE])] == ["a-killed-job"]
     with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
         assert [(w.job, w.waiting) for w in running_writers(spark, cfg, [CATALOG_TABLE])] == [
@@ -284,12 +285,16 @@ def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_
     delete_file(spark, killed)
 
     # One sorting after it: the job keeps its lease, marked waiting; no query holds back for it yet.
-    killed = killed_job("z-killed-job")
+    killed = killed_job("z-killed-job", 600)  # deleted below, once seen
     entered = threading.Event()
+    failed: list[BaseException] = []
 
     def maintain_catalog() -> None:
-        with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
-            entered.set()
+        try:
+            with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
+                entered.set()
+        except Exception as err:  # noqa: BLE001 - reported by the test below
+            failed.append(err)
 
     waiting = threading.Thread(target=maintain_catalog)
     waiting.start()
@@ -304,9 +309,9 @@ def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_
         )
         assert [w.job for w in batch_jobs_to_make_way_for(spark, cfg, [CATALOG_TABLE])] == ["z-killed-job"]
     finally:
+        delete_file(spark, killed)  # gone: the waiting job goes on
         waiting.join(timeout=120)
-    assert entered.is_set()
-    delete_file(spark, killed)
+    assert failed == [] and entered.is_set()
 
     # Two jobs starting at the same moment, each committing to one table: both commit, in turn.
     table = cfg.storage.table("turns")
@@ -338,6 +343,56 @@ def test_batch_jobs_wait_for_each_others_commits_and_two_starting_together_both_
         spark.read.format("delta").load(table), spark.createDataFrame([("first",), ("second",)], "job string")
     )
     assert not read_text_file(spark, folder, list_names=True)  # both leases removed
+
+
+@pytest.mark.integration
+def test_a_batch_job_commits_only_after_a_read_that_followed_its_last_write(
+    spark, make_config, monkeypatch
+) -> None:
+    """Storage failures while a job waits (a read of the leases, a write of its own) are tried again
+    until the deadline, never taken for "nobody there": it goes on only once a read of the others'
+    leases came after its lease was last written."""
+    cfg = make_config("storage.writer_wait_seconds=60")
+    monkeypatch.setattr(query_lifecycle, "_single_driver", lambda spark, cfg: True)  # as on S3
+    events: list[str] = []
+    ahead = RunningWriter("a-job", None, {"job": "a-job"}, frozenset([CATALOG_TABLE]), "/leases/a-job-0.json")
+    # What the reads of the leases find, one after the other; then nobody.
+    reads: list[list[RunningWriter] | OSError] = [[ahead], [], OSError("storage blip"), [ahead]]
+    writes: list[OSError | None] = [None, None, OSError("storage blip")]  # then every write lands
+    write_lease = query_lifecycle.WriterLease._write
+
+    def running_writers(spark, cfg, tables) -> list[RunningWriter]:
+        found = reads.pop(0) if reads else []
+        events.append("read failed" if isinstance(found, OSError) else f"read {len(found)}")
+        if isinstance(found, OSError):
+            raise found
+        return found
+
+    def write(lease) -> None:
+        failure = writes.pop(0) if writes else None
+        events.append("write failed" if failure else ("write waiting" if lease.waiting else "write"))
+        if failure:
+            raise failure
+        write_lease(lease)
+
+    monkeypatch.setattr(query_lifecycle, "running_writers", running_writers)
+    monkeypatch.setattr(query_lifecycle.WriterLease, "_write", write)
+    with writing_tables(spark, cfg, "maintain", [CATALOG_TABLE], "not maintained"):
+        events.append("commits")
+    assert events == [
+        "write",
+        "read 1",  # a job ahead: withdrawn
+        "read 0",
+        "write",  # written again ...
+        "read failed",  # ... but not read after: not in yet
+        "read 1",  # the job ahead again: withdrawn again
+        "read 0",
+        "write failed",
+        "read 0",
+        "write",
+        "read 0",  # after the last write
+        "commits",
+    ]
 
 
 @pytest.mark.integration
