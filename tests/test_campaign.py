@@ -443,6 +443,65 @@ def test_users_erased_while_a_run_ranks_or_sends_keep_nothing_the_run_wrote(
     assert all(client.exists(user_key(cfg.online_store, "user", u)) for u in kept)
 
 
+def test_a_resumed_run_counts_and_keeps_out_a_user_whose_rows_forget_user_deletes_meanwhile(
+    spark: SparkSession, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run reads its stored rows once (a snapshot): forget-user deleting a user's rows
+    after that still leaves the user found by the run's check, so they get no payload and the run
+    does not count them (read again, the rows would be gone and the user counted as sent)."""
+    cfg = campaign_config(make_config, "campaign_runs.chunk_payloads=17")
+    selected, control = build_campaign_shop(spark, cfg)
+    receivers = [u for u in selected if u not in control]
+    topic = cfg.kafka.topic("email").name
+    start_chunk = campaign_job.RunProgress.start
+
+    def stop_before_chunk_2(progress: campaign_job.RunProgress, chunk: int, offsets: Any) -> None:
+        if chunk == 2:
+            raise RuntimeError("stopped before chunk 2")
+        start_chunk(progress, chunk, offsets)
+
+    monkeypatch.setattr(campaign_job.RunProgress, "start", stop_before_chunk_2)
+    with pytest.raises(RuntimeError, match="stopped before chunk 2"):
+        campaign_job.run(spark, cfg, "weekly", run_id="run-s", now=NOW)
+    monkeypatch.setattr(campaign_job.RunProgress, "start", start_chunk)
+    reader = TopicReader(cfg, topic)
+    try:
+        in_chunk_1 = {p["user_id"] for p in reader.read(sum(end_offsets(cfg.kafka, topic).values()))}
+    finally:
+        reader.close()
+    erased = next(u for u in receivers if u not in in_chunk_1)  # in chunk 2, not sent yet
+
+    # Resumed: forget-user runs whole once the run has read its stored rows, before its first check.
+    check = campaign_job.RunErasures.check
+
+    def forget_then_check(erasures: campaign_job.RunErasures, *args: Any, **kwargs: Any) -> set[str]:
+        if not getattr(erasures, "forgot", False):
+            erasures.forgot = True  # type: ignore[attr-defined]
+            forget_user.run(spark, cfg, [erased], request_id="req-s")
+        return check(erasures, *args, **kwargs)
+
+    monkeypatch.setattr(campaign_job.RunErasures, "check", forget_then_check)
+    result = campaign_job.run(spark, cfg, "weekly", run_id="run-s", now=NOW)
+
+    assert (result["resumed"], result["users"], result["payloads"], result["control"]) == (
+        True,
+        len(selected) - 1,
+        len(receivers) - 1,
+        len(control),
+    )
+    reader = TopicReader(cfg, topic)
+    try:
+        payloads = reader.read(len(receivers) - 1)
+    finally:
+        reader.close()
+    assert sum(end_offsets(cfg.kafka, topic).values()) == len(receivers) - 1
+    assert {p["user_id"] for p in payloads} == set(receivers) - {erased}
+    stored_users = read_table(spark, cfg, SENT_RECOMMENDATIONS_TABLE).select("user_id").distinct()
+    expected = spark.createDataFrame([(u,) for u in sorted(set(selected) - {erased})], "user_id string")
+    assertDataFrameEqual(stored_users, expected)
+    assert not connect(cfg.online_store).exists(user_key(cfg.online_store, "user", erased))
+
+
 def test_a_run_stopped_after_merging_a_user_erased_meanwhile_forgets_them_when_resumed(
     spark: SparkSession, make_config: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
