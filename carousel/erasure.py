@@ -31,7 +31,7 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from delta.tables import DeltaTable
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -48,7 +49,13 @@ from carousel.config import ERASURE_KEY_ENV, CarouselConfig
 from carousel.errors import JobError, one_line
 from carousel.schemas import ERASED_USERS_TABLE
 from carousel.session import session_settings
-from carousel.storage import latest_version, read_text_file, table_exists, write_small_file
+from carousel.storage import (
+    latest_version,
+    read_text_file,
+    table_exists,
+    with_commit_retries,
+    write_small_file,
+)
 from carousel.tables import ensure
 
 # The user id of a raw JSON record that does not parse (a truncated or malformed one): the text of
@@ -219,6 +226,32 @@ def erasure_commits(spark: SparkSession, tag: str) -> Iterator[None]:
     }
     with session_settings(spark, settings):
         yield
+
+
+def delete_users_rows(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    location: str,
+    ids: Sequence[str],
+    condition_of: Callable[[list[str]], Column],
+    tag: str,
+) -> int:
+    """Delete the rows of the users ``ids`` from the Delta table at ``location``: one commit per
+    ``erasure.ids_per_delete`` ids (a bounded IN list per DELETE, whose rows ``condition_of(ids)``
+    selects), tagged ``tag`` (:func:`erasure_commits`), each tried again after losing a commit race
+    (``maintenance.max_attempts``). How many DELETEs it committed. The caller holds the table's
+    writer lease where one is needed (forget-user, a campaign taking out users erased during it)."""
+    size = cfg.erasure.ids_per_delete
+    chunks = [list(ids[start : start + size]) for start in range(0, len(ids), size)]
+    with erasure_commits(spark, tag):
+        for chunk in chunks:
+            condition = condition_of(chunk)
+            with_commit_retries(
+                cfg.maintenance.max_attempts,
+                f"deleting erased users' rows from {location}",
+                lambda c=condition: DeltaTable.forPath(spark, location).delete(c),
+            )
+    return len(chunks)
 
 
 def check_key(spark: SparkSession, cfg: CarouselConfig, key: str) -> None:

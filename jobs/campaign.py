@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -61,11 +60,11 @@ from carousel.delivery import (
 )
 from carousel.erasure import (
     check_key,
+    delete_users_rows,
     drop_erased,
     erased_ids,
     erased_since,
     erased_version,
-    erasure_commits,
     user_hash,
     user_hash_of,
 )
@@ -98,7 +97,6 @@ from carousel.storage import (
     publish_small_file,
     read_text_file,
     table_exists,
-    with_commit_retries,
 )
 from jobs.rebuild_online_store import merge_frame
 
@@ -481,27 +479,21 @@ class RunErasures:
         if not self.pending:
             return
         users = sorted(self.pending)
-        size = self.cfg.erasure.ids_per_delete  # as forget-user: a bounded list per DELETE
-        location = self.cfg.storage.table(SENT_RECOMMENDATIONS_TABLE)
-        table = DeltaTable.forPath(self.spark, location)
         refused = (
             f"campaign {self.campaign_name} run {self.run_id}: the rows of {len(users)} users erased during "
             "the run are not taken out of sent_recommendations yet; run it again"
         )
         try:
-            with (
-                commit_lease(self.spark, self.cfg, (SENT_RECOMMENDATIONS_TABLE,), refused, wait=final),
-                erasure_commits(self.spark, f"campaign:{self.campaign_name}:{self.run_id}:erased-during-run"),
-            ):
-                for start in range(0, len(users), size):
-                    mine = of_run(self.campaign_name, self.run_id) & F.col("user_id").isin(
-                        users[start : start + size]
-                    )
-                    with_commit_retries(
-                        self.cfg.maintenance.max_attempts,
-                        f"taking erased users out of {location}",
-                        lambda mine=mine: table.delete(mine),
-                    )
+            with commit_lease(self.spark, self.cfg, (SENT_RECOMMENDATIONS_TABLE,), refused, wait=final):
+                # As forget-user deletes: a bounded list per DELETE, tagged as an erasure.
+                delete_users_rows(
+                    self.spark,
+                    self.cfg,
+                    self.cfg.storage.table(SENT_RECOMMENDATIONS_TABLE),
+                    users,
+                    lambda chunk: of_run(self.campaign_name, self.run_id) & F.col("user_id").isin(chunk),
+                    f"campaign:{self.campaign_name}:{self.run_id}:erased-during-run",
+                )
         except JobError as err:
             if final:
                 raise

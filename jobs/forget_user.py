@@ -75,7 +75,7 @@ from redis.exceptions import RedisClusterException
 from carousel import objectstore
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import ERASURE_REQUESTED_BY_ENV, CarouselConfig, on_local_disk
-from carousel.erasure import check_key, erasure_commits, hash_key, key_id, raw_user_id, user_hash_of
+from carousel.erasure import check_key, delete_users_rows, hash_key, key_id, raw_user_id, user_hash_of
 from carousel.errors import JobError, one_line
 from carousel.online_state import remove_users_outbox_entries
 from carousel.online_store import OnlineStoreError, check_reachable, connect, user_key, user_of_key
@@ -354,14 +354,9 @@ def erase_from_table(
             log.info("%s: no table at %s, nothing to erase", table, location)
             return StepResult(table, 0, "no table")
         before = latest_version(spark, location)
-        size = cfg.erasure.ids_per_delete
-        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-        with erasure_commits(spark, tag):
-            for chunk in chunks:
-                condition = _user_condition(table, chunk)
-                _with_retries(
-                    cfg, f"{table} delete", lambda c=condition: DeltaTable.forPath(spark, location).delete(c)
-                )
+        deletes = delete_users_rows(
+            spark, cfg, location, ids, lambda chunk: _user_condition(table, chunk), tag
+        )
         removed = _deleted_rows_since(spark, location, before, tag)
         purged = deletion_vector_count(spark, location)
         if purged:
@@ -371,7 +366,7 @@ def erase_from_table(
                 lambda: spark.sql(f"REORG TABLE {quoted_location(location)} APPLY (PURGE)").collect(),
             )
         final_after = datetime.now(UTC) + timedelta(hours=cfg.maintenance.vacuum_retention_hours)
-        detail = f"{len(chunks)} delete(s) tagged {tag}" + (
+        detail = f"{deletes} delete(s) tagged {tag}" + (
             f"; {purged} files with deletion vectors purged" if purged else ""
         )
         log.info(
