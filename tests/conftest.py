@@ -25,6 +25,29 @@ from carousel.session import build_session
 METRICS_DIR_ENV = "CAROUSEL__METRICS__TEXTFILE_DIR"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules with ``slow`` tests first, then those with tests on the broker (``make_config``
+    or ``kafka_bootstrap``), then on Spark, the others last (stable otherwise): with several
+    workers (``scripts/test.sh``, a module at a time), a long module handed out last would keep one
+    worker busy while the others have nothing left, and the quick ones fill the gaps at the end."""
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    def modules_using(fixture: str) -> set[str]:
+        return {module(item) for item in items if fixture in getattr(item, "fixturenames", ())}
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    on_broker, on_spark = modules_using("kafka_bootstrap"), modules_using("spark")
+    items.sort(
+        key=lambda item: (
+            module(item) not in slow,
+            module(item) not in on_broker,
+            module(item) not in on_spark,
+        )
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def metrics_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The batch jobs' metrics files (metrics.textfile_dir) of this session, in a temporary
