@@ -1,21 +1,23 @@
-"""The fixed cost of one small Delta commit: a plain append against an idempotent one (txn keys).
+"""The fixed cost of one small Delta commit: a plain append against idempotent ones (txn keys, tags).
 
 Role: the figure behind the commits of an ingest micro-batch (bench/README.md "The price of
-Delta's txn keys"). Every append of ``ingest`` carries Delta's idempotency key (``txnAppId`` /
-``txnVersion``: :func:`carousel.storage.idempotent_append`), so that a replayed batch skips what
-it already committed. Inputs: none (a fresh ``ingest_log``-shaped table per variant under a temp
-folder). Output: a summary on stdout and JSON (``bench/results/commit_cost.json``). Nothing is
-asserted.
+Delta's txn keys"). Every commit of ``ingest`` must be skipped when a replayed batch already made
+it: with Delta's idempotency key (``txnAppId`` / ``txnVersion``,
+:func:`carousel.storage.idempotent_append`, as ingest did until 2026-12-07), or with the batch as
+the commit's tag (:class:`carousel.storage.BatchCommits`, as ingest does now). Inputs: none (a
+fresh ``ingest_log``-shaped table per variant under a temp folder). Output: a summary on stdout and
+JSON (``bench/results/commit_cost.json``). Nothing is asserted.
 
 Each variant appends one ``ingest_log`` row ``--commits`` times to its own new table (the first
 ``--warm-up`` commits not counted), in a Spark job group per commit, so the Spark jobs of each
 commit are counted too:
 
 - **ceiling** - a plain append: the least a commit costs (one write job, the log entry);
-- **txn keys** - the same row through :func:`carousel.storage.idempotent_append`, as ingest writes;
-- **tag + history(1)** - a plain append with the batch in ``userMetadata`` after reading the
-  table's newest commit (``DeltaTable.history(1)``): what an idempotency check of its own, on the
-  commits' tags, would pay for its read.
+- **txn keys** - the same row through :func:`carousel.storage.idempotent_append`;
+- **tags, read each time** - through a new :class:`carousel.storage.BatchCommits` per commit, so
+  each reads the table's newest commits first (what the first batch after a restart pays);
+- **tags, as ingest** - through one :class:`carousel.storage.BatchCommits` for all commits, as a
+  running query: after its own commits it knows the answer without reading the table.
 
 The ratio is ceiling median / variant median (1.0: the variant costs nothing over a plain append).
 
@@ -33,7 +35,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
 from bench.common import bench_parser, machine_info, start_results, write_json
@@ -41,7 +42,7 @@ from carousel.cli import setup_logging
 from carousel.config import load_config
 from carousel.schemas import INGEST_LOG_SCHEMA, INGEST_LOG_TABLE
 from carousel.session import build_session
-from carousel.storage import idempotent_append
+from carousel.storage import BatchCommits, idempotent_append
 from carousel.tables import ensure
 
 log = logging.getLogger("bench.commit_cost")
@@ -63,11 +64,21 @@ def with_txn_keys(spark: SparkSession, location: str, batch: int) -> None:
     idempotent_append(log_row(spark, batch), location, APP_ID, batch)
 
 
-def tagged_after_history(spark: SparkSession, location: str, batch: int) -> None:
-    newest = DeltaTable.forPath(spark, location).history(1).select("version", "userMetadata").collect()
-    assert newest, location
-    tag = f"{APP_ID}:{batch}"
-    log_row(spark, batch).write.format("delta").mode("append").option("userMetadata", tag).save(location)
+def _micros_now() -> int:
+    return time.time_ns() // 1000
+
+
+def tagged_read_each_time(spark: SparkSession, location: str, batch: int) -> None:
+    assert BatchCommits(APP_ID, _micros_now()).append(log_row(spark, batch), location, batch)
+
+
+def tagged_as_a_running_query() -> Callable[[SparkSession, str, int], None]:
+    commits = BatchCommits(APP_ID, _micros_now())
+
+    def commit(spark: SparkSession, location: str, batch: int) -> None:
+        assert commits.append(log_row(spark, batch), location, batch)
+
+    return commit
 
 
 def timed_commits(
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, Callable[[SparkSession, str, int], None]] = {
         "ceiling": plain,
         "txn keys": with_txn_keys,
-        "tag + history(1)": tagged_after_history,
+        "tags, read each time": tagged_read_each_time,
+        "tags, as ingest": tagged_as_a_running_query(),
     }
     figures: dict[str, dict[str, object]] = {}
     spark = None
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one-row Delta appends, {args.commits - args.warm_up} counted per variant (after {args.warm_up})")
     for name, figure in figures.items():
         print(
-            f"  {name:<17} median {figure['median_seconds']:>6.3f} s  p90 {figure['p90_seconds']:>6.3f} s  "
+            f"  {name:<20} median {figure['median_seconds']:>6.3f} s  p90 {figure['p90_seconds']:>6.3f} s  "
             f"{figure['median_jobs']:>4} Spark jobs  ratio to ceiling {figure['ratio_to_ceiling']}"
         )
     print(f"results: {results['output']}")

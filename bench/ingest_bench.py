@@ -208,8 +208,11 @@ class BatchStepTimer(common.BatchTimer):
     def installed(self) -> Iterator[BatchStepTimer]:
         from streaming import ingest
 
-        names = ("process_batch", "idempotent_append", "_upsert_profiles")
+        names = ("process_batch", "_upsert_profiles")
         originals = {name: getattr(ingest, name) for name in names if hasattr(ingest, name)}
+        # Appends go through the query's BatchCommits (a method: patched on the class).
+        commits_class = getattr(ingest, "BatchCommits", None)
+        original_append = getattr(commits_class, "append", None)
         missing = sorted(set(names) - set(originals))
         if "process_batch" not in originals:
             log.warning("streaming.ingest.process_batch not found: no per-step timings")
@@ -243,7 +246,7 @@ class BatchStepTimer(common.BatchTimer):
                     current["wall_end"] = time.time()
                     self.batches.append(current)
 
-        def append_step(df: Any, location: str, *args: Any, **kwargs: Any) -> str:
+        def append_step(commits: Any, df: Any, location: str, *args: Any, **kwargs: Any) -> str:
             name = str(location).rstrip("/").rsplit("/", 1)[-1]
             return {
                 QUARANTINE_TABLE: "quarantine append",
@@ -251,19 +254,22 @@ class BatchStepTimer(common.BatchTimer):
                 INGEST_LOG_TABLE: "ingest_log append",
             }.get(name, f"append {name}")
 
-        step_names: dict[str, Callable[..., str]] = {
-            "idempotent_append": append_step,
-            "_upsert_profiles": lambda *a, **k: "profiles MERGE",
-        }
         ingest.process_batch = timed_batch
-        for name, step_of in step_names.items():
-            if name in originals:
-                setattr(ingest, name, self._timed_step(step_of, originals[name]))
+        if "_upsert_profiles" in originals:
+            ingest._upsert_profiles = self._timed_step(
+                lambda *a, **k: "profiles MERGE", originals["_upsert_profiles"]
+            )
+        if original_append is not None:
+            commits_class.append = self._timed_step(append_step, original_append)
+        else:
+            log.warning("streaming.ingest has no BatchCommits.append: appends are timed as their neighbours")
         try:
             yield self
         finally:
             for name, original in originals.items():
                 setattr(ingest, name, original)
+            if original_append is not None:
+                commits_class.append = original_append
 
     def reset(self) -> None:
         self.batches = []

@@ -1,7 +1,8 @@
 """Delta storage helpers shared by every job.
 
-Role: create tables from the declared schemas, write idempotently (Delta's ``txnAppId`` /
-``txnVersion`` for appends and, through the session confs, for MERGE), and keep the small marker
+Role: create tables from the declared schemas, write idempotently (streaming queries: each
+micro-batch's commits tagged with the batch, :class:`BatchCommits`; batch jobs: Delta's ``txnAppId``
+/ ``txnVersion`` for appends and, through the session confs, for MERGE), and keep the small marker
 that ties a streaming query's idempotency key to its checkpoint. Inputs are DataFrames and table
 locations from :class:`carousel.config.StorageConfig`; nothing here reads configuration itself.
 """
@@ -28,6 +29,7 @@ from delta.tables import DeltaTable
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,110 @@ def idempotent_append(df: DataFrame, location: str, app_id: str, version: int) -
         .option("txnVersion", version)
         .save(location)
     )
+
+
+# A commit's free-text tag (``userMetadata``), for DML that takes no write option.
+COMMIT_USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+# How much older than a query's app id a commit of that app may look: clocks of the driver and of the
+# storage differ (commit times are the storage's). Bounds the walk back through a table's history.
+_APP_CLOCK_MARGIN_MICROS = 3600 * 1_000_000
+
+
+class BatchCommits:
+    """Exactly-once commits of a streaming query's micro-batches into Delta tables, without Delta's
+    txn keys.
+
+    Every commit of micro-batch ``b`` is tagged ``<app id>:<b>`` in its ``userMetadata``. Before a
+    commit, :meth:`committed` asks whether the table already holds one of this app for ``b`` or a
+    later batch (batches commit in order). After this object's own commits the answer is known in
+    the process; otherwise (the first batch after a start, or after a write that failed, which may
+    still have landed) it is read from the table's newest commits, walking back until a commit of
+    this app, or one made before the app existed (``app_started``, epoch microseconds, less an hour
+    for clock skew), or the start of the history.
+
+    Why not ``txnAppId`` / ``txnVersion``: Delta 4.4 rebuilds the table's whole snapshot state to
+    look a txn key up: a one-row append takes 0.90 s and five Spark jobs against 0.37 s and one
+    (``bench/commit_cost_bench.py``), on every commit of every micro-batch. What txn keys give and
+    this does not: a refusal when two writers with one app id commit at once. One writer per app id
+    is kept by the query's checkpoint (one query per checkpoint) and its lease
+    (:mod:`carousel.query_lifecycle`). Make one per run of the query (what it knows dies with it).
+    """
+
+    def __init__(self, app_id: str, app_started: int, history_page: int = 16) -> None:
+        self.app_id = app_id
+        self._history_page = history_page
+        self._prefix = f"{app_id}:"
+        self._oldest_micros = app_started - _APP_CLOCK_MARGIN_MICROS
+        self._last: dict[str, int | None] = {}
+
+    def tag(self, batch_id: int) -> str:
+        return f"{self.app_id}:{batch_id}"
+
+    def committed(self, spark: SparkSession, location: str, batch_id: int) -> bool:
+        """Whether the table at ``location`` holds this app's commit of ``batch_id`` (or a later one)."""
+        if location not in self._last:
+            self._last[location] = self._newest_batch_in(spark, location)
+        last = self._last[location]
+        return last is not None and last >= batch_id
+
+    def commit(self, spark: SparkSession, location: str, batch_id: int, write: Callable[[], None]) -> bool:
+        """Run ``write`` (one Delta commit to ``location``: an append or a MERGE on ``spark``) tagged
+        with the batch, unless the table already holds it. True: written now."""
+        if self.committed(spark, location, batch_id):
+            log.info("batch %s already committed to %s: skipped", self.tag(batch_id), location)
+            return False
+        spark.conf.set(COMMIT_USER_METADATA_CONF, self.tag(batch_id))
+        try:
+            write()
+        except BaseException:
+            # It may have landed all the same (a commit reported failed): ask the table next time.
+            self._last.pop(location, None)
+            raise
+        finally:
+            spark.conf.unset(COMMIT_USER_METADATA_CONF)
+        self._last[location] = batch_id
+        return True
+
+    def append(self, df: DataFrame, location: str, batch_id: int) -> bool:
+        """Append ``df`` to the Delta table at ``location`` once for ``batch_id``. True: written now."""
+        return self.commit(
+            df.sparkSession,
+            location,
+            batch_id,
+            lambda: (
+                df.write.format("delta")
+                .mode("append")
+                .option("userMetadata", self.tag(batch_id))
+                .save(location)
+            ),
+        )
+
+    def _newest_batch_in(self, spark: SparkSession, location: str) -> int | None:
+        if not table_exists(spark, location):
+            return None  # the first commit creates it
+        table = DeltaTable.forPath(spark, location)
+        limit = self._history_page
+        while True:
+            commits = (
+                table.history(limit)
+                .select("userMetadata", F.unix_micros("timestamp").alias("micros"))
+                .collect()
+            )
+            for commit in commits:  # newest first
+                metadata = commit["userMetadata"] or ""
+                if metadata.startswith(self._prefix) and metadata[len(self._prefix) :].isdigit():
+                    return int(metadata[len(self._prefix) :])
+                if commit["micros"] < self._oldest_micros:
+                    return None
+            if len(commits) < limit:
+                return None
+            limit *= 8
+
+
+def file_modified_micros(spark: SparkSession, path: str) -> int:
+    """When the file at ``path`` (any Hadoop file system) was last written, in epoch microseconds."""
+    fs, hadoop_path = _hadoop_file(spark, path)
+    return int(fs.getFileStatus(hadoop_path).getModificationTime()) * 1000
 
 
 def committed_txn_version(spark: SparkSession, location: str, app_id: str) -> int | None:

@@ -21,12 +21,13 @@ the query's RocksDB state drops event ids already seen (:func:`deduplicate`,
 count-only read of the same offsets (:func:`with_read_marks`) gives the records read, so the
 duplicates the state dropped are counted too. The handler then appends, with no read of any table.
 
-Exactly once across kills: every write of micro-batch ``b`` carries Delta's idempotency key
-(``txnAppId`` = the query's app id kept beside its checkpoint, ``txnVersion`` = ``b``), so a batch
-replayed after a crash skips what was already committed. A replay recomputes the same rows: the
-offsets, the batch time and the dedupe state of batch ``b`` are all in the checkpoint. Copies of
-one event share its user id and so its Kafka partition (the topic is keyed by user): the state
-keeps the copy with the earliest offset, on every replay.
+Exactly once across kills: every commit of micro-batch ``b`` is tagged ``<app id>:<b>`` (the query's
+app id is kept beside its checkpoint) and made only when the table holds no commit of this app for
+``b`` yet (:class:`carousel.storage.BatchCommits`), so a batch replayed after a crash skips what was
+already committed. (Delta's own txn keys did the same at 0.5 s a commit: see that class.) A
+replay recomputes the same rows: the offsets, the batch time and the dedupe state of batch ``b``
+are all in the checkpoint. Copies of one event share its user id and so its Kafka partition (the
+topic is keyed by user): the state keeps the copy with the earliest offset, on every replay.
 
     ./spark-submit.sh ingest                    # run continuously (trigger: ingest.trigger_interval)
     ./spark-submit.sh ingest --available-now    # process what is in the topic, then stop
@@ -80,7 +81,7 @@ from carousel.schemas import (
     USER_ATTRIBUTES_SCHEMA,
 )
 from carousel.session import build_session
-from carousel.storage import delta_transaction, idempotent_append, read_or_create_marker
+from carousel.storage import BatchCommits, file_modified_micros, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
@@ -105,7 +106,8 @@ APP_ID_MARKER = "carousel_app_id"
 READ_MARK = "_read_mark"
 _DEDUPE_KEY = "_dedupe_key"
 _ERASED = "_erased"
-# Fault injection for the kill test: "events" SIGKILLs the job right after a batch's events commit.
+# Fault injection for the kill tests: SIGKILL the job right after a batch's commit to one table
+# ("quarantine", "events" or "profiles"; the log's is the batch's last).
 FAULT_KILL_ENV = "CAROUSEL_FAULT_KILL_INGEST_AFTER"
 _INGESTED_AT = "_ingested_at"
 
@@ -367,6 +369,7 @@ def ensure_ingest_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
 
 
 def _upsert_profiles(spark: SparkSession, deltas: DataFrame, cfg: CarouselConfig) -> None:
+    """One MERGE of the batch's profile deltas into ``user_profiles`` (one commit)."""
     columns = merged_profile_columns("t", "s", cfg.profiles.recent_items, cfg.profiles.max_devices)
     (
         DeltaTable.forPath(spark, cfg.storage.table(PROFILES_TABLE))
@@ -390,13 +393,13 @@ def quarantine_reasons(records: DataFrame) -> dict[str, int]:
     return {row["reason"]: int(row["count"]) for row in rows}
 
 
-def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_id: str) -> None:
+def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, commits: BatchCommits) -> None:
     """foreachBatch handler: store, quarantine, update profiles, log; idempotent by ``batch_id``.
 
     ``batch`` holds the deduplicated classified records and the read marks (:func:`with_read_marks`).
     """
     spark = batch.sparkSession
-    tag = f"{app_id}:{batch_id}"
+    tag = commits.tag(batch_id)
     now = datetime.now(UTC)
     timer = _StepTimer()
     # Users erased by forget-user are dropped here too: their events still in the topic (made at
@@ -423,14 +426,14 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
         records = batch.where(kept).drop(READ_MARK, _ERASED)
         # A replay of a batch with nothing to quarantine needs no marker either.
         if quarantined or attributes_dropped:
-            idempotent_append(
-                to_quarantine(records, tag, now), cfg.storage.table(QUARANTINE_TABLE), app_id, batch_id
-            )
+            commits.append(to_quarantine(records, tag, now), cfg.storage.table(QUARANTINE_TABLE), batch_id)
             timer.lap("quarantine")
+            if injected(FAULT_KILL_ENV, "quarantine"):
+                kill_job(f"between the quarantine commit and the events commit of batch {batch_id}")
         profiles_upserted = 0
         if stored_count:
             events = to_events(records, tag)
-            idempotent_append(events, cfg.storage.table(EVENTS_TABLE), app_id, batch_id)
+            commits.append(events, cfg.storage.table(EVENTS_TABLE), batch_id)
             timer.lap("events")
             if injected(FAULT_KILL_ENV, "events"):
                 kill_job(f"between the events commit and the profiles commit of batch {batch_id}")
@@ -441,10 +444,16 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
             ).persist()
             profiles_upserted = deltas.count()
             timer.lap("profile_deltas")
-            with delta_transaction(spark, app_id, batch_id):
-                _upsert_profiles(spark, deltas, cfg)
+            commits.commit(
+                spark,
+                cfg.storage.table(PROFILES_TABLE),
+                batch_id,
+                partial(_upsert_profiles, spark, deltas, cfg),
+            )
             timer.lap("profiles")
             deltas.unpersist()
+            if injected(FAULT_KILL_ENV, "profiles"):
+                kill_job(f"between the profiles commit and the ingest log commit of batch {batch_id}")
         duplicates = records_read - quarantined - stored_count - erased
         log_row = [
             (
@@ -460,11 +469,8 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, app_i
                 attributes_dropped,
             )
         ]
-        idempotent_append(
-            spark.createDataFrame(log_row, INGEST_LOG_SCHEMA),
-            cfg.storage.table(INGEST_LOG_TABLE),
-            app_id,
-            batch_id,
+        commits.append(
+            spark.createDataFrame(log_row, INGEST_LOG_SCHEMA), cfg.storage.table(INGEST_LOG_TABLE), batch_id
         )
         timer.lap("log")
         # Counted once the batch is committed (a failure before replays it), and never failing it.
@@ -544,12 +550,15 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)
     name = cfg.ingest.query_name
     checkpoint = cfg.storage.checkpoint(name)
-    app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
+    marker = f"{checkpoint}/{APP_ID_MARKER}"
+    app_id = read_or_create_marker(spark, marker, name)
+    # Made per start: what it knows of the tables' commits dies with this run of the query.
+    commits = BatchCommits(app_id, file_modified_micros(spark, marker))
     writer = (
         ingest_stream(read_event_stream(spark, cfg), cfg.ingest)
         .writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, app_id=app_id)))
+        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, commits=commits)))
     )
     writer = (
         writer.trigger(availableNow=True)

@@ -12,9 +12,10 @@ the topic, or in the API's outbox when the erasure ran) is dropped and counted, 
 
 Exactly once: a serve batch replayed after a kill emits the same outbox records again (same
 payload ids, same ``sent_at``); they are dropped by payload id within ``sent_log.dedupe_hours``
-(``dropDuplicatesWithinWatermark``, the state store), and every append carries Delta's
-idempotency key (``txnAppId`` = this query's id, ``txnVersion`` = batch id), so this query's own
-replays write nothing twice. Each batch logs its lag: commit time - ``sent_at``, p50 and max.
+(``dropDuplicatesWithinWatermark``, the state store), and every append is tagged with this query's
+id and batch id and made only when the table holds no commit of that batch yet
+(:class:`carousel.storage.BatchCommits`, as ingest), so this query's own replays write nothing
+twice. Each batch logs its lag: commit time - ``sent_at``, p50 and max.
 
     ./spark-submit.sh record-sends                   # continuous (sent_log.trigger_interval)
     ./spark-submit.sh record-sends --available-now   # drain the outbox, then stop
@@ -43,7 +44,7 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import build_session
-from carousel.storage import idempotent_append, read_or_create_marker
+from carousel.storage import BatchCommits, file_modified_micros, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 
@@ -95,12 +96,14 @@ def with_erased_column(rows: DataFrame, erased: ErasedUsers) -> DataFrame:
     return with_erased_flag(rows, erased, "user_id", _ERASED, "sent_at")
 
 
-def record_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, location: str, app_id: str) -> None:
+def record_batch(
+    batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, location: str, commits: BatchCommits
+) -> None:
     """foreachBatch handler: append the batch's rows idempotently (without erased users'), log
     counts and lag."""
     flagged = with_erased_column(sent_rows(batch), erased_ids(batch.sparkSession, cfg)).persist()
     try:
-        idempotent_append(flagged.where(~F.col(_ERASED)).drop(_ERASED), location, app_id, batch_id)
+        commits.append(flagged.where(~F.col(_ERASED)).drop(_ERASED), location, batch_id)
         now = datetime.now(UTC)
         lag = F.lit(now).cast("double") - F.col("sent_at").cast("double")
         kept = ~F.col(_ERASED)
@@ -134,7 +137,10 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     name = cfg.sent_log.query_name
     checkpoint = cfg.storage.checkpoint(name)
-    app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
+    marker = f"{checkpoint}/{APP_ID_MARKER}"
+    app_id = read_or_create_marker(spark, marker, name)
+    # Made per start: what it knows of the table's commits dies with this run of the query.
+    commits = BatchCommits(app_id, file_modified_micros(spark, marker))
     # The erased users' hash key: made now when missing, and refused when the table's hashes were
     # made with another (dropping nobody would record erased users again).
     check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)
@@ -155,7 +161,7 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     writer = (
         outbox.writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(gate_for(name).wrap(partial(record_batch, cfg=cfg, location=location, app_id=app_id)))
+        .foreachBatch(gate_for(name).wrap(partial(record_batch, cfg=cfg, location=location, commits=commits)))
     )
     writer = (
         writer.trigger(availableNow=True)

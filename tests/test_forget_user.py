@@ -58,7 +58,7 @@ from carousel.schemas import (
     TABLES,
     USER_ID_COLUMNS,
 )
-from carousel.storage import deletion_vector_count, quoted_location
+from carousel.storage import BatchCommits, deletion_vector_count, quoted_location
 from carousel.tables import ensure
 from jobs import export_training_data as export
 from jobs import forget_user, maintain
@@ -147,9 +147,10 @@ def _ingest(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> None:
         "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, "
         "timestampType int"
     )
+    commits = BatchCommits("test-ingest", int(now.timestamp() * 1_000_000))
     for batch_id, rows in enumerate(_raw_batches(now)):
         raw = spark.createDataFrame(rows, schema)
-        ingest.process_batch(ingest.ingest_stream(raw, cfg.ingest), batch_id, cfg=cfg, app_id="test-ingest")
+        ingest.process_batch(ingest.ingest_stream(raw, cfg.ingest), batch_id, cfg=cfg, commits=commits)
         if batch_id == 0:
             # One file holding every user, whatever the session's partitioning of the first MERGE:
             # the second batch then updates some of its rows, which leaves a deletion vector.

@@ -147,10 +147,13 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(spark, make_config, tmp
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
 
 
-def test_a_kill_between_the_events_and_the_profiles_commit_applies_each_event_once(
-    spark, make_config, tmp_path
+@pytest.mark.parametrize("killed_after", ["quarantine", "events", "profiles"])
+def test_a_kill_between_two_commits_of_a_batch_applies_each_record_once(
+    spark, make_config, tmp_path, killed_after
 ):
-    """The worst point, injected: a batch's events are committed, its profile update is not."""
+    """The worst points, injected: a batch's commits to some tables have landed, the rest have not.
+    The rerun replays the batch and must skip exactly the commits that landed (each is tagged with
+    its batch, :class:`carousel.storage.BatchCommits`)."""
     # Two micro-batches in all (the killed run's first and the rerun's second): the kill needs no more.
     overrides = ["ingest.max_offsets_per_trigger=1200", "spark.shuffle_partitions=2"]
     cfg = make_config(*overrides, "simulator.users=150", "simulator.items=80", partitions=2)
@@ -168,13 +171,22 @@ def test_a_kill_between_the_events_and_the_profiles_commit_applies_each_event_on
     sim.produce(records, cfg.kafka, cfg.kafka.topic("events").name)
 
     status, output = run_until_killed(
-        _ingest_command(overrides, "--available-now"), tmp_path / "killed.log", {FAULT_KILL_ENV: "events"}
+        _ingest_command(overrides, "--available-now"), tmp_path / "killed.log", {FAULT_KILL_ENV: killed_after}
     )
     assert status == -signal.SIGKILL, output[-3000:]
     # (The job's own last log line may die with the JVM that relays it: the tables tell instead.)
-    stored_before = read_table(spark, cfg, EVENTS_TABLE).count()
-    assert 0 < stored_before < labels["valid"]  # the first batch's events, nothing after them
-    assert read_table(spark, cfg, PROFILES_TABLE).count() == 0  # its profile update never ran
+    # What the first batch committed before the kill, table by table, and nothing after it.
+    landed = {
+        table: read_table(spark, cfg, table).count()
+        for table in (QUARANTINE_TABLE, EVENTS_TABLE, PROFILES_TABLE, INGEST_LOG_TABLE)
+    }
+    in_order = {"quarantine": QUARANTINE_TABLE, "events": EVENTS_TABLE, "profiles": PROFILES_TABLE}
+    names = list(in_order)
+    expected_landed = set(names[: names.index(killed_after) + 1])
+    assert {name for name, table in in_order.items() if landed[table]} == expected_landed, landed
+    assert landed[INGEST_LOG_TABLE] == 0
+    assert landed[EVENTS_TABLE] < labels["valid"]
+    quarantined_before = landed[QUARANTINE_TABLE]
 
     rerun = subprocess.run(
         _ingest_command(overrides, "--available-now"), capture_output=True, text=True, timeout=600
@@ -186,5 +198,17 @@ def test_a_kill_between_the_events_and_the_profiles_commit_applies_each_event_on
     assert events.select("event_id").distinct().count() == labels["valid"]
     log = read_table(spark, cfg, INGEST_LOG_TABLE).agg(F.sum("records_read"), F.sum("duplicates")).first()
     assert tuple(log) == (len(records), labels["duplicate"])
+    logged = read_table(spark, cfg, INGEST_LOG_TABLE)
+    assert logged.select("batch_id").distinct().count() == logged.count()  # each batch logged once
+    # The killed batch's quarantine rows are in once: the replay skipped the commit that had landed.
+    quarantine = read_table(spark, cfg, QUARANTINE_TABLE)
+    assert (
+        quarantine.groupBy("kafka_topic", "kafka_partition", "kafka_offset")
+        .count()
+        .where("count > 1")
+        .count()
+        == 0
+    )
+    assert quarantine.count() > quarantined_before > 0
     # Replayed, the batch's profile update was computed from the same rows and applied once.
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
