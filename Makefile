@@ -46,7 +46,7 @@ bench-upkeep: setup  ## 1M profiles: MERGE cost with/without deletion vectors; f
 bench-outage: setup  ## ingest + serve under steady traffic while the broker and the online store are stopped and restarted
 	@.venv/bin/python -m bench.outage_bench
 
-bench-commits: setup  ## the fixed cost of one small Delta commit: a plain append vs one with txn keys (as ingest writes)
+bench-commits: setup  ## the fixed cost of one small Delta commit: plain, with txn keys, and tagged once per batch (as ingest)
 	@.venv/bin/python -m bench.commit_cost_bench
 
 bench-classify: setup  ## the event classifier (ingest's and serve's validation) vs a plain JSON parse, 500k records

@@ -188,9 +188,12 @@ STEP_ORDER = (
 class BatchStepTimer(common.BatchTimer):
     """Times the steps of ``streaming.ingest.process_batch`` by wrapping the helpers it calls.
 
-    Only module attributes are replaced, while installed (``run`` binds ``process_batch`` when it is
-    called, so install before ``run``); nothing in ``streaming/ingest.py`` changes. Per batch: seconds
-    per step (see :data:`STEP_ORDER`) and the total.
+    Only attributes are replaced, while installed: the module's ``process_batch`` and
+    ``_upsert_profiles`` (``run`` binds ``process_batch`` when it is called, so install before
+    ``run``) and ``BatchCommits.append`` (on the class: every query in the process); no code
+    changes. A commit's check of the table's history (the first batch after a start) counts in its
+    step (the MERGE's: in the step before it). Per batch: seconds per step (see
+    :data:`STEP_ORDER`) and the total.
     """
 
     def __init__(self) -> None:

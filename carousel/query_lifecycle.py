@@ -355,6 +355,7 @@ class QueryLease:
     ) -> None:
         self._spark, self.path, self._query_name = spark, path, query_name
         self._held_back = held_back  # what the gate holds back, for the log
+        self._lease_seconds = lease_seconds
         self._renew_every = lease_seconds / 3
         self._renewed = -float("inf")
         self._conflicts = conflicts
@@ -372,12 +373,23 @@ class QueryLease:
         return self._renewed != -float("inf")
 
     def claim(self, storage: StorageChecks, release_on_refusal: bool = True) -> None:
-        """Write the lease now, before the query (re)starts (a start commits: its tables'
-        creation), then refuse to start (:class:`JobError`; the lease removed when
+        """Refuse to start (:class:`JobError`) while another process runs the query (its lease
+        younger than ``lease_seconds``, and not of a process of this machine that is gone: a second
+        start on one checkpoint would replay and commit its batches beside the first,
+        :class:`carousel.storage.BatchCommits`). Then write the lease, before the query (re)starts
+        (a start commits: its tables' creation), then refuse to start (the lease removed when
         ``release_on_refusal``) while ``conflicts`` names a writer it must not commit beside
         (:func:`query_lease`: a batch job's writer lease on one of its tables, on S3). Each side
         writes its own lease before reading the other's: of a job and a query starting together,
-        at least one sees the other."""
+        at least one sees the other. (Two starts of the query in the same second can both go on:
+        the lease is a file, not a lock.)"""
+        running = storage.run("check whether it runs elsewhere", self._running_elsewhere, None)
+        if running:
+            raise JobError(
+                f"{self._query_name}: not started: it already runs, {running} (lease {self.path}); "
+                f"stop that one first, or, if it was killed on another machine, start again once its "
+                f"lease is {self._lease_seconds:.0f} s old"
+            )
         self._paused = False  # a (re)started query's gate opens once the claim holds
         self._write_now(storage)  # whatever the last renewal; a failed write on S3: `conflicts` refuses
         try:
@@ -390,6 +402,20 @@ class QueryLease:
             raise JobError(f"{self._query_name}: not started: {reason}")
         self._going_on()  # a hold that ended with a restart
 
+    def _running_elsewhere(self) -> str | None:
+        """Who else runs the query now (:func:`held_by`), by its lease; None: nobody."""
+        holder = lease_holder(self._spark, self.path, self._lease_seconds)
+        if holder is None or _holder_gone(holder):
+            return None
+        mine = (
+            holder.get("pid") == os.getpid()
+            and holder.get("host") == socket.gethostname()
+            and holder.get("process_space") == _PROCESS_SPACE
+        )
+        if mine:
+            return None  # this process's own (a restart)
+        return held_by(holder)
+
     def renew_if_due(self) -> None:
         now = time.monotonic()
         if now - self._renewed < self._renew_every:
@@ -398,6 +424,9 @@ class QueryLease:
             "query": self._query_name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            # Which process: a start on this machine after a kill need not wait for it to lapse.
+            "process_space": _PROCESS_SPACE,
+            "started": _STARTED,
             "renewed_at": datetime.now(UTC).isoformat(),
             "yields": self._gate is not None and self._batch_writers is not None,
             "paused": self._paused,

@@ -196,9 +196,9 @@ def idempotent_append(df: DataFrame, location: str, app_id: str, version: int) -
 
 # A commit's free-text tag (``userMetadata``), for DML that takes no write option.
 COMMIT_USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
-# How much older than a query's app id a commit of that app may look: clocks of the driver and of the
-# storage differ (commit times are the storage's). Bounds the walk back through a table's history.
-_APP_CLOCK_MARGIN_MICROS = 3600 * 1_000_000
+# How much older than its batch's planning a commit of that batch may look: commit times are the
+# storage's clock, the offsets file's too, but a table and a checkpoint may sit on different stores.
+_CLOCK_MARGIN_MICROS = 3600 * 1_000_000
 
 
 class BatchCommits:
@@ -210,22 +210,26 @@ class BatchCommits:
     later batch (batches commit in order). After this object's own commits the answer is known in
     the process; otherwise (the first batch after a start, or after a write that failed, which may
     still have landed) it is read from the table's newest commits, walking back until a commit of
-    this app, or one made before the app existed (``app_started``, epoch microseconds, less an hour
-    for clock skew), or the start of the history.
+    this app, or one made before Spark planned batch ``b`` (its ``offsets/<b>`` file in
+    ``checkpoint``, less an hour for clocks: no commit of ``b`` is older), or the start of the
+    history. When the walk finds no tag of the app, the table's Delta txn key for the app answers
+    (what the app committed before its commits were tagged: a checkpoint older than 2026-12-07).
 
     Why not ``txnAppId`` / ``txnVersion``: Delta 4.4 rebuilds the table's whole snapshot state to
-    look a txn key up: a one-row append takes 0.90 s and five Spark jobs against 0.37 s and one
-    (``bench/commit_cost_bench.py``), on every commit of every micro-batch. What txn keys give and
-    this does not: a refusal when two writers with one app id commit at once. One writer per app id
-    is kept by the query's checkpoint (one query per checkpoint) and its lease
-    (:mod:`carousel.query_lifecycle`). Make one per run of the query (what it knows dies with it).
+    look a txn key up: a one-row append takes 1.02 s and four Spark jobs against 0.29 s and one
+    tagged (``bench/commit_cost_bench.py``), on every commit of every micro-batch. What txn keys
+    give and this does not: a refusal when two writers with one app id commit the same batch at
+    once. One writer per app id is kept by the query's lease beside its checkpoint, which a second
+    start of the query refuses (:meth:`carousel.query_lifecycle.QueryLease.claim`). A tag must still
+    be in the table's log when its batch is replayed (``delta.logRetentionDuration``, 30 days).
+    Make one per run of the query (what it knows dies with it).
     """
 
-    def __init__(self, app_id: str, app_started: int, history_page: int = 16) -> None:
+    def __init__(self, app_id: str, checkpoint: str | None, history_page: int = 16) -> None:
         self.app_id = app_id
+        self._checkpoint = checkpoint
         self._history_page = history_page
         self._prefix = f"{app_id}:"
-        self._oldest_micros = app_started - _APP_CLOCK_MARGIN_MICROS
         self._last: dict[str, int | None] = {}
 
     def tag(self, batch_id: int) -> str:
@@ -234,7 +238,7 @@ class BatchCommits:
     def committed(self, spark: SparkSession, location: str, batch_id: int) -> bool:
         """Whether the table at ``location`` holds this app's commit of ``batch_id`` (or a later one)."""
         if location not in self._last:
-            self._last[location] = self._newest_batch_in(spark, location)
+            self._last[location] = self._newest_batch_in(spark, location, batch_id)
         last = self._last[location]
         return last is not None and last >= batch_id
 
@@ -270,9 +274,19 @@ class BatchCommits:
             ),
         )
 
-    def _newest_batch_in(self, spark: SparkSession, location: str) -> int | None:
+    def _oldest_micros(self, spark: SparkSession, batch_id: int) -> int | None:
+        """How old a commit of ``batch_id`` can be at most (None: no bound known)."""
+        if self._checkpoint is None:
+            return None
+        planned = f"{self._checkpoint}/offsets/{batch_id}"
+        if not file_exists(spark, planned):
+            return None
+        return file_modified_micros(spark, planned) - _CLOCK_MARGIN_MICROS
+
+    def _newest_batch_in(self, spark: SparkSession, location: str, batch_id: int) -> int | None:
         if not table_exists(spark, location):
             return None  # the first commit creates it
+        oldest = self._oldest_micros(spark, batch_id)
         table = DeltaTable.forPath(spark, location)
         limit = self._history_page
         while True:
@@ -285,10 +299,10 @@ class BatchCommits:
                 metadata = commit["userMetadata"] or ""
                 if metadata.startswith(self._prefix) and metadata[len(self._prefix) :].isdigit():
                     return int(metadata[len(self._prefix) :])
-                if commit["micros"] < self._oldest_micros:
-                    return None
+                if oldest is not None and commit["micros"] < oldest:
+                    return committed_txn_version(spark, location, self.app_id)
             if len(commits) < limit:
-                return None
+                return committed_txn_version(spark, location, self.app_id)
             limit *= 8
 
 
@@ -434,7 +448,8 @@ def read_or_create_marker(spark: SparkSession, path: str, prefix: str) -> str:
     """Read the id stored at ``path`` (any Hadoop file system), creating ``prefix-<random>`` first.
 
     Streaming queries keep this next to their checkpoint: deleting the checkpoint starts batch ids
-    from 0 again, and the fresh id then keeps Delta from skipping those batches as already written.
+    from 0 again, and the fresh id then keeps those batches from being taken as already committed
+    (:class:`BatchCommits`' tags, or Delta's txn keys).
     """
     if not file_exists(spark, path):
         write_small_file(spark, path, f"{prefix}-{uuid.uuid4().hex[:12]}", overwrite=False)

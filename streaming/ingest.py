@@ -24,7 +24,7 @@ duplicates the state dropped are counted too. The handler then appends, with no 
 Exactly once across kills: every commit of micro-batch ``b`` is tagged ``<app id>:<b>`` (the query's
 app id is kept beside its checkpoint) and made only when the table holds no commit of this app for
 ``b`` yet (:class:`carousel.storage.BatchCommits`), so a batch replayed after a crash skips what was
-already committed. (Delta's own txn keys did the same at 0.5 s a commit: see that class.) A
+already committed. (Delta's own txn keys did the same for 0.7 s more a commit: see that class.) A
 replay recomputes the same rows: the offsets, the batch time and the dedupe state of batch ``b``
 are all in the checkpoint. Copies of one event share its user id and so its Kafka partition (the
 topic is keyed by user): the state keeps the copy with the earliest offset, on every replay.
@@ -81,7 +81,7 @@ from carousel.schemas import (
     USER_ATTRIBUTES_SCHEMA,
 )
 from carousel.session import build_session
-from carousel.storage import BatchCommits, file_modified_micros, read_or_create_marker
+from carousel.storage import BatchCommits, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
@@ -550,10 +550,9 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)
     name = cfg.ingest.query_name
     checkpoint = cfg.storage.checkpoint(name)
-    marker = f"{checkpoint}/{APP_ID_MARKER}"
-    app_id = read_or_create_marker(spark, marker, name)
+    app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
     # Made per start: what it knows of the tables' commits dies with this run of the query.
-    commits = BatchCommits(app_id, file_modified_micros(spark, marker))
+    commits = BatchCommits(app_id, checkpoint)
     writer = (
         ingest_stream(read_event_stream(spark, cfg), cfg.ingest)
         .writeStream.queryName(name)

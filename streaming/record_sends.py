@@ -44,7 +44,7 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_TABLE,
 )
 from carousel.session import build_session
-from carousel.storage import BatchCommits, file_modified_micros, read_or_create_marker
+from carousel.storage import BatchCommits, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 
@@ -137,10 +137,9 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     ensure(spark, cfg, SENT_RECOMMENDATIONS_TABLE)
     name = cfg.sent_log.query_name
     checkpoint = cfg.storage.checkpoint(name)
-    marker = f"{checkpoint}/{APP_ID_MARKER}"
-    app_id = read_or_create_marker(spark, marker, name)
+    app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
     # Made per start: what it knows of the table's commits dies with this run of the query.
-    commits = BatchCommits(app_id, file_modified_micros(spark, marker))
+    commits = BatchCommits(app_id, checkpoint)
     # The erased users' hash key: made now when missing, and refused when the table's hashes were
     # made with another (dropping nobody would record erased users again).
     check_key(spark, cfg, erased_ids(spark, cfg, create=True).key)

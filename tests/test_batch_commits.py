@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,13 +11,9 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.testing import assertDataFrameEqual
 
-from carousel.storage import BatchCommits
+from carousel.storage import BatchCommits, idempotent_append
 
 SCHEMA = "batch long, value string"
-
-
-def _now_micros() -> int:
-    return time.time_ns() // 1000
 
 
 def _rows(spark: SparkSession, batch: int, *values: str):
@@ -29,12 +26,11 @@ def _tags(spark: SparkSession, location: str) -> list[str | None]:
 
 def test_a_batch_is_appended_once_in_a_run_and_after_a_restart(spark: SparkSession, tmp_path: Path) -> None:
     location = str(tmp_path / "table")
-    started = _now_micros()
-    commits = BatchCommits("q-app", started)
+    commits = BatchCommits("q-app", None)
     assert commits.append(_rows(spark, 0, "a", "b"), location, 0)
     assert not commits.append(_rows(spark, 0, "a", "b"), location, 0)  # known in the run
 
-    restarted = BatchCommits("q-app", started)  # what it knows is read from the table
+    restarted = BatchCommits("q-app", None)  # what it knows is read from the table
     assert restarted.committed(spark, location, 0)
     assert not restarted.committed(spark, location, 1)
     assert not restarted.append(_rows(spark, 0, "a", "b"), location, 0)
@@ -44,40 +40,57 @@ def test_a_batch_is_appended_once_in_a_run_and_after_a_restart(spark: SparkSessi
         spark.read.format("delta").load(location), _rows(spark, 0, "a", "b").union(_rows(spark, 1, "c"))
     )
     assert _tags(spark, location) == ["q-app:1", "q-app:0"]
+    assert BatchCommits("q-app", None).committed(spark, location, 0)  # a later batch says so too
 
 
 def test_the_walk_back_passes_other_writers_commits(spark: SparkSession, tmp_path: Path) -> None:
     location = str(tmp_path / "table")
-    started = _now_micros()
-    assert BatchCommits("q-app", started).append(_rows(spark, 3, "mine"), location, 3)
+    assert BatchCommits("q-app", None).append(_rows(spark, 3, "mine"), location, 3)
     # Another query's commits (a tag that only starts like this app's) and an untagged one after it.
-    other = BatchCommits("q-app-2", started)
+    other = BatchCommits("q-app-2", None)
     for batch in range(3):
         other.append(_rows(spark, batch, "theirs"), location, batch)
     _rows(spark, 9, "plain").write.format("delta").mode("append").save(location)
 
-    restarted = BatchCommits("q-app", started, history_page=2)  # three pages back
+    restarted = BatchCommits("q-app", None, history_page=2)  # found on the second page
     assert restarted.committed(spark, location, 3)
     assert not restarted.committed(spark, location, 4)
 
 
-def test_the_walk_back_ends_at_commits_from_before_the_app_started(
-    spark: SparkSession, tmp_path: Path
-) -> None:
-    """A new app id (a fresh checkpoint) on a table with a long history reads only its newest
-    commits: the walk ends at the first commit older than the app (less an hour for clock skew)."""
-    location = str(tmp_path / "table")
-    assert BatchCommits("q-app", _now_micros()).append(_rows(spark, 5, "tagged"), location, 5)
+def test_the_walk_back_ends_at_commits_older_than_the_batch(spark: SparkSession, tmp_path: Path) -> None:
+    """No commit of batch ``b`` is older than Spark's plan of it (``offsets/<b>`` in the checkpoint):
+    the walk reads no further back than that, less an hour for clocks."""
+    location, checkpoint = str(tmp_path / "table"), tmp_path / "checkpoint"
+    assert BatchCommits("q-app", None).append(_rows(spark, 5, "tagged"), location, 5)
     _rows(spark, 9, "plain").write.format("delta").mode("append").save(location)
-    two_hours_later = _now_micros() + 2 * 3600 * 1_000_000
-    # The tagged commit is behind the plain one, which is older than this app: not reached.
-    assert not BatchCommits("q-app", two_hours_later).committed(spark, location, 5)
-    assert BatchCommits("q-app", _now_micros()).committed(spark, location, 5)
+    planned = checkpoint / "offsets" / "5"  # as when batch 5 is replayed
+    planned.parent.mkdir(parents=True)
+    planned.write_text("v1")
+    assert BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)  # within the hour
+    two_hours_later = time.time() + 2 * 3600
+    os.utime(planned, (two_hours_later, two_hours_later))
+    # Planned later than the plain commit, less the hour: the tagged commit behind it is not read.
+    assert not BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)
+
+
+def test_a_batch_committed_with_deltas_txn_keys_counts(spark: SparkSession, tmp_path: Path) -> None:
+    """A checkpoint from before the tags: its app's last batches were committed with Delta's txn
+    keys (``txnAppId`` / ``txnVersion``), and a replay of one of them must still be skipped."""
+    location = str(tmp_path / "table")
+    idempotent_append(_rows(spark, 7, "keyed"), location, "q-app", 7)
+    upgraded = BatchCommits("q-app", None)
+    assert upgraded.committed(spark, location, 7)
+    assert not upgraded.committed(spark, location, 8)
+    assert not upgraded.append(_rows(spark, 7, "keyed"), location, 7)
+    assert upgraded.append(_rows(spark, 8, "tagged"), location, 8)
+    assertDataFrameEqual(
+        spark.read.format("delta").load(location), _rows(spark, 7, "keyed").union(_rows(spark, 8, "tagged"))
+    )
 
 
 def test_a_commit_reported_failed_that_landed_is_not_made_again(spark: SparkSession, tmp_path: Path) -> None:
     location = str(tmp_path / "table")
-    commits = BatchCommits("q-app", _now_micros())
+    commits = BatchCommits("q-app", None)
     assert commits.append(_rows(spark, 0, "a"), location, 0)
 
     def lands_then_fails() -> None:

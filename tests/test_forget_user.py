@@ -147,7 +147,7 @@ def _ingest(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> None:
         "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, "
         "timestampType int"
     )
-    commits = BatchCommits("test-ingest", int(now.timestamp() * 1_000_000))
+    commits = BatchCommits("test-ingest", None)
     for batch_id, rows in enumerate(_raw_batches(now)):
         raw = spark.createDataFrame(rows, schema)
         ingest.process_batch(ingest.ingest_stream(raw, cfg.ingest), batch_id, cfg=cfg, commits=commits)

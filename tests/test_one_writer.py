@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -575,4 +576,53 @@ def test_serves_trending_refresh_holds_back_while_a_batch_job_commits_to_trendin
             assert not refresh.is_alive() and table_exists(spark, trending)  # then refreshed
     finally:
         refresher.stop(30)
+        lease.release()
+
+
+@pytest.mark.integration
+def test_a_second_start_of_a_running_query_is_refused(spark, make_config) -> None:
+    """Two processes running one query would each replay and commit its open batch (its commits
+    are tagged, not keyed: carousel.storage.BatchCommits): a start beside a live lease is refused;
+    a killed process's lease on this machine, another machine's lapsed one, and this process's
+    own (a supervised restart) are not in the way."""
+    cfg = make_config()
+    lease = query_lease(spark, cfg, "ingest")
+    storage = StorageChecks("ingest")
+    now = datetime.now(UTC)
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        state = process_state(running.pid)
+        assert state is not None
+        theirs = {
+            "query": cfg.ingest.query_name,
+            "host": socket.gethostname(),
+            "pid": running.pid,
+            "process_space": _PROCESS_SPACE,
+            "started": state[1],
+            "renewed_at": now.isoformat(),
+        }
+        publish_small_file(spark, lease.path, json.dumps(theirs))
+        refused = (
+            rf"^{cfg.ingest.query_name}: not started: it already runs, running on .* \(pid {running.pid},"
+        )
+        with pytest.raises(JobError, match=refused):
+            lease.claim(storage)
+        assert json.loads(read_text_file(spark, lease.path))["pid"] == running.pid  # left as it was
+
+        running.kill()
+        running.wait()
+        lease.claim(storage)  # killed: its lease need not lapse
+        assert lease_holder(spark, lease.path, 30)["pid"] == os.getpid()
+        lease.claim(storage)  # its own: a restart
+
+        elsewhere = {**theirs, "host": "another-machine", "process_space": "elsewhere", "pid": 4242}
+        publish_small_file(spark, lease.path, json.dumps(elsewhere))
+        with pytest.raises(JobError, match=r"not started: it already runs, running on another-machine"):
+            lease.claim(storage)
+        lapsed = (now - timedelta(seconds=cfg.ingest.lease_seconds + 1)).isoformat()
+        publish_small_file(spark, lease.path, json.dumps({**elsewhere, "renewed_at": lapsed}))
+        lease.claim(storage)
+    finally:
+        running.kill()
+        running.wait()
         lease.release()

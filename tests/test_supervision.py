@@ -190,6 +190,7 @@ def test_a_storage_outage_of_the_stop_check_and_the_lease_ends_neither_query_nor
     # lease is removed at the end though no write of it was seen to land (a write may have).
     assert sorted(kinds) == [
         "flaky: cannot check for a stop request",
+        "flaky: cannot check whether it runs elsewhere",
         "flaky: cannot remove a stale stop request",
         "flaky: cannot remove its lease",
         "flaky: cannot renew its lease",
