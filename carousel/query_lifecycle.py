@@ -140,6 +140,10 @@ def failure_detail(query: StreamingQuery) -> str:
     return str(getattr(jvm, "org.apache.spark.util.Utils").exceptionString(error.get()))
 
 
+class AlreadyRunningError(JobError):
+    """Another process runs the query (its lease says so): this one does not start, or stops."""
+
+
 class StopRequestedError(RuntimeError):
     """A micro-batch refused to start because its query is stopping (Spark replays it next start)."""
 
@@ -366,6 +370,7 @@ class QueryLease:
         self._held_for = ""  # the jobs last logged as holding it back
         self._made_way_at = -float("inf")
         self._wrote = False  # whether this process wrote the lease (since its last release)
+        self.taken_by: str | None = None  # another process that holds the lease now (renew_if_due)
 
     @property
     def written(self) -> bool:
@@ -373,7 +378,7 @@ class QueryLease:
         return self._renewed != -float("inf")
 
     def claim(self, storage: StorageChecks, release_on_refusal: bool = True) -> None:
-        """Refuse to start (:class:`JobError`) while another process runs the query (its lease
+        """Refuse to start (:class:`AlreadyRunningError`) while another process runs the query (its lease
         younger than ``lease_seconds``, and not of a process of this machine that is gone: a second
         start on one checkpoint would replay and commit its batches beside the first,
         :class:`carousel.storage.BatchCommits`). Then write the lease, before the query (re)starts
@@ -385,11 +390,11 @@ class QueryLease:
         the lease is a file, not a lock.)"""
         running = storage.run("check whether it runs elsewhere", self._running_elsewhere, None)
         if running:
-            raise JobError(
+            raise AlreadyRunningError(
                 f"{self._query_name}: not started: it already runs, {running} (lease {self.path}); "
-                f"stop that one first, or, if it was killed on another machine, start again once its "
-                f"lease is {self._lease_seconds:.0f} s old"
+                "stop that one first: two would commit its micro-batches twice"
             )
+        self.taken_by = None  # whoever took it over is gone since
         self._paused = False  # a (re)started query's gate opens once the claim holds
         self._write_now(storage)  # whatever the last renewal; a failed write on S3: `conflicts` refuses
         try:
@@ -403,7 +408,34 @@ class QueryLease:
         self._going_on()  # a hold that ended with a restart
 
     def _running_elsewhere(self) -> str | None:
-        """Who else runs the query now (:func:`held_by`), by its lease; None: nobody."""
+        """Who else runs the query now (:func:`held_by`), by its lease; None: nobody.
+
+        A lease of a process of this machine (and pid namespace) counts while that process runs.
+        One from another machine or container (a driver restarted on another node, a new pod)
+        counts only if it is renewed: the start waits for it to be renewed (refused) or to lapse
+        (goes on), at most ``lease_seconds``."""
+        holder = self._other_holder()
+        if holder is None:
+            return None
+        if _PROCESS_SPACE is not None and holder.get("process_space") == _PROCESS_SPACE:
+            return held_by(holder)  # it runs (not gone)
+        log.info(
+            "%s: a lease of another machine or container (%s): waiting for it to be renewed or to lapse",
+            self._query_name,
+            held_by(holder),
+        )
+        deadline = time.monotonic() + self._lease_seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self._renew_every / 3))  # a poll of the lease file, not a sync
+            now = self._other_holder()
+            if now is None:
+                return None
+            if now.get("renewed_at") != holder.get("renewed_at"):
+                return held_by(now)
+        return None
+
+    def _other_holder(self) -> dict[str, Any] | None:
+        """The lease at its path if another process's, live (not lapsed, not of a process gone)."""
         holder = lease_holder(self._spark, self.path, self._lease_seconds)
         if holder is None or _holder_gone(holder):
             return None
@@ -412,14 +444,23 @@ class QueryLease:
             and holder.get("host") == socket.gethostname()
             and holder.get("process_space") == _PROCESS_SPACE
         )
-        if mine:
-            return None  # this process's own (a restart)
-        return held_by(holder)
+        return None if mine else holder
 
     def renew_if_due(self) -> None:
+        """Write the lease again when a third of its lifetime has passed since the last write;
+        never over another process's live lease (that one took the query over while this one's
+        lapsed: :attr:`taken_by` says who, and the query stops)."""
         now = time.monotonic()
-        if now - self._renewed < self._renew_every:
+        if self.taken_by is not None or now - self._renewed < self._renew_every:
             return
+        if self._wrote:
+            other = self._other_holder()
+            if other is not None:
+                self.taken_by = held_by(other)
+                log.error(
+                    "%s: another process took its lease over, %s: stopping", self._query_name, self.taken_by
+                )
+                return
         holder = {
             "query": self._query_name,
             "host": socket.gethostname(),
@@ -496,7 +537,7 @@ class QueryLease:
 
     def release(self) -> None:
         """Remove the lease, if this process wrote it (never another instance's)."""
-        if not self._wrote:
+        if not self._wrote or self.taken_by is not None:
             return
         delete_file(self._spark, self.path)
         self._wrote = False
@@ -1175,6 +1216,8 @@ def await_query(
                 log.warning("%s: removed a stop request left from before this start (%s)", query.name, marker)
             while query.isActive:
                 renew_lease()
+                if lease is not None and lease.taken_by is not None and not requested:
+                    requested.append(f"its lease taken over, {lease.taken_by}")
                 if lease is not None:
                     lease.make_way(storage, poll_seconds)
                 if (
@@ -1204,6 +1247,11 @@ def await_query(
             elif error is not None:
                 log.info("%s stopped; its last micro-batch will be replayed: %s", query.name, one_line(error))
             log.info("%s stopped%s", query.name, f" ({requested[0]})" if requested else "")
+            if lease is not None and lease.taken_by is not None:
+                raise AlreadyRunningError(
+                    f"{query.name}: stopped: another process runs it, {lease.taken_by} (lease {lease.path}); "
+                    "two would commit its micro-batches twice"
+                )
     finally:
         if lease is not None and not keep_lease:
             storage.run("remove its lease (it expires by itself)", lease.release, None)

@@ -39,6 +39,7 @@ from pyspark.sql.streaming import StreamingQuery
 from carousel.config import KafkaConfig, SupervisionConfig, mask_secrets
 from carousel.errors import JobError, telling_line
 from carousel.query_lifecycle import (
+    AlreadyRunningError,
     QueryFailedError,
     QueryLease,
     StorageChecks,
@@ -208,6 +209,8 @@ def _claim_for_restart(
     while True:
         try:
             lease.claim(storage, release_on_refusal=False)
+        except AlreadyRunningError:
+            raise  # not a batch job to outwait: another process runs the query
         except JobError as err:
             if not held_back:
                 log.warning(

@@ -36,6 +36,7 @@ from carousel.local_process import process_state
 from carousel.query_lifecycle import (
     _PROCESS_SPACE,
     _STARTED,
+    AlreadyRunningError,
     QueryLease,
     RunningWriter,
     StorageChecks,
@@ -583,46 +584,88 @@ def test_serves_trending_refresh_holds_back_while_a_batch_job_commits_to_trendin
 def test_a_second_start_of_a_running_query_is_refused(spark, make_config) -> None:
     """Two processes running one query would each replay and commit its open batch (its commits
     are tagged, not keyed: carousel.storage.BatchCommits): a start beside a live lease is refused;
-    a killed process's lease on this machine, another machine's lapsed one, and this process's
-    own (a supervised restart) are not in the way."""
-    cfg = make_config()
+    a killed process's lease on this machine, another machine's that is not renewed, and this
+    process's own (a supervised restart) are not in the way; a running query whose lease another
+    process took over does not write over it."""
+    cfg = make_config("ingest.lease_seconds=3")
     lease = query_lease(spark, cfg, "ingest")
     storage = StorageChecks("ingest")
-    now = datetime.now(UTC)
-    running = subprocess.Popen(["sleep", "60"])
-    try:
-        state = process_state(running.pid)
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+
+    def live_lease(process: subprocess.Popen) -> dict:
+        state = process_state(process.pid)
         assert state is not None
-        theirs = {
+        return {
             "query": cfg.ingest.query_name,
             "host": socket.gethostname(),
-            "pid": running.pid,
+            "pid": process.pid,
             "process_space": _PROCESS_SPACE,
             "started": state[1],
-            "renewed_at": now.isoformat(),
+            "renewed_at": datetime.now(UTC).isoformat(),
         }
+
+    try:
+        theirs = live_lease(sleepers[0])
         publish_small_file(spark, lease.path, json.dumps(theirs))
         refused = (
-            rf"^{cfg.ingest.query_name}: not started: it already runs, running on .* \(pid {running.pid},"
+            rf"^{cfg.ingest.query_name}: not started: it already runs, running on .* \(pid {theirs['pid']},"
         )
-        with pytest.raises(JobError, match=refused):
+        with pytest.raises(AlreadyRunningError, match=refused):
             lease.claim(storage)
-        assert json.loads(read_text_file(spark, lease.path))["pid"] == running.pid  # left as it was
+        assert json.loads(read_text_file(spark, lease.path))["pid"] == theirs["pid"]  # left as it was
 
-        running.kill()
-        running.wait()
+        sleepers[0].kill()
+        sleepers[0].wait()
         lease.claim(storage)  # killed: its lease need not lapse
         assert lease_holder(spark, lease.path, 30)["pid"] == os.getpid()
         lease.claim(storage)  # its own: a restart
 
+        # Another machine's lease counts while it is renewed (its driver runs) ...
         elsewhere = {**theirs, "host": "another-machine", "process_space": "elsewhere", "pid": 4242}
-        publish_small_file(spark, lease.path, json.dumps(elsewhere))
-        with pytest.raises(JobError, match=r"not started: it already runs, running on another-machine"):
-            lease.claim(storage)
-        lapsed = (now - timedelta(seconds=cfg.ingest.lease_seconds + 1)).isoformat()
-        publish_small_file(spark, lease.path, json.dumps({**elsewhere, "renewed_at": lapsed}))
+        stop_renewing = threading.Event()
+
+        def renew_elsewhere() -> None:
+            while not stop_renewing.is_set():
+                renewed = {**elsewhere, "renewed_at": datetime.now(UTC).isoformat()}
+                publish_small_file(spark, lease.path, json.dumps(renewed))
+                stop_renewing.wait(0.3)
+
+        renewer = threading.Thread(target=renew_elsewhere)
+        renewer.start()
+        try:
+            wait_for(
+                lambda: json.loads(read_text_file(spark, lease.path))["host"] == "another-machine",
+                timeout=30,
+                what="the other machine's lease",
+            )
+            with pytest.raises(
+                AlreadyRunningError, match=r"not started: it already runs, running on another-machine"
+            ):
+                lease.claim(storage)
+        finally:
+            stop_renewing.set()
+            renewer.join()
+        # ... and not once it only ages (a driver gone with its node): the start waits for it to lapse.
+        publish_small_file(
+            spark, lease.path, json.dumps({**elsewhere, "renewed_at": datetime.now(UTC).isoformat()})
+        )
         lease.claim(storage)
+        assert lease_holder(spark, lease.path, 30)["pid"] == os.getpid()
+
+        # Taken over while it runs (its own lease lapsed meanwhile): it stops renewing and says who.
+        taker = live_lease(sleepers[1])
+        publish_small_file(spark, lease.path, json.dumps(taker))
+
+        def renewal_saw_it() -> bool:
+            lease.renew_if_due()
+            return lease.taken_by is not None
+
+        wait_for(renewal_saw_it, timeout=30, what="the renewal to see the other lease")
+        assert f"pid {taker['pid']}," in lease.taken_by
+        lease.release()  # never another's
+        assert json.loads(read_text_file(spark, lease.path))["pid"] == taker["pid"]
     finally:
-        running.kill()
-        running.wait()
-        lease.release()
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+        delete_file(spark, lease.path)

@@ -9,14 +9,18 @@ in the end), give up after ``max_restarts`` and leave during a backoff when aske
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,12 @@ from support import wait_for
 from carousel import broker, online_store_server, supervision
 from carousel.config import SupervisionConfig, load_config
 from carousel.errors import JobError
+from carousel.local_process import process_state
 from carousel.online_store import OnlineStoreError, ping_check
 from carousel.payloads import TemplateCheckError
 from carousel.query_lifecycle import (
+    _PROCESS_SPACE,
+    AlreadyRunningError,
     QueryFailedError,
     QueryLease,
     StorageChecks,
@@ -38,6 +45,7 @@ from carousel.query_lifecycle import (
     lease_holder,
     request_stop,
 )
+from carousel.storage import publish_small_file, read_text_file
 from carousel.supervision import (
     PROBE_TIMEOUT_SECONDS,
     QueryGaveUpError,
@@ -444,3 +452,55 @@ def test_the_lease_is_held_before_the_first_start_and_removed_when_it_fails(spar
     assert len(seen_at_start) == 1 and seen_at_start[0] is not None
     assert seen_at_start[0]["query"] == "starting"
     assert lease_holder(spark, lease.path, lease_seconds=30) is None
+
+
+def test_a_query_whose_lease_another_process_takes_over_stops_and_says_so(spark, tmp_path) -> None:
+    """Its lease lapsed (a stalled driver) and another process started the query: two would commit
+    its micro-batches twice (carousel.storage.BatchCommits). The running one stops after its
+    micro-batch, fails with the other's name, and leaves the other's lease alone."""
+    release = threading.Event()
+
+    class BlockingHandler(FlakyHandler):
+        def __call__(self, batch: Any, batch_id: int) -> None:
+            release.wait(60)
+            super().__call__(batch, batch_id)
+
+    handler = BlockingHandler([])
+    start, _ = file_query_starter(spark, tmp_path, handler)
+    lease = QueryLease(spark, str(tmp_path / "checkpoint-lease"), "flaky", lease_seconds=3)
+    outcome: list[BaseException | None] = []
+
+    def supervised() -> None:
+        try:
+            supervise(spark, start, policy(), "flaky", stop_timeout_seconds=30, lease=lease)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(err)
+
+    runner = threading.Thread(target=supervised)
+    other = subprocess.Popen(["sleep", "60"])
+    runner.start()
+    try:
+        wait_for(lambda: lease_holder(spark, lease.path, 3) is not None, timeout=60, what="its lease")
+        state = process_state(other.pid)
+        assert state is not None
+        taker = {
+            "query": "flaky",
+            "host": socket.gethostname(),
+            "pid": other.pid,
+            "process_space": _PROCESS_SPACE,
+            "started": state[1],
+            "renewed_at": datetime.now(UTC).isoformat(),
+        }
+        publish_small_file(spark, lease.path, json.dumps(taker))
+        wait_for(lambda: lease.taken_by is not None, timeout=30, what="its renewal to see the other lease")
+    finally:
+        release.set()
+        runner.join(120)
+        other.kill()
+        other.wait()
+    assert len(outcome) == 1 and isinstance(outcome[0], AlreadyRunningError), outcome
+    assert f"stopped: another process runs it, running on {socket.gethostname()} (pid {other.pid}," in str(
+        outcome[0]
+    )
+    assert json.loads(read_text_file(spark, lease.path))["pid"] == other.pid  # not removed, not overwritten
