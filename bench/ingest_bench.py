@@ -167,33 +167,33 @@ def _label_totals(counts: dict[str, int]) -> dict[str, int]:
 # The wall time between two wrapped helpers is Spark work done by process_batch itself; it is named
 # after what precedes the next helper in process_batch.
 _CLASSIFY = "read Kafka (+ count-only read) + classify + dedupe + count"
+_TABLES = "quarantine + events + profiles commits"
 _GAP_BEFORE = {
-    "quarantine append": _CLASSIFY,
-    "events append": _CLASSIFY,
-    "profiles MERGE": "profile deltas",
+    _TABLES: _CLASSIFY,
     "ingest_log append": "other",
     "end": "other",
 }
-STEP_ORDER = (
-    _CLASSIFY,
-    "quarantine append",
-    "events append",
-    "profile deltas",
-    "profiles MERGE",
-    "ingest_log append",
-    "other",
-)
+STEP_ORDER = (_CLASSIFY, _TABLES, "ingest_log append", "other")
+# The parts of _TABLES, each write's own seconds: side by side (ingest.parallel_commits) they
+# overlap, so they are no shares of the batch. The MERGE is a part of "profile deltas + MERGE".
+PARTS = {
+    "_commit_quarantine": "quarantine append",
+    "_commit_events": "events append",
+    "_commit_profiles": "profile deltas + MERGE",
+    "_upsert_profiles": "profiles MERGE",
+}
 
 
 class BatchStepTimer(common.BatchTimer):
     """Times the steps of ``streaming.ingest.process_batch`` by wrapping the helpers it calls.
 
-    Only attributes are replaced, while installed: the module's ``process_batch`` and
-    ``_upsert_profiles`` (``run`` binds ``process_batch`` when it is called, so install before
-    ``run``) and ``BatchCommits.append`` (on the class: every query in the process); no code
-    changes. A commit's check of the table's history (the first batch after a start) counts in its
-    step (the MERGE's: in the step before it). Per batch: seconds per step (see
-    :data:`STEP_ORDER`) and the total.
+    Only attributes are replaced, while installed: the module's ``process_batch``, ``run_all`` (the
+    batch's commits to quarantine, events and profiles, side by side or in turn), the writes it runs
+    (:data:`PARTS`), and ``BatchCommits.append`` (on the class: every query in the process; timed
+    for the ingest_log, the batch's last commit) - ``run`` binds ``process_batch`` when it is
+    called, so install before ``run``; no code changes. A commit's check of the table's history
+    (the first batch after a start) counts in its step. Per batch: seconds per step (see
+    :data:`STEP_ORDER`), per part, and the total.
     """
 
     def __init__(self) -> None:
@@ -207,11 +207,27 @@ class BatchStepTimer(common.BatchTimer):
 
         return self.timed(original, steps)
 
+    def _timed_part(self, part: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        """``original``, its seconds added to the batch's ``part`` (threads: the mark is not moved)."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            current = self._current
+            if current is None:
+                return original(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                parts = current["parts"]
+                parts[part] = parts.get(part, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[BatchStepTimer]:
         from streaming import ingest
 
-        names = ("process_batch", "_upsert_profiles")
+        names = ("process_batch", "run_all", *PARTS)
         originals = {name: getattr(ingest, name) for name in names if hasattr(ingest, name)}
         # Appends go through the query's BatchCommits (a method: patched on the class).
         commits_class = getattr(ingest, "BatchCommits", None)
@@ -233,7 +249,7 @@ class BatchStepTimer(common.BatchTimer):
                     with contextlib.suppress(Exception):
                         self.batch_session_conf[key] = conf.get(key)
             started = time.perf_counter()
-            self._current = {"batch_id": batch_id, "steps": {}}
+            self._current = {"batch_id": batch_id, "steps": {}, "parts": {}}
             self._mark = started
             try:
                 original_batch(batch, batch_id, **kwargs)
@@ -249,21 +265,21 @@ class BatchStepTimer(common.BatchTimer):
                     current["wall_end"] = time.time()
                     self.batches.append(current)
 
-        def append_step(commits: Any, df: Any, location: str, *args: Any, **kwargs: Any) -> str:
-            name = str(location).rstrip("/").rsplit("/", 1)[-1]
-            return {
-                QUARANTINE_TABLE: "quarantine append",
-                EVENTS_TABLE: "events append",
-                INGEST_LOG_TABLE: "ingest_log append",
-            }.get(name, f"append {name}")
+        def timed_append(commits: Any, df: Any, location: str, *args: Any, **kwargs: Any) -> Any:
+            # Only the log's append is a step of its own; the others are parts of _TABLES.
+            if str(location).rstrip("/").rsplit("/", 1)[-1] == INGEST_LOG_TABLE:
+                return timed_log_append(commits, df, location, *args, **kwargs)
+            return original_append(commits, df, location, *args, **kwargs)
 
         ingest.process_batch = timed_batch
-        if "_upsert_profiles" in originals:
-            ingest._upsert_profiles = self._timed_step(
-                lambda *a, **k: "profiles MERGE", originals["_upsert_profiles"]
-            )
+        if "run_all" in originals:
+            ingest.run_all = self._timed_step(lambda *a, **k: _TABLES, originals["run_all"])
+        for name, part in PARTS.items():
+            if name in originals:
+                setattr(ingest, name, self._timed_part(part, originals[name]))
         if original_append is not None:
-            commits_class.append = self._timed_step(append_step, original_append)
+            timed_log_append = self._timed_step(lambda *a, **k: "ingest_log append", original_append)
+            commits_class.append = timed_append
         else:
             log.warning("streaming.ingest has no BatchCommits.append: appends are timed as their neighbours")
         try:
@@ -293,12 +309,17 @@ class BatchStepTimer(common.BatchTimer):
                 "mean_s": round(seconds / len(batches), 3) if batches else 0.0,
                 "share": round(seconds / total, 3) if total else 0.0,
             }
+        parts: dict[str, dict[str, float]] = {}
+        for name in sorted({p for b in batches for p in b.get("parts", {})}):
+            seconds = sum(b.get("parts", {}).get(name, 0.0) for b in batches)
+            parts[name] = {"seconds": round(seconds, 3), "mean_s": round(seconds / len(batches), 3)}
         return {
             "batches": len(batches),
             "empty_batches_skipped": self.empty_batches,
             "foreach_batch_session_conf": dict(self.batch_session_conf),
             "batch_seconds": round(total, 3),
             "steps": steps,
+            "parts_of_commits": parts,
         }
 
 
@@ -308,6 +329,10 @@ def _log_step_summary(title: str, summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"    {name:<36} {figures['seconds']:>9.2f} s  {figures['mean_s']:>7.2f} s/batch  "
             f"{100 * figures['share']:5.1f}%"
+        )
+    for name, figures in summary.get("parts_of_commits", {}).items():
+        lines.append(
+            f"      part: {name:<30} {figures['seconds']:>9.2f} s  {figures['mean_s']:>7.2f} s/batch"
         )
     return lines
 
@@ -488,6 +513,7 @@ def _rounded_batch(batch: dict[str, Any]) -> dict[str, Any]:
         "batch_id": batch["batch_id"],
         "total_s": round(batch["total"], 3),
         "steps_s": {k: round(v, 3) for k, v in batch["steps"].items()},
+        "parts_s": {k: round(v, 3) for k, v in batch.get("parts", {}).items()},
     }
 
 
@@ -790,8 +816,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
         first, last = steady["step_timings_first_quarter"], steady["step_timings_last_quarter"]
-        merge_first = first["steps"].get("profiles MERGE", {}).get("mean_s")
-        merge_last = last["steps"].get("profiles MERGE", {}).get("mean_s")
+        merge_first = first.get("parts_of_commits", {}).get("profiles MERGE", {}).get("mean_s")
+        merge_last = last.get("parts_of_commits", {}).get("profiles MERGE", {}).get("mean_s")
         rows.append(
             (
                 "steady: batch growth",
@@ -895,6 +921,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ports = common.broker_overrides(run_dir / "kafka")
     broker_cfg = bench_config(args, ports)
+    # How the batch's commits ran (the step and part timings read differently): the config's own.
+    results["settings"]["parallel_commits"] = broker_cfg.ingest.parallel_commits
     spark = None
     try:
         bootstrap = broker.start(broker_cfg.broker)

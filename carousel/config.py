@@ -902,6 +902,9 @@ class IngestConfig(StreamingQuerySection):
     max_record_bytes: int = Field(ge=64)
     # An event id is stored once within this many days of ingest time (the dedupe state's horizon).
     dedupe_horizon_days: float = Field(gt=0, le=366)
+    # A micro-batch's commits to quarantine, events and user_profiles run side by side
+    # (carousel.parallel); false: one after another.
+    parallel_commits: bool = True
 
     @field_validator("min_event_time")
     @classmethod

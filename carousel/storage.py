@@ -222,7 +222,8 @@ class BatchCommits:
     once. One writer per app id is kept by the query's lease beside its checkpoint, which a second
     start of the query refuses (:meth:`carousel.query_lifecycle.QueryLease.claim`). A tag must still
     be in the table's log when its batch is replayed (``delta.logRetentionDuration``, 30 days).
-    Make one per run of the query (what it knows dies with it).
+    Make one per run of the query (what it knows dies with it). Commits to different tables may
+    run side by side (:mod:`carousel.parallel`); each table's, one at a time.
     """
 
     def __init__(self, app_id: str, checkpoint: str | None, history_page: int = 16) -> None:
@@ -243,26 +244,24 @@ class BatchCommits:
         return last is not None and last >= batch_id
 
     def commit(self, spark: SparkSession, location: str, batch_id: int, write: Callable[[], None]) -> bool:
-        """Run ``write`` (one Delta commit to ``location``: an append or a MERGE on ``spark``) tagged
-        with the batch, unless the table already holds it. True: written now."""
-        if self.committed(spark, location, batch_id):
-            log.info("batch %s already committed to %s: skipped", self.tag(batch_id), location)
-            return False
-        spark.conf.set(COMMIT_USER_METADATA_CONF, self.tag(batch_id))
-        try:
-            write()
-        except BaseException:
-            # It may have landed all the same (a commit reported failed): ask the table next time.
-            self._last.pop(location, None)
-            raise
-        finally:
-            spark.conf.unset(COMMIT_USER_METADATA_CONF)
-        self._last[location] = batch_id
-        return True
+        """Run ``write`` (one Delta commit to ``location`` on ``spark``: a MERGE, UPDATE or DELETE)
+        tagged with the batch, unless the table already holds it. True: written now.
+
+        The tag goes through ``spark``'s conf (Delta's DML takes no writer options): one such
+        commit at a time per session; appends (:meth:`append`) may run beside it."""
+
+        def tagged() -> None:
+            spark.conf.set(COMMIT_USER_METADATA_CONF, self.tag(batch_id))
+            try:
+                write()
+            finally:
+                spark.conf.unset(COMMIT_USER_METADATA_CONF)
+
+        return self._once(spark, location, batch_id, tagged)
 
     def append(self, df: DataFrame, location: str, batch_id: int) -> bool:
         """Append ``df`` to the Delta table at ``location`` once for ``batch_id``. True: written now."""
-        return self.commit(
+        return self._once(
             df.sparkSession,
             location,
             batch_id,
@@ -273,6 +272,19 @@ class BatchCommits:
                 .save(location)
             ),
         )
+
+    def _once(self, spark: SparkSession, location: str, batch_id: int, write: Callable[[], None]) -> bool:
+        if self.committed(spark, location, batch_id):
+            log.info("batch %s already committed to %s: skipped", self.tag(batch_id), location)
+            return False
+        try:
+            write()
+        except BaseException:
+            # It may have landed all the same (a commit reported failed): ask the table next time.
+            self._last.pop(location, None)
+            raise
+        self._last[location] = batch_id
+        return True
 
     def _oldest_micros(self, spark: SparkSession, batch_id: int) -> int | None:
         """How old a commit of ``batch_id`` can be at most (None: no bound known)."""
