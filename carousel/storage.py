@@ -9,6 +9,7 @@ locations from :class:`carousel.config.StorageConfig`; nothing here reads config
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -287,13 +288,15 @@ class BatchCommits:
         return True
 
     def _oldest_micros(self, spark: SparkSession, batch_id: int) -> int | None:
-        """How old a commit of ``batch_id`` can be at most (None: no bound known)."""
+        """How old a commit of ``batch_id`` can be at most (None: no bound known): when Spark
+        planned the batch, as its offsets file says (``batchTimestampMs``, which a copy of the
+        checkpoint keeps, unlike the file's modification time)."""
         if self._checkpoint is None:
             return None
-        planned = f"{self._checkpoint}/offsets/{batch_id}"
-        if not file_exists(spark, planned):
+        planned_ms = batch_planned_ms(read_text_file(spark, f"{self._checkpoint}/offsets/{batch_id}"))
+        if planned_ms is None:
             return None
-        return file_modified_micros(spark, planned) - _CLOCK_MARGIN_MICROS
+        return planned_ms * 1000 - _CLOCK_MARGIN_MICROS
 
     def _newest_batch_in(self, spark: SparkSession, location: str, batch_id: int) -> int | None:
         if not table_exists(spark, location):
@@ -318,10 +321,17 @@ class BatchCommits:
             limit *= 8
 
 
-def file_modified_micros(spark: SparkSession, path: str) -> int:
-    """When the file at ``path`` (any Hadoop file system) was last written, in epoch microseconds."""
-    fs, hadoop_path = _hadoop_file(spark, path)
-    return int(fs.getFileStatus(hadoop_path).getModificationTime()) * 1000
+def batch_planned_ms(offsets_file: str | None) -> int | None:
+    """``batchTimestampMs`` of a streaming checkpoint's ``offsets/<batch>`` file (its version line,
+    then a JSON line of the batch's metadata, then the sources' offsets); None when the text is
+    absent or has none."""
+    for line in (offsets_file or "").splitlines()[1:2]:
+        try:
+            planned = json.loads(line).get("batchTimestampMs")
+        except (ValueError, AttributeError):
+            return None
+        return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+    return None
 
 
 def committed_txn_version(spark: SparkSession, location: str, app_id: str) -> int | None:

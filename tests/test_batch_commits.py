@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.testing import assertDataFrameEqual
 
-from carousel.storage import BatchCommits, idempotent_append
+from carousel.storage import BatchCommits, batch_planned_ms, idempotent_append
 
 SCHEMA = "batch long, value string"
 
@@ -58,19 +59,49 @@ def test_the_walk_back_passes_other_writers_commits(spark: SparkSession, tmp_pat
 
 
 def test_the_walk_back_ends_at_commits_older_than_the_batch(spark: SparkSession, tmp_path: Path) -> None:
-    """No commit of batch ``b`` is older than Spark's plan of it (``offsets/<b>`` in the checkpoint):
-    the walk reads no further back than that, less an hour for clocks."""
+    """No commit of batch ``b`` is older than Spark's plan of it (``batchTimestampMs`` in
+    ``offsets/<b>`` in the checkpoint): the walk reads no further back than that, less an hour for
+    clocks. The file's own time does not count (a copied checkpoint's files are all new)."""
     location, checkpoint = str(tmp_path / "table"), tmp_path / "checkpoint"
     assert BatchCommits("q-app", None).append(_rows(spark, 5, "tagged"), location, 5)
     _rows(spark, 9, "plain").write.format("delta").mode("append").save(location)
     planned = checkpoint / "offsets" / "5"  # as when batch 5 is replayed
+
+    def plan_at(seconds: float) -> None:
+        metadata = {"batchWatermarkMs": 0, "batchTimestampMs": int(seconds * 1000), "conf": {}}
+        planned.write_text(f'v1\n{json.dumps(metadata)}\n{{"events":{{"0":42}}}}')
+
     planned.parent.mkdir(parents=True)
-    planned.write_text("v1")
-    assert BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)  # within the hour
+    plan_at(time.time())
     two_hours_later = time.time() + 2 * 3600
-    os.utime(planned, (two_hours_later, two_hours_later))
+    os.utime(planned, (two_hours_later, two_hours_later))  # copied later: the time inside counts
+    assert BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)  # within the hour
+    plan_at(two_hours_later)
     # Planned later than the plain commit, less the hour: the tagged commit behind it is not read.
     assert not BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)
+    planned.write_text("v1")  # no time in it: no bound, the whole history is read
+    assert BatchCommits("q-app", str(checkpoint)).committed(spark, location, 5)
+
+
+@pytest.mark.parametrize(
+    "text, planned_ms",
+    [
+        (
+            'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1765100000123,"conf":{}}\n{"t":{"0":1}}',
+            1765100000123,
+        ),
+        ("v1\n{}\n{}", None),
+        ('v1\n{"batchTimestampMs":"soon"}', None),
+        ("v1\nnot json", None),
+        ("v1\n[1]", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_when_a_batch_was_planned_is_read_from_its_offsets_file(
+    text: str | None, planned_ms: int | None
+) -> None:
+    assert batch_planned_ms(text) == planned_ms
 
 
 def test_a_batch_committed_with_deltas_txn_keys_counts(spark: SparkSession, tmp_path: Path) -> None:
