@@ -175,11 +175,13 @@ _GAP_BEFORE = {
 }
 STEP_ORDER = (_CLASSIFY, _TABLES, "ingest_log append", "other")
 # The parts of _TABLES, each write's own seconds: side by side (ingest.parallel_commits) they
-# overlap, so they are no shares of the batch. The MERGE is a part of "profile deltas + MERGE".
+# overlap, so they are no shares of the batch. The MERGE is a part of "profile deltas + write"
+# (ingest.profile_writes: merge; with append the write is the append to profile_updates, and the
+# fold after the log commit counts in "other").
 PARTS = {
     "_commit_quarantine": "quarantine append",
     "_commit_events": "events append",
-    "_commit_profiles": "profile deltas + MERGE",
+    "_commit_profiles": "profile deltas + write",
     "_upsert_profiles": "profiles MERGE",
 }
 
@@ -923,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     broker_cfg = bench_config(args, ports)
     # How the batch's commits ran (the step and part timings read differently): the config's own.
     results["settings"]["parallel_commits"] = broker_cfg.ingest.parallel_commits
+    results["settings"]["profile_writes"] = broker_cfg.ingest.profile_writes
+    results["settings"]["profile_fold_seconds"] = broker_cfg.ingest.profile_fold_seconds
     spark = None
     try:
         bootstrap = broker.start(broker_cfg.broker)

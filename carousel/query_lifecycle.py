@@ -67,6 +67,7 @@ from carousel.schemas import (
     ERASED_USERS_TABLE,
     EVENTS_TABLE,
     INGEST_LOG_TABLE,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
@@ -587,7 +588,9 @@ def always_on_queries(cfg: CarouselConfig) -> dict[str, tuple[StreamingQuerySect
     return {
         "ingest": (
             cfg.ingest,
-            frozenset({EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE}),
+            frozenset(
+                {EVENTS_TABLE, PROFILES_TABLE, PROFILE_UPDATES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE}
+            ),
         ),
         "serve": (cfg.serving, frozenset({TRENDING_TABLE})),  # its trending refresher
         "record-sends": (cfg.sent_log, frozenset({SENT_RECOMMENDATIONS_TABLE})),

@@ -187,6 +187,23 @@ PROFILE_SCHEMA = StructType(
 # Columns that depend on when the profile was written, not on the events: left out of equality checks.
 PROFILE_VOLATILE_COLUMNS: tuple[str, ...] = ("updated_at",)
 
+# Profile updates appended by ingest instead of MERGEd (ingest.profile_writes: append): each
+# micro-batch's per-user deltas (PROFILE_SCHEMA) with the batch's ``update_seq``, increasing from
+# batch to batch. A fold (carousel.profiles.fold_profile_updates: ingest every
+# ingest.profile_fold_seconds, and maintain) MERGEs them into user_profiles and deletes them;
+# readers of the profiles combine the two (carousel.profiles.current_profiles).
+PROFILE_UPDATES_TABLE = "profile_updates"
+UPDATE_SEQ_COLUMN = "update_seq"
+PROFILE_UPDATES_SCHEMA = StructType(
+    [*PROFILE_SCHEMA.fields, StructField(UPDATE_SEQ_COLUMN, LongType(), False)]
+)
+# user_profiles: the profile, and the update_seq through which profile_updates are folded into the
+# row (NULL: none). An update of the user with a larger update_seq is not in the row yet. Per row,
+# so that the fold's MERGE says what it folded in the same commit (its delete of the folded updates
+# comes after, in another table).
+FOLDED_THROUGH_COLUMN = "folded_through"
+PROFILES_TABLE_SCHEMA = StructType([*PROFILE_SCHEMA.fields, StructField(FOLDED_THROUGH_COLUMN, LongType())])
+
 # The quarantine table's reasons that quote a value from the record, declared once: ingest writes
 # "<reason> '<value>'..." and the metrics label a reason by the text before the value.
 QUARANTINE_UNKNOWN_EVENT_TYPE = "unknown event type"
@@ -496,7 +513,12 @@ ERASURE_LOG_SCHEMA = StructType(
 )
 # Where each table keeps a user's id: forget-user deletes the rows whose column holds an erased id.
 USER_ID_COLUMNS: Mapping[str, str] = MappingProxyType(
-    {EVENTS_TABLE: "user_id", PROFILES_TABLE: "user_id", SENT_RECOMMENDATIONS_TABLE: "user_id"}
+    {
+        EVENTS_TABLE: "user_id",
+        PROFILES_TABLE: "user_id",
+        PROFILE_UPDATES_TABLE: "user_id",
+        SENT_RECOMMENDATIONS_TABLE: "user_id",
+    }
 )
 # Tables of raw records: the user id is read from the record's JSON (carousel.erasure.raw_user_id).
 RAW_RECORD_COLUMNS: Mapping[str, str] = MappingProxyType({QUARANTINE_TABLE: "raw_value"})
@@ -566,10 +588,12 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType(
             # profile lookup reads one file.
             TableSpec(
                 PROFILES_TABLE,
-                PROFILE_SCHEMA,
+                PROFILES_TABLE_SCHEMA,
                 cluster_by=("user_id",),
                 properties=MappingProxyType({"delta.enableDeletionVectors": "true"}),
             ),
+            # Pending updates only (a fold deletes what it folded): small, no deletion vectors.
+            TableSpec(PROFILE_UPDATES_TABLE, PROFILE_UPDATES_SCHEMA),
             TableSpec(QUARANTINE_TABLE, QUARANTINE_SCHEMA, retention_column="quarantined_at"),
             TableSpec(INGEST_LOG_TABLE, INGEST_LOG_SCHEMA),
             TableSpec(ITEM_RECOMMENDATIONS_TABLE, ITEM_RECOMMENDATIONS_SCHEMA),

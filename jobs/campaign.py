@@ -80,6 +80,7 @@ from carousel.online_store import (
     user_of_key,
 )
 from carousel.payloads import check_templates, render_payloads
+from carousel.profiles import current_profiles
 from carousel.query_lifecycle import one_run_at_a_time, writing_tables
 from carousel.schemas import (
     CAMPAIGN_RUNS_SCHEMA,
@@ -683,9 +684,8 @@ def _run(
     erased = erased_ids(spark, cfg, version=seen_erased)
     if erased.key is not None:
         check_key(spark, cfg, erased.key)
-    profiles = drop_erased(
-        spark.read.format("delta").load(profiles_location), erased, time_column="last_seen"
-    )
+    # With the updates ingest has appended and not folded in yet (ingest.profile_writes: append).
+    profiles = drop_erased(current_profiles(spark, cfg), erased, time_column="last_seen")
     segment = select_segment(profiles, campaign.segment, now, inputs.catalog)
     requests = segment_requests(segment, campaign_name, campaign, run_id, now)
     if not recorded:

@@ -15,12 +15,13 @@ and host). Outputs, in this order, each step on its own:
    rebuild-online-store drop their events still in the topic from now on
    (:func:`carousel.erasure.drop_erased`);
 2. every Delta table that holds user ids (:data:`carousel.schemas.USER_ID_COLUMNS`: ``events``,
-   ``user_profiles``, ``sent_recommendations``) loses their rows, and ``events_quarantine`` the raw
-   records whose JSON names them (:func:`carousel.erasure.raw_user_id`: the parsed ``user_id``, or
-   for a record that does not parse its ``"user_id": "<id>"`` member; never a longer id that
-   contains it). One Delta DELETE commit per table (per ``erasure.ids_per_delete`` ids), tagged
-   ``forget-user:<request id>`` in the commit's ``userMetadata``, written without deletion vectors
-   (the files holding the rows are rewritten); a table left with deletion vectors (older profile
+   ``user_profiles``, ``profile_updates``, ``sent_recommendations``) loses their rows, and
+   ``events_quarantine`` the raw records whose JSON names them
+   (:func:`carousel.erasure.raw_user_id`: the parsed ``user_id``, or for a record that does not
+   parse its ``"user_id": "<id>"`` member; never a longer id that contains it). One Delta DELETE
+   commit per table (per ``erasure.ids_per_delete`` ids), tagged ``forget-user:<request id>`` in
+   the commit's ``userMetadata``, written without deletion vectors (the files holding the rows are
+   rewritten); a table left with deletion vectors (older profile
    versions masked by ingest's MERGEs) is purged (``REORG ... APPLY (PURGE)``);
 3. the online store: every key ``<prefix>:<kind>:{<user id>}...`` (profile hash, answered
    triggers); one SCAN of the deployment's keys, or on a Redis Cluster only the users' hash-tag slots;

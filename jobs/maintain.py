@@ -11,12 +11,14 @@ table declared in :data:`carousel.schemas.TABLES` that exists under ``storage.ro
    time column. ``events`` and ``sent_recommendations`` lose whole partitions (``event_date`` /
    ``sent_date`` before the cutoff's day: a metadata-only delete, no file rewritten), so no row
    younger than the cutoff is ever deleted; ``events_quarantine`` by ``quarantined_at``;
-3. OPTIMIZE: small files compacted into large ones; ``user_profiles`` is a liquid-clustered table
+3. ``user_profiles`` only: the pending ``profile_updates`` folded into it
+   (:func:`carousel.profiles.fold_profile_updates`; ``ingest.profile_writes: append``);
+4. OPTIMIZE: small files compacted into large ones; ``user_profiles`` is a liquid-clustered table
    (clustering key ``user_id``), so its OPTIMIZE also sorts users into files by id and a profile
    lookup reads one file;
-4. REORG ... APPLY (PURGE) where deletion vectors remain (``user_profiles``: every ingest MERGE
+5. REORG ... APPLY (PURGE) where deletion vectors remain (``user_profiles``: every ingest MERGE
    adds some): the masked rows are rewritten away, so VACUUM can delete them for good;
-5. VACUUM: data files the table stopped referencing more than ``maintenance.vacuum_retention_hours``
+6. VACUUM: data files the table stopped referencing more than ``maintenance.vacuum_retention_hours``
    ago are deleted. The transaction log cleans itself at each checkpoint
    (``delta.logRetentionDuration``).
 
@@ -48,8 +50,16 @@ from pyspark.sql.types import DateType
 from carousel.cli import add_config_args, config_from_args, iso_time
 from carousel.config import CarouselConfig, ConfigError
 from carousel.errors import JobError, one_line
+from carousel.profiles import fold_profile_updates
 from carousel.query_lifecycle import writing_tables
-from carousel.schemas import EVENTS_TABLE, SENT_RECOMMENDATIONS_TABLE, TABLES, TableSpec
+from carousel.schemas import (
+    EVENTS_TABLE,
+    PROFILE_UPDATES_TABLE,
+    PROFILES_TABLE,
+    SENT_RECOMMENDATIONS_TABLE,
+    TABLES,
+    TableSpec,
+)
 from carousel.session import build_session, session_settings
 from carousel.storage import deletion_vector_count, quoted_location, table_exists, with_commit_retries
 from carousel.tables import converge
@@ -123,6 +133,7 @@ class TableReport:
     deletion_vectors_before: int = 0
     deletion_vectors_after: int = 0
     files_vacuumed: int | None = None
+    profiles_folded: int | None = None  # user_profiles: users whose pending updates were folded
     seconds: float = 0.0
     error: str | None = None
 
@@ -134,7 +145,13 @@ class TableReport:
             f"MB {self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f}, "
             f"rows deleted {deleted}, deletion vectors {self.deletion_vectors_before} -> "
             f"{self.deletion_vectors_after}, files vacuumed {vacuumed}, "
-            f"properties set {self.properties_set or 'none'} ({self.seconds:.1f}s)"
+            f"properties set {self.properties_set or 'none'}"
+            + (
+                ""
+                if self.profiles_folded is None
+                else f", users' profile updates folded {self.profiles_folded}"
+            )
+            + f" ({self.seconds:.1f}s)"
         )
 
 
@@ -166,7 +183,7 @@ def _vacuumed_files(spark: SparkSession, location: str) -> int | None:
 def maintain_table(
     spark: SparkSession, cfg: CarouselConfig, spec: TableSpec, now: datetime, vacuum: bool = True
 ) -> TableReport:
-    """The five steps on one existing table; its report."""
+    """The steps on one existing table; its report."""
     started = time.monotonic()
     location = cfg.storage.table(spec.name)
     report = TableReport(spec.name)
@@ -187,6 +204,11 @@ def maintain_table(
         log.info(
             "%s: %d rows older than %d days deleted (%s)", spec.name, report.rows_deleted, days, predicate
         )
+    if spec.name == PROFILES_TABLE:
+        report.profiles_folded = _with_retries(
+            cfg, f"{spec.name} fold", lambda: fold_profile_updates(spark, cfg)
+        ).users
+        log.info("%s: pending profile updates of %d users folded in", spec.name, report.profiles_folded)
     optimize = f"OPTIMIZE {quoted_location(location)}"
     _with_retries(cfg, f"{spec.name} OPTIMIZE", lambda: spark.sql(optimize).collect())
     if cfg.maintenance.purge_deletion_vectors and deletion_vector_count(spark, location):
@@ -232,7 +254,9 @@ def run(
             continue
         # On S3 only: one driver commits to a table at a time (a writer lease as each table's turn comes).
         try:
-            with writing_tables(spark, cfg, "maintain", [name], "not maintained"):
+            # user_profiles' fold also deletes from profile_updates: both held.
+            leased = [name, PROFILE_UPDATES_TABLE] if name == PROFILES_TABLE else [name]
+            with writing_tables(spark, cfg, "maintain", leased, "not maintained"):
                 report = maintain_table(spark, cfg, spec, now, vacuum=vacuum)
         except JobError as err:  # another job commits to it now
             report = TableReport(name, error=str(err))

@@ -38,6 +38,7 @@ from carousel.erasure import drop_erased, erased_ids
 from carousel.online_profile import USER_ATTRIBUTE_FIELDS, OnlineProfile
 from carousel.online_state import OnlineState
 from carousel.online_store import OnlineStoreError, check_reachable, connect
+from carousel.profiles import current_profiles
 from carousel.schemas import PROFILES_TABLE, SENT_RECOMMENDATIONS_TABLE
 from carousel.session import build_session
 from carousel.storage import read_text_file, table_exists
@@ -189,7 +190,7 @@ def run(spark: SparkSession, cfg: CarouselConfig) -> dict[str, int]:
     counts = {"profiles": 0, "events": 0, "sends": 0}
     location = cfg.storage.table(PROFILES_TABLE)
     if table_exists(spark, location):
-        profiles = spark.read.format("delta").load(location)
+        profiles = current_profiles(spark, cfg)  # with the updates not folded in yet
         counts["profiles"] = merge_frame(profile_updates(profiles), cfg, "profiles")
     log.info("online store: %d profiles merged from %s", counts["profiles"], location)
 

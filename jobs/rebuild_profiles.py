@@ -4,10 +4,13 @@ Role: backfill and repair. Reads ``events`` (all of it), applies the same profil
 streaming ingest (``streaming.profile_updates.profile_deltas``) and either
 
 * replaces ``user_profiles`` atomically as a new Delta version (default; stop ``ingest`` first,
-  the previous version stays reachable by time travel), or
+  the previous version stays reachable by time travel), then deletes the ``profile_updates`` it
+  holds (``ingest.profile_writes: append``: the events they came from are in the recomputation;
+  its rows say so in ``folded_through`` first, so a kill between the two counts nothing twice), or
 * writes the recomputation elsewhere (``--output PATH``), or
-* only compares it with the live table (``--check``): exit status 1 and a sample of the
-  differing users when they disagree.
+* only compares it with the live profiles (``--check``; with the updates not folded in yet,
+  :func:`carousel.profiles.current_profiles`): exit status 1 and a sample of the differing users
+  when they disagree.
 
     ./spark-submit.sh rebuild-profiles [--check | --output PATH]
 """
@@ -18,16 +21,26 @@ import argparse
 import logging
 from contextlib import nullcontext
 
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.errors import JobError
+from carousel.profiles import current_profiles
 from carousel.query_lifecycle import held_by, lease_holder, lease_path, writing_tables
-from carousel.schemas import EVENTS_TABLE, PROFILE_SCHEMA, PROFILE_VOLATILE_COLUMNS, PROFILES_TABLE
+from carousel.schemas import (
+    EVENTS_TABLE,
+    FOLDED_THROUGH_COLUMN,
+    PROFILE_SCHEMA,
+    PROFILE_UPDATES_TABLE,
+    PROFILE_VOLATILE_COLUMNS,
+    PROFILES_TABLE,
+    UPDATE_SEQ_COLUMN,
+)
 from carousel.session import build_session
-from carousel.storage import latest_version, table_exists
+from carousel.storage import latest_version, read_snapshot, table_exists
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, profile_deltas
 
@@ -81,14 +94,20 @@ def _refuse_beside_ingest(spark: SparkSession, cfg: CarouselConfig) -> int | Non
     return latest_version(spark, location) if table_exists(spark, location) else None
 
 
-def _check_unchanged(spark: SparkSession, location: str, version_before: int | None) -> None:
-    """Refuse to replace the table when something committed to it since the rebuild started."""
-    now = latest_version(spark, location) if table_exists(spark, location) else None
-    if now != version_before:
-        raise JobError(
-            f"{location} changed while rebuilding (version {version_before} -> {now}): a writer "
-            "(ingest?) ran beside this job; nothing was written, run it again once that writer stopped"
-        )
+def _version(spark: SparkSession, location: str) -> int | None:
+    return latest_version(spark, location) if table_exists(spark, location) else None
+
+
+def _check_unchanged(spark: SparkSession, versions_before: dict[str, int | None]) -> None:
+    """Refuse to replace the table when something committed since the rebuild started to it, to
+    the events it read or to the profile updates it holds (an ingest that started meanwhile)."""
+    for location, before in versions_before.items():
+        now = _version(spark, location)
+        if now != before:
+            raise JobError(
+                f"{location} changed while rebuilding (version {before} -> {now}): a writer "
+                "(ingest?) ran beside this job; nothing was written, run it again once that writer stopped"
+            )
 
 
 def run(
@@ -96,11 +115,21 @@ def run(
 ) -> dict[str, int]:
     """Recompute profiles; write them (or compare them with the live table). Returns counts."""
     replacing = output is None and not check_only
-    version_before = _refuse_beside_ingest(spark, cfg) if replacing else None
     events_location = cfg.storage.table(EVENTS_TABLE)
+    updates_location = cfg.storage.table(PROFILE_UPDATES_TABLE)
+    versions_before: dict[str, int | None] = {}
+    folded_through = None
+    if replacing:
+        versions_before[cfg.storage.table(PROFILES_TABLE)] = _refuse_beside_ingest(spark, cfg)
+        # The updates before the events: each one came from events the recomputation reads.
+        for location in (updates_location, events_location):
+            versions_before[location] = _version(spark, location)
+        if versions_before[updates_location] is not None:
+            updates, _ = read_snapshot(spark, updates_location, versions_before[updates_location])
+            folded_through = updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]
     if not table_exists(spark, events_location):
         raise JobError(f"no events table at {events_location}: no profiles to rebuild (run ingest first)")
-    events = spark.read.format("delta").load(events_location)
+    events, _ = read_snapshot(spark, events_location, versions_before.get(events_location))
     profiles = recompute_profiles(events, cfg).persist()
     counts = {"events_read": events.count(), "profiles": profiles.count()}
     log.info("recomputed %d profiles from %d events", counts["profiles"], counts["events_read"])
@@ -109,7 +138,7 @@ def run(
         if not table_exists(spark, live_location):
             profiles.unpersist()
             raise JobError(f"no user profiles at {live_location} to compare with (--check)")
-        live = spark.read.format("delta").load(live_location)
+        live = current_profiles(spark, cfg)
         differing = profile_differences(profiles, live).persist()
         counts["differing_users"] = differing.count()
         if counts["differing_users"]:
@@ -121,16 +150,29 @@ def run(
         target = output or cfg.storage.table(PROFILES_TABLE)
         # On S3 only: one driver commits to a table at a time (maintain, forget-user write it too).
         lease = (
-            writing_tables(spark, cfg, "rebuild-profiles", [PROFILES_TABLE], f"{target} not replaced")
+            writing_tables(
+                spark,
+                cfg,
+                "rebuild-profiles",
+                [PROFILES_TABLE, PROFILE_UPDATES_TABLE],
+                f"{target} not replaced",
+            )
             if replacing
             else nullcontext()
         )
         with lease:
+            written = profiles
             if replacing:
-                _check_unchanged(spark, target, version_before)
-            profiles.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
+                _check_unchanged(spark, versions_before)
+                # A table made before folded_through existed gets the column first.
+                ensure(spark, cfg, PROFILES_TABLE, location=target)
+                written = profiles.withColumn(FOLDED_THROUGH_COLUMN, F.lit(folded_through).cast("bigint"))
+            written.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
             # An overwrite keeps the table's properties but drops its clustering keys: declared again.
             ensure(spark, cfg, PROFILES_TABLE, location=target)
+            if folded_through is not None:
+                DeltaTable.forPath(spark, updates_location).delete(F.col(UPDATE_SEQ_COLUMN) <= folded_through)
+                log.info("profile updates through %d deleted: the recomputation holds them", folded_through)
         counts["written"] = counts["profiles"]
         log.info("wrote %d profiles to %s", counts["written"], target)
     profiles.unpersist()

@@ -35,6 +35,7 @@ from carousel.schemas import (
     INGEST_LOG_TABLE,
     ITEM_RECOMMENDATIONS_TABLE,
     MODEL_PUBLISH_LOG_TABLE,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
@@ -55,6 +56,8 @@ STAGES: tuple[tuple[str, str, str, str], ...] = (
         "records rejected",
     ),
     ("ingest", PROFILES_TABLE, "COUNT(DISTINCT user_id)", "users"),
+    # ingest.profile_writes: append - what the next fold puts into user_profiles.
+    ("ingest", PROFILE_UPDATES_TABLE, "COUNT(DISTINCT user_id)", "users with updates to fold"),
     ("catalog", CATALOG_TABLE, "COALESCE(SUM(CASE WHEN active THEN 1 ELSE 0 END), 0)", "active products"),
     ("training", ITEM_RECOMMENDATIONS_TABLE, "COUNT(DISTINCT item_id)", "items with a list"),
     (

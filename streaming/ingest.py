@@ -8,7 +8,10 @@ within seconds. Inputs: JSON events on the topic ``kafka.topics.events`` (contra
   stored once within ``ingest.dedupe_horizon_days`` of when it was first ingested, whatever its
   event time and however its copies fall into micro-batches;
 * ``user_profiles`` - one row per user: one MERGE per micro-batch of only the users the batch
-  changed, computed from the batch itself (``streaming.profile_updates``);
+  changed, computed from the batch itself (``streaming.profile_updates``); or, with
+  ``ingest.profile_writes: append``, those per-user deltas appended to ``profile_updates`` and
+  folded into ``user_profiles`` every ``ingest.profile_fold_seconds`` (:mod:`carousel.profiles`,
+  whose :func:`~carousel.profiles.current_profiles` combines the two for every reader);
 * ``events_quarantine`` - every record that is not a valid event, with its Kafka coordinates and
   the reason(s); also each event stored without a mistyped optional attribute (``device``,
   ``properties``, ``user_attributes`` or a member: dropped, not the event), ``event_stored`` true;
@@ -56,6 +59,7 @@ from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.errors import one_line
 from carousel.faults import injected, kill_job
 from carousel.parallel import run_all
+from carousel.profiles import fold_profile_updates, next_update_seq
 from carousel.query_lifecycle import gate_for, query_lease, stop_marker
 from carousel.query_metrics import count_outcomes, count_quarantined, exported
 from carousel.schemas import (
@@ -70,6 +74,7 @@ from carousel.schemas import (
     INGEST_LOG_TABLE,
     ITEM_EVENT_TYPES,
     OPTIONAL_ATTRIBUTE_FIELDS,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_EVENT_TIME,
     QUARANTINE_MISSING_ITEM_ID,
@@ -82,10 +87,11 @@ from carousel.schemas import (
     QUARANTINE_UNPARSEABLE_EVENT_TIME,
     REQUIRED_EVENT_FIELDS,
     SOURCES,
+    UPDATE_SEQ_COLUMN,
     USER_ATTRIBUTES_SCHEMA,
 )
 from carousel.session import build_session
-from carousel.storage import BatchCommits, read_or_create_marker
+from carousel.storage import COMMIT_CONFLICTS, BatchCommits, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
 from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
@@ -368,7 +374,10 @@ def to_quarantine(classified: DataFrame, ingest_batch: str, quarantined_at: date
 def ensure_ingest_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
     """Create the ingest tables as ``carousel.schemas.TABLES`` declares them, or give existing ones
     the declared properties and clustering they lack (:func:`carousel.tables.ensure`)."""
-    for name in (EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE):
+    names = [EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, INGEST_LOG_TABLE]
+    if cfg.ingest.profile_writes == "append":
+        names.append(PROFILE_UPDATES_TABLE)
+    for name in names:
         ensure(spark, cfg, name)
 
 
@@ -415,20 +424,79 @@ def _commit_events(events: DataFrame, *, cfg: CarouselConfig, batch_id: int, com
     return 0
 
 
+class ProfileFolds:
+    """With ``ingest.profile_writes: append``: the ``update_seq`` of each batch's profile updates
+    (larger than any stored when the query started, then one more per batch id) and when the next
+    fold of them into ``user_profiles`` is due (every ``ingest.profile_fold_seconds``)."""
+
+    def __init__(self, first_seq: int, every_seconds: float) -> None:
+        self.first_seq = first_seq
+        self._every = every_seconds
+        self._last = time.monotonic()
+
+    def seq(self, batch_id: int) -> int:
+        return self.first_seq + batch_id
+
+    def fold_if_due(self, spark: SparkSession, cfg: CarouselConfig, tag: str) -> bool:
+        """Fold the pending updates when due; whether it folded. A fold that loses a commit race
+        (to maintain, forget-user) is tried again at the next batch; one that fails otherwise, at
+        the next due time. Either way what it left is still pending, and read as such."""
+        if time.monotonic() - self._last < self._every:
+            return False
+        try:
+            fold_profile_updates(spark, cfg)
+        except COMMIT_CONFLICTS as err:
+            log.warning(
+                "batch %s: profile fold lost a commit race, tried at the next batch: %s", tag, one_line(err)
+            )
+            return False
+        except Exception as err:  # noqa: BLE001 - the batch is committed: failing it only replays it
+            log.warning(
+                "batch %s: profile fold failed, tried again in %.0f s (the updates stay pending: readers "
+                "combine them, maintain folds them too): %s",
+                tag,
+                self._every,
+                one_line(err),
+            )
+            self._last = time.monotonic()
+            return False
+        self._last = time.monotonic()
+        return True
+
+
 def _commit_profiles(
-    events: DataFrame, *, now: datetime, cfg: CarouselConfig, batch_id: int, commits: BatchCommits
+    events: DataFrame,
+    *,
+    now: datetime,
+    cfg: CarouselConfig,
+    batch_id: int,
+    commits: BatchCommits,
+    folds: ProfileFolds | None = None,
 ) -> int:
-    """The batch's profile update, committed once (one MERGE); how many users it changes."""
+    """The batch's profile update, committed once (one MERGE into ``user_profiles``, or with
+    ``folds`` one append to ``profile_updates``); how many users it changes."""
     spark = events.sparkSession
     # Computed from the batch's own events, not read back from the table: a replay of this batch
     # recomputes the same rows (see the module docstring). Cached and counted first: left to the
     # MERGE's own materialization of its source, its batches ran about a second longer (bench).
+    # A batch replayed after ingest.profile_writes changed: its update may be in the other table.
+    other = cfg.storage.table(PROFILE_UPDATES_TABLE if folds is None else PROFILES_TABLE)
+    if commits.committed(spark, other, batch_id):
+        log.info("batch %s: its profile update is already in %s: skipped", commits.tag(batch_id), other)
+        return 0
     deltas = profile_deltas(events, cfg.profiles.recent_items, cfg.profiles.max_devices, F.lit(now)).persist()
     try:
         upserted = deltas.count()
-        commits.commit(
-            spark, cfg.storage.table(PROFILES_TABLE), batch_id, partial(_upsert_profiles, spark, deltas, cfg)
-        )
+        if folds is None:
+            commits.commit(
+                spark,
+                cfg.storage.table(PROFILES_TABLE),
+                batch_id,
+                partial(_upsert_profiles, spark, deltas, cfg),
+            )
+        else:
+            updates = deltas.withColumn(UPDATE_SEQ_COLUMN, F.lit(folds.seq(batch_id)).cast("bigint"))
+            commits.append(updates, cfg.storage.table(PROFILE_UPDATES_TABLE), batch_id)
     finally:
         deltas.unpersist()
     if injected(FAULT_KILL_ENV, "profiles"):
@@ -443,8 +511,17 @@ def _timed(write: Callable[[], int]) -> tuple[int, float]:
     return result, time.monotonic() - started
 
 
-def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, commits: BatchCommits) -> None:
+def process_batch(
+    batch: DataFrame,
+    batch_id: int,
+    *,
+    cfg: CarouselConfig,
+    commits: BatchCommits,
+    folds: ProfileFolds | None = None,
+) -> None:
     """foreachBatch handler: store, quarantine, update profiles, log; idempotent by ``batch_id``.
+    With ``folds`` (``ingest.profile_writes: append``), the profile updates are appended, and
+    folded into ``user_profiles`` after the log commit when due.
 
     ``batch`` holds the deduplicated classified records and the read marks (:func:`with_read_marks`).
     """
@@ -492,7 +569,7 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, commi
             events = to_events(records, tag)
             writes["events"] = partial(_commit_events, events, cfg=cfg, batch_id=batch_id, commits=commits)
             writes["profiles"] = partial(
-                _commit_profiles, events, now=now, cfg=cfg, batch_id=batch_id, commits=commits
+                _commit_profiles, events, now=now, cfg=cfg, batch_id=batch_id, commits=commits, folds=folds
             )
         seconds = run_all(
             spark,
@@ -520,6 +597,9 @@ def process_batch(batch: DataFrame, batch_id: int, *, cfg: CarouselConfig, commi
             spark.createDataFrame(log_row, INGEST_LOG_SCHEMA), cfg.storage.table(INGEST_LOG_TABLE), batch_id
         )
         timer.lap("log")
+        # After the log: the batch is whole whatever the fold does (it moves committed updates).
+        if folds is not None and folds.fold_if_due(spark, cfg, tag):
+            timer.lap("fold")
         # Counted once the batch is committed (a failure before replays it), and never failing it.
         outcomes = {
             "read": records_read,
@@ -609,11 +689,16 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
     # Made per start: what it knows of the tables' commits dies with this run of the query.
     commits = BatchCommits(app_id, checkpoint)
+    folds = (
+        ProfileFolds(next_update_seq(spark, cfg), cfg.ingest.profile_fold_seconds)
+        if cfg.ingest.profile_writes == "append"
+        else None
+    )
     writer = (
         ingest_stream(read_event_stream(spark, cfg), cfg.ingest)
         .writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, commits=commits)))
+        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, commits=commits, folds=folds)))
     )
     writer = (
         writer.trigger(availableNow=True)

@@ -199,6 +199,44 @@ def merged_profile_columns(old: str, new: str, recent_items: int, max_devices: i
     }
 
 
+def combine_deltas(deltas: DataFrame, recent_items: int, max_devices: int) -> DataFrame:
+    """Any number of partial profiles per user (``PROFILE_SCHEMA`` columns) -> one per user: what
+    :func:`merged_profile_columns` gives applied to them one after another, in any order."""
+    empty_counts = F.create_map().cast("map<string,bigint>")
+
+    def flattened(name: str) -> Column:
+        return F.flatten(F.collect_list(F.col(name)))
+
+    combined = deltas.groupBy("user_id").agg(
+        F.min("first_seen").alias("first_seen"),
+        F.max("last_seen").alias("last_seen"),
+        F.sum("total_events").alias("total_events"),
+        F.collect_list("event_counts").alias("_counts"),
+        flattened("recent_views").alias("_views"),
+        flattened("recent_purchases").alias("_purchases"),
+        flattened("devices").alias("_devices"),
+        flattened("platforms").alias("_platforms"),
+        F.max("last_app_version").alias("last_app_version"),
+        F.max("user_attributes").alias("user_attributes"),
+        F.max("updated_at").alias("updated_at"),
+    )
+    columns = {
+        "total_events": F.col("total_events").cast("bigint"),
+        "event_counts": F.aggregate(
+            "_counts",
+            empty_counts,
+            lambda total, counts: F.map_zip_with(
+                total, counts, lambda _, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0))
+            ),
+        ),
+        "recent_views": _recent_items(F.col("_views"), recent_items),
+        "recent_purchases": _recent_items(F.col("_purchases"), recent_items),
+        "devices": _devices(F.col("_devices"), max_devices),
+        "platforms": F.array_sort(F.array_distinct(F.col("_platforms"))),
+    }
+    return combined.select(*[(columns.get(name, F.col(name))).alias(name) for name in PROFILE_COLUMNS])
+
+
 def combine_profiles(old: DataFrame, new: DataFrame, recent_items: int, max_devices: int) -> DataFrame:
     """Profiles ``old`` updated with the deltas ``new``: exactly what the streaming MERGE produces."""
     joined = old.alias("o").join(new.alias("n"), F.col("o.user_id") == F.col("n.user_id"), "full_outer")

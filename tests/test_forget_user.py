@@ -50,6 +50,7 @@ from carousel.schemas import (
     ERASURE_LOG_TABLE,
     EVENTS_TABLE,
     NO_USER_DATA_TABLES,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     RAW_RECORD_COLUMNS,
@@ -155,6 +156,20 @@ def _ingest(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> None:
             # One file holding every user, whatever the session's partitioning of the first MERGE:
             # the second batch then updates some of its rows, which leaves a deletion vector.
             spark.sql(f"OPTIMIZE {quoted_location(cfg.storage.table(PROFILES_TABLE))}").collect()
+
+
+def _pending_profile_updates(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> None:
+    """Profile updates not folded in yet (``ingest.profile_writes: append``): the stored events'
+    per-user deltas, appended by ingest's own profile commit as a batch in that mode does."""
+    ensure(spark, cfg, PROFILE_UPDATES_TABLE)
+    ingest._commit_profiles(
+        _read(spark, cfg, EVENTS_TABLE),
+        now=now,
+        cfg=cfg,
+        batch_id=0,
+        commits=BatchCommits("test-ingest-appending", None),
+        folds=ingest.ProfileFolds(first_seq=0, every_seconds=3600.0),
+    )
 
 
 def _sends(spark: SparkSession, cfg: CarouselConfig, now: datetime) -> None:
@@ -330,6 +345,7 @@ def test_forget_user_erases_one_user_everywhere_and_leaves_the_others(
 ) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     _ingest(spark, cfg, now)
+    _pending_profile_updates(spark, cfg, now)
     _sends(spark, cfg, now)
     _online_state(cfg, now)
     snapshots = _snapshots(spark, cfg, s3_bucket)
@@ -342,6 +358,7 @@ def test_forget_user_erases_one_user_everywhere_and_leaves_the_others(
     assert erased_rows == {
         EVENTS_TABLE: 5,
         PROFILES_TABLE: 1,
+        PROFILE_UPDATES_TABLE: 1,
         SENT_RECOMMENDATIONS_TABLE: 2,
         QUARANTINE_TABLE: 2,
     }

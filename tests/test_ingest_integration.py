@@ -14,14 +14,18 @@ from support import event_json, produce, read_table
 from carousel.broker import ensure_topics
 from carousel.erasure import hash_key, user_hash_of
 from carousel.errors import JobError
+from carousel.profiles import current_profiles, fold_profile_updates
 from carousel.query_lifecycle import QueryLease, lease_holder, lease_path
 from carousel.schemas import (
     EVENTS_PARTITION_COLUMN,
     EVENTS_SCHEMA,
     EVENTS_TABLE,
+    FOLDED_THROUGH_COLUMN,
     INGEST_LOG_TABLE,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
+    UPDATE_SEQ_COLUMN,
 )
 from carousel.storage import ensure_table
 from jobs import rebuild_profiles
@@ -170,6 +174,53 @@ def test_simulated_traffic_is_fully_accounted_for(spark, make_config, tmp_path):
     assert read_table(spark, cfg, QUARANTINE_TABLE).count() == labels["bad"]
     log = read_table(spark, cfg, INGEST_LOG_TABLE).agg(F.sum("records_read"), F.sum("duplicates")).first()
     assert tuple(log) == (len(records), labels["duplicate"])
+    assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+
+
+def test_appended_profile_updates_are_read_and_folded_as_the_recomputation(spark, make_config):
+    """ingest.profile_writes: append. The profiles every reader sees (carousel.profiles) equal the
+    recomputation from the events before any fold, after a fold, after a fold killed between its
+    MERGE and its delete, and with a fold after every batch; a fold leaves nothing pending."""
+    cfg = make_config(
+        "ingest.max_offsets_per_trigger=1000",
+        "ingest.profile_writes=append",
+        "ingest.profile_fold_seconds=3600",  # no fold during the first run
+        "simulator.users=150",
+        "simulator.items=60",
+        partitions=2,
+    )
+    ensure_topics(cfg.kafka)
+    world = sim.build_world(cfg.simulator)
+    records = list(sim.stream_records(world, cfg.simulator, 3000, datetime.now(UTC), seed=5))
+    produce(cfg, [(r.key, r.value) for r in records[:1800]])
+    _run_ingest(spark, cfg)
+
+    def recomputed():
+        return comparable(recompute_profiles(read_table(spark, cfg, EVENTS_TABLE), cfg))
+
+    updates = read_table(spark, cfg, PROFILE_UPDATES_TABLE).localCheckpoint()
+    assert updates.select(UPDATE_SEQ_COLUMN).distinct().count() == 2  # one seq per batch
+    assert read_table(spark, cfg, PROFILES_TABLE).count() == 0
+    assertDataFrameEqual(comparable(current_profiles(spark, cfg)), recomputed())
+
+    fold = fold_profile_updates(spark, cfg)
+    assert fold.users == updates.select("user_id").distinct().count()
+    assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+    assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())
+
+    # As a fold killed after its MERGE leaves them: updates that the rows already hold.
+    updates.write.format("delta").mode("append").save(cfg.storage.table(PROFILE_UPDATES_TABLE))
+    assertDataFrameEqual(comparable(current_profiles(spark, cfg)), recomputed())
+    assert fold_profile_updates(spark, cfg).users == 0
+    assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+
+    # A rerun folding after every batch; its updates are numbered after everything folded.
+    folding = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"profile_fold_seconds": 0.001})})
+    produce(cfg, [(r.key, r.value) for r in records[1800:]])
+    _run_ingest(spark, folding)
+    assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+    assert read_table(spark, cfg, PROFILES_TABLE).where(F.col(FOLDED_THROUGH_COLUMN).isNull()).count() == 0
+    assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
 
 

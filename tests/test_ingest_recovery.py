@@ -22,7 +22,13 @@ from support import read_table, run_until_killed, wait_for
 
 from carousel.broker import ensure_topics
 from carousel.config import PROJECT_ROOT
-from carousel.schemas import EVENTS_TABLE, INGEST_LOG_TABLE, PROFILES_TABLE, QUARANTINE_TABLE
+from carousel.schemas import (
+    EVENTS_TABLE,
+    INGEST_LOG_TABLE,
+    PROFILE_UPDATES_TABLE,
+    PROFILES_TABLE,
+    QUARANTINE_TABLE,
+)
 from jobs import rebuild_profiles
 from jobs import simulate_events as sim
 from streaming.ingest import FAULT_KILL_ENV
@@ -148,21 +154,30 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(spark, make_config, tmp
 
 
 @pytest.mark.parametrize(
-    ("killed_after", "side_by_side"), [("quarantine", True), ("events", False), ("profiles", True)]
+    ("killed_after", "side_by_side", "profile_writes"),
+    [
+        ("quarantine", True, "merge"),
+        ("events", False, "merge"),
+        ("profiles", True, "merge"),
+        ("profiles", True, "append"),
+    ],
 )
 def test_a_kill_between_two_commits_of_a_batch_applies_each_record_once(
-    spark, make_config, tmp_path, killed_after, side_by_side
+    spark, make_config, tmp_path, killed_after, side_by_side, profile_writes
 ):
     """The worst points, injected: a batch's commits to some tables have landed, the rest have not.
     The rerun replays the batch and must skip exactly the commits that landed (each is tagged with
     its batch, :class:`carousel.storage.BatchCommits`). Side by side (``ingest.parallel_commits``)
     which of the other two commits landed before the kill varies; one after another (quarantine,
-    events, profiles) exactly the earlier ones have."""
+    events, profiles) exactly the earlier ones have. With ``ingest.profile_writes: append`` the
+    profile commit is the append to ``profile_updates``, and the rerun folds after each batch."""
     # Two micro-batches in all (the killed run's first and the rerun's second): the kill needs no more.
     overrides = [
         "ingest.max_offsets_per_trigger=1200",
         "spark.shuffle_partitions=2",
         f"ingest.parallel_commits={str(side_by_side).lower()}",
+        f"ingest.profile_writes={profile_writes}",
+        "ingest.profile_fold_seconds=0.001",
     ]
     cfg = make_config(*overrides, "simulator.users=150", "simulator.items=80", partitions=2)
     overrides += [
@@ -184,11 +199,12 @@ def test_a_kill_between_two_commits_of_a_batch_applies_each_record_once(
     assert status == -signal.SIGKILL, output[-3000:]
     # (The job's own last log line may die with the JVM that relays it: the tables tell instead.)
     # What the first batch committed before the kill, table by table, and nothing after it.
+    profiles_table = PROFILE_UPDATES_TABLE if profile_writes == "append" else PROFILES_TABLE
     landed = {
         table: read_table(spark, cfg, table).count()
-        for table in (QUARANTINE_TABLE, EVENTS_TABLE, PROFILES_TABLE, INGEST_LOG_TABLE)
+        for table in (QUARANTINE_TABLE, EVENTS_TABLE, profiles_table, INGEST_LOG_TABLE)
     }
-    tables = {"quarantine": QUARANTINE_TABLE, "events": EVENTS_TABLE, "profiles": PROFILES_TABLE}
+    tables = {"quarantine": QUARANTINE_TABLE, "events": EVENTS_TABLE, "profiles": profiles_table}
     assert landed[tables[killed_after]] > 0, landed
     if not side_by_side:
         names = list(tables)
@@ -222,3 +238,6 @@ def test_a_kill_between_two_commits_of_a_batch_applies_each_record_once(
     assert quarantine.count() > quarantined_before
     # Replayed, the batch's profile update was computed from the same rows and applied once.
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+    if profile_writes == "append":  # folded after the rerun's last batch: all in user_profiles
+        assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+        assert read_table(spark, cfg, PROFILES_TABLE).count() == events.select("user_id").distinct().count()

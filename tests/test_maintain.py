@@ -11,10 +11,14 @@ from pyspark.sql import SparkSession
 from pyspark.testing import assertDataFrameEqual
 
 from carousel.config import CarouselConfig, ConfigError, load_config
+from carousel.erasure import hash_key, user_hash_of
+from carousel.profiles import current_profiles
 from carousel.schemas import (
     EVENTS_SCHEMA,
     EVENTS_TABLE,
+    FOLDED_THROUGH_COLUMN,
     PROFILE_SCHEMA,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
@@ -25,6 +29,7 @@ from carousel.schemas import (
 from carousel.storage import deletion_vector_count
 from carousel.tables import ensure, table_properties
 from jobs import maintain
+from jobs.forget_user import record_erased
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -92,8 +97,10 @@ def _append(
 ) -> None:
     """Small commits of ``per_commit`` rows: the many small files of a streaming writer."""
     location = cfg.storage.table(name)
+    # Profiles as ingest's MERGE writes them: without the fold's folded_through.
+    schema = PROFILE_SCHEMA if name == PROFILES_TABLE else TABLES[name].schema
     for start in range(0, len(rows), per_commit):
-        batch = spark.createDataFrame(rows[start : start + per_commit], TABLES[name].schema)
+        batch = spark.createDataFrame(rows[start : start + per_commit], schema)
         batch.coalesce(1).write.format("delta").mode("append").save(location)
 
 
@@ -148,7 +155,7 @@ def test_maintain_compacts_and_deletes_only_rows_older_than_the_retention(
     updates = spark.createDataFrame([_profile(1, 5), _profile(6, 9)], PROFILE_SCHEMA)
     DeltaTable.forPath(spark, cfg.storage.table(PROFILES_TABLE)).alias("t").merge(
         updates.alias("s"), "t.user_id = s.user_id"
-    ).whenMatchedUpdateAll().execute()
+    ).whenMatchedUpdate(set={name: f"s.{name}" for name in PROFILE_SCHEMA.fieldNames()}).execute()
     assert deletion_vector_count(spark, cfg.storage.table(PROFILES_TABLE)) > 0
     profiles_before = _read(spark, cfg, PROFILES_TABLE).collect()
     files_before = {name: _files(spark, cfg, name) for name in (QUARANTINE_TABLE, PROFILES_TABLE)}
@@ -277,3 +284,39 @@ def test_unsafe_vacuum_retention_needs_the_explicit_setting() -> None:
         environ={},
     )
     assert cfg.maintenance.table_properties()["delta.deletedFileRetentionDuration"] == "interval 1 hours"
+
+
+def test_maintain_folds_the_pending_profile_updates_first(spark: SparkSession, cfg: CarouselConfig) -> None:
+    """ingest.profile_writes: append: maintain folds profile_updates into user_profiles (the
+    profiles read the same before and after) and leaves none pending. An update of a user erased
+    since it was made (forget-user deletes the row first, then the updates) is read by nobody,
+    not folded back in, and deleted."""
+    for name in (PROFILES_TABLE, PROFILE_UPDATES_TABLE):
+        ensure(spark, cfg, name)
+    _append(spark, cfg, PROFILES_TABLE, [_profile(n) for n in range(3)])
+    updates = [(*_profile(n, events=2), seq) for seq, n in ((0, 1), (0, 5), (1, 1), (1, 7))]
+    _append(spark, cfg, PROFILE_UPDATES_TABLE, updates)
+    key = hash_key(spark, cfg, create=True)
+    record_erased(spark, cfg, [user_hash_of("u-0007", key)], key, "ticket-1", NOW + timedelta(minutes=1))
+    # The profiles every reader sees: without the erased user's update (made before the erasure).
+    profiles_before = current_profiles(spark, cfg).localCheckpoint()
+    assert sorted(row["user_id"] for row in profiles_before.collect()) == [
+        "u-0000",
+        "u-0001",
+        "u-0002",
+        "u-0005",
+    ]
+    assert profiles_before.where("user_id = 'u-0001'").first()["total_events"] == 5
+
+    reports = {r.table: r for r in maintain.run(spark, cfg, tables=[PROFILES_TABLE], now=NOW)}
+
+    assert reports[PROFILES_TABLE].error is None
+    assert reports[PROFILES_TABLE].profiles_folded == 2  # u-0001 (two updates) and u-0005 (new)
+    assert _read(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0  # the erased user's deleted too
+    assertDataFrameEqual(
+        _read(spark, cfg, PROFILES_TABLE).select(*PROFILE_SCHEMA.fieldNames()), profiles_before
+    )
+    folded = {
+        row["user_id"]: row[FOLDED_THROUGH_COLUMN] for row in _read(spark, cfg, PROFILES_TABLE).collect()
+    }
+    assert folded == {"u-0000": None, "u-0001": 1, "u-0002": None, "u-0005": 1}

@@ -56,6 +56,7 @@ from carousel.schemas import (
     CATALOG_TABLE,
     ERASED_USERS_TABLE,
     EVENTS_TABLE,
+    PROFILE_UPDATES_TABLE,
     PROFILES_TABLE,
     QUARANTINE_TABLE,
     SENT_RECOMMENDATIONS_TABLE,
@@ -149,7 +150,13 @@ def test_jobs_leave_a_running_querys_tables_alone_on_s3(
 
         report = forget_user.run(spark, cfg, ["user-1"], online_store=False)
         failed = {step.target: step.error for step in report.failed}
-        erased_by_queries = [EVENTS_TABLE, PROFILES_TABLE, QUARANTINE_TABLE, SENT_RECOMMENDATIONS_TABLE]
+        erased_by_queries = [
+            EVENTS_TABLE,
+            PROFILES_TABLE,
+            PROFILE_UPDATES_TABLE,
+            QUARANTINE_TABLE,
+            SENT_RECOMMENDATIONS_TABLE,
+        ]
         assert sorted(failed) == sorted(erased_by_queries)
         assert "ingest (" in failed[PROFILES_TABLE] and "record-sends (" in failed[SENT_RECOMMENDATIONS_TABLE]
     finally:

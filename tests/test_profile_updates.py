@@ -10,7 +10,7 @@ from pyspark.testing import assertDataFrameEqual
 
 from carousel.schemas import EVENTS_SCHEMA
 from jobs.rebuild_profiles import comparable
-from streaming.profile_updates import combine_profiles, profile_deltas
+from streaming.profile_updates import combine_deltas, combine_profiles, profile_deltas
 
 T0 = datetime(2026, 11, 20, 12, 0, 0)
 N_RECENT, N_DEVICES = 3, 2
@@ -153,7 +153,15 @@ def test_any_batching_of_the_same_events_gives_the_same_profiles(spark, split):
         batches.append(rows[start : start + size])
         start += size
     incremental = _apply_in_batches(spark, batches)
-    assertDataFrameEqual(comparable(incremental), comparable(_profiles(_events(spark, rows))))
+    full = comparable(_profiles(_events(spark, rows)))
+    assertDataFrameEqual(comparable(incremental), full)
+    # The batches' deltas appended one after another (ingest.profile_writes: append), and folded
+    # or read together in any order: the same profiles.
+    appended = None
+    for rows_of_batch in reversed(batches):
+        delta = _profiles(_events(spark, rows_of_batch))
+        appended = delta if appended is None else appended.unionByName(delta)
+    assertDataFrameEqual(comparable(combine_deltas(appended, N_RECENT, N_DEVICES)), full)
 
 
 def test_device_list_keeps_the_latest_devices_only(spark):

@@ -1,0 +1,221 @@
+"""The user profiles as their readers see them, and the fold of appended profile updates.
+
+Role: with ``ingest.profile_writes: append``, an ingest micro-batch appends its per-user profile
+deltas to ``profile_updates`` (each batch's rows with one ``update_seq``, larger than any before)
+instead of MERGEing them into ``user_profiles``. Until they are folded in, a profile is the
+``user_profiles`` row combined with the user's updates that the row does not hold yet: a row's
+``folded_through`` names the last ``update_seq`` folded into it. :func:`current_profiles` is that
+view, read by every job that needs the profiles (campaign, rebuild-online-store,
+rebuild-profiles --check); :func:`fold_profile_updates` MERGEs the pending updates into
+``user_profiles`` (setting ``folded_through`` in the same commit) and then deletes them from
+``profile_updates`` - ingest every ``ingest.profile_fold_seconds``, and ``maintain``.
+
+Why it is safe at any point: combining is associative and commutative
+(:mod:`streaming.profile_updates`); an update is counted once, either in its user's row
+(``update_seq <= folded_through``) or as pending. A fold killed after its MERGE and before its
+delete leaves updates that the rows already hold: they are skipped by the same rule and deleted
+by the next fold. Readers read ``profile_updates`` before ``user_profiles``: a fold between the
+two reads moves updates from the first to the second, never out of both.
+
+Inputs: the Delta tables ``user_profiles`` and ``profile_updates``. Outputs: a DataFrame of
+``PROFILE_SCHEMA`` columns; the fold's commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from carousel.config import CarouselConfig
+from carousel.erasure import drop_erased, erased_ids
+from carousel.schemas import (
+    FOLDED_THROUGH_COLUMN,
+    PROFILE_UPDATES_TABLE,
+    PROFILES_TABLE,
+    UPDATE_SEQ_COLUMN,
+)
+from carousel.storage import read_snapshot, table_exists
+from carousel.tables import ensure
+from streaming.profile_updates import (
+    PROFILE_COLUMNS,
+    combine_deltas,
+    combine_profiles,
+    merged_profile_columns,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure transforms
+# ---------------------------------------------------------------------------------------------
+def unfolded(updates: DataFrame, profiles: DataFrame) -> DataFrame:
+    """The ``updates`` (``PROFILE_UPDATES_SCHEMA``) that their user's row in ``profiles`` does not
+    hold yet: no row, or a row folded through an earlier ``update_seq``."""
+    users = updates.select("user_id").distinct()
+    folded = profiles.select("user_id", FOLDED_THROUGH_COLUMN).join(users, "user_id", "left_semi")
+    return (
+        updates.join(folded, "user_id", "left")
+        .where(
+            F.col(FOLDED_THROUGH_COLUMN).isNull() | (F.col(UPDATE_SEQ_COLUMN) > F.col(FOLDED_THROUGH_COLUMN))
+        )
+        .drop(FOLDED_THROUGH_COLUMN)
+    )
+
+
+def with_updates(profiles: DataFrame, pending: DataFrame, recent_items: int, max_devices: int) -> DataFrame:
+    """``profiles`` (``user_profiles`` rows) combined with ``pending`` (one combined delta per user,
+    :func:`streaming.profile_updates.combine_deltas`): ``PROFILE_SCHEMA`` columns, one row per user.
+
+    Only the users with updates go through the combining join; the others are passed through."""
+    users = pending.select("user_id")
+    untouched = profiles.join(users, "user_id", "left_anti").select(*PROFILE_COLUMNS)
+    touched = profiles.join(users, "user_id", "left_semi").select(*PROFILE_COLUMNS)
+    return untouched.unionByName(combine_profiles(touched, pending, recent_items, max_devices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and folding
+# ---------------------------------------------------------------------------------------------
+def _pending_table(spark: SparkSession, cfg: CarouselConfig) -> DataFrame | None:
+    """``profile_updates`` at its latest version, or None when there is no such table or it is
+    empty (``ingest.profile_writes: merge``, or everything folded)."""
+    location = cfg.storage.table(PROFILE_UPDATES_TABLE)
+    if not table_exists(spark, location):
+        return None
+    updates, _ = read_snapshot(spark, location)
+    return None if updates.isEmpty() else updates
+
+
+def current_profiles(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
+    """Every user's profile now (``PROFILE_SCHEMA`` columns): ``user_profiles`` with the updates
+    not folded into it yet. Raises Spark's AnalysisException when there is no ``user_profiles``
+    (callers check :func:`carousel.storage.table_exists` first and say what to run)."""
+    # profile_updates first: see the module docstring.
+    updates = _pending_table(spark, cfg)
+    profiles, _ = read_snapshot(spark, cfg.storage.table(PROFILES_TABLE))
+    if updates is None:
+        return profiles.select(*PROFILE_COLUMNS)
+    updates = drop_erased(updates, erased_ids(spark, cfg), time_column="last_seen")
+    pending = combine_deltas(unfolded(updates, profiles), cfg.profiles.recent_items, cfg.profiles.max_devices)
+    return with_updates(profiles, pending, cfg.profiles.recent_items, cfg.profiles.max_devices)
+
+
+def next_update_seq(spark: SparkSession, cfg: CarouselConfig) -> int:
+    """An ``update_seq`` larger than every one in ``profile_updates`` and ``user_profiles``: where
+    a start of ingest numbers its batches' updates from (seq = this + batch id)."""
+    seen = [-1]
+    for table, column in (
+        (PROFILE_UPDATES_TABLE, UPDATE_SEQ_COLUMN),
+        (PROFILES_TABLE, FOLDED_THROUGH_COLUMN),
+    ):
+        location = cfg.storage.table(table)
+        if table_exists(spark, location):
+            frame = spark.read.format("delta").load(location)
+            if column in frame.columns:
+                largest = frame.agg(F.max(column)).first()[0]
+                seen.append(-1 if largest is None else int(largest))
+    return max(seen) + 1
+
+
+@dataclass(frozen=True)
+class FoldCounts:
+    """What one fold did: ``users`` whose rows it changed, through which ``update_seq`` (None:
+    nothing pending)."""
+
+    users: int
+    through: int | None
+
+
+_SEEN = "_seen_folded_through"
+
+
+def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts:
+    """MERGE the pending ``profile_updates`` into ``user_profiles`` (one commit; ``folded_through``
+    set on every row it changes), then delete from ``profile_updates`` the updates that the rows
+    hold. Safe beside a running ingest (it only appends updates with a larger ``update_seq``),
+    beside another fold, and to repeat after a kill at any point:
+
+    * a row is changed only if its ``folded_through`` is still the one its pending updates were
+      chosen by (another fold that changed it first wins; these updates stay pending);
+    * the delete removes exactly the updates their user's row holds now (``update_seq <=
+      folded_through``), whichever fold put them there;
+    * an update of a user erased by ``forget-user`` at or after its ``last_seen`` (each update
+      judged by its own) is not folded but deleted: read after ``user_profiles``, so an update
+      read before forget-user's delete of them cannot bring back a row it already removed."""
+    updates = _pending_table(spark, cfg)
+    if updates is None:
+        return FoldCounts(0, None)
+    through = int(updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0])
+    ensure(spark, cfg, PROFILES_TABLE)
+    location = cfg.storage.table(PROFILES_TABLE)
+    profiles, _ = read_snapshot(spark, location)
+    # Read after the profiles: forget-user records a user here before it deletes the user's rows.
+    erased = erased_ids(spark, cfg)
+    recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
+    read = updates.where(F.col(UPDATE_SEQ_COLUMN) <= through)
+    chosen = drop_erased(read, erased, time_column="last_seen")
+    seen = profiles.join(chosen.select("user_id").distinct(), "user_id", "left_semi").select(
+        "user_id", F.col(FOLDED_THROUGH_COLUMN).alias(_SEEN)
+    )
+    pending = (
+        combine_deltas(unfolded(chosen, profiles), recent, devices).join(seen, "user_id", "left").persist()
+    )
+    users = 0
+    try:
+        if not pending.isEmpty():
+            folded = {FOLDED_THROUGH_COLUMN: F.lit(through).cast("bigint")}
+            metrics = (
+                DeltaTable.forPath(spark, location)
+                .alias("t")
+                .merge(pending.alias("s"), "t.user_id = s.user_id")
+                .whenMatchedUpdate(
+                    condition=f"t.{FOLDED_THROUGH_COLUMN} <=> s.{_SEEN}",
+                    set={**merged_profile_columns("t", "s", recent, devices), **folded},
+                )
+                .whenNotMatchedInsert(
+                    values={**{name: F.col(f"s.{name}") for name in PROFILE_COLUMNS}, **folded}
+                )
+                .execute()
+                .first()
+            )
+            users = int(metrics["num_updated_rows"]) + int(metrics["num_inserted_rows"])
+    finally:
+        pending.unpersist()
+    holding = (
+        spark.read.format("delta")
+        .load(location)
+        .where(F.col(FOLDED_THROUGH_COLUMN).isNotNull())
+        .join(chosen.select("user_id").distinct(), "user_id", "left_semi")
+        .select("user_id", FOLDED_THROUGH_COLUMN)
+    )
+    (
+        DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
+        .alias("u")
+        .merge(
+            holding.alias("p"),
+            f"u.user_id = p.user_id AND u.{UPDATE_SEQ_COLUMN} <= p.{FOLDED_THROUGH_COLUMN}",
+        )
+        .whenMatchedDelete()
+        .execute()
+    )
+    if erased.hashes is not None:
+        keys = ["user_id", UPDATE_SEQ_COLUMN]
+        dropped = read.select(*keys).join(chosen.select(*keys), keys, "left_anti").distinct()
+        if not dropped.isEmpty():
+            (
+                DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
+                .alias("u")
+                .merge(
+                    dropped.alias("e"),
+                    f"u.user_id = e.user_id AND u.{UPDATE_SEQ_COLUMN} = e.{UPDATE_SEQ_COLUMN}",
+                )
+                .whenMatchedDelete()
+                .execute()
+            )
+    log.info("profile updates through %d folded into %s: %d users", through, location, users)
+    return FoldCounts(users, through)
