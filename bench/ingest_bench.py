@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -365,11 +366,30 @@ def produce_topic(
     }
 
 
+def _offsets(by_topic: dict[str, dict[str, int]] | None) -> dict[tuple[str, str], int]:
+    """A Kafka source's offsets in a progress's JSON (topic -> partition -> offset; None: none)."""
+    return {(topic, part): int(o) for topic, parts in (by_topic or {}).items() for part, o in parts.items()}
+
+
+def _records_of(progress: Any) -> int:
+    """The Kafka records a micro-batch read: its end offsets less its start offsets, per topic
+    partition (a first batch has no start: the bench's topics are fresh, so it starts at 0). Not
+    ``numInputRows``: ingest reads each batch's offsets twice (the count-only read beside the
+    classified one), and Spark counts the rows of both scans. From the progress's JSON: its
+    Python ``sources`` hold the offsets as Python text."""
+    ends: dict[tuple[str, str], int] = {}
+    starts: dict[tuple[str, str], int] = {}
+    for source in json.loads(progress.json)["sources"]:
+        ends.update(_offsets(source.get("endOffset")))
+        starts.update(_offsets(source.get("startOffset")))
+    return sum(end - starts.get(key, 0) for key, end in ends.items())
+
+
 def _batches_of(query: Any) -> list[dict[str, Any]]:
     """The data batches of a query's progress (needs spark.sql.streaming.numRecentProgressUpdates)."""
     batches = []
     for progress in query.recentProgress:
-        rows = int(progress["numInputRows"])
+        rows = _records_of(progress)
         if rows:
             durations = dict(progress["durationMs"])
             batches.append({"batch_id": progress["batchId"], "rows": rows, "duration_ms": durations})
@@ -480,6 +500,7 @@ def run_ingest_throughput(
     query = ingest.run(spark, cfg, available_now=True)
     query.awaitTermination()
     seconds = time.perf_counter() - started
+    ingest.wait_for_profile_fold(cfg.ingest.query_name, cfg.ingest.stop_timeout_seconds)
     if query.exception() is not None:
         raise RuntimeError(f"ingest query failed: {query.exception()}")
     batches = _batches_of(query)
@@ -668,6 +689,11 @@ def run_steady(
         result["caught_up"] = caught_up
     finally:
         stop_between_batches(query, cfg.ingest.stop_timeout_seconds)
+        # ingest.profile_writes: append - the fold beside the batches ends with the job, as in main.
+        ingest.wait_for_profile_fold(cfg.ingest.query_name, cfg.ingest.stop_timeout_seconds)
+    folds = ingest.profile_folds_of(cfg.ingest.query_name)
+    if folds is not None:
+        result["profile_folds"] = [{"users": users, "seconds": round(s, 3)} for users, s in folds.folded]
     batches = _batches_of(query)
     totals = _ingest_log_totals(spark, cfg)
     durations = sorted(b["duration_ms"].get("triggerExecution", 0) / 1000 for b in batches)

@@ -906,8 +906,8 @@ class IngestConfig(StreamingQuerySection):
     # (carousel.parallel); false: one after another.
     parallel_commits: bool = True
     # How a micro-batch writes its profile updates: "merge" (one MERGE into user_profiles) or
-    # "append" (to profile_updates, folded into user_profiles every profile_fold_seconds; readers
-    # combine the two: carousel.profiles).
+    # "append" (to profile_updates, folded into user_profiles every profile_fold_seconds, beside
+    # the batches; readers combine the two: carousel.profiles).
     profile_writes: Literal["merge", "append"] = "merge"
     profile_fold_seconds: float = Field(default=300.0, gt=0)
 

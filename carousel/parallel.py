@@ -19,11 +19,17 @@ What each thread carries from the caller, so a task behaves as if the caller ran
 
 Every task is waited for before anything is raised: when one fails, none of the others is still
 writing while the caller retries (a replayed micro-batch must not race its own first attempt).
+
+:func:`in_background` is the other kind: work that outlives its caller (ingest's profile fold,
+started by a micro-batch and left running while the next batches commit). Its thread carries the
+session but none of the caller's local properties: its jobs are in a job group of their own, so
+stopping the streaming query does not cancel them, and none joins an SQL execution that ended.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -79,3 +85,22 @@ def run_all(spark: SparkSession, tasks: Mapping[str, Callable[[], Any]], paralle
     if parallel:
         return in_parallel(spark, tasks)
     return {name: task() for name, task in tasks.items()}
+
+
+def in_background(spark: SparkSession, name: str, task: Callable[[], None]) -> threading.Thread:
+    """Start ``task`` (no-argument, doing Spark work on ``spark``, handling its own errors) in a
+    daemon thread named ``name``; the started thread. The thread has ``spark`` as the JVM's active
+    session and fresh local properties: its jobs are in the job group ``name`` only."""
+    context = spark.sparkContext
+    jvm_session_class = context._jvm.org.apache.spark.sql.SparkSession
+    session = spark._jsparkSession
+
+    def run() -> None:
+        context._jsc.sc().setLocalProperties(context._jvm.java.util.Properties())
+        jvm_session_class.setActiveSession(session)
+        context.setJobGroup(name, name, interruptOnCancel=False)
+        task()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread

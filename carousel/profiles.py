@@ -8,7 +8,8 @@ instead of MERGEing them into ``user_profiles``. Until they are folded in, a pro
 view, read by every job that needs the profiles (campaign, rebuild-online-store,
 rebuild-profiles --check); :func:`fold_profile_updates` MERGEs the pending updates into
 ``user_profiles`` (setting ``folded_through`` in the same commit) and then deletes them from
-``profile_updates`` - ingest every ``ingest.profile_fold_seconds``, and ``maintain``.
+``profile_updates`` - ingest every ``ingest.profile_fold_seconds`` (in a thread beside its
+micro-batches), and ``maintain``.
 
 Why it is safe at any point: combining is associative and commutative
 (:mod:`streaming.profile_updates`); an update is counted once, either in its user's row
@@ -27,7 +28,7 @@ import logging
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from carousel.config import CarouselConfig
@@ -122,6 +123,49 @@ def next_update_seq(spark: SparkSession, cfg: CarouselConfig) -> int:
     return max(seen) + 1
 
 
+def merge_profile_deltas(
+    spark: SparkSession,
+    cfg: CarouselConfig,
+    deltas: DataFrame,
+    matched_condition: str | None = None,
+    also_set: dict[str, Column] | None = None,
+) -> Row:
+    """MERGE ``deltas`` (one combined delta per user, ``PROFILE_SCHEMA`` columns as ``s``) into
+    ``user_profiles`` (as ``t``), one commit: a user's row combined with the delta
+    (:func:`streaming.profile_updates.merged_profile_columns`) when ``matched_condition`` holds
+    (always when None), a new row from the delta otherwise; ``also_set`` columns on both. Delta's
+    metrics row. Ingest's per-batch MERGE and the fold are this MERGE."""
+    extra = also_set or {}
+    recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
+    return (
+        DeltaTable.forPath(spark, cfg.storage.table(PROFILES_TABLE))
+        .alias("t")
+        .merge(deltas.alias("s"), "t.user_id = s.user_id")
+        .whenMatchedUpdate(
+            condition=matched_condition, set={**merged_profile_columns("t", "s", recent, devices), **extra}
+        )
+        .whenNotMatchedInsert(values={**{name: F.col(f"s.{name}") for name in PROFILE_COLUMNS}, **extra})
+        .execute()
+        .first()
+    )
+
+
+def _delete_updates(
+    spark: SparkSession, cfg: CarouselConfig, which: DataFrame, condition: str, through: int
+) -> None:
+    """Delete from ``profile_updates`` (as ``u``) the rows of ``update_seq`` up to ``through``
+    matching a row of ``which`` (as ``w``) by ``condition``: one commit (none when nothing
+    matches). The bound is on the partition column, so the delete reads only those partitions:
+    a micro-batch appending a later update beside it does not fail it."""
+    (
+        DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
+        .alias("u")
+        .merge(which.alias("w"), f"u.{UPDATE_SEQ_COLUMN} <= {int(through)} AND {condition}")
+        .whenMatchedDelete()
+        .execute()
+    )
+
+
 @dataclass(frozen=True)
 class FoldCounts:
     """What one fold did: ``users`` whose rows it changed, through which ``update_seq`` (None:
@@ -137,8 +181,9 @@ _SEEN = "_seen_folded_through"
 def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts:
     """MERGE the pending ``profile_updates`` into ``user_profiles`` (one commit; ``folded_through``
     set on every row it changes), then delete from ``profile_updates`` the updates that the rows
-    hold. Safe beside a running ingest (it only appends updates with a larger ``update_seq``),
-    beside another fold, and to repeat after a kill at any point:
+    hold. Safe beside a running ingest (it only appends updates with a larger ``update_seq``,
+    into partitions that the fold's deletes do not read, so neither fails the other), beside
+    another fold, and to repeat after a kill at any point:
 
     * a row is changed only if its ``folded_through`` is still the one its pending updates were
       chosen by (another fold that changed it first wins; these updates stay pending);
@@ -168,20 +213,12 @@ def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts
     users = 0
     try:
         if not pending.isEmpty():
-            folded = {FOLDED_THROUGH_COLUMN: F.lit(through).cast("bigint")}
-            metrics = (
-                DeltaTable.forPath(spark, location)
-                .alias("t")
-                .merge(pending.alias("s"), "t.user_id = s.user_id")
-                .whenMatchedUpdate(
-                    condition=f"t.{FOLDED_THROUGH_COLUMN} <=> s.{_SEEN}",
-                    set={**merged_profile_columns("t", "s", recent, devices), **folded},
-                )
-                .whenNotMatchedInsert(
-                    values={**{name: F.col(f"s.{name}") for name in PROFILE_COLUMNS}, **folded}
-                )
-                .execute()
-                .first()
+            metrics = merge_profile_deltas(
+                spark,
+                cfg,
+                pending,
+                matched_condition=f"t.{FOLDED_THROUGH_COLUMN} <=> s.{_SEEN}",
+                also_set={FOLDED_THROUGH_COLUMN: F.lit(through).cast("bigint")},
             )
             users = int(metrics["num_updated_rows"]) + int(metrics["num_inserted_rows"])
     finally:
@@ -193,29 +230,23 @@ def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts
         .join(chosen.select("user_id").distinct(), "user_id", "left_semi")
         .select("user_id", FOLDED_THROUGH_COLUMN)
     )
-    (
-        DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
-        .alias("u")
-        .merge(
-            holding.alias("p"),
-            f"u.user_id = p.user_id AND u.{UPDATE_SEQ_COLUMN} <= p.{FOLDED_THROUGH_COLUMN}",
-        )
-        .whenMatchedDelete()
-        .execute()
+    _delete_updates(
+        spark,
+        cfg,
+        holding,
+        f"u.user_id = w.user_id AND u.{UPDATE_SEQ_COLUMN} <= w.{FOLDED_THROUGH_COLUMN}",
+        through,
     )
     if erased.hashes is not None:
         keys = ["user_id", UPDATE_SEQ_COLUMN]
         dropped = read.select(*keys).join(chosen.select(*keys), keys, "left_anti").distinct()
         if not dropped.isEmpty():
-            (
-                DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
-                .alias("u")
-                .merge(
-                    dropped.alias("e"),
-                    f"u.user_id = e.user_id AND u.{UPDATE_SEQ_COLUMN} = e.{UPDATE_SEQ_COLUMN}",
-                )
-                .whenMatchedDelete()
-                .execute()
+            _delete_updates(
+                spark,
+                cfg,
+                dropped,
+                f"u.user_id = w.user_id AND u.{UPDATE_SEQ_COLUMN} = w.{UPDATE_SEQ_COLUMN}",
+                through,
             )
     log.info("profile updates through %d folded into %s: %d users", through, location, users)
     return FoldCounts(users, through)

@@ -176,6 +176,7 @@ class BatchGate:
         self._held = False
         self._resumed = threading.Event()
         self._resumed.set()
+        self._beside: threading.Thread | None = None
 
     @property
     def closed(self) -> bool:
@@ -202,19 +203,33 @@ class BatchGate:
 
         return gated
 
+    def beside(self, thread: threading.Thread) -> None:
+        """Count ``thread`` as the query's own work: work a handler started that outlives it
+        (ingest's profile fold). :meth:`close` and :meth:`hold` wait for it as for a handler, so
+        neither a stop (its lease removed after) nor a batch job's pause lets it commit on."""
+        self._beside = thread
+
+    def _beside_ended(self, deadline: float) -> bool:
+        thread = self._beside
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return thread is None or not thread.is_alive()
+
     def open(self) -> None:
         """Let handlers run (again): a query started after an earlier stop in the same process."""
         self._closed = False
         self.resume()
 
     def close(self, timeout_seconds: float) -> bool:
-        """Refuse new handlers; True once no handler runs, False if one still ran at the deadline."""
+        """Refuse new handlers; True once no handler (nor work beside them) runs, False if one
+        still ran at the deadline."""
+        deadline = time.monotonic() + timeout_seconds
         finished = self._lock.acquire(timeout=timeout_seconds)
         self._closed = True
         if finished:
             self._lock.release()
         self._resumed.set()  # a held handler wakes to see the gate closed
-        return finished
+        return finished and self._beside_ended(deadline)
 
     def close_by(self, deadline: float, keep_alive: Callable[[], None]) -> bool:
         """:meth:`close`, waiting for a running handler until ``deadline`` (``time.monotonic()``)
@@ -228,16 +243,17 @@ class BatchGate:
     def hold(self, timeout_seconds: float) -> bool:
         """Hold the handlers back (:meth:`QueryLease.make_way`): a handler starting from now on
         waits until :meth:`resume` (or ends with :class:`StopRequestedError` once the gate is
-        closed). True once none runs; False when one still ran at the deadline (held all the same:
-        call again, or :meth:`resume`)."""
+        closed). True once none runs (nor work beside them, :meth:`beside`); False when one still
+        ran at the deadline (held all the same: call again, or :meth:`resume`)."""
         # Held at once: a handler starting while the running one ends waits (with a backlog, one
         # starts right after the other, and the lock alone would seldom be free at a check).
         self._held = True
         self._resumed.clear()
+        deadline = time.monotonic() + timeout_seconds
         if not self._lock.acquire(timeout=timeout_seconds):
             return False
         self._lock.release()
-        return True
+        return self._beside_ended(deadline)
 
     def resume(self) -> None:
         """Let held handlers run."""

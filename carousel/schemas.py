@@ -593,7 +593,12 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType(
                 properties=MappingProxyType({"delta.enableDeletionVectors": "true"}),
             ),
             # Pending updates only (a fold deletes what it folded): small, no deletion vectors.
-            TableSpec(PROFILE_UPDATES_TABLE, PROFILE_UPDATES_SCHEMA),
+            # Partitioned by update_seq (one partition per micro-batch, gone once folded): a
+            # fold's delete, bounded by the last update it folded, then reads other partitions
+            # than the batches appending beside it, so it does not conflict with them (Delta OSS
+            # checks conflicts as Serializable: a blind append into a partition the delete read
+            # fails it).
+            TableSpec(PROFILE_UPDATES_TABLE, PROFILE_UPDATES_SCHEMA, partition_by=(UPDATE_SEQ_COLUMN,)),
             TableSpec(QUARANTINE_TABLE, QUARANTINE_SCHEMA, retention_column="quarantined_at"),
             TableSpec(INGEST_LOG_TABLE, INGEST_LOG_SCHEMA),
             TableSpec(ITEM_RECOMMENDATIONS_TABLE, ITEM_RECOMMENDATIONS_SCHEMA),

@@ -116,9 +116,15 @@ def _first_row(delta: DeltaTable, sql: str) -> dict[str, Any]:
 def run(cfg: CarouselConfig) -> list[TableSummary]:
     """A summary of each table of :data:`STAGES` under ``cfg.storage.root``, in pipeline order."""
     options = cfg.storage.s3.delta_rs_options()
-    return [
+    summaries = [
         summarise(cfg.storage.table(table), stage, table, figure_sql, counts, options)
         for stage, table, figure_sql, counts in STAGES
+    ]
+    # profile_updates is made only with ingest.profile_writes: append; with merge it is not missing.
+    return [
+        s
+        for s in summaries
+        if s.exists or s.table != PROFILE_UPDATES_TABLE or cfg.ingest.profile_writes == "append"
     ]
 
 

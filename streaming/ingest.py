@@ -10,8 +10,9 @@ within seconds. Inputs: JSON events on the topic ``kafka.topics.events`` (contra
 * ``user_profiles`` - one row per user: one MERGE per micro-batch of only the users the batch
   changed, computed from the batch itself (``streaming.profile_updates``); or, with
   ``ingest.profile_writes: append``, those per-user deltas appended to ``profile_updates`` and
-  folded into ``user_profiles`` every ``ingest.profile_fold_seconds`` (:mod:`carousel.profiles`,
-  whose :func:`~carousel.profiles.current_profiles` combines the two for every reader);
+  folded into ``user_profiles`` every ``ingest.profile_fold_seconds``, in a driver thread beside
+  the next batches (:class:`ProfileFolds`, :mod:`carousel.profiles`, whose
+  :func:`~carousel.profiles.current_profiles` combines the two for every reader);
 * ``events_quarantine`` - every record that is not a valid event, with its Kafka coordinates and
   the reason(s); also each event stored without a mistyped optional attribute (``device``,
   ``properties``, ``user_attributes`` or a member: dropped, not the event), ``event_stored`` true;
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -58,9 +60,16 @@ from carousel.config import CarouselConfig, IngestConfig
 from carousel.erasure import check_key, erased_ids, with_erased_flag
 from carousel.errors import one_line
 from carousel.faults import injected, kill_job
-from carousel.parallel import run_all
-from carousel.profiles import fold_profile_updates, next_update_seq
-from carousel.query_lifecycle import gate_for, query_lease, stop_marker
+from carousel.parallel import in_background, run_all
+from carousel.profiles import fold_profile_updates, merge_profile_deltas, next_update_seq
+from carousel.query_lifecycle import (
+    BatchGate,
+    StorageChecks,
+    gate_for,
+    lease_keeper,
+    query_lease,
+    stop_marker,
+)
 from carousel.query_metrics import count_outcomes, count_quarantined, exported
 from carousel.schemas import (
     DEVICE_SCHEMA,
@@ -94,7 +103,7 @@ from carousel.session import build_session
 from carousel.storage import COMMIT_CONFLICTS, BatchCommits, read_or_create_marker
 from carousel.supervision import dependency_probe, kafka_check, supervise
 from carousel.tables import ensure
-from streaming.profile_updates import PROFILE_COLUMNS, merged_profile_columns, profile_deltas
+from streaming.profile_updates import profile_deltas
 
 log = logging.getLogger(__name__)
 
@@ -383,15 +392,7 @@ def ensure_ingest_tables(spark: SparkSession, cfg: CarouselConfig) -> None:
 
 def _upsert_profiles(spark: SparkSession, deltas: DataFrame, cfg: CarouselConfig) -> None:
     """One MERGE of the batch's profile deltas into ``user_profiles`` (one commit)."""
-    columns = merged_profile_columns("t", "s", cfg.profiles.recent_items, cfg.profiles.max_devices)
-    (
-        DeltaTable.forPath(spark, cfg.storage.table(PROFILES_TABLE))
-        .alias("t")
-        .merge(deltas.alias("s"), "t.user_id = s.user_id")
-        .whenMatchedUpdate(set=columns)
-        .whenNotMatchedInsert(values={name: F.col(f"s.{name}") for name in PROFILE_COLUMNS})
-        .execute()
-    )
+    merge_profile_deltas(spark, cfg, deltas)
 
 
 def quarantine_reasons(records: DataFrame) -> dict[str, int]:
@@ -426,42 +427,127 @@ def _commit_events(events: DataFrame, *, cfg: CarouselConfig, batch_id: int, com
 
 class ProfileFolds:
     """With ``ingest.profile_writes: append``: the ``update_seq`` of each batch's profile updates
-    (larger than any stored when the query started, then one more per batch id) and when the next
-    fold of them into ``user_profiles`` is due (every ``ingest.profile_fold_seconds``)."""
+    (larger than any stored when the query started, then one more per batch id), and the fold of
+    them into ``user_profiles``, started every ``ingest.profile_fold_seconds`` in a driver thread of
+    its own (:func:`carousel.parallel.in_background`) while the next micro-batches go on: a fold
+    is a MERGE of every pending user, longer than a batch, and the batches never wait for it (they
+    only append to ``profile_updates``, which no fold's commit conflicts with). One fold at a time
+    per query and process; on the root session (adaptive execution on, no batch's commit tag).
+    The fold is the query's work for its gate (:meth:`BatchGate.beside`): a stop, or a batch job
+    pausing the query, waits for it, and none starts while the gate is held or closed."""
 
-    def __init__(self, first_seq: int, every_seconds: float) -> None:
+    def __init__(
+        self,
+        spark: SparkSession,
+        cfg: CarouselConfig,
+        first_seq: int,
+        running: threading.Thread | None = None,
+        gate: BatchGate | None = None,
+    ) -> None:
         self.first_seq = first_seq
-        self._every = every_seconds
+        self._spark = spark
+        self._cfg = cfg
+        self._gate = gate
+        self._every = cfg.ingest.profile_fold_seconds
         self._last = time.monotonic()
+        self._running = running
+        # Each fold that ended with its commits: (users folded, seconds), for the benchmark.
+        self.folded: list[tuple[int, float]] = []
 
     def seq(self, batch_id: int) -> int:
         return self.first_seq + batch_id
 
-    def fold_if_due(self, spark: SparkSession, cfg: CarouselConfig, tag: str) -> bool:
-        """Fold the pending updates when due; whether it folded. A fold that loses a commit race
-        (to maintain, forget-user) is tried again at the next batch; one that fails otherwise, at
-        the next due time. Either way what it left is still pending, and read as such."""
-        if time.monotonic() - self._last < self._every:
+    @property
+    def storage_root(self) -> str:
+        return self._cfg.storage.root
+
+    @property
+    def running(self) -> threading.Thread | None:
+        """The thread of the fold under way, if any."""
+        return self._running if self._running is not None and self._running.is_alive() else None
+
+    def start_if_due(self, tag: str) -> bool:
+        """Start a fold of the pending updates when one is due and none is under way; whether it
+        started one. Called after batch ``tag``'s log commit: the batch is whole whatever the fold
+        does (it only moves committed updates)."""
+        if self.running is not None or time.monotonic() - self._last < self._every:
             return False
+        if self._gate is not None and (self._gate.held or self._gate.closed):
+            return False  # a batch job is making its commits, or the query stops: not now
+        self._running = in_background(self._spark, f"{self._cfg.ingest.query_name}-profile-fold", self._fold)
+        if self._gate is not None:
+            self._gate.beside(self._running)
+        log.info("batch %s: profile fold started beside the next batches", tag)
+        return True
+
+    def _fold(self) -> None:
+        """One fold. One that fails (a commit race lost to maintain or forget-user, or any other
+        error) is started again at the next due time; what it left is still pending, and read as
+        such."""
+        started = time.monotonic()
         try:
-            fold_profile_updates(spark, cfg)
-        except COMMIT_CONFLICTS as err:
+            counts = fold_profile_updates(self._spark, self._cfg)
+        except Exception as err:  # noqa: BLE001 - a thread's error would go nowhere; the batches go on
+            race = " (lost a commit race)" if isinstance(err, COMMIT_CONFLICTS) else ""
             log.warning(
-                "batch %s: profile fold lost a commit race, tried at the next batch: %s", tag, one_line(err)
-            )
-            return False
-        except Exception as err:  # noqa: BLE001 - the batch is committed: failing it only replays it
-            log.warning(
-                "batch %s: profile fold failed, tried again in %.0f s (the updates stay pending: readers "
+                "profile fold failed%s, started again in %.0f s (the updates stay pending: readers "
                 "combine them, maintain folds them too): %s",
-                tag,
+                race,
                 self._every,
                 one_line(err),
             )
-            self._last = time.monotonic()
-            return False
+        else:
+            seconds = time.monotonic() - started
+            self.folded.append((counts.users, seconds))
+            log.info(
+                "profile fold through update %s: %d users in %.1f s", counts.through, counts.users, seconds
+            )
         self._last = time.monotonic()
+
+
+# The folds of each ingest query run in this process (by query name): a restart of the query
+# starts no fold while its earlier run's is under way, and the end of the job waits for that one
+# (wait_for_profile_fold).
+_profile_folds: dict[str, ProfileFolds] = {}
+
+
+def profile_folds_of(query_name: str) -> ProfileFolds | None:
+    """The profile folds of the last run of ``query_name`` in this process (None: not appending)."""
+    return _profile_folds.get(query_name)
+
+
+def wait_for_profile_fold(
+    query_name: str, timeout_s: float, keep_alive: Callable[[], None] = lambda: None
+) -> bool:
+    """Wait up to ``timeout_s`` for the profile fold under way for ``query_name``, if any, calling
+    ``keep_alive`` (the query's lease renewed) every second; whether none is under way now. One
+    cut off by the end of the process is safe (the fold is exact at any point), merely undone."""
+    folds = _profile_folds.get(query_name)
+    running = None if folds is None else folds.running
+    if running is None:
         return True
+    log.info("waiting up to %.0f s for the profile fold under way", timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while running.is_alive() and time.monotonic() < deadline:
+        running.join(min(1.0, max(0.0, deadline - time.monotonic())))
+        keep_alive()
+    return not running.is_alive()
+
+
+def _check_partitioned(spark: SparkSession, cfg: CarouselConfig) -> None:
+    """Warn when ``profile_updates`` predates its partitioning by ``update_seq`` (``ensure`` does
+    not repartition a table): there every fold's delete loses to the batches appending beside it."""
+    location = cfg.storage.table(PROFILE_UPDATES_TABLE)
+    partitioned = DeltaTable.forPath(spark, location).detail().first()["partitionColumns"]
+    if list(partitioned) != [UPDATE_SEQ_COLUMN]:
+        log.warning(
+            "%s is partitioned by %s, not by %s: each fold's delete will lose to the running batches "
+            "(the rows are folded all the same). Drop the table once it is empty (stop ingest, run "
+            "maintain), and ingest makes it anew (README 'Profiles appended, folded later')",
+            location,
+            list(partitioned) or "nothing",
+            UPDATE_SEQ_COLUMN,
+        )
 
 
 def _commit_profiles(
@@ -520,8 +606,8 @@ def process_batch(
     folds: ProfileFolds | None = None,
 ) -> None:
     """foreachBatch handler: store, quarantine, update profiles, log; idempotent by ``batch_id``.
-    With ``folds`` (``ingest.profile_writes: append``), the profile updates are appended, and
-    folded into ``user_profiles`` after the log commit when due.
+    With ``folds`` (``ingest.profile_writes: append``), the profile updates are appended, and a
+    fold of them into ``user_profiles`` is started after the log commit when due.
 
     ``batch`` holds the deduplicated classified records and the read marks (:func:`with_read_marks`).
     """
@@ -597,9 +683,8 @@ def process_batch(
             spark.createDataFrame(log_row, INGEST_LOG_SCHEMA), cfg.storage.table(INGEST_LOG_TABLE), batch_id
         )
         timer.lap("log")
-        # After the log: the batch is whole whatever the fold does (it moves committed updates).
-        if folds is not None and folds.fold_if_due(spark, cfg, tag):
-            timer.lap("fold")
+        if folds is not None:
+            folds.start_if_due(tag)
         # Counted once the batch is committed (a failure before replays it), and never failing it.
         outcomes = {
             "read": records_read,
@@ -689,16 +774,21 @@ def run(spark: SparkSession, cfg: CarouselConfig, available_now: bool = False) -
     app_id = read_or_create_marker(spark, f"{checkpoint}/{APP_ID_MARKER}", name)
     # Made per start: what it knows of the tables' commits dies with this run of the query.
     commits = BatchCommits(app_id, checkpoint)
-    folds = (
-        ProfileFolds(next_update_seq(spark, cfg), cfg.ingest.profile_fold_seconds)
-        if cfg.ingest.profile_writes == "append"
-        else None
-    )
+    gate = gate_for(name)
+    folds = None
+    if cfg.ingest.profile_writes == "append":
+        _check_partitioned(spark, cfg)
+        earlier = _profile_folds.get(name)
+        running = (
+            earlier.running if earlier is not None and earlier.storage_root == cfg.storage.root else None
+        )
+        folds = ProfileFolds(spark, cfg, next_update_seq(spark, cfg), running, gate)
+        _profile_folds[name] = folds
     writer = (
         ingest_stream(read_event_stream(spark, cfg), cfg.ingest)
         .writeStream.queryName(name)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(gate_for(name).wrap(partial(process_batch, cfg=cfg, commits=commits, folds=folds)))
+        .foreachBatch(gate.wrap(partial(process_batch, cfg=cfg, commits=commits, folds=folds)))
     )
     writer = (
         writer.trigger(availableNow=True)
@@ -718,15 +808,27 @@ def main(argv: list[str]) -> int:
     cfg = config_from_args(args, "ingest")
     spark = build_session(cfg, "carousel-ingest")
     name = cfg.ingest.query_name
+    lease = query_lease(spark, cfg, "ingest")
+    storage = StorageChecks(name)
     with exported(spark, cfg.metrics, "ingest"):
-        supervise(
-            spark,
-            partial(run, spark, cfg, available_now=args.available_now),
-            cfg.supervision,
-            name,
-            cfg.ingest.stop_timeout_seconds,
-            stop_marker(cfg, name),
-            lease=query_lease(spark, cfg, "ingest"),
-            probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
-        )
+        try:
+            supervise(
+                spark,
+                partial(run, spark, cfg, available_now=args.available_now),
+                cfg.supervision,
+                name,
+                cfg.ingest.stop_timeout_seconds,
+                stop_marker(cfg, name),
+                lease=lease,
+                keep_lease=True,
+                storage=storage,
+                probe=dependency_probe({"Kafka": kafka_check(cfg.kafka)}),
+            )
+        finally:
+            # A profile fold beside the batches is the query's work: the lease outlives it.
+            if not wait_for_profile_fold(
+                name, cfg.ingest.stop_timeout_seconds, keep_alive=lease_keeper(lease, storage)
+            ):
+                log.warning("the profile fold under way is cut off by the end of the job; the next redoes it")
+            storage.run("remove its lease (it expires by itself)", lease.release, None)
     return 0

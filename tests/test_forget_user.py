@@ -168,7 +168,7 @@ def _pending_profile_updates(spark: SparkSession, cfg: CarouselConfig, now: date
         cfg=cfg,
         batch_id=0,
         commits=BatchCommits("test-ingest-appending", None),
-        folds=ingest.ProfileFolds(first_seq=0, every_seconds=3600.0),
+        folds=ingest.ProfileFolds(spark, cfg, first_seq=0),
     )
 
 

@@ -180,7 +180,8 @@ def test_simulated_traffic_is_fully_accounted_for(spark, make_config, tmp_path):
 def test_appended_profile_updates_are_read_and_folded_as_the_recomputation(spark, make_config):
     """ingest.profile_writes: append. The profiles every reader sees (carousel.profiles) equal the
     recomputation from the events before any fold, after a fold, after a fold killed between its
-    MERGE and its delete, and with a fold after every batch; a fold leaves nothing pending."""
+    MERGE and its delete, and with ingest's own fold running beside its batches; a fold leaves
+    nothing pending."""
     cfg = make_config(
         "ingest.max_offsets_per_trigger=1000",
         "ingest.profile_writes=append",
@@ -214,10 +215,18 @@ def test_appended_profile_updates_are_read_and_folded_as_the_recomputation(spark
     assert fold_profile_updates(spark, cfg).users == 0
     assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
 
-    # A rerun folding after every batch; its updates are numbered after everything folded.
+    # A rerun (two batches) folding beside its batches: the fold started after its first batch
+    # runs while the second commits; its updates are numbered after everything folded before.
+    before = read_table(spark, cfg, PROFILES_TABLE).agg(F.max(FOLDED_THROUGH_COLUMN)).first()[0]
     folding = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"profile_fold_seconds": 0.001})})
     produce(cfg, [(r.key, r.value) for r in records[1800:]])
     _run_ingest(spark, folding)
+    assert ingest.wait_for_profile_fold(cfg.ingest.query_name, 120)
+    assert read_table(spark, cfg, PROFILES_TABLE).agg(F.max(FOLDED_THROUGH_COLUMN)).first()[0] > before
+    pending = read_table(spark, cfg, PROFILE_UPDATES_TABLE).select(UPDATE_SEQ_COLUMN).distinct().count()
+    assert pending <= 1  # at most the last batch's, appended while the fold ran
+    assertDataFrameEqual(comparable(current_profiles(spark, cfg)), recomputed())
+    fold_profile_updates(spark, cfg)
     assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
     assert read_table(spark, cfg, PROFILES_TABLE).where(F.col(FOLDED_THROUGH_COLUMN).isNull()).count() == 0
     assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType
 from pyspark.testing import assertDataFrameEqual
+from support import wait_for
 
 from carousel.config import CarouselConfig, ConfigError, load_config
 from carousel.erasure import hash_key, user_hash_of
-from carousel.profiles import current_profiles
+from carousel.profiles import _delete_updates, current_profiles
 from carousel.schemas import (
     EVENTS_SCHEMA,
     EVENTS_TABLE,
@@ -25,6 +30,7 @@ from carousel.schemas import (
     SENT_RECOMMENDATIONS_SCHEMA,
     SENT_RECOMMENDATIONS_TABLE,
     TABLES,
+    UPDATE_SEQ_COLUMN,
 )
 from carousel.storage import deletion_vector_count
 from carousel.tables import ensure, table_properties
@@ -32,6 +38,7 @@ from jobs import maintain
 from jobs.forget_user import record_erased
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+_DEADLINE_S = 60
 
 
 def _event(n: int, at: datetime) -> tuple:
@@ -320,3 +327,54 @@ def test_maintain_folds_the_pending_profile_updates_first(spark: SparkSession, c
         row["user_id"]: row[FOLDED_THROUGH_COLUMN] for row in _read(spark, cfg, PROFILES_TABLE).collect()
     }
     assert folded == {"u-0000": None, "u-0001": 1, "u-0002": None, "u-0005": 1}
+
+
+def test_a_folds_delete_does_not_conflict_with_a_batch_appending_beside_it(
+    spark: SparkSession, cfg: CarouselConfig, tmp_path: Path
+) -> None:
+    """ingest's fold runs beside its micro-batches, which append later updates to profile_updates
+    while the fold deletes the ones it folded. Delta OSS checks conflicts as Serializable: an
+    append into what a delete read fails the delete. profile_updates is partitioned by update_seq
+    and the delete bounded by the fold's last update, so it reads none of the batch's partition.
+    The append is made to land while the delete's transaction is open (its source waits for it)."""
+    ensure(spark, cfg, PROFILE_UPDATES_TABLE)
+    _append(spark, cfg, PROFILE_UPDATES_TABLE, [(*_profile(1), 0), (*_profile(2), 0)], per_commit=2)
+    started, appended = tmp_path / "delete-started", tmp_path / "appended"
+
+    def after_the_append(user_id: str) -> bool:
+        # Runs in a Python worker, inside the delete's transaction.
+        started.touch()
+        deadline = time.monotonic() + _DEADLINE_S
+        while not appended.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no append beside the delete after {_DEADLINE_S} s")
+            time.sleep(0.05)
+        return True
+
+    def append_beside() -> None:
+        wait_for(started.exists, _DEADLINE_S, "the delete's transaction to read its source", poll=0.05)
+        _append(spark, cfg, PROFILE_UPDATES_TABLE, [(*_profile(1, events=3), 1)])
+        appended.touch()
+
+    folded = spark.createDataFrame([("u-0001", 0)], f"user_id string, {FOLDED_THROUGH_COLUMN} long")
+    holding = folded.where(F.udf(after_the_append, BooleanType())("user_id"))
+    appender = threading.Thread(target=append_beside, name="batch-beside-the-fold")
+    appender.start()
+    try:
+        _delete_updates(
+            spark,
+            cfg,
+            holding,
+            f"u.user_id = w.user_id AND u.{UPDATE_SEQ_COLUMN} <= w.{FOLDED_THROUGH_COLUMN}",
+            through=0,
+        )
+    finally:
+        appender.join(_DEADLINE_S)
+    # The append landed inside the delete's transaction: the delete read an older version.
+    history = {
+        row["operation"]: row
+        for row in DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE)).history(2).collect()
+    }
+    assert history["MERGE"]["readVersion"] < history["WRITE"]["version"] < history["MERGE"]["version"]
+    left = _read(spark, cfg, PROFILE_UPDATES_TABLE).select("user_id", UPDATE_SEQ_COLUMN, "total_events")
+    assertDataFrameEqual(left, spark.createDataFrame([("u-0001", 1, 3), ("u-0002", 0, 1)], left.schema))

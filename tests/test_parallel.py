@@ -11,7 +11,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from carousel.parallel import in_parallel, run_all
+from carousel.parallel import in_background, in_parallel, run_all
 from carousel.storage import BatchCommits
 
 _DEADLINE_S = 60
@@ -131,3 +131,30 @@ def test_run_all_in_turn_keeps_the_order_and_the_calling_thread(spark: SparkSess
     got = run_all(spark, {name: (lambda n=name: step(n)) for name in ("c", "a", "b")}, parallel=False)
     assert order == ["c", "a", "b"]
     assert set(got.values()) == {threading.current_thread().name}
+
+
+def test_a_background_task_has_a_job_group_of_its_own_that_outlives_the_callers(spark: SparkSession) -> None:
+    """ingest's profile fold runs on after the micro-batch that started it: stopping the query
+    (cancelling its job group) must not cancel it; it runs on the session it was given."""
+    context = spark.sparkContext
+    clone = spark.newSession()
+    seen: dict[str, object] = {}
+    cancelled_caller = threading.Event()
+
+    def task() -> None:
+        seen["group"] = context.getLocalProperty("spark.jobGroup.id")
+        seen["active"] = clone._jvm.org.apache.spark.sql.SparkSession.getActiveSession().get()
+        assert cancelled_caller.wait(_DEADLINE_S)
+        seen["count"] = clone.range(10).count()
+
+    context.setJobGroup("carousel-test-caller", "the query's batch")
+    thread = in_background(clone, "carousel-test-background", task)
+    context.cancelJobGroup("carousel-test-caller")
+    context.setLocalProperty("spark.jobGroup.id", None)
+    context.setLocalProperty("spark.job.description", None)
+    cancelled_caller.set()
+    thread.join(_DEADLINE_S)
+    assert not thread.is_alive() and thread.daemon
+    assert seen["group"] == "carousel-test-background"
+    assert seen["active"].equals(clone._jsparkSession)
+    assert seen["count"] == 10

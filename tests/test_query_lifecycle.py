@@ -72,6 +72,21 @@ def test_a_closed_gate_refuses_new_batches_and_reopens() -> None:
         runner.join(30)
 
 
+def test_work_a_handler_left_running_beside_the_batches_is_waited_for_by_a_hold_and_a_stop() -> None:
+    """ingest's profile fold, started by a micro-batch, commits on after it: a batch job pausing
+    the query (hold) and a stop (close, after which the query's lease goes) wait for it too."""
+    gate = BatchGate()
+    finish = threading.Event()
+    fold = threading.Thread(target=finish.wait, args=(30,), daemon=True)
+    gate.wrap(lambda _batch, _batch_id: (fold.start(), gate.beside(fold)))(None, 0)
+    try:
+        assert not gate.hold(timeout_seconds=0.1)  # the batch returned; its fold still commits
+        assert not gate.close(timeout_seconds=0.1)
+    finally:
+        finish.set()
+    assert gate.hold(timeout_seconds=30) and gate.close(timeout_seconds=30)
+
+
 def test_a_held_gate_keeps_batches_waiting_until_resumed_or_closed() -> None:
     gate = BatchGate()
     seen: list[int] = []

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pyspark.sql import functions as F
 
 from carousel.config import PROJECT_ROOT
-from carousel.schemas import EVENTS_TABLE, QUARANTINE_SCHEMA, QUARANTINE_TABLE
+from carousel.schemas import EVENTS_TABLE, PROFILE_UPDATES_TABLE, QUARANTINE_SCHEMA, QUARANTINE_TABLE
 from carousel.tables import ensure
 from jobs import summary
 
@@ -46,6 +46,9 @@ def test_the_summary_counts_each_table_and_marks_missing_ones(spark, make_config
     assert by_table[EVENTS_TABLE] == summary.TableSummary("ingest", EVENTS_TABLE, True, 3, 1, 2, "users")
     assert by_table[QUARANTINE_TABLE].rows == 3 and by_table[QUARANTINE_TABLE].figure == 2  # rejected
     assert not by_table["item_recommendations"].exists
+    assert PROFILE_UPDATES_TABLE not in by_table  # ingest.profile_writes: merge never makes it
+    appending = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"profile_writes": "append"})})
+    assert not {s.table: s for s in summary.run(appending)}[PROFILE_UPDATES_TABLE].exists
     text = summary.render(list(by_table.values()))
     assert "events_quarantine" in text and "2 records rejected" in text and "not created yet" in text
 
