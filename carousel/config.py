@@ -1560,12 +1560,13 @@ class MaintenanceConfig(_Section):
             )
         return self
 
-    def table_properties(self) -> dict[str, str]:
-        """The upkeep settings every table carries as Delta table properties."""
+    def table_properties(self, checkpoint_offset: int = 0) -> dict[str, str]:
+        """The upkeep settings every table carries as Delta table properties; ``checkpoint_offset``
+        (the table's, :class:`carousel.schemas.TableSpec`) is added to the checkpoint interval."""
         return {
             "delta.logRetentionDuration": f"interval {self.log_retention_days} days",
             "delta.deletedFileRetentionDuration": f"interval {self.vacuum_retention_hours} hours",
-            "delta.checkpointInterval": str(self.checkpoint_interval),
+            "delta.checkpointInterval": str(self.checkpoint_interval + checkpoint_offset),
         }
 
 

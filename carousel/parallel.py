@@ -41,6 +41,9 @@ from carousel.errors import one_line
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# The scheduler pool of work a query leaves running beside its micro-batches (conf/fairscheduler.xml).
+SCHEDULER_POOL_PROPERTY = "spark.scheduler.pool"
+BACKGROUND_POOL = "background"
 
 
 def in_parallel(spark: SparkSession, tasks: Mapping[str, Callable[[], T]]) -> dict[str, T]:
@@ -90,7 +93,9 @@ def run_all(spark: SparkSession, tasks: Mapping[str, Callable[[], Any]], paralle
 def in_background(spark: SparkSession, name: str, task: Callable[[], None]) -> threading.Thread:
     """Start ``task`` (no-argument, doing Spark work on ``spark``, handling its own errors) in a
     daemon thread named ``name``; the started thread. The thread has ``spark`` as the JVM's active
-    session and fresh local properties: its jobs are in the job group ``name`` only."""
+    session and fresh local properties: its jobs are in the job group ``name`` only, and in the
+    scheduler pool :data:`BACKGROUND_POOL` (weighted below the default pool's work when the
+    session schedules FAIR, :func:`carousel.session.scheduler_settings`)."""
     context = spark.sparkContext
     jvm_session_class = context._jvm.org.apache.spark.sql.SparkSession
     session = spark._jsparkSession
@@ -99,6 +104,7 @@ def in_background(spark: SparkSession, name: str, task: Callable[[], None]) -> t
         context._jsc.sc().setLocalProperties(context._jvm.java.util.Properties())
         jvm_session_class.setActiveSession(session)
         context.setJobGroup(name, name, interruptOnCancel=False)
+        context.setLocalProperty(SCHEDULER_POOL_PROPERTY, BACKGROUND_POOL)
         task()
 
     thread = threading.Thread(target=run, name=name, daemon=True)

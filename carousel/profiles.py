@@ -129,11 +129,13 @@ def merge_profile_deltas(
     deltas: DataFrame,
     matched_condition: str | None = None,
     also_set: dict[str, Column] | None = None,
+    insert_condition: str | None = None,
 ) -> Row:
     """MERGE ``deltas`` (one combined delta per user, ``PROFILE_SCHEMA`` columns as ``s``) into
     ``user_profiles`` (as ``t``), one commit: a user's row combined with the delta
     (:func:`streaming.profile_updates.merged_profile_columns`) when ``matched_condition`` holds
-    (always when None), a new row from the delta otherwise; ``also_set`` columns on both. Delta's
+    (always when None), a new row from the delta when the user has none and ``insert_condition``
+    holds (always when None); ``also_set`` columns on both. Delta's
     metrics row. Ingest's per-batch MERGE and the fold are this MERGE."""
     extra = also_set or {}
     recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
@@ -144,7 +146,10 @@ def merge_profile_deltas(
         .whenMatchedUpdate(
             condition=matched_condition, set={**merged_profile_columns("t", "s", recent, devices), **extra}
         )
-        .whenNotMatchedInsert(values={**{name: F.col(f"s.{name}") for name in PROFILE_COLUMNS}, **extra})
+        .whenNotMatchedInsert(
+            condition=insert_condition,
+            values={**{name: F.col(f"s.{name}") for name in PROFILE_COLUMNS}, **extra},
+        )
         .execute()
         .first()
     )
@@ -176,6 +181,93 @@ class FoldCounts:
 
 
 _SEEN = "_seen_folded_through"
+_HAD_ROW = "_had_row"
+
+
+@dataclass(frozen=True)
+class FoldRead:
+    """What a fold reads, as lazy frames: the updates through ``through`` (``read``), those of them
+    to fold (``chosen``: no erased user's), and the ``folded_through`` of their users' rows
+    (``folded``). ``profile_updates`` and ``user_profiles`` are read at pinned versions (computed
+    when applied, they still give what was read); the erased users as of when they are computed
+    (more erased users leave out more updates: never one that should stay)."""
+
+    through: int
+    read: DataFrame
+    chosen: DataFrame
+    folded: DataFrame
+    erasing: bool
+
+
+def read_fold(spark: SparkSession, cfg: CarouselConfig) -> FoldRead | None:
+    """The first half of :func:`fold_profile_updates`: what it folds (None: nothing pending)."""
+    updates_location = cfg.storage.table(PROFILE_UPDATES_TABLE)
+    if not table_exists(spark, updates_location):
+        return None
+    updates, _ = read_snapshot(spark, updates_location)
+    largest = updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]  # None: nothing pending
+    if largest is None:
+        return None
+    through = int(largest)
+    ensure(spark, cfg, PROFILES_TABLE)
+    profiles, _ = read_snapshot(spark, cfg.storage.table(PROFILES_TABLE))
+    # Read after the profiles: forget-user records a user here before it deletes the user's rows.
+    erased = erased_ids(spark, cfg)
+    read = updates.where(F.col(UPDATE_SEQ_COLUMN) <= through)
+    chosen = drop_erased(read, erased, time_column="last_seen")
+    # The chosen users' rows, read once (user_profiles is the big side of the fold).
+    folded = profiles.select("user_id", FOLDED_THROUGH_COLUMN).join(
+        chosen.select("user_id").distinct(), "user_id", "left_semi"
+    )
+    return FoldRead(through, read, chosen, folded, erased.hashes is not None)
+
+
+def apply_fold(spark: SparkSession, cfg: CarouselConfig, fold: FoldRead) -> FoldCounts:
+    """The second half of :func:`fold_profile_updates`: its MERGE and its delete."""
+    through = fold.through
+    folded = fold.folded.persist()
+    seen = folded.select("user_id", F.col(FOLDED_THROUGH_COLUMN).alias(_SEEN), F.lit(True).alias(_HAD_ROW))
+    recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
+    pending = (
+        combine_deltas(unfolded(fold.chosen, folded), recent, devices).join(seen, "user_id", "left").persist()
+    )
+    users = 0
+    try:
+        chosen_users = pending.count()
+        if chosen_users:
+            metrics = merge_profile_deltas(
+                spark,
+                cfg,
+                pending,
+                matched_condition=f"t.{FOLDED_THROUGH_COLUMN} <=> s.{_SEEN}",
+                also_set={FOLDED_THROUGH_COLUMN: F.lit(through).cast("bigint")},
+                # A row read and gone since (forget-user erased the user) is not brought back.
+                insert_condition=f"s.{_HAD_ROW} IS NULL",
+            )
+            users = int(metrics["num_updated_rows"]) + int(metrics["num_inserted_rows"])
+    finally:
+        pending.unpersist()
+        folded.unpersist()
+    if users == chosen_users:
+        # Every update read is held now: its user's row changed here, or held it already when read
+        # (a row's folded_through never goes down, and update_seq numbering only goes up), or it
+        # was an erased user's. Whole partitions go, without a join (a partitioned table: one
+        # commit, no data file read).
+        DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE)).delete(
+            F.col(UPDATE_SEQ_COLUMN) <= through
+        )
+    else:
+        # Another writer changed some of these rows first: the other fold (ingest's or maintain's),
+        # rebuild-profiles, or forget-user.
+        log.info("%d profiles changed by another writer first: their updates stay", chosen_users - users)
+        _delete_held_updates(spark, cfg, fold.read, fold.chosen, fold.erasing, through)
+    log.info(
+        "profile updates through %d folded into %s: %d users",
+        through,
+        cfg.storage.table(PROFILES_TABLE),
+        users,
+    )
+    return FoldCounts(users, through)
 
 
 def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts:
@@ -187,42 +279,23 @@ def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts
 
     * a row is changed only if its ``folded_through`` is still the one its pending updates were
       chosen by (another fold that changed it first wins; these updates stay pending);
-    * the delete removes exactly the updates their user's row holds now (``update_seq <=
-      folded_through``), whichever fold put them there;
+    * when every row it chose was changed, every update it read is held: it deletes their whole
+      ``update_seq`` partitions (no join); else it deletes exactly the updates their user's row
+      holds now (``update_seq <= folded_through``), whichever fold put them there;
     * an update of a user erased by ``forget-user`` at or after its ``last_seen`` (each update
       judged by its own) is not folded but deleted: read after ``user_profiles``, so an update
       read before forget-user's delete of them cannot bring back a row it already removed."""
-    updates = _pending_table(spark, cfg)
-    if updates is None:
-        return FoldCounts(0, None)
-    through = int(updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0])
-    ensure(spark, cfg, PROFILES_TABLE)
+    fold = read_fold(spark, cfg)
+    return FoldCounts(0, None) if fold is None else apply_fold(spark, cfg, fold)
+
+
+def _delete_held_updates(
+    spark: SparkSession, cfg: CarouselConfig, read: DataFrame, chosen: DataFrame, erasing: bool, through: int
+) -> None:
+    """Delete from ``profile_updates`` the updates of ``read`` that their user's row holds now
+    (``update_seq <= folded_through``, whichever fold put them there), and those of ``read`` left
+    out of ``chosen`` as an erased user's (when ``erasing``)."""
     location = cfg.storage.table(PROFILES_TABLE)
-    profiles, _ = read_snapshot(spark, location)
-    # Read after the profiles: forget-user records a user here before it deletes the user's rows.
-    erased = erased_ids(spark, cfg)
-    recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
-    read = updates.where(F.col(UPDATE_SEQ_COLUMN) <= through)
-    chosen = drop_erased(read, erased, time_column="last_seen")
-    seen = profiles.join(chosen.select("user_id").distinct(), "user_id", "left_semi").select(
-        "user_id", F.col(FOLDED_THROUGH_COLUMN).alias(_SEEN)
-    )
-    pending = (
-        combine_deltas(unfolded(chosen, profiles), recent, devices).join(seen, "user_id", "left").persist()
-    )
-    users = 0
-    try:
-        if not pending.isEmpty():
-            metrics = merge_profile_deltas(
-                spark,
-                cfg,
-                pending,
-                matched_condition=f"t.{FOLDED_THROUGH_COLUMN} <=> s.{_SEEN}",
-                also_set={FOLDED_THROUGH_COLUMN: F.lit(through).cast("bigint")},
-            )
-            users = int(metrics["num_updated_rows"]) + int(metrics["num_inserted_rows"])
-    finally:
-        pending.unpersist()
     holding = (
         spark.read.format("delta")
         .load(location)
@@ -237,7 +310,7 @@ def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts
         f"u.user_id = w.user_id AND u.{UPDATE_SEQ_COLUMN} <= w.{FOLDED_THROUGH_COLUMN}",
         through,
     )
-    if erased.hashes is not None:
+    if erasing:
         keys = ["user_id", UPDATE_SEQ_COLUMN]
         dropped = read.select(*keys).join(chosen.select(*keys), keys, "left_anti").distinct()
         if not dropped.isEmpty():
@@ -248,5 +321,3 @@ def fold_profile_updates(spark: SparkSession, cfg: CarouselConfig) -> FoldCounts
                 f"u.user_id = w.user_id AND u.{UPDATE_SEQ_COLUMN} = w.{UPDATE_SEQ_COLUMN}",
                 through,
             )
-    log.info("profile updates through %d folded into %s: %d users", through, location, users)
-    return FoldCounts(users, through)

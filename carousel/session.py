@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from carousel.config import CarouselConfig
+from carousel.config import PROJECT_ROOT, CarouselConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 PYTHON_DAEMON_MODULE = "spark.python.daemon.module"
 LOCAL_PYTHON_DAEMON = "carousel.spark_daemon"
 PYTHON_UNIX_SOCKETS = "spark.python.unix.domain.socket.enabled"
+# The FAIR scheduler's pools: the default one, and the one of work a query leaves running beside
+# its micro-batches (carousel.parallel.in_background), weighted below it.
+SCHEDULER_POOLS_FILE = PROJECT_ROOT / "conf" / "fairscheduler.xml"
+
+
+def scheduler_settings() -> dict[str, str]:
+    """FAIR scheduling across pools (FIFO within each, as Spark's default order), with the pools of
+    ``conf/fairscheduler.xml`` when it is there (else Spark's default pools, equally weighted)."""
+    # A file: URI: Spark opens it through Hadoop, where a bare path is on fs.defaultFS (HDFS on
+    # YARN), not on the driver's disk.
+    pools = (
+        {"spark.scheduler.allocation.file": SCHEDULER_POOLS_FILE.as_uri()}
+        if SCHEDULER_POOLS_FILE.is_file()
+        else {}
+    )
+    return {"spark.scheduler.mode": "FAIR", **pools}
 
 
 class SetupError(RuntimeError):
@@ -118,6 +134,8 @@ def build_session(
         # every Python task here (an empty mapInArrow job: 82 ms over TCP, 40 ms over Unix
         # sockets; bench/README.md "Serving"). Executor and workers always share a host.
         PYTHON_UNIX_SOCKETS: "true",
+        # A background fold's stages cannot hold a micro-batch's back (conf/fairscheduler.xml).
+        **scheduler_settings(),
         # The S3 service of s3a:// locations (storage.s3); spark.conf may still override each key.
         **{f"spark.hadoop.{key}": value for key, value in cfg.storage.s3.hadoop_settings().items()},
         **cfg.spark.conf,

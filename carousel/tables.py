@@ -33,7 +33,8 @@ def spec(name: str) -> TableSpec:
 
 def table_properties(cfg: CarouselConfig, name: str) -> dict[str, str]:
     """The Delta table properties of table ``name``: its declared ones and the upkeep settings."""
-    return {**cfg.maintenance.table_properties(), **spec(name).properties}
+    declared = spec(name)
+    return {**cfg.maintenance.table_properties(declared.checkpoint_offset), **declared.properties}
 
 
 def ensure(spark: SparkSession, cfg: CarouselConfig, name: str, location: str | None = None) -> DeltaTable:

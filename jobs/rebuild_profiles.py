@@ -110,6 +110,22 @@ def _check_unchanged(spark: SparkSession, versions_before: dict[str, int | None]
             )
 
 
+def _largest_held(
+    spark: SparkSession, cfg: CarouselConfig, updates: DataFrame, profiles_version: int | None
+) -> int | None:
+    """The ``folded_through`` of the recomputed rows: the last update of ``updates``, and never
+    below one a live row (``user_profiles`` at ``profiles_version``) says it holds. ingest numbers
+    its updates on from the largest of both (:func:`carousel.profiles.next_update_seq`): a number
+    going down would let a later update fall within what a fold under way deletes."""
+    largest = [updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]]
+    if profiles_version is not None:
+        live, _ = read_snapshot(spark, cfg.storage.table(PROFILES_TABLE), profiles_version)
+        if FOLDED_THROUGH_COLUMN in live.columns:
+            largest.append(live.agg(F.max(FOLDED_THROUGH_COLUMN)).first()[0])
+    known = [int(value) for value in largest if value is not None]
+    return max(known) if known else None
+
+
 def run(
     spark: SparkSession, cfg: CarouselConfig, output: str | None = None, check_only: bool = False
 ) -> dict[str, int]:
@@ -126,7 +142,9 @@ def run(
             versions_before[location] = _version(spark, location)
         if versions_before[updates_location] is not None:
             updates, _ = read_snapshot(spark, updates_location, versions_before[updates_location])
-            folded_through = updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]
+            folded_through = _largest_held(
+                spark, cfg, updates, versions_before[cfg.storage.table(PROFILES_TABLE)]
+            )
     if not table_exists(spark, events_location):
         raise JobError(f"no events table at {events_location}: no profiles to rebuild (run ingest first)")
     events, _ = read_snapshot(spark, events_location, versions_before.get(events_location))

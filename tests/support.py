@@ -130,6 +130,21 @@ def submit_command(
     ]
 
 
+def subprocess_places(cfg: CarouselConfig) -> list[str]:
+    """The ``--set`` values that point a subprocess job at the test's storage, broker and topic."""
+    return [
+        f"storage.root={cfg.storage.root}",
+        f"kafka.bootstrap_servers={cfg.kafka.bootstrap_servers}",
+        f"kafka.topics.events.name={cfg.kafka.topic('events').name}",
+    ]
+
+
+def ingest_command(overrides: Sequence[str], *extra: str) -> list[str]:
+    """``./spark-submit.sh ingest <extra>`` with ``overrides`` as ``--set`` values."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [str(PROJECT_ROOT / "spark-submit.sh"), "--driver-memory", "1g", "ingest", *sets, *extra]
+
+
 def run_until_killed(
     command: Sequence[str], log_path: Path, env: Mapping[str, str], timeout: float = 600
 ) -> tuple[int, str]:

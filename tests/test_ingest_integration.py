@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from delta.tables import DeltaTable
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -14,7 +15,7 @@ from support import event_json, produce, read_table
 from carousel.broker import ensure_topics
 from carousel.erasure import hash_key, user_hash_of
 from carousel.errors import JobError
-from carousel.profiles import current_profiles, fold_profile_updates
+from carousel.profiles import apply_fold, current_profiles, fold_profile_updates, next_update_seq, read_fold
 from carousel.query_lifecycle import QueryLease, lease_holder, lease_path
 from carousel.schemas import (
     EVENTS_PARTITION_COLUMN,
@@ -28,11 +29,13 @@ from carousel.schemas import (
     UPDATE_SEQ_COLUMN,
 )
 from carousel.storage import ensure_table
+from carousel.tables import ensure
 from jobs import rebuild_profiles
 from jobs import simulate_events as sim
 from jobs.forget_user import record_erased
 from jobs.rebuild_profiles import comparable, recompute_profiles
 from streaming import ingest
+from streaming.profile_updates import profile_deltas
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +234,72 @@ def test_appended_profile_updates_are_read_and_folded_as_the_recomputation(spark
     assert read_table(spark, cfg, PROFILES_TABLE).where(F.col(FOLDED_THROUGH_COLUMN).isNull()).count() == 0
     assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())
     assert rebuild_profiles.run(spark, cfg, check_only=True)["differing_users"] == 0
+
+
+def test_a_fold_beaten_to_some_rows_by_an_earlier_fold_keeps_those_users_later_updates(spark, make_config):
+    """Two folds interleaved: B reads, an update is appended, A reads, B applies, then A. The rows
+    B changed are not what A read: A changes only the others and deletes only what the rows hold
+    (deleting every update A read would lose the users' second update). Nothing is lost or
+    counted twice; a later fold leaves nothing pending."""
+    cfg = make_config()
+    recent, devices = cfg.profiles.recent_items, cfg.profiles.max_devices
+    ensure(spark, cfg, PROFILE_UPDATES_TABLE)
+    t0 = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    batches: list[list[tuple]] = []
+
+    def append(seq: int, rows: list[tuple[str, str, int]]) -> None:
+        """Events (id, user, minutes) as ingest's batch ``seq`` appends them."""
+        batch = [
+            (event_id, user, "Product Viewed", t0 + timedelta(minutes=m), f"i{m}", "d1", "mobile", "test:0")
+            + (t0 + timedelta(minutes=m), None, None, None, (t0 + timedelta(minutes=m)).date())
+            for event_id, user, m in rows
+        ]
+        batches.append(batch)
+        deltas = profile_deltas(spark.createDataFrame(batch, EVENTS_SCHEMA), recent, devices)
+        deltas.withColumn(UPDATE_SEQ_COLUMN, F.lit(seq).cast("bigint")).write.format("delta").mode(
+            "append"
+        ).save(cfg.storage.table(PROFILE_UPDATES_TABLE))
+
+    def all_events():
+        return spark.createDataFrame([row for batch in batches for row in batch], EVENTS_SCHEMA)
+
+    def recomputed():
+        return comparable(profile_deltas(all_events(), recent, devices))
+
+    def last_operation() -> str:
+        return (
+            DeltaTable.forPath(spark, cfg.storage.table(PROFILE_UPDATES_TABLE))
+            .history(1)
+            .first()["operation"]
+        )
+
+    append(0, [("e1", "u1", 1), ("e2", "u2", 2)])
+    earlier = read_fold(spark, cfg)
+    append(1, [("e3", "u1", 3), ("e4", "u3", 4)])
+    later = read_fold(spark, cfg)
+    assert (earlier.through, later.through) == (0, 1)
+    assert apply_fold(spark, cfg, earlier).users == 2  # u1 and u2, through 0
+    assert last_operation() == "DELETE"  # every row it chose changed: whole partitions deleted
+    # u1's row is no longer the one the later fold read: only u3 is changed (u2 held already).
+    assert apply_fold(spark, cfg, later).users == 1
+    assert last_operation() == "MERGE"  # the exact delete: what each row holds
+    pending = read_table(spark, cfg, PROFILE_UPDATES_TABLE).select("user_id", UPDATE_SEQ_COLUMN)
+    assertDataFrameEqual(pending, [Row(user_id="u1", update_seq=1)])
+    assertDataFrameEqual(comparable(current_profiles(spark, cfg)), recomputed())
+    assert fold_profile_updates(spark, cfg).users == 1
+    assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+    assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())
+
+    # Nothing pending: a rebuild keeps folded_through where the rows had it. Updates are numbered
+    # on from it; NULL would number them from 0 again, within what a fold under way may delete.
+    ensure(spark, cfg, EVENTS_TABLE)
+    all_events().write.format("delta").mode("append").save(cfg.storage.table(EVENTS_TABLE))
+    rebuild_profiles.run(spark, cfg)
+    assertDataFrameEqual(
+        read_table(spark, cfg, PROFILES_TABLE).groupBy(FOLDED_THROUGH_COLUMN).count(),
+        [Row(folded_through=1, count=3)],
+    )
+    assert next_update_seq(spark, cfg) == 2
 
 
 def test_rebuild_check_notices_a_profile_that_drifted(spark, make_config):

@@ -11,7 +11,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from carousel.parallel import in_background, in_parallel, run_all
+from carousel.parallel import BACKGROUND_POOL, in_background, in_parallel, run_all
 from carousel.storage import BatchCommits
 
 _DEADLINE_S = 60
@@ -143,6 +143,7 @@ def test_a_background_task_has_a_job_group_of_its_own_that_outlives_the_callers(
 
     def task() -> None:
         seen["group"] = context.getLocalProperty("spark.jobGroup.id")
+        seen["pool"] = context.getLocalProperty("spark.scheduler.pool")
         seen["active"] = clone._jvm.org.apache.spark.sql.SparkSession.getActiveSession().get()
         assert cancelled_caller.wait(_DEADLINE_S)
         seen["count"] = clone.range(10).count()
@@ -156,5 +157,14 @@ def test_a_background_task_has_a_job_group_of_its_own_that_outlives_the_callers(
     thread.join(_DEADLINE_S)
     assert not thread.is_alive() and thread.daemon
     assert seen["group"] == "carousel-test-background"
+    # In the background pool, weighted below the micro-batches' default pool (conf/fairscheduler.xml).
+    assert seen["pool"] == BACKGROUND_POOL
+    scheduler = context._jsc.sc()
+    assert scheduler.getSchedulingMode().toString() == "FAIR"
+    assert context.getConf().get("spark.scheduler.allocation.file", "").startswith("file:")
+    assert (
+        scheduler.getPoolForName("default").get().weight(),
+        scheduler.getPoolForName(BACKGROUND_POOL).get().weight(),
+    ) == (4, 1)
     assert seen["active"].equals(clone._jsparkSession)
     assert seen["count"] == 10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import deltalake
@@ -10,7 +12,14 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from carousel.config import load_config
-from carousel.schemas import PROFILES_TABLE, TABLES
+from carousel.schemas import (
+    EVENTS_TABLE,
+    INGEST_LOG_TABLE,
+    PROFILE_UPDATES_TABLE,
+    PROFILES_TABLE,
+    QUARANTINE_TABLE,
+    TABLES,
+)
 from carousel.storage import latest_version, table_exists
 from carousel.tables import ensure, table_properties
 
@@ -53,6 +62,23 @@ def test_every_table_gets_the_same_settings_whichever_job_creates_it_first(
     profiles = _settings(spark, plain_first.storage.table(PROFILES_TABLE))
     assert profiles["deletion vectors"] and profiles["clustering"] == ["user_id"]
     assert profiles["properties"]["delta.enableDeletionVectors"] == "true"
+
+
+def test_ingests_tables_checkpoint_on_different_micro_batches() -> None:
+    """A micro-batch commits to each of ingest's tables once: with one checkpoint interval, their
+    versions move together and every checkpoint falls due on the same batch."""
+    cfg = load_config(overrides=["maintenance.checkpoint_interval=10"], environ={})
+
+    def interval(name: str) -> int:
+        return int(table_properties(cfg, name)["delta.checkpointInterval"])
+
+    assert interval(EVENTS_TABLE) == 10  # the configured one
+    for profiles in (PROFILES_TABLE, PROFILE_UPDATES_TABLE):  # one or the other (ingest.profile_writes)
+        intervals = [interval(name) for name in (EVENTS_TABLE, QUARANTINE_TABLE, profiles, INGEST_LOG_TABLE)]
+        assert len(set(intervals)) == 4, intervals
+        # Each pair's checkpoints coincide once in their least common multiple of versions: not
+        # before the 60th batch.
+        assert min(math.lcm(a, b) for a, b in itertools.combinations(intervals, 2)) >= 60, intervals
 
 
 def test_ensure_changes_nothing_on_a_table_that_has_its_settings(spark: SparkSession, tmp_path: Path) -> None:
