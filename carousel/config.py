@@ -1520,7 +1520,8 @@ class MaintenanceConfig(_Section):
     )
     # Every table's delta.logRetentionDuration and delta.checkpointInterval: how far back the
     # transaction log (and so time travel) reaches, and how many commits lie between two
-    # checkpoints (a reader replays at most that many JSON commits on top of the last checkpoint).
+    # checkpoints (a reader replays at most that many JSON commits on top of the last checkpoint;
+    # some of ingest's tables 1-3 more, carousel.schemas.TableSpec.checkpoint_offset).
     log_retention_days: int = Field(default=30, ge=1)
     checkpoint_interval: int = Field(default=10, ge=1, le=1000)
     # Deletion vectors only mask rows: REORG TABLE ... APPLY (PURGE) rewrites the files that carry

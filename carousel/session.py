@@ -36,9 +36,10 @@ def scheduler_settings() -> dict[str, str]:
     """FAIR scheduling across pools (FIFO within each, as Spark's default order), with the pools of
     ``conf/fairscheduler.xml`` when it is there (else Spark's default pools, equally weighted)."""
     # A file: URI: Spark opens it through Hadoop, where a bare path is on fs.defaultFS (HDFS on
-    # YARN), not on the driver's disk.
+    # YARN), not on the driver's disk. Not percent-encoded (Path.as_uri): Hadoop's Path escapes
+    # the string itself, and would look for a file named "a%20b" for "a b".
     pools = (
-        {"spark.scheduler.allocation.file": SCHEDULER_POOLS_FILE.as_uri()}
+        {"spark.scheduler.allocation.file": "file://" + SCHEDULER_POOLS_FILE.resolve().as_posix()}
         if SCHEDULER_POOLS_FILE.is_file()
         else {}
     )

@@ -111,13 +111,14 @@ def _check_unchanged(spark: SparkSession, versions_before: dict[str, int | None]
 
 
 def _largest_held(
-    spark: SparkSession, cfg: CarouselConfig, updates: DataFrame, profiles_version: int | None
+    spark: SparkSession, cfg: CarouselConfig, updates: DataFrame | None, profiles_version: int | None
 ) -> int | None:
-    """The ``folded_through`` of the recomputed rows: the last update of ``updates``, and never
-    below one a live row (``user_profiles`` at ``profiles_version``) says it holds. ingest numbers
-    its updates on from the largest of both (:func:`carousel.profiles.next_update_seq`): a number
-    going down would let a later update fall within what a fold under way deletes."""
-    largest = [updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]]
+    """The ``folded_through`` of the recomputed rows: the last update of ``updates`` (None: no
+    ``profile_updates`` table), and never below one a live row (``user_profiles`` at
+    ``profiles_version``) says it holds. ingest numbers its updates on from the largest of both
+    (:func:`carousel.profiles.next_update_seq`): a number going down would let a later update
+    fall within what a fold under way deletes."""
+    largest = [None if updates is None else updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]]
     if profiles_version is not None:
         live, _ = read_snapshot(spark, cfg.storage.table(PROFILES_TABLE), profiles_version)
         if FOLDED_THROUGH_COLUMN in live.columns:
@@ -140,11 +141,12 @@ def run(
         # The updates before the events: each one came from events the recomputation reads.
         for location in (updates_location, events_location):
             versions_before[location] = _version(spark, location)
+        updates = None
         if versions_before[updates_location] is not None:
             updates, _ = read_snapshot(spark, updates_location, versions_before[updates_location])
-            folded_through = _largest_held(
-                spark, cfg, updates, versions_before[cfg.storage.table(PROFILES_TABLE)]
-            )
+        folded_through = _largest_held(
+            spark, cfg, updates, versions_before[cfg.storage.table(PROFILES_TABLE)]
+        )
     if not table_exists(spark, events_location):
         raise JobError(f"no events table at {events_location}: no profiles to rebuild (run ingest first)")
     events, _ = read_snapshot(spark, events_location, versions_before.get(events_location))
@@ -188,7 +190,7 @@ def run(
             written.write.format("delta").mode("overwrite").option("overwriteSchema", "false").save(target)
             # An overwrite keeps the table's properties but drops its clustering keys: declared again.
             ensure(spark, cfg, PROFILES_TABLE, location=target)
-            if folded_through is not None:
+            if folded_through is not None and versions_before[updates_location] is not None:
                 DeltaTable.forPath(spark, updates_location).delete(F.col(UPDATE_SEQ_COLUMN) <= folded_through)
                 log.info("profile updates through %d deleted: the recomputation holds them", folded_through)
         counts["written"] = counts["profiles"]

@@ -280,7 +280,7 @@ def test_a_fold_beaten_to_some_rows_by_an_earlier_fold_keeps_those_users_later_u
     assert (earlier.through, later.through) == (0, 1)
     assert apply_fold(spark, cfg, earlier).users == 2  # u1 and u2, through 0
     assert last_operation() == "DELETE"  # every row it chose changed: whole partitions deleted
-    # u1's row is no longer the one the later fold read: only u3 is changed (u2 held already).
+    # The later fold read before u1's and u2's rows existed: only u3 is changed.
     assert apply_fold(spark, cfg, later).users == 1
     assert last_operation() == "MERGE"  # the exact delete: what each row holds
     pending = read_table(spark, cfg, PROFILE_UPDATES_TABLE).select("user_id", UPDATE_SEQ_COLUMN)
@@ -290,16 +290,32 @@ def test_a_fold_beaten_to_some_rows_by_an_earlier_fold_keeps_those_users_later_u
     assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
     assertDataFrameEqual(comparable(read_table(spark, cfg, PROFILES_TABLE)), recomputed())
 
-    # Nothing pending: a rebuild keeps folded_through where the rows had it. Updates are numbered
-    # on from it; NULL would number them from 0 again, within what a fold under way may delete.
+    # A row gone after the fold read it (forget-user deleted it meanwhile) is not brought back, and
+    # its user's update stays (the exact delete).
+    append(2, [("e5", "u2", 5)])
+    gone = read_fold(spark, cfg)
+    DeltaTable.forPath(spark, cfg.storage.table(PROFILES_TABLE)).delete("user_id = 'u2'")
+    assert apply_fold(spark, cfg, gone).users == 0
+    assert read_table(spark, cfg, PROFILES_TABLE).where("user_id = 'u2'").count() == 0
+    pending = read_table(spark, cfg, PROFILE_UPDATES_TABLE).select("user_id", UPDATE_SEQ_COLUMN)
+    assertDataFrameEqual(pending, [Row(user_id="u2", update_seq=2)])
+
+    # A rebuild keeps folded_through at least where the rows had it. Updates are numbered on from
+    # it; NULL would number them from 0 again, within what a fold under way may delete.
     ensure(spark, cfg, EVENTS_TABLE)
     all_events().write.format("delta").mode("append").save(cfg.storage.table(EVENTS_TABLE))
     rebuild_profiles.run(spark, cfg)
     assertDataFrameEqual(
         read_table(spark, cfg, PROFILES_TABLE).groupBy(FOLDED_THROUGH_COLUMN).count(),
-        [Row(folded_through=1, count=3)],
+        [Row(folded_through=2, count=3)],
     )
-    assert next_update_seq(spark, cfg) == 2
+    assert read_table(spark, cfg, PROFILE_UPDATES_TABLE).count() == 0
+    rebuild_profiles.run(spark, cfg)  # again, nothing pending: the rows' folded_through stays
+    assertDataFrameEqual(
+        read_table(spark, cfg, PROFILES_TABLE).groupBy(FOLDED_THROUGH_COLUMN).count(),
+        [Row(folded_through=2, count=3)],
+    )
+    assert next_update_seq(spark, cfg) == 3
 
 
 def test_rebuild_check_notices_a_profile_that_drifted(spark, make_config):
