@@ -25,6 +25,7 @@ Inputs: the Delta tables ``user_profiles`` and ``profile_updates``. Outputs: a D
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
@@ -106,21 +107,42 @@ def current_profiles(spark: SparkSession, cfg: CarouselConfig) -> DataFrame:
     return with_updates(profiles, pending, cfg.profiles.recent_items, cfg.profiles.max_devices)
 
 
-def next_update_seq(spark: SparkSession, cfg: CarouselConfig) -> int:
-    """An ``update_seq`` larger than every one in ``profile_updates`` and ``user_profiles``: where
-    a start of ingest numbers its batches' updates from (seq = this + batch id)."""
-    seen = [-1]
+def largest_update_seq(
+    spark: SparkSession, cfg: CarouselConfig, versions: Mapping[str, int | None] | None = None
+) -> int | None:
+    """The largest ``update_seq`` in ``profile_updates`` and ``folded_through`` in
+    ``user_profiles`` (None: neither holds one). Update numbering never goes below it: ingest
+    numbers on from it (:func:`next_update_seq`), and a rebuild's rows say they hold through it.
+
+    ``versions``: the two tables' versions to read, by table name (None: that table is not
+    there); default the latest of each table that exists. ``profile_updates`` is read first: a
+    fold between the two reads moves its updates into rows of ``user_profiles``."""
+    found = []
     for table, column in (
         (PROFILE_UPDATES_TABLE, UPDATE_SEQ_COLUMN),
         (PROFILES_TABLE, FOLDED_THROUGH_COLUMN),
     ):
         location = cfg.storage.table(table)
-        if table_exists(spark, location):
-            frame = spark.read.format("delta").load(location)
-            if column in frame.columns:
-                largest = frame.agg(F.max(column)).first()[0]
-                seen.append(-1 if largest is None else int(largest))
-    return max(seen) + 1
+        version = None
+        if versions is not None:
+            version = versions.get(table)
+            if version is None:
+                continue
+        elif not table_exists(spark, location):
+            continue
+        frame, _ = read_snapshot(spark, location, version)
+        if column in frame.columns:
+            largest = frame.agg(F.max(column)).first()[0]
+            if largest is not None:
+                found.append(int(largest))
+    return max(found) if found else None
+
+
+def next_update_seq(spark: SparkSession, cfg: CarouselConfig) -> int:
+    """An ``update_seq`` larger than every one in ``profile_updates`` and ``user_profiles``: where
+    a start of ingest numbers its batches' updates from (seq = this + batch id)."""
+    largest = largest_update_seq(spark, cfg)
+    return 0 if largest is None else largest + 1
 
 
 def merge_profile_deltas(

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from carousel.cli import add_config_args, config_from_args
 from carousel.config import CarouselConfig
 from carousel.errors import JobError
-from carousel.profiles import current_profiles
+from carousel.profiles import current_profiles, largest_update_seq
 from carousel.query_lifecycle import held_by, lease_holder, lease_path, writing_tables
 from carousel.schemas import (
     EVENTS_TABLE,
@@ -110,23 +110,6 @@ def _check_unchanged(spark: SparkSession, versions_before: dict[str, int | None]
             )
 
 
-def _largest_held(
-    spark: SparkSession, cfg: CarouselConfig, updates: DataFrame | None, profiles_version: int | None
-) -> int | None:
-    """The ``folded_through`` of the recomputed rows: the last update of ``updates`` (None: no
-    ``profile_updates`` table), and never below one a live row (``user_profiles`` at
-    ``profiles_version``) says it holds. ingest numbers its updates on from the largest of both
-    (:func:`carousel.profiles.next_update_seq`): a number going down would let a later update
-    fall within what a fold under way deletes."""
-    largest = [None if updates is None else updates.agg(F.max(UPDATE_SEQ_COLUMN)).first()[0]]
-    if profiles_version is not None:
-        live, _ = read_snapshot(spark, cfg.storage.table(PROFILES_TABLE), profiles_version)
-        if FOLDED_THROUGH_COLUMN in live.columns:
-            largest.append(live.agg(F.max(FOLDED_THROUGH_COLUMN)).first()[0])
-    known = [int(value) for value in largest if value is not None]
-    return max(known) if known else None
-
-
 def run(
     spark: SparkSession, cfg: CarouselConfig, output: str | None = None, check_only: bool = False
 ) -> dict[str, int]:
@@ -141,11 +124,15 @@ def run(
         # The updates before the events: each one came from events the recomputation reads.
         for location in (updates_location, events_location):
             versions_before[location] = _version(spark, location)
-        updates = None
-        if versions_before[updates_location] is not None:
-            updates, _ = read_snapshot(spark, updates_location, versions_before[updates_location])
-        folded_through = _largest_held(
-            spark, cfg, updates, versions_before[cfg.storage.table(PROFILES_TABLE)]
+        # The rows hold every update there is, and never say less than a live row said: a number
+        # going down would let a later update fall within what a fold under way deletes.
+        folded_through = largest_update_seq(
+            spark,
+            cfg,
+            {
+                PROFILE_UPDATES_TABLE: versions_before[updates_location],
+                PROFILES_TABLE: versions_before[cfg.storage.table(PROFILES_TABLE)],
+            },
         )
     if not table_exists(spark, events_location):
         raise JobError(f"no events table at {events_location}: no profiles to rebuild (run ingest first)")
