@@ -970,6 +970,19 @@ class ModelConfig(_Section):
     large_epochs: int = Field(default=4, ge=1, le=1000)
     large_sampled_negatives: int = Field(default=256, ge=1)
     large_cosine_blend: float = Field(default=0.25, ge=0, le=1)
+    # next_item2vec chooses its passes on a validation split (models/next_item2vec.py, "Epochs"):
+    # the newest validation_share of its input (by time) cut off; a fit on the older part judged
+    # after each pass on the newer part's next items (MRR@validation_k, at most
+    # validation_max_pairs pairs), stopped after validation_patience clearly worse passes in a row,
+    # at most validation_max_epochs; then the model fitted on all of it with the chosen count.
+    # 0 = off, and fewer than validation_min_pairs pairs: the fixed epochs. Never on large data
+    # (large_data_items): large_epochs, the nightly time budget.
+    validation_share: float = Field(default=0.1, ge=0, lt=1)
+    validation_max_epochs: int = Field(default=10, ge=1, le=1000)
+    validation_patience: int = Field(default=2, ge=1, le=1000)
+    validation_min_pairs: int = Field(default=500, ge=1)
+    validation_max_pairs: int = Field(default=10_000, ge=1)
+    validation_k: int = Field(default=20, ge=1)
 
 
 class AwsBatchConfig(_Section):

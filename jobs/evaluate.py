@@ -73,7 +73,7 @@ from carousel.config import CarouselConfig, ModelConfig
 from carousel.schemas import EVENTS_TABLE, INTERACTION_COLUMNS, ITEM_EVENT_TYPES
 from models import MODELS, build_model
 from models.base import ItemToItemModel
-from models.interactions import read_interactions, time_split, user_sequences
+from models.interactions import next_item_pairs, read_interactions, time_split
 
 __all__ = [
     "METRICS",
@@ -129,15 +129,7 @@ def consecutive_pairs(test_df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     repeats of one item collapsed; each step from one item to the next is a pair. Users come in
     id order, each user's pairs in time order. Users with a single distinct run give no pair.
     """
-    if len(test_df) == 0:
-        empty = np.array([], dtype=object)
-        return empty, empty.copy()
-    sequences = user_sequences(test_df)
-    codes = sequences.codes
-    user = sequences.user_of_token()
-    same_user = user[1:] == user[:-1]
-    a = sequences.items[codes[:-1][same_user]]
-    b = sequences.items[codes[1:][same_user]]
+    a, b = next_item_pairs(test_df)
     return _ids(a), _ids(b)
 
 

@@ -31,7 +31,9 @@ from carousel.schemas import INTERACTION_COLUMNS
 
 __all__ = [
     "Sequences",
+    "next_item_pairs",
     "read_interactions",
+    "time_ns",
     "time_split",
     "user_item_matrix",
     "user_sequences",
@@ -71,6 +73,23 @@ class Sequences(NamedTuple):
     def user_of_token(self) -> np.ndarray:
         """(n_tokens,) int32: the user index of every position of ``codes``."""
         return np.repeat(np.arange(self.n_users, dtype=np.int32), self.lengths())
+
+
+def next_item_pairs(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(a_items, b_items): every user's consecutive distinct items, a != b, as item ids.
+
+    Each user's interactions are taken in time order (ties keep the row order), consecutive
+    repeats of one item collapsed; each step from one item to the next is a pair. Users come in
+    id order, each user's pairs in time order. Users with a single distinct run give no pair.
+    """
+    if len(df) == 0:
+        empty = np.array([], dtype=object)
+        return empty, empty.copy()
+    sequences = user_sequences(df)
+    codes = sequences.codes
+    user = sequences.user_of_token()
+    same_user = user[1:] == user[:-1]
+    return sequences.items[codes[:-1][same_user]], sequences.items[codes[1:][same_user]]
 
 
 def read_interactions(path_or_buffer: str | os.PathLike[str] | IO[str] | IO[bytes]) -> pd.DataFrame:
@@ -133,7 +152,7 @@ def _check_columns(df: pd.DataFrame, needed: tuple[str, ...]) -> None:
         raise ValueError(f"interactions lack the columns {missing}; expected {list(INTERACTION_COLUMNS)}")
 
 
-def _time_ns(times: pd.Series) -> np.ndarray:
+def time_ns(times: pd.Series) -> np.ndarray:
     """int64 nanoseconds since the epoch (UTC) of a datetime column (aware or naive UTC)."""
     if not pd.api.types.is_datetime64_any_dtype(times):
         times = pd.to_datetime(times, utc=True, format="ISO8601")
@@ -186,7 +205,7 @@ def user_sequences(
         union_counts = np.zeros(len(vocabulary), dtype=np.int64)
         union_counts[new_code[kept_items]] = counts[kept_items]
     rows = present & kept_items[np.maximum(item_codes, 0)]
-    times = _time_ns(df["event_time"])
+    times = time_ns(df["event_time"])
     if not rows.all():
         item_codes, user_codes, times = item_codes[rows], user_codes[rows], times[rows]
     item_codes = new_code[item_codes].astype(np.int32)
@@ -253,7 +272,7 @@ def time_split(df: pd.DataFrame, test_days: float) -> tuple[pd.DataFrame, pd.Dat
     if test_days <= 0:
         raise ValueError(f"test_days must be positive, got {test_days}")
     _check_columns(df, ("event_time",))
-    times = _time_ns(df["event_time"])
+    times = time_ns(df["event_time"])
     if len(times) == 0:
         return df.iloc[:0], df.iloc[:0]
     cutoff = times.max() - int(round(test_days * 86_400 * 1e9))

@@ -18,6 +18,7 @@ from scipy import sparse
 
 from carousel.config import ModelConfig, SimulatorConfig, load_config
 from carousel.schemas import PRODUCT_VIEWED, RECOMMENDATION_COLUMNS
+from jobs.evaluate import ranking_metrics
 from jobs.simulate_events import build_world, interaction_rows
 from models import MODELS, build_model
 from models.base import NotFittedError
@@ -27,9 +28,12 @@ from models.item2vec import Item2Vec, skipgram_pairs, subsample_keep_probability
 from models.next_item2vec import (
     LARGE_DATA_KEYS,
     NextItem2Vec,
+    chosen_pass,
     effective_params,
     forward_pairs,
+    next_item_metrics,
     popularity_prior,
+    validation_split,
 )
 from models.sampled_softmax import SampledSoftmaxTrainer, unique_rows
 from models.topk import to_recommendations, top_k_blended, top_k_scores, top_k_similar, top_k_sparse
@@ -555,6 +559,8 @@ def test_next_item2vec_uses_the_large_data_settings_on_large_data(world_data: tu
     model = NextItem2Vec(cfg).fit(df)
     meta = model.metadata()
     assert meta["large_data"] and len(meta["epoch_loss"]) == 3
+    # No validation split on large data: the time budget's passes.
+    assert meta["validation"]["skipped"].startswith("large data")
     assert meta["fit_params"] == {"epochs": 3, "sampled_negatives": 64, "cosine_blend": 0.25}
     assert meta["params"]["epochs"] == SMALL.epochs  # the configured values stay in the version
     assert meta["scoring"].startswith("cosine_blend * z(cos(input, input))")
@@ -566,10 +572,106 @@ def test_next_item2vec_uses_the_large_data_settings_on_large_data(world_data: tu
     blended = top_k_blended(inputs, outputs, inputs[:, :-1], 5, 0.25)
     np.testing.assert_array_equal(model.top_k(5)[0], blended[0])
     np.testing.assert_array_equal(model.top_k(5, cosine_blend=0.0)[0], top_k_scores(inputs, outputs, 5)[0])
-    small_model = NextItem2Vec(SMALL.model_copy(update={"epochs": 1})).fit(df)
+    small_model = NextItem2Vec(SMALL.model_copy(update={"epochs": 1, "validation_share": 0.0})).fit(df)
     small = small_model.metadata()
     assert not small["large_data"]
     assert small["fit_params"] == {"epochs": 1, "sampled_negatives": 512, "cosine_blend": 0.0}
     assert small["scoring"].startswith("input . output")
     with pytest.raises(ValueError, match="large_cosine_blend"):
         NextItem2Vec(SMALL, large_cosine_blend=1.5)
+
+
+@pytest.mark.parametrize("tables", ["plain", "with bias", "with ties"])
+def test_next_item_metrics_equal_evaluate_on_the_top_k_lists(tables: str) -> None:
+    """The validation's ranks, scored from the tables, are evaluate's on the model's top-k lists."""
+    rng = np.random.default_rng(5)
+    n, k = 60, 7
+    queries, keys = rng.normal(size=(n, 8)).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32) if tables == "with bias" else None
+    if tables == "with ties":
+        # Untrained output rows (zeros) score 0 after every item: the lists break the tie by index.
+        keys[::3] = 0.0
+        queries[:, 0], keys[:, 0] = 1.0, np.where(keys[:, 0] == 0, 0.0, -5.0)
+    seeds = rng.integers(0, n, 700)
+    targets = (seeds + rng.integers(1, n, 700)) % n  # never the seed itself
+    indices, scores = top_k_scores(queries, keys, k, key_bias=bias)
+    ids = np.array([f"i{j}" for j in range(n)], dtype=object)
+    recs = to_recommendations(ids, indices, scores)
+    expected = ranking_metrics(recs, (ids[seeds], ids[targets]), k)
+    got = next_item_metrics(queries, keys, bias, seeds, targets, k)
+    assert expected["recall@k"] > 0
+    assert got["recall"] == pytest.approx(expected["recall@k"], abs=1e-12)
+    assert got["mrr"] == pytest.approx(expected["mrr@k"], abs=1e-12)
+
+
+def test_validation_split_cuts_off_the_newest_interactions_and_their_next_items() -> None:
+    # Ten users each view a, b, b, c, d an hour apart (u0 first ... u9 last, a minute apart).
+    rows = [
+        (f"u{u}", item, f"2026-01-01T{h:02d}:{u:02d}:00Z")
+        for u in range(10)
+        for h, item in enumerate("abbcd")
+    ]
+    df = frame(rows)
+    items = np.array(["a", "b", "c", "d"], dtype=object)
+    # The newest 30 % of the 50 rows: the 15 from 03:05 on (c of u5..u9, d of everyone).
+    split = validation_split(df, items, 0.3, seed=1, max_pairs=100)
+    assert split.cut == pd.Timestamp("2026-01-01T03:05:00Z")
+    assert len(split.fit_codes) == len(split.fit_user) == 50 - 15 - 10  # the repeated b collapsed
+    assert split.users == 10
+    # Only users with two items after the cut give a pair: c -> d of u5..u9.
+    assert sorted(zip(items[split.seeds], items[split.targets], strict=True)) == [("c", "d")] * 5
+    capped = validation_split(df, items, 0.3, seed=1, max_pairs=2)
+    assert len(capped.seeds) == 2
+    assert validation_split(df, items, 0.0, seed=1, max_pairs=100).users == 0
+    # An item below min_item_count is out of the vocabulary on both sides of the cut.
+    # An item outside the vocabulary (below min_item_count) is left out of the fit's tokens, and
+    # its pair d -> z is a miss, as evaluate counts it.
+    rare = validation_split(
+        frame([*rows, ("u0", "z", "2026-01-01T09:00:00Z")]), items, 0.3, 1, 100, min_item_count=2
+    )
+    assert rare.unknown == 1 and rare.pairs == len(rare.seeds) + 1
+    assert rare.fit_steps == split.fit_steps
+
+
+def test_chosen_pass_takes_the_last_pass_within_noise_of_the_best() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.random(4000) * (rng.random(4000) < 0.6)
+
+    def swapped(ranks: np.ndarray, seed: int) -> np.ndarray:
+        """The same ranks, some pairs' exchanged: other pairs hit, the same mean."""
+        order = np.random.default_rng(seed).permutation(ranks.size)[:400]
+        out = ranks.copy()
+        out[order] = ranks[order[::-1]]
+        return out
+
+    # A plateau: the passes differ by which pairs they get right, not by how many: the most passes.
+    assert chosen_pass([base, swapped(base, 1), swapped(base, 2), swapped(base, 3)]) == (4, [False] * 4)
+    # Better, then clearly worse: the best pass, and the later ones marked worse.
+    falling = [base * 0.8, base, base * 0.9, base * 0.85]
+    assert chosen_pass(falling) == (2, [True, False, True, True])
+
+
+def test_next_item2vec_chooses_its_passes_on_a_validation_split(world_data: tuple) -> None:
+    df, planted = world_data
+    cfg = SMALL.model_copy(
+        update={"validation_share": 0.2, "validation_max_epochs": 6, "validation_patience": 1}
+    )
+    model = NextItem2Vec(cfg, sampled_negatives=64).fit(df)
+    meta = model.metadata()
+    chosen = meta["validation"]
+    assert chosen["pairs"] >= 500 and chosen["users"] > 0 and chosen["k"] == 20
+    cut = pd.Timestamp(chosen["cut"])
+    assert (df["event_time"] >= cut).mean() == pytest.approx(0.2, abs=0.01)
+    assert 1 <= chosen["epochs"] <= len(chosen["mrr_by_epoch"]) <= 6
+    assert len(chosen["recall_by_epoch"]) == len(chosen["mrr_by_epoch"])
+    # The model itself is fitted on every user with the chosen passes.
+    assert len(meta["epoch_loss"]) == chosen["epochs"] == meta["fit_params"]["epochs"]
+    assert planted_recall(model.recommend(5), planted) > 0.5
+    # Off, or too few held-out pairs: the configured epochs.
+    off = NextItem2Vec(cfg.model_copy(update={"validation_share": 0.0}), sampled_negatives=64).fit(df)
+    assert len(off.metadata()["epoch_loss"]) == SMALL.epochs
+    assert off.metadata()["validation"]["skipped"].startswith("validation_share 0")
+    few = NextItem2Vec(cfg.model_copy(update={"validation_min_pairs": 10**6}), sampled_negatives=64)
+    few_meta = few.fit(df).metadata()
+    assert len(few_meta["epoch_loss"]) == SMALL.epochs
+    assert "validation_min_pairs 1000000" in few_meta["validation"]["skipped"]
