@@ -975,14 +975,23 @@ class ModelConfig(_Section):
     # after each pass on the newer part's next items (MRR@validation_k, at most
     # validation_max_pairs pairs), stopped after validation_patience clearly worse passes in a row,
     # at most validation_max_epochs; then the model fitted on all of it with the chosen count.
-    # 0 = off, and fewer than validation_min_pairs pairs: the fixed epochs. Never on large data
-    # (large_data_items): large_epochs, the nightly time budget.
+    # 0 = off; fewer than validation_min_pairs pairs after the cut or steps before it: the fixed
+    # epochs. Never on large data (large_data_items): large_epochs, the nightly time budget.
     validation_share: float = Field(default=0.1, ge=0, lt=1)
     validation_max_epochs: int = Field(default=10, ge=1, le=1000)
     validation_patience: int = Field(default=2, ge=1, le=1000)
     validation_min_pairs: int = Field(default=500, ge=1)
     validation_max_pairs: int = Field(default=10_000, ge=1)
     validation_k: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _validation_pairs(self) -> ModelConfig:
+        if self.validation_max_pairs < self.validation_min_pairs:
+            raise ValueError(
+                f"validation_max_pairs ({self.validation_max_pairs}) is below validation_min_pairs "
+                f"({self.validation_min_pairs}): the validation split would never run"
+            )
+        return self
 
 
 class AwsBatchConfig(_Section):

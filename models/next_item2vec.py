@@ -145,6 +145,7 @@ __all__ = [
     "next_item_metrics",
     "popularity_prior",
     "reciprocal_ranks",
+    "should_stop",
     "validation_split",
 ]
 
@@ -275,8 +276,9 @@ class ValidationSplit:
     ``fit_codes``/``fit_user``: the tokens (and each one's user) before the cut; ``seeds`` and
     ``targets``: item codes of the pairs after it (each user's consecutive distinct items, at most
     ``max_pairs``, a seeded sample) whose two items are in the vocabulary; ``unknown``: the sampled
-    pairs with an item outside it (misses, as ``evaluate`` counts them); ``users``: the users with
-    items after the cut; ``cut``: its time.
+    pairs with an item outside it or with no token before the cut (misses, as ``evaluate`` counts
+    them); ``users``: the users with items after the cut; ``cut``: its time (every interaction at
+    that time is after it: with coarse times the newer part can be larger than the share).
     """
 
     fit_codes: np.ndarray
@@ -331,7 +333,11 @@ def validation_split(
     vocabulary = pd.Index(pd.Series(items, dtype=object).astype(str))
     seeds = vocabulary.get_indexer(pd.Series(a_items, dtype=object).astype(str))
     targets = vocabulary.get_indexer(pd.Series(b_items, dtype=object).astype(str))
+    # An item with no token before the cut is not in the validation fit: a miss, as an item new
+    # after the training window is in evaluate (it is never ranked either: reciprocal_ranks).
+    seen = np.bincount(fit_codes, minlength=len(items)) > 0
     known = (seeds >= 0) & (targets >= 0)
+    known[known] &= seen[seeds[known]] & seen[targets[known]]
     return ValidationSplit(
         fit_codes,
         fit_user,
@@ -368,11 +374,19 @@ def reciprocal_ranks(
     seeds: np.ndarray,
     targets: np.ndarray,
     k: int,
+    unranked: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each pair's 1 / rank of its target when ranked <= ``k``, else 0 (see :func:`next_item_metrics`)."""
+    """Each pair's 1 / rank of its target when ranked <= ``k``, else 0 (see :func:`next_item_metrics`).
+
+    ``unranked`` (n,) bool: items never ranked (not in the model being judged). A target whose
+    score is not finite (a diverged fit) is a miss.
+    """
     queries = np.asarray(queries, np.float32)
     keys_t = np.ascontiguousarray(np.asarray(keys, np.float32).T)
-    bias = None if key_bias is None else np.asarray(key_bias, np.float32)
+    bias = None if key_bias is None else np.asarray(key_bias, np.float32).copy()
+    if unranked is not None and unranked.any():
+        bias = np.zeros(keys_t.shape[1], np.float32) if bias is None else bias
+        bias[unranked] = -np.inf
     reciprocal = np.zeros(len(seeds))
     for start in range(0, len(seeds), _SCORE_BLOCK_PAIRS):
         seed_block = seeds[start : start + _SCORE_BLOCK_PAIRS]
@@ -386,8 +400,15 @@ def reciprocal_ranks(
         # Ties go to the lower index, as in the top-k lists (models.topk).
         lower = np.arange(scores.shape[1])[None, :] < target_block[:, None]
         rank = 1 + ((scores > own) | ((scores == own) & lower)).sum(axis=1)
-        reciprocal[start : start + len(seed_block)] = np.where(rank <= k, 1.0 / rank, 0.0)
+        ranked = (rank <= k) & np.isfinite(own[:, 0])
+        reciprocal[start : start + len(seed_block)] = np.where(ranked, 1.0 / rank, 0.0)
     return reciprocal
+
+
+def should_stop(worse: list[bool], patience: int) -> bool:
+    """Whether the validation fit stops: its last ``patience`` passes were all clearly worse than
+    the best one (:func:`chosen_pass`)."""
+    return len(worse) >= patience and all(worse[-patience:])
 
 
 def chosen_pass(reciprocal_by_pass: list[np.ndarray]) -> tuple[int, list[bool]]:
@@ -396,8 +417,8 @@ def chosen_pass(reciprocal_by_pass: list[np.ndarray]) -> tuple[int, list[bool]]:
 
     "Clearly worse": its MRR is below the best pass's by more than one standard error of the
     paired difference (the same pairs are scored after every pass). On a plateau, where the
-    passes differ by noise, this takes the most passes (the fit on every user decays its rate
-    over them, as the validation fit's had not yet); past the point where the held-out users'
+    passes differ by noise, this takes the most passes (the fit on all interactions decays its
+    rate over them, as the validation fit's had not yet); past the point where the newer part's
     next items get worse, it takes the best.
     """
     means = [float(r.mean()) for r in reciprocal_by_pass]
@@ -519,6 +540,12 @@ class NextItem2Vec(ItemToItemModel):
         self.validation: dict[str, Any] = {}
         self._interactions: pd.DataFrame | None = None
 
+    def fit(self, interactions: pd.DataFrame) -> NextItem2Vec:
+        try:
+            return super().fit(interactions)
+        finally:
+            self._interactions = None  # the caller's frame, kept only for the validation split
+
     def _sequences(self, interactions: pd.DataFrame, min_item_count: int) -> Sequences:
         warm = self.warm_start
         self._new_token_counts = None
@@ -590,10 +617,7 @@ class NextItem2Vec(ItemToItemModel):
             epochs = int(p["epochs"])
             self.validation = {"skipped": "a warm start trains the update's epochs"}
         else:
-            try:
-                epochs, self.validation = self._validated_epochs(tf, sequences, p)
-            finally:
-                self._interactions = None  # the frame is the caller's; not kept past the split
+            epochs, self.validation = self._validated_epochs(tf, sequences, p)
             self.fit_params["epochs"] = epochs
         self.epoch_log = EpochLog(self.name, log)
         self.embeddings, self.output_embeddings, keep = self._train(
@@ -646,7 +670,7 @@ class NextItem2Vec(ItemToItemModel):
 
         def judge(epoch: int, tables: tuple[np.ndarray, np.ndarray], keep: np.ndarray) -> bool:
             queries, keys, bias, _ = self._ranking_tables(*tables, popularity_prior(counts, keep), alpha)
-            ranks = reciprocal_ranks(queries, keys, bias, split.seeds, split.targets, k)
+            ranks = reciprocal_ranks(queries, keys, bias, split.seeds, split.targets, k, counts == 0)
             by_pass.append(np.concatenate([ranks, np.zeros(split.unknown)]))  # unknown items: misses
             chosen, worse = chosen_pass(by_pass)
             log.info(
@@ -659,8 +683,7 @@ class NextItem2Vec(ItemToItemModel):
                 (by_pass[-1] > 0).mean(),
                 chosen,
             )
-            # Stop once the last `patience` passes were all clearly worse than the best.
-            return len(worse) < patience or not all(worse[-patience:])
+            return not should_stop(worse, patience)
 
         search_log = EpochLog(f"{self.name} (validation fit)", log)
         self._train(tf, split.fit_codes, split.fit_user, n, p, most, counts, search_log, None, judge)

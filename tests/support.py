@@ -180,8 +180,9 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 # Settings for an outage test: the Kafka clients give up within seconds (their defaults wait a
 # minute a call) and the supervisor restarts soon and often enough to outlast the outage.
-# A nightly small enough for a test: ~12,000 simulated events of 300 users and 60 items, a
-# 2-epoch model of 16 dimensions, 5 neighbours per item.
+# A nightly small enough for a test: ~12,000 simulated events of 300 users and 60 items, a model
+# of 16 dimensions (2 passes unless its validation split has the pairs to choose), 5 neighbours
+# per item.
 SMALL_NIGHTLY = (
     "training.min_interactions=3000",
     "training.lookback_days=3",

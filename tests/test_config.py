@@ -106,6 +106,8 @@ def test_layers_file_then_environment_then_flags(tmp_path):
         ("api.worker_timeout_seconds=1", "api.worker_timeout_seconds"),
         ("campaigns.launch-push.content=reference", "launch-push.*content: reference is for email campaigns"),
         ("campaigns.weekly-email.content=html", "weekly-email.content"),
+        ("training.model.validation_max_pairs=100", "the validation split would never run"),
+        ("training.model.validation_share=1", "training.model.validation_share"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(override, message):

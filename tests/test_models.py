@@ -33,6 +33,7 @@ from models.next_item2vec import (
     forward_pairs,
     next_item_metrics,
     popularity_prior,
+    should_stop,
     validation_split,
 )
 from models.sampled_softmax import SampledSoftmaxTrainer, unique_rows
@@ -510,7 +511,7 @@ def test_sampled_softmax_replicas_share_the_batches_and_merge() -> None:
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_next_item2vec_is_reproducible_and_learns_direction(replicas: int, world_data: tuple) -> None:
     df, planted = world_data
-    cfg = SMALL.model_copy(update={"epochs": 2})
+    cfg = SMALL.model_copy(update={"epochs": 2, "validation_share": 0.0})
     first = NextItem2Vec(cfg, sampled_negatives=64, replicas=replicas).fit(df)
     second = NextItem2Vec(cfg, sampled_negatives=64, replicas=replicas).fit(df)
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
@@ -605,32 +606,33 @@ def test_next_item_metrics_equal_evaluate_on_the_top_k_lists(tables: str) -> Non
 
 
 def test_validation_split_cuts_off_the_newest_interactions_and_their_next_items() -> None:
-    # Ten users each view a, b, b, c, d an hour apart (u0 first ... u9 last, a minute apart).
+    # Ten users each view a, b, b, c, d an hour apart (u0 first ... u9 last, a minute apart), and
+    # an early user w views c, then d.
     rows = [
         (f"u{u}", item, f"2026-01-01T{h:02d}:{u:02d}:00Z")
         for u in range(10)
         for h, item in enumerate("abbcd")
     ]
-    df = frame(rows)
+    rows += [("w", "c", "2026-01-01T00:58:00Z"), ("w", "d", "2026-01-01T00:59:00Z")]
     items = np.array(["a", "b", "c", "d"], dtype=object)
-    # The newest 30 % of the 50 rows: the 15 from 03:05 on (c of u5..u9, d of everyone).
-    split = validation_split(df, items, 0.3, seed=1, max_pairs=100)
-    assert split.cut == pd.Timestamp("2026-01-01T03:05:00Z")
-    assert len(split.fit_codes) == len(split.fit_user) == 50 - 15 - 10  # the repeated b collapsed
-    assert split.users == 10
-    # Only users with two items after the cut give a pair: c -> d of u5..u9.
-    assert sorted(zip(items[split.seeds], items[split.targets], strict=True)) == [("c", "d")] * 5
-    capped = validation_split(df, items, 0.3, seed=1, max_pairs=2)
-    assert len(capped.seeds) == 2
-    assert validation_split(df, items, 0.0, seed=1, max_pairs=100).users == 0
-    # An item below min_item_count is out of the vocabulary on both sides of the cut.
-    # An item outside the vocabulary (below min_item_count) is left out of the fit's tokens, and
-    # its pair d -> z is a miss, as evaluate counts it.
-    rare = validation_split(
-        frame([*rows, ("u0", "z", "2026-01-01T09:00:00Z")]), items, 0.3, 1, 100, min_item_count=2
-    )
-    assert rare.unknown == 1 and rare.pairs == len(rare.seeds) + 1
-    assert rare.fit_steps == split.fit_steps
+    # The newest 30 % of the 52 rows: from the 37th oldest (03:04, c of u4) on.
+    split = validation_split(frame(rows), items, 0.3, seed=1, max_pairs=100)
+    assert split.cut == pd.Timestamp("2026-01-01T03:04:00Z")
+    # Before the cut: a, b (the repeat collapsed) of everyone, c of u0..u3, w's c and d.
+    assert len(split.fit_codes) == len(split.fit_user) == 20 + 4 + 2
+    assert split.users == 10 and split.unknown == 0
+    # Only users with two items after the cut give a pair: c -> d of u4..u9.
+    assert sorted(zip(items[split.seeds], items[split.targets], strict=True)) == [("c", "d")] * 6
+    capped = validation_split(frame(rows), items, 0.3, seed=1, max_pairs=2)
+    assert capped.pairs == 2
+    assert validation_split(frame(rows), items, 0.0, seed=1, max_pairs=100).users == 0
+    # Without w, d has no interaction before the cut: not in the validation fit, so c -> d is a
+    # miss, as an item new after the training window is in evaluate.
+    late = validation_split(frame(rows[:-2]), items, 0.3, seed=1, max_pairs=100)
+    assert len(late.seeds) == 0 and late.unknown == late.pairs > 0
+    # An item outside the vocabulary (z) is never a token, and its pair d -> z is a miss.
+    rare = validation_split(frame([*rows, ("u0", "z", "2026-01-01T09:00:00Z")]), items, 0.3, 1, 100)
+    assert rare.unknown == 1 and len(rare.seeds) == rare.pairs - 1 > 0
 
 
 def test_chosen_pass_takes_the_last_pass_within_noise_of_the_best() -> None:
@@ -649,6 +651,10 @@ def test_chosen_pass_takes_the_last_pass_within_noise_of_the_best() -> None:
     # Better, then clearly worse: the best pass, and the later ones marked worse.
     falling = [base * 0.8, base, base * 0.9, base * 0.85]
     assert chosen_pass(falling) == (2, [True, False, True, True])
+    # The validation fit stops after `patience` clearly worse passes in a row, not before.
+    assert not should_stop([False, True], 2) and should_stop([False, True, True], 2)
+    assert not should_stop([False, True, False, True], 2) and should_stop([False, True], 1)
+    assert not should_stop([True], 2)
 
 
 def test_next_item2vec_chooses_its_passes_on_a_validation_split(world_data: tuple) -> None:
@@ -664,10 +670,10 @@ def test_next_item2vec_chooses_its_passes_on_a_validation_split(world_data: tupl
     assert (df["event_time"] >= cut).mean() == pytest.approx(0.2, abs=0.01)
     assert 1 <= chosen["epochs"] <= len(chosen["mrr_by_epoch"]) <= 6
     assert len(chosen["recall_by_epoch"]) == len(chosen["mrr_by_epoch"])
-    # The model itself is fitted on every user with the chosen passes.
+    # The model itself is fitted on all the interactions with the chosen passes.
     assert len(meta["epoch_loss"]) == chosen["epochs"] == meta["fit_params"]["epochs"]
     assert planted_recall(model.recommend(5), planted) > 0.5
-    # Off, or too few held-out pairs: the configured epochs.
+    # Off, or too few pairs after the cut: the configured epochs.
     off = NextItem2Vec(cfg.model_copy(update={"validation_share": 0.0}), sampled_negatives=64).fit(df)
     assert len(off.metadata()["epoch_loss"]) == SMALL.epochs
     assert off.metadata()["validation"]["skipped"].startswith("validation_share 0")
